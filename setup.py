@@ -1,0 +1,43 @@
+"""vdit: Sora-style video diffusion transformers in JAX/Flax.
+
+Install for development with the pinned versions the project is tested with:
+
+  pip install -c constraints.txt -e '.[dev]'
+"""
+
+import setuptools
+
+setuptools.setup(
+  name="vdit",
+  version="0.1.0",
+  description="Sora-style video diffusion transformer over packed spacetime patches (JAX/Flax).",
+  packages=setuptools.find_packages(include=["vdit", "vdit.*"]),
+  python_requires=">=3.11",
+  install_requires=[
+    "jax==0.10.2",  # splash-attention internals are pinned to this version (DESIGN.md)
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "grain",
+    "tensorflow-datasets",
+    "array-record",
+    "ml-collections",
+    "clu",
+    "absl-py",
+    "numpy",
+    "einops",
+    "imageio",
+    "imageio-ffmpeg",
+    "pillow",
+    "scikit-image",
+    "scikit-learn",
+    # Only to build TFDS datasets and for clu's TensorBoard writer; never in the hot path.
+    "tensorflow-cpu",
+    "tensorboard",
+  ],
+  extras_require={
+    "dev": ["pytest", "pytest-xdist", "ruff"],
+    "tpu": ["libtpu"],
+    "video": ["av"],
+  },
+)
