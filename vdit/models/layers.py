@@ -3,7 +3,17 @@
 Every parameter is created with `nn.with_logical_partitioning` and every large activation is
 constrained with `nn.with_logical_constraint`, using the logical axis names below. The mapping
 from logical names to mesh axes lives in the config (`config.sharding_rules`), never here.
+
+Shape letters (STYLE.md): B rows, L packed length, K examples per row, D width, H heads,
+P patch vector size, M text length.
 """
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 # Logical axis names (DESIGN.md, "Sharding").
 BATCH = "batch"
@@ -16,3 +26,375 @@ TEXT_LENGTH = "text_length"
 PATCH = "patch"
 LAYERS = "layers"
 VOCAB = "vocab"
+
+Dtype = Any
+Axes = tuple[str | None, ...]
+
+ATTENTION_BACKENDS = ("xla",)  # "splash" (TPU) and "cudnn" (GPU) plug in at `attention`.
+
+
+# ------------------------------------------------------------------------------------------
+# Packed-row helpers.
+# ------------------------------------------------------------------------------------------
+
+
+def per_token(values: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  """Gathers per-example values [B, K, ...] to tokens [B, L, ...] via `segment_ids` (1..K).
+
+  Padding tokens (segment 0) get example 1's value: finite, and masked out downstream.
+  """
+  index = jnp.clip(segment_ids - 1, 0, values.shape[1] - 1)  # [B, L]
+  index = index.reshape(index.shape + (1,) * (values.ndim - 2))
+  return jnp.take_along_axis(values, index, axis=1)
+
+
+def positions_in_segment(segment_ids: jax.Array) -> jax.Array:
+  """Index of each token inside its (contiguous) segment: [B, M] int32 -> [B, M] int32."""
+  m = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]
+  starts = jnp.concatenate(
+    [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+  )
+  start_index = jax.lax.cummax(jnp.where(starts, m, 0), axis=1)
+  return m - start_index
+
+
+# ------------------------------------------------------------------------------------------
+# Attention.
+# ------------------------------------------------------------------------------------------
+
+
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  q_segment_ids: jax.Array,
+  kv_segment_ids: jax.Array,
+  *,
+  backend: str = "xla",
+) -> jax.Array:
+  """Scaled dot-product attention that never crosses segments (NaViT "Patch n' Pack").
+
+  q: [B, Lq, H, Dh]; k, v: [B, Lk, H, Dh]; q_segment_ids: [B, Lq]; kv_segment_ids: [B, Lk].
+  Query i sees key j iff `q_segment_ids[i] == kv_segment_ids[j]` (padding 0 sees padding 0).
+  A query with no visible key (e.g. a padding video token when the text row has no padding)
+  returns 0, with zero gradient, never NaN. Returns [B, Lq, H, Dh].
+  """
+  if backend not in ATTENTION_BACKENDS:
+    raise ValueError(f"attention backend={backend!r} is not available; expected one of "
+                     f"{ATTENTION_BACKENDS}")
+  # backend == "xla": the reference. jax.nn.dot_product_attention carries softmax in fp32.
+  mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, Lq, Lk]
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
+  # Fully masked rows came out as a uniform average of v: zero them (and their gradients).
+  has_key = jnp.any(mask, axis=-1)[:, :, None, None]  # [B, Lq, 1, 1]
+  return jnp.where(has_key, out, jnp.zeros_like(out))
+
+
+# ------------------------------------------------------------------------------------------
+# Dense layers and small modules.
+# ------------------------------------------------------------------------------------------
+
+
+def dense(
+  features: int,
+  axes: Axes,
+  *,
+  zero_init: bool = False,
+  dtype: Dtype = jnp.float32,
+  param_dtype: Dtype = jnp.float32,
+  name: str | None = None,
+) -> nn.Dense:
+  """nn.Dense whose kernel [in, out] carries logical `axes` and bias carries `(axes[-1],)`."""
+  init = nn.initializers.zeros_init() if zero_init else nn.initializers.xavier_uniform()
+  return nn.Dense(
+    features,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=nn.with_logical_partitioning(init, axes),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[-1],)),
+    name=name,
+  )
+
+
+def dense_general(
+  features: int | tuple[int, ...],
+  axis: int | tuple[int, ...],
+  axes: Axes,
+  *,
+  zero_init: bool = False,
+  dtype: Dtype = jnp.float32,
+  param_dtype: Dtype = jnp.float32,
+  name: str | None = None,
+) -> nn.DenseGeneral:
+  """nn.DenseGeneral with logical kernel `axes` (inputs then outputs); bias on the outputs."""
+  init = nn.initializers.zeros_init() if zero_init else nn.initializers.xavier_uniform()
+  num_out = len(features) if isinstance(features, tuple) else 1
+  return nn.DenseGeneral(
+    features,
+    axis=axis,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=nn.with_logical_partitioning(init, axes),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-num_out:]),
+    name=name,
+  )
+
+
+def layer_norm(*, affine: bool = True, dtype: Dtype = jnp.float32, param_dtype=jnp.float32,
+               name: str | None = None) -> nn.LayerNorm:
+  """LayerNorm over EMBED (eps 1e-6 as in DiT); `affine=False` for adaLN-modulated norms."""
+  return nn.LayerNorm(
+    epsilon=1e-6,
+    use_scale=affine,
+    use_bias=affine,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (EMBED,)),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (EMBED,)),
+    name=name,
+  )
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """adaLN modulation x·(1 + scale) + shift (DiT, Sec. 3.2); all [B, L, D]."""
+  return x * (1 + scale) + shift
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head self- or cross-attention over packed rows (Vaswani et al. 2017, Sec. 3.2).
+
+  Self-attention when `context` is None. Optional QK-norm (RMSNorm of q and k per head,
+  Dehghani et al. 2023 "ViT-22B", Sec. 3.1) stabilizes large models.
+  """
+
+  num_heads: int
+  qk_norm: bool = False
+  zero_init_out: bool = False  # True: the block output starts at 0 (identity residual).
+  backend: str = "xla"
+  length_axis: str = LENGTH  # logical axis of the query length
+  kv_length_axis: str | None = None  # of the key length; None = `length_axis`
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, segment_ids, context=None, context_segment_ids=None):
+    # x: [B, L, D]; segment_ids: [B, L]; context: [B, M, Dc] or None; ids: [B, M].
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"width={width} is not divisible by num_heads={self.num_heads}")
+    head_dim = width // self.num_heads
+    if context is None:
+      context, context_segment_ids = x, segment_ids
+    kv_axis = self.kv_length_axis or self.length_axis
+
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    heads = (self.num_heads, head_dim)
+    q = dense_general(heads, -1, (EMBED, HEADS, KV), name="query", **kw)(x)  # [B, L, H, Dh]
+    k = dense_general(heads, -1, (EMBED, HEADS, KV), name="key", **kw)(context)  # [B, M, H, Dh]
+    v = dense_general(heads, -1, (EMBED, HEADS, KV), name="value", **kw)(context)
+    if self.qk_norm:
+      norm = lambda name: nn.RMSNorm(
+        epsilon=1e-6,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (KV,)),
+        name=name,
+        **kw,
+      )
+      q, k = norm("query_norm")(q), norm("key_norm")(k)
+    q = nn.with_logical_constraint(q, (BATCH, self.length_axis, HEADS, KV))
+    k = nn.with_logical_constraint(k, (BATCH, kv_axis, HEADS, KV))
+    v = nn.with_logical_constraint(v, (BATCH, kv_axis, HEADS, KV))
+    out = attention(q, k, v, segment_ids, context_segment_ids, backend=self.backend)
+    out = nn.with_logical_constraint(out, (BATCH, self.length_axis, HEADS, KV))
+    out = dense_general(
+      width, (-2, -1), (HEADS, KV, EMBED), zero_init=self.zero_init_out, name="out", **kw
+    )(out)  # [B, L, D]
+    return nn.with_logical_constraint(out, (BATCH, self.length_axis, EMBED))
+
+
+class Mlp(nn.Module):
+  """Transformer MLP D -> mlp_ratio·D -> D with tanh-GELU (as in ViT/DiT)."""
+
+  mlp_ratio: float = 4.0
+  length_axis: str = LENGTH
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    # x: [B, L, D] -> [B, L, D]
+    width = x.shape[-1]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = dense(int(width * self.mlp_ratio), (EMBED, MLP), name="fc1", **kw)(x)
+    h = nn.with_logical_constraint(nn.gelu(h, approximate=True), (BATCH, self.length_axis, MLP))
+    return dense(width, (MLP, EMBED), name="fc2", **kw)(h)
+
+
+def sincos_1d(positions: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
+  """Transformer sin-cos encoding of (float) positions [...] -> [..., dim] (Vaswani, Sec. 3.5).
+
+  Layout [sin(p·ω), cos(p·ω)] with ω_i = max_period^(−i / (dim/2)), as in MAE/DiT.
+  """
+  if dim % 2:
+    raise ValueError(f"sin-cos dim={dim} must be even")
+  omega = max_period ** (-jnp.arange(dim // 2, dtype=jnp.float32) / (dim // 2))
+  angles = positions.astype(jnp.float32)[..., None] * omega  # [..., dim/2]
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def sincos_3d(positions: jax.Array, dim: int) -> jax.Array:
+  """3-D sin-cos position encoding of integer (t, h, w) positions: [B, L, 3] -> [B, L, dim].
+
+  The 2-D encoding of MAE/DiT extended to time: `dim` is split into three even chunks (h and
+  w get 2·⌊dim/6⌋ each, t the rest), each a 1-D encoding of its coordinate. Computed from the
+  positions on the fly, so every grid size works without a table (NaViT, Sec. 3.1).
+  """
+  if dim % 2 or dim < 6:
+    raise ValueError(f"sincos_3d dim={dim} must be even and >= 6")
+  d_hw = 2 * (dim // 6)
+  d_t = dim - 2 * d_hw
+  return jnp.concatenate(
+    [
+      sincos_1d(positions[..., 0], d_t),
+      sincos_1d(positions[..., 1], d_hw),
+      sincos_1d(positions[..., 2], d_hw),
+    ],
+    axis=-1,
+  )
+
+
+class TimestepEmbedding(nn.Module):
+  """Diffusion time t ∈ [0, 1] -> [.., D]: sin-cos of 1000·t, then a 2-layer SiLU MLP.
+
+  As DiT's TimestepEmbedder (Peebles & Xie 2023, Sec. 3.2; 256 frequencies), with the
+  continuous flow time scaled to DiT's 0..1000 range.
+  """
+
+  width: int
+  frequency_dim: int = 256
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t):
+    # t: [B, L] float -> [B, L, D]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = sincos_1d(1000.0 * t, self.frequency_dim)
+    h = nn.silu(dense(self.width, (None, MLP), name="fc1", **kw)(h))
+    return dense(self.width, (MLP, EMBED), name="fc2", **kw)(h)
+
+
+class AdaLNModulation(nn.Module):
+  """adaLN-Zero: SiLU -> Dense(D -> n·D), zero-initialized (DiT, Sec. 3.2).
+
+  Returns the n modulation vectors concatenated, [B, L, n·D]; split them with
+  `jnp.split(..., n, axis=-1)`. At init every shift/scale/gate is 0, so gated residual
+  branches are switched off and the block is the identity.
+  """
+
+  n: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, c):
+    # c: [B, L, D] -> [B, L, n·D]
+    return dense(
+      self.n * c.shape[-1],
+      (EMBED, MLP),
+      zero_init=True,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="proj",
+    )(nn.silu(c))
+
+
+# ------------------------------------------------------------------------------------------
+# Depth: scan over blocks, rematerialization, param layout conversion.
+# ------------------------------------------------------------------------------------------
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+  "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything in the backward
+  "dots_saveable": jax.checkpoint_policies.dots_saveable,
+  "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+REMAT_NAMES = ("none", *REMAT_POLICIES)  # "none": no jax.checkpoint at all
+
+
+def stack_blocks(
+  block_cls: type[nn.Module],
+  *,
+  depth: int,
+  num_broadcast_args: int,
+  scan: bool,
+  remat_policy: str,
+) -> Callable[..., nn.Module]:
+  """Returns a constructor of `depth` blocks: a scanned stack (params [LAYERS, ...]) or a list.
+
+  `block_cls.__call__(carry, *broadcast_args)` must return `(carry, None)`. With `scan`, the
+  result is one module (call it with name=...), params get a leading `depth` axis named
+  LAYERS; otherwise it builds `depth` modules named `{name}_{i}` applied in order. Both take
+  the same params after `unstack_layers` / `stack_layers`.
+  """
+  if remat_policy not in REMAT_NAMES:
+    raise ValueError(f"remat_policy={remat_policy!r} is unknown; expected one of {REMAT_NAMES}")
+  block = block_cls
+  if remat_policy != "none":
+    # prevent_cse is unnecessary (and slower) inside scan (jax.checkpoint docs).
+    block = nn.remat(block_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
+  if scan:
+    scanned = nn.scan(
+      block,
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast,) * num_broadcast_args,
+      length=depth,
+      metadata_params={nn.PARTITION_NAME: LAYERS},
+    )
+
+    def build_scanned(name: str, **kwargs):
+      return scanned(name=name, **kwargs)
+
+    return build_scanned
+
+  def build_unrolled(name: str, **kwargs):
+    blocks = [block(name=f"{name}_{i}", **kwargs) for i in range(depth)]
+
+    def apply(x, *args):
+      for b in blocks:
+        x, _ = b(x, *args)
+      return x, None
+
+    return apply
+
+  return build_unrolled
+
+
+def unstack_layers(params: dict, name: str, depth: int) -> dict:
+  """Scanned layout {name: [depth, ...]} -> unrolled {name_0: ..., name_{depth-1}: ...}.
+
+  Works on unboxed params (`nn.unbox`) at any nesting level of `params`.
+  """
+  out = {}
+  for key, value in params.items():
+    if key == name:
+      for i in range(depth):
+        out[f"{name}_{i}"] = jax.tree.map(lambda a, i=i: a[i], value)
+    elif isinstance(value, dict):
+      out[key] = unstack_layers(value, name, depth)
+    else:
+      out[key] = value
+  return out
+
+
+def stack_layers(params: dict, name: str, depth: int) -> dict:
+  """Inverse of `unstack_layers`: {name_i: ...} -> {name: [depth, ...]}."""
+  out = {}
+  names: Sequence[str] = [f"{name}_{i}" for i in range(depth)]
+  for key, value in params.items():
+    if key in names:
+      continue
+    out[key] = stack_layers(value, name, depth) if isinstance(value, dict) else value
+  if names[0] in params:
+    out[name] = jax.tree.map(lambda *a: jnp.stack(a), *[params[n] for n in names])
+  return out

@@ -1,0 +1,103 @@
+r"""Text-to-video VideoDiT on the bundled `shapes` dataset, in pixel space.
+
+CPU demo (≈ minutes):  python -m vdit.main --config=configs/vdit/shapes.py:tiny --workdir=runs/shapes
+Override anything:     ... --config.total_steps=1000 --config.input.rows_per_batch=8
+TPU pod:               launch/tpu_vm.sh run configs/vdit/shapes.py:variant=B/2 gs://BUCKET/runs/shapes
+
+Videos keep their native size, aspect ratio and duration: each is cut into (2, 4, 4) spacetime
+patches and many are packed into rows of `tokens_per_row` tokens (NaViT "Patch n' Pack").
+"""
+
+import ml_collections
+
+from vdit import config_lib
+from vdit.sharding import DEFAULT_RULES
+
+# (width D, depth, heads) per variant; the patch size is part of `input.patch_size`.
+VARIANTS = {"tiny": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = config_lib.parse_arg(arg, variant="S", tiny=False)
+  tiny = arg.tiny
+  width, depth, heads = VARIANTS["tiny" if tiny else arg.variant]
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 600 if tiny else 400_000
+  c.log_every_steps = 25 if tiny else 100
+  c.checkpoint_every_steps = 200 if tiny else 2_000
+  c.max_checkpoints = 3
+  c.max_nonfinite_in_a_row = 20  # abort after this many skipped (non-finite) updates in a row
+
+  c.input = dict(
+    dataset="shapes",
+    dataset_config="tiny" if tiny else "default",
+    data_dir=None,  # None → $VDIT_DATA_DIR or ~/.cache/vdit/tensorflow_datasets
+    split="train",
+    patch_size=(2, 4, 4),  # (pt, ph, pw) in pixels
+    tokens_per_row=512 if tiny else 4096,  # L
+    rows_per_batch=8 if tiny else 256,  # B, global (all hosts)
+    max_examples_per_row=8 if tiny else 32,  # K
+    text_tokens_per_row=96 if tiny else 512,  # M
+    max_caption_tokens=16 if tiny else 64,
+    vocab_size=1024,
+    max_frames=16,
+    frame_stride=1,
+    max_tokens_per_example=384 if tiny else 4096,
+    packing="first_fit",
+    num_packing_bins=16 if tiny else 512,
+    workers=0,
+  )
+
+  c.model = dict(
+    name="video_dit",
+    width=width,
+    depth=depth,
+    num_heads=heads,
+    mlp_ratio=4.0,
+    text_width=width,
+    text_depth=2 if tiny else 4,
+    text_heads=heads,
+    num_classes=0,
+    attention_backend="xla",
+    scan_layers=True,
+    remat_policy="none" if tiny else "dots_saveable",
+    dtype="float32" if tiny else "bfloat16",
+  )
+
+  c.diffusion = dict(
+    objective="rectified_flow",
+    time_sampling="logit_normal",
+    text_dropout=0.1,  # classifier-free guidance: rate of null captions in training
+  )
+
+  c.optimizer = dict(
+    lr=1e-3 if tiny else 1e-4,
+    warmup_steps=50 if tiny else 5_000,
+    final_lr_fraction=0.1,
+    grad_clip=1.0,
+    b1=0.9,
+    b2=0.99 if tiny else 0.999,
+    weight_decay=0.0,
+    ema_decay=0.99 if tiny else 0.9999,
+  )
+
+  c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
+  c.sharding_rules = DEFAULT_RULES
+
+  c.sample = dict(
+    prompts=(
+      "a red circle moving right",
+      "a blue square moving left",
+      "a green triangle moving up",
+      "a yellow circle moving down",
+    ),
+    num_frames=8,
+    height=32,
+    width=48,
+    steps=32,
+    guidance=3.0,
+    seed=0,
+    display_scale=4,  # nearest-neighbour upscaling of GIF/MP4 for viewing
+  )
+  return c

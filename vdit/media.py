@@ -1,0 +1,92 @@
+"""Reading and writing the videos people look at: GIF, MP4 and NPZ (raw frames + metadata)."""
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+FORMATS = (".gif", ".mp4", ".npz")
+
+
+def to_uint8(video: np.ndarray) -> np.ndarray:
+  """[-1, 1] float video → uint8 [T, H, W, C]."""
+  video = np.asarray(video, np.float32)
+  return np.clip(np.round((video + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def from_uint8(video: np.ndarray) -> np.ndarray:
+  """uint8 video → float32 in [-1, 1]."""
+  return np.asarray(video, np.float32) / 127.5 - 1.0
+
+
+def upscale(video: np.ndarray, factor: int) -> np.ndarray:
+  """Nearest-neighbour spatial upscaling for display (tiny videos are hard to see)."""
+  if factor == 1:
+    return video
+  return video.repeat(factor, axis=-3).repeat(factor, axis=-2)
+
+
+def check_path(path: str) -> str:
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in FORMATS:
+    raise ValueError(f"output {path!r} has extension {ext!r}; expected one of {FORMATS}")
+  return ext
+
+
+def write_video(
+  path: str,
+  frames: np.ndarray,
+  *,
+  fps: float = 8.0,
+  scale: int = 1,
+  metadata: Mapping[str, Any] | None = None,
+  extra_arrays: Mapping[str, np.ndarray] | None = None,
+) -> str:
+  """Writes uint8 frames [T, H, W, 3] as GIF/MP4 (display `scale`) or NPZ (raw, with metadata)."""
+  ext = check_path(path)
+  frames = np.asarray(frames)
+  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+    raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  if ext == ".npz":
+    np.savez_compressed(
+      path,
+      frames=frames,
+      metadata=np.asarray(json.dumps(dict(metadata or {}))),
+      **dict(extra_arrays or {}),
+    )
+    return path
+  import imageio.v3 as iio  # noqa: PLC0415 (heavy import, only when writing media)
+
+  shown = upscale(frames, scale)
+  if ext == ".gif":
+    iio.imwrite(path, shown, extension=".gif", duration=1000.0 / fps, loop=0)
+  else:
+    # yuv420p needs even sizes; patch multiples are even, odd sizes get one pixel padded.
+    h, w = shown.shape[1:3]
+    shown = np.pad(shown, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    iio.imwrite(path, shown, plugin="FFMPEG", fps=fps, codec="libx264", macro_block_size=1)
+  return path
+
+
+def read_video(path: str) -> np.ndarray:
+  """Reads a video (GIF/MP4/NPZ) or an image as uint8 frames [T, H, W, 3]."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no such video or image: {path!r}")
+  if path.lower().endswith(".npz"):
+    with np.load(path) as f:
+      return np.asarray(f["frames"])
+  import imageio.v3 as iio  # noqa: PLC0415
+
+  frames = np.asarray(iio.imread(path, index=None))
+  if frames.ndim == 3:  # a still image (or a one-frame gif)
+    frames = frames[None]
+  if frames.ndim == 4 and frames.shape[-1] == 4:
+    frames = frames[..., :3]
+  if frames.ndim == 4 and frames.shape[-1] == 1:
+    frames = frames.repeat(3, axis=-1)
+  if frames.ndim != 4 or frames.shape[-1] != 3:
+    raise ValueError(f"{path!r}: expected RGB frames, got an array of shape {frames.shape}")
+  return frames.astype(np.uint8)

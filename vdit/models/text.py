@@ -1,0 +1,87 @@
+"""A small trainable text encoder over packed captions.
+
+Token ids come from the built-in tokenizer (PAD=0, BOS=1, NULL=2, words >= 3; the empty
+caption is [NULL]). Captions of different examples share a row and never attend to each other
+(`text_segment_ids`, 0 = padding), so each caption's encoding is independent of its neighbours.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vdit.models import layers
+from vdit.models.layers import BATCH, EMBED, TEXT_LENGTH, VOCAB
+
+
+class TextBlock(nn.Module):
+  """Pre-LN transformer encoder block (Vaswani et al. 2017; pre-LN as in ViT, Sec. 3.1)."""
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+  attention_backend: str = "xla"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, segment_ids):
+    # x: [B, M, Dt]; segment_ids: [B, M]. Returns (x, None) for nn.scan.
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = nn.with_logical_constraint(x, (BATCH, TEXT_LENGTH, EMBED))
+    h = layers.layer_norm(name="norm1", **kw)(x)
+    x = x + layers.MultiHeadAttention(
+      self.num_heads, backend=self.attention_backend, length_axis=TEXT_LENGTH, name="attn", **kw
+    )(h, segment_ids)
+    h = layers.layer_norm(name="norm2", **kw)(x)
+    x = x + layers.Mlp(self.mlp_ratio, length_axis=TEXT_LENGTH, name="mlp", **kw)(h)
+    return nn.with_logical_constraint(x, (BATCH, TEXT_LENGTH, EMBED)), None
+
+
+class TextEncoder(nn.Module):
+  """Token ids [B, M] -> contextual embeddings [B, M, Dt] (per-caption, packed).
+
+  Embedding (VOCAB, EMBED) + 1-D sin-cos position of each token inside its own caption, then
+  `depth` pre-LN blocks with segment-masked self-attention, then a final LayerNorm.
+  """
+
+  vocab_size: int
+  width: int  # Dt
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  attention_backend: str = "xla"
+  scan_layers: bool = True
+  remat_policy: str = "none"  # see layers.REMAT_NAMES
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    # tokens, segment_ids: [B, M] int32 -> [B, M, Dt]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    embed = nn.Embed(
+      self.vocab_size,
+      self.width,
+      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (VOCAB, EMBED)),
+      name="embed",
+      **kw,
+    )
+    x = embed(tokens)  # [B, M, Dt]
+    x = x + layers.sincos_1d(layers.positions_in_segment(segment_ids), self.width).astype(x.dtype)
+    stack = layers.stack_blocks(
+      TextBlock,
+      depth=self.depth,
+      num_broadcast_args=1,
+      scan=self.scan_layers,
+      remat_policy=self.remat_policy,
+    )
+    x, _ = stack(
+      "blocks",
+      num_heads=self.num_heads,
+      mlp_ratio=self.mlp_ratio,
+      attention_backend=self.attention_backend,
+      **kw,
+    )(x, segment_ids)
+    x = layers.layer_norm(name="norm", **kw)(x)
+    return nn.with_logical_constraint(x, (BATCH, TEXT_LENGTH, EMBED))

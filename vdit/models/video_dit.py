@@ -1,0 +1,199 @@
+"""VideoDiT: a diffusion transformer over packed spacetime latent patches (Sora-style).
+
+DiT (Peebles & Xie 2023) with adaLN-Zero blocks, applied to NaViT-packed rows of spacetime
+patches (Dehghani et al. 2023): every per-example quantity (diffusion time, class label) is
+gathered to tokens with `segment_ids`, and no attention crosses examples. Text enters by
+cross-attention (as PixArt-α, Sec. 2.3), conditioning positions by 3-D sin-cos encodings.
+
+Parameter layout with `scan_layers=True`: `params["blocks"]` holds every DiTBlock parameter
+with a leading [depth] axis (logical name LAYERS); `scan_layers=False` names them
+`blocks_0 … blocks_{depth-1}`. `layers.unstack_layers` / `layers.stack_layers` convert.
+The text encoder's blocks (`params["text"]["blocks"]`) follow the same rule.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vdit.models import layers
+from vdit.models.layers import BATCH, EMBED, LENGTH, MLP, PATCH, TEXT_LENGTH, VOCAB
+from vdit.models.text import TextEncoder
+
+# DiT sizes (Peebles & Xie 2023, Table 1); "/p" is the spatial patch size of the latent.
+VARIANTS = {
+  "S": dict(width=384, depth=12, num_heads=6),
+  "B": dict(width=768, depth=12, num_heads=12),
+  "L": dict(width=1024, depth=24, num_heads=16),
+  "XL": dict(width=1152, depth=28, num_heads=16),
+}
+
+
+def decode_variant(variant: str) -> dict:
+  """"S/2" -> dict(width=384, depth=12, num_heads=6, patch_size=2)."""
+  size, sep, patch = variant.partition("/")
+  if size not in VARIANTS or not sep or not patch.isdigit():
+    raise ValueError(f"variant={variant!r} is not SIZE/PATCH with SIZE in {sorted(VARIANTS)}")
+  return dict(VARIANTS[size], patch_size=int(patch))
+
+
+class DiTBlock(nn.Module):
+  """adaLN-Zero self-attention, cross-attention to text, adaLN-Zero MLP (DiT, Sec. 3.2).
+
+  The cross-attention is pre-LN with a zero-initialized output projection, and the two
+  adaLN gates start at 0, so the block is exactly the identity at init.
+  """
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qk_norm: bool = False
+  attention_backend: str = "xla"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, c, segment_ids, text, text_segment_ids):
+    # x: [B, L, D] tokens; c: [B, L, D] per-token conditioning (packed rows mix examples with
+    # different diffusion times); segment_ids: [B, L]; text: [B, M, D]; text ids: [B, M].
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attn = dict(num_heads=self.num_heads, qk_norm=self.qk_norm, backend=self.attention_backend)
+    x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(
+      layers.AdaLNModulation(6, name="adaln", **kw)(c), 6, axis=-1
+    )  # each [B, L, D], zero-init
+    h = layers.modulate(layers.layer_norm(affine=False, name="norm1", **kw)(x), shift1, scale1)
+    x = x + gate1 * layers.MultiHeadAttention(**attn, name="self_attn", **kw)(h, segment_ids)
+    h = layers.layer_norm(name="norm_cross", **kw)(x)
+    x = x + layers.MultiHeadAttention(
+      **attn, zero_init_out=True, kv_length_axis=TEXT_LENGTH, name="cross_attn", **kw
+    )(h, segment_ids, text, text_segment_ids)
+    h = layers.modulate(layers.layer_norm(affine=False, name="norm2", **kw)(x), shift2, scale2)
+    x = x + gate2 * layers.Mlp(self.mlp_ratio, name="mlp", **kw)(h)
+    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED)), None
+
+
+class FinalLayer(nn.Module):
+  """adaLN-modulated LayerNorm + zero-initialized Dense(D -> P) (DiT, Sec. 3.2)."""
+
+  patch_dim: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, c):
+    # x, c: [B, L, D] -> [B, L, P]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    shift, scale = jnp.split(layers.AdaLNModulation(2, name="adaln", **kw)(c), 2, axis=-1)
+    x = layers.modulate(layers.layer_norm(affine=False, name="norm", **kw)(x), shift, scale)
+    return layers.dense(self.patch_dim, (EMBED, PATCH), zero_init=True, name="proj", **kw)(x)
+
+
+class VideoDiT(nn.Module):
+  """Predicts the flow velocity [B, L, P] of packed noisy spacetime patches.
+
+  `labels` (optional, `num_classes > 0`) are per example [B, K] with −1 = null class (for
+  classifier-free guidance); they are gathered to tokens through `segment_ids`.
+  """
+
+  patch_dim: int  # P = pt·ph·pw·C
+  width: int  # D
+  depth: int
+  num_heads: int
+  text_width: int
+  text_depth: int
+  text_heads: int
+  vocab_size: int
+  mlp_ratio: float = 4.0
+  num_classes: int = 0  # 0: no label embedding
+  qk_norm: bool = False
+  attention_backend: str = "xla"  # see layers.ATTENTION_BACKENDS
+  scan_layers: bool = True
+  remat_policy: str = "none"  # see layers.REMAT_NAMES
+  dtype: Any = jnp.float32  # activations
+  param_dtype: Any = jnp.float32
+
+  @classmethod
+  def from_variant(cls, variant: str, **kwargs) -> "VideoDiT":
+    """VideoDiT.from_variant("S/2", patch_dim=..., text_width=..., ...): DiT sizes by name.
+
+    The variant's patch size is for the data pipeline (it sets P); it is not a field here.
+    """
+    sizes = decode_variant(variant)
+    sizes.pop("patch_size")
+    return cls(**{**sizes, **kwargs})
+
+  @nn.compact
+  def __call__(
+    self,
+    x: jax.Array,
+    t: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    text_tokens: jax.Array,
+    text_segment_ids: jax.Array,
+    labels: jax.Array | None = None,
+    *,
+    deterministic: bool = True,  # no dropout yet; kept for a stable signature
+  ) -> jax.Array:
+    # x: [B, L, P]; t: [B, L] in [0, 1]; positions: [B, L, 3]; segment_ids: [B, L];
+    # text_tokens, text_segment_ids: [B, M]; labels: [B, K] or None. Returns [B, L, P].
+    del deterministic
+    if x.shape[-1] != self.patch_dim:
+      raise ValueError(f"patches have P={x.shape[-1]}, expected patch_dim={self.patch_dim}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    # Tokens: patch embedding + 3-D position of the patch inside its own example.
+    h = layers.dense(self.width, (PATCH, EMBED), name="patch_embed", **kw)(x)
+    h = h + layers.sincos_3d(positions, self.width).astype(h.dtype)
+    h = nn.with_logical_constraint(h, (BATCH, LENGTH, EMBED))
+
+    # Per-token conditioning: diffusion time (+ class label of the token's example).
+    c = layers.TimestepEmbedding(self.width, name="t_embed", **kw)(t)  # [B, L, D]
+    if self.num_classes > 0:
+      if labels is None:
+        raise ValueError(f"num_classes={self.num_classes} needs labels [B, K] (−1 = null)")
+      table = nn.Embed(
+        self.num_classes + 1,  # the last row is the null class
+        self.width,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (VOCAB, EMBED)),
+        name="label_embed",
+        **kw,
+      )
+      label_ids = jnp.where(labels < 0, self.num_classes, labels)  # [B, K]
+      c = c + table(layers.per_token(label_ids, segment_ids))
+    c = nn.with_logical_constraint(c, (BATCH, LENGTH, EMBED))
+
+    # Text: encoder, then projection to the video width.
+    text = TextEncoder(
+      self.vocab_size,
+      self.text_width,
+      self.text_depth,
+      self.text_heads,
+      mlp_ratio=self.mlp_ratio,
+      attention_backend=self.attention_backend,
+      scan_layers=self.scan_layers,
+      remat_policy=self.remat_policy,
+      name="text",
+      **kw,
+    )(text_tokens, text_segment_ids)  # [B, M, Dt]
+    text = layers.dense(self.width, (MLP, EMBED), name="text_proj", **kw)(text)  # [B, M, D]
+    text = nn.with_logical_constraint(text, (BATCH, TEXT_LENGTH, EMBED))
+
+    stack = layers.stack_blocks(
+      DiTBlock,
+      depth=self.depth,
+      num_broadcast_args=4,
+      scan=self.scan_layers,
+      remat_policy=self.remat_policy,
+    )
+    h, _ = stack(
+      "blocks",
+      num_heads=self.num_heads,
+      mlp_ratio=self.mlp_ratio,
+      qk_norm=self.qk_norm,
+      attention_backend=self.attention_backend,
+      **kw,
+    )(h, c, segment_ids, text, text_segment_ids)
+    out = FinalLayer(self.patch_dim, name="final", **kw)(h, c)
+    return nn.with_logical_constraint(out, (BATCH, LENGTH, PATCH))

@@ -1,0 +1,142 @@
+"""Device mesh from the config, logical-axis rules, and host-local → global batches.
+
+Sharding is data: the mesh sizes and the logical→mesh rules come from the config
+(`config.mesh`, `config.sharding_rules`); modules only name logical axes (`layers.EMBED`, …).
+"""
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vdit.models import layers
+
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+
+# Logical axes of each packed-batch key (DESIGN.md, "The packed batch").
+BATCH_AXES: dict[str, tuple[str | None, ...]] = {
+  "patches": (layers.BATCH, layers.LENGTH, None),
+  "positions": (layers.BATCH, layers.LENGTH, None),
+  "segment_ids": (layers.BATCH, layers.LENGTH),
+  "shapes": (layers.BATCH, None, None),
+  "text_tokens": (layers.BATCH, layers.TEXT_LENGTH),
+  "text_segment_ids": (layers.BATCH, layers.TEXT_LENGTH),
+  "labels": (layers.BATCH, None),
+  "cond_mask": (layers.BATCH, layers.LENGTH),
+  "loss_mask": (layers.BATCH, layers.LENGTH),
+}
+
+# Default logical→mesh rules: batch rows over data×fsdp, weights' embed over fsdp (ZeRO-3
+# style), heads/mlp/vocab over tensor, the packed length over sequence.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+  (layers.BATCH, ("data", "fsdp")),
+  (layers.LENGTH, "sequence"),
+  (layers.EMBED, "fsdp"),
+  (layers.MLP, "tensor"),
+  (layers.HEADS, "tensor"),
+  (layers.VOCAB, "tensor"),
+  (layers.KV, None),
+  (layers.TEXT_LENGTH, None),
+  (layers.PATCH, None),
+  (layers.LAYERS, None),
+)
+
+
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """Resolves `{data: -1, fsdp: 2, ...}` to concrete sizes whose product is `num_devices`."""
+  unknown = set(mesh_config) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+  sizes = [int(mesh_config.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh {dict(mesh_config)} has more than one axis set to -1")
+  for axis, size in zip(MESH_AXES, sizes):
+    if size == 0 or size < -1:
+      raise ValueError(f"mesh axis {axis}={size} must be a positive size or -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(
+        f"mesh {dict(mesh_config)}: {num_devices} devices are not divisible by the fixed axes' "
+        f"product {known}"
+      )
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(
+      f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+      f"but {num_devices} are available"
+    )
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the ('data', 'fsdp', 'sequence', 'tensor') mesh from the config."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  if len(devices) == len(jax.devices()):
+    # Topology-aware placement (ICI rings on TPU); plain order elsewhere.
+    device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+  else:
+    device_array = np.asarray(devices).reshape(shape)
+  return Mesh(device_array, MESH_AXES)
+
+
+def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
+  """Normalizes config rules (lists from JSON/ConfigDict) to flax's tuple-of-pairs form."""
+  if rules is None:
+    return DEFAULT_RULES
+  out = []
+  for name, axes in rules:
+    out.append((name, tuple(axes) if isinstance(axes, list | tuple) else axes))
+  return tuple(out)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Iterator[None]:
+  """Mesh + logical rules in context, needed when tracing modules with logical constraints."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def logical_sharding(mesh: Mesh, rules, logical_axes: Sequence[str | None]) -> NamedSharding:
+  """NamedSharding for one array with the given logical axes."""
+  spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+  return NamedSharding(mesh, spec)
+
+
+def batch_shardings(mesh: Mesh, rules, batch: Mapping[str, Any]) -> dict[str, NamedSharding]:
+  """Shardings of the packed-batch keys present in `batch`."""
+  out = {}
+  for key in batch:
+    if key not in BATCH_AXES:
+      raise KeyError(f"batch key {key!r} has no logical axes; known keys: {sorted(BATCH_AXES)}")
+    out[key] = logical_sharding(mesh, rules, BATCH_AXES[key])
+  return out
+
+
+def global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
+  """Assembles global `jax.Array`s from each host's local slice of the batch (rows)."""
+  shardings = batch_shardings(mesh, rules, batch)
+  return {
+    k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+    for k, v in batch.items()
+  }
+
+
+def tree_shardings(mesh: Mesh, rules, abstract_boxed_tree: Any) -> Any:
+  """Shardings for a tree whose leaves carry logical `nn.Partitioned` metadata.
+
+  Leaves without metadata (step counters, rng keys, scalar optimizer state) are replicated.
+  """
+  specs = nn.get_partition_spec(abstract_boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())

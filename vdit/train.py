@@ -1,0 +1,266 @@
+"""`train_and_evaluate(config, workdir)`: mesh → data → state → loop → samples.
+
+Reads top to bottom. Everything that touches files, devices or logs lives here (and in
+`checkpointing.py`); the math is in `vdit/diffusion` and `vdit/models`.
+"""
+
+import functools
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers
+
+from vdit import checkpointing, config_checks, models, sharding, train_state
+from vdit.data import pipeline
+from vdit.diffusion import flow
+
+
+# ---------------------------------------------------------------------------------------------
+# The train step: one jit, donated state.
+# ---------------------------------------------------------------------------------------------
+def train_step(
+  state: train_state.TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  model,
+  tx,
+  config: ml_collections.ConfigDict,
+) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
+  """One AdamW update on the rectified-flow loss of a packed batch."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  diffusion = config.diffusion
+
+  def loss_fn(params):
+    def velocity(x_t, t_tok, text_tokens, text_segment_ids):
+      return model.apply(
+        {"params": params},
+        x_t,
+        t_tok,
+        batch["positions"],
+        batch["segment_ids"],
+        text_tokens,
+        text_segment_ids,
+        batch["labels"],
+      )
+
+    return flow.loss(
+      velocity,
+      batch,
+      rng,
+      time_sampling=diffusion.time_sampling,
+      text_dropout=diffusion.text_dropout,
+    )
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = _global_norm(grads)
+  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  new_params = jax.tree_util.tree_map(jnp.add, state.params, updates)
+  decay = train_state.ema_decay(state.step, config.optimizer.ema_decay)
+  new_ema = jax.tree_util.tree_map(
+    lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params
+  )
+  # A non-finite loss or gradient skips the update (counted), it is never applied.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  pick = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=pick(new_params, state.params),
+    opt_state=pick(new_opt_state, state.opt_state),
+    ema_params=pick(new_ema, state.ema_params),
+    skipped=state.skipped + (~finite).astype(jnp.int32),
+  )
+  metrics = {
+    "loss": loss,
+    "grad_norm": grad_norm,
+    "finite": finite,
+    "tokens": jnp.sum(batch["loss_mask"]),
+    **aux,
+  }
+  return new_state, metrics
+
+
+def _global_norm(tree: Any) -> jax.Array:
+  leaves = jax.tree_util.tree_leaves(tree)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup helpers.
+# ---------------------------------------------------------------------------------------------
+def host_input_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The input config for this host: `rows_per_batch` is global, each host loads its share."""
+  count = jax.process_count()
+  rows = config.input.rows_per_batch
+  if rows % count:
+    raise ValueError(f"input.rows_per_batch={rows} is not divisible by the {count} hosts")
+  host = ml_collections.ConfigDict(config.input.to_dict())
+  host.rows_per_batch = rows // count
+  return host
+
+
+def make_data_iterator(config: ml_collections.ConfigDict):
+  return pipeline.make_iterator(
+    host_input_config(config),
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+
+
+class _Preemption:
+  """Turns SIGTERM (TPU VM maintenance, `kill`) into a request to checkpoint and stop."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. inside a notebook worker)
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# train_and_evaluate
+# ---------------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
+  """Trains (resuming from `workdir` if it has a checkpoint), then writes sample videos."""
+  config_checks.validate(config)  # a bad config fails here, before any compute
+  is_main = jax.process_index() == 0
+  if is_main:
+    checkpointing.write_config(workdir, config)
+
+  # --- Mesh -----------------------------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+
+  # --- Data -----------------------------------------------------------------------------------
+  data_iter = make_data_iterator(config)
+
+  # --- Model and state ------------------------------------------------------------------------
+  model = models.build(config)
+  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
+  init = train_state.init_fn(model, models.dummy_inputs(config), tx, config.seed)
+  abstract, state_shardings = train_state.abstract_state(init, mesh, rules)
+  mngr = checkpointing.manager(workdir, max_to_keep=config.max_checkpoints)
+  if mngr.latest_step() is not None:
+    step, state = checkpointing.restore(mngr, abstract, data_iter)
+    logging.info("resumed from checkpoint at step %d", step)
+  else:
+    state, _ = train_state.create_sharded(init, mesh, rules)
+  start_step = int(state.step)
+  logging.info("model: %s parameters", f"{train_state.num_params(state.params):,}")
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  if start_step == 0:
+    writer.write_hparams(_flat_hparams(config))
+
+  # --- The jitted step (compiled on the first batch, whose shardings it takes) ----------------
+  step_fn = None
+  if start_step >= config.total_steps:
+    logging.info("already at step %d ≥ total_steps=%d", start_step, config.total_steps)
+
+  # --- Loop -----------------------------------------------------------------------------------
+  total = config.total_steps
+  accumulated: dict[str, list[float]] = {}
+  nonfinite_in_a_row = 0
+  t_last, step_last = time.time(), start_step
+  done = start_step
+  with _Preemption() as preemption, sharding.activate(mesh, rules):
+    for step in range(start_step, total):
+      batch = sharding.global_batch(next(data_iter), mesh, rules)
+      if step_fn is None:
+        batch_shardings = {k: v.sharding for k, v in batch.items()}
+        step_fn = jax.jit(
+          functools.partial(train_step, model=model, tx=tx, config=config),
+          in_shardings=(state_shardings, batch_shardings),
+          out_shardings=(state_shardings, sharding.replicated(mesh)),
+          donate_argnums=(0,),
+        )
+      state, metrics = step_fn(state, batch)
+      metrics = jax.device_get(metrics)
+      for k, v in metrics.items():
+        accumulated.setdefault(k, []).append(float(v))
+      nonfinite_in_a_row = 0 if metrics["finite"] else nonfinite_in_a_row + 1
+      if nonfinite_in_a_row >= config.max_nonfinite_in_a_row:
+        raise FloatingPointError(
+          f"{nonfinite_in_a_row} non-finite updates in a row at step {step + 1}; aborting "
+          f"(max_nonfinite_in_a_row={config.max_nonfinite_in_a_row})"
+        )
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == total:
+        now = time.time()
+        steps_per_sec = (done - step_last) / max(now - t_last, 1e-9)
+        t_last, step_last = now, done
+        summary = {k: float(np.mean(v)) for k, v in accumulated.items() if k != "finite"}
+        summary["steps_per_sec"] = steps_per_sec
+        summary["skipped_updates"] = float(state.skipped)
+        writer.write_scalars(done, summary)
+        accumulated = {}
+        if is_main:
+          print(
+            f"step {done}/{total}  loss {summary['loss']:.4f}  {steps_per_sec:.2f} steps/s  "
+            f"ETA {_format_eta((total - done) / max(steps_per_sec, 1e-9))}",
+            flush=True,
+          )
+      if done % config.checkpoint_every_steps == 0 or done == total or preemption.requested:
+        checkpointing.save(mngr, done, state, data_iter, config, force=True)
+      if preemption.requested:
+        break
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.flush()
+  if preemption.requested:
+    logging.warning("stopped by SIGTERM at step %d; rerun the same command to resume", done)
+    return state
+
+  # --- Samples --------------------------------------------------------------------------------
+  if config.sample.prompts and is_main:
+    from vdit import sample  # noqa: PLC0415 (sampling only at the end)
+
+    paths = sample.write_config_samples(config, state.ema_params, workdir, int(state.step))
+    print("samples written:\n  " + "\n  ".join(paths), flush=True)
+  return state
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  flat = {}
+
+  def visit(prefix, node):
+    for k, v in node.items():
+      key = f"{prefix}{k}"
+      if isinstance(v, dict | ml_collections.ConfigDict):
+        visit(key + ".", v)
+      elif isinstance(v, bool | int | float | str):
+        flat[key] = v
+      else:
+        flat[key] = str(v)
+
+  visit("", config)
+  return flat
+
