@@ -44,3 +44,23 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     out[key] = _coerce(value, defaults[key])
   out.lock()
   return out
+
+
+def flags_parser(argv: list[str]) -> list[str]:
+  """absl `flags_parser` that turns config errors (unknown keys, bad values) into one line.
+
+  `--config.total_stepz=3` would otherwise end in a chained traceback from ml_collections.
+  """
+  import sys  # noqa: PLC0415
+
+  from absl import flags  # noqa: PLC0415
+
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e}\nPass --helpfull to see the flags.")
+  except (AttributeError, KeyError) as e:
+    msg = str(e.args[0] if e.args else e).strip("'\"").replace("\\'", "'").replace("\\n", " ")
+    sys.exit(f"error: unknown config key: {msg}")
+  except (ValueError, TypeError) as e:
+    sys.exit(f"error: bad config: {e}")

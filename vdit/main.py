@@ -8,9 +8,14 @@ optimizer, EMA, step, RNG and data-iterator position).
 """
 
 import os
+import sys
+
+import jax
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from vdit import config_checks, config_lib, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py:arg).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
@@ -25,16 +30,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import jax  # noqa: PLC0415 (after flags, so --help is fast)
-
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
                jax.devices())
-  from vdit import train  # noqa: PLC0415
 
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except config_checks.ConfigError as e:
+    sys.exit(f"error: bad config: {e}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=config_lib.flags_parser)

@@ -11,6 +11,7 @@ Library: `load(workdir)` → `Sampler`; `Sampler.generate(prompts, ...)` → uin
 import dataclasses
 import functools
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,12 +31,6 @@ CHANNELS = 3
 # ---------------------------------------------------------------------------------------------
 # Building the packed rows for generation (numpy).
 # ---------------------------------------------------------------------------------------------
-def grid_positions(grid: tuple[int, int, int]) -> np.ndarray:
-  """(t, h, w) of every patch of a grid, t-major (the order `patchify` produces): [N, 3]."""
-  t, h, w = np.meshgrid(*(np.arange(n) for n in grid), indexing="ij")
-  return np.stack([t.ravel(), h.ravel(), w.ravel()], axis=-1).astype(np.int32)
-
-
 def prompt_rows(
   prompts: Sequence[str], grid: tuple[int, int, int], tok: tokenizer.Tokenizer, max_tokens: int
 ) -> dict[str, np.ndarray]:
@@ -48,7 +43,7 @@ def prompt_rows(
     text[i, : len(ids)] = ids
     text_seg[i, : len(ids)] = 1
   return {
-    "positions": np.broadcast_to(grid_positions(grid), (n, length, 3)).copy(),
+    "positions": np.broadcast_to(patchify.grid_positions(grid), (n, length, 3)).copy(),
     "segment_ids": np.ones((n, length), np.int32),
     "shapes": np.broadcast_to(np.asarray(grid, np.int32), (n, 1, 3)).copy(),
     "text_tokens": text,
@@ -116,7 +111,7 @@ def _euler_cfg(model, params, rows, noise, steps, guidance):
   def velocity(x, t):
     # x: [N, L, P]; the conditional and null rows see the same noisy video.
     xx = jnp.concatenate([x, x])
-    t_tok = jnp.full(xx.shape[:2], t, jnp.float32)
+    t_tok = jnp.concatenate([t, t])  # [2N, L]
     v = model.apply(
       {"params": params},
       xx,
@@ -224,14 +219,17 @@ def main(argv):
     prompts = [f.prompt]
   else:
     raise app.UsageError("give --prompt or --prompts_file")
-  sampler = load(f.workdir, f.step)
-  s = sampler.config.sample
-  size = dict(
-    num_frames=f.num_frames or s.num_frames,
-    height=f.height or s.height,
-    width=f.width or s.width,
-  )
-  sampler.grid(**size)  # fail on a bad size before any compute
+  try:
+    sampler = load(f.workdir, f.step)
+    s = sampler.config.sample
+    size = dict(
+      num_frames=f.num_frames or s.num_frames,
+      height=f.height or s.height,
+      width=f.width or s.width,
+    )
+    sampler.grid(**size)  # fail on a bad size before any compute
+  except (checkpointing.NoCheckpointError, ValueError) as e:
+    sys.exit(f"error: {e}")
   videos = sampler.generate(
     prompts,
     **size,

@@ -37,16 +37,16 @@ def train_step(
   diffusion = config.diffusion
 
   def loss_fn(params):
-    def velocity(x_t, t_tok, text_tokens, text_segment_ids):
+    def velocity(x_t, t_tok, model_batch):
       return model.apply(
         {"params": params},
         x_t,
         t_tok,
-        batch["positions"],
-        batch["segment_ids"],
-        text_tokens,
-        text_segment_ids,
-        batch["labels"],
+        model_batch["positions"],
+        model_batch["segment_ids"],
+        model_batch["text_tokens"],
+        model_batch["text_segment_ids"],
+        model_batch["labels"],
       )
 
     return flow.loss(
@@ -79,10 +79,23 @@ def train_step(
     "loss": loss,
     "grad_norm": grad_norm,
     "finite": finite,
-    "tokens": jnp.sum(batch["loss_mask"]),
-    **aux,
+    "tokens": aux["num_tokens"],
+    "learning_rate": train_state.learning_rate_schedule(config.optimizer, config.total_steps)(
+      state.step
+    ),
   }
   return new_state, metrics
+
+
+def jit_train_step(config, model, tx, mesh, rules, state_shardings):
+  """`train_step` as one `jax.jit` over the mesh, with the state donated."""
+  batch_shardings = sharding.batch_shardings(mesh, rules, sharding.BATCH_AXES)
+  return jax.jit(
+    functools.partial(train_step, model=model, tx=tx, config=config),
+    in_shardings=(state_shardings, batch_shardings),
+    out_shardings=(state_shardings, sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )
 
 
 def _global_norm(tree: Any) -> jax.Array:
@@ -180,8 +193,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   if start_step == 0:
     writer.write_hparams(_flat_hparams(config))
 
-  # --- The jitted step (compiled on the first batch, whose shardings it takes) ----------------
-  step_fn = None
+  # --- The jitted step ------------------------------------------------------------------------
+  step_fn = jit_train_step(config, model, tx, mesh, rules, state_shardings)
   if start_step >= config.total_steps:
     logging.info("already at step %d ≥ total_steps=%d", start_step, config.total_steps)
 
@@ -194,14 +207,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   with _Preemption() as preemption, sharding.activate(mesh, rules):
     for step in range(start_step, total):
       batch = sharding.global_batch(next(data_iter), mesh, rules)
-      if step_fn is None:
-        batch_shardings = {k: v.sharding for k, v in batch.items()}
-        step_fn = jax.jit(
-          functools.partial(train_step, model=model, tx=tx, config=config),
-          in_shardings=(state_shardings, batch_shardings),
-          out_shardings=(state_shardings, sharding.replicated(mesh)),
-          donate_argnums=(0,),
-        )
       state, metrics = step_fn(state, batch)
       metrics = jax.device_get(metrics)
       for k, v in metrics.items():

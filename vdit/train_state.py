@@ -25,7 +25,12 @@ class TrainState:
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup to `opt.lr`, then cosine decay to `opt.lr * opt.final_lr_fraction`."""
+  """Linear warmup to `opt.lr`, then cosine decay to `opt.lr * opt.final_lr_fraction`.
+
+  The decay spans `opt.schedule_steps` if set, else `total_steps` (so extending a finished
+  run with a larger `total_steps` re-stretches the cosine unless `schedule_steps` pins it).
+  """
+  total_steps = opt.get("schedule_steps") or total_steps
   warmup = min(opt.warmup_steps, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0,

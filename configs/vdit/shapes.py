@@ -80,6 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     b2=0.99 if tiny else 0.999,
     weight_decay=0.0,
     ema_decay=0.99 if tiny else 0.9999,
+    schedule_steps=0,  # length of the warmup+cosine schedule; 0 → total_steps
   )
 
   c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)

@@ -1,0 +1,52 @@
+"""Models looked up by name (`config.model.name`), built from the config."""
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+CHANNELS = 3  # RGB pixels (the latent autoencoder changes this)
+
+
+def patch_dim(config: ml_collections.ConfigDict) -> int:
+  """P = pt·ph·pw·C of the packed patches."""
+  return int(np.prod(config.input.patch_size)) * CHANNELS
+
+
+def build(config: ml_collections.ConfigDict):
+  """The Flax module named by `config.model.name`."""
+  m = config.model
+  if m.name == "video_dit":
+    from vdit.models.video_dit import VideoDiT  # noqa: PLC0415
+
+    return VideoDiT(
+      patch_dim=patch_dim(config),
+      width=m.width,
+      depth=m.depth,
+      num_heads=m.num_heads,
+      mlp_ratio=m.mlp_ratio,
+      text_width=m.text_width,
+      text_depth=m.text_depth,
+      text_heads=m.text_heads,
+      vocab_size=config.input.vocab_size,
+      num_classes=m.num_classes,
+      attention_backend=m.attention_backend,
+      scan_layers=m.scan_layers,
+      remat_policy=m.remat_policy,
+      dtype=jnp.dtype(m.dtype),
+    )
+  raise ValueError(f"model.name={m.name!r} is not a known model; expected 'video_dit'")
+
+
+def dummy_inputs(config: ml_collections.ConfigDict, rows: int = 1) -> tuple:
+  """Inputs of the packed-batch shapes for `init` / `eval_shape` (values are irrelevant)."""
+  inp = config.input
+  length, m, k = inp.tokens_per_row, inp.text_tokens_per_row, inp.max_examples_per_row
+  return (
+    jnp.zeros((rows, length, patch_dim(config)), jnp.float32),  # x
+    jnp.zeros((rows, length), jnp.float32),  # t
+    jnp.zeros((rows, length, 3), jnp.int32),  # positions
+    jnp.ones((rows, length), jnp.int32),  # segment_ids
+    jnp.ones((rows, m), jnp.int32),  # text_tokens
+    jnp.ones((rows, m), jnp.int32),  # text_segment_ids
+    jnp.full((rows, k), -1, jnp.int32),  # labels
+  )

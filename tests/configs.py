@@ -1,0 +1,43 @@
+"""Configs the tests run: the real config files, shrunk where a test needs speed."""
+
+import importlib.util
+import os
+
+import ml_collections
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(arg: str = "tiny", path: str = "configs/vdit/shapes.py") -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location("config_under_test", os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def small(data_dir: str, **overrides) -> ml_collections.ConfigDict:
+  """The tiny shapes config with a smaller model and rows, for fast tests."""
+  c = load()
+  c.input.data_dir = data_dir
+  c.input.tokens_per_row = 256
+  c.input.max_tokens_per_example = 192
+  c.input.rows_per_batch = 8
+  c.input.text_tokens_per_row = 64
+  c.model.width = 32
+  c.model.depth = 2
+  c.model.num_heads = 2
+  c.model.text_width = 32
+  c.model.text_depth = 1
+  c.model.text_heads = 2
+  c.total_steps = 4
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 2
+  c.optimizer.warmup_steps = 1
+  c.sample.prompts = ()
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c

@@ -1,0 +1,90 @@
+"""Configs: argument parsing, locking, validation and the CLI's one-line errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.configs import REPO
+from tests.configs import load as load_config
+from vdit import config_checks, config_lib, sharding
+
+
+def test_parse_arg_types_and_unknown():
+  arg = config_lib.parse_arg("tiny,variant=B,steps=3", tiny=False, variant="S", steps=1)
+  assert (arg.tiny, arg.variant, arg.steps) == (True, "B", 3)
+  with pytest.raises(ValueError, match="unknown config argument 'nope'.*expected one of"):
+    config_lib.parse_arg("nope=1", tiny=False)
+  with pytest.raises(ValueError, match="needs a value"):
+    config_lib.parse_arg("steps", steps=1)
+
+
+def test_tiny_config_is_valid():
+  config = load_config("tiny")
+  config_checks.validate(config)
+  assert config.total_steps > 0
+
+
+@pytest.mark.parametrize(
+  "key,value,message",
+  [
+    ("input.patch_size", (2, 4), "input.patch_size=.*three positive ints"),
+    ("input.max_tokens_per_example", 10_000, "exceeds input.tokens_per_row"),
+    ("model.num_heads", 3, "model.width=128 is not divisible by model.num_heads=3"),
+    ("model.attention_backend", "flash", "attention_backend='flash' is not supported"),
+    ("sample.height", 30, r"sample.height=30 is not a multiple of the patch size 4"),
+    ("input.rows_per_batch", 6, r"rows_per_batch=6 is not divisible by data×fsdp=8"),
+    ("diffusion.time_sampling", "beta", "time_sampling='beta' is not supported"),
+  ],
+)
+def test_validate_names_the_bad_value(key, value, message):
+  config = load_config("tiny")
+  node = config
+  *path, last = key.split(".")
+  for p in path:
+    node = node[p]
+  node[last] = value
+  with pytest.raises(config_checks.ConfigError, match=message):
+    config_checks.validate(config)
+
+
+def test_mesh_shape_resolution_and_errors():
+  assert sharding.mesh_shape({"data": -1}, 8) == (8, 1, 1, 1)
+  assert sharding.mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 1, 2)
+  with pytest.raises(ValueError, match="needs 4 devices, but 8"):
+    sharding.mesh_shape({"data": 2, "fsdp": 2}, 8)
+  with pytest.raises(ValueError, match="unknown mesh axes"):
+    sharding.mesh_shape({"model": 2}, 8)
+  with pytest.raises(ValueError, match="more than one axis"):
+    sharding.mesh_shape({"data": -1, "fsdp": -1}, 8)
+
+
+def _run_main(*args):
+  return subprocess.run(
+    [sys.executable, "-m", "vdit.main", *args],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=300,
+  )
+
+
+def test_cli_unknown_config_key_is_one_clear_error(tmp_path):
+  out = _run_main(
+    "--config=configs/vdit/shapes.py:tiny", f"--workdir={tmp_path}", "--config.total_stepz=3"
+  )
+  assert out.returncode != 0
+  assert "unknown config key" in out.stderr and "total_stepz" in out.stderr
+  assert "Traceback" not in out.stderr
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_cli_invalid_value_fails_before_compute(tmp_path):
+  out = _run_main(
+    "--config=configs/vdit/shapes.py:tiny", f"--workdir={tmp_path}", "--config.sample.width=50"
+  )
+  assert out.returncode != 0
+  assert "sample.width=50 is not a multiple of the patch size 4" in out.stderr
+  assert "Traceback" not in out.stderr
+  assert not os.path.exists(tmp_path / "checkpoints")

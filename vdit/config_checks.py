@@ -1,0 +1,105 @@
+"""Config validation: a bad config fails here with a clear message, before any compute."""
+
+import math
+
+import jax
+import ml_collections
+
+from vdit import sharding
+
+DATASETS = ("shapes",)
+MODELS = ("video_dit",)
+TIME_SAMPLING = ("uniform", "logit_normal")
+ATTENTION_BACKENDS = ("xla",)
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+DTYPES = ("float32", "bfloat16")
+PACKING = ("first_fit", "best_fit")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key, the value and what's expected."""
+
+
+def _choice(name: str, value, choices) -> None:
+  if value not in choices:
+    raise ConfigError(f"{name}={value!r} is not supported; expected one of {choices}")
+
+
+def _positive(name: str, value) -> None:
+  if not isinstance(value, int) or value <= 0:
+    raise ConfigError(f"{name}={value!r} must be a positive integer")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad value and what was expected."""
+  inp, model, opt = config.input, config.model, config.optimizer
+  for name in ("total_steps", "log_every_steps", "checkpoint_every_steps", "max_checkpoints"):
+    _positive(name, config[name])
+  _choice("input.dataset", inp.dataset, DATASETS)
+  _choice("input.packing", inp.packing, PACKING)
+  patch = tuple(inp.patch_size)
+  if len(patch) != 3 or any(not isinstance(p, int) or p <= 0 for p in patch):
+    raise ConfigError(f"input.patch_size={patch!r} must be three positive ints (pt, ph, pw)")
+  for name in (
+    "tokens_per_row",
+    "rows_per_batch",
+    "max_examples_per_row",
+    "text_tokens_per_row",
+    "max_caption_tokens",
+    "max_tokens_per_example",
+    "vocab_size",
+  ):
+    _positive(f"input.{name}", inp[name])
+  if inp.max_tokens_per_example > inp.tokens_per_row:
+    raise ConfigError(
+      f"input.max_tokens_per_example={inp.max_tokens_per_example} exceeds "
+      f"input.tokens_per_row={inp.tokens_per_row}: such an example could never be packed"
+    )
+  if inp.max_caption_tokens > inp.text_tokens_per_row:
+    raise ConfigError(
+      f"input.max_caption_tokens={inp.max_caption_tokens} exceeds "
+      f"input.text_tokens_per_row={inp.text_tokens_per_row}"
+    )
+
+  _choice("model.name", model.name, MODELS)
+  _choice("model.attention_backend", model.attention_backend, ATTENTION_BACKENDS)
+  _choice("model.remat_policy", model.remat_policy, REMAT_POLICIES)
+  _choice("model.dtype", model.dtype, DTYPES)
+  for width, heads in (("width", "num_heads"), ("text_width", "text_heads")):
+    if model[width] % model[heads]:
+      raise ConfigError(
+        f"model.{width}={model[width]} is not divisible by model.{heads}={model[heads]}"
+      )
+  _choice("diffusion.time_sampling", config.diffusion.time_sampling, TIME_SAMPLING)
+  if not 0.0 <= config.diffusion.text_dropout < 1.0:
+    raise ConfigError(f"diffusion.text_dropout={config.diffusion.text_dropout} must be in [0, 1)")
+  if not 0.0 <= opt.ema_decay < 1.0:
+    raise ConfigError(f"optimizer.ema_decay={opt.ema_decay} must be in [0, 1)")
+
+  try:
+    sizes = sharding.mesh_shape(config.mesh, jax.device_count())
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  shape = dict(zip(sharding.MESH_AXES, sizes))
+  batch_shards = shape["data"] * shape["fsdp"]
+  if inp.rows_per_batch % batch_shards:
+    raise ConfigError(
+      f"input.rows_per_batch={inp.rows_per_batch} is not divisible by data×fsdp={batch_shards} "
+      f"of mesh {shape}"
+    )
+  if inp.tokens_per_row % shape["sequence"]:
+    raise ConfigError(
+      f"input.tokens_per_row={inp.tokens_per_row} is not divisible by sequence={shape['sequence']}"
+    )
+  for name in ("num_heads", "text_heads"):
+    if model[name] % shape["tensor"]:
+      raise ConfigError(f"model.{name}={model[name]} is not divisible by tensor={shape['tensor']}")
+
+  s = config.sample
+  for dim, p in zip(("num_frames", "height", "width"), patch):
+    if s[dim] % p:
+      raise ConfigError(
+        f"sample.{dim}={s[dim]} is not a multiple of the patch size {p} (input.patch_size={patch})"
+      )
+  if math.prod(s[d] // p for d, p in zip(("num_frames", "height", "width"), patch)) == 0:
+    raise ConfigError(f"sample size {s.num_frames}x{s.height}x{s.width} is empty")
