@@ -46,7 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     max_tokens_per_example=384 if tiny else 4096,
     packing="first_fit",
     num_packing_bins=16 if tiny else 512,
-    workers=0,
+    workers=0,  # >0: grain multiprocessing workers (mp_prefetch)
+    read_threads=2,  # threads running the per-example transforms
+    read_buffer=32,  # examples prefetched by those threads
   )
 
   c.model = dict(

@@ -80,8 +80,9 @@ def attention(
   returns 0, with zero gradient, never NaN. Returns [B, Lq, H, Dh].
   """
   if backend not in ATTENTION_BACKENDS:
-    raise ValueError(f"attention backend={backend!r} is not available; expected one of "
-                     f"{ATTENTION_BACKENDS}")
+    raise ValueError(
+      f"attention backend={backend!r} is not available; expected one of {ATTENTION_BACKENDS}"
+    )
   # backend == "xla": the reference. jax.nn.dot_product_attention carries softmax in fp32.
   mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, Lq, Lk]
   out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
@@ -95,53 +96,82 @@ def attention(
 # ------------------------------------------------------------------------------------------
 
 
+class Dense(nn.Module):
+  """A dense layer whose kernel keeps its full rank and carries logical `axes`.
+
+  Contracts the input `axis` (default: last) into `features`. `nn.DenseGeneral` initializes a
+  flattened 2-D kernel, which breaks logical sharding constraints of rank > 2 under a mesh;
+  here the kernel is created at its real shape `[*in, *out]`. Xavier-uniform over the
+  flattened fan-in/fan-out (as in DiT), or zeros (`zero_init`); the bias is zero.
+  """
+
+  features: tuple[int, ...]
+  axes: Axes  # logical names of the kernel: contracted inputs, then outputs
+  axis: tuple[int, ...] = (-1,)
+  zero_init: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    axis = tuple(a % x.ndim for a in self.axis)
+    n_in, n_out = len(axis), len(self.features)
+    if len(self.axes) != n_in + n_out:
+      raise ValueError(f"axes={self.axes} must name {n_in} input and {n_out} output dims")
+    if self.zero_init:
+      init = nn.initializers.zeros_init()
+    else:
+      init = nn.initializers.variance_scaling(
+        1.0,
+        "fan_avg",
+        "uniform",
+        in_axis=tuple(range(n_in)),
+        out_axis=tuple(range(n_in, n_in + n_out)),
+      )
+    shape = tuple(x.shape[a] for a in axis) + tuple(self.features)
+    kernel = self.param(
+      "kernel", nn.with_logical_partitioning(init, self.axes), shape, self.param_dtype
+    )
+    bias = self.param(
+      "bias",
+      nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[n_in:]),
+      tuple(self.features),
+      self.param_dtype,
+    )
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(n_in))), ((), ())))
+    return y + bias
+
+
 def dense(
-  features: int,
-  axes: Axes,
-  *,
-  zero_init: bool = False,
-  dtype: Dtype = jnp.float32,
-  param_dtype: Dtype = jnp.float32,
-  name: str | None = None,
-) -> nn.Dense:
-  """nn.Dense whose kernel [in, out] carries logical `axes` and bias carries `(axes[-1],)`."""
-  init = nn.initializers.zeros_init() if zero_init else nn.initializers.xavier_uniform()
-  return nn.Dense(
-    features,
-    dtype=dtype,
-    param_dtype=param_dtype,
-    kernel_init=nn.with_logical_partitioning(init, axes),
-    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[-1],)),
-    name=name,
-  )
-
-
-def dense_general(
   features: int | tuple[int, ...],
-  axis: int | tuple[int, ...],
   axes: Axes,
   *,
+  axis: int | tuple[int, ...] = -1,
   zero_init: bool = False,
   dtype: Dtype = jnp.float32,
   param_dtype: Dtype = jnp.float32,
   name: str | None = None,
-) -> nn.DenseGeneral:
-  """nn.DenseGeneral with logical kernel `axes` (inputs then outputs); bias on the outputs."""
-  init = nn.initializers.zeros_init() if zero_init else nn.initializers.xavier_uniform()
-  num_out = len(features) if isinstance(features, tuple) else 1
-  return nn.DenseGeneral(
-    features,
-    axis=axis,
+) -> Dense:
+  """`Dense` contracting `axis` into `features` (ints or tuples), kernel axes `axes`."""
+  return Dense(
+    features=tuple(features) if isinstance(features, tuple) else (features,),
+    axes=tuple(axes),
+    axis=tuple(axis) if isinstance(axis, tuple) else (axis,),
+    zero_init=zero_init,
     dtype=dtype,
     param_dtype=param_dtype,
-    kernel_init=nn.with_logical_partitioning(init, axes),
-    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-num_out:]),
     name=name,
   )
 
 
-def layer_norm(*, affine: bool = True, dtype: Dtype = jnp.float32, param_dtype=jnp.float32,
-               name: str | None = None) -> nn.LayerNorm:
+def layer_norm(
+  *,
+  affine: bool = True,
+  dtype: Dtype = jnp.float32,
+  param_dtype=jnp.float32,
+  name: str | None = None,
+) -> nn.LayerNorm:
   """LayerNorm over EMBED (eps 1e-6 as in DiT); `affine=False` for adaLN-modulated norms."""
   return nn.LayerNorm(
     epsilon=1e-6,
@@ -189,9 +219,9 @@ class MultiHeadAttention(nn.Module):
 
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     heads = (self.num_heads, head_dim)
-    q = dense_general(heads, -1, (EMBED, HEADS, KV), name="query", **kw)(x)  # [B, L, H, Dh]
-    k = dense_general(heads, -1, (EMBED, HEADS, KV), name="key", **kw)(context)  # [B, M, H, Dh]
-    v = dense_general(heads, -1, (EMBED, HEADS, KV), name="value", **kw)(context)
+    q = dense(heads, (EMBED, HEADS, KV), name="query", **kw)(x)  # [B, L, H, Dh]
+    k = dense(heads, (EMBED, HEADS, KV), name="key", **kw)(context)  # [B, M, H, Dh]
+    v = dense(heads, (EMBED, HEADS, KV), name="value", **kw)(context)  # [B, M, H, Dh]
     if self.qk_norm:
       norm = lambda name: nn.RMSNorm(
         epsilon=1e-6,
@@ -205,8 +235,8 @@ class MultiHeadAttention(nn.Module):
     v = nn.with_logical_constraint(v, (BATCH, kv_axis, HEADS, KV))
     out = attention(q, k, v, segment_ids, context_segment_ids, backend=self.backend)
     out = nn.with_logical_constraint(out, (BATCH, self.length_axis, HEADS, KV))
-    out = dense_general(
-      width, (-2, -1), (HEADS, KV, EMBED), zero_init=self.zero_init_out, name="out", **kw
+    out = dense(
+      width, (HEADS, KV, EMBED), axis=(-2, -1), zero_init=self.zero_init_out, name="out", **kw
     )(out)  # [B, L, D]
     return nn.with_logical_constraint(out, (BATCH, self.length_axis, EMBED))
 

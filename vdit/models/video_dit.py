@@ -31,7 +31,7 @@ VARIANTS = {
 
 
 def decode_variant(variant: str) -> dict:
-  """"S/2" -> dict(width=384, depth=12, num_heads=6, patch_size=2)."""
+  """ "S/2" -> dict(width=384, depth=12, num_heads=6, patch_size=2)."""
   size, sep, patch = variant.partition("/")
   if size not in VARIANTS or not sep or not patch.isdigit():
     raise ValueError(f"variant={variant!r} is not SIZE/PATCH with SIZE in {sorted(VARIANTS)}")

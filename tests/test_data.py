@@ -1,0 +1,464 @@
+"""Data layer: patchify, tokenizer, the `shapes` TFDS builder, transforms and packed batches."""
+
+import collections
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import zlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdit.data import patchify as patchify_lib
+from vdit.data import pipeline
+from vdit.data import tokenizer as tokenizer_lib
+from vdit.data import transforms as transforms_lib
+from vdit.datasets import shapes
+
+CONTRACT = {
+  "patches": np.float32,
+  "positions": np.int32,
+  "segment_ids": np.int32,
+  "shapes": np.int32,
+  "text_tokens": np.int32,
+  "text_segment_ids": np.int32,
+  "labels": np.int32,
+  "cond_mask": np.bool_,
+  "loss_mask": np.bool_,
+}
+# Independent of the generator's tables: what a colour name and a direction word mean.
+NAMED_RGB = {
+  "red": (255, 0, 0),
+  "green": (0, 255, 0),
+  "blue": (0, 0, 255),
+  "yellow": (255, 255, 0),
+  "white": (255, 255, 255),
+  "purple": (128, 0, 128),
+}
+
+
+def _direction_signs(direction: str) -> tuple[int, int]:
+  """(dx, dy) signs in image coordinates (y grows downwards) of e.g. "up-left"."""
+  words = direction.split("-")
+  dx = ("right" in words) - ("left" in words)
+  dy = ("down" in words) - ("up" in words)
+  return dx, dy
+
+
+CAPTION = re.compile(r"a (\w+) (\w+) moving ([\w-]+)(?: on a (\w+) background)?")
+TEST_CONFIG = next(c for c in shapes.Shapes.BUILDER_CONFIGS if c.name == "test")
+
+
+# ---------------------------------------------------------------------------------------------
+# patchify
+# ---------------------------------------------------------------------------------------------
+def test_patchify_roundtrip_and_token_order():
+  rng = np.random.default_rng(0)
+  video = rng.normal(size=(4, 8, 12, 3)).astype(np.float32)
+  patches, positions, grid = patchify_lib.patchify(video, (2, 4, 4))
+  assert grid == (2, 2, 3) and patches.shape == (12, 2 * 4 * 4 * 3)
+  assert positions.dtype == np.int32 and positions.shape == (12, 3)
+  # t-major, then h, then w; each patch flattened in (pt, ph, pw, C) order.
+  for n, (t, h, w) in enumerate(positions):
+    assert n == (t * grid[1] + h) * grid[2] + w
+    block = video[2 * t : 2 * t + 2, 4 * h : 4 * h + 4, 4 * w : 4 * w + 4]
+    np.testing.assert_array_equal(patches[n], block.reshape(-1))
+  np.testing.assert_array_equal(patchify_lib.unpatchify(patches, grid, (2, 4, 4), 3), video)
+
+
+def test_patchify_leading_dims_and_jax_arrays():
+  video = np.arange(2 * 2 * 4 * 8 * 1, dtype=np.float32).reshape(2, 2, 4, 8, 1)
+  patches, _, grid = patchify_lib.patchify(video, (1, 2, 4))
+  assert patches.shape == (2, 2 * 2 * 2, 8)
+  np.testing.assert_array_equal(patches[1], patchify_lib.patchify(video[1], (1, 2, 4))[0])
+  np.testing.assert_array_equal(patchify_lib.unpatchify(patches, grid, (1, 2, 4), 1), video)
+  jax_patches, _, _ = patchify_lib.patchify(jnp.asarray(video), (1, 2, 4))
+  back = patchify_lib.unpatchify(jax_patches, grid, (1, 2, 4), 1)
+  np.testing.assert_array_equal(np.asarray(back), video)
+
+
+def test_check_divisible_names_every_bad_dim():
+  with pytest.raises(ValueError) as error:
+    patchify_lib.check_divisible(16, 50, 30, (2, 4, 4))
+  message = str(error.value)
+  assert "height=50 is not a multiple of the patch size 4" in message
+  assert "width=30 is not a multiple of the patch size 4" in message
+  assert "num_frames" not in message
+  with pytest.raises(ValueError, match="num_frames=3 is not a multiple of the patch size 2"):
+    patchify_lib.patchify(np.zeros((3, 8, 8, 3)), (2, 4, 4))
+  patchify_lib.check_divisible(16, 48, 32, (2, 4, 4))  # fine
+  with pytest.raises(ValueError, match="do not fit grid"):
+    patchify_lib.unpatchify(np.zeros((5, 96)), (1, 2, 2), (2, 4, 4), 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+# ---------------------------------------------------------------------------------------------
+def test_tokenizer_ids_are_stable_and_structured():
+  tok = tokenizer_lib.Tokenizer(vocab_size=1024)
+  ids = tok.encode("A Red circle, moving RIGHT!")
+  assert ids.dtype == np.int32 and ids[0] == tokenizer_lib.BOS_ID
+  assert ids.tolist() == tok.encode("a red circle moving right").tolist()
+  assert all(3 <= i < tokenizer_lib.NUM_FIXED_IDS for i in ids[1:])  # built-in words
+  assert len(set(ids[1:].tolist())) == 5
+  # Unknown words: crc32 buckets past the built-in ids, independent of PYTHONHASHSEED.
+  unknown = tok.encode("zorblax")[1]
+  buckets = 1024 - tokenizer_lib.NUM_FIXED_IDS
+  assert unknown == tokenizer_lib.NUM_FIXED_IDS + zlib.crc32(b"zorblax") % buckets
+  code = "from vdit.data import tokenizer as t; print(t.Tokenizer().encode('zorblax red').tolist())"
+  env = dict(os.environ, PYTHONHASHSEED="12345")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+    [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True
+  )
+  assert out.stdout.strip() == str(tok.encode("zorblax red").tolist()), out.stderr
+  assert tok.decode(tok.encode("a red zorblax")) == f"<bos> a red <hash:{unknown}>"
+  with pytest.raises(ValueError, match="vocab_size=100"):
+    tokenizer_lib.Tokenizer(vocab_size=100)
+
+
+def test_tokenizer_null_caption_and_truncation(caplog):
+  tok = tokenizer_lib.Tokenizer()
+  for empty in ("", "   ", "\n\t", b"", "?!"):
+    assert tok.encode(empty, 8).tolist() == [tokenizer_lib.NULL_ID]
+  text = "a red circle moving right on a blue background"
+  assert len(tok.encode(text)) == 10
+  with caplog.at_level(logging.WARNING):
+    short = tok.encode(text, max_len=4)
+    tok.encode(text, max_len=4)
+  assert short.tolist() == tok.encode(text)[:4].tolist()
+  assert sum("truncated" in r.getMessage() for r in caplog.records) == 1  # warned once
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes: the generator
+# ---------------------------------------------------------------------------------------------
+def _object_mask(video: np.ndarray, background: str) -> np.ndarray:
+  """[T, H, W] pixels far from the (gently shaded) background colour."""
+  bg = np.asarray(shapes.BACKGROUNDS[background], np.float32)
+  return np.linalg.norm(video.astype(np.float32) - bg, axis=-1) > 85
+
+
+def _check_example_matches_caption(ex: dict):
+  words = CAPTION.fullmatch(ex["caption"]).groups()
+  colour, shape, direction, background = words
+  assert shapes.COLOUR_NAMES[ex["colour"]] == colour
+  assert shapes.SHAPES[ex["shape"]] == shape == shapes.SHAPES[ex["label"]]
+  assert shapes.DIRECTION_NAMES[ex["direction"]] == direction
+  assert background in (None, shapes.BACKGROUND_NAMES[ex["background"]])
+  video = ex["video"]
+  mask = _object_mask(video, shapes.BACKGROUND_NAMES[ex["background"]])
+  assert mask[0].sum() >= 9 and mask[-1].sum() >= 0.5 * mask[0].sum()  # stays mostly in frame
+  # The object's mean colour in the first frame (inside its anti-aliased edge) is nearest to the
+  # captioned colour.
+  core = mask[0].copy()
+  core[1:] &= mask[0][:-1]
+  core[:-1] &= mask[0][1:]
+  core[:, 1:] &= mask[0][:, :-1]
+  core[:, :-1] &= mask[0][:, 1:]
+  mean = video[0][core].astype(np.float32).mean(0)
+  nearest = min(NAMED_RGB, key=lambda c: np.linalg.norm(mean - NAMED_RGB[c]))
+  assert nearest == colour, (ex["caption"], mean)
+  # Its centroid moves the captioned way, ≥ 0.5 px/frame on each moving axis.
+  ys, xs = np.mgrid[: video.shape[1], : video.shape[2]]
+  centroid = lambda m: np.array([(xs * m).sum(), (ys * m).sum()]) / m.sum()
+  moved = centroid(mask[-1]) - centroid(mask[0])
+  for axis, step in enumerate(_direction_signs(direction)):
+    if step:
+      assert moved[axis] * step >= 0.5 * (len(video) - 1), (ex["caption"], moved)
+    else:
+      assert abs(moved[axis]) < 1.0, (ex["caption"], moved)
+
+
+def test_make_example_matches_spec_for_every_combination():
+  rng = np.random.default_rng(0)
+  for colour in shapes.COLOURS:
+    for shape in shapes.SHAPES:
+      for direction in shapes.DIRECTIONS:
+        background = str(rng.choice(shapes.contrasting_backgrounds([colour])))
+        height, width = (int(s) for s in rng.choice([16, 32, 64], size=2))
+        spec = shapes.ExampleSpec(
+          objects=(shapes.ObjectSpec(colour, shape, direction),),
+          background=background,
+          num_frames=int(rng.integers(8, 17)),
+          height=height,
+          width=width,
+          caption_background=bool(rng.random() < 0.5),
+        )
+        ex = shapes.make_example(rng, spec)
+        assert ex["video"].shape == (spec.num_frames, height, width, 3)
+        assert ex["video"].dtype == np.uint8
+        assert ex["caption"].startswith(f"a {colour} {shape} moving {direction}")
+        _check_example_matches_caption(ex)
+
+
+def test_spec_distribution_spans_declared_ranges():
+  cfg = shapes.Shapes.BUILDER_CONFIGS[0]  # "tiny"
+  rng = np.random.default_rng(1)
+  specs = [shapes.sample_spec(rng, cfg) for _ in range(600)]
+  aspects = [s.width / s.height for s in specs]
+  assert min(aspects) == 0.5 and max(aspects) == 2.0
+  sides = {s.height for s in specs} | {s.width for s in specs}
+  assert sides == set(range(16, 65, 8))
+  assert {s.num_frames for s in specs} == set(range(8, 17))
+  assert {o.colour for s in specs for o in s.objects} == set(cfg.colours)
+  assert {o.shape for s in specs for o in s.objects} == set(cfg.shapes)
+  assert {o.direction for s in specs for o in s.objects} == set(cfg.directions)
+  assert 0.15 < np.mean([s.caption_background for s in specs]) < 0.35
+  for s in specs:  # backgrounds contrast with the object
+    assert s.background in shapes.contrasting_backgrounds([o.colour for o in s.objects])
+  two = shapes.ShapesConfig(name="two", two_object_rate=1.0)
+  spec = shapes.sample_spec(rng, two)
+  assert len(spec.objects) == 2 and " and a " in shapes.caption(spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes: the TFDS builder
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def test_data_dir(data_dir):
+  shapes.build(data_dir, config="test")
+  return data_dir
+
+
+def _digest(video: np.ndarray) -> str:
+  return hashlib.sha1(video.tobytes() + str(video.shape).encode()).hexdigest()
+
+
+def test_builder_writes_the_generator_output(test_data_dir):
+  for split, size in (("train", TEST_CONFIG.train_size), ("validation", 8)):
+    source = shapes.data_source(split, test_data_dir, config="test")
+    assert len(source) == size
+    stored = collections.Counter()
+    for i in range(len(source)):
+      ex = source[i]
+      video = ex["video"]
+      t, h, w, c = video.shape
+      assert video.dtype == np.uint8 and c == 3
+      assert 8 <= t <= 16 and 16 <= min(h, w) and max(h, w) <= 64
+      assert h % 8 == 0 and w % 8 == 0 and 0.5 <= w / h <= 2.0
+      ex = {**ex, "caption": ex["caption"].decode()}
+      _check_example_matches_caption(ex)
+      stored[(_digest(video), ex["caption"], ex["label"])] += 1
+    expected = collections.Counter()
+    for i in range(size):
+      ex = shapes.generate(TEST_CONFIG, split, i)
+      expected[(_digest(ex["video"]), ex["caption"], ex["label"])] += 1
+    assert stored == expected  # deterministic: the files hold exactly the generator's output
+
+
+def test_build_is_idempotent(test_data_dir):
+  info = os.path.join(test_data_dir, "shapes", "test", "1.0.0", "dataset_info.json")
+  before = os.path.getmtime(info)
+  shapes.build(test_data_dir, config="test")
+  assert os.path.getmtime(info) == before
+  with pytest.raises(ValueError, match="config='huge' is unknown"):
+    shapes.build(test_data_dir, config="huge")
+
+
+# ---------------------------------------------------------------------------------------------
+# transforms
+# ---------------------------------------------------------------------------------------------
+def test_sample_clip_stride_and_crop():
+  video = np.arange(11, dtype=np.uint8)[:, None, None, None] * np.ones((1, 10, 13, 3), np.uint8)
+  clip = transforms_lib.SampleClip((2, 4, 4), max_frames=4, frame_stride=2)
+  out = clip.clip({"video": video}, start=3)["video"]
+  assert out.shape == (4, 8, 12, 3)
+  np.testing.assert_array_equal(out[:, 0, 0, 0], [3, 5, 7, 9])
+  assert clip.num_starts(11) == 5  # starts 0..4 leave room for 4 frames at stride 2
+  image = clip.clip({"video": video[:1]}, start=0)["video"]  # an image becomes pt frames
+  assert image.shape == (2, 8, 12, 3)
+  long = transforms_lib.SampleClip((2, 4, 4), max_frames=16)
+  assert long.clip({"video": video}, start=0)["video"].shape[0] == 10  # 11 -> multiple of 2
+
+
+def test_resize_to_token_budget_keeps_aspect_and_mean():
+  for grid, budget in [((8, 16, 16), 512), ((8, 16, 8), 512), ((4, 4, 16), 100), ((7, 9, 5), 400)]:
+    t, h, w = transforms_lib.fit_grid(grid, budget)
+    assert t == grid[0] and t * h * w <= budget and h <= grid[1] and w <= grid[2]
+    assert t * h * w > 0.6 * budget or (h, w) == grid[1:]
+    assert abs(np.log(h / w * grid[2] / grid[1])) < 0.2
+  rng = np.random.default_rng(0)
+  video = rng.uniform(-1, 1, size=(4, 24, 40, 3)).astype(np.float32)
+  small = transforms_lib.area_resize(video, 15, 25)
+  assert small.shape == (4, 15, 25, 3)
+  np.testing.assert_allclose(small.mean(axis=(1, 2)), video.mean(axis=(1, 2)), atol=1e-5)
+  resize = transforms_lib.ResizeToTokenBudget((2, 4, 4), 60)
+  out = resize.map({"video": video})["video"]  # grid (2, 6, 10) = 120 tokens -> ≤ 60
+  assert out.shape[0] == 4 and (out.shape[1] // 4) * (out.shape[2] // 4) * 2 <= 60
+
+
+# ---------------------------------------------------------------------------------------------
+# pipeline: packed batches
+# ---------------------------------------------------------------------------------------------
+def _input_config(data_dir, **overrides):
+  c = pipeline.default_input_config()
+  c.update(
+    dict(
+      dataset_config="test",
+      data_dir=data_dir,
+      tokens_per_row=512,
+      rows_per_batch=3,
+      max_examples_per_row=4,
+      text_tokens_per_row=40,
+      max_tokens_per_example=256,
+      num_packing_bins=4,
+      read_threads=0,
+    )
+  )
+  c.update(overrides)
+  return c
+
+
+def _candidates(c, split, data_dir, train):
+  """(text tokens, grid) -> every packable version of every raw example (all clip starts)."""
+  source = shapes.data_source(split, data_dir, config="test")
+  chain = transforms_lib.example_transforms(c, train=train)
+  clip, rest = chain[0], chain[1:]
+  out = collections.defaultdict(list)
+  for i in range(len(source)):
+    raw = source[i]
+    starts = clip.num_starts(raw["video"].shape[0]) if train else 1
+    for start in range(starts):
+      ex = transforms_lib.apply(rest, clip.clip(raw, start))
+      out[(tuple(ex["text_tokens"].tolist()), tuple(ex["shapes"][0].tolist()))].append((i, ex))
+  return out
+
+
+def _check_contract(batch, c):
+  b, length, k = c.rows_per_batch, c.tokens_per_row, c.max_examples_per_row
+  m = c.text_tokens_per_row
+  p = int(np.prod(c.patch_size)) * 3
+  expected_shapes = {
+    "patches": (b, length, p),
+    "positions": (b, length, 3),
+    "segment_ids": (b, length),
+    "shapes": (b, k, 3),
+    "text_tokens": (b, m),
+    "text_segment_ids": (b, m),
+    "labels": (b, k),
+    "cond_mask": (b, length),
+    "loss_mask": (b, length),
+  }
+  assert set(batch) == set(CONTRACT)
+  for key, dtype in CONTRACT.items():
+    assert batch[key].dtype == dtype and batch[key].shape == expected_shapes[key], key
+  seg, text_seg = batch["segment_ids"], batch["text_segment_ids"]
+  assert not batch["cond_mask"].any()
+  np.testing.assert_array_equal(batch["loss_mask"], seg > 0)
+  assert np.abs(batch["patches"]).max() <= 1.0
+  assert not batch["patches"][seg == 0].any() and not batch["positions"][seg == 0].any()
+  assert not batch["text_tokens"][text_seg == 0].any()
+  segments = []
+  for row in range(b):
+    used = int((batch["shapes"][row, :, 0] > 0).sum())
+    assert (batch["shapes"][row, used:] == 0).all() and (batch["labels"][row, used:] == -1).all()
+    assert set(np.unique(seg[row])) - {0} == set(range(1, used + 1))
+    assert set(np.unique(text_seg[row])) - {0} == set(range(1, used + 1))
+    for slot in range(used):
+      grid = tuple(batch["shapes"][row, slot].tolist())
+      tokens = seg[row] == slot + 1
+      assert tokens.sum() == np.prod(grid) <= c.max_tokens_per_example
+      # The positions cover the example's own grid, t-major, exactly once.
+      np.testing.assert_array_equal(
+        batch["positions"][row][tokens], patchify_lib.grid_positions(grid)
+      )
+      text = batch["text_tokens"][row][text_seg[row] == slot + 1]
+      assert text[0] in (tokenizer_lib.BOS_ID, tokenizer_lib.NULL_ID)
+      assert 0 <= batch["labels"][row, slot] < len(shapes.SHAPES)
+      segments.append((tuple(text.tolist()), grid, batch["patches"][row][tokens], row, slot))
+  return segments
+
+
+def _match(segment, candidates, batch=None):
+  """Index of the raw example whose transformed version is exactly this segment."""
+  text, grid, patches, row, slot = segment
+  hits = [i for i, ex in candidates[(text, grid)] if np.array_equal(ex["patches"], patches)]
+  assert hits, f"segment {slot + 1} of row {row} matches no transformed example"
+  if batch is not None:
+    ex = next(ex for i, ex in candidates[(text, grid)] if i == hits[0])
+    assert batch["labels"][row, slot] == ex["labels"][0]
+  return hits[0]
+
+
+@pytest.mark.parametrize("packing", ["first_fit", "best_fit"])
+def test_train_batches_follow_the_contract(test_data_dir, packing):
+  c = _input_config(test_data_dir, packing=packing)
+  candidates = _candidates(c, "train", test_data_dir, train=True)
+  it = pipeline.make_iterator(c, seed=7)
+  seen = collections.Counter()
+  for _ in range(8):
+    batch = next(it)
+    for segment in _check_contract(batch, c):
+      seen[_match(segment, candidates, batch)] += 1
+  assert sum(seen.values()) >= 12 and len(seen) >= 8  # many distinct examples, all verified
+
+
+def test_eval_pass_yields_every_example_once(test_data_dir):
+  c = _input_config(test_data_dir, split="validation")
+  candidates = _candidates(c, "validation", test_data_dir, train=False)
+  batches = list(pipeline.make_dataset(c, seed=0, train=False))
+  seen = collections.Counter(
+    _match(segment, candidates) for batch in batches for segment in _check_contract(batch, c)
+  )
+  assert seen == collections.Counter(range(TEST_CONFIG.validation_size))
+  # Two hosts split the same pass: disjoint, and together everything.
+  hosts = []
+  for index in range(2):
+    ds = pipeline.make_dataset(c, seed=0, process_index=index, process_count=2, train=False)
+    hosts.append(
+      collections.Counter(
+        _match(segment, candidates) for batch in ds for segment in _check_contract(batch, c)
+      )
+    )
+  assert not set(hosts[0]) & set(hosts[1]) and hosts[0] + hosts[1] == seen
+
+
+def test_iterator_state_round_trip(test_data_dir):
+  c = _input_config(test_data_dir)
+  it = pipeline.make_iterator(c, seed=3)
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  state = json.loads(json.dumps(state))  # what a checkpoint stores
+  expected = [next(it) for _ in range(4)]
+  restored = pipeline.make_iterator(c, seed=3)
+  restored.set_state(state)
+  it.set_state(state)  # rewinding the same iterator works too
+  for want, got, again in zip(
+    expected, [next(restored) for _ in range(4)], [next(it) for _ in range(4)]
+  ):
+    for key in CONTRACT:
+      np.testing.assert_array_equal(got[key], want[key])
+      np.testing.assert_array_equal(again[key], want[key])
+  other = next(pipeline.make_iterator(c, seed=4))
+  assert not np.array_equal(other["patches"], expected[0]["patches"])
+
+
+def test_config_errors_name_the_value(test_data_dir):
+  for overrides, message in [
+    (dict(max_tokens_per_example=1024), "max_tokens_per_example=1024 exceeds"),
+    (dict(max_caption_tokens=64), "max_caption_tokens=64"),
+    (dict(packing="worst_fit"), "packing='worst_fit'"),
+    (dict(max_tokens_per_example=4), "max_tokens_per_example=4 is below"),
+    (dict(dataset="nope"), "dataset='nope' is unknown"),
+  ]:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      pipeline.make_dataset(_input_config(test_data_dir, **overrides), seed=0)
+
+
+def test_tiny_packing_efficiency(data_dir):
+  """The demo config: default input config on the `tiny` dataset."""
+  c = pipeline.default_input_config()
+  c.data_dir = data_dir
+  it = pipeline.make_iterator(c, seed=0)
+  batches = [next(it) for _ in range(40)]
+  efficiency = np.mean([b["loss_mask"].mean() for b in batches])
+  examples = np.mean([(b["shapes"][..., 0] > 0).sum(-1).mean() for b in batches])
+  print(f"tiny packing efficiency {efficiency:.3f}, {examples:.2f} examples/row")
+  assert efficiency >= 0.85

@@ -1,0 +1,217 @@
+"""Rectified flow: interpolation, masked loss, per-example time, CFG dropout, Euler sampler."""
+
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from vdit.diffusion import flow  # noqa: E402
+from vdit.models.text import TextEncoder  # noqa: E402
+
+B, L, P, M, K = 2, 16, 3, 10, 3
+
+
+def make_batch(seed=0):
+  """Two rows: row 0 packs 3 examples (6, 5, 3 tokens) + 2 padding; row 1 one example."""
+  r = np.random.default_rng(seed)
+  seg = np.array([[1] * 6 + [2] * 5 + [3] * 3 + [0] * 2, [1] * 12 + [0] * 4], np.int32)
+  cond = np.zeros((B, L), bool)
+  cond[0, :2] = True  # the first frame of example 1 is given (image-to-video)
+  cond[1, :4] = True
+  text_tokens = np.array([[1, 5, 6, 1, 7, 2, 0, 0, 0, 0], [1, 8, 9, 10, 0, 0, 0, 0, 0, 0]])
+  text_seg = np.array([[1, 1, 1, 2, 2, 3, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]])
+  batch = dict(
+    patches=r.normal(size=(B, L, P)).astype(np.float32),
+    positions=np.zeros((B, L, 3), np.int32),
+    segment_ids=seg,
+    shapes=np.array([[[1, 2, 3], [1, 5, 1], [1, 1, 3]], [[2, 2, 3], [0, 0, 0], [0, 0, 0]]]),
+    text_tokens=text_tokens.astype(np.int32),
+    text_segment_ids=text_seg.astype(np.int32),
+    labels=np.array([[1, 2, -1], [4, -1, -1]], np.int32),
+    cond_mask=cond,
+    loss_mask=(seg > 0) & ~cond,
+  )
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def recording(fn):
+  """Wraps apply_fn to record what the loss feeds the model (run the loss without jit)."""
+  seen = {}
+
+  def apply_fn(x_t, t, batch):
+    seen.update(x_t=x_t, t=t, batch=batch)
+    return fn(x_t, t, batch)
+
+  return apply_fn, seen
+
+
+def test_interpolate_endpoints_and_velocity():
+  x0, eps = jnp.ones((1, 2, 3)), -jnp.ones((1, 2, 3))
+  t = jnp.array([[0.0, 0.25]])
+  xt = flow.interpolate(x0, eps, t)
+  np.testing.assert_allclose(xt[0, 0], 1.0)  # t=0 is data
+  np.testing.assert_allclose(xt[0, 1], 0.5)  # 0.75·1 + 0.25·(−1)
+  np.testing.assert_allclose(flow.interpolate(x0, eps, jnp.ones((1, 2))), eps)  # t=1 is noise
+
+
+def test_loss_target_is_noise_minus_data():
+  batch = make_batch()
+  x0 = batch["patches"]
+  # The exact velocity given x0: v = (x_t − x0) / t = ε − x0; the loss must vanish.
+  exact = lambda x_t, t, b: (x_t - x0) / jnp.maximum(t, 1e-6)[..., None]
+  value, metrics = flow.loss(exact, batch, jax.random.key(0), text_dropout=0.0)
+  assert float(value) < 1e-8
+  zero_value, metrics = flow.loss(lambda x, t, b: 0 * x, batch, jax.random.key(0))
+  assert float(zero_value) > 0.5  # E‖ε − x0‖² ≈ 2 per coordinate
+  assert metrics["num_tokens"] == int(batch["loss_mask"].sum())
+
+
+def test_time_is_per_example_and_cond_tokens_stay_clean():
+  batch = make_batch()
+  apply_fn, seen = recording(lambda x, t, b: x)
+  _, metrics = flow.loss(apply_fn, batch, jax.random.key(1))
+  seg, cond = np.asarray(batch["segment_ids"]), np.asarray(batch["cond_mask"])
+  t = np.asarray(seen["t"])
+  for b in range(B):
+    for k in range(1, K + 1):
+      tk = t[b][(seg[b] == k) & ~cond[b]]
+      if tk.size:
+        np.testing.assert_array_equal(tk, metrics["t"][b, k - 1])  # one t per example
+  assert len(set(np.round(t[0, 2:14], 6))) == 3  # and different examples differ
+  np.testing.assert_array_equal(t[cond], 0.0)
+  np.testing.assert_array_equal(np.asarray(seen["x_t"])[cond], np.asarray(batch["patches"])[cond])
+  assert np.abs(np.asarray(seen["x_t"] - batch["patches"])[~cond & (seg > 0)]).min() > 0
+
+
+def test_loss_ignores_tokens_outside_loss_mask():
+  batch = make_batch()
+  tokenwise = lambda x, t, b: 0.5 * x + t[..., None]
+  value, metrics = flow.loss(tokenwise, batch, jax.random.key(2))
+  outside = ~np.asarray(batch["loss_mask"])
+  changed = dict(batch, patches=jnp.where(outside[..., None], 1e3, batch["patches"]))
+  value2, metrics2 = flow.loss(tokenwise, changed, jax.random.key(2))
+  np.testing.assert_allclose(value2, value, rtol=1e-6)
+  np.testing.assert_allclose(metrics2["per_example_loss"], metrics["per_example_loss"], rtol=1e-6)
+  inside = dict(batch, patches=batch["patches"].at[0, 7].add(5.0))  # a loss token
+  assert abs(float(flow.loss(tokenwise, inside, jax.random.key(2))[0] - value)) > 1e-3
+  # The total is the token-weighted mean of the per-example losses.
+  counts = np.array([[4, 5, 3], [8, 0, 0]])
+  np.testing.assert_allclose(
+    (metrics["per_example_loss"] * counts).sum() / counts.sum(), value, rtol=1e-5
+  )
+
+
+def test_loss_jits_and_samples_logit_normal_time():
+  batch = make_batch()
+  fn = jax.jit(
+    lambda b, r: flow.loss(
+      lambda x, t, b: x, b, r, time_sampling="logit_normal", shift_base_tokens=4
+    )
+  )
+  value, metrics = fn(batch, jax.random.key(3))
+  assert np.isfinite(value) and np.all((metrics["t"] > 0) & (metrics["t"] < 1))
+  t = flow.sample_time(jax.random.key(4), (20000,), "logit_normal", mean=1.0, std=0.5)
+  np.testing.assert_allclose(np.median(t), jax.nn.sigmoid(1.0), atol=0.01)
+  u = flow.sample_time(jax.random.key(5), (20000,))
+  np.testing.assert_allclose([u.mean(), u.var()], [0.5, 1 / 12], atol=0.01)
+  np.testing.assert_allclose(flow.shift_time(jnp.array([0.0, 0.5, 1.0]), 3.0), [0, 0.75, 1])
+  with pytest.raises(ValueError, match="kind='beta'.*logit_normal"):
+    flow.sample_time(jax.random.key(0), (2,), "beta")
+
+
+def test_drop_text_gives_the_empty_caption():
+  batch = make_batch()
+  tokens, seg, dropped = flow.drop_text(
+    jax.random.key(0), batch["text_tokens"], batch["text_segment_ids"], K, rate=1.0
+  )
+  assert bool(dropped.all())
+  for b in range(B):
+    for k in range(1, K + 1):
+      kept = np.asarray(tokens[b])[np.asarray(seg[b]) == k]
+      had = np.any(np.asarray(batch["text_segment_ids"][b]) == k)
+      np.testing.assert_array_equal(kept, [flow.NULL_ID] if had else [])
+  same = flow.drop_text(jax.random.key(0), batch["text_tokens"], batch["text_segment_ids"], K, 0.0)
+  np.testing.assert_array_equal(same[0], batch["text_tokens"])
+  np.testing.assert_array_equal(same[1], batch["text_segment_ids"])
+  # The encoder sees a dropped caption exactly as the encoded empty caption [NULL] alone.
+  enc = TextEncoder(vocab_size=16, width=16, depth=1, num_heads=2)
+  params = jax.jit(enc.init)(jax.random.key(1), tokens, seg)
+  out = jax.jit(enc.apply)(params, tokens, seg)
+  empty = jnp.zeros((1, M), jnp.int32).at[0, 0].set(flow.NULL_ID)
+  ref = jax.jit(enc.apply)(params, empty, (empty > 0).astype(jnp.int32))
+  np.testing.assert_allclose(out[0, 3], ref[0, 0], atol=1e-5)  # example 2's NULL token
+  # In the loss, dropped examples also get the null label.
+  apply_fn, seen = recording(lambda x, t, b: x)
+  flow.loss(apply_fn, batch, jax.random.key(0), text_dropout=1.0)
+  np.testing.assert_array_equal(seen["batch"]["labels"], -1)
+  np.testing.assert_array_equal(seen["batch"]["text_tokens"], tokens)
+
+
+def gaussian_velocity(mu, sigma):
+  """Exact rectified-flow velocity E[ε − x0 | x_t] for x0 ~ N(mu, sigma²), ε ~ N(0, 1)."""
+
+  def v(x, t):
+    t = t[..., None]
+    a = 1 - t  # x_t = a·x0 + t·ε has mean a·mu, variance a²σ² + t²
+    return -mu + (t - a * sigma**2) / (a**2 * sigma**2 + t**2) * (x - a * mu)
+
+  return v
+
+
+def test_euler_sampler_reproduces_gaussian_target():
+  mu, sigma = 1.5, 0.4
+  x1 = jax.random.normal(jax.random.key(0), (4, 1024, 2))
+  for shift in (1.0, 3.0):
+    sample = lambda x, s=shift: flow.euler_sample(gaussian_velocity(mu, sigma), x, 200, shift=s)
+    x0 = jax.jit(sample)(x1)
+    np.testing.assert_allclose([x0.mean(), x0.std()], [mu, sigma], atol=0.02)
+  # The flow is affine in x1, so the exact pushforward of N(0, 1) is f(0) + (f(1) − f(0))·N(0, 1).
+  f = lambda c: flow.euler_sample(gaussian_velocity(mu, sigma), jnp.full((1, 1, 1), c), 200)
+  np.testing.assert_allclose([f(0.0), f(1.0) - f(0.0)], [[[[mu]]], [[[sigma]]]], atol=5e-3)
+  # Too few steps must be visibly wrong (the test can fail).
+  assert (
+    abs(
+      float(flow.euler_sample(gaussian_velocity(mu, sigma), jnp.ones((1, 1, 1)), 1)[0, 0, 0])
+      - (mu + sigma)
+    )
+    > 0.1
+  )
+
+
+def test_euler_sampler_keeps_conditioning_tokens():
+  x1 = jax.random.normal(jax.random.key(1), (1, 8, 2))
+  cond = jnp.arange(8)[None] < 3
+  x_cond = jnp.full((1, 8, 2), 7.0)
+  seen_t = []
+
+  def v(x, t):
+    jax.debug.callback(lambda t: seen_t.append(np.asarray(t)), t, ordered=True)
+    return x - 1.0  # some velocity that would move the conditioning tokens
+
+  out = flow.euler_sample(v, x1, 4, cond_mask=cond, x_cond=x_cond)
+  np.testing.assert_array_equal(out[0, :3], 7.0)
+  assert np.abs(np.asarray(out[0, 3:]) - 7.0).min() > 0
+  np.testing.assert_array_equal(seen_t[0][0, :3], 0.0)  # conditioning tokens are at t = 0
+  np.testing.assert_array_equal(seen_t[0][0, 3:], 1.0)
+
+
+def test_cfg_velocity():
+  vc, vu = jnp.array([2.0]), jnp.array([1.0])
+  np.testing.assert_allclose(flow.cfg_velocity(vc, vu, 1.0), vc)
+  np.testing.assert_allclose(flow.cfg_velocity(vc, vu, 0.0), vu)
+  np.testing.assert_allclose(flow.cfg_velocity(vc, vu, 4.0), [5.0])
+
+
+def test_per_token_gathers_by_segment():
+  values = jnp.array([[0.1, 0.2, 0.3]])
+  seg = jnp.array([[1, 1, 3, 2, 0]])
+  out = flow.per_token(values, seg)
+  np.testing.assert_allclose(out[0, :4], [0.1, 0.1, 0.3, 0.2])
+  assert np.isfinite(out[0, 4])

@@ -1,0 +1,324 @@
+"""Invariants of the model layers: masked attention, packing, scan vs unrolled, adaLN-Zero."""
+
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from vdit.models import layers  # noqa: E402
+from vdit.models.text import TextEncoder  # noqa: E402
+from vdit.models.video_dit import DiTBlock, VideoDiT, decode_variant  # noqa: E402
+
+P, L, M, K = 12, 64, 16, 3
+TINY = dict(
+  patch_dim=P,
+  width=32,
+  depth=2,
+  num_heads=4,
+  text_width=32,
+  text_depth=2,
+  text_heads=4,
+  vocab_size=40,
+  num_classes=5,
+)
+
+
+# ------------------------------------------------------------------------------------------
+# Attention.
+# ------------------------------------------------------------------------------------------
+
+
+def reference_attention(q, k, v, q_seg, kv_seg):
+  """Loop over rows and queries; softmax over the keys of the same segment only."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  out = np.zeros_like(q)
+  for b in range(q.shape[0]):
+    for i in range(q.shape[1]):
+      keys = np.nonzero(np.asarray(kv_seg[b]) == int(q_seg[b, i]))[0]
+      if keys.size == 0:
+        continue
+      logits = np.einsum("hd,jhd->hj", q[b, i], k[b, keys]) / np.sqrt(q.shape[-1])
+      p = np.exp(logits - logits.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      out[b, i] = np.einsum("hj,jhd->hd", p, v[b, keys])
+  return out
+
+
+def attention_inputs(seed=0):
+  r = np.random.default_rng(seed)
+  q = r.normal(size=(2, 12, 2, 4)).astype(np.float32)
+  k = r.normal(size=(2, 10, 2, 4)).astype(np.float32)
+  v = r.normal(size=(2, 10, 2, 4)).astype(np.float32)
+  # Row 0: query segment 3 and the query padding have no keys (keys have no padding).
+  q_seg = np.array([[1, 1, 1, 2, 2, 2, 2, 3, 3, 0, 0, 0], [1] * 5 + [2] * 5 + [0] * 2], np.int32)
+  kv_seg = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 2], [1, 1, 2, 2, 2, 2, 2, 0, 0, 0]], np.int32)
+  return q, k, v, q_seg, kv_seg
+
+
+def test_attention_matches_per_segment_loop():
+  q, k, v, q_seg, kv_seg = attention_inputs()
+  out = layers.attention(q, k, v, q_seg, kv_seg, backend="xla")
+  np.testing.assert_allclose(out, reference_attention(q, k, v, q_seg, kv_seg), atol=2e-6)
+
+
+def test_attention_rows_without_keys_are_zero_with_finite_gradients():
+  q, k, v, q_seg, kv_seg = attention_inputs(1)
+  out = layers.attention(q, k, v, q_seg, kv_seg)
+  np.testing.assert_array_equal(out[0, 7:], 0.0)  # segment 3 and padding: no keys
+  assert np.abs(np.asarray(out[0, :7])).min() > 0  # the others are not zeroed
+  f = lambda q, k, v: jnp.sum(jnp.sin(layers.attention(q, k, v, q_seg, kv_seg)))
+  grads = jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+  for g in grads:
+    assert np.all(np.isfinite(g))
+  np.testing.assert_array_equal(grads[0][0, 7:], 0.0)
+  assert np.abs(grads[0][0, :7]).max() > 0
+
+
+def test_attention_unknown_backend_names_choices():
+  q, k, v, q_seg, kv_seg = attention_inputs()
+  with pytest.raises(ValueError, match="backend='flash'.*xla"):
+    layers.attention(q, k, v, q_seg, kv_seg, backend="flash")
+
+
+# ------------------------------------------------------------------------------------------
+# Small layers.
+# ------------------------------------------------------------------------------------------
+
+
+def test_sincos_3d_matches_formula_on_any_grid():
+  dim = 32  # t gets 12, h and w 10 each
+  pos = jnp.array([[[0, 0, 0], [3, 7, 100]], [[3, 7, 100], [1, 2, 3]]], jnp.int32)
+  emb = layers.sincos_3d(pos, dim)
+  assert emb.shape == (2, 2, dim)
+  np.testing.assert_array_equal(emb[0, 1], emb[1, 0])  # same position, any row or grid
+
+  def one_d(p, d):
+    omega = 10_000.0 ** (-np.arange(d // 2) / (d // 2))
+    return np.concatenate([np.sin(p * omega), np.cos(p * omega)])
+
+  want = np.concatenate([one_d(3, 12), one_d(7, 10), one_d(100, 10)])
+  np.testing.assert_allclose(emb[0, 1], want, atol=1e-4)
+  with pytest.raises(ValueError, match="dim=7"):
+    layers.sincos_3d(pos, 7)
+
+
+def test_per_token_and_positions_in_segment():
+  seg = jnp.array([[1, 1, 2, 2, 2, 0, 3]])
+  np.testing.assert_array_equal(
+    layers.per_token(jnp.array([[10, 20, 30]]), seg), [[10, 10, 20, 20, 20, 10, 30]]
+  )
+  np.testing.assert_array_equal(layers.positions_in_segment(seg), [[0, 1, 0, 1, 2, 0, 0]])
+
+
+# ------------------------------------------------------------------------------------------
+# VideoDiT on packed rows.
+# ------------------------------------------------------------------------------------------
+
+
+def perturb(params, seed, scale=0.1):
+  """Adds normal noise to every parameter so zero-initialized paths become active."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten(
+    [a + scale * jax.random.normal(key, a.shape, a.dtype) for a, key in zip(leaves, keys)]
+  )
+
+
+def assert_trees_close(a, b, rtol=1e-4):
+  """Leafwise ‖a − b‖ ≤ rtol·‖b‖ (fp32 reassociation), with a floor of 1e-6 × the largest
+  entry of `b` for leaves that are 0 in exact arithmetic (e.g. the key-bias gradient)."""
+  floor = 1e-6 * max(float(np.abs(y).max()) for y in jax.tree.leaves(b))
+
+  def check(path, x, y):
+    err, ref = float(np.linalg.norm(x - y)), float(np.linalg.norm(y))
+    assert err <= rtol * ref + floor, f"{jax.tree_util.keystr(path)}: |diff|={err}, |ref|={ref}"
+
+  jax.tree_util.tree_map_with_path(check, a, b)
+
+
+def grid_positions(shape):
+  t, h, w = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+  return np.stack([t, h, w], -1).reshape(-1, 3)
+
+
+def packed_rows(rows, seed=0):
+  """rows: list of rows, each a list of (grid shape, caption ids, label). Returns a batch."""
+  r = np.random.default_rng(seed)
+  b = len(rows)
+  batch = dict(
+    x=np.zeros((b, L, P), np.float32),
+    t=np.zeros((b, L), np.float32),
+    positions=np.zeros((b, L, 3), np.int32),
+    segment_ids=np.zeros((b, L), np.int32),
+    text_tokens=np.zeros((b, M), np.int32),
+    text_segment_ids=np.zeros((b, M), np.int32),
+    labels=np.full((b, K), -1, np.int32),
+  )
+  for i, row in enumerate(rows):
+    n = m = 0
+    for j, (shape, caption, label, patches, t) in enumerate(row):
+      size = int(np.prod(shape))
+      batch["x"][i, n : n + size] = patches
+      batch["t"][i, n : n + size] = t
+      batch["positions"][i, n : n + size] = grid_positions(shape)
+      batch["segment_ids"][i, n : n + size] = j + 1
+      batch["text_tokens"][i, m : m + len(caption)] = caption
+      batch["text_segment_ids"][i, m : m + len(caption)] = j + 1
+      batch["labels"][i, j] = label
+      n, m = n + size, m + len(caption)
+    batch["x"][i, n:] = r.normal(size=(L - n, P))  # padding content must not matter
+  return {key: jnp.asarray(v) for key, v in batch.items()}
+
+
+def examples(seed=0):
+  r = np.random.default_rng(seed)
+  shapes = [(2, 3, 4), (1, 4, 4), (3, 2, 2)]  # 24 + 16 + 12 = 52 tokens of 64
+  captions = [[1, 5, 9], [1, 7, 8, 11, 3], [2]]
+  labels = [3, -1, 0]
+  times = [0.1, 0.5, 0.9]
+  return [
+    (s, c, lab, r.normal(size=(int(np.prod(s)), P)).astype(np.float32), t)
+    for s, c, lab, t in zip(shapes, captions, labels, times)
+  ]
+
+
+def apply(model, params, batch):
+  return model.apply(
+    params,
+    batch["x"],
+    batch["t"],
+    batch["positions"],
+    batch["segment_ids"],
+    batch["text_tokens"],
+    batch["text_segment_ids"],
+    batch["labels"],
+  )
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = VideoDiT(**TINY)
+  batch = packed_rows([examples()])
+  params = jax.jit(lambda r: nn.unbox(model.init(r, *list(batch.values()))))(jax.random.key(0))
+  return model, params
+
+
+def test_packed_row_equals_each_example_alone(tiny):
+  model, params = tiny
+  params = perturb(params, 1)
+  ex = examples()
+  # Row 0 packs the three examples; rows 1..3 hold one example each.
+  batch = packed_rows([ex] + [[e] for e in ex])
+  out = jax.jit(lambda p, b: apply(model, p, b))(params, batch)
+  n = 0
+  for j, e in enumerate(ex):
+    size = int(np.prod(e[0]))
+    np.testing.assert_allclose(out[0, n : n + size], out[j + 1, :size], atol=1e-5, rtol=1e-5)
+    n += size
+  assert np.abs(np.asarray(out[0, :n])).std() > 1e-2  # not trivially zero
+
+
+def test_caption_and_label_only_affect_their_own_example(tiny):
+  model, params = tiny
+  params = perturb(params, 2)
+  ex = examples()
+  other = list(ex)
+  other[1] = (ex[1][0], [1, 30, 31, 32, 33], 4, ex[1][3], ex[1][4])  # new caption and label
+  out = jax.jit(lambda p, b: apply(model, p, b))(params, packed_rows([ex, other]))
+  a, b = 24, 24 + 16  # example 2 occupies tokens [a, b)
+  np.testing.assert_allclose(out[0, :a], out[1, :a], atol=1e-6)
+  np.testing.assert_allclose(out[0, b:52], out[1, b:52], atol=1e-6)
+  assert np.abs(np.asarray(out[0, a:b] - out[1, a:b])).max() > 1e-3
+
+
+def test_scan_equals_unrolled_with_and_without_remat(tiny):
+  model, params = tiny
+  params = perturb(params, 3)
+  batch = packed_rows([examples()])
+  scanned = VideoDiT(**TINY, remat_policy="dots_saveable")
+  unrolled = VideoDiT(**TINY, scan_layers=False, remat_policy="full")
+  params_unrolled = layers.unstack_layers(params, "blocks", TINY["depth"])
+  assert "blocks_1" in params_unrolled["params"]["text"]  # text blocks follow the same rule
+  # The unrolled model initializes to exactly this layout.
+  init_shapes = jax.eval_shape(lambda: nn.unbox(unrolled.init(jax.random.key(0), *batch.values())))
+  assert jax.tree.structure(init_shapes) == jax.tree.structure(params_unrolled)
+
+  def loss(model, p):
+    return jnp.mean(jnp.square(apply(model, p, batch)))
+
+  # remat_policy="none" (the model fixture) is the baseline for the loss value.
+  v0 = jax.jit(lambda p: loss(model, p))(params)
+  v1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(scanned, p)))(params)
+  v2, g2 = jax.jit(jax.value_and_grad(lambda p: loss(unrolled, p)))(params_unrolled)
+  np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  np.testing.assert_allclose(v2, v0, rtol=1e-5)
+  assert_trees_close(g1, layers.stack_layers(g2, "blocks", TINY["depth"]))
+  assert layers.stack_layers(params_unrolled, "blocks", 2)["params"]["blocks"]["mlp"]["fc1"][
+    "kernel"
+  ].shape == (2, 32, 128)
+
+
+def test_unknown_remat_policy_names_choices(tiny):
+  _, params = tiny
+  batch = packed_rows([examples()])
+  with pytest.raises(ValueError, match="remat_policy='some'.*dots_saveable"):
+    jax.eval_shape(lambda p: apply(VideoDiT(**TINY, remat_policy="some"), p, batch), params)
+
+
+def test_blocks_are_identity_and_output_zero_at_init(tiny):
+  model, params = tiny
+  r = np.random.default_rng(0)
+  x, c = (jnp.asarray(r.normal(size=(1, L, 32)), jnp.float32) for _ in range(2))
+  text = jnp.asarray(r.normal(size=(1, M, 32)), jnp.float32)
+  batch = packed_rows([examples()])
+  args = (x, c, batch["segment_ids"], text, batch["text_segment_ids"])
+  block = DiTBlock(num_heads=4)
+  block_apply = jax.jit(lambda p: block.apply(p, *args)[0])
+  np.testing.assert_array_equal(block_apply(block.init(jax.random.key(1), *args)), x)
+  # The same holds for the model's own (scanned) blocks, layer 1 of 2.
+  layer1 = jax.tree.map(lambda a: a[1], params["params"]["blocks"])
+  np.testing.assert_array_equal(block_apply({"params": layer1}), x)
+  # Zero-init final projection: the model predicts 0, yet learns (non-zero gradient there).
+  target = jnp.ones((1, L, P))
+  out = jax.jit(lambda p: apply(model, p, batch))(params)
+  np.testing.assert_array_equal(out, 0.0)
+  g = jax.jit(jax.grad(lambda p: jnp.sum((apply(model, p, batch) - target) ** 2)))(params)
+  assert np.abs(g["params"]["final"]["proj"]["kernel"]).max() > 0
+  # ...but not yet to the self-attention (gated off by the zero gate).
+  np.testing.assert_array_equal(g["params"]["blocks"]["self_attn"]["query"]["kernel"], 0.0)
+
+
+def test_param_axes_and_variants():
+  model = VideoDiT(**TINY)
+  batch = packed_rows([examples()])
+  specs = nn.get_partition_spec(jax.eval_shape(model.init, jax.random.key(0), *batch.values()))
+  p = specs["params"]
+  assert tuple(p["blocks"]["self_attn"]["query"]["kernel"]) == ("layers", "embed", "heads", "kv")
+  assert tuple(p["blocks"]["cross_attn"]["out"]["kernel"]) == ("layers", "heads", "kv", "embed")
+  assert tuple(p["blocks"]["mlp"]["fc1"]["kernel"]) == ("layers", "embed", "mlp")
+  assert tuple(p["text"]["embed"]["embedding"]) == ("vocab", "embed")
+  assert tuple(p["patch_embed"]["kernel"]) == ("patch", "embed")
+  assert decode_variant("XL/2") == dict(width=1152, depth=28, num_heads=16, patch_size=2)
+  m = VideoDiT.from_variant(
+    "S/4", **{k: v for k, v in TINY.items() if k not in ("width", "depth", "num_heads")}
+  )
+  assert (m.width, m.depth, m.num_heads) == (384, 12, 6)
+  with pytest.raises(ValueError, match="variant='M/2'"):
+    decode_variant("M/2")
+
+
+def test_text_encoder_packed_equals_alone():
+  enc = TextEncoder(vocab_size=40, width=16, depth=2, num_heads=2)
+  tokens = jnp.array([[1, 5, 9, 1, 7, 8, 2, 0], [1, 7, 8, 0, 0, 0, 0, 0]])
+  seg = jnp.array([[1, 1, 1, 2, 2, 2, 3, 0], [1, 1, 1, 0, 0, 0, 0, 0]])
+  params = perturb(jax.jit(enc.init)(jax.random.key(0), tokens, seg), 5)
+  out = jax.jit(enc.apply)(params, tokens, seg)
+  np.testing.assert_allclose(out[0, 3:6], out[1, :3], atol=1e-5)
