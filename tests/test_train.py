@@ -138,16 +138,20 @@ def test_entry_points_train_resume_sample(data_dir, tmp_path):
 
   npz = str(tmp_path / "x.npz")
   out = _run(
-    "vdit.sample", f"--workdir={workdir}", "--prompt=a blue square moving left",
-    "--num_frames=2", "--height=16", "--width=16", "--steps=1", f"--out={npz}",
+    "vdit.sample",
+    f"--workdir={workdir}",
+    "--prompt=a blue square moving left",
+    "--num_frames=2",
+    "--height=16",
+    "--width=16",
+    "--steps=1",
+    f"--out={npz}",
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert media.read_video(npz).shape == (2, 16, 16, 3)
 
   # A size that is not a patch multiple: one clear error, no traceback.
-  out = _run(
-    "vdit.sample", f"--workdir={workdir}", "--prompt=x", "--height=30", f"--out={gif}"
-  )
+  out = _run("vdit.sample", f"--workdir={workdir}", "--prompt=x", "--height=30", f"--out={gif}")
   assert out.returncode != 0
   assert "height=30 is not a multiple of the patch size 4" in out.stderr
   assert "Traceback" not in out.stderr

@@ -11,7 +11,6 @@ import os
 import sys
 
 import jax
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -32,8 +31,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  logging.info("JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(),
-               jax.devices())
+  logging.info(
+    "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
+  )
 
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -97,9 +97,7 @@ class Sampler:
     )
     x0 = _euler_cfg(self.model, self.params, rows, noise, steps, float(guidance))
     x0 = np.asarray(jax.device_get(x0))
-    videos = [
-      patchify.unpatchify(x, grid, self.patch_size, CHANNELS) for x in x0
-    ]
+    videos = [patchify.unpatchify(x, grid, self.patch_size, CHANNELS) for x in x0]
     return media.to_uint8(np.stack(videos))
 
 

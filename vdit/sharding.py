@@ -124,8 +124,7 @@ def global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict[str
   """Assembles global `jax.Array`s from each host's local slice of the batch (rows)."""
   shardings = batch_shardings(mesh, rules, batch)
   return {
-    k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
-    for k, v in batch.items()
+    k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()
   }
 
 

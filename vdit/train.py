@@ -268,4 +268,3 @@ def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   visit("", config)
   return flat
-

@@ -41,7 +41,9 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
   )
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+  opt: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
   """AdamW with global-norm clipping; no weight decay on biases, norms and embeddings' scales."""
 
   def decay_mask(params):

@@ -1,8 +1,12 @@
 r"""Text-to-video VideoDiT on the bundled `shapes` dataset, in pixel space.
 
-CPU demo (≈ minutes):  python -m vdit.main --config=configs/vdit/shapes.py:tiny --workdir=runs/shapes
-Override anything:     ... --config.total_steps=1000 --config.input.rows_per_batch=8
-TPU pod:               launch/tpu_vm.sh run configs/vdit/shapes.py:variant=B/2 gs://BUCKET/runs/shapes
+CPU demo (minutes):
+  python -m vdit.main --config=configs/vdit/shapes.py:tiny --workdir=runs/shapes
+Override anything:
+  ... --config.total_steps=1000 --config.input.rows_per_batch=8
+TPU pod (every host runs the same command):
+  python -m vdit.main --distributed --config=configs/vdit/shapes.py:variant=B \
+      --workdir=gs://BUCKET/runs/shapes
 
 Videos keep their native size, aspect ratio and duration: each is cut into (2, 4, 4) spacetime
 patches and many are packed into rows of `tokens_per_row` tokens (NaViT "Patch n' Pack").
@@ -32,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.input = dict(
     dataset="shapes",
     dataset_config="tiny" if tiny else "default",
-    data_dir=None,  # None → $VDIT_DATA_DIR or ~/.cache/vdit/tensorflow_datasets
+    data_dir=ml_collections.config_dict.placeholder(str),  # None → $VDIT_DATA_DIR or default
     split="train",
     patch_size=(2, 4, 4),  # (pt, ph, pw) in pixels
     tokens_per_row=512 if tiny else 4096,  # L
