@@ -50,7 +50,10 @@ def _direction_signs(direction: str) -> tuple[int, int]:
   return dx, dy
 
 
-CAPTION = re.compile(r"a (\w+) (\w+) moving ([\w-]+)(?: on a (\w+) background)?")
+CAPTION = re.compile(
+  r"(?:a video of |footage of |an animation of )?a (\w+) (\w+) moving ([\w-]+)"
+  r"(?: (slowly|quickly))?(?: on a (\w+) background)?"
+)
 TEST_CONFIG = next(c for c in shapes.Shapes.BUILDER_CONFIGS if c.name == "test")
 
 
@@ -146,7 +149,7 @@ def _object_mask(video: np.ndarray, background: str) -> np.ndarray:
 
 def _check_example_matches_caption(ex: dict):
   words = CAPTION.fullmatch(ex["caption"]).groups()
-  colour, shape, direction, background = words
+  colour, shape, direction, _, background = words
   assert shapes.COLOUR_NAMES[ex["colour"]] == colour
   assert shapes.SHAPES[ex["shape"]] == shape == shapes.SHAPES[ex["label"]]
   assert shapes.DIRECTION_NAMES[ex["direction"]] == direction
@@ -202,10 +205,15 @@ def test_spec_distribution_spans_declared_ranges():
   rng = np.random.default_rng(1)
   specs = [shapes.sample_spec(rng, cfg) for _ in range(600)]
   aspects = [s.width / s.height for s in specs]
-  assert min(aspects) == 0.5 and max(aspects) == 2.0
+  assert min(aspects) == 1 / 3 and max(aspects) == 3.0
   sides = {s.height for s in specs} | {s.width for s in specs}
-  assert sides == set(range(16, 65, 8))
-  assert {s.num_frames for s in specs} == set(range(8, 17))
+  assert sides == set(range(16, 81, 8))
+  assert {s.num_frames for s in specs} == set(range(4, 25))
+  assert {s.speed for s in specs} == {"", "slowly", "quickly"}
+  assert {s.prefix for s in specs} == {"", *shapes.PREFIXES}
+  for s in specs:  # the canonical phrase the demo prompts with is always in the caption
+    o = s.objects[0]
+    assert f"a {o.colour} {o.shape} moving {o.direction}" in shapes.caption(s)
   assert {o.colour for s in specs for o in s.objects} == set(cfg.colours)
   assert {o.shape for s in specs for o in s.objects} == set(cfg.shapes)
   assert {o.direction for s in specs for o in s.objects} == set(cfg.directions)
@@ -239,9 +247,11 @@ def test_builder_writes_the_generator_output(test_data_dir):
       ex = source[i]
       video = ex["video"]
       t, h, w, c = video.shape
+      cfg = TEST_CONFIG
       assert video.dtype == np.uint8 and c == 3
-      assert 8 <= t <= 16 and 16 <= min(h, w) and max(h, w) <= 64
-      assert h % 8 == 0 and w % 8 == 0 and 0.5 <= w / h <= 2.0
+      assert cfg.min_frames <= t <= cfg.max_frames
+      assert cfg.min_size <= min(h, w) and max(h, w) <= cfg.max_size
+      assert h % 8 == 0 and w % 8 == 0 and 1 / 3 <= w / h <= 3.0
       ex = {**ex, "caption": ex["caption"].decode()}
       _check_example_matches_caption(ex)
       stored[(_digest(video), ex["caption"], ex["label"])] += 1
@@ -252,8 +262,27 @@ def test_builder_writes_the_generator_output(test_data_dir):
     assert stored == expected  # deterministic: the files hold exactly the generator's output
 
 
+def test_speed_words_are_honoured():
+  rng = np.random.default_rng(3)
+  moved = {}
+  for speed in ("slowly", "quickly"):
+    obj = (shapes.ObjectSpec("red", "circle", "right"),)
+    spec = shapes.ExampleSpec(obj, "black", num_frames=12, height=32, width=96, speed=speed)
+    distances = []
+    for _ in range(10):
+      ex = shapes.make_example(rng, spec)
+      assert ex["caption"] == f"a red circle moving right {speed}"
+      mask = _object_mask(ex["video"], "black")
+      xs = np.arange(96)[None, :]
+      distances.append(
+        (mask[-1] * xs).sum() / mask[-1].sum() - (mask[0] * xs).sum() / mask[0].sum()
+      )
+    moved[speed] = np.mean(distances)
+  assert moved["quickly"] > 1.8 * moved["slowly"] > 0, moved
+
+
 def test_build_is_idempotent(test_data_dir):
-  info = os.path.join(test_data_dir, "shapes", "test", "1.0.0", "dataset_info.json")
+  info = os.path.join(test_data_dir, "shapes", "test", "1.1.0", "dataset_info.json")
   before = os.path.getmtime(info)
   shapes.build(test_data_dir, config="test")
   assert os.path.getmtime(info) == before
@@ -277,6 +306,21 @@ def test_sample_clip_stride_and_crop():
   assert long.clip({"video": video}, start=0)["video"].shape[0] == 10  # 11 -> multiple of 2
 
 
+def test_sample_clip_draws_stride_and_duration():
+  video = np.arange(40, dtype=np.uint8)[:, None, None, None] * np.ones((1, 8, 8, 3), np.uint8)
+  clip = transforms_lib.SampleClip((2, 4, 4), 12, 1, min_frames=4, max_frame_stride=3)
+  rng = np.random.default_rng(0)
+  seen = set()
+  for _ in range(300):
+    frames = clip.random_map({"video": video}, rng)["video"][:, 0, 0, 0].astype(int)
+    steps = set(np.diff(frames).tolist())
+    assert len(steps) == 1 and len(frames) % 2 == 0 and 4 <= len(frames) <= 12  # one stride
+    seen.add((steps.pop(), len(frames)))
+  assert {s for s, _ in seen} == {1, 2, 3} and {n for _, n in seen} == {4, 6, 8, 10, 12}
+  short = np.zeros((5, 8, 8, 3), np.uint8)  # too short for stride 3 at 4 frames: stride 1
+  assert clip.random_map({"video": short}, rng)["video"].shape[0] == 4
+
+
 def test_resize_to_token_budget_keeps_aspect_and_mean():
   for grid, budget in [((8, 16, 16), 512), ((8, 16, 8), 512), ((4, 4, 16), 100), ((7, 9, 5), 400)]:
     t, h, w = transforms_lib.fit_grid(grid, budget)
@@ -289,8 +333,36 @@ def test_resize_to_token_budget_keeps_aspect_and_mean():
   assert small.shape == (4, 15, 25, 3)
   np.testing.assert_allclose(small.mean(axis=(1, 2)), video.mean(axis=(1, 2)), atol=1e-5)
   resize = transforms_lib.ResizeToTokenBudget((2, 4, 4), 60)
-  out = resize.map({"video": video})["video"]  # grid (2, 6, 10) = 120 tokens -> ≤ 60
+  out = resize.random_map({"video": video}, rng)["video"]  # grid (2, 6, 10) = 120 tokens -> ≤ 60
   assert out.shape[0] == 4 and (out.shape[1] // 4) * (out.shape[2] // 4) * 2 <= 60
+  # NaViT resolution sampling: the budget is drawn per example in [min, max].
+  sampled = transforms_lib.ResizeToTokenBudget((2, 4, 4), 120, min_tokens=20)
+  sizes = {
+    int(np.prod(transforms_lib.grid_of(sampled.random_map({"video": video}, rng), (2, 4, 4))))
+    for _ in range(60)
+  }
+  assert min(sizes) <= 40 and max(sizes) >= 100 and len(sizes) >= 6
+
+
+def test_token_drop_keeps_positions():
+  rng = np.random.default_rng(0)
+  video = rng.uniform(-1, 1, size=(4, 16, 24, 3)).astype(np.float32)
+  element = {"video": video, "text_tokens": np.array([1, 5], np.int32), "label": np.int32(3)}
+  full = transforms_lib.materialize(
+    {**element, "drop_rate": np.float32(0.0), "seed": np.int64(0)}, (2, 4, 4)
+  )
+  drop = transforms_lib.SampleTokenDrop(0.25, 0.75)
+  for _ in range(5):
+    ex = transforms_lib.materialize(drop.random_map(element, rng), (2, 4, 4))
+    n = len(full["patches"])  # 2 * 4 * 6 = 48
+    rate = 1 - len(ex["patches"]) / n
+    assert 0.25 - 1 / n <= rate <= 0.75 + 1 / n
+    np.testing.assert_array_equal(ex["shapes"], [[2, 4, 6]])  # the full grid, not N
+    # Every kept token is the full example's token at the same position, in order.
+    flat = [(t * 4 + h) * 6 + w for t, h, w in ex["positions"]]
+    assert flat == sorted(flat) and len(set(flat)) == len(flat)
+    np.testing.assert_array_equal(ex["patches"], full["patches"][flat])
+    np.testing.assert_array_equal(ex["positions"], full["positions"][flat])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,8 +379,12 @@ def _input_config(data_dir, **overrides):
       max_examples_per_row=4,
       text_tokens_per_row=40,
       max_tokens_per_example=256,
+      min_tokens_per_example=256,
+      max_frames=16,
+      min_frames=16,
       num_packing_bins=4,
       read_threads=0,
+      prefetch_batches=0,
     )
   )
   c.update(overrides)
@@ -316,7 +392,10 @@ def _input_config(data_dir, **overrides):
 
 
 def _candidates(c, split, data_dir, train):
-  """(text tokens, grid) -> every packable version of every raw example (all clip starts)."""
+  """(text tokens, grid) -> every packable version of every raw example (all clip starts).
+
+  Valid for configs whose only randomness is the clip start (fixed duration, stride, budget).
+  """
   source = shapes.data_source(split, data_dir, config="test")
   chain = transforms_lib.example_transforms(c, train=train)
   clip, rest = chain[0], chain[1:]
@@ -326,6 +405,7 @@ def _candidates(c, split, data_dir, train):
     starts = clip.num_starts(raw["video"].shape[0]) if train else 1
     for start in range(starts):
       ex = transforms_lib.apply(rest, clip.clip(raw, start))
+      ex = transforms_lib.materialize(ex, c.patch_size)
       out[(tuple(ex["text_tokens"].tolist()), tuple(ex["shapes"][0].tolist()))].append((i, ex))
   return out
 
@@ -386,7 +466,7 @@ def _match(segment, candidates, batch=None):
   return hits[0]
 
 
-@pytest.mark.parametrize("packing", ["first_fit", "best_fit"])
+@pytest.mark.parametrize("packing", ["best_fit_pool", "first_fit", "best_fit"])
 def test_train_batches_follow_the_contract(test_data_dir, packing):
   c = _input_config(test_data_dir, packing=packing)
   candidates = _candidates(c, "train", test_data_dir, train=True)
@@ -399,8 +479,9 @@ def test_train_batches_follow_the_contract(test_data_dir, packing):
   assert sum(seen.values()) >= 12 and len(seen) >= 8  # many distinct examples, all verified
 
 
-def test_eval_pass_yields_every_example_once(test_data_dir):
-  c = _input_config(test_data_dir, split="validation")
+@pytest.mark.parametrize("packing", ["best_fit_pool", "first_fit"])
+def test_eval_pass_yields_every_example_once(test_data_dir, packing):
+  c = _input_config(test_data_dir, split="validation", packing=packing)
   candidates = _candidates(c, "validation", test_data_dir, train=False)
   batches = list(pipeline.make_dataset(c, seed=0, train=False))
   seen = collections.Counter(
@@ -420,7 +501,7 @@ def test_eval_pass_yields_every_example_once(test_data_dir):
 
 
 def test_iterator_state_round_trip(test_data_dir):
-  c = _input_config(test_data_dir)
+  c = _input_config(test_data_dir, prefetch_batches=2, read_threads=2)
   it = pipeline.make_iterator(c, seed=3)
   for _ in range(3):
     next(it)
@@ -438,6 +519,8 @@ def test_iterator_state_round_trip(test_data_dir):
       np.testing.assert_array_equal(again[key], want[key])
   other = next(pipeline.make_iterator(c, seed=4))
   assert not np.array_equal(other["patches"], expected[0]["patches"])
+  for i in (it, restored):
+    i.close()
 
 
 def test_config_errors_name_the_value(test_data_dir):
@@ -446,19 +529,57 @@ def test_config_errors_name_the_value(test_data_dir):
     (dict(max_caption_tokens=64), "max_caption_tokens=64"),
     (dict(packing="worst_fit"), "packing='worst_fit'"),
     (dict(max_tokens_per_example=4), "max_tokens_per_example=4 is below"),
+    (dict(min_tokens_per_example=300), "min_tokens_per_example=300 exceeds"),
+    (dict(min_frames=32), "min_frames=32 must be in [1, max_frames=16]"),
+    (dict(max_frame_stride=0), "max_frame_stride=0 is below frame_stride=1"),
+    (dict(token_drop=(0.5, 0.2)), "token_drop=(0.5, 0.2)"),
+    (dict(shrink_to_fill=1.0), "shrink_to_fill=1.0"),
+    (dict(mixture=(("shapes", "test"),)), "input.mixture entry ('shapes', 'test')"),
+    (dict(mixture=(("nope", "tiny", 1.0),)), "dataset='nope' is unknown"),
     (dict(dataset="nope"), "dataset='nope' is unknown"),
   ]:
     with pytest.raises(ValueError, match=re.escape(message)):
       pipeline.make_dataset(_input_config(test_data_dir, **overrides), seed=0)
+  with pytest.raises(ValueError, match=re.escape("unknown input config keys ['tokens_per_rows']")):
+    pipeline.make_dataset(dict(_input_config(test_data_dir).to_dict(), tokens_per_rows=3), seed=0)
 
 
-def test_tiny_packing_efficiency(data_dir):
-  """The demo config: default input config on the `tiny` dataset."""
-  c = pipeline.default_input_config()
-  c.data_dir = data_dir
+def test_missing_new_keys_get_defaults(test_data_dir):
+  """A config written before a key existed still works: absent keys take the defaults."""
+  old = _input_config(test_data_dir).to_dict()
+  for key in (
+    "mixture",
+    "min_frames",
+    "max_frame_stride",
+    "min_tokens_per_example",
+    "token_drop",
+    "shrink_to_fill",
+    "prefetch_batches",
+  ):
+    old.pop(key)
+  old["max_tokens_per_example"] = 200  # below the default min_tokens_per_example (512)...
+  c = pipeline.resolve_input_config(old)
+  assert c.min_tokens_per_example == 200 and c.token_drop == (0.0, 0.0) and c.min_frames == 16
+  # ...so an absent min follows the given max rather than failing.
+  batch = next(pipeline.make_iterator(old, seed=0))
+  _check_contract(batch, pipeline.resolve_input_config(old))
+
+
+def test_multiprocess_workers_resume_exactly(test_data_dir):
+  """workers > 0: grain worker processes each pack their slice; the state still round-trips."""
+  c = _input_config(test_data_dir, workers=2, min_tokens_per_example=64, shrink_to_fill=0.5)
   it = pipeline.make_iterator(c, seed=0)
-  batches = [next(it) for _ in range(40)]
-  efficiency = np.mean([b["loss_mask"].mean() for b in batches])
-  examples = np.mean([(b["shapes"][..., 0] > 0).sum(-1).mean() for b in batches])
-  print(f"tiny packing efficiency {efficiency:.3f}, {examples:.2f} examples/row")
-  assert efficiency >= 0.85
+  first = next(it)
+  _check_contract(first, c)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(it) for _ in range(2)]
+  restored = pipeline.make_iterator(c, seed=0)
+  restored.set_state(state)
+  for want in expected:
+    got = next(restored)
+    for key in CONTRACT:
+      np.testing.assert_array_equal(got[key], want[key])
+  single = next(pipeline.make_iterator(_input_config(test_data_dir), seed=0))
+  assert not np.array_equal(single["patches"], first["patches"])  # workers split the stream
+  for i in (it, restored):
+    i.close()

@@ -4,17 +4,26 @@ This is the only module that imports orbax. A checkpoint step directory holds th
 `state` (the sharded `TrainState` pytree), `data` (the grain iterator position, one JSON file
 per process) and `config` (the resolved config as JSON). Saves are asynchronous and atomic:
 orbax writes to a temporary directory and renames it when complete, so a run killed mid-save
-never leaves a checkpoint that `latest_step` would pick up.
+never leaves a checkpoint that `latest_step` would pick up (leftover temporary directories are
+deleted when the next manager opens the workdir).
+
+Restoring works on any mesh and any number of hosts: the state is resharded to the shardings
+of the target `abstract_state`. The data iterator position is per host; with the same host
+count it is restored exactly, with a different one it is re-derived (`remap_data_state`).
 """
 
 import json
+import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 CHECKPOINT_DIR = "checkpoints"
@@ -38,6 +47,7 @@ def manager(
     save_interval_steps=save_interval_steps,
     enable_async_checkpointing=async_save,
     create=True,
+    cleanup_tmp_directories=True,  # partial saves of a killed run
   )
   return ocp.CheckpointManager(
     checkpoint_dir(workdir),
@@ -75,15 +85,92 @@ def restore(
   data_iterator: Any | None,
   step: int | None = None,
 ) -> tuple[int, Any]:
-  """Restores state (with the shardings of `abstract_state`) and the iterator in place."""
+  """Restores state (with the shardings of `abstract_state`) and the iterator in place.
+
+  If the checkpoint was written by a different number of processes, the iterator position is
+  re-derived from all hosts' saved positions (`remap_data_state`) instead of read directly.
+  """
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise NoCheckpointError(f"no checkpoint in {mngr.directory}")
   items = {"state": ocp.args.StandardRestore(abstract_state)}
+  remapped = None
   if data_iterator is not None:
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    saved = saved_data_states(mngr.directory / str(step) / "data")
+    index, count = jax.process_index(), jax.process_count()
+    if not saved:
+      raise NoCheckpointError(f"checkpoint {step} in {mngr.directory} has no data position")
+    if len(saved) == count:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    else:
+      remapped = remap_data_state(saved, index, count)
+      logging.warning(
+        "checkpoint %d was written by %d processes, this run has %d: data position re-derived "
+        "(no example skipped; examples already seen by hosts that were ahead repeat)",
+        step,
+        len(saved),
+        count,
+      )
   restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  if remapped is not None:
+    data_iterator.set_state(remapped)
   return step, restored["state"]
+
+
+def reached_preemption(mngr: ocp.CheckpointManager, step: int) -> bool:
+  """True on every process at the same `step` once any process got a preemption notice.
+
+  Multi-process runs only (the JAX coordination service catches SIGTERM); False otherwise.
+  """
+  return mngr.reached_preemption(step)
+
+
+# ---------------------------------------------------------------------------------------------
+# The data iterator position across host counts.
+# ---------------------------------------------------------------------------------------------
+_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+def saved_data_states(data_dir: epath.Path) -> list[dict]:
+  """The per-process iterator states in a checkpoint's `data` item, ordered by process."""
+  if not data_dir.exists():
+    return []
+  found = {}
+  for path in data_dir.iterdir():
+    m = _DATA_FILE.fullmatch(path.name)
+    if m:
+      found[(int(m.group(2)), int(m.group(1)))] = json.loads(path.read_text())
+  counts = {count for count, _ in found}
+  if len(counts) != 1 or sorted(i for _, i in found) != list(range(next(iter(counts)))):
+    raise ValueError(f"{data_dir} holds iterator states {sorted(found)}; expected one per process")
+  return [found[k] for k in sorted(found)]
+
+
+def remap_data_state(states: Sequence[dict], process_index: int, process_count: int) -> dict:
+  """The iterator state for host `process_index` of `process_count`, from all old hosts' states.
+
+  The pipeline (`vdit/data/pipeline.py`) gives host i of n the global examples i, i+n, i+2n, ...
+  and grain's packer saves `parent.next_index`: the host-local index of the first example of
+  the packing window being emitted (everything before it was emitted). Host i has therefore
+  emitted every global example below i + n·next_index_i, and all hosts together every example
+  below g = min_i(i + n·next_index_i). The new host i' starts at its first example ≥ g, with a
+  fresh packing window. No example is skipped; examples ≥ g that some old host had already
+  emitted are seen again (at most the old hosts' lead over the slowest one plus one packing
+  window each). Only the plain packed pipeline (`input.workers=0`) has this state layout.
+  """
+  n = len(states)
+  starts = []
+  for i, state in enumerate(states):
+    if set(state) != {"parent", "next_row", "counter"} or set(state["parent"]) != {"next_index"}:
+      raise ValueError(
+        f"cannot re-derive the data position for {process_count} hosts from the {n} hosts' "
+        f"iterator states (layout {sorted(state)}; expected grain's packing state over a "
+        "MapDataset, i.e. input.workers=0). Resume with the same number of hosts."
+      )
+    starts.append(i + n * int(state["parent"]["next_index"]))
+  first_unseen = min(starts)
+  next_index = max(0, math.ceil((first_unseen - process_index) / process_count))
+  return {"parent": {"next_index": next_index}, "next_row": 0, "counter": 0}
 
 
 def latest_step(workdir: str) -> int | None:

@@ -6,6 +6,7 @@ import jax
 import ml_collections
 
 from vdit import sharding
+from vdit.diffusion import conditioning, gaussian, objectives
 
 DATASETS = ("shapes",)
 MODELS = ("video_dit",)
@@ -30,8 +31,54 @@ def _positive(name: str, value) -> None:
     raise ConfigError(f"{name}={value!r} must be a positive integer")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first bad value and what was expected."""
+def _check_diffusion(d: ml_collections.ConfigDict) -> None:
+  """The `config.diffusion` keys (see `vdit.diffusion.objectives.Spec`)."""
+  _choice("diffusion.objective", d.objective, objectives.OBJECTIVES)
+  _choice("diffusion.time_sampling", d.time_sampling, TIME_SAMPLING)
+  if not 0.0 <= d.text_dropout < 1.0:
+    raise ConfigError(f"diffusion.text_dropout={d.text_dropout} must be in [0, 1)")
+  if d.logit_std <= 0:
+    raise ConfigError(f"diffusion.logit_std={d.logit_std} must be > 0")
+  if not isinstance(d.shift_base_tokens, int) or d.shift_base_tokens < 0:
+    raise ConfigError(
+      f"diffusion.shift_base_tokens={d.shift_base_tokens!r} must be an integer >= 0 (0 = off)"
+    )
+  try:
+    conditioning.task_probs(dict(d.cond_probs))
+  except ValueError as e:
+    raise ConfigError(f"diffusion.cond_probs: {e}") from None
+  _choice("diffusion.schedule", d.schedule, gaussian.SCHEDULES)
+  _choice("diffusion.prediction", d.prediction, gaussian.PREDICTIONS)
+  if not isinstance(d.num_timesteps, int) or d.num_timesteps < 2:
+    raise ConfigError(f"diffusion.num_timesteps={d.num_timesteps!r} must be an integer >= 2")
+  if d.learn_sigma and d.objective != "gaussian":
+    raise ConfigError(
+      f"diffusion.learn_sigma=True needs diffusion.objective='gaussian', not {d.objective!r}"
+    )
+  if d.sampler:
+    _choice(
+      f"diffusion.sampler (objective {d.objective!r})", d.sampler, objectives.SAMPLERS[d.objective]
+    )
+  if not 0.0 <= d.ddim_eta <= 1.0:
+    raise ConfigError(f"diffusion.ddim_eta={d.ddim_eta} must be in [0, 1]")
+  lo_hi = tuple(d.guidance_interval)
+  if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0:
+    raise ConfigError(
+      f"diffusion.guidance_interval={lo_hi!r} must be (lo, hi) with 0 <= lo <= hi <= 1"
+    )
+
+
+def validate(
+  config: ml_collections.ConfigDict,
+  *,
+  num_devices: int | None = None,
+  num_processes: int | None = None,
+) -> None:
+  """Raises ValueError naming the first bad value and what was expected.
+
+  The mesh is checked against `num_devices` / `num_processes` (default: this run's; the AOT
+  tool passes a TPU topology's).
+  """
   inp, model, opt = config.input, config.model, config.optimizer
   for name in ("total_steps", "log_every_steps", "checkpoint_every_steps", "max_checkpoints"):
     _positive(name, config[name])
@@ -70,14 +117,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(
         f"model.{width}={model[width]} is not divisible by model.{heads}={model[heads]}"
       )
-  _choice("diffusion.time_sampling", config.diffusion.time_sampling, TIME_SAMPLING)
-  if not 0.0 <= config.diffusion.text_dropout < 1.0:
-    raise ConfigError(f"diffusion.text_dropout={config.diffusion.text_dropout} must be in [0, 1)")
+  _check_diffusion(config.diffusion)
   if not 0.0 <= opt.ema_decay < 1.0:
     raise ConfigError(f"optimizer.ema_decay={opt.ema_decay} must be in [0, 1)")
+  _positive("optimizer.grad_accum_steps", opt.get("grad_accum_steps", 1))
 
   try:
-    sizes = sharding.mesh_shape(config.mesh, jax.device_count())
+    sizes = sharding.mesh_shape(config.mesh, num_devices or jax.device_count())
   except ValueError as e:
     raise ConfigError(str(e)) from None
   shape = dict(zip(sharding.MESH_AXES, sizes))
@@ -86,6 +132,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f"input.rows_per_batch={inp.rows_per_batch} is not divisible by data×fsdp={batch_shards} "
       f"of mesh {shape}"
+    )
+  hosts = num_processes or jax.process_count()
+  if batch_shards % hosts:
+    # Each host loads its own rows: the row axis must split over the hosts, not be replicated.
+    raise ConfigError(
+      f"data×fsdp={batch_shards} of mesh {shape} is not a multiple of the {hosts} processes; "
+      "each process loads its own rows, so the rows must be sharded over all of them"
     )
   if inp.tokens_per_row % shape["sequence"]:
     raise ConfigError(

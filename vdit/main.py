@@ -5,6 +5,12 @@ r"""Trains a vdit model.
 
 Rerunning the same command in the same workdir resumes from the latest checkpoint (state,
 optimizer, EMA, step, RNG and data-iterator position).
+
+Multi-host (every host runs the same command): `--distributed` (or VDIT_DISTRIBUTED=1) calls
+`jax.distributed.initialize()`. On Cloud TPU and GKE it finds the coordinator itself; elsewhere
+(e.g. several CPU processes on one machine, `launch/local.py`) pass --coordinator_address,
+--num_processes and --process_id (or VDIT_COORDINATOR_ADDRESS, VDIT_NUM_PROCESSES,
+VDIT_PROCESS_ID). See docs/scale.md.
 """
 
 import os
@@ -23,14 +29,43 @@ _DISTRIBUTED = flags.DEFINE_bool(
   os.environ.get("VDIT_DISTRIBUTED", "") == "1",
   "Call jax.distributed.initialize() (multi-host pods; env VDIT_DISTRIBUTED=1).",
 )
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address",
+  os.environ.get("VDIT_COORDINATOR_ADDRESS"),
+  "host:port of process 0 (env VDIT_COORDINATOR_ADDRESS); unset = auto-detect (TPU, GKE).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes",
+  int(os.environ["VDIT_NUM_PROCESSES"]) if os.environ.get("VDIT_NUM_PROCESSES") else None,
+  "Number of processes (env VDIT_NUM_PROCESSES); unset = auto-detect.",
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id",
+  int(os.environ["VDIT_PROCESS_ID"]) if os.environ.get("VDIT_PROCESS_ID") else None,
+  "This process's index (env VDIT_PROCESS_ID); unset = auto-detect.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def initialize_distributed() -> None:
+  """`jax.distributed.initialize` with the flags that are set (the rest is auto-detected)."""
+  # CPU processes exchange collectives over gloo (TCP); TPUs use ICI/DCN and ignore this.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = dict(
+    coordinator_address=_COORDINATOR.value,
+    num_processes=_NUM_PROCESSES.value,
+    process_id=_PROCESS_ID.value,
+  )
+  jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    initialize_distributed()
+  elif _COORDINATOR.value or _NUM_PROCESSES.value or _PROCESS_ID.value is not None:
+    raise app.UsageError("--coordinator_address/--num_processes/--process_id need --distributed")
   logging.info(
     "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
   )

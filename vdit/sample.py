@@ -1,38 +1,60 @@
-r"""Generating videos from a trained checkpoint: CLI and library API.
+r"""Generating videos from a trained checkpoint: CLI and library API, every mode of one model.
 
   python -m vdit.sample --workdir=runs/shapes --prompt="a red circle moving right" \
       --num_frames=8 --height=32 --width=48 --out=x.gif
+  python -m vdit.sample --workdir=runs/shapes --mode=i2v --image=first.png --prompt=... --out=x.mp4
 
-Any size works as long as frames/height/width are multiples of the patch size: the model sees
-a packed row of spacetime patches with their (t, h, w) positions, not a fixed grid.
-Library: `load(workdir)` → `Sampler`; `Sampler.generate(prompts, ...)` → uint8 videos.
+Modes (docs/sampling.md shows each command): t2v, t2i (an image is a 1-patch-frame video), i2v,
+extend (--direction=forward|backward), interpolate (--video → --video2), edit (SDEdit,
+--strength), loop. Any size works as long as frames/height/width are multiples of the patch
+size: the model sees packed spacetime patches with their (t, h, w) positions, not a fixed grid.
+Given frames (i2v, extend, interpolate, loop) are trained conditioning
+(`vdit.diffusion.conditioning`): they stay clean and come out unchanged. Inputs of another
+size are cropped and resized with a warning (`vdit.diffusion.given_frames`); requests that
+cannot work raise `InputError` (the CLI prints one line).
+
+Library: `load(workdir)` → `Sampler`; `Sampler.generate(prompts, ...)` → uint8 videos, and one
+method per mode: `text_to_image`, `image_to_video`, `extend`, `interpolate`, `edit`, `loop`.
 """
 
 import dataclasses
-import functools
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
 from vdit import checkpointing, media, models, sharding, train_state
 from vdit.data import patchify, tokenizer
-from vdit.diffusion import flow
+from vdit.diffusion import given_frames, objectives
+from vdit.diffusion.given_frames import InputError, fit_size, patch_frames
 
 CHANNELS = 3
+MODES = ("t2v", "t2i", "i2v", "extend", "interpolate", "edit", "loop")
+# Which of --image/--video/--video2 each mode needs: (required, optional).
+MODE_INPUTS = {
+  "t2v": ((), ()),
+  "t2i": ((), ()),
+  "i2v": (("image",), ()),
+  "extend": (("video",), ()),
+  "interpolate": (("video", "video2"), ()),
+  "edit": (("video",), ()),
+  "loop": ((), ("image",)),
+}
+METHODS = dict(i2v="image_to_video", extend="extend", interpolate="interpolate", edit="edit")
+METHODS["loop"] = "loop"
 
 
-# ---------------------------------------------------------------------------------------------
-# Building the packed rows for generation (numpy).
-# ---------------------------------------------------------------------------------------------
 def prompt_rows(
-  prompts: Sequence[str], grid: tuple[int, int, int], tok: tokenizer.Tokenizer, max_tokens: int
+  prompts: Sequence[str],
+  grid: tuple[int, int, int],
+  tok: tokenizer.Tokenizer,
+  max_tokens: int,
+  labels: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
   """One row per prompt holding one video of `grid` patches; captions tokenized and padded."""
   n, length = len(prompts), int(np.prod(grid))
@@ -48,7 +70,7 @@ def prompt_rows(
     "shapes": np.broadcast_to(np.asarray(grid, np.int32), (n, 1, 3)).copy(),
     "text_tokens": text,
     "text_segment_ids": text_seg,
-    "labels": np.full((n, 1), -1, np.int32),
+    "labels": np.asarray([-1] * n if labels is None else labels, np.int32).reshape(n, 1),
   }
 
 
@@ -57,7 +79,12 @@ def prompt_rows(
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Sampler:
-  """A model, its (EMA) params and its config; generates videos of any valid size."""
+  """A model, its (EMA) params and its config; generates videos of any valid size.
+
+  Every mode takes `prompts` (N) and returns uint8 videos [N, T, H, W, 3]. `**options` are
+  `height`, `width` (default: the config's `sample` size) and the sampling options of
+  `generate`: steps, guidance, seed, sampler, guidance_interval, labels.
+  """
 
   config: ml_collections.ConfigDict
   params: Any
@@ -66,10 +93,15 @@ class Sampler:
   def __post_init__(self):
     self.model = self.model or models.build(self.config)
     self.patch_size = tuple(self.config.input.patch_size)
+    self.pt = self.patch_size[0]
     self.tokenizer = tokenizer.Tokenizer(self.config.input.vocab_size)
+    self.spec = objectives.Spec.from_config(self.config.diffusion)
 
   def grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-    patchify.check_divisible(num_frames, height, width, self.patch_size)
+    try:
+      patchify.check_divisible(num_frames, height, width, self.patch_size)
+    except ValueError as e:
+      raise InputError(str(e)) from None
     return tuple(n // p for n, p in zip((num_frames, height, width), self.patch_size))
 
   def generate(
@@ -82,47 +114,143 @@ class Sampler:
     steps: int = 32,
     guidance: float = 3.0,
     seed: int = 0,
+    sampler: str | None = None,
+    guidance_interval: tuple[float, float] | None = None,
+    labels: Sequence[int] | None = None,
   ) -> np.ndarray:
-    """Text-to-video: uint8 videos [N, T, H, W, 3] for N prompts."""
-    if steps < 1:
-      raise ValueError(f"steps={steps} must be ≥ 1")
+    """Text-to-video: uint8 videos [N, T, H, W, 3] for N prompts (and optional class labels).
+
+    `sampler`: "euler"/"heun" (rectified flow), "ddpm"/"ddim"/"dpmpp_2m" (Gaussian); default
+    `config.diffusion.sampler`. `guidance_interval` (lo, hi): guide only at noise levels
+    lo ≤ t ≤ hi (default `config.diffusion.guidance_interval`).
+    """
+    options = dict(steps=steps, guidance=guidance, seed=seed, sampler=sampler, labels=labels)
     grid = self.grid(num_frames, height, width)
-    max_tokens = self.config.input.max_caption_tokens
-    cond = prompt_rows(prompts, grid, self.tokenizer, max_tokens)
-    null = prompt_rows([""] * len(prompts), grid, self.tokenizer, max_tokens)
+    return self._run(prompts, grid, guidance_interval=guidance_interval, **options)
+
+  def text_to_image(self, prompts, **options) -> np.ndarray:
+    """Images as 1-frame videos [N, 1, H, W, 3]: one patch-frame, its first frame kept."""
+    h, w, options = self._size(options)
+    return self._run(prompts, self.grid(self.pt, h, w), **options)[:, :1]
+
+  def image_to_video(self, prompts, image, *, num_frames=None, **options) -> np.ndarray:
+    """The image [H, W, 3] (or the first frame of [F, H, W, 3]) fills the first patch-frame,
+    repeated pt times (a still, as trained); `num_frames` (default: the config's) in all."""
+    h, w, options = self._size(options)
+    frames = np.asarray(image)
+    if frames.ndim == 4 and frames.shape[0] > 1:
+      logging.warning("image: %d frames given, using the first", frames.shape[0])
+    still = fit_size(frames[:1] if frames.ndim == 4 else frames, h, w, "image")
+    still = patch_frames(still, self.pt, "first", "image")
+    return self._given(prompts, num_frames or self.config.sample.num_frames, [still], [], options)
+
+  def extend(self, prompts, video, *, direction="forward", num_frames=None, **options):
+    """`num_frames` in all (default: the clip's + the config's) with the clip at the start
+    (forward: generate what follows) or at the end (backward: what came before)."""
+    if direction not in ("forward", "backward"):
+      raise InputError(f"direction={direction!r} must be 'forward' or 'backward'")
+    h, w, options = self._size(options)
+    keep = "last" if direction == "forward" else "first"
+    clip = patch_frames(fit_size(video, h, w, "video"), self.pt, keep, "video")
+    num_frames = num_frames or len(clip) + self.config.sample.num_frames
+    head, tail = ([clip], []) if direction == "forward" else ([], [clip])
+    return self._given(prompts, num_frames, head, tail, options)
+
+  def interpolate(self, prompts, video, video2, *, num_frames=None, **options) -> np.ndarray:
+    """Connects two clips: `video` at the start, `video2` at the end, `num_frames` in all
+    (default: both clips + the config's), the frames between generated."""
+    h, w, options = self._size(options)
+    a = patch_frames(fit_size(video, h, w, "video"), self.pt, "last", "video")
+    b = patch_frames(fit_size(video2, h, w, "video2"), self.pt, "first", "video2")
+    num_frames = num_frames or len(a) + len(b) + self.config.sample.num_frames
+    return self._given(prompts, num_frames, [a], [b], options)
+
+  def edit(self, prompts, video, *, strength=0.6, num_frames=None, **options) -> np.ndarray:
+    """SDEdit (Meng et al. 2022, Sec. 3.2): noise the video to `strength` ∈ (0, 1] of the
+    schedule, denoise it with the new prompts. Keeps the first `num_frames` frames (default:
+    all, in whole patch-frames)."""
+    h, w, options = self._size(options)
+    clip = patch_frames(fit_size(video, h, w, "video"), self.pt, "first", "video")
+    num_frames = num_frames or len(clip)
+    if num_frames > len(clip):
+      raise InputError(f"num_frames={num_frames} exceeds the video's {len(clip)} frames")
+    grid = self.grid(num_frames, h, w)
+    return self._run(prompts, grid, init=clip[None, :num_frames], strength=strength, **options)
+
+  def loop(self, prompts, *, image=None, num_frames=None, **options) -> np.ndarray:
+    """A seamless loop of `num_frames` frames: frame `num_frames` would be frame 0 again.
+
+    Interpolation from a keyframe back to itself (a trained task): a clip of num_frames + pt
+    frames whose first and last patch-frames are the keyframe — `image`, or else a
+    text-to-image sample of each prompt — is generated; its first num_frames are returned.
+    """
+    h, w, options = self._size(options)
+    num_frames = num_frames or self.config.sample.num_frames
+    if image is None:
+      key = media.from_uint8(self.text_to_image(prompts, height=h, width=w, **options))
+    else:
+      key = fit_size(np.asarray(image)[:1] if np.ndim(image) == 4 else image, h, w, "image")
+    key = np.repeat(key, self.pt, axis=-4)  # [(N,) pt, H, W, 3]
+    return self._given(prompts, num_frames + self.pt, [key], [key], options)[:, :num_frames]
+
+  def _size(self, options: dict) -> tuple[int, int, dict]:
+    s = self.config.sample
+    options = dict(options)
+    return options.pop("height", None) or s.height, options.pop("width", None) or s.width, options
+
+  def _given(self, prompts, num_frames, head, tail, options) -> np.ndarray:
+    given = given_frames.place(head, tail, num_frames, self.pt)
+    grid = self.grid(num_frames, *given.video.shape[2:4])
+    return self._run(prompts, grid, given=given, **options)
+
+  def _run(
+    self,
+    prompts: Sequence[str],
+    grid: tuple[int, int, int],
+    *,
+    given: given_frames.Given | None = None,
+    init: np.ndarray | None = None,
+    strength: float = 1.0,
+    steps: int = 32,
+    guidance: float = 3.0,
+    seed: int = 0,
+    sampler: str | None = None,
+    guidance_interval: tuple[float, float] | None = None,
+    labels: Sequence[int] | None = None,
+  ) -> np.ndarray:
+    """Denoises one row per prompt (plus its null row for guidance) → uint8 videos."""
+    prompts, sampler = list(prompts), sampler or self.spec.default_sampler
+    interval = tuple(float(x) for x in (guidance_interval or self.spec.guidance_interval))
+    try:
+      self.spec.check_request(steps, strength, sampler, interval)
+    except ValueError as e:
+      raise InputError(str(e)) from None
+    if labels is not None and len(labels) != len(prompts):
+      raise InputError(f"{len(labels)} labels for {len(prompts)} prompts; expected one each")
+    n, max_tokens = len(prompts), self.config.input.max_caption_tokens
+    cond = prompt_rows(prompts, grid, self.tokenizer, max_tokens, labels)
+    null = prompt_rows([""] * n, grid, self.tokenizer, max_tokens)
     rows = {k: np.concatenate([cond[k], null[k]]) for k in cond}
-    patch_dim = int(np.prod(self.patch_size)) * CHANNELS
-    noise = jax.random.normal(
-      jax.random.PRNGKey(seed), (len(prompts), rows["positions"].shape[1], patch_dim)
+    length, patch_dim = int(np.prod(grid)), int(np.prod(self.patch_size)) * CHANNELS
+    rng, noise_rng = jax.random.split(jax.random.PRNGKey(seed))
+    noise = jax.random.normal(noise_rng, (n, length, patch_dim))
+    x_cond, cond_mask = np.zeros((n, length, patch_dim), np.float32), np.zeros((n, length), bool)
+    if given is not None:
+      x_cond[:], cond_mask[:] = given.tokens(grid, self.patch_size)
+    x_init = np.zeros_like(x_cond)
+    if init is not None:
+      x_init[:] = patchify.patchify(init, self.patch_size)[0]
+    x0 = objectives.sample_rows(
+      *(self.model, self.params, rows, noise, x_cond, cond_mask, x_init, rng),
+      float(guidance),
+      interval,
+      spec=self.spec,
+      steps=steps,
+      sampler=sampler,
+      strength=float(strength),
     )
-    x0 = _euler_cfg(self.model, self.params, rows, noise, steps, float(guidance))
-    x0 = np.asarray(jax.device_get(x0))
-    videos = [patchify.unpatchify(x, grid, self.patch_size, CHANNELS) for x in x0]
-    return media.to_uint8(np.stack(videos))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _euler_cfg(model, params, rows, noise, steps, guidance):
-  """Euler integration of the guided velocity from t=1 (noise) to t=0 (data)."""
-  n = noise.shape[0]
-
-  def velocity(x, t):
-    # x: [N, L, P]; the conditional and null rows see the same noisy video.
-    xx = jnp.concatenate([x, x])
-    t_tok = jnp.concatenate([t, t])  # [2N, L]
-    v = model.apply(
-      {"params": params},
-      xx,
-      t_tok,
-      rows["positions"],
-      rows["segment_ids"],
-      rows["text_tokens"],
-      rows["text_segment_ids"],
-      rows["labels"],
-    )
-    return flow.cfg_velocity(v[:n], v[n:], guidance)
-
-  return flow.euler_sample(velocity, noise, steps)
+    videos = patchify.unpatchify(np.asarray(jax.device_get(x0)), grid, self.patch_size, CHANNELS)
+    return media.to_uint8(videos)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,16 +282,8 @@ def write_config_samples(
 ) -> list[str]:
   """Writes the config's sample prompts as GIF and MP4 into workdir/samples/<step>/."""
   s = config.sample
-  sampler = Sampler(config=config, params=params)
-  videos = sampler.generate(
-    list(s.prompts),
-    num_frames=s.num_frames,
-    height=s.height,
-    width=s.width,
-    steps=s.steps,
-    guidance=s.guidance,
-    seed=s.seed,
-  )
+  options = {k: s[k] for k in ("num_frames", "height", "width", "steps", "guidance", "seed")}
+  videos = Sampler(config=config, params=params).generate(list(s.prompts), **options)
   out_dir = os.path.join(workdir, "samples", str(step))
   paths = []
   for prompt, video in zip(s.prompts, videos):
@@ -181,13 +301,22 @@ def write_config_samples(
 def _define_flags() -> None:
   """CLI flags; defined only when run as a program (train.py imports this module)."""
   flags.DEFINE_string("workdir", None, "Training workdir with checkpoints.")
+  flags.DEFINE_enum("mode", "t2v", MODES, "What to generate (docs/sampling.md).")
   flags.DEFINE_string("prompt", None, "Text prompt.")
   flags.DEFINE_string("prompts_file", None, "File with one prompt per line.")
-  flags.DEFINE_integer("num_frames", None, "Frames (default: the config's).")
+  flags.DEFINE_string("image", None, "i2v: the first frame; loop: the keyframe (optional).")
+  flags.DEFINE_string("video", None, "extend/edit: the clip; interpolate: the start clip.")
+  flags.DEFINE_string("video2", None, "interpolate: the end clip.")
+  flags.DEFINE_enum("direction", "forward", ("forward", "backward"), "extend: which way.")
+  flags.DEFINE_float("strength", 0.6, "edit: noise level to start from, (0, 1]; 1 = ignore input.")
+  flags.DEFINE_integer("num_frames", None, "Frames (default: the config's; see the modes).")
   flags.DEFINE_integer("height", None, "Height in pixels (default: the config's).")
   flags.DEFINE_integer("width", None, "Width in pixels (default: the config's).")
   flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's).")
+  flags.DEFINE_string("sampler", None, "euler|heun (flow), ddpm|ddim|dpmpp_2m (gaussian).")
   flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: the config's).")
+  flags.DEFINE_list("guidance_interval", None, "lo,hi: guide only for noise levels in [lo, hi].")
+  flags.DEFINE_integer("label", None, "Class label (class-conditional models).")
   flags.DEFINE_integer("seed", 0, "Noise seed.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
   flags.DEFINE_integer("display_scale", 1, "Nearest-neighbour upscaling of GIF/MP4 output.")
@@ -202,45 +331,99 @@ def _out_paths(out: str, n: int) -> list[str]:
   return [f"{root}_{i:03d}{ext}" for i in range(n)]
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  f = flags.FLAGS
+def _read(path: str, name: str) -> np.ndarray:
+  try:
+    return media.read_video(path)
+  except (OSError, ValueError) as e:
+    raise InputError(f"--{name}={path!r} cannot be read: {e}") from None
+
+
+def _request(f) -> tuple[list[str], dict]:
+  """Prompts and the mode's inputs from the flags; raises InputError before any compute."""
   for name in ("workdir", "out"):
     if f[name].value is None:
-      raise app.UsageError(f"--{name} is required")
-  media.check_path(f.out)
+      raise InputError(f"--{name} is required")
+  try:
+    media.check_path(f.out)
+  except ValueError as e:
+    raise InputError(str(e)) from None
   if f.prompts_file:
     with open(f.prompts_file) as fp:
       prompts = [line.strip() for line in fp if line.strip()]
   elif f.prompt is not None:
     prompts = [f.prompt]
   else:
-    raise app.UsageError("give --prompt or --prompts_file")
+    raise InputError("give --prompt or --prompts_file")
+  required, optional = MODE_INPUTS[f.mode]
+  inputs = {}
+  for name in ("image", "video", "video2"):
+    path = f[name].value
+    if name in required and path is None:
+      raise InputError(f"--mode={f.mode} needs --{name}")
+    if path is not None and name not in required + optional:
+      raise InputError(f"--{name} is not used by --mode={f.mode}")
+    if path is not None:
+      inputs[name] = _read(path, name)
+  if f.mode == "t2i" and f.num_frames is not None:
+    raise InputError("--num_frames is not used by --mode=t2i (an image is one frame)")
+  return prompts, inputs
+
+
+def _generate(sampler: Sampler, f, prompts: list[str], inputs: dict) -> tuple[np.ndarray, dict]:
+  """The mode's videos and the options used (defaults resolved)."""
+  s = sampler.config.sample
   try:
-    sampler = load(f.workdir, f.step)
-    s = sampler.config.sample
-    size = dict(
-      num_frames=f.num_frames or s.num_frames,
-      height=f.height or s.height,
-      width=f.width or s.width,
-    )
-    sampler.grid(**size)  # fail on a bad size before any compute
-  except (checkpointing.NoCheckpointError, ValueError) as e:
-    sys.exit(f"error: {e}")
-  videos = sampler.generate(
-    prompts,
-    **size,
+    interval = f.guidance_interval and tuple(float(x) for x in f.guidance_interval)
+  except ValueError:
+    raise InputError(f"--guidance_interval={','.join(f.guidance_interval)} is not lo,hi") from None
+  options = dict(
     steps=f.steps or s.steps,
     guidance=s.guidance if f.guidance is None else f.guidance,
     seed=f.seed,
+    sampler=f.sampler or sampler.spec.default_sampler,
+    guidance_interval=interval or sampler.spec.guidance_interval,
+    labels=None if f.label is None else [f.label] * len(prompts),
+    height=f.height or s.height,
+    width=f.width or s.width,
   )
+  if f.mode == "t2i":
+    return sampler.text_to_image(prompts, **options), options
+  if f.mode == "t2v":
+    return sampler.generate(prompts, num_frames=f.num_frames or s.num_frames, **options), options
+  args = [inputs[name] for name in MODE_INPUTS[f.mode][0]]
+  extra = {"extend": dict(direction=f.direction), "edit": dict(strength=f.strength)}
+  extra = extra.get(f.mode, {}) | ({"image": inputs.get("image")} if f.mode == "loop" else {})
+  method = getattr(sampler, METHODS[f.mode])
+  return method(prompts, *args, num_frames=f.num_frames, **extra, **options), options | extra
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with a one-line error (no usage dump)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  try:
+    prompts, inputs = _request(f)
+    sampler = load(f.workdir, f.step)
+    videos, used = _generate(sampler, f, prompts, inputs)
+  except (InputError, checkpointing.NoCheckpointError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
   for prompt, video, path in zip(prompts, videos, _out_paths(f.out, len(prompts))):
-    meta = dict(prompt=prompt, seed=f.seed, workdir=f.workdir, **size)
+    meta = dict(mode=f.mode, prompt=prompt, workdir=f.workdir, step=f.step)
+    meta.update(zip(("num_frames", "height", "width"), video.shape[:3]))
+    meta.update({k: v for k, v in used.items() if k not in ("labels", "image")})
+    meta.update({k: f[k].value for k in ("image", "video", "video2", "label") if f[k].value})
     media.write_video(path, video, fps=f.fps, scale=f.display_scale, metadata=meta)
     print(path, flush=True)
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -76,13 +76,22 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
 
 
 def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the ('data', 'fsdp', 'sequence', 'tensor') mesh from the config."""
+  """Builds the ('data', 'fsdp', 'sequence', 'tensor') mesh from the config.
+
+  `devices` defaults to all devices; pass a subset, or the compile-only devices of a TPU
+  topology (`vdit.tools.aot`). On TPU the placement follows the physical torus (each mesh axis
+  a ring of chips where possible; an axis may span part of a physical axis); on CPU it is the
+  device order, which keeps each process's devices contiguous.
+  """
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_config, len(devices))
-  if len(devices) == len(jax.devices()):
-    # Topology-aware placement (ICI rings on TPU); plain order elsewhere.
+  try:
     device_array = mesh_utils.create_device_mesh(shape, devices=devices)
-  else:
+  except NotImplementedError:  # an axis size that is no product of physical axes
+    device_array = mesh_utils.create_device_mesh(
+      shape, devices=devices, allow_split_physical_axes=True
+    )
+  except (ValueError, AssertionError):  # a subset of the devices: plain order
     device_array = np.asarray(devices).reshape(shape)
   return Mesh(device_array, MESH_AXES)
 

@@ -15,10 +15,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers
+from jax.experimental import multihost_utils
 
 from vdit import checkpointing, config_checks, models, sharding, train_state
 from vdit.data import pipeline
-from vdit.diffusion import flow
+from vdit.diffusion import conditioning, objectives
 
 
 # ---------------------------------------------------------------------------------------------
@@ -32,12 +33,20 @@ def train_step(
   tx,
   config: ml_collections.ConfigDict,
 ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
-  """One AdamW update on the rectified-flow loss of a packed batch."""
+  """One AdamW update on the diffusion loss (`config.diffusion.objective`) of a packed batch.
+
+  First some examples become conditioned tasks (image-to-video, extension, interpolation;
+  `diffusion.conditioning`): their given frames are clean and carry no loss.
+  """
   rng = jax.random.fold_in(state.rng, state.step)
-  diffusion = config.diffusion
+  cond_rng, loss_rng = jax.random.split(rng)
+  spec = objectives.Spec.from_config(config.diffusion)
+  batch, cond_metrics = conditioning.condition_batch(
+    cond_rng, batch, spec.cond_probs, config.input.patch_size[0]
+  )
 
   def loss_fn(params):
-    def velocity(x_t, t_tok, model_batch):
+    def apply_fn(x_t, t_tok, model_batch):
       return model.apply(
         {"params": params},
         x_t,
@@ -49,13 +58,7 @@ def train_step(
         model_batch["labels"],
       )
 
-    return flow.loss(
-      velocity,
-      batch,
-      rng,
-      time_sampling=diffusion.time_sampling,
-      text_dropout=diffusion.text_dropout,
-    )
+    return objectives.loss(spec, apply_fn, batch, loss_rng)
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = _global_norm(grads)
@@ -80,6 +83,7 @@ def train_step(
     "grad_norm": grad_norm,
     "finite": finite,
     "tokens": aux["num_tokens"],
+    "cond_tokens": cond_metrics["cond_tokens"],
     "learning_rate": train_state.learning_rate_schedule(config.optimizer, config.total_steps)(
       state.step
     ),
@@ -127,23 +131,37 @@ def make_data_iterator(config: ml_collections.ConfigDict):
 
 
 class _Preemption:
-  """Turns SIGTERM (TPU VM maintenance, `kill`) into a request to checkpoint and stop."""
+  """SIGTERM (TPU maintenance, a scheduler, `kill`) → save a checkpoint and stop, on all hosts.
+
+  One process: a Python SIGTERM handler sets a flag that the loop checks after every step.
+  Several processes: JAX's coordination service catches SIGTERM on any host (with its own
+  handler, so none is installed here) and `checkpointing.reached_preemption(step)` turns True on
+  every host at the same step, so that they all join the same collective save.
+  """
 
   def __init__(self):
-    self.requested = False
+    self.signalled = False
     self._previous = None
+    self._multihost = jax.process_count() > 1
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. inside a notebook worker)
-      self._previous = None
+    if not self._multihost:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread (e.g. inside a notebook worker)
+        self._previous = None
     return self
 
   def _handle(self, signum, frame):
     del signum, frame
     logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-    self.requested = True
+    self.signalled = True
+
+  def requested(self, mngr, step: int) -> bool:
+    """Whether to save and stop after `step`; every process must call this at every step."""
+    if self._multihost and not self.signalled:
+      self.signalled = checkpointing.reached_preemption(mngr, step)
+    return self.signalled
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -184,6 +202,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   if mngr.latest_step() is not None:
     step, state = checkpointing.restore(mngr, abstract, data_iter)
     logging.info("resumed from checkpoint at step %d", step)
+    if is_main:
+      print(f"resumed from checkpoint at step {step}", flush=True)
   else:
     state, _ = train_state.create_sharded(init, mesh, rules)
   start_step = int(state.step)
@@ -204,52 +224,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   nonfinite_in_a_row = 0
   t_last, step_last = time.time(), start_step
   done = start_step
-  with _Preemption() as preemption, sharding.activate(mesh, rules):
-    for step in range(start_step, total):
-      batch = sharding.global_batch(next(data_iter), mesh, rules)
-      state, metrics = step_fn(state, batch)
-      metrics = jax.device_get(metrics)
-      for k, v in metrics.items():
-        accumulated.setdefault(k, []).append(float(v))
-      nonfinite_in_a_row = 0 if metrics["finite"] else nonfinite_in_a_row + 1
-      if nonfinite_in_a_row >= config.max_nonfinite_in_a_row:
-        raise FloatingPointError(
-          f"{nonfinite_in_a_row} non-finite updates in a row at step {step + 1}; aborting "
-          f"(max_nonfinite_in_a_row={config.max_nonfinite_in_a_row})"
-        )
-      done = step + 1
-      if done % config.log_every_steps == 0 or done == total:
-        now = time.time()
-        steps_per_sec = (done - step_last) / max(now - t_last, 1e-9)
-        t_last, step_last = now, done
-        summary = {k: float(np.mean(v)) for k, v in accumulated.items() if k != "finite"}
-        summary["steps_per_sec"] = steps_per_sec
-        summary["skipped_updates"] = float(state.skipped)
-        writer.write_scalars(done, summary)
-        accumulated = {}
-        if is_main:
-          print(
-            f"step {done}/{total}  loss {summary['loss']:.4f}  {steps_per_sec:.2f} steps/s  "
-            f"ETA {_format_eta((total - done) / max(steps_per_sec, 1e-9))}",
-            flush=True,
+  try:
+    with _Preemption() as preemption, sharding.activate(mesh, rules):
+      for step in range(start_step, total):
+        batch = sharding.global_batch(next(data_iter), mesh, rules)
+        state, metrics = step_fn(state, batch)
+        metrics = jax.device_get(metrics)
+        for k, v in metrics.items():
+          accumulated.setdefault(k, []).append(float(v))
+        nonfinite_in_a_row = 0 if metrics["finite"] else nonfinite_in_a_row + 1
+        if nonfinite_in_a_row >= config.max_nonfinite_in_a_row:
+          raise FloatingPointError(
+            f"{nonfinite_in_a_row} non-finite updates in a row at step {step + 1}; aborting "
+            f"(max_nonfinite_in_a_row={config.max_nonfinite_in_a_row})"
           )
-      if done % config.checkpoint_every_steps == 0 or done == total or preemption.requested:
-        checkpointing.save(mngr, done, state, data_iter, config, force=True)
-      if preemption.requested:
-        break
-  mngr.wait_until_finished()
-  mngr.close()
-  writer.flush()
-  if preemption.requested:
+        done = step + 1
+        if done % config.log_every_steps == 0 or done == total:
+          now = time.time()
+          steps_per_sec = (done - step_last) / max(now - t_last, 1e-9)
+          t_last, step_last = now, done
+          summary = {k: float(np.mean(v)) for k, v in accumulated.items() if k != "finite"}
+          summary["steps_per_sec"] = steps_per_sec
+          summary["skipped_updates"] = float(state.skipped)
+          writer.write_scalars(done, summary)
+          accumulated = {}
+          if is_main:
+            print(
+              f"step {done}/{total}  loss {summary['loss']:.4f}  {steps_per_sec:.2f} steps/s  "
+              f"ETA {_format_eta((total - done) / max(steps_per_sec, 1e-9))}",
+              flush=True,
+            )
+        stop = preemption.requested(mngr, done)
+        if done % config.checkpoint_every_steps == 0 or done == total or stop:
+          checkpointing.save(mngr, done, state, data_iter, config, force=True)
+        if stop:
+          break
+  finally:  # also on an abort: let an in-flight save complete, never leave it half done
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.flush()
+  if preemption.signalled:
     logging.warning("stopped by SIGTERM at step %d; rerun the same command to resume", done)
+    if is_main:
+      print(f"preempted: checkpoint saved at step {done}", flush=True)
     return state
 
   # --- Samples --------------------------------------------------------------------------------
-  if config.sample.prompts and is_main:
-    from vdit import sample  # noqa: PLC0415 (sampling only at the end)
+  if config.sample.prompts:
+    params = state.ema_params
+    if jax.process_count() > 1:  # collective: every host gets the full EMA params
+      params = multihost_utils.process_allgather(params, tiled=True)
+    if is_main:  # only process 0 writes files
+      from vdit import sample  # noqa: PLC0415 (sampling only at the end)
 
-    paths = sample.write_config_samples(config, state.ema_params, workdir, int(state.step))
-    print("samples written:\n  " + "\n  ".join(paths), flush=True)
+      paths = sample.write_config_samples(config, params, workdir, int(state.step))
+      print("samples written:\n  " + "\n  ".join(paths), flush=True)
   return state
 
 

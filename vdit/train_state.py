@@ -24,12 +24,12 @@ class TrainState:
   skipped: jax.Array  # int32: updates skipped because loss/grads were not finite
 
 
-def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup to `opt.lr`, then cosine decay to `opt.lr * opt.final_lr_fraction`.
+def accumulation_steps(opt: ml_collections.ConfigDict) -> int:
+  """Microbatches per optimizer update (`optimizer.grad_accum_steps`, default 1)."""
+  return int(opt.get("grad_accum_steps", 1) or 1)
 
-  The decay spans `opt.schedule_steps` if set, else `total_steps` (so extending a finished
-  run with a larger `total_steps` re-stretches the cosine unless `schedule_steps` pins it).
-  """
+
+def _base_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   total_steps = opt.get("schedule_steps") or total_steps
   warmup = min(opt.warmup_steps, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
@@ -41,24 +41,50 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
   )
 
 
+def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup to `opt.lr`, then cosine decay to `opt.lr * opt.final_lr_fraction`.
+
+  A function of the train step (one microbatch). The decay spans `opt.schedule_steps` if set,
+  else `total_steps` (so extending a finished run with a larger `total_steps` re-stretches the
+  cosine unless `schedule_steps` pins it). With gradient accumulation over k microbatches, the
+  rate is held for each window of k steps at its value at the window's first step: all of
+  `total_steps`, `warmup_steps` and `schedule_steps` count train steps, not updates.
+  """
+  base, k = _base_schedule(opt, total_steps), accumulation_steps(opt)
+  if k == 1:
+    return base
+  return lambda step: base((step // k) * k)
+
+
 def make_optimizer(
   opt: ml_collections.ConfigDict, total_steps: int
 ) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping; no weight decay on biases, norms and embeddings' scales."""
+  """AdamW with global-norm clipping; no weight decay on biases, norms and embeddings' scales.
+
+  `opt.grad_accum_steps = k > 1` wraps it in `optax.MultiSteps`: each train step adds one
+  microbatch's gradient to an accumulator (sharded like the params) and every k-th step
+  applies AdamW to the mean (clipping the mean, not the parts); the other steps return zero
+  updates. The global batch of one update is then k × `input.rows_per_batch` rows.
+  """
+  base, k = _base_schedule(opt, total_steps), accumulation_steps(opt)
 
   def decay_mask(params):
     return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
 
-  return optax.chain(
+  tx = optax.chain(
     optax.clip_by_global_norm(opt.grad_clip),
     optax.adamw(
-      learning_rate=learning_rate_schedule(opt, total_steps),
+      # The inner count is the number of applied updates u; update u uses train step u·k.
+      learning_rate=base if k == 1 else (lambda u: base(u * k)),
       b1=opt.b1,
       b2=opt.b2,
       weight_decay=opt.weight_decay,
       mask=decay_mask,
     ),
   )
+  if k == 1:
+    return tx
+  return optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
 
 
 def ema_decay(step: jax.Array, decay: float, warmup: bool = True) -> jax.Array:

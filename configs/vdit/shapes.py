@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.input = dict(
     dataset="shapes",
     dataset_config="tiny" if tiny else "default",
+    mixture=(),  # ((dataset, dataset_config, weight), ...) to mix datasets; () = `dataset` only
     data_dir=ml_collections.config_dict.placeholder(str),  # None → $VDIT_DATA_DIR or default
     split="train",
     patch_size=(2, 4, 4),  # (pt, ph, pw) in pixels
@@ -45,14 +46,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     text_tokens_per_row=96 if tiny else 512,  # M
     max_caption_tokens=16 if tiny else 64,
     vocab_size=1024,
-    max_frames=16,
+    max_frames=16 if tiny else 32,
+    min_frames=4,  # clip duration uniform in [min_frames, max_frames]
     frame_stride=1,
+    max_frame_stride=1 if tiny else 2,  # stride uniform in [frame_stride, max_frame_stride]
     max_tokens_per_example=384 if tiny else 4096,
-    packing="first_fit",
-    num_packing_bins=16 if tiny else 512,
+    min_tokens_per_example=96 if tiny else 512,  # NaViT resolution sampling: budget per example
+    token_drop=(0.0, 0.0),  # (min, max) fraction of tokens dropped per example (NaViT)
+    packing="best_fit_pool",  # "best_fit_pool" | "first_fit" | "best_fit"
+    num_packing_bins=16 if tiny else 64,  # open rows of the pool
+    shrink_to_fill=0.5,  # an example may lose ≤ half its tokens (keeping aspect) to fill a row
     workers=0,  # >0: grain multiprocessing workers (mp_prefetch)
     read_threads=2,  # threads running the per-example transforms
     read_buffer=32,  # examples prefetched by those threads
+    prefetch_batches=2,  # batches prepared ahead in a background thread
   )
 
   c.model = dict(
@@ -72,9 +79,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
 
   c.diffusion = dict(
-    objective="rectified_flow",
-    time_sampling="logit_normal",
-    text_dropout=0.1,  # classifier-free guidance: rate of null captions in training
+    objective="rectified_flow",  # or "gaussian" (DDPM / DiT)
+    time_sampling="logit_normal",  # rectified flow: "uniform" | "logit_normal"
+    logit_mean=0.0,
+    logit_std=1.0,
+    # Rectified flow: each example's time is shifted by sqrt(its tokens / base) (SD3, Sec. 5.3.2)
+    # in training and sampling; 0 = no shift.
+    shift_base_tokens=128 if tiny else 1024,
+    text_dropout=0.1,  # classifier-free guidance: rate of null captions (and labels) in training
+    # Frame-conditioning tasks drawn per example in training (relative weights).
+    cond_probs=dict(
+      none=0.5, image_to_video=0.2, extend_forward=0.1, extend_backward=0.1, interpolate=0.1
+    ),
+    schedule="linear",  # gaussian: "linear" | "cosine"
+    num_timesteps=1000,  # gaussian: N
+    prediction="eps",  # gaussian: "eps" | "v" | "x0"
+    learn_sigma=False,  # gaussian: hybrid loss with learned variance (needs 2P model outputs)
+    sampler="",  # "" = the objective's default: euler (flow) / ddim (gaussian)
+    ddim_eta=0.0,  # DDIM: 0 deterministic, 1 DDPM-like
+    guidance_interval=(0.0, 1.0),  # apply guidance only for noise levels lo <= t <= hi
   )
 
   c.optimizer = dict(
@@ -87,6 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     weight_decay=0.0,
     ema_decay=0.99 if tiny else 0.9999,
     schedule_steps=0,  # length of the warmup+cosine schedule; 0 → total_steps
+    grad_accum_steps=1,  # microbatches per update (optax.MultiSteps); global batch = k × rows
   )
 
   c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)

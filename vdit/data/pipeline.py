@@ -1,27 +1,30 @@
-"""The input pipeline: dataset -> per-example transforms -> packing -> host-local packed batches.
+"""The input pipeline: datasets -> per-example transforms -> packing -> host-local packed batches.
 
-  source (tfds.data_source, random access)
-    -> shuffle (global, reshuffled every epoch) -> repeat            [train only]
+  sources (tfds.data_source, random access; one per `input.mixture` entry)
+    -> per source: shuffle (reshuffled every epoch) -> repeat           [train only]
+    -> weighted mix (grain MapDataset.mix; labels offset per dataset)   [eval: concatenation]
     -> per-example transforms (transforms.py; randomness seeded by the global example index)
     -> this host's share: ds[process_index::process_count]
-    -> IterDataset -> first-fit / best-fit packing into rows of L tokens, ≤ K examples each
+    -> packing into rows of L tokens, ≤ K examples each (packing.py)
     -> batch B rows -> the packed-batch contract (DESIGN.md "The packed batch")
+    -> prefetch: a thread (workers = 0) or grain multiprocessing workers (workers > 0)
 
 Every batch is a dict of numpy arrays (P = pt·ph·pw·3):
 
   patches [B, L, P] float32 in [-1, 1] (0 = padding)
   positions [B, L, 3] int32         (t, h, w) of the token in its own example's patch grid
   segment_ids [B, L] int32          1..K = example of the row, 0 = padding
-  shapes [B, K, 3] int32            example k+1's patch grid (T', H', W'); 0 = empty slot
+  shapes [B, K, 3] int32            example k+1's full patch grid (T', H', W'); 0 = empty slot
   text_tokens, text_segment_ids [B, M] int32
   labels [B, K] int32               -1 = empty slot / no label
   cond_mask [B, L] bool             all False here (frame conditioning is set downstream)
   loss_mask [B, L] bool             segment_ids > 0 and not cond_mask
 
+With token dropping an example has fewer tokens than T'·H'·W'; its positions are the kept ones.
 The per-example transforms run before the host split, so example i of the global stream gets
-the same clip whatever the number of hosts (the transforms are lazy: each host only computes
-its own examples). The iterator of `make_iterator` is checkpointable: `get_state()` /
-`set_state()` round-trip exactly.
+the same clip whatever the number of hosts (the transforms are lazy: each host only computes its
+own examples). The iterator of `make_iterator` is checkpointable: `get_state()` / `set_state()`
+round-trip exactly (docs/data.md: what happens when the number of hosts changes).
 """
 
 import grain
@@ -31,21 +34,20 @@ from absl import flags
 from ml_collections import config_dict
 
 from vdit import datasets
+from vdit.data import packing as packing_lib
 from vdit.data import tokenizer
 from vdit.data import transforms as transforms_lib
 
-PACKERS = {
-  "first_fit": grain.experimental.FirstFitPackIterDataset,
-  "best_fit": grain.experimental.BestFitPackIterDataset,
-}
+PACKERS = ("best_fit_pool", "first_fit", "best_fit")
 
 
 def default_input_config() -> ml_collections.ConfigDict:
   """Input-pipeline defaults (the `input` section of a training config)."""
   return ml_collections.ConfigDict(
     dict(
-      dataset="shapes",  # a name in vdit.datasets.MODULES
-      dataset_config="tiny",  # TFDS builder config
+      dataset="shapes",  # a name in vdit.datasets.SOURCES (used when `mixture` is empty)
+      dataset_config="tiny",  # TFDS builder config (for folder datasets: the folder's path)
+      mixture=(),  # ((dataset, dataset_config, weight), ...); () = just `dataset`
       data_dir=config_dict.placeholder(str),  # None -> vdit.datasets.default_data_dir()
       split="train",
       patch_size=(2, 4, 4),  # (pt, ph, pw) in frames / pixels
@@ -56,19 +58,59 @@ def default_input_config() -> ml_collections.ConfigDict:
       max_caption_tokens=16,  # per example, including BOS
       vocab_size=1024,
       max_frames=16,  # per clip, after the stride
+      min_frames=config_dict.placeholder(int),  # duration in [min, max_frames]; None = max
       frame_stride=1,
+      max_frame_stride=config_dict.placeholder(int),  # stride in [frame_stride, this]; None = same
       max_tokens_per_example=512,  # larger examples are resized down (keeping aspect)
-      packing="first_fit",  # "first_fit" | "best_fit"
-      num_packing_bins=8,  # rows packed at once; more bins -> less padding, more latency
+      min_tokens_per_example=config_dict.placeholder(int),  # budget in [min, max]; None = max
+      token_drop=(0.0, 0.0),  # (min, max) fraction of tokens dropped per example in training
+      packing="best_fit_pool",  # "best_fit_pool" | "first_fit" | "best_fit" (grain's)
+      num_packing_bins=16,  # rows packed at once (pool: open rows); more -> less padding
+      shrink_to_fill=0.0,  # best_fit_pool: shrink an example by ≤ this fraction to fill a gap
       read_threads=2,  # threads running the per-example transforms
       read_buffer=32,  # examples prefetched by those threads
+      prefetch_batches=2,  # batches prepared ahead in a background thread (workers = 0)
       workers=0,  # > 0: run the whole pipeline in this many processes (grain mp_prefetch)
     )
   )
 
 
+def resolve_input_config(input_config) -> ml_collections.ConfigDict:
+  """The defaults overridden by `input_config`; keys the pipeline does not know are errors."""
+  c = default_input_config()
+  given = input_config.to_dict() if hasattr(input_config, "to_dict") else dict(input_config)
+  unknown = sorted(set(given) - set(c))
+  if unknown:
+    raise ValueError(f"unknown input config keys {unknown}; expected a subset of {sorted(c)}")
+  for key, value in given.items():
+    c[key] = tuple(value) if isinstance(value, list) else value
+  # Absent (None) range ends follow the other end: an older config keeps its fixed behaviour.
+  for free, fixed in (
+    ("min_tokens_per_example", "max_tokens_per_example"),
+    ("min_frames", "max_frames"),
+    ("max_frame_stride", "frame_stride"),
+  ):
+    if c[free] is None:
+      c[free] = c[fixed]
+  return c
+
+
+def components(c: ml_collections.ConfigDict) -> list[tuple[str, str | None, float]]:
+  """(dataset, dataset_config, weight) of every dataset the pipeline reads."""
+  if not c.mixture:
+    return [(c.dataset, c.dataset_config, 1.0)]
+  out = []
+  for entry in c.mixture:
+    if len(entry) != 3 or not isinstance(entry[0], str) or not float(entry[2]) > 0:
+      raise ValueError(
+        f"input.mixture entry {entry!r} must be (dataset, dataset_config, weight > 0)"
+      )
+    out.append((entry[0], entry[1], float(entry[2])))
+  return out
+
+
 def check_input_config(c: ml_collections.ConfigDict) -> None:
-  """Rejects configs the packer could not honour, naming the bad value and the bound."""
+  """Rejects configs the pipeline could not honour, naming the bad value and the bound."""
   if len(c.patch_size) != 3 or min(c.patch_size) < 1:
     raise ValueError(f"input.patch_size={tuple(c.patch_size)} must be three positive ints")
   if c.packing not in PACKERS:
@@ -82,10 +124,16 @@ def check_input_config(c: ml_collections.ConfigDict) -> None:
       f"input.tokens_per_row={c.tokens_per_row}: an example must fit in one row"
     )
   temporal = max(1, c.max_frames // c.patch_size[0])
-  if c.max_tokens_per_example < temporal:
+  for key in ("max_tokens_per_example", "min_tokens_per_example"):
+    if c[key] < temporal:
+      raise ValueError(
+        f"input.{key}={c[key]} is below the {temporal} temporal patches of a "
+        f"{c.max_frames}-frame clip; expected >= {temporal}"
+      )
+  if c.min_tokens_per_example > c.max_tokens_per_example:
     raise ValueError(
-      f"input.max_tokens_per_example={c.max_tokens_per_example} is below the {temporal} "
-      f"temporal patches of a {c.max_frames}-frame clip; expected >= {temporal}"
+      f"input.min_tokens_per_example={c.min_tokens_per_example} exceeds "
+      f"input.max_tokens_per_example={c.max_tokens_per_example}"
     )
   if not 1 <= c.max_caption_tokens <= c.text_tokens_per_row:
     raise ValueError(
@@ -96,31 +144,37 @@ def check_input_config(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"input.vocab_size={c.vocab_size} must be > {tokenizer.NUM_FIXED_IDS}")
   if c.frame_stride < 1 or c.max_frames < 1:
     raise ValueError(f"input.frame_stride={c.frame_stride}, max_frames={c.max_frames} must be >= 1")
+  if not 1 <= c.min_frames <= c.max_frames:
+    raise ValueError(f"input.min_frames={c.min_frames} must be in [1, max_frames={c.max_frames}]")
+  if c.max_frame_stride < c.frame_stride:
+    raise ValueError(
+      f"input.max_frame_stride={c.max_frame_stride} is below frame_stride={c.frame_stride}"
+    )
+  drop = tuple(c.token_drop)
+  if len(drop) != 2 or not 0.0 <= drop[0] <= drop[1] < 1.0:
+    raise ValueError(f"input.token_drop={drop} must be (min, max) with 0 <= min <= max < 1")
+  if not 0.0 <= c.shrink_to_fill < 1.0:
+    raise ValueError(f"input.shrink_to_fill={c.shrink_to_fill} must be in [0, 1)")
+  for key in ("read_threads", "read_buffer", "prefetch_batches", "workers"):
+    if c[key] < 0:
+      raise ValueError(f"input.{key}={c[key]} must be >= 0")
+  for name, _, _ in components(c):
+    if name not in datasets.SOURCES:
+      raise ValueError(f"dataset={name!r} is unknown; expected one of {sorted(datasets.SOURCES)}")
 
 
-class PackedToBatch(grain.transforms.Map):
-  """grain's packed features (`x`, `x_segment_ids`, ...) -> exactly the packed-batch contract.
-
-  Also checks that the segment numbering agrees between video tokens, text tokens and the
-  per-example slots, and pads a short last batch (evaluation) to B rows of padding.
+class FinalizeBatch(grain.transforms.Map):
+  """Stacked rows -> the packed-batch contract: pads a short last batch (evaluation) to B rows,
+  adds `cond_mask` / `loss_mask`, and checks that every example has text and ≤ T'·H'·W' tokens.
   """
 
   def __init__(self, rows: int):
     self.rows = rows
 
-  def map(self, packed: dict) -> dict:
-    seg = packed["patches_segment_ids"]  # [b, L]
-    batch = {
-      "patches": packed["patches"].astype(np.float32),
-      "positions": packed["positions"].astype(np.int32),
-      "segment_ids": seg.astype(np.int32),
-      "shapes": packed["shapes"].astype(np.int32),
-      "text_tokens": packed["text_tokens"].astype(np.int32),
-      "text_segment_ids": packed["text_tokens_segment_ids"].astype(np.int32),
-      "labels": packed["labels"].astype(np.int32),
-    }
-    _check_segments(packed)
-    missing = self.rows - seg.shape[0]
+  def map(self, rows: dict) -> dict:
+    batch = dict(rows)
+    _check_segments(batch)
+    missing = self.rows - batch["segment_ids"].shape[0]
     if missing > 0:
       batch = {
         k: np.concatenate(
@@ -133,51 +187,63 @@ class PackedToBatch(grain.transforms.Map):
     return batch
 
 
-def _check_segments(packed: dict) -> None:
-  """Every example k of a row has video tokens, text tokens, slot k-1, and N = T'·H'·W'."""
-  seg = packed["patches_segment_ids"]  # [b, L]
-  slots = packed["shapes_segment_ids"]  # [b, K]
-  k = slots.shape[1]
-  if not (
-    np.array_equal(seg, packed["positions_segment_ids"])
-    and np.array_equal(slots, np.where(slots > 0, np.arange(1, k + 1), 0))
-    and np.array_equal(slots, packed["labels_segment_ids"])
-  ):
-    raise RuntimeError("packing numbered positions, shapes or labels unlike the patches")
+def _check_segments(batch: dict) -> None:
+  seg, text_seg, shapes = batch["segment_ids"], batch["text_segment_ids"], batch["shapes"]
+  k = shapes.shape[1]
   for row in range(seg.shape[0]):
-    video_counts = np.bincount(seg[row], minlength=k + 1)[1:]
-    has_text = np.bincount(packed["text_tokens_segment_ids"][row], minlength=k + 1)[1:] > 0
-    grid_sizes = np.prod(packed["shapes"][row], axis=-1) * (slots[row] > 0)
-    if not (np.array_equal(video_counts, grid_sizes) and np.array_equal(has_text, slots[row] > 0)):
+    used = shapes[row, :, 0] > 0  # [K]
+    counts = np.bincount(seg[row], minlength=k + 1)[1:]
+    has_text = np.bincount(text_seg[row], minlength=k + 1)[1:] > 0
+    grid = np.prod(shapes[row], axis=-1)
+    if not (
+      np.array_equal(counts > 0, used) and np.array_equal(has_text, used) and (counts <= grid).all()
+    ):
       raise RuntimeError(
-        f"packed row {row} is inconsistent: video tokens per segment {video_counts.tolist()}, "
-        f"grid sizes {grid_sizes.tolist()}, segments with text {has_text.tolist()}"
+        f"packed row {row} is inconsistent: video tokens per segment {counts.tolist()}, "
+        f"grid sizes {grid.tolist()}, segments with text {has_text.tolist()}"
       )
 
 
-def _pack(ds: grain.IterDataset, c: ml_collections.ConfigDict, *, seed: int, train: bool):
-  length, text, k = c.tokens_per_row, c.text_tokens_per_row, c.max_examples_per_row
-  return PACKERS[c.packing](
-    ds,
-    length_struct={
-      "patches": length,
-      "positions": length,
-      "text_tokens": text,
-      "shapes": k,
-      "labels": k,
-    },
-    padding_struct={
-      "patches": 0.0,
-      "positions": 0,
-      "text_tokens": tokenizer.PAD_ID,
-      "shapes": 0,
-      "labels": -1,
-    },
-    num_packing_bins=c.num_packing_bins,
-    max_sequences_per_bin=k,
-    shuffle_bins=train,
-    seed=seed,
-  )
+class _OffsetLabel(grain.transforms.Map):
+  """Shifts labels ≥ 0 by `offset` (datasets of a mixture get disjoint label ranges)."""
+
+  def __init__(self, offset: int):
+    self.offset = offset
+
+  def map(self, element: dict) -> dict:
+    label = int(element.get("label", -1))
+    return {**element, "label": np.int32(label + self.offset if label >= 0 else -1)}
+
+
+def _examples(c, *, seed: int, train: bool) -> grain.MapDataset:
+  """The global stream of raw examples: the (weighted) mixture of the datasets."""
+  parts, weights, offset = [], [], 0
+  for i, (name, config, weight) in enumerate(components(c)):
+    source = datasets.data_source(name, c.split, data_dir=c.data_dir, config=config)
+    ds = grain.MapDataset.source(source)
+    if len(components(c)) > 1:
+      ds = ds.map(_OffsetLabel(offset))
+      offset += datasets.num_classes(name)
+    if train:
+      ds = ds.seed(seed + 1000 * i).shuffle().repeat()  # each epoch gets its own permutation
+    parts.append(ds)
+    weights.append(weight)
+  if len(parts) == 1:
+    return parts[0]
+  if train:
+    return grain.MapDataset.mix(parts, weights)
+  return grain.MapDataset.concatenate(parts)
+
+
+def packable_examples(c: ml_collections.ConfigDict, *, seed: int, train: bool) -> grain.MapDataset:
+  """The global stream of packable examples (before the host split and packing)."""
+  ds = _examples(c, seed=seed, train=train).seed(seed)
+  for transform in transforms_lib.example_transforms(c, train=train):
+    if isinstance(transform, grain.transforms.RandomMap):
+      ds = ds.random_map(transform)
+    else:
+      ds = ds.map(transform)
+  return ds
 
 
 def make_dataset(
@@ -194,29 +260,37 @@ def make_dataset(
   a short last batch is padded to `rows_per_batch` rows of padding. Hosts may then see different
   numbers of batches; multi-host evaluation has to agree on a count.
   """
-  c = input_config
+  c = resolve_input_config(input_config)
   check_input_config(c)
+  packing_lib.single_threaded_blas()
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
-  source = datasets.data_source(c.dataset, c.split, data_dir=c.data_dir, config=c.dataset_config)
-  ds = grain.MapDataset.source(source).seed(seed)
-  if train:
-    ds = ds.shuffle().repeat()  # shuffle first: each epoch gets its own permutation
-  for transform in transforms_lib.example_transforms(c, train=train):
-    if isinstance(transform, grain.transforms.RandomMap):
-      ds = ds.random_map(transform)
-    else:
-      ds = ds.map(transform)
-  ds = ds[process_index::process_count]
-  read = grain.ReadOptions(num_threads=c.read_threads, prefetch_buffer_size=c.read_buffer)
-  ds = ds.to_iter_dataset(read)
-  ds = _pack(ds, c, seed=seed, train=train)
+  ds = packable_examples(c, seed=seed, train=train)[process_index::process_count]
+  if c.packing == "best_fit_pool":
+    ds = packing_lib.PoolPackIterDataset(
+      ds,
+      patch_size=c.patch_size,
+      tokens_per_row=c.tokens_per_row,
+      text_tokens_per_row=c.text_tokens_per_row,
+      max_examples_per_row=c.max_examples_per_row,
+      num_bins=c.num_packing_bins,
+      shrink_to_fill=c.shrink_to_fill if train else 0.0,
+      read_threads=c.read_threads,
+      read_buffer=c.read_buffer,
+      shard=(process_index, process_count),
+    )
+  else:
+    ds = ds.map(transforms_lib.Materialize(c.patch_size))
+    read = grain.ReadOptions(num_threads=c.read_threads, prefetch_buffer_size=c.read_buffer)
+    ds = packing_lib.grain_packer(ds.to_iter_dataset(read), c.packing, c, seed=seed, train=train)
   ds = ds.batch(c.rows_per_batch, drop_remainder=train)
-  ds = ds.map(PackedToBatch(c.rows_per_batch))
+  ds = ds.map(FinalizeBatch(c.rows_per_batch))
   if c.workers > 0:
     if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside `absl.app` use defaults
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=c.workers))
+  elif c.prefetch_batches > 0:
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=c.prefetch_batches)
   return ds
 
 

@@ -3,15 +3,22 @@
 A raw example is a dict with `video` uint8 [T, H, W, 3], `caption` (bytes/str) and optionally
 `label`. The chain (see `example_transforms`) is
 
-  SampleClip -> ToFloat -> ResizeToTokenBudget -> Patchify -> TokenizeCaption -> ToPackable
+  SampleClip -> ToFloat -> ResizeToTokenBudget -> TokenizeCaption -> SampleTokenDrop -> Packable
 
-and ends in the per-example dict that the packer concatenates into rows:
+and ends in a *packable* example: `video` float32 [T, H, W, 3] in [-1, 1] with T, H, W multiples
+of the patch, `text_tokens` [n] int32, `label` int32, `drop_rate` float32 and `seed` int64. The
+packer may still shrink it (keeping aspect) to fill a gap in a row; `materialize` then cuts it
+into the per-example dict rows are made of:
 
   patches [N, P] float32, positions [N, 3] int32, text_tokens [n] int32,
-  shapes [1, 3] int32 (the patch grid), labels [1] int32 (-1 = none).
+  shapes [1, 3] int32 (the full patch grid T'·H'·W' ≥ N), labels [1] int32 (-1 = none).
 
-Per-example things are length-1 features so that packing them into length K gives slot k the
-segment id k + 1, the same as the example's video and text tokens.
+Token dropping (NaViT, Sec. 3.2) keeps N = T'·H'·W' − round(drop_rate · T'·H'·W') tokens chosen
+at random (seeded by the example's `seed`), in their original order, with their original
+positions. Per-example things are length-1 features so that slot k is segment id k + 1.
+
+Randomness comes from grain's per-index rng (`RandomMap`), so example i of the stream is the
+same whatever the number of hosts or workers.
 """
 
 from collections.abc import Sequence
@@ -30,9 +37,11 @@ def clip_window(num_frames: int, max_frames: int, frame_stride: int, pt: int) ->
 
 
 class SampleClip(grain.transforms.RandomMap):
-  """Takes a clip (random start in training) and centre-crops H, W to multiples of the patch.
+  """Samples a clip: frame stride, duration and start; centre-crops H, W to patch multiples.
 
-  Clips have `min(T_available, max_frames)` frames rounded down to a multiple of pt; a video
+  In training the stride is uniform in [frame_stride, max_frame_stride] and the duration uniform
+  in [min_frames, max_frames] (multiples of pt, capped by what the video offers at that stride),
+  the start uniform; in evaluation it is the first clip at `frame_stride` of `max_frames`. A video
   shorter than pt frames (e.g. an image) repeats its last frame up to pt.
   """
 
@@ -42,33 +51,47 @@ class SampleClip(grain.transforms.RandomMap):
     max_frames: int,
     frame_stride: int = 1,
     random_start: bool = True,
+    min_frames: int | None = None,
+    max_frame_stride: int | None = None,
   ):
     self.patch_size = tuple(int(p) for p in patch_size)
     self.max_frames = max_frames
+    self.min_frames = max_frames if min_frames is None else min_frames
     self.frame_stride = frame_stride
+    self.max_frame_stride = frame_stride if max_frame_stride is None else max_frame_stride
     self.random_start = random_start
 
-  def num_starts(self, num_frames: int) -> int:
+  def num_starts(self, num_frames: int, stride: int | None = None, length: int | None = None):
     """How many clip start frames a video of `num_frames` frames offers."""
-    length = clip_window(num_frames, self.max_frames, self.frame_stride, self.patch_size[0])
-    return max(1, num_frames - (length - 1) * self.frame_stride)
+    stride = stride or self.frame_stride
+    length = length or clip_window(num_frames, self.max_frames, stride, self.patch_size[0])
+    return max(1, num_frames - (length - 1) * stride)
 
-  def clip(self, element: dict, start: int) -> dict:
+  def clip(self, element: dict, start: int, stride: int | None = None, length: int | None = None):
     video = element["video"]  # [T, H, W, C]
     t, h, w, _ = video.shape
     pt, ph, pw = self.patch_size
     if h < ph or w < pw:
       raise ValueError(f"video of height={h}, width={w} is smaller than the patch {ph}x{pw}")
-    length = clip_window(t, self.max_frames, self.frame_stride, pt)
-    frames = np.minimum(start + self.frame_stride * np.arange(length), t - 1)
+    stride = stride or self.frame_stride
+    length = length or clip_window(t, self.max_frames, stride, pt)
+    frames = np.minimum(start + stride * np.arange(length), t - 1)
     top, left = (h % ph) // 2, (w % pw) // 2
     video = video[frames, top : top + h - h % ph, left : left + w - w % pw]
     return {**element, "video": video}
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    starts = self.num_starts(element["video"].shape[0])
-    start = int(rng.integers(starts)) if self.random_start else 0
-    return self.clip(element, start)
+    if not self.random_start:
+      return self.clip(element, 0)
+    t, pt = element["video"].shape[0], self.patch_size[0]
+    stride = int(rng.integers(self.frame_stride, self.max_frame_stride + 1))
+    while stride > 1 and (t - 1) // stride + 1 < self.min_frames:
+      stride -= 1  # a short video: the largest stride that still gives min_frames
+    longest = clip_window(t, self.max_frames, stride, pt)
+    shortest = min(longest, max(pt, self.min_frames // pt * pt))
+    length = int(rng.integers(shortest // pt, longest // pt + 1)) * pt
+    start = int(rng.integers(self.num_starts(t, stride, length)))
+    return self.clip(element, start, stride, length)
 
 
 class ToFloat(grain.transforms.Map):
@@ -89,10 +112,17 @@ def _area_weights(size_in: int, size_out: int) -> np.ndarray:
 
 
 def area_resize(video: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Area-averaging resize of [T, H, W, C] to [T, height, width, C] (exact for any ratio)."""
-  wy = _area_weights(video.shape[1], height)
-  wx = _area_weights(video.shape[2], width)
-  return np.einsum("oh,thwc,pw->topc", wy, video, wx, optimize=True).astype(video.dtype)
+  """Area-averaging resize of [T, H, W, C] to [T, height, width, C] (exact for any ratio).
+
+  Two batched matmuls (H, then W) rather than one einsum: ~25× faster in numpy. In float64, so
+  the float32 result does not depend on how BLAS splits the work (threads): exact resume.
+  """
+  t, h, w, c = video.shape
+  wy = _area_weights(h, height).astype(np.float64)  # [height, H]
+  wx = _area_weights(w, width).astype(np.float64)  # [width, W]
+  x = np.matmul(wy, video.reshape(t, h, w * c).astype(np.float64)).reshape(t, height, w, c)
+  x = np.matmul(wx, x.transpose(0, 2, 1, 3).reshape(t, w, height * c))  # [T, width, height·C]
+  return x.reshape(t, width, height, c).transpose(0, 2, 1, 3).astype(video.dtype)
 
 
 def fit_grid(grid: Sequence[int], max_tokens: int, tolerance: float = 0.15) -> tuple[int, int, int]:
@@ -116,36 +146,34 @@ def fit_grid(grid: Sequence[int], max_tokens: int, tolerance: float = 0.15) -> t
   return gt, int(h[i, j]), int(w[i, j])
 
 
-class ResizeToTokenBudget(grain.transforms.Map):
-  """Shrinks H, W (keeping aspect, NaViT-style) so the example has ≤ max_tokens patches."""
+class ResizeToTokenBudget(grain.transforms.RandomMap):
+  """Shrinks H, W (keeping aspect, NaViT-style) so the example has ≤ a token budget of patches.
 
-  def __init__(self, patch_size: Sequence[int], max_tokens: int):
+  The budget is drawn per example, uniform in [min_tokens, max_tokens] (NaViT's resolution
+  sampling: the same video is seen at many resolutions, and the spread of lengths is what lets
+  packing fill rows); min_tokens = max_tokens gives a fixed budget. Never upsamples.
+  """
+
+  def __init__(self, patch_size: Sequence[int], max_tokens: int, min_tokens: int | None = None):
     self.patch_size = tuple(int(p) for p in patch_size)
     self.max_tokens = max_tokens
+    self.min_tokens = max_tokens if min_tokens is None else min_tokens
 
-  def map(self, element: dict) -> dict:
-    video = element["video"]  # [T, H, W, C], T/H/W multiples of the patch
-    pt, ph, pw = self.patch_size
-    t, h, w, _ = video.shape
-    grid = (t // pt, h // ph, w // pw)
-    _, gh, gw = fit_grid(grid, self.max_tokens)
-    if (gh, gw) == grid[1:]:
-      return element
-    return {**element, "video": area_resize(video, gh * ph, gw * pw)}
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    budget = int(rng.integers(self.min_tokens, self.max_tokens + 1))
+    return resize_to_grid(element, self.patch_size, budget)
 
 
-class Patchify(grain.transforms.Map):
-  """video [T, H, W, C] -> patches [N, P], positions [N, 3], grid (T', H', W')."""
-
-  def __init__(self, patch_size: Sequence[int]):
-    self.patch_size = tuple(int(p) for p in patch_size)
-
-  def map(self, element: dict) -> dict:
-    out = {k: v for k, v in element.items() if k != "video"}
-    out["patches"], out["positions"], out["grid"] = patchify_lib.patchify(
-      element["video"], self.patch_size
-    )
-    return out
+def resize_to_grid(element: dict, patch_size: Sequence[int], budget: int, grid=None) -> dict:
+  """`element` with its video shrunk to `grid` (or the largest aspect-keeping grid ≤ budget)."""
+  video = element["video"]  # [T, H, W, C], T/H/W multiples of the patch
+  pt, ph, pw = patch_size
+  t, h, w, _ = video.shape
+  native = (t // pt, h // ph, w // pw)
+  _, gh, gw = fit_grid(native, budget) if grid is None else grid
+  if (gh, gw) == native[1:]:
+    return element
+  return {**element, "video": area_resize(video, gh * ph, gw * pw)}
 
 
 class TokenizeCaption(grain.transforms.Map):
@@ -160,29 +188,94 @@ class TokenizeCaption(grain.transforms.Map):
     return {**element, "text_tokens": self.tokenizer.encode(text, self.max_len)}
 
 
-class ToPackable(grain.transforms.Map):
-  """Keeps exactly the features the packer concatenates (see the module docstring)."""
+class SampleTokenDrop(grain.transforms.RandomMap):
+  """Draws the example's token-drop rate, uniform in [min_rate, max_rate], and its drop seed."""
+
+  def __init__(self, min_rate: float = 0.0, max_rate: float = 0.0):
+    self.min_rate, self.max_rate = min_rate, max_rate
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    rate = rng.uniform(self.min_rate, self.max_rate) if self.max_rate > 0 else 0.0
+    return {**element, "drop_rate": np.float32(rate), "seed": np.int64(rng.integers(2**62))}
+
+
+class Packable(grain.transforms.Map):
+  """Keeps exactly the fields of a packable example (see the module docstring)."""
 
   def map(self, element: dict) -> dict:
     return {
-      "patches": np.asarray(element["patches"], np.float32),
-      "positions": np.asarray(element["positions"], np.int32),
+      "video": np.asarray(element["video"], np.float32),
       "text_tokens": np.asarray(element["text_tokens"], np.int32),
-      "shapes": np.asarray(element["grid"], np.int32).reshape(1, 3),
-      "labels": np.asarray([element.get("label", -1)], np.int32),
+      "label": np.int32(element.get("label", -1)),
+      "drop_rate": np.float32(element.get("drop_rate", 0.0)),
+      "seed": np.int64(element.get("seed", 0)),
     }
 
 
+def kept_tokens(num_tokens: int, drop_rate: float) -> int:
+  """How many of `num_tokens` tokens survive token dropping at `drop_rate` (at least 1)."""
+  return max(1, num_tokens - int(round(float(drop_rate) * num_tokens)))
+
+
+def grid_of(element: dict, patch_size: Sequence[int]) -> tuple[int, int, int]:
+  """The patch grid (T', H', W') of a packable example."""
+  t, h, w, _ = element["video"].shape
+  return t // patch_size[0], h // patch_size[1], w // patch_size[2]
+
+
+def materialize(element: dict, patch_size: Sequence[int], grid=None) -> dict:
+  """A packable example -> patches/positions/text/shapes/labels (resized to `grid` if given)."""
+  if grid is not None:
+    element = resize_to_grid(element, patch_size, 0, tuple(grid))
+  patches, positions, grid = patchify_lib.patchify(element["video"], patch_size)
+  n = patches.shape[0]
+  keep = kept_tokens(n, float(element["drop_rate"]))
+  if keep < n:
+    rng = np.random.default_rng(int(element["seed"]))
+    index = np.sort(rng.choice(n, size=keep, replace=False))
+    patches, positions = patches[index], positions[index]
+  return {
+    "patches": patches,
+    "positions": positions,
+    "text_tokens": element["text_tokens"],
+    "shapes": np.asarray(grid, np.int32).reshape(1, 3),
+    "labels": np.asarray([element["label"]], np.int32),
+  }
+
+
+class Materialize(grain.transforms.Map):
+  """`materialize` as a grain transform (the grain first-fit/best-fit packers' input)."""
+
+  def __init__(self, patch_size: Sequence[int]):
+    self.patch_size = tuple(int(p) for p in patch_size)
+
+  def map(self, element: dict) -> dict:
+    return materialize(element, self.patch_size)
+
+
 def example_transforms(input_config, *, train: bool) -> list:
-  """The per-example chain for an input config (`vdit.data.pipeline.default_input_config`)."""
+  """The per-example chain for an input config (`vdit.data.pipeline.default_input_config`).
+
+  Evaluation is deterministic: first clip at `frame_stride`, fixed budget, no token dropping.
+  """
   c = input_config
+  drop = tuple(c.token_drop) if train else (0.0, 0.0)
   return [
-    SampleClip(c.patch_size, c.max_frames, c.frame_stride, random_start=train),
+    SampleClip(
+      c.patch_size,
+      c.max_frames,
+      c.frame_stride,
+      random_start=train,
+      min_frames=c.min_frames if train else c.max_frames,
+      max_frame_stride=c.max_frame_stride if train else c.frame_stride,
+    ),
     ToFloat(),
-    ResizeToTokenBudget(c.patch_size, c.max_tokens_per_example),
-    Patchify(c.patch_size),
+    ResizeToTokenBudget(
+      c.patch_size, c.max_tokens_per_example, c.min_tokens_per_example if train else None
+    ),
     TokenizeCaption(c.vocab_size, c.max_caption_tokens),
-    ToPackable(),
+    SampleTokenDrop(*drop),
+    Packable(),
   ]
 
 

@@ -1,15 +1,26 @@
 """TFDS builders of the bundled datasets (procedural or from files shipped with packages).
 
 Each dataset module defines `build(data_dir, config)` (idempotent) and
-`data_source(split, data_dir, config)` (random access, ArrayRecord). `data_source` below looks
-a module up by dataset name, so the input pipeline stays independent of the datasets.
+`data_source(split, data_dir, config)` (random access, ArrayRecord); `building.py` holds what
+they share. `data_source` below looks a dataset up by name, so the input pipeline stays
+independent of the datasets. Every source yields at least `video` uint8 [T, H, W, 3],
+`caption` and `label` (-1 = none).
 """
 
 import importlib
 import os
 
-# Dataset name -> module; the module is imported only when the dataset is used (TFDS is heavy).
-MODULES = {"shapes": "vdit.datasets.shapes"}
+# Dataset name -> "module:function" returning the random-access source of a split; the module is
+# imported only when the dataset is used (TFDS is heavy). `num_classes` of a dataset is the
+# module's NUM_CLASSES (0 if it has no labels).
+SOURCES = {
+  "shapes": "vdit.datasets.shapes:data_source",
+  "moving_digits": "vdit.datasets.moving_digits:data_source",
+  "photo_pans": "vdit.datasets.photo_pans:data_source",
+  "folder": "vdit.datasets.folder:data_source",  # dataset_config = the folder's path
+  "folder_raw": "vdit.datasets.folder:raw_source",  # same, decoded on the fly (no TFDS)
+}
+DEFAULT_CONFIGS = {"folder": None, "folder_raw": None}  # others: "tiny"
 
 
 def default_data_dir() -> str:
@@ -19,10 +30,23 @@ def default_data_dir() -> str:
   )
 
 
+def _resolve(name: str):
+  if name not in SOURCES:
+    raise ValueError(f"dataset={name!r} is unknown; expected one of {sorted(SOURCES)}")
+  module, function = SOURCES[name].split(":")
+  return importlib.import_module(module), function
+
+
 def data_source(name: str, split: str, *, data_dir: str | None = None, config: str | None = None):
   """Builds dataset `name` if needed and returns the random-access source of `split`."""
-  if name not in MODULES:
-    raise ValueError(f"dataset={name!r} is unknown; expected one of {sorted(MODULES)}")
-  module = importlib.import_module(MODULES[name])
+  module, function = _resolve(name)
+  if config is None and name in DEFAULT_CONFIGS:
+    raise ValueError(f"dataset={name!r} needs dataset_config=<path of the folder>")
   kwargs = {} if config is None else {"config": config}
-  return module.data_source(split, data_dir or default_data_dir(), **kwargs)
+  return getattr(module, function)(split, data_dir or default_data_dir(), **kwargs)
+
+
+def num_classes(name: str) -> int:
+  """How many label values dataset `name` uses (0: no labels)."""
+  module, _ = _resolve(name)
+  return int(getattr(module, "NUM_CLASSES", 0))

@@ -1,9 +1,10 @@
 """`shapes`: captioned videos of coloured shapes moving over a plain or gradient background.
 
-Native-size data: every example has its own canvas size, aspect ratio (1:2 … 2:1) and duration.
-Captions name colour, shape and motion in the canonical form `a {colour} {shape} moving
-{direction}` (joined by " and " for two objects), sometimes followed by `on a {background}
-background`, so generated videos can be checked analytically (object colour, centroid motion).
+Native-size data: every example has its own canvas size, aspect ratio (1:3 … 3:1) and duration.
+Captions always contain the canonical form `a {colour} {shape} moving {direction}` (joined by
+" and " for two objects), so generated videos can be checked analytically (object colour,
+centroid motion); some add a lead-in ("a video of"), the speed ("slowly" / "quickly", which the
+motion honours) and the background ("on a gray background").
 
 The generator is pure numpy and deterministic: example `i` of a split is drawn from
 `np.random.default_rng((seed, split_id, i))`. Examples are written as ArrayRecord and read with
@@ -15,16 +16,13 @@ TensorFlow in the reader).
   source[0]["video"]                           # uint8 [T, H, W, 3]
 """
 
-import contextlib
 import dataclasses
-import fcntl
-import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from vdit import datasets
+from vdit.datasets import building
 
 # Ids are indices into these tuples: append only.
 COLOURS = {  # object colours (RGB)
@@ -58,7 +56,10 @@ COLOUR_NAMES = tuple(COLOURS)
 BACKGROUND_NAMES = tuple(BACKGROUNDS)
 DIRECTION_NAMES = tuple(DIRECTIONS)
 MIN_CONTRAST = 140.0  # minimum RGB distance between an object and its background
-MIN_SPEED = 1.0  # px/frame along each moving axis; may push the object partly out of frame
+MIN_SPEED = 1.0  # px/frame along each moving axis (less on small canvases with long clips)
+# Speed word -> fraction of the free span an object travels over the clip.
+SPEEDS = {"slowly": (0.3, 0.45), "": (0.6, 0.85), "quickly": (0.9, 1.0)}
+PREFIXES = ("a video of ", "footage of ", "an animation of ")
 
 
 @dataclasses.dataclass(eq=False)
@@ -68,16 +69,18 @@ class ShapesConfig(tfds.core.BuilderConfig):
   train_size: int = 2000
   validation_size: int = 200
   min_size: int = 16  # px, smallest canvas side
-  max_size: int = 64  # px, largest canvas side
+  max_size: int = 80  # px, largest canvas side
   size_multiple: int = 8  # px, every side is a multiple of this
-  max_aspect: float = 2.0  # canvas aspect ratio within [1/max_aspect, max_aspect]
-  min_frames: int = 8
-  max_frames: int = 16
+  max_aspect: float = 3.0  # canvas aspect ratio within [1/max_aspect, max_aspect]
+  min_frames: int = 4
+  max_frames: int = 24
   colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
   shapes: tuple[str, ...] = ("circle", "square", "triangle")
   directions: tuple[str, ...] = ("left", "right", "up", "down")
   two_object_rate: float = 0.0  # fraction of examples with a second object
   background_caption_rate: float = 0.25  # fraction of captions that name the background
+  speed_rate: float = 0.3  # fraction of examples moving "slowly" or "quickly" (and saying so)
+  prefix_rate: float = 0.15  # fraction of captions with a lead-in ("a video of ...")
   seed: int = 0
 
 
@@ -98,11 +101,14 @@ class ExampleSpec:
   height: int  # px
   width: int  # px
   caption_background: bool = False  # append "on a {background} background" to the caption
+  speed: str = ""  # key of SPEEDS; "" = normal speed, not captioned
+  prefix: str = ""  # "" or one of PREFIXES
 
 
 def caption(spec: ExampleSpec) -> str:
   """The caption of an example: `a {colour} {shape} moving {direction}` per object."""
   text = " and ".join(f"a {o.colour} {o.shape} moving {o.direction}" for o in spec.objects)
+  text = spec.prefix + text + (f" {spec.speed}" if spec.speed else "")
   if spec.caption_background:
     text += f" on a {spec.background} background"
   return text
@@ -133,6 +139,8 @@ def sample_spec(rng: np.random.Generator, config: ShapesConfig) -> ExampleSpec:
     for c in colours
   )
   background = str(rng.choice(contrasting_backgrounds(colours)))
+  speed = str(rng.choice(["slowly", "quickly"])) if rng.random() < config.speed_rate else ""
+  prefix = str(rng.choice(PREFIXES)) if rng.random() < config.prefix_rate else ""
   return ExampleSpec(
     objects=objects,
     background=background,
@@ -140,6 +148,8 @@ def sample_spec(rng: np.random.Generator, config: ShapesConfig) -> ExampleSpec:
     height=height,
     width=width,
     caption_background=bool(rng.random() < config.background_caption_rate),
+    speed=speed,
+    prefix=prefix,
   )
 
 
@@ -157,12 +167,13 @@ def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np
   raise ValueError(f"shape={shape!r} is not one of {SHAPES}")
 
 
-def _trajectory(rng, extent: int, r: float, step: int, num_frames: int) -> np.ndarray:
+def _trajectory(rng, extent: int, r: float, step: int, num_frames: int, speed: str) -> np.ndarray:
   """Centre coordinate per frame along one axis: static (step 0) or moving by `step` sign."""
   span = extent - 2 * r  # centre positions that keep the object fully in frame
   if step == 0:
     return np.full(num_frames, r + rng.uniform(0, span))
-  travel = max(rng.uniform(0.7, 1.0) * span, MIN_SPEED * (num_frames - 1))
+  # At least MIN_SPEED px/frame, but never so fast that the object leaves more than half out.
+  travel = max(rng.uniform(*SPEEDS[speed]) * span, min(MIN_SPEED * (num_frames - 1), span + r))
   start = r + rng.uniform(0, span - travel) if travel <= span else (extent - travel) / 2
   path = start + travel * np.linspace(0.0, 1.0, num_frames)
   return path if step > 0 else extent - path
@@ -185,8 +196,8 @@ def make_example(rng: np.random.Generator, spec: ExampleSpec) -> dict:
   for obj in spec.objects:
     r = max(3.0, rng.uniform(0.12, 0.2) * min(h, w))  # px, half-size
     step_x, step_y = DIRECTIONS[obj.direction]
-    cx = _trajectory(rng, w, r, step_x, t)[:, None, None]  # [T, 1, 1]
-    cy = _trajectory(rng, h, r, step_y, t)[:, None, None]
+    cx = _trajectory(rng, w, r, step_x, t, spec.speed)[:, None, None]  # [T, 1, 1]
+    cy = _trajectory(rng, h, r, step_y, t, spec.speed)[:, None, None]
     sd = _signed_distance(obj.shape, xs - cx, ys - cy, r)  # [T, H, W]
     alpha = np.clip(0.5 - sd, 0.0, 1.0)[..., None]  # 1-px anti-aliased edge
     colour = np.asarray(COLOURS[obj.colour], np.float32) + rng.uniform(-12, 12, size=3)
@@ -206,27 +217,29 @@ def make_example(rng: np.random.Generator, spec: ExampleSpec) -> dict:
 
 def generate(config: ShapesConfig, split: str, index: int) -> dict:
   """Example `index` of `split`, exactly as stored by the builder."""
-  split_id = ("train", "validation").index(split)
-  rng = np.random.default_rng((config.seed, split_id, index))
+  rng = building.split_rng(config.seed, split, index)
   return make_example(rng, sample_spec(rng, config))
 
 
 class Shapes(tfds.core.GeneratorBasedBuilder):
   """Captioned videos of coloured shapes moving over backgrounds (procedural, no downloads)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "Initial release.",
+    "1.1.0": "Wider sizes (to 3:1, 4-24 frames in tiny), speeds and lead-ins in captions.",
+  }
   BUILDER_CONFIGS = [
-    ShapesConfig(name="tiny", description="16-64 px, 8-16 frames, 2000/200 examples"),
+    ShapesConfig(name="tiny", description="16-80 px, aspect 1:3-3:1, 4-24 frames, 2000/200"),
     ShapesConfig(
       name="default",
-      description="32-128 px, 8-32 frames, 8 directions, some two-object clips",
+      description="16-256 px, aspect 1:3-3:1, 4-64 frames, 8 directions, two-object clips",
       train_size=20_000,
       validation_size=1_000,
-      min_size=32,
-      max_size=128,
+      min_size=16,
+      max_size=256,
       size_multiple=16,
-      max_frames=32,
+      max_frames=64,
       colours=COLOUR_NAMES,
       shapes=SHAPES,
       directions=DIRECTION_NAMES,
@@ -243,15 +256,13 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
   code_path = epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    scalar = lambda: tfds.features.Scalar(dtype=np.int32)
+    scalar = building.int_feature
     return tfds.core.DatasetInfo(
       builder=self,
       description=__doc__,
       features=tfds.features.FeaturesDict(
         {
-          "video": tfds.features.Tensor(
-            shape=(None, None, None, 3), dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB
-          ),
+          "video": building.video_feature(),
           "caption": tfds.features.Text(),
           "label": tfds.features.ClassLabel(names=SHAPES),
           "colour": scalar(),
@@ -277,38 +288,14 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
       yield index, generate(self.builder_config, split, index)
 
 
-def _builder(data_dir: str | None, config: str) -> Shapes:
-  names = [c.name for c in Shapes.BUILDER_CONFIGS]
-  if config not in names:
-    raise ValueError(f"shapes config={config!r} is unknown; expected one of {names}")
-  data_dir = data_dir or datasets.default_data_dir()
-  return Shapes(config=config, data_dir=data_dir, file_format="array_record")
-
-
-@contextlib.contextmanager
-def _lock(data_dir: str):
-  """Inter-process lock so parallel test workers / processes build a dataset once."""
-  os.makedirs(data_dir, exist_ok=True)
-  with open(os.path.join(data_dir, ".shapes.lock"), "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+NUM_CLASSES = len(SHAPES)  # `label` is the shape of the first object
 
 
 def build(data_dir: str | None = None, config: str = "tiny") -> None:
   """Generates and writes the dataset unless it is already there (cheap to call again)."""
-  data_dir = data_dir or datasets.default_data_dir()
-  if _builder(data_dir, config).is_prepared():
-    return
-  with _lock(data_dir):
-    builder = _builder(data_dir, config)  # re-check: another process may have built it
-    if not builder.is_prepared():
-      builder.download_and_prepare()
+  building.build(Shapes, data_dir, config)
 
 
 def data_source(split: str, data_dir: str | None = None, config: str = "tiny"):
   """Random-access source of one split (builds it first if needed); `len()` and `[i]` work."""
-  build(data_dir, config)
-  return _builder(data_dir, config).as_data_source(split)
+  return building.data_source(Shapes, split, data_dir, config)

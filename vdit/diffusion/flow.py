@@ -13,24 +13,29 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from vdit.diffusion import guidance, packed
+from vdit.diffusion.guidance import NULL_ID, PAD_ID, drop_text
 from vdit.models.layers import per_token
 
 __all__ = [
   "NULL_ID",
   "PAD_ID",
+  "SAMPLERS",
   "cfg_velocity",
   "drop_text",
   "euler_sample",
+  "heun_sample",
   "interpolate",
   "loss",
   "per_token",
+  "resolution_shift",
+  "sample",
   "sample_time",
   "shift_time",
 ]
 
-PAD_ID = 0  # text token ids (DESIGN.md): PAD=0, BOS=1, NULL=2, words >= 3
-NULL_ID = 2
 TIME_SAMPLINGS = ("uniform", "logit_normal")
+SAMPLERS = ("euler", "heun")
 
 
 def sample_time(
@@ -69,35 +74,6 @@ def interpolate(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
   return (1 - t) * x0 + t * noise
 
 
-def drop_text(
-  rng: jax.Array,
-  text_tokens: jax.Array,
-  text_segment_ids: jax.Array,
-  num_examples: int,
-  rate: float,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Classifier-free guidance dropout of captions (Ho & Salimans 2022, Sec. 3.2).
-
-  Each example is dropped with probability `rate`. A dropped caption becomes [NULL]: its
-  first token is replaced by NULL_ID and its other tokens turn into padding (id PAD_ID,
-  segment 0), so it encodes exactly like the empty caption. text_tokens,
-  text_segment_ids: [B, M]. Returns (tokens [B, M], segment_ids [B, M], dropped [B, K] bool).
-  """
-  b = text_tokens.shape[0]
-  dropped = jax.random.uniform(rng, (b, num_examples)) < rate  # [B, K]
-  in_dropped = per_token(dropped, text_segment_ids) & (text_segment_ids > 0)  # [B, M]
-  first = jnp.concatenate(
-    [
-      jnp.ones_like(text_segment_ids[:, :1], bool),
-      text_segment_ids[:, 1:] != text_segment_ids[:, :-1],
-    ],
-    axis=1,
-  )
-  tokens = jnp.where(in_dropped, jnp.where(first, NULL_ID, PAD_ID), text_tokens)
-  segment_ids = jnp.where(in_dropped & ~first, 0, text_segment_ids)
-  return tokens, segment_ids, dropped
-
-
 def loss(
   apply_fn: Callable[[jax.Array, jax.Array, dict], jax.Array],
   batch: dict,
@@ -116,10 +92,12 @@ def loss(
   Uses batch keys `patches`, `segment_ids`, `shapes`, `text_tokens`, `text_segment_ids`,
   `labels` (optional), `cond_mask`, `loss_mask`.
 
-  One time per example ([B, K], optionally shifted by resolution); independent noise per
-  token; `cond_mask` tokens stay clean (x_t = x0, t = 0). With probability `text_dropout` an
-  example's caption becomes [NULL] and its label −1 (null), for classifier-free guidance.
-  The loss is the squared error averaged over P, then over `loss_mask` tokens.
+  One time per example ([B, K]); with `shift_base_tokens` it is shifted by each example's own
+  size, `resolution_shift(shapes)`, so two videos of different sizes packed in one row get
+  different noise levels. Independent noise per token; `cond_mask` tokens stay clean
+  (x_t = x0, t = 0). With probability `text_dropout` an example's caption becomes [NULL] and
+  its label −1 (null), for classifier-free guidance. The loss is the squared error averaged
+  over P, then over `loss_mask` tokens.
   Returns (loss, metrics) with metrics `per_example_loss` [B, K] (0 for empty examples),
   `t` [B, K], `dropped` [B, K] and `num_tokens`.
   """
@@ -130,71 +108,94 @@ def loss(
   t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
 
   t_ex = sample_time(t_rng, (b, k), time_sampling, logit_mean, logit_std)  # [B, K]
-  if shift_base_tokens is not None:
+  if shift_base_tokens:
     t_ex = shift_time(t_ex, resolution_shift(batch["shapes"], shift_base_tokens))
   t_tok = jnp.where(cond, 0.0, per_token(t_ex, seg))  # [B, L]
   noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
   x_t = jnp.where(cond[..., None], x0, interpolate(x0, noise, t_tok))
   target = noise - x0
 
-  tokens, text_seg, dropped = drop_text(
-    drop_rng, batch["text_tokens"], batch["text_segment_ids"], k, text_dropout
-  )
-  model_batch = dict(batch, text_tokens=tokens, text_segment_ids=text_seg)
-  if "labels" in batch:
-    model_batch["labels"] = jnp.where(dropped, -1, batch["labels"])
+  model_batch, dropped = guidance.drop_conditions(drop_rng, batch, text_dropout)
   v = apply_fn(x_t, t_tok, model_batch).astype(jnp.float32)
+  if v.shape != x0.shape:
+    raise ValueError(f"the model returned {v.shape}; rectified flow expects {x0.shape}")
 
   err = jnp.mean(jnp.square(v - target), axis=-1)  # [B, L]
-  weight = batch["loss_mask"].astype(jnp.float32)  # [B, L]
-  num_tokens = jnp.sum(weight)
-  value = jnp.sum(err * weight) / jnp.maximum(num_tokens, 1.0)
-  onehot = (seg[..., None] == jnp.arange(1, k + 1)) * weight[..., None]  # [B, L, K]
-  per_example = jnp.einsum("bl,blk->bk", err, onehot) / jnp.maximum(onehot.sum(1), 1.0)
+  value, per_example, num_tokens = packed.masked_mean(err, batch["loss_mask"], seg, k)
   metrics = dict(per_example_loss=per_example, t=t_ex, dropped=dropped, num_tokens=num_tokens)
   return value, metrics
 
 
 def cfg_velocity(v_cond: jax.Array, v_uncond: jax.Array, scale: float) -> jax.Array:
   """Classifier-free guidance v_u + s·(v_c − v_u) (Ho & Salimans 2022, Eq. 6); s=1: v_c."""
-  return v_uncond + scale * (v_cond - v_uncond)
+  return guidance.cfg(v_cond, v_uncond, scale)
 
 
-def euler_sample(
+def noised(x0: jax.Array, noise: jax.Array, strength: float, shift=1.0) -> jax.Array:
+  """The SDEdit start x_t at t = shift_time(strength) (Meng et al. 2022, Sec. 3.2)."""
+  t = shift_time(jnp.full(x0.shape[:-1], strength, jnp.float32), shift)
+  return interpolate(x0, noise, t)
+
+
+def sample(
   velocity_fn: Callable[[jax.Array, jax.Array], jax.Array],
-  x1: jax.Array,
+  x_start: jax.Array,
   steps: int,
   *,
+  method: str = "euler",
   cond_mask: jax.Array | None = None,
   x_cond: jax.Array | None = None,
   shift: jax.Array | float = 1.0,
+  strength: float = 1.0,
 ) -> jax.Array:
-  """Euler integration of dx/dt = v(x, t) from t = 1 (x1, noise) to t = 0 (data).
+  """Integrates dx/dt = v(x, t) from t = shift_time(strength) down to t = 0 (data).
 
   `velocity_fn(x [B, L, P], t [B, L]) -> v [B, L, P]` (compose guidance inside it, e.g. with
-  `cfg_velocity`). Uniform steps in t, optionally shifted (`shift_time`; a scalar or a
-  per-token [B, L] array). Tokens in `cond_mask` [B, L] are held at `x_cond` [B, L, P] with
-  t = 0 (image-to-video, extension, interpolation). Returns x0 [B, L, P].
+  `guidance.cfg`). `x_start` [B, L, P] is noise (strength 1), or the SDEdit start
+  `noised(x0, noise, strength, shift)`. The `steps` steps are uniform in the unshifted time
+  s ∈ [0, strength], mapped through `shift_time` (a scalar or a per-token [B, L] shift, so
+  each example of a packed row keeps its own). `method`: "euler" (one model call per step)
+  or "heun" (Heun's 2nd-order trapezoid, two calls per step; Karras et al. 2022, Alg. 1 —
+  the velocity is finite at t = 0, so the last step is corrected too). Tokens in
+  `cond_mask` [B, L] are held at `x_cond` [B, L, P] with t = 0 (image-to-video, extension,
+  interpolation). Returns x0 [B, L, P].
   """
   if steps < 1:
     raise ValueError(f"steps={steps} must be >= 1")
+  if method not in SAMPLERS:
+    raise ValueError(f"flow sampler method={method!r} is unknown; expected one of {SAMPLERS}")
   if (cond_mask is None) != (x_cond is None):
     raise ValueError("cond_mask and x_cond must be given together")
-  ones = jnp.ones(x1.shape[:-1], jnp.float32)  # [B, L]
+  ones = jnp.ones(x_start.shape[:-1], jnp.float32)  # [B, L]
 
   def clamp(x, t):
     if cond_mask is None:
       return x, t
     return jnp.where(cond_mask[..., None], x_cond, x), jnp.where(cond_mask, 0.0, t)
 
-  def body(i, x):
-    s_cur = 1.0 - i / steps
-    s_next = 1.0 - (i + 1) / steps
-    t_cur = shift_time(s_cur * ones, shift)
-    t_next = shift_time(s_next * ones, shift)
-    x, t_in = clamp(x, t_cur)
-    v = velocity_fn(x, t_in)
-    return x + (t_next - t_cur)[..., None] * v.astype(x.dtype)
+  def velocity(x, t):
+    x, t = clamp(x, t)
+    return velocity_fn(x, t).astype(jnp.float32)
 
-  x = jax.lax.fori_loop(0, steps, body, x1.astype(jnp.float32))
+  def body(i, x):
+    t_cur = shift_time(strength * (1.0 - i / steps) * ones, shift)  # [B, L]
+    t_next = shift_time(strength * (1.0 - (i + 1) / steps) * ones, shift)
+    dt = (t_next - t_cur)[..., None]
+    d = velocity(x, t_cur)
+    if method == "euler":
+      return x + dt * d
+    d2 = velocity(x + dt * d, t_next)
+    return x + dt * 0.5 * (d + d2)
+
+  x = jax.lax.fori_loop(0, steps, body, x_start.astype(jnp.float32))
   return clamp(x, ones)[0]
+
+
+def euler_sample(velocity_fn, x1: jax.Array, steps: int, **kwargs) -> jax.Array:
+  """`sample(..., method="euler")` from noise x1 [B, L, P]."""
+  return sample(velocity_fn, x1, steps, method="euler", **kwargs)
+
+
+def heun_sample(velocity_fn, x1: jax.Array, steps: int, **kwargs) -> jax.Array:
+  """`sample(..., method="heun")` from noise x1 [B, L, P]."""
+  return sample(velocity_fn, x1, steps, method="heun", **kwargs)

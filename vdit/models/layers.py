@@ -14,6 +14,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from vdit.models import posemb, splash
+from vdit.models.posemb import sincos_1d, sincos_3d  # noqa: F401  (re-exported)
 
 # Logical axis names (DESIGN.md, "Sharding").
 BATCH = "batch"
@@ -30,7 +34,9 @@ VOCAB = "vocab"
 Dtype = Any
 Axes = tuple[str | None, ...]
 
-ATTENTION_BACKENDS = ("xla",)  # "splash" (TPU) and "cudnn" (GPU) plug in at `attention`.
+# "xla": reference (any device); "splash": block-sparse TPU Pallas kernel (Pallas interpret
+# mode elsewhere, for tests); "cudnn": cuDNN flash attention (GPU only).
+ATTENTION_BACKENDS = ("xla", "splash", "cudnn")
 
 
 # ------------------------------------------------------------------------------------------
@@ -77,18 +83,65 @@ def attention(
   q: [B, Lq, H, Dh]; k, v: [B, Lk, H, Dh]; q_segment_ids: [B, Lq]; kv_segment_ids: [B, Lk].
   Query i sees key j iff `q_segment_ids[i] == kv_segment_ids[j]` (padding 0 sees padding 0).
   A query with no visible key (e.g. a padding video token when the text row has no padding)
-  returns 0, with zero gradient, never NaN. Returns [B, Lq, H, Dh].
+  returns 0, with zero gradient, never NaN. Returns [B, Lq, H, Dh]. Every backend computes the
+  same function (Lq != Lk included); `splash` skips the blocks that cross examples.
   """
   if backend not in ATTENTION_BACKENDS:
     raise ValueError(
       f"attention backend={backend!r} is not available; expected one of {ATTENTION_BACKENDS}"
     )
-  # backend == "xla": the reference. jax.nn.dot_product_attention carries softmax in fp32.
+  if backend == "splash":
+    return _splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
+  # "xla" (the reference) and "cudnn": jax.nn.dot_product_attention with a dense segment mask.
   mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, Lq, Lk]
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
+  if backend == "cudnn":
+    if jax.default_backend() != "gpu":
+      raise ValueError(
+        f"attention backend='cudnn' needs a GPU, but JAX runs on {jax.default_backend()!r}; "
+        "use 'xla' (any device) or 'splash' (TPU)"
+      )
+    # cuDNN flash attention takes fp16/bf16 only: fp32 inputs run in bf16 and come back fp32.
+    dtype = q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+    q_, k_, v_ = (a.astype(dtype) for a in (q, k, v))
+    out = jax.nn.dot_product_attention(q_, k_, v_, mask=mask[:, None], implementation="cudnn")
+    out = out.astype(q.dtype)
+  else:
+    # jax.nn.dot_product_attention carries the softmax in fp32.
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
   # Fully masked rows came out as a uniform average of v: zero them (and their gradients).
   has_key = jnp.any(mask, axis=-1)[:, :, None, None]  # [B, Lq, 1, 1]
   return jnp.where(has_key, out, jnp.zeros_like(out))
+
+
+def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids):
+  """The splash kernel, per device: rows over BATCH and heads over HEADS of the current mesh.
+
+  A Pallas kernel is opaque to the SPMD partitioner, so under a mesh it runs in `shard_map`
+  with the logical rules in context; the lengths are gathered (no sequence-parallel attention),
+  and a dimension the mesh axes do not divide is replicated.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return splash.splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
+
+  def mesh_axes(logical: str, size: int):
+    axes = nn.logical_to_mesh_axes((logical,))[0]
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    n = 1
+    for name in names:
+      n *= mesh.shape[name]
+    return axes if names and size % n == 0 else None
+
+  rows, heads = mesh_axes(BATCH, q.shape[0]), mesh_axes(HEADS, q.shape[2])
+  qkv = PartitionSpec(rows, None, heads, None)
+  ids = PartitionSpec(rows, None)
+  return jax.shard_map(
+    splash.splash_attention,
+    mesh=mesh,
+    in_specs=(qkv, qkv, qkv, ids, ids),
+    out_specs=qkv,
+    check_vma=False,
+  )(q, k, v, q_segment_ids, kv_segment_ids)
 
 
 # ------------------------------------------------------------------------------------------
@@ -102,13 +155,14 @@ class Dense(nn.Module):
   Contracts the input `axis` (default: last) into `features`. `nn.DenseGeneral` initializes a
   flattened 2-D kernel, which breaks logical sharding constraints of rank > 2 under a mesh;
   here the kernel is created at its real shape `[*in, *out]`. Xavier-uniform over the
-  flattened fan-in/fan-out (as in DiT), or zeros (`zero_init`); the bias is zero.
+  flattened fan-in/fan-out (as in DiT), zeros (`zero_init`), or `kernel_init`; the bias is zero.
   """
 
   features: tuple[int, ...]
   axes: Axes  # logical names of the kernel: contracted inputs, then outputs
   axis: tuple[int, ...] = (-1,)
   zero_init: bool = False
+  kernel_init: Callable | None = None  # (key, shape, dtype) -> kernel; overrides the default
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -120,6 +174,8 @@ class Dense(nn.Module):
       raise ValueError(f"axes={self.axes} must name {n_in} input and {n_out} output dims")
     if self.zero_init:
       init = nn.initializers.zeros_init()
+    elif self.kernel_init is not None:
+      init = self.kernel_init
     else:
       init = nn.initializers.variance_scaling(
         1.0,
@@ -194,7 +250,9 @@ class MultiHeadAttention(nn.Module):
   """Multi-head self- or cross-attention over packed rows (Vaswani et al. 2017, Sec. 3.2).
 
   Self-attention when `context` is None. Optional QK-norm (RMSNorm of q and k per head,
-  Dehghani et al. 2023 "ViT-22B", Sec. 3.1) stabilizes large models.
+  Dehghani et al. 2023 "ViT-22B", Sec. 3.1) stabilizes large models. With `positions`
+  ([B, L, A] coordinates, e.g. (t, h, w)), q and k get rotary embeddings (`posemb.rope`);
+  `context_positions` are the keys' coordinates (default: `positions`, self-attention).
   """
 
   num_heads: int
@@ -207,8 +265,17 @@ class MultiHeadAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, segment_ids, context=None, context_segment_ids=None):
-    # x: [B, L, D]; segment_ids: [B, L]; context: [B, M, Dc] or None; ids: [B, M].
+  def __call__(
+    self,
+    x,
+    segment_ids,
+    context=None,
+    context_segment_ids=None,
+    positions=None,
+    context_positions=None,
+  ):
+    # x: [B, L, D]; segment_ids: [B, L]; context: [B, M, Dc] or None; ids: [B, M];
+    # positions: [B, L, A] or None (no RoPE); context_positions: [B, M, A] or None.
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width={width} is not divisible by num_heads={self.num_heads}")
@@ -230,6 +297,9 @@ class MultiHeadAttention(nn.Module):
         **kw,
       )
       q, k = norm("query_norm")(q), norm("key_norm")(k)
+    if positions is not None:
+      q = posemb.rope(q, positions)
+      k = posemb.rope(k, positions if context_positions is None else context_positions)
     q = nn.with_logical_constraint(q, (BATCH, self.length_axis, HEADS, KV))
     k = nn.with_logical_constraint(k, (BATCH, kv_axis, HEADS, KV))
     v = nn.with_logical_constraint(v, (BATCH, kv_axis, HEADS, KV))
@@ -257,39 +327,6 @@ class Mlp(nn.Module):
     h = dense(int(width * self.mlp_ratio), (EMBED, MLP), name="fc1", **kw)(x)
     h = nn.with_logical_constraint(nn.gelu(h, approximate=True), (BATCH, self.length_axis, MLP))
     return dense(width, (MLP, EMBED), name="fc2", **kw)(h)
-
-
-def sincos_1d(positions: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
-  """Transformer sin-cos encoding of (float) positions [...] -> [..., dim] (Vaswani, Sec. 3.5).
-
-  Layout [sin(p·ω), cos(p·ω)] with ω_i = max_period^(−i / (dim/2)), as in MAE/DiT.
-  """
-  if dim % 2:
-    raise ValueError(f"sin-cos dim={dim} must be even")
-  omega = max_period ** (-jnp.arange(dim // 2, dtype=jnp.float32) / (dim // 2))
-  angles = positions.astype(jnp.float32)[..., None] * omega  # [..., dim/2]
-  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-
-
-def sincos_3d(positions: jax.Array, dim: int) -> jax.Array:
-  """3-D sin-cos position encoding of integer (t, h, w) positions: [B, L, 3] -> [B, L, dim].
-
-  The 2-D encoding of MAE/DiT extended to time: `dim` is split into three even chunks (h and
-  w get 2·⌊dim/6⌋ each, t the rest), each a 1-D encoding of its coordinate. Computed from the
-  positions on the fly, so every grid size works without a table (NaViT, Sec. 3.1).
-  """
-  if dim % 2 or dim < 6:
-    raise ValueError(f"sincos_3d dim={dim} must be even and >= 6")
-  d_hw = 2 * (dim // 6)
-  d_t = dim - 2 * d_hw
-  return jnp.concatenate(
-    [
-      sincos_1d(positions[..., 0], d_t),
-      sincos_1d(positions[..., 1], d_hw),
-      sincos_1d(positions[..., 2], d_hw),
-    ],
-    axis=-1,
-  )
 
 
 class TimestepEmbedding(nn.Module):

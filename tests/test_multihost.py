@@ -1,0 +1,195 @@
+"""Multi-host: 2 JAX processes on loopback (CPU collectives over gloo), via launch/local.py.
+
+Each process has 4 of the 8 devices, loads only its own share of the data and writes the
+checkpoint collectively with the other; the reference is one process with 8 devices stepping
+on the same global rows (host 0's rows, then host 1's: the order of the global batch).
+"""
+
+import os
+import re
+import signal
+import sys
+
+import grain
+import jax
+import numpy as np
+import pytest
+
+from tests import configs
+from tests.test_fault_tolerance import Run
+from vdit import checkpointing, models, sharding, train, train_state
+from vdit.data import pipeline
+
+MESH = dict(data=2, fsdp=2, sequence=1, tensor=2)  # params split over both processes' devices
+
+
+def _config(data_dir, **overrides):
+  kw = {
+    "total_steps": 3,
+    "checkpoint_every_steps": 1000,
+    "log_every_steps": 1,
+    "optimizer.warmup_steps": 0,
+    "optimizer.schedule_steps": 100,
+    "mesh": MESH,
+  }
+  return configs.small(data_dir, **{**kw, **overrides})
+
+
+def _config_file(tmp_path, config) -> str:
+  folder = tmp_path / "config"
+  checkpointing.write_config(str(folder), config)
+  path = folder / "cfg.py"
+  path.write_text(
+    "from vdit import checkpointing\n\n\n"
+    f"def get_config(arg=None):\n  return checkpointing.read_config({str(folder)!r})\n"
+  )
+  return str(path)
+
+
+def _launch(config_path, workdir, log_dir, processes=2) -> Run:
+  launcher = [
+    sys.executable,
+    "launch/local.py",
+    f"--num_processes={processes}",
+    f"--devices_per_process={8 // processes}",
+    f"--log_dir={log_dir}",
+    "--",
+  ]
+  return Run(config_path, workdir, argv=launcher)
+
+
+def _logs(log_dir) -> str:
+  out = []
+  for name in sorted(os.listdir(log_dir)):
+    if name.endswith(".log"):
+      with open(os.path.join(log_dir, name)) as f:
+        out.append(f"--- {name}\n" + f.read()[-3000:])
+  return "\n".join(out)
+
+
+def _single_process(config, steps):
+  """The same steps in this process on 8 devices, on the 2 hosts' rows concatenated."""
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  model = models.build(config)
+  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
+  init = train_state.init_fn(model, models.dummy_inputs(config), tx, config.seed)
+  state, shardings = train_state.create_sharded(init, mesh, rules)
+  step_fn = train.jit_train_step(config, model, tx, mesh, rules, shardings)
+  host = train.host_input_config(config)
+  host.rows_per_batch = config.input.rows_per_batch // 2
+  iters = [
+    pipeline.make_iterator(host, seed=config.seed, process_index=i, process_count=2)
+    for i in range(2)
+  ]
+  losses = []
+  with sharding.activate(mesh, rules):
+    for _ in range(steps):
+      parts = [next(it) for it in iters]
+      batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+      state, metrics = step_fn(state, sharding.global_batch(batch, mesh, rules))
+      losses.append(float(metrics["loss"]))
+  return losses, jax.device_get(state), iters
+
+
+def _restore(workdir, config, data_iterator=None):
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  model = models.build(config)
+  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
+  init = train_state.init_fn(model, models.dummy_inputs(config), tx, config.seed)
+  abstract, _ = train_state.abstract_state(init, mesh, rules)
+  mngr = checkpointing.manager(workdir)
+  step, state = checkpointing.restore(mngr, abstract, data_iterator)
+  mngr.close()
+  return step, jax.device_get(state)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(data_dir, tmp_path):
+  """2 processes × 4 devices = 1 process × 8 devices: same losses, same checkpointed state;
+  only process 0 writes TensorBoard events; each process saved its own data position."""
+  config = _config(data_dir)
+  workdir, log_dir = str(tmp_path / "run"), str(tmp_path / "logs")
+  run = _launch(_config_file(tmp_path, config), workdir, log_dir)
+  assert run.finish(timeout=1200) == 0, run.stderr + _logs(log_dir)
+  assert "JAX process 1/2" in _logs(log_dir)
+  printed = [float(x) for x in re.findall(r"^step \d+/3  loss ([\d.]+)", run.stdout, re.M)]
+  assert len(printed) == 3, run.stdout
+
+  losses, expected, _ = _single_process(config, 3)
+  np.testing.assert_allclose(printed, losses, atol=2e-4)  # printed with 4 decimals
+  step, state = _restore(workdir, config)
+  assert step == 3
+  for x, y in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  events = [f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]
+  assert len(events) == 1  # process 0 only
+  data = sorted(os.listdir(os.path.join(workdir, "checkpoints", "3", "data")))
+  assert data == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_stops_all_at_the_same_step(data_dir, tmp_path):
+  """SIGTERM to process 1 only (a maintenance event on one host): both processes agree on a
+  step through JAX's coordination service, save one checkpoint together and exit 0."""
+  config = _config(data_dir, total_steps=10_000)
+  workdir, log_dir = str(tmp_path / "run"), str(tmp_path / "logs")
+  run = _launch(_config_file(tmp_path, config), workdir, log_dir)
+  run.wait_for(r"^step 2/", timeout=1200)
+  with open(os.path.join(log_dir, "process_1.pid")) as f:
+    os.kill(int(f.read()), signal.SIGTERM)
+  assert run.finish() == 0, run.stderr + _logs(log_dir)
+  stopped = int(re.search(r"preempted: checkpoint saved at step (\d+)", run.stdout).group(1))
+  assert checkpointing.latest_step(workdir) == stopped < 10_000
+  data = sorted(os.listdir(os.path.join(workdir, "checkpoints", str(stopped), "data")))
+  assert data == ["process_0-of-2.json", "process_1-of-2.json"]
+  assert "SIGTERM caught" in _logs(log_dir)  # by process 1's coordination client
+
+
+# ---------------------------------------------------------------------------------------------
+# The data position when the number of hosts changes (grain's packers).
+# ---------------------------------------------------------------------------------------------
+def _toy_stream(process_index, process_count):
+  """The pipeline's structure on integers: global example g, host i of n reads g = i + n·k,
+  then grain's first-fit packing into rows (each example is its id repeated id % 5 + 1 times)."""
+  ds = grain.MapDataset.range(10_000).map(lambda g: np.full(g % 5 + 1, g, np.int32))
+  ds = ds[process_index::process_count].map(lambda x: {"ids": x}).to_iter_dataset()
+  return grain.experimental.FirstFitPackIterDataset(
+    ds, length_struct={"ids": 8}, num_packing_bins=3, shuffle_bins=False
+  )
+
+
+def _take(it, rows):
+  seen = []
+  for _ in range(rows):
+    row = next(it)
+    seen.extend(int(g) for g in np.unique(row["ids"][row["ids_segment_ids"] > 0]))
+  return seen
+
+
+@pytest.mark.parametrize("old,new", [(2, 1), (2, 3), (3, 2), (1, 4)])
+def test_remap_data_state_skips_no_example(old, new):
+  """Hosts at different positions save; the run resumes on another host count: every global
+  example before the resume point was seen, none after it is missing (a few repeat)."""
+  iters = [iter(_toy_stream(i, old)) for i in range(old)]
+  seen = set()
+  for i, it in enumerate(iters):
+    seen.update(_take(it, 5 + 3 * i))  # hosts drift apart
+  states = [it.get_state() for it in iters]
+  resumed = []
+  for j in range(new):
+    it = iter(_toy_stream(j, new))
+    it.set_state(checkpointing.remap_data_state(states, j, new))
+    resumed.append(set(_take(it, 10)))
+  after = set().union(*resumed)
+  horizon = min(max(r) for r in resumed)  # every host has read up to at least here
+  missing = [g for g in range(horizon) if g not in seen and g not in after]
+  assert not missing, missing
+  repeated = seen & after
+  assert len(repeated) < 10 * old, sorted(repeated)
+
+
+def test_remap_data_state_rejects_unknown_layouts():
+  with pytest.raises(ValueError, match="Resume with the same number of hosts"):
+    checkpointing.remap_data_state([{"next_index": 3, "rows": "[]"}] * 2, 0, 1)

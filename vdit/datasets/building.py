@@ -1,0 +1,81 @@
+"""What every bundled TFDS builder shares: features, an inter-process build lock, idempotent
+`build`, random-access `data_source`.
+
+A builder module (shapes.py, moving_digits.py, ...) defines a `tfds.core.GeneratorBasedBuilder`
+with `BUILDER_CONFIGS` and calls these helpers from its own `build` / `data_source`. Examples are
+written once as ArrayRecord under `data_dir` and read with random access (`as_data_source`, what
+`tfds.data_source` returns): no TensorFlow in the reader.
+
+Every dataset stores at least `video` uint8 [T, H, W, 3] (an image is a 1-frame video), `caption`
+(text) and `label` (int, -1 = none), so a pipeline can mix them.
+"""
+
+import contextlib
+import fcntl
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+import threadpoolctl
+
+from vdit import datasets
+
+
+def video_feature() -> tfds.features.Tensor:
+  """uint8 [T, H, W, 3], zlib-compressed (procedural videos compress 10-50x)."""
+  return tfds.features.Tensor(
+    shape=(None, None, None, 3), dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB
+  )
+
+
+def int_feature() -> tfds.features.Scalar:
+  return tfds.features.Scalar(dtype=np.int32)
+
+
+def make_builder(builder_cls, data_dir: str | None, config):
+  """`builder_cls` for `config` (a name in BUILDER_CONFIGS, or a BuilderConfig instance)."""
+  if isinstance(config, str):
+    names = [c.name for c in builder_cls.BUILDER_CONFIGS]
+    if config not in names:
+      raise ValueError(f"{builder_cls.name} config={config!r} is unknown; expected one of {names}")
+  data_dir = data_dir or datasets.default_data_dir()
+  return builder_cls(config=config, data_dir=data_dir, file_format="array_record")
+
+
+@contextlib.contextmanager
+def lock(data_dir: str, name: str):
+  """Inter-process lock so parallel test workers / processes build a dataset once."""
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, f".{name}.lock"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build(builder_cls, data_dir: str | None, config) -> None:
+  """Generates and writes the dataset unless it is already there (cheap to call again)."""
+  data_dir = data_dir or datasets.default_data_dir()
+  if make_builder(builder_cls, data_dir, config).is_prepared():
+    return
+  with lock(data_dir, builder_cls.name):
+    builder = make_builder(builder_cls, data_dir, config)  # re-check: another process built it?
+    if not builder.is_prepared():
+      # Rendering is many small matmuls: OpenBLAS threads fighting for cores make them ~6× slower.
+      with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        builder.download_and_prepare()
+
+
+def data_source(builder_cls, split: str, data_dir: str | None, config):
+  """Random-access source of one split (built first if needed); `len()` and `[i]` work."""
+  splits = ("train", "validation")
+  if split not in splits:
+    raise ValueError(f"split={split!r} is unknown; expected one of {splits}")
+  build(builder_cls, data_dir, config)
+  return make_builder(builder_cls, data_dir, config).as_data_source(split)
+
+
+def split_rng(seed: int, split: str, index: int) -> np.random.Generator:
+  """The generator of example `index` of `split`: independent of every other example."""
+  return np.random.default_rng((seed, ("train", "validation").index(split), index))

@@ -1,0 +1,238 @@
+"""`config.diffusion` → the training loss and the sampler of the chosen objective.
+
+The one place that maps config keys to the pure functions of `flow`, `gaussian`,
+`gaussian_samplers`, `conditioning`. `Spec` is frozen and hashable, so it can be a static
+argument of `jax.jit`; it fills defaults for keys an older run's config may lack.
+
+  objective="rectified_flow"  samplers "euler" (default), "heun"
+  objective="gaussian"        samplers "ddim" (default), "ddpm", "dpmpp_2m"
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from vdit.diffusion import conditioning, flow, gaussian, gaussian_samplers, guidance
+from vdit.models.layers import per_token
+
+OBJECTIVES = ("rectified_flow", "gaussian")
+SAMPLERS = {"rectified_flow": flow.SAMPLERS, "gaussian": gaussian_samplers.SAMPLERS}
+DEFAULT_SAMPLER = {"rectified_flow": "euler", "gaussian": "ddim"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """The diffusion settings of a run (`config.diffusion`), with defaults."""
+
+  objective: str = "rectified_flow"
+  time_sampling: str = "uniform"  # rectified flow: "uniform" | "logit_normal"
+  logit_mean: float = 0.0
+  logit_std: float = 1.0
+  shift_base_tokens: int = 0  # rectified flow: per-example shift √(tokens / base); 0 = none
+  text_dropout: float = 0.1
+  cond_probs: tuple[float, ...] = conditioning.task_probs(conditioning.DEFAULT_PROBS)
+  schedule: str = "linear"  # gaussian: "linear" | "cosine"
+  num_timesteps: int = 1000  # gaussian: N
+  prediction: str = "eps"  # gaussian: "eps" | "v" | "x0"
+  learn_sigma: bool = False  # gaussian: the model also outputs P variance channels
+  sampler: str = ""  # "" → DEFAULT_SAMPLER[objective]
+  ddim_eta: float = 0.0
+  guidance_interval: tuple[float, float] = (0.0, 1.0)  # guide only for lo ≤ t ≤ hi
+
+  @classmethod
+  def from_config(cls, diffusion: Mapping[str, Any]) -> "Spec":
+    d = dict(diffusion)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in d.items() if k in fields}
+    if "cond_probs" in kw:
+      kw["cond_probs"] = conditioning.task_probs(dict(kw["cond_probs"]))
+    if "guidance_interval" in kw:
+      kw["guidance_interval"] = tuple(float(x) for x in kw["guidance_interval"])
+    return cls(**kw)
+
+  @property
+  def default_sampler(self) -> str:
+    return self.sampler or DEFAULT_SAMPLER[self.objective]
+
+  def output_dim(self, patch_dim: int) -> int:
+    """Model output channels: P, or 2P with a learned variance."""
+    return 2 * patch_dim if self.objective == "gaussian" and self.learn_sigma else patch_dim
+
+  def check_sampler(self, sampler: str) -> str:
+    if self.objective not in OBJECTIVES:
+      raise ValueError(f"objective={self.objective!r} is unknown; expected one of {OBJECTIVES}")
+    if sampler not in SAMPLERS[self.objective]:
+      raise ValueError(
+        f"sampler={sampler!r} does not fit objective={self.objective!r}; expected one of "
+        f"{SAMPLERS[self.objective]}"
+      )
+    return sampler
+
+  def check_request(self, steps: int, strength: float, sampler: str, interval) -> None:
+    """Raises ValueError for a sampling request this objective cannot serve."""
+    if steps < 1:
+      raise ValueError(f"steps={steps} must be >= 1")
+    if not 0.0 < strength <= 1.0:
+      raise ValueError(f"strength={strength} must be in (0, 1]")
+    self.check_sampler(sampler)
+    if self.objective == "gaussian":
+      gaussian_samplers.timesteps(self.gaussian_schedule, steps, strength)
+    if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
+      raise ValueError(f"guidance_interval={tuple(interval)} must be (lo, hi), 0 <= lo <= hi <= 1")
+
+  @property
+  def gaussian_schedule(self) -> gaussian.Schedule:
+    return gaussian.make_schedule(self.schedule, self.num_timesteps)
+
+
+def loss(
+  spec: Spec, apply_fn: Callable[[jax.Array, jax.Array, dict], jax.Array], batch: dict, rng
+) -> tuple[jax.Array, dict]:
+  """The objective's loss on a packed batch (see `flow.loss`, `gaussian.loss`)."""
+  if spec.objective == "rectified_flow":
+    return flow.loss(
+      apply_fn,
+      batch,
+      rng,
+      time_sampling=spec.time_sampling,
+      logit_mean=spec.logit_mean,
+      logit_std=spec.logit_std,
+      shift_base_tokens=spec.shift_base_tokens or None,
+      text_dropout=spec.text_dropout,
+    )
+  if spec.objective == "gaussian":
+    return gaussian.loss(
+      apply_fn,
+      batch,
+      rng,
+      schedule=spec.gaussian_schedule,
+      prediction=spec.prediction,
+      learn_sigma=spec.learn_sigma,
+      text_dropout=spec.text_dropout,
+    )
+  raise ValueError(f"objective={spec.objective!r} is unknown; expected one of {OBJECTIVES}")
+
+
+def token_shift(spec: Spec, shapes: jax.Array, segment_ids: jax.Array) -> jax.Array | float:
+  """The rectified-flow time shift of each token's own example, [B, L] (1 when off)."""
+  if not spec.shift_base_tokens:
+    return 1.0
+  return per_token(flow.resolution_shift(shapes, spec.shift_base_tokens), segment_ids)
+
+
+def sample(
+  spec: Spec,
+  model_fn: Callable[[jax.Array, jax.Array], jax.Array],
+  noise: jax.Array,
+  steps: int,
+  *,
+  sampler: str | None = None,
+  shapes: jax.Array,
+  segment_ids: jax.Array,
+  cond_mask: jax.Array | None = None,
+  x_cond: jax.Array | None = None,
+  x_init: jax.Array | None = None,
+  strength: float = 1.0,
+  rng: jax.Array | None = None,
+) -> jax.Array:
+  """Generates x0 [B, L, P] from noise [B, L, P] with the objective's sampler.
+
+  `model_fn(x, t) -> out` (guidance composed in). `shapes` [B, K, 3] and `segment_ids`
+  [B, L] give each example's resolution shift (the same as in training). SDEdit: `x_init`
+  [B, L, P] is noised to `strength` ∈ (0, 1] and denoised from there (strength 1 ignores it).
+  """
+  sampler = spec.check_sampler(sampler or spec.default_sampler)
+  if not 0.0 < strength <= 1.0:
+    raise ValueError(f"strength={strength} must be in (0, 1]")
+  if spec.objective == "rectified_flow":
+    shift = token_shift(spec, shapes, segment_ids)
+    x = noise if x_init is None or strength == 1.0 else flow.noised(x_init, noise, strength, shift)
+    return flow.sample(
+      model_fn,
+      x,
+      steps,
+      method=sampler,
+      cond_mask=cond_mask,
+      x_cond=x_cond,
+      shift=shift,
+      strength=strength,
+    )
+  schedule = spec.gaussian_schedule
+  x = noise
+  if x_init is not None and strength < 1.0:
+    x = gaussian_samplers.noised(schedule, x_init, noise, strength)
+  return gaussian_samplers.sample(
+    model_fn,
+    x,
+    steps,
+    schedule=schedule,
+    prediction=spec.prediction,
+    learn_sigma=spec.learn_sigma,
+    method=sampler,
+    eta=spec.ddim_eta,
+    rng=rng,
+    cond_mask=cond_mask,
+    x_cond=x_cond,
+    strength=strength,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("model", "spec", "steps", "sampler", "strength"))
+def sample_rows(
+  model,
+  params: Any,
+  rows: dict,
+  noise: jax.Array,
+  x_cond: jax.Array,
+  cond_mask: jax.Array,
+  x_init: jax.Array,
+  rng: jax.Array,
+  scale: float,
+  interval: tuple[float, float],
+  *,
+  spec: Spec,
+  steps: int,
+  sampler: str,
+  strength: float,
+) -> jax.Array:
+  """The whole guided sampling loop of a packed-row model as one jitted function.
+
+  `model.apply({"params": params}, x, t, positions, segment_ids, text_tokens,
+  text_segment_ids, labels)` is the VideoDiT call (as in `train_step`). `rows` [2N, ...] are
+  the N conditional rows then their N null rows (caption [NULL], label −1); noise, x_cond,
+  x_init [N, L, P]; cond_mask [N, L]. Guidance `scale` applies for t in `interval`.
+  """
+  n, p = noise.shape[0], noise.shape[-1]
+
+  def model_fn(x, t):
+    # x: [N, L, P]; the conditional and null rows see the same noisy video.
+    out = model.apply(
+      {"params": params},
+      jnp.concatenate([x, x]),
+      jnp.concatenate([t, t]),
+      rows["positions"],
+      rows["segment_ids"],
+      rows["text_tokens"],
+      rows["text_segment_ids"],
+      rows["labels"],
+    )
+    return guidance.cfg(out[:n], out[n:], scale, t, interval, channels=p)
+
+  return sample(
+    spec,
+    model_fn,
+    noise,
+    steps,
+    sampler=sampler,
+    shapes=rows["shapes"][:n],
+    segment_ids=rows["segment_ids"][:n],
+    cond_mask=cond_mask,
+    x_cond=x_cond,
+    x_init=x_init,
+    strength=strength,
+    rng=rng,
+  )

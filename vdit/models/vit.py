@@ -1,0 +1,259 @@
+"""ViT: the Vision Transformer image classifier (Dosovitskiy et al. 2021, "An Image is Worth
+16x16 Words"), and the pieces NaViT and ViViT share with it.
+
+Images are cut into p×p patches with the data pipeline's `patchify` (patch vector in (ph, pw, C)
+order), embedded by a Dense(P -> D) (the conv "embedding" of the reference, flattened), given a
+learned (Sec. 3.1) or 2-D sin-cos position code, and encoded by pre-LN blocks (Eq. 2-3). The
+head reads the class token (`pool="token"`, Eq. 4), the mean of the tokens (`"gap"`), or a
+multihead attention-pooling probe (`"map"`, Zhai et al. 2022 "Scaling ViTs", Sec. 3.2). The head
+is zero-initialized (as in big_vision). With `pool="token"` the position table covers the class
+token too (1 + N rows), as in the reference checkpoints (google-research/vision_transformer,
+timm), so ViT-B/16 at 224 with 1000 classes has the standard 86,567,656 parameters.
+
+Parameter layout: `embedding`, [`cls`], [`pos_embedding`], `encoder/{blocks, norm}`,
+[`map_head`], `head`. With `scan_layers=True` the blocks are one module with a leading [depth]
+axis (LAYERS); `layers.unstack_layers(params, "blocks", depth)` gives `blocks_0 …`.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdit.data.patchify import patchify
+from vdit.models import layers, posemb
+from vdit.models.layers import BATCH, EMBED, LENGTH, PATCH
+
+# ViT sizes (Dosovitskiy et al., Table 1; "Ti" from Touvron et al. 2021 "DeiT"). MLP = 4·D.
+VARIANTS = {
+  "Ti": dict(width=192, depth=12, num_heads=3),
+  "S": dict(width=384, depth=12, num_heads=6),
+  "B": dict(width=768, depth=12, num_heads=12),
+  "L": dict(width=1024, depth=24, num_heads=16),
+  "H": dict(width=1280, depth=32, num_heads=16),
+}
+POOLS = ("token", "gap", "map")
+POSEMBS = ("learn", "sincos2d")
+
+
+def decode_variant(variant: str) -> dict:
+  """ "B/16" -> dict(width=768, depth=12, num_heads=12, patch_size=16); patches 8..32."""
+  size, sep, patch = variant.partition("/")
+  if size not in VARIANTS or not sep or not patch.isdigit() or not 8 <= int(patch) <= 32:
+    raise ValueError(
+      f"variant={variant!r} is not SIZE/PATCH with SIZE in {sorted(VARIANTS)} and PATCH in 8..32"
+    )
+  return dict(VARIANTS[size], patch_size=int(patch))
+
+
+def classification_loss(
+  logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean softmax cross-entropy over the valid examples, and metrics.
+
+  logits: [B, C] or [B, K, C] (NaViT: per example of a packed row); labels: [B] or [B, K]
+  int32 with −1 = no label (an empty slot); mask: like labels, bool, further restricts which
+  examples count (None: all labelled ones). Returns (loss, {"loss", "accuracy", "count"}); a
+  batch without valid examples gives loss 0 and accuracy 0, never NaN.
+  """
+  if logits.shape[:-1] != labels.shape:
+    raise ValueError(
+      f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: expected "
+      "logits [..., C] over labels [...]"
+    )
+  valid = labels >= 0
+  if mask is not None:
+    valid = jnp.logical_and(valid, mask)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+  count = jnp.sum(valid)
+  denom = jnp.maximum(count, 1).astype(jnp.float32)
+  loss = jnp.sum(jnp.where(valid, nll, 0.0)) / denom
+  correct = jnp.logical_and(valid, jnp.argmax(logits, axis=-1) == labels)
+  accuracy = jnp.sum(correct) / denom
+  return loss, {"loss": loss, "accuracy": accuracy, "count": count}
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN transformer encoder block: x + MSA(LN(x)), then x + MLP(LN(x)) (ViT, Eq. 2-3)."""
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+  attention_backend: str = "xla"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, segment_ids):
+    # x: [B, L, D]; segment_ids: [B, L]. Returns (x, None) for nn.scan.
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+    h = layers.layer_norm(name="norm1", **kw)(x)
+    x = x + layers.MultiHeadAttention(
+      self.num_heads, backend=self.attention_backend, name="attn", **kw
+    )(h, segment_ids)
+    h = layers.layer_norm(name="norm2", **kw)(x)
+    x = x + layers.Mlp(self.mlp_ratio, name="mlp", **kw)(h)
+    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED)), None
+
+
+class Encoder(nn.Module):
+  """`depth` EncoderBlocks (scanned or unrolled) and a final LayerNorm."""
+
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  attention_backend: str = "xla"
+  scan_layers: bool = True
+  remat_policy: str = "none"  # see layers.REMAT_NAMES
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, segment_ids):
+    # x: [B, L, D]; segment_ids: [B, L] -> [B, L, D]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    stack = layers.stack_blocks(
+      EncoderBlock,
+      depth=self.depth,
+      num_broadcast_args=1,
+      scan=self.scan_layers,
+      remat_policy=self.remat_policy,
+    )
+    x, _ = stack(
+      "blocks",
+      num_heads=self.num_heads,
+      mlp_ratio=self.mlp_ratio,
+      attention_backend=self.attention_backend,
+      **kw,
+    )(x, segment_ids)
+    return layers.layer_norm(name="norm", **kw)(x)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling (Zhai et al. 2022, Sec. 3.2; big_vision `MAPHead`), per segment.
+
+  K learned-probe queries, query k attending only to the tokens of segment k (NaViT, Sec. 3.1:
+  pooling per example of a packed row), then x + MLP(LN(x)). An empty slot (no tokens) pools
+  to a finite constant.
+  """
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+  attention_backend: str = "xla"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, segment_ids, num_queries: int = 1):
+    # x: [B, L, D]; segment_ids: [B, L] (1..K; 0 = padding) -> [B, K, D]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b, _, d = x.shape
+    probe = self.param(
+      "probe",
+      nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (None, None, EMBED)),
+      (1, 1, d),
+      self.param_dtype,
+    )
+    queries = jnp.broadcast_to(probe.astype(x.dtype), (b, num_queries, d))
+    query_ids = jnp.broadcast_to(jnp.arange(1, num_queries + 1, dtype=jnp.int32), (b, num_queries))
+    h = layers.MultiHeadAttention(
+      self.num_heads, backend=self.attention_backend, length_axis=None, name="attn", **kw
+    )(queries, query_ids, x, segment_ids)
+    y = layers.layer_norm(name="norm", **kw)(h)
+    return h + layers.Mlp(self.mlp_ratio, length_axis=None, name="mlp", **kw)(y)
+
+
+def class_head(num_classes: int, dtype, param_dtype) -> layers.Dense:
+  """Zero-initialized Dense(D -> classes) (big_vision `head_zeroinit`)."""
+  return layers.dense(
+    num_classes, (EMBED, None), zero_init=True, dtype=dtype, param_dtype=param_dtype, name="head"
+  )
+
+
+def resample_posemb(table: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+  """Bilinear resize of a learned [1, h·w, D] position table to `grid` (ViT, Sec. 3.2)."""
+  n, d = table.shape[1], table.shape[2]
+  side = int(round(np.sqrt(n)))
+  if side * side != n:
+    raise ValueError(f"position table of {n} rows is not a square grid")
+  resized = jax.image.resize(jnp.asarray(table).reshape(side, side, d), (*grid, d), "bilinear")
+  return np.asarray(resized).reshape(1, grid[0] * grid[1], d)
+
+
+class ViT(nn.Module):
+  """Images [B, H, W, C] -> logits [B, classes] (or pooled features [B, D] if num_classes=0)."""
+
+  num_classes: int
+  patch_size: int
+  width: int  # D
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  pool: str = "token"  # see POOLS
+  posemb: str = "learn"  # see POSEMBS
+  attention_backend: str = "xla"
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @classmethod
+  def from_variant(cls, variant: str, num_classes: int, **kwargs) -> "ViT":
+    """ViT.from_variant("B/16", 1000): sizes from the ViT table."""
+    return cls(num_classes=num_classes, **{**decode_variant(variant), **kwargs})
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    if self.pool not in POOLS:
+      raise ValueError(f"pool={self.pool!r} is unknown; expected one of {POOLS}")
+    if self.posemb not in POSEMBS:
+      raise ValueError(f"posemb={self.posemb!r} is unknown; expected one of {POSEMBS}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    p = self.patch_size
+    patches, positions, grid = patchify(images[:, None], (1, p, p))  # [B, N, P]
+    b, n, _ = patches.shape
+    x = layers.dense(self.width, (PATCH, EMBED), name="embedding", **kw)(patches)  # [B, N, D]
+    if self.posemb == "sincos2d":
+      x = x + posemb.sincos_2d(jnp.asarray(positions[:, 1:]), self.width).astype(x.dtype)
+    if self.pool == "token":
+      cls = self.param(
+        "cls",
+        nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None, EMBED)),
+        (1, 1, self.width),
+        self.param_dtype,
+      )
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.width)), x], 1)
+    if self.posemb == "learn":
+      table = self.param(
+        "pos_embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, LENGTH, EMBED)),
+        (1, x.shape[1], self.width),
+        self.param_dtype,
+      )
+      x = x + table.astype(x.dtype)
+    x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+    segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+    x = Encoder(
+      self.depth,
+      self.num_heads,
+      self.mlp_ratio,
+      self.attention_backend,
+      self.scan_layers,
+      self.remat_policy,
+      name="encoder",
+      **kw,
+    )(x, segment_ids)
+    if self.pool == "token":
+      x = x[:, 0]
+    elif self.pool == "gap":
+      x = jnp.mean(x, axis=1)
+    else:
+      x = MAPHead(
+        self.num_heads, self.mlp_ratio, self.attention_backend, name="map_head", **kw
+      )(x, segment_ids)[:, 0]
+    if self.num_classes <= 0:
+      return x
+    return class_head(self.num_classes, **kw)(x)

@@ -1,0 +1,431 @@
+r"""Plan a TPU run from a laptop: compile the real train step for a TPU topology, report as JSON.
+
+  python -m vdit.tools.aot --config=configs/vdit/sora.py:size=8B --topology=v6e:16x16
+  python -m vdit.tools.aot --config=configs/vdit/sora.py:size=1B      # the config's aot_topology
+  python -m vdit.tools.aot --config=configs/vdit/shapes.py:tiny --topology=v5e:2x2 --nosampler
+
+Needs the `libtpu` wheel (`pip install -c constraints.txt -e '.[tpu]'`), but no TPU: XLA's TPU
+compiler runs on this CPU against compile-only devices of the topology
+(`jax.experimental.topologies`). The train step is `vdit.train.jit_train_step` — the same
+jitted, sharded, donated step as a real run, with the config's mesh, logical rules, dtype,
+remat policy and gradient accumulation; the sampler step is one classifier-free-guided
+velocity evaluation (model on the conditional + null rows) of the config's sample size.
+
+Reported per device (a chip, or a TensorCore where a chip has two devices):
+  memory   XLA's buffer assignment: arguments (state + batch), outputs, aliased (donated
+           state reused in place), temps (activations, gradients, collectives' buffers),
+           program; total = arguments + outputs − aliased + temps + program, vs HBM capacity.
+  flops, bytes_accessed
+           XLA's cost analysis of the compiled program. XLA counts a loop body once, so both
+           are measured on unrolled 1- and 2-layer versions of the same config (same mesh, same
+           remat) and extrapolated linearly in depth and text depth — exact for identical layers.
+  roofline step time ≥ max(flops / peak FLOP/s, bytes / HBM bandwidth) from published chip
+           peaks (CHIPS); the MFU bound is the model FLOPs (3 × the forward's matrix products,
+           `model_flops`) over peak × that time. ICI/DCN communication is not modelled: a
+           bound, not a forecast.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+import time
+from typing import Any
+
+# Before JAX starts: plan on CPU (the TPU plugin only provides the topology), and do not take
+# libtpu's single-process lock (other JAX processes on this machine may hold it).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+
+from vdit import config_checks, models, sharding, train, train_state  # noqa: E402
+from vdit.models import flops  # noqa: E402
+
+GiB = 2**30
+LIBTPU_HELP = (
+  "libtpu is not installed; it provides XLA's TPU compiler (no TPU needed). Install it with\n"
+  "  pip install -c constraints.txt -e '.[tpu]'     (libtpu==0.0.42.1 for jax 0.10.2)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Published per-chip peaks (cloud.google.com/tpu/docs/system-architecture-tpu-vm)."""
+
+  name: str
+  bf16_flops: float  # peak dense bf16 FLOP/s
+  hbm_bytes: float  # HBM capacity
+  hbm_bandwidth: float  # bytes/s
+
+
+CHIPS = {
+  "v4": Chip("TPU v4", 275e12, 32 * GiB, 1228e9),
+  "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 819e9),
+  "v5p": Chip("TPU v5p", 459e12, 95 * GiB, 2765e9),
+  "v6e": Chip("TPU v6e (Trillium)", 918e12, 32 * GiB, 1640e9),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Topology, config, abstract inputs.
+# ---------------------------------------------------------------------------------------------
+def topology_devices(topology: str) -> tuple[Chip, list, int]:
+  """Compile-only devices of `topology` ("v5p:4x4x4"), its chip, and the number of chips."""
+  generation = topology.split(":")[0]
+  if generation not in CHIPS or ":" not in topology:
+    raise ValueError(
+      f"topology={topology!r} is not GENERATION:AxBxC with GENERATION in {sorted(CHIPS)}"
+    )
+  if importlib.util.find_spec("libtpu") is None:
+    raise ModuleNotFoundError(LIBTPU_HELP)
+  from jax.experimental import topologies  # noqa: PLC0415
+
+  devices = topologies.get_topology_desc(topology, "tpu").devices
+  chips = len({tuple(d.coords) for d in devices})
+  return CHIPS[generation], list(devices), chips
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """`path.py:arg` -> the config (as `--config` would load it)."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("aot_config", path)
+  if module_spec is None:
+    raise FileNotFoundError(f"config file {path!r} not found")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def abstract_batch(config: ml_collections.ConfigDict, mesh, rules) -> dict[str, Any]:
+  """Shape/dtype/sharding of one global packed batch (DESIGN.md "The packed batch")."""
+  inp = config.input
+  b, length, m, k = (
+    inp.rows_per_batch,
+    inp.tokens_per_row,
+    inp.text_tokens_per_row,
+    inp.max_examples_per_row,
+  )
+  shapes = {
+    "patches": ((b, length, models.patch_dim(config)), jnp.float32),
+    "positions": ((b, length, 3), jnp.int32),
+    "segment_ids": ((b, length), jnp.int32),
+    "shapes": ((b, k, 3), jnp.int32),
+    "text_tokens": ((b, m), jnp.int32),
+    "text_segment_ids": ((b, m), jnp.int32),
+    "labels": ((b, k), jnp.int32),
+    "cond_mask": ((b, length), jnp.bool_),
+    "loss_mask": ((b, length), jnp.bool_),
+  }
+  shardings = sharding.batch_shardings(mesh, rules, shapes)
+  return {
+    key: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[key])
+    for key, (shape, dtype) in shapes.items()
+  }
+
+
+# ---------------------------------------------------------------------------------------------
+# The two programs.
+# ---------------------------------------------------------------------------------------------
+def lower_train_step(config: ml_collections.ConfigDict, mesh):
+  rules = sharding.rules_from_config(config.sharding_rules)
+  model = models.build(config)
+  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
+  init = train_state.init_fn(model, models.dummy_inputs(config), tx, config.seed)
+  abstract, shardings = train_state.abstract_state(init, mesh, rules)
+  step_fn = train.jit_train_step(config, model, tx, mesh, rules, shardings)
+  with sharding.activate(mesh, rules):
+    lowered = step_fn.lower(abstract, abstract_batch(config, mesh, rules))
+  return lowered, train_state.num_params(abstract.params)
+
+
+def sample_rows(config: ml_collections.ConfigDict, mesh) -> int:
+  """Videos per sampler step: one per batch shard (each as a conditional and a null row)."""
+  shape = dict(mesh.shape)
+  return shape["data"] * shape["fsdp"]
+
+
+def lower_sampler_step(config: ml_collections.ConfigDict, mesh):
+  """One Euler step of guided sampling: v = v_null + s·(v_cond − v_null), x ← x − Δt·v."""
+  rules = sharding.rules_from_config(config.sharding_rules)
+  model = models.build(config)
+  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
+  init = train_state.init_fn(model, models.dummy_inputs(config), tx, config.seed)
+  abstract, shardings = train_state.abstract_state(init, mesh, rules)
+  s, p = config.sample, tuple(config.input.patch_size)
+  length = (s.num_frames // p[0]) * (s.height // p[1]) * (s.width // p[2])
+  n, m = sample_rows(config, mesh), config.input.max_caption_tokens
+  rows = {
+    "positions": ((2 * n, length, 3), jnp.int32),
+    "segment_ids": ((2 * n, length), jnp.int32),
+    "text_tokens": ((2 * n, m), jnp.int32),
+    "text_segment_ids": ((2 * n, m), jnp.int32),
+    "labels": ((2 * n, 1), jnp.int32),
+  }
+  row_shardings = sharding.batch_shardings(mesh, rules, rows)
+  x_sharding = sharding.logical_sharding(mesh, rules, sharding.BATCH_AXES["patches"])
+  t_sharding = sharding.logical_sharding(mesh, rules, sharding.BATCH_AXES["segment_ids"])
+  guidance = float(s.guidance)
+
+  def step(params, x, t, dt, rows):
+    # x: [N, L, P]; t: [N, L] noise level of every token; rows: the 2N conditional+null rows.
+    v = model.apply(
+      {"params": params},
+      jnp.concatenate([x, x]),
+      jnp.concatenate([t, t]),
+      rows["positions"],
+      rows["segment_ids"],
+      rows["text_tokens"],
+      rows["text_segment_ids"],
+      rows["labels"],
+    )
+    v_cond, v_null = v[:n], v[n:]
+    return x - dt * (v_null + guidance * (v_cond - v_null)).astype(x.dtype)
+
+  fn = jax.jit(
+    step,
+    in_shardings=(
+      shardings.ema_params,
+      x_sharding,
+      t_sharding,
+      sharding.replicated(mesh),
+      row_shardings,
+    ),
+    out_shardings=x_sharding,
+  )
+  args = (
+    abstract.ema_params,
+    jax.ShapeDtypeStruct((n, length, models.patch_dim(config)), jnp.float32, sharding=x_sharding),
+    jax.ShapeDtypeStruct((n, length), jnp.float32, sharding=t_sharding),
+    jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh)),
+    {
+      k: jax.ShapeDtypeStruct(shape, dtype, sharding=row_shardings[k])
+      for k, (shape, dtype) in rows.items()
+    },
+  )
+  with sharding.activate(mesh, rules):
+    return fn.lower(*args), n, length
+
+
+# ---------------------------------------------------------------------------------------------
+# Analysis.
+# ---------------------------------------------------------------------------------------------
+def model_flops(config: ml_collections.ConfigDict, rows: int, length: int, text: int) -> float:
+  """Forward FLOPs of the model on `rows` packed rows of `length` video and `text` text tokens.
+
+  `vdit.models.flops.dot_flops` of the traced forward: 2·M·N·K over every matrix product
+  (attention dense over the row, as the `xla` backend computes it; for a packed row the useful
+  part is Σ Lᵢ² / L² of that), elementwise work not counted. Training is 3× this (forward +
+  backward), not counting rematerialization.
+  """
+  model = models.build(config)
+  inputs = models.dummy_inputs(config, rows)
+  inputs = (
+    jax.ShapeDtypeStruct((rows, length, inputs[0].shape[-1]), jnp.float32),
+    jax.ShapeDtypeStruct((rows, length), jnp.float32),
+    jax.ShapeDtypeStruct((rows, length, 3), jnp.int32),
+    jax.ShapeDtypeStruct((rows, length), jnp.int32),
+    jax.ShapeDtypeStruct((rows, text), jnp.int32),
+    jax.ShapeDtypeStruct((rows, text), jnp.int32),
+    jax.ShapeDtypeStruct(inputs[6].shape, jnp.int32),
+  )
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *models.dummy_inputs(config)))
+  return float(flops.dot_flops(lambda p, *x: model.apply(p, *x), params, *inputs))
+
+
+def _costs(compiled) -> tuple[float, float]:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list | tuple) else cost
+  return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def extrapolated_costs(lower_fn, config: ml_collections.ConfigDict, mesh) -> dict[str, float]:
+  """FLOPs and bytes per device at the config's depths, from unrolled 1-/2-layer compiles."""
+  m = config.model
+
+  def at(depth, text_depth):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.model.depth, c.model.text_depth, c.model.scan_layers = depth, text_depth, False
+    return _costs(lower_fn(c, mesh)[0].compile())
+
+  base, deeper, deeper_text = at(1, 1), at(2, 1), at(1, 2)
+  return {
+    key: base[i]
+    + (m.depth - 1) * (deeper[i] - base[i])
+    + (m.text_depth - 1) * (deeper_text[i] - base[i])
+    for i, key in enumerate(("flops", "bytes_accessed"))
+  }
+
+
+def memory(compiled, capacity: float) -> dict[str, Any]:
+  mem = compiled.memory_analysis()
+  total = (
+    mem.argument_size_in_bytes
+    + mem.output_size_in_bytes
+    - mem.alias_size_in_bytes
+    + mem.temp_size_in_bytes
+    + mem.generated_code_size_in_bytes
+  )
+  gib = lambda x: round(x / GiB, 3)
+  return {
+    "arguments_gib": gib(mem.argument_size_in_bytes),
+    "outputs_gib": gib(mem.output_size_in_bytes),
+    "aliased_gib": gib(mem.alias_size_in_bytes),
+    "temps_gib": gib(mem.temp_size_in_bytes),
+    "program_gib": gib(mem.generated_code_size_in_bytes),
+    "total_gib": gib(total),
+    "peak_gib": gib(getattr(mem, "peak_memory_in_bytes", 0) or total),
+    "capacity_gib": gib(capacity),
+    "fits": bool(total <= capacity),
+    "used_fraction": round(total / capacity, 3),
+  }
+
+
+def roofline(flops: float, bytes_accessed: float, useful_flops: float, chip, per_chip: int):
+  """Lower bound on step time and upper bound on MFU, per device."""
+  peak, bandwidth = chip.bf16_flops / per_chip, chip.hbm_bandwidth / per_chip
+  compute_s, memory_s = flops / peak, bytes_accessed / bandwidth
+  step_s = max(compute_s, memory_s)
+  sig = lambda x: float(f"{x:.4g}")
+  return {
+    "compute_seconds": sig(compute_s),
+    "memory_seconds": sig(memory_s),
+    "step_seconds_lower_bound": sig(step_s),
+    "bound_by": "compute" if compute_s >= memory_s else "memory",
+    "mfu_upper_bound": round(useful_flops / (peak * step_s), 3) if step_s else None,
+  }
+
+
+def report(
+  config: ml_collections.ConfigDict, topology: str, *, sampler: bool = True
+) -> dict[str, Any]:
+  """Compiles the train (and sampler) step of `config` for `topology`; returns the report."""
+  chip, devices, chips = topology_devices(topology)
+  per_chip = len(devices) // chips
+  hosts = len({d.process_index for d in devices})
+  config_checks.validate(config, num_devices=len(devices), num_processes=hosts)
+  mesh = sharding.make_mesh(config.mesh, devices=devices)
+  capacity = chip.hbm_bytes / per_chip
+  inp = config.input
+  accum = train_state.accumulation_steps(config.optimizer)
+
+  t0 = time.time()
+  lowered, n_params = lower_train_step(config, mesh)
+  compiled = lowered.compile()
+  compile_s = time.time() - t0
+  costs = extrapolated_costs(lower_train_step, config, mesh)
+  useful = (
+    3
+    * model_flops(config, inp.rows_per_batch, inp.tokens_per_row, inp.text_tokens_per_row)
+    / len(devices)
+  )
+  tokens = inp.rows_per_batch * inp.tokens_per_row
+  train_report = {
+    "compile_seconds": round(compile_s, 1),
+    "memory_per_device": memory(compiled, capacity),
+    "flops_per_device": costs["flops"],
+    "bytes_accessed_per_device": costs["bytes_accessed"],
+    "model_flops_per_device": useful,
+    "roofline": roofline(costs["flops"], costs["bytes_accessed"], useful, chip, per_chip),
+  }
+  step_s = train_report["roofline"]["step_seconds_lower_bound"]
+  train_report["roofline"]["tokens_per_second_upper_bound"] = (
+    round(tokens / step_s) if step_s else None
+  )
+
+  out = {
+    "config": {
+      "model": {k: config.model[k] for k in ("width", "depth", "num_heads", "dtype")},
+      "remat_policy": config.model.remat_policy,
+      "parameters": n_params,
+      "tokens_per_row": inp.tokens_per_row,
+      "rows_per_step": inp.rows_per_batch,
+      "grad_accum_steps": accum,
+      "tokens_per_update": tokens * accum,
+      "mesh": dict(mesh.shape),
+    },
+    "topology": {
+      "name": topology,
+      "chip": chip.name,
+      "chips": chips,
+      "devices": len(devices),
+      "hosts": hosts,
+      "peak_bf16_tflops_per_chip": chip.bf16_flops / 1e12,
+      "hbm_gib_per_chip": chip.hbm_bytes / GiB,
+      "hbm_gbps_per_chip": chip.hbm_bandwidth / 1e9,
+    },
+    "train_step": train_report,
+  }
+  if sampler:
+    t0 = time.time()
+    lowered, n, length = lower_sampler_step(config, mesh)
+    compiled = lowered.compile()
+    compile_s = time.time() - t0
+    costs = extrapolated_costs(lambda c, mesh: lower_sampler_step(c, mesh), config, mesh)
+    m = config.input.max_caption_tokens
+    useful = model_flops(config, 2 * n, length, m) / len(devices)
+    s = config.sample
+    out["sampler_step"] = {
+      "videos": n,
+      "video": f"{s.num_frames}x{s.height}x{s.width}",
+      "tokens_per_video": length,
+      "compile_seconds": round(compile_s, 1),
+      "memory_per_device": memory(compiled, capacity),
+      "flops_per_device": costs["flops"],
+      "bytes_accessed_per_device": costs["bytes_accessed"],
+      "model_flops_per_device": useful,
+      "roofline": roofline(costs["flops"], costs["bytes_accessed"], useful, chip, per_chip),
+    }
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI.
+# ---------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+  import argparse  # noqa: PLC0415
+
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", required=True, help="path.py[:arg]")
+  parser.add_argument("--topology", default=None, help="e.g. v5p:4x4x4; default: aot_topology")
+  parser.add_argument("--nosampler", action="store_true", help="skip the sampler step")
+  parser.add_argument("--out", default=None, help="also write the JSON report here")
+  parser.add_argument(
+    "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (JSON value)"
+  )
+  opts = parser.parse_args(argv)
+  try:
+    config = load_config(opts.config)
+    for item in opts.set:
+      key, _, value = item.partition("=")
+      node = config
+      *path, last = key.split(".")
+      for part in path:
+        node = node[part]
+      node[last] = json.loads(value)
+    topology = opts.topology or config.get("aot_topology")
+    if not topology:
+      parser.error(f"--topology is required: {opts.config} has no aot_topology")
+    result = report(config, topology, sampler=not opts.nosampler)
+  except ModuleNotFoundError as e:
+    if "libtpu" in str(e):
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    raise
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  text = json.dumps(result, indent=2)
+  print(text)
+  if opts.out:
+    with open(opts.out, "w") as f:
+      f.write(text + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

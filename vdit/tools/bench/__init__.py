@@ -1,0 +1,25 @@
+"""Benchmarks: `python -m vdit.tools.bench NAME [--json] [--quick] [--set key=value ...]`.
+
+Each benchmark is a function `run(options: dict) -> dict` (JSON-able results) registered in
+`BENCHMARKS` by name as "module:function", imported only when run. To add one, write a module
+here and add a line below; record its latest numbers in BENCHMARKS.md with the command and the
+machine.
+"""
+
+import importlib
+from collections.abc import Callable
+
+BENCHMARKS: dict[str, str] = {
+  "packing": "vdit.tools.bench.packing:run",  # real-token fraction, attention work, strategies
+  "packing_png": "vdit.tools.bench.packing:write_png",  # docs/images/packing.png
+  "loader": "vdit.tools.bench.loader:run",  # loader tokens/s vs train-step tokens/s
+  "flops": "vdit.tools.bench.flops:run",  # analytic FLOPs vs the DiT paper and XLA
+}
+
+
+def get(name: str) -> Callable[[dict], dict]:
+  """The benchmark function registered as `name`."""
+  if name not in BENCHMARKS:
+    raise ValueError(f"benchmark {name!r} is unknown; expected one of {sorted(BENCHMARKS)}")
+  module, function = BENCHMARKS[name].split(":")
+  return getattr(importlib.import_module(module), function)
