@@ -88,7 +88,8 @@ def test_block_metadata_skips_blocks_across_examples():
   np.testing.assert_allclose(splash.block_fraction(ids, ids), [0.5])
   # Fetch order: a skipped block holds the last fetched kv block of its row (no re-fetch).
   np.testing.assert_array_equal(
-    np.asarray(splash._data_next(jnp.asarray(active), axis=1)), [[0, 1, 1, 1]] * 2 + [[2, 2, 2, 3]] * 2
+    np.asarray(splash._data_next(jnp.asarray(active), axis=1)),
+    [[0, 1, 1, 1]] * 2 + [[2, 2, 2, 3]] * 2,
   )
   # Six examples and padding in a 1024 row: exactly the blocks holding a visible pair run.
   ids = packed_ids([[300, 200, 180, 150, 100, 60]], 1024)
@@ -133,7 +134,9 @@ def test_sincos_2d_is_dits_w_first_layout():
   pos = jnp.array([[2, 5]])  # (h, w)
   emb = np.asarray(posemb.sincos_2d(pos, 16))[0]
   omega = 1.0 / 10_000 ** (np.arange(4) / 4)
-  want = np.concatenate([np.sin(5 * omega), np.cos(5 * omega), np.sin(2 * omega), np.cos(2 * omega)])
+  want = np.concatenate(
+    [np.sin(5 * omega), np.cos(5 * omega), np.sin(2 * omega), np.cos(2 * omega)]
+  )
   np.testing.assert_allclose(emb, want, atol=1e-6)
   with pytest.raises(ValueError, match="dim=6"):
     posemb.sincos_2d(pos, 6)
@@ -150,7 +153,9 @@ def test_rope_depends_only_on_relative_positions():
     return float(jnp.sum(a * b))
 
   base = score((1, 2, 3), (4, 0, 7))
-  np.testing.assert_allclose(score((6, 12, 8), (9, 10, 12)), base, rtol=1e-4)  # shifted by (5, 10, 5)
+  np.testing.assert_allclose(
+    score((6, 12, 8), (9, 10, 12)), base, rtol=1e-4
+  )  # shifted by (5, 10, 5)
   assert abs(score((1, 2, 3), (4, 1, 7)) - base) > 1e-3  # a different offset changes it
   # A rotation: norms are kept.
   rot = posemb.rope(q, jnp.asarray([[[3, 1, 4]]]))

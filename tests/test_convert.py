@@ -3,9 +3,10 @@
 The reference tables are written from the module structure of facebookresearch/DiT
 (`models.py`), diffusers `DiTTransformer2DModel`, google-research/vision_transformer and
 big_vision `vit.py`; synthetic state dicts with those names and shapes stand in for the real
-checkpoints (no downloads). The DiT and ViT imports are also checked against numpy re-implementations
-of the reference forward passes (torch layout, NCHW), which catches qkv/head order, the time
-features' [cos, sin] order, the patch order and DiT's w-first 2-D position code.
+checkpoints (no downloads). The DiT and ViT imports are also checked against numpy
+re-implementations of the reference forward passes (DiT in torch's NCHW layout), which catches
+the qkv/head order, the time features' [cos, sin] order, the patch order and DiT's w-first 2-D
+position code.
 """
 
 import flax.linen as nn
@@ -122,7 +123,7 @@ def _lin(s, name, x):
 
 
 def _mha(q, k, v, heads):
-  (b, n, d), m = q.shape, k.shape[1]
+  b, n, d = q.shape
   q, k, v = (a.reshape(b, -1, heads, d // heads).transpose(0, 2, 1, 3) for a in (q, k, v))
   logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(d // heads)
   w = np.exp(logits - logits.max(-1, keepdims=True))
@@ -245,12 +246,17 @@ def vit_shapes(layout, pool, d=VD, p=VP, depth=VDEPTH, heads=VHEADS, img=VIMG, c
   pos = "Transformer/posembed_input/pos_embedding" if vt else "pos_embedding"
   shapes[pos] = (1, n + (pool == "token"), d)
   names = ("LayerNorm_0", "MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
-  names = names if vt else ("LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
+  names = (
+    names if vt else ("LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
+  )
 
   def attn(prefix):
     out = {}
     for x in ("query", "key", "value"):
-      out |= {f"{prefix}/{x}/kernel": (d, heads, d // heads), f"{prefix}/{x}/bias": (heads, d // heads)}
+      out |= {
+        f"{prefix}/{x}/kernel": (d, heads, d // heads),
+        f"{prefix}/{x}/bias": (heads, d // heads),
+      }
     return out | {f"{prefix}/out/kernel": (heads, d // heads, d), f"{prefix}/out/bias": (d,)}
 
   def mlp(prefix):

@@ -28,8 +28,8 @@ def init(model, *args):
 
 
 def assert_scan_equals_unrolled(make, args, depth, stacks=("blocks",), seed=3):
-  """Loss and gradients of the scanned (remat) and unrolled (full remat) models agree."""
-  scanned, unrolled = make(True, "dots_saveable"), make(False, "full")
+  """Loss and gradients of the scanned (full remat) and unrolled (no remat) models agree."""
+  scanned, unrolled = make(True, "full"), make(False, "none")
   params = perturb(init(scanned, *args), seed)
   params_u = layers.unstack_layers(params, "blocks", depth)
   shapes_u = jax.eval_shape(lambda: nn.unbox(unrolled.init(jax.random.key(0), *args)))
@@ -62,20 +62,19 @@ def test_vit_parameter_counts_are_the_standard_ones():
     vit.decode_variant("B/4")
 
 
-@pytest.mark.parametrize("pool", vit.POOLS)
-def test_vit_heads_shapes_and_scan(pool):
+def test_vit_heads_shapes_and_scan():
   images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
-  make = lambda scan, remat: vit.ViT(  # noqa: E731
-    7, 8, 32, 2, 4, pool=pool, posemb="sincos2d" if pool == "gap" else "learn",
-    scan_layers=scan, remat_policy=remat,
-  )
-  model = make(True, "none")
-  params = init(model, images)
-  out = model.apply(params, images)
-  assert out.shape == (2, 7)
-  np.testing.assert_array_equal(out, 0.0)  # zero-init head
-  assert "cls" in params["params"] if pool == "token" else "cls" not in params["params"]
+  for pool, pe in (("token", "learn"), ("gap", "sincos2d"), ("map", "learn")):
+    model = vit.ViT(7, 8, 32, 2, 4, pool=pool, posemb=pe)
+    out, params = jax.eval_shape(lambda m=model: m.init_with_output(jax.random.key(0), images))
+    assert out.shape == (2, 7)
+    assert ("cls" in params["params"]) == (pool == "token")
+    assert ("pos_embedding" in params["params"]) == (pe == "learn")
+    assert ("map_head" in params["params"]) == (pool == "map")
+  make = lambda scan, remat: vit.ViT(7, 8, 32, 2, 4, scan_layers=scan, remat_policy=remat)  # noqa: E731
   assert_scan_equals_unrolled(make, (images,), depth=2)
+  with pytest.raises(ValueError, match="pool='cls'"):
+    vit.ViT(7, 8, 32, 2, 4, pool="cls").init(jax.random.key(0), images)
 
 
 def test_classification_loss_masks_and_counts():
@@ -160,28 +159,34 @@ def test_navit_token_dropping_keeps_coordinates(tiny_navit):
   np.testing.assert_array_equal(new_pos[0, :n], positions[0][keep])
   # The dropped row equals each example's kept tokens fed alone (fractional posemb uses the
   # full grid from `shapes`, so the kept tokens keep their place).
-  out = model.apply(params, new_patches, new_pos, new_ids, shapes)
+  rows = [(new_patches[0], new_pos[0], new_ids[0], shapes[0])]
   for j in range(NK):
-    sel = np.asarray(ids[0]) == j + 1
-    alone_keep = keep & sel
-    alone = (
-      jnp.zeros((1, NL, NP)).at[0, : alone_keep.sum()].set(patches[0][alone_keep]),
-      jnp.zeros((1, NL, 3), jnp.int32).at[0, : alone_keep.sum()].set(positions[0][alone_keep]),
-      jnp.zeros((1, NL), jnp.int32).at[0, : alone_keep.sum()].set(1),
-      shapes[:, j : j + 1],
+    sel = keep & (np.asarray(ids[0]) == j + 1)
+    m = int(sel.sum())
+    rows.append(
+      (
+        jnp.zeros((NL, NP)).at[:m].set(patches[0][sel]),
+        jnp.zeros((NL, 3), jnp.int32).at[:m].set(positions[0][sel]),
+        jnp.zeros((NL,), jnp.int32).at[:m].set(1),
+        jnp.zeros((NK, 3), jnp.int32).at[0].set(shapes[0, j]),
+      )
     )
-    np.testing.assert_allclose(out[0, j], model.apply(params, *alone)[0, 0], atol=1e-5)
+  out = jax.jit(model.apply)(params, *(jnp.stack(a) for a in zip(*rows)))
+  for j in range(NK):
+    np.testing.assert_allclose(out[0, j], out[j + 1, 0], atol=1e-5)
 
 
 def test_navit_posemb_kinds_and_splash_backend(tiny_navit):
   model, params = tiny_navit
   batch = navit_rows([navit_examples()])
   emb = navit.FactorizedPositionEmbedding(8, "fractional")
-  pos = jnp.array([[[0, 0], [3, 6], [1, 2]]])
-  grid = jnp.array([[[4, 8], [4, 8], [2, 4]]])
-  p = emb.init(jax.random.key(0), pos, grid, 16)
-  out = emb.apply(p, pos, grid, 16)
-  np.testing.assert_allclose(out[0, 2], emb.apply(p, pos[:, :1] + jnp.array([[[2, 4]]]), grid[:, :1], 16)[0, 0])
+  pos = jnp.array([[[0, 0], [3, 6], [3, 3]]])
+  grid = jnp.array([[[4, 8], [4, 8], [4, 4]]])
+  out, p = emb.init_with_output(jax.random.key(0), pos, grid, 16)
+  h, w = (nn.unbox(p["params"][k]) for k in ("pos_h", "pos_w"))
+  np.testing.assert_allclose(out[0, 0], h[0] + w[0])
+  np.testing.assert_allclose(out[0, 1], h[6] + w[6])  # 3/4 and 6/8 of the grid -> bucket 6
+  np.testing.assert_allclose(out[0, 2], out[0, 1])  # the same fractions of another grid
   with pytest.raises(ValueError, match="kind='relative'"):
     navit.FactorizedPositionEmbedding(8, "relative").init(jax.random.key(0), pos, grid, 16)
   # The block-sparse kernel gives the model the same logits.
@@ -198,22 +203,40 @@ def test_navit_posemb_kinds_and_splash_backend(tiny_navit):
 
 def tiny_vivit(variant, scan=True, remat="none"):
   return vivit.ViViT(
-    6, variant, 32, 2, 4, tubelet=(2, 4, 4), temporal_depth=1, scan_layers=scan,
+    6,
+    variant,
+    32,
+    2,
+    4,
+    tubelet=(2, 4, 4),
+    temporal_depth=1,
+    scan_layers=scan,
     remat_policy=remat,
   )
 
 
-@pytest.mark.parametrize("variant", vivit.VIVIT_VARIANTS)
-def test_vivit_variants_on_a_tiny_video(variant):
+def test_vivit_variants_on_a_tiny_video():
   video = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 8, 12, 3)), jnp.float32)
-  model = tiny_vivit(variant)
-  params = init(model, video)
-  assert model.apply(params, video).shape == (2, 6)
-  feats = vivit.ViViT(0, variant, 32, 2, 4, tubelet=(2, 4, 4), temporal_depth=1)
-  assert feats.apply(params, video).shape == (2, 32)
+  for variant in vivit.VIVIT_VARIANTS:
+    # Pooled features (classes=0; the zero-init head would hide them), then the logits' shape.
+    feats = vivit.ViViT(0, variant, 32, 2, 4, tubelet=(2, 4, 4), temporal_depth=1)
+    out, _ = jax.jit(lambda v, m=feats: m.init_with_output(jax.random.key(0), v))(video)
+    assert out.shape == (2, 32), variant
+    assert np.abs(np.asarray(out[0] - out[1])).max() > 1e-3, variant  # depends on the video
+    logits = jax.eval_shape(
+      lambda v=variant: tiny_vivit(v).init_with_output(jax.random.key(0), video)[0]
+    )
+    assert logits.shape == (2, 6)
+  with pytest.raises(ValueError, match="variant='joint'"):
+    vivit.ViViT(6, "joint", 32, 2, 4).init(jax.random.key(0), video)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["factorised_self_attention", "factorised_dot_product"])
+def test_vivit_factorised_blocks_scan_equals_unrolled(variant):
+  video = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 8, 12, 3)), jnp.float32)
   make = lambda scan, remat: tiny_vivit(variant, scan, remat)  # noqa: E731
-  if variant.startswith("factorised_") and variant != "factorised_encoder":
-    assert_scan_equals_unrolled(make, (video,), depth=2)
+  assert_scan_equals_unrolled(make, (video,), depth=2)
 
 
 def test_vivit_sizes_match_the_paper():
@@ -246,9 +269,10 @@ def test_tubelet_central_frame_init_equals_the_image_embedding():
 def test_factorised_dot_product_heads_stay_in_their_frame_or_location():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 3, 4, 16)), jnp.float32)
   block = vivit.FactorisedDotProductBlock(num_heads=2)
-  params = perturb(block.init(jax.random.key(0), x), 1)
-  base = block.apply(params, x)[0]
-  moved = block.apply(params, x.at[0, 1, 2].add(1.0))[0]
+  params = jax.jit(block.init)(jax.random.key(0), x)
+  apply = jax.jit(lambda x: block.apply(params, x)[0][0])
+  bump = jnp.linspace(-1.0, 1.0, 16)  # not constant: LayerNorm would remove a constant
+  base, moved = apply(x), apply(x.at[0, 1, 2].add(bump))
   changed = np.abs(np.asarray(moved - base)).max(-1) > 1e-6  # [nt, ns]
   want = np.zeros((3, 4), bool)
   want[1, :] = want[:, 2] = True  # same frame (space heads) or same location (time heads)
@@ -258,7 +282,6 @@ def test_factorised_dot_product_heads_stay_in_their_frame_or_location():
 # ------------------------------------------------------------------------------------------
 # DiT.
 # ------------------------------------------------------------------------------------------
-
 
 
 def dit_args(b=1, size=32, c=4):
@@ -281,12 +304,22 @@ def test_analytic_flops_equal_the_traced_matmuls():
     params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *args)))
     assert flops.dot_flops(lambda p: model.apply(p, *args), params) == formula
 
-  check(dit.DiT(patch_size=2, width=32, depth=2, num_heads=4), flops.dit(2, 8, 2, 32, 2), *dit_args(2, 8))
+  check(
+    dit.DiT(patch_size=2, width=32, depth=2, num_heads=4),
+    flops.dit(2, 8, 2, 32, 2),
+    *dit_args(2, 8),
+  )
   for variant in vivit.VIVIT_VARIANTS:
     f = flops.vivit(1, variant, 4, 8, (2, 4, 4), 32, 2, 6, temporal_depth=1)
     check(tiny_vivit(variant), f, jnp.zeros((1, 4, 8, 8, 3)))
-  check(navit.NaViT(5, 32, 2, 4), flops.navit_packed(2, NL, NK, NP, 32, 2, 5), *navit_rows([[]] * 2))
-  check(vit.ViT(7, 8, 32, 2, 4, pool="map"), flops.vit(1, 16, 8, 32, 2, 7, "map"), jnp.zeros((1, 16, 16, 3)))
+  check(
+    navit.NaViT(5, 32, 2, 4), flops.navit_packed(2, NL, NK, NP, 32, 2, 5), *navit_rows([[]] * 2)
+  )
+  check(
+    vit.ViT(7, 8, 32, 2, 4, pool="map"),
+    flops.vit(1, 16, 8, 32, 2, 7, "map"),
+    jnp.zeros((1, 16, 16, 3)),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -301,15 +334,22 @@ def test_dit_blocks_are_identity_and_output_zero_at_init(tiny_dit):
   x = jnp.asarray(r.normal(size=(2, 16, 32)), jnp.float32)
   c = jnp.asarray(r.normal(size=(2, 1, 32)), jnp.float32)
   ids = jnp.ones((2, 16), jnp.int32)
+  block_apply = jax.jit(lambda p: dit.DiTBlock(4).apply({"params": p}, x, c, ids)[0])
   for i in range(2):
-    block = {"params": jax.tree.map(lambda a, i=i: a[i], params["params"]["blocks"])}
-    np.testing.assert_array_equal(dit.DiTBlock(4).apply(block, x, c, ids)[0], x)
+    layer = jax.tree.map(lambda a, i=i: a[i], params["params"]["blocks"])
+    np.testing.assert_array_equal(block_apply(layer), x)
   latents = jnp.asarray(r.normal(size=(2, 8, 8, 4)), jnp.float32)
-  out = model.apply(params, latents, jnp.array([0.1, 0.7]), jnp.array([3, -1]))
+  t, labels = jnp.array([0.1, 0.7]), jnp.array([3, -1])
+  out = jax.jit(model.apply)(params, latents, t, labels)
   assert out.shape == (2, 8, 8, 8)  # learned σ: ε then v channels
   np.testing.assert_array_equal(out, 0.0)
+  # ... yet it learns: the final projection gets a gradient, the gated blocks not yet.
+  g = jax.jit(jax.grad(lambda p: jnp.sum((model.apply(p, latents, t, labels) - 1.0) ** 2)))(params)
+  assert np.abs(g["params"]["final"]["proj"]["kernel"]).max() > 0
+  np.testing.assert_array_equal(g["params"]["blocks"]["attn"]["query"]["kernel"], 0.0)
   plain = dit.DiT(patch_size=2, width=32, depth=2, num_heads=4, learn_sigma=False)
-  assert plain.apply(init(plain, *dit_args(1, 8)), *dit_args(1, 8)).shape == (1, 8, 8, 4)
+  shape = jax.eval_shape(lambda: plain.init_with_output(jax.random.key(0), *dit_args(1, 8))[0])
+  assert shape.shape == (1, 8, 8, 4)
 
 
 def test_dit_label_dropout_and_scan(tiny_dit):
@@ -318,16 +358,28 @@ def test_dit_label_dropout_and_scan(tiny_dit):
   r = np.random.default_rng(1)
   latents = jnp.asarray(r.normal(size=(2, 8, 8, 4)), jnp.float32)
   t = jnp.array([0.2, 0.6])
-  always = dit.DiT(patch_size=2, width=32, depth=2, num_heads=4, num_classes=10,
-                   class_dropout_prob=1.0)
-  dropped = always.apply(
-    params, latents, t, jnp.array([3, 4]), deterministic=False, rngs={"dropout": jax.random.key(0)}
+  always = dit.DiT(
+    patch_size=2, width=32, depth=2, num_heads=4, num_classes=10, class_dropout_prob=1.0
   )
-  null = model.apply(params, latents, t, jnp.array([-1, 10]))
+
+  @jax.jit
+  def outputs(params):
+    kw = dict(deterministic=False, rngs={"dropout": jax.random.key(0)})
+    dropped = always.apply(params, latents, t, jnp.array([3, 4]), **kw)
+    null = model.apply(params, latents, t, jnp.array([-1, 10]))
+    labelled = model.apply(params, latents, t, jnp.array([3, 4]))
+    return dropped, null, labelled
+
+  dropped, null, labelled = outputs(params)
   np.testing.assert_allclose(dropped, null, atol=1e-6)
-  assert np.abs(np.asarray(model.apply(params, latents, t, jnp.array([3, 4])) - null)).max() > 1e-4
+  assert np.abs(np.asarray(labelled - null)).max() > 1e-4
   make = lambda scan, remat: dit.DiT(  # noqa: E731
-    patch_size=2, width=32, depth=2, num_heads=4, num_classes=10, scan_layers=scan,
+    patch_size=2,
+    width=32,
+    depth=2,
+    num_heads=4,
+    num_classes=10,
+    scan_layers=scan,
     remat_policy=remat,
   )
   assert_scan_equals_unrolled(make, (latents, t, jnp.array([3, -1])), depth=2)

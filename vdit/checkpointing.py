@@ -14,7 +14,6 @@ count it is restored exactly, with a different one it is re-derived (`remap_data
 
 import json
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -96,19 +95,25 @@ def restore(
   items = {"state": ocp.args.StandardRestore(abstract_state)}
   remapped = None
   if data_iterator is not None:
-    saved = saved_data_states(mngr.directory / str(step) / "data")
-    index, count = jax.process_index(), jax.process_count()
-    if not saved:
+    data_dir = mngr.directory / str(step) / "data"
+    saved_count = saved_process_count(data_dir)
+    count = jax.process_count()
+    if saved_count is None:
       raise NoCheckpointError(f"checkpoint {step} in {mngr.directory} has no data position")
-    if len(saved) == count:
+    if saved_count == count:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     else:
-      remapped = remap_data_state(saved, index, count)
+      try:
+        remapped = remap_data_state(saved_data_states(data_dir), jax.process_index(), count)
+      except ValueError as e:
+        raise ValueError(
+          f"checkpoint {step} was written by {saved_count} processes, this run has {count}: {e}"
+        ) from None
       logging.warning(
         "checkpoint %d was written by %d processes, this run has %d: data position re-derived "
         "(no example skipped; examples already seen by hosts that were ahead repeat)",
         step,
-        len(saved),
+        saved_count,
         count,
       )
   restored = mngr.restore(step, args=ocp.args.Composite(**items))
@@ -131,14 +136,21 @@ def reached_preemption(mngr: ocp.CheckpointManager, step: int) -> bool:
 _DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 
 
+def saved_process_count(data_dir: epath.Path) -> int | None:
+  """How many processes wrote the `data` item of a checkpoint (None: no such item)."""
+  if not data_dir.exists():
+    return None
+  counts = {int(m.group(2)) for p in data_dir.iterdir() if (m := _DATA_FILE.fullmatch(p.name))}
+  if len(counts) != 1:
+    raise ValueError(f"{data_dir} holds iterator states of {sorted(counts)} processes")
+  return counts.pop()
+
+
 def saved_data_states(data_dir: epath.Path) -> list[dict]:
   """The per-process iterator states in a checkpoint's `data` item, ordered by process."""
-  if not data_dir.exists():
-    return []
   found = {}
   for path in data_dir.iterdir():
-    m = _DATA_FILE.fullmatch(path.name)
-    if m:
+    if m := _DATA_FILE.fullmatch(path.name):
       found[(int(m.group(2)), int(m.group(1)))] = json.loads(path.read_text())
   counts = {count for count, _ in found}
   if len(counts) != 1 or sorted(i for _, i in found) != list(range(next(iter(counts)))):
@@ -187,22 +199,21 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes the resolved config next to the checkpoints (process 0 only)."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config.to_json(indent=2))
+  """Writes the resolved config next to the checkpoints (process 0 only; local or gs://)."""
+  path = epath.Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / CONFIG_FILE).write_text(config.to_json(indent=2))
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a run wrote into `workdir` (raises NoCheckpointError if absent)."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
     raise NoCheckpointError(
       f"{workdir!r} has no {CONFIG_FILE}: not a vdit workdir (train there first with "
       "`python -m vdit.main --config=... --workdir=...`)"
     )
-  with open(path) as f:
-    return ml_collections.ConfigDict(_lists_to_tuples(json.load(f)))
+  return ml_collections.ConfigDict(_lists_to_tuples(json.loads(path.read_text())))
 
 
 def _lists_to_tuples(x: Any) -> Any:

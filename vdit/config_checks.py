@@ -6,7 +6,7 @@ import jax
 import ml_collections
 
 from vdit import sharding
-from vdit.diffusion import conditioning, gaussian, objectives
+from vdit.diffusion import conditioning, flow, gaussian, objectives
 
 DATASETS = ("shapes",)
 MODELS = ("video_dit",)
@@ -49,6 +49,9 @@ def _check_diffusion(d: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"diffusion.cond_probs: {e}") from None
   _choice("diffusion.schedule", d.schedule, gaussian.SCHEDULES)
   _choice("diffusion.prediction", d.prediction, gaussian.PREDICTIONS)
+  _choice("diffusion.flow_prediction", d.get("flow_prediction", "velocity"), flow.FLOW_PREDICTIONS)
+  if not 0.0 < d.get("flow_t_min", 0.05) < 1.0:
+    raise ConfigError(f"diffusion.flow_t_min={d.flow_t_min} must be in (0, 1)")
   if not isinstance(d.num_timesteps, int) or d.num_timesteps < 2:
     raise ConfigError(f"diffusion.num_timesteps={d.num_timesteps!r} must be an integer >= 2")
   if d.learn_sigma and d.objective != "gaussian":

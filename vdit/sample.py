@@ -4,17 +4,12 @@ r"""Generating videos from a trained checkpoint: CLI and library API, every mode
       --num_frames=8 --height=32 --width=48 --out=x.gif
   python -m vdit.sample --workdir=runs/shapes --mode=i2v --image=first.png --prompt=... --out=x.mp4
 
-Modes (docs/sampling.md shows each command): t2v, t2i (an image is a 1-patch-frame video), i2v,
-extend (--direction=forward|backward), interpolate (--video → --video2), edit (SDEdit,
---strength), loop. Any size works as long as frames/height/width are multiples of the patch
-size: the model sees packed spacetime patches with their (t, h, w) positions, not a fixed grid.
-Given frames (i2v, extend, interpolate, loop) are trained conditioning
-(`vdit.diffusion.conditioning`): they stay clean and come out unchanged. Inputs of another
-size are cropped and resized with a warning (`vdit.diffusion.given_frames`); requests that
-cannot work raise `InputError` (the CLI prints one line).
-
-Library: `load(workdir)` → `Sampler`; `Sampler.generate(prompts, ...)` → uint8 videos, and one
-method per mode: `text_to_image`, `image_to_video`, `extend`, `interpolate`, `edit`, `loop`.
+Modes: t2v, t2i, i2v, extend, interpolate, edit (SDEdit), loop — docs/sampling.md shows each.
+Any size that is a multiple of the patch size works (the model sees packed spacetime patches
+with their positions, not a fixed grid). Given frames are trained conditioning
+(`vdit.diffusion.conditioning`) and come out unchanged; inputs of another size are cropped and
+resized with a warning (`vdit.diffusion.given_frames`); impossible requests raise `InputError`.
+Library: `load(workdir)` → `Sampler`, with `generate` (text-to-video) and one method per mode.
 """
 
 import dataclasses
@@ -33,30 +28,23 @@ from vdit.data import patchify, tokenizer
 from vdit.diffusion import given_frames, objectives
 from vdit.diffusion.given_frames import InputError, fit_size, patch_frames
 
-CHANNELS = 3
-MODES = ("t2v", "t2i", "i2v", "extend", "interpolate", "edit", "loop")
-# Which of --image/--video/--video2 each mode needs: (required, optional).
-MODE_INPUTS = {
-  "t2v": ((), ()),
-  "t2i": ((), ()),
-  "i2v": (("image",), ()),
-  "extend": (("video",), ()),
-  "interpolate": (("video", "video2"), ()),
-  "edit": (("video",), ()),
-  "loop": ((), ("image",)),
+CHANNELS = models.CHANNELS
+MODES = {  # --mode: (Sampler method, required inputs, optional inputs)
+  "t2v": ("generate", (), ()),
+  "t2i": ("text_to_image", (), ()),
+  "i2v": ("image_to_video", ("image",), ()),
+  "extend": ("extend", ("video",), ()),
+  "interpolate": ("interpolate", ("video", "video2"), ()),
+  "edit": ("edit", ("video",), ()),
+  "loop": ("loop", (), ("image",)),
 }
-METHODS = dict(i2v="image_to_video", extend="extend", interpolate="interpolate", edit="edit")
-METHODS["loop"] = "loop"
 
 
 def prompt_rows(
-  prompts: Sequence[str],
-  grid: tuple[int, int, int],
-  tok: tokenizer.Tokenizer,
-  max_tokens: int,
-  labels: Sequence[int] | None = None,
+  prompts: Sequence[str], grid: tuple, tok: tokenizer.Tokenizer, max_tokens: int, labels=None
 ) -> dict[str, np.ndarray]:
-  """One row per prompt holding one video of `grid` patches; captions tokenized and padded."""
+  """One row per prompt holding one video of `grid` patches; captions tokenized and padded;
+  `labels` (one per prompt) or −1 (null)."""
   n, length = len(prompts), int(np.prod(grid))
   text = np.zeros((n, max_tokens), np.int32)
   text_seg = np.zeros((n, max_tokens), np.int32)
@@ -118,12 +106,8 @@ class Sampler:
     guidance_interval: tuple[float, float] | None = None,
     labels: Sequence[int] | None = None,
   ) -> np.ndarray:
-    """Text-to-video: uint8 videos [N, T, H, W, 3] for N prompts (and optional class labels).
-
-    `sampler`: "euler"/"heun" (rectified flow), "ddpm"/"ddim"/"dpmpp_2m" (Gaussian); default
-    `config.diffusion.sampler`. `guidance_interval` (lo, hi): guide only at noise levels
-    lo ≤ t ≤ hi (default `config.diffusion.guidance_interval`).
-    """
+    """Text-to-video: uint8 [N, T, H, W, 3] for N prompts. `sampler` and `guidance_interval`
+    (guide only for noise levels lo ≤ t ≤ hi) default to the config's `diffusion` ones."""
     options = dict(steps=steps, guidance=guidance, seed=seed, sampler=sampler, labels=labels)
     grid = self.grid(num_frames, height, width)
     return self._run(prompts, grid, guidance_interval=guidance_interval, **options)
@@ -237,9 +221,7 @@ class Sampler:
     x_cond, cond_mask = np.zeros((n, length, patch_dim), np.float32), np.zeros((n, length), bool)
     if given is not None:
       x_cond[:], cond_mask[:] = given.tokens(grid, self.patch_size)
-    x_init = np.zeros_like(x_cond)
-    if init is not None:
-      x_init[:] = patchify.patchify(init, self.patch_size)[0]
+    x_init = x_cond * 0 + (0 if init is None else patchify.patchify(init, self.patch_size)[0])
     x0 = objectives.sample_rows(
       *(self.model, self.params, rows, noise, x_cond, cond_mask, x_init, rng),
       float(guidance),
@@ -301,7 +283,7 @@ def write_config_samples(
 def _define_flags() -> None:
   """CLI flags; defined only when run as a program (train.py imports this module)."""
   flags.DEFINE_string("workdir", None, "Training workdir with checkpoints.")
-  flags.DEFINE_enum("mode", "t2v", MODES, "What to generate (docs/sampling.md).")
+  flags.DEFINE_enum("mode", "t2v", tuple(MODES), "What to generate (docs/sampling.md).")
   flags.DEFINE_string("prompt", None, "Text prompt.")
   flags.DEFINE_string("prompts_file", None, "File with one prompt per line.")
   flags.DEFINE_string("image", None, "i2v: the first frame; loop: the keyframe (optional).")
@@ -324,20 +306,6 @@ def _define_flags() -> None:
   flags.DEFINE_string("out", None, "Output file: .gif, .mp4 or .npz.")
 
 
-def _out_paths(out: str, n: int) -> list[str]:
-  if n == 1:
-    return [out]
-  root, ext = os.path.splitext(out)
-  return [f"{root}_{i:03d}{ext}" for i in range(n)]
-
-
-def _read(path: str, name: str) -> np.ndarray:
-  try:
-    return media.read_video(path)
-  except (OSError, ValueError) as e:
-    raise InputError(f"--{name}={path!r} cannot be read: {e}") from None
-
-
 def _request(f) -> tuple[list[str], dict]:
   """Prompts and the mode's inputs from the flags; raises InputError before any compute."""
   for name in ("workdir", "out"):
@@ -354,7 +322,7 @@ def _request(f) -> tuple[list[str], dict]:
     prompts = [f.prompt]
   else:
     raise InputError("give --prompt or --prompts_file")
-  required, optional = MODE_INPUTS[f.mode]
+  _, required, optional = MODES[f.mode]
   inputs = {}
   for name in ("image", "video", "video2"):
     path = f[name].value
@@ -362,8 +330,10 @@ def _request(f) -> tuple[list[str], dict]:
       raise InputError(f"--mode={f.mode} needs --{name}")
     if path is not None and name not in required + optional:
       raise InputError(f"--{name} is not used by --mode={f.mode}")
-    if path is not None:
-      inputs[name] = _read(path, name)
+    try:
+      inputs[name] = media.read_video(path) if path is not None else None
+    except (OSError, ValueError) as e:
+      raise InputError(f"--{name}={path!r} cannot be read: {e}") from None
   if f.mode == "t2i" and f.num_frames is not None:
     raise InputError("--num_frames is not used by --mode=t2i (an image is one frame)")
   return prompts, inputs
@@ -386,15 +356,14 @@ def _generate(sampler: Sampler, f, prompts: list[str], inputs: dict) -> tuple[np
     height=f.height or s.height,
     width=f.width or s.width,
   )
-  if f.mode == "t2i":
-    return sampler.text_to_image(prompts, **options), options
-  if f.mode == "t2v":
-    return sampler.generate(prompts, num_frames=f.num_frames or s.num_frames, **options), options
-  args = [inputs[name] for name in MODE_INPUTS[f.mode][0]]
-  extra = {"extend": dict(direction=f.direction), "edit": dict(strength=f.strength)}
-  extra = extra.get(f.mode, {}) | ({"image": inputs.get("image")} if f.mode == "loop" else {})
-  method = getattr(sampler, METHODS[f.mode])
-  return method(prompts, *args, num_frames=f.num_frames, **extra, **options), options | extra
+  method, required, _ = MODES[f.mode]
+  if f.mode != "t2i":
+    options["num_frames"] = f.num_frames or (s.num_frames if f.mode == "t2v" else None)
+  extra = dict(direction=f.direction) if f.mode == "extend" else {}
+  extra = dict(strength=f.strength) if f.mode == "edit" else extra
+  options |= dict(image=inputs["image"]) if f.mode == "loop" else extra
+  videos = getattr(sampler, method)(prompts, *[inputs[name] for name in required], **options)
+  return videos, {k: v for k, v in options.items() if k not in ("image", "labels")}
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -415,10 +384,12 @@ def main(argv):
     videos, used = _generate(sampler, f, prompts, inputs)
   except (InputError, checkpointing.NoCheckpointError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-  for prompt, video, path in zip(prompts, videos, _out_paths(f.out, len(prompts))):
+  root, ext = os.path.splitext(f.out)
+  paths = [f.out] if len(prompts) == 1 else [f"{root}_{i:03d}{ext}" for i in range(len(prompts))]
+  for prompt, video, path in zip(prompts, videos, paths):
     meta = dict(mode=f.mode, prompt=prompt, workdir=f.workdir, step=f.step)
+    meta.update(used)
     meta.update(zip(("num_frames", "height", "width"), video.shape[:3]))
-    meta.update({k: v for k, v in used.items() if k not in ("labels", "image")})
     meta.update({k: f[k].value for k in ("image", "video", "video2", "label") if f[k].value})
     media.write_video(path, video, fps=f.fps, scale=f.display_scale, metadata=meta)
     print(path, flush=True)

@@ -51,9 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     frame_stride=1,
     max_frame_stride=1 if tiny else 2,  # stride uniform in [frame_stride, max_frame_stride]
     max_tokens_per_example=384 if tiny else 4096,
-    min_tokens_per_example=96 if tiny else 512,  # NaViT resolution sampling: budget per example
+    min_tokens_per_example=48 if tiny else 256,  # NaViT resolution sampling: budget per example
     token_drop=(0.0, 0.0),  # (min, max) fraction of tokens dropped per example (NaViT)
-    packing="best_fit_pool",  # "best_fit_pool" | "first_fit" | "best_fit"
+    packing="best_fit",  # "best_fit" (pool of open rows) | "first_fit" | "grain_best_fit"
     num_packing_bins=16 if tiny else 64,  # open rows of the pool
     shrink_to_fill=0.5,  # an example may lose ≤ half its tokens (keeping aspect) to fill a row
     workers=0,  # >0: grain multiprocessing workers (mp_prefetch)
@@ -86,6 +86,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Rectified flow: each example's time is shifted by sqrt(its tokens / base) (SD3, Sec. 5.3.2)
     # in training and sampling; 0 = no shift.
     shift_base_tokens=128 if tiny else 1024,
+    # Rectified flow: the model predicts "velocity" (ε − x0) or "x0" (converted to a velocity;
+    # needed in pixel space, where a narrow model cannot reproduce the patch noise).
+    flow_prediction="x0" if tiny else "velocity",
+    flow_t_min=0.05,
     text_dropout=0.1,  # classifier-free guidance: rate of null captions (and labels) in training
     # Frame-conditioning tasks drawn per example in training (relative weights).
     cond_probs=dict(

@@ -2,15 +2,17 @@
 
 Two packers produce the same rows (DESIGN.md "The packed batch", one row without the B axis):
 
-  * grain's `FirstFitPackIterDataset` / `BestFitPackIterDataset` ("first_fit", "best_fit"): fill
-    `num_packing_bins` rows and emit *all* of them as soon as one example fits in none, so every
-    emitted row is left with a gap smaller than that example; `GrainRowToRow` renames their output.
-  * `PoolPackIterDataset` ("best_fit_pool"): online best-fit over a pool of open rows. An example
-    goes to the open row it fills most tightly; if it fits in none, it may be shrunk (keeping its
-    aspect ratio, at most `shrink_to_fill` of its tokens removed) to fill the largest gap exactly
-    (NaViT-style resolution sampling, steered to the gap); otherwise it opens a new row, and
-    only when the pool is full is one row emitted: the fullest. Rows that reach L tokens or K
-    examples leave at once. Rows therefore leave nearly full; see BENCHMARKS.md for numbers.
+  * grain's `FirstFitPackIterDataset` / `BestFitPackIterDataset` (packing="first_fit" /
+    "grain_best_fit"): fill `num_packing_bins` rows and emit *all* of them as soon as one
+    example fits in none, so every emitted row is left with a gap smaller than that example;
+    `GrainRowToRow` renames their output.
+  * `PoolPackIterDataset` (packing="best_fit", the default): online best fit over a pool of
+    open rows. An example goes to the open row it fills best (least expected padding, then the
+    tightest fit); if it fits in none, it may be shrunk (keeping its aspect ratio, at most
+    `shrink_to_fill` of its tokens removed) to fill the largest gap exactly (NaViT-style
+    resolution sampling, steered to the gap); otherwise it opens a new row, and only when the
+    pool is full is one row emitted: the fullest. Rows that reach L tokens or K examples leave
+    at once. Rows therefore leave nearly full; see BENCHMARKS.md for numbers.
 
 `PoolPackIterDataset` reads a `MapDataset` of packable examples (transforms.py) by index, with a
 thread pool for the per-example transforms. Its state is small and exact: the next index and,
@@ -107,7 +109,7 @@ def grain_packer(ds: grain.IterDataset, kind: str, c, *, seed: int, train: bool)
   """grain's first-fit / best-fit packer over materialized examples, as rows."""
   cls = {
     "first_fit": grain.experimental.FirstFitPackIterDataset,
-    "best_fit": grain.experimental.BestFitPackIterDataset,
+    "grain_best_fit": grain.experimental.BestFitPackIterDataset,
   }[kind]
   length, text, k = c.tokens_per_row, c.text_tokens_per_row, c.max_examples_per_row
   ds = cls(
@@ -174,7 +176,7 @@ class PoolPackIterDataset(grain.IterDataset):
   def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
     """grain's multiprocess prefetch gives each worker its slice of the examples."""
     if sequential_slice:
-      raise ValueError("best_fit_pool packing does not support sequential_slice=True")
+      raise ValueError("best_fit (pool) packing does not support sequential_slice=True")
     self.source = self.source.slice(sl)
 
   def __iter__(self) -> "PoolPackIterator":
@@ -252,8 +254,10 @@ class PoolPackIterator(grain.DatasetIterator):
       b for b in self.bins if len(b.members) < self.ds.slots and b.text + m <= self.ds.text_length
     ]
     fits = [b for b in room if b.tokens + n <= self.ds.length]
+    members = sum(len(b.members) for b in self.bins)
+    mean = sum(b.tokens for b in self.bins) / members if members else n
     # Least expected padding added, then the tightest fit, then the oldest row.
-    key = lambda b: (self._waste_increase(b, n), self.ds.length - b.tokens - n, b.order)
+    key = lambda b: (self._waste_increase(b, n, mean), self.ds.length - b.tokens - n, b.order)
     target = min(fits, key=key, default=None)
     if target is None and self.ds.shrink > 0:
       best = None
@@ -281,13 +285,11 @@ class PoolPackIterator(grain.DatasetIterator):
     if len(target.members) == self.ds.slots or target.tokens == self.ds.length:
       self._finish(target)
 
-  def _waste_increase(self, b: _Bin, n: int) -> float:
+  def _waste_increase(self, b: _Bin, n: int, mean: float) -> float:
     """How much placing n tokens in `b` raises its expected padding: a row with gap g and s free
     slots can expect to take s·μ more tokens (μ: mean example length in the pool), so its
     expected padding is max(0, g − s·μ). Best fit alone would also put small examples into rows
     that are short of slots, not of tokens; this keeps them for rows they can fill."""
-    members = sum(len(x.members) for x in self.bins)
-    mean = sum(x.tokens for x in self.bins) / members if members else n
     gap, free = self.ds.length - b.tokens, self.ds.slots - len(b.members)
     return max(0.0, gap - n - (free - 1) * mean) - max(0.0, gap - free * mean)
 

@@ -38,7 +38,7 @@ from vdit.data import packing as packing_lib
 from vdit.data import tokenizer
 from vdit.data import transforms as transforms_lib
 
-PACKERS = ("best_fit_pool", "first_fit", "best_fit")
+PACKERS = ("best_fit", "first_fit", "grain_best_fit")
 
 
 def default_input_config() -> ml_collections.ConfigDict:
@@ -64,9 +64,9 @@ def default_input_config() -> ml_collections.ConfigDict:
       max_tokens_per_example=512,  # larger examples are resized down (keeping aspect)
       min_tokens_per_example=config_dict.placeholder(int),  # budget in [min, max]; None = max
       token_drop=(0.0, 0.0),  # (min, max) fraction of tokens dropped per example in training
-      packing="best_fit_pool",  # "best_fit_pool" | "first_fit" | "best_fit" (grain's)
+      packing="best_fit",  # "best_fit" (pool of open rows) | grain's "first_fit", "grain_best_fit"
       num_packing_bins=16,  # rows packed at once (pool: open rows); more -> less padding
-      shrink_to_fill=0.0,  # best_fit_pool: shrink an example by ≤ this fraction to fill a gap
+      shrink_to_fill=0.0,  # best_fit: shrink an example by ≤ this fraction to fill a gap
       read_threads=2,  # threads running the per-example transforms
       read_buffer=32,  # examples prefetched by those threads
       prefetch_batches=2,  # batches prepared ahead in a background thread (workers = 0)
@@ -266,7 +266,7 @@ def make_dataset(
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
   ds = packable_examples(c, seed=seed, train=train)[process_index::process_count]
-  if c.packing == "best_fit_pool":
+  if c.packing == "best_fit":
     ds = packing_lib.PoolPackIterDataset(
       ds,
       patch_size=c.patch_size,

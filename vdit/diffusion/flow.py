@@ -2,8 +2,11 @@
 
 Convention (Liu et al. 2022 "Flow Straight and Fast"; Esser et al. 2024 "SD3", Sec. 2):
 x_t = (1 − t)·x0 + t·ε with t = 0 data and t = 1 noise; the model predicts the velocity
-v = dx_t/dt = ε − x0, and sampling integrates dx/dt = v from t = 1 down to t = 0.
+v = dx_t/dt = ε − x0, and sampling integrates dx/dt = v from t = 1 down to t = 0 (Euler, or
+Heun's second-order method; `sample`).
 
+Training times are uniform or logit-normal (SD3, Sec. 3.1), optionally shifted toward noise by
+each example's own size (`resolution_shift`, SD3 Sec. 5.3.2); sampling uses the same shift.
 Everything per example (time, shift, guidance dropout) is drawn per segment, [B, K], and
 gathered to tokens with `segment_ids` (DESIGN.md, "The packed batch").
 """
@@ -199,3 +202,23 @@ def euler_sample(velocity_fn, x1: jax.Array, steps: int, **kwargs) -> jax.Array:
 def heun_sample(velocity_fn, x1: jax.Array, steps: int, **kwargs) -> jax.Array:
   """`sample(..., method="heun")` from noise x1 [B, L, P]."""
   return sample(velocity_fn, x1, steps, method="heun", **kwargs)
+
+
+FLOW_PREDICTIONS = ("velocity", "x0")
+
+
+def velocity_from_x0(fn: Callable, t_min: float = 0.05) -> Callable:
+  """Wraps a model that predicts clean data x̂0 into one that returns the flow velocity.
+
+  v̂ = (x_t − x̂0) / max(t, t_min), since x_t = (1 − t)·x0 + t·ε gives v = ε − x0 = (x_t − x0)/t.
+  Predicting x0 and regressing the velocity ("x-prediction", Li & He 2025, "Back to Basics:
+  Let Denoising Generative Models Denoise", Sec. 3) is what lets a narrow transformer work on
+  high-dimensional pixel patches: it need not reproduce the noise in its output. `fn(x, t, *a)`
+  with x [B, L, P], t [B, L].
+  """
+
+  def velocity(x, t, *args):
+    x0_hat = fn(x, t, *args)
+    return (x - x0_hat.astype(x.dtype)) / jnp.maximum(t, t_min)[..., None]
+
+  return velocity

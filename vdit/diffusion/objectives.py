@@ -33,6 +33,8 @@ class Spec:
   logit_mean: float = 0.0
   logit_std: float = 1.0
   shift_base_tokens: int = 0  # rectified flow: per-example shift √(tokens / base); 0 = none
+  flow_prediction: str = "velocity"  # rectified flow: the model outputs "velocity" or "x0"
+  flow_t_min: float = 0.05  # rectified flow, x0 prediction: v = (x_t − x̂0) / max(t, t_min)
   text_dropout: float = 0.1
   cond_probs: tuple[float, ...] = conditioning.task_probs(conditioning.DEFAULT_PROBS)
   schedule: str = "linear"  # gaussian: "linear" | "cosine"
@@ -95,7 +97,7 @@ def loss(
   """The objective's loss on a packed batch (see `flow.loss`, `gaussian.loss`)."""
   if spec.objective == "rectified_flow":
     return flow.loss(
-      apply_fn,
+      flow_model(spec, apply_fn),
       batch,
       rng,
       time_sampling=spec.time_sampling,
@@ -115,6 +117,18 @@ def loss(
       text_dropout=spec.text_dropout,
     )
   raise ValueError(f"objective={spec.objective!r} is unknown; expected one of {OBJECTIVES}")
+
+
+def flow_model(spec: Spec, fn: Callable) -> Callable:
+  """The model as a velocity function for rectified flow (converting x0 predictions)."""
+  if spec.flow_prediction == "x0":
+    return flow.velocity_from_x0(fn, spec.flow_t_min)
+  if spec.flow_prediction != "velocity":
+    raise ValueError(
+      f"flow_prediction={spec.flow_prediction!r} is unknown; expected one of "
+      f"{flow.FLOW_PREDICTIONS}"
+    )
+  return fn
 
 
 def token_shift(spec: Spec, shapes: jax.Array, segment_ids: jax.Array) -> jax.Array | float:
@@ -152,7 +166,7 @@ def sample(
     shift = token_shift(spec, shapes, segment_ids)
     x = noise if x_init is None or strength == 1.0 else flow.noised(x_init, noise, strength, shift)
     return flow.sample(
-      model_fn,
+      flow_model(spec, model_fn),
       x,
       steps,
       method=sampler,

@@ -159,7 +159,10 @@ _DIT_EMBEDDERS = {
   "t_embed/fc1": ("t_embedder.mlp.0", "norm1.emb.timestep_embedder.linear_1"),
   "t_embed/fc2": ("t_embedder.mlp.2", "norm1.emb.timestep_embedder.linear_2"),
 }
-_DIT_LABELS = ("y_embedder.embedding_table.weight", "norm1.emb.class_embedder.embedding_table.weight")
+_DIT_LABELS = (
+  "y_embedder.embedding_table.weight",
+  "norm1.emb.class_embedder.embedding_table.weight",
+)
 _DIT_PATCH = ("x_embedder.proj", "pos_embed.proj")
 
 
@@ -391,7 +394,9 @@ def _vit_param_names(arrays: Mapping, layout: str, depth: int) -> list[str]:
   return names
 
 
-def vit_to_reference(params: Mapping, patch_size: int, layout: str = "vision_transformer") -> Arrays:
+def vit_to_reference(
+  params: Mapping, patch_size: int, layout: str = "vision_transformer"
+) -> Arrays:
   """vdit ViT params (scanned or unrolled) -> vision_transformer / big_vision npz arrays."""
   flat, depth = _unrolled(params)
   out = {}

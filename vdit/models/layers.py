@@ -14,7 +14,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
 from vdit.models import posemb, splash
 from vdit.models.posemb import sincos_1d, sincos_3d  # noqa: F401  (re-exported)
@@ -91,7 +90,9 @@ def attention(
       f"attention backend={backend!r} is not available; expected one of {ATTENTION_BACKENDS}"
     )
   if backend == "splash":
-    return _splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
+    return splash.sharded_splash_attention(
+      q, k, v, q_segment_ids, kv_segment_ids, batch_axis=BATCH, heads_axis=HEADS
+    )
   # "xla" (the reference) and "cudnn": jax.nn.dot_product_attention with a dense segment mask.
   mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, Lq, Lk]
   if backend == "cudnn":
@@ -111,37 +112,6 @@ def attention(
   # Fully masked rows came out as a uniform average of v: zero them (and their gradients).
   has_key = jnp.any(mask, axis=-1)[:, :, None, None]  # [B, Lq, 1, 1]
   return jnp.where(has_key, out, jnp.zeros_like(out))
-
-
-def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids):
-  """The splash kernel, per device: rows over BATCH and heads over HEADS of the current mesh.
-
-  A Pallas kernel is opaque to the SPMD partitioner, so under a mesh it runs in `shard_map`
-  with the logical rules in context; the lengths are gathered (no sequence-parallel attention),
-  and a dimension the mesh axes do not divide is replicated.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return splash.splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
-
-  def mesh_axes(logical: str, size: int):
-    axes = nn.logical_to_mesh_axes((logical,))[0]
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    n = 1
-    for name in names:
-      n *= mesh.shape[name]
-    return axes if names and size % n == 0 else None
-
-  rows, heads = mesh_axes(BATCH, q.shape[0]), mesh_axes(HEADS, q.shape[2])
-  qkv = PartitionSpec(rows, None, heads, None)
-  ids = PartitionSpec(rows, None)
-  return jax.shard_map(
-    splash.splash_attention,
-    mesh=mesh,
-    in_specs=(qkv, qkv, qkv, ids, ids),
-    out_specs=qkv,
-    check_vma=False,
-  )(q, k, v, q_segment_ids, kv_segment_ids)
 
 
 # ------------------------------------------------------------------------------------------

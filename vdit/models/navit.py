@@ -138,9 +138,9 @@ class NaViT(nn.Module):
       name="encoder",
       **kw,
     )(x, segment_ids)
-    pooled = MAPHead(
-      self.num_heads, self.mlp_ratio, self.attention_backend, name="map_head", **kw
-    )(x, segment_ids, num_queries=shapes.shape[1])  # [B, K, D]
+    pooled = MAPHead(self.num_heads, self.mlp_ratio, self.attention_backend, name="map_head", **kw)(
+      x, segment_ids, num_queries=shapes.shape[1]
+    )  # [B, K, D]
     if self.num_classes <= 0:
       return pooled
     return class_head(self.num_classes, **kw)(pooled)

@@ -26,12 +26,14 @@ tests/test_attention.py compares against the `xla` backend to catch upstream cha
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as smi
+from jax.sharding import PartitionSpec
 
 BLOCK = 128  # the kernel's segment-id masking needs blocks that are multiples of 128 lanes
 PAD_ID = -1  # segment id of the rows added to reach a multiple of the block size
@@ -179,6 +181,38 @@ def splash_attention(
   out = out.transpose(0, 2, 1, 3)[:, :lq]
   has_key = has_key[:, :lq, None, None]
   return jnp.where(has_key, out, jnp.zeros_like(out))
+
+
+def sharded_splash_attention(
+  q, k, v, q_segment_ids, kv_segment_ids, *, batch_axis: str, heads_axis: str
+) -> jax.Array:
+  """`splash_attention` per device: rows over the mesh axes of the logical `batch_axis`, heads
+  over those of `heads_axis` (the logical rules in context, as `nn.logical_axis_rules`).
+
+  A Pallas kernel is opaque to the SPMD partitioner, so under a mesh (`jax.set_mesh`) it runs in
+  `shard_map`; the lengths are gathered (no sequence-parallel attention), and a dimension the
+  mesh axes do not divide is replicated. Without a mesh it is `splash_attention`.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
+
+  def mesh_axes(logical: str, size: int):
+    axes = nn.logical_to_mesh_axes((logical,))[0]
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    n = math.prod(mesh.shape[name] for name in names)
+    return axes if names and size % n == 0 else None
+
+  rows, heads = mesh_axes(batch_axis, q.shape[0]), mesh_axes(heads_axis, q.shape[2])
+  qkv = PartitionSpec(rows, None, heads, None)
+  ids = PartitionSpec(rows, None)
+  return jax.shard_map(
+    splash_attention,
+    mesh=mesh,
+    in_specs=(qkv, qkv, qkv, ids, ids),
+    out_specs=qkv,
+    check_vma=False,
+  )(q, k, v, q_segment_ids, kv_segment_ids)
 
 
 def ideal_fraction(segment_ids: np.ndarray) -> float:

@@ -251,9 +251,9 @@ class ViT(nn.Module):
     elif self.pool == "gap":
       x = jnp.mean(x, axis=1)
     else:
-      x = MAPHead(
-        self.num_heads, self.mlp_ratio, self.attention_backend, name="map_head", **kw
-      )(x, segment_ids)[:, 0]
+      x = MAPHead(self.num_heads, self.mlp_ratio, self.attention_backend, name="map_head", **kw)(
+        x, segment_ids
+      )[:, 0]
     if self.num_classes <= 0:
       return x
     return class_head(self.num_classes, **kw)(x)

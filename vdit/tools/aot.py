@@ -19,13 +19,15 @@ Reported per device (a chip, or a TensorCore where a chip has two devices):
            XLA's cost analysis of the compiled program. XLA counts a loop body once, so both
            are measured on unrolled 1- and 2-layer versions of the same config (same mesh, same
            remat) and extrapolated linearly in depth and text depth — exact for identical layers.
+  collectives
+           GiB spanned by each kind of collective (all-gather, reduce-scatter, all-reduce, ...)
+           in the compiled program, extrapolated the same way: what the mesh costs in traffic.
   roofline step time ≥ max(flops / peak FLOP/s, bytes / HBM bandwidth) from published chip
            peaks (CHIPS); the MFU bound is the model FLOPs (3 × the forward's matrix products,
-           `model_flops`) over peak × that time. ICI/DCN communication is not modelled: a
-           bound, not a forecast.
+           `model_flops`) over peak × that time. Communication is not in the bound (only a
+           rough collectives / ICI bandwidth figure beside it): a bound, not a forecast.
 """
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -45,30 +47,13 @@ import ml_collections  # noqa: E402
 
 from vdit import config_checks, models, sharding, train, train_state  # noqa: E402
 from vdit.models import flops  # noqa: E402
+from vdit.tools import roofline  # noqa: E402
+from vdit.tools.roofline import CHIPS, COLLECTIVES, Chip, GiB  # noqa: E402
 
-GiB = 2**30
 LIBTPU_HELP = (
   "libtpu is not installed; it provides XLA's TPU compiler (no TPU needed). Install it with\n"
   "  pip install -c constraints.txt -e '.[tpu]'     (libtpu==0.0.42.1 for jax 0.10.2)"
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """Published per-chip peaks (cloud.google.com/tpu/docs/system-architecture-tpu-vm)."""
-
-  name: str
-  bf16_flops: float  # peak dense bf16 FLOP/s
-  hbm_bytes: float  # HBM capacity
-  hbm_bandwidth: float  # bytes/s
-
-
-CHIPS = {
-  "v4": Chip("TPU v4", 275e12, 32 * GiB, 1228e9),
-  "v5e": Chip("TPU v5e", 197e12, 16 * GiB, 819e9),
-  "v5p": Chip("TPU v5p", 459e12, 95 * GiB, 2765e9),
-  "v6e": Chip("TPU v6e (Trillium)", 918e12, 32 * GiB, 1640e9),
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,73 +222,66 @@ def model_flops(config: ml_collections.ConfigDict, rows: int, length: int, text:
   return float(flops.dot_flops(lambda p, *x: model.apply(p, *x), params, *inputs))
 
 
-def _costs(compiled) -> tuple[float, float]:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list | tuple) else cost
-  return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+def _log(message: str) -> None:
+  print(f"[aot] {message}", file=sys.stderr, flush=True)
 
 
 def extrapolated_costs(lower_fn, config: ml_collections.ConfigDict, mesh) -> dict[str, float]:
-  """FLOPs and bytes per device at the config's depths, from unrolled 1-/2-layer compiles."""
+  """FLOPs, bytes and collective bytes per device at the config's depths, from unrolled
+  1-/2-layer compiles (XLA's cost analysis counts a loop body once)."""
   m = config.model
 
   def at(depth, text_depth):
     c = ml_collections.ConfigDict(config.to_dict())
     c.model.depth, c.model.text_depth, c.model.scan_layers = depth, text_depth, False
-    return _costs(lower_fn(c, mesh)[0].compile())
+    t0 = time.time()
+    costs = roofline.compiled_costs(lower_fn(c, mesh)[0].compile())
+    _log(f"  unrolled depth={depth} text_depth={text_depth}: {time.time() - t0:.0f}s")
+    return costs
 
   base, deeper, deeper_text = at(1, 1), at(2, 1), at(1, 2)
   return {
-    key: base[i]
-    + (m.depth - 1) * (deeper[i] - base[i])
-    + (m.text_depth - 1) * (deeper_text[i] - base[i])
-    for i, key in enumerate(("flops", "bytes_accessed"))
+    key: base[key]
+    + (m.depth - 1) * (deeper[key] - base[key])
+    + (m.text_depth - 1) * (deeper_text[key] - base[key])
+    for key in base
   }
 
 
-def memory(compiled, capacity: float) -> dict[str, Any]:
-  mem = compiled.memory_analysis()
-  total = (
-    mem.argument_size_in_bytes
-    + mem.output_size_in_bytes
-    - mem.alias_size_in_bytes
-    + mem.temp_size_in_bytes
-    + mem.generated_code_size_in_bytes
+def _compile(name: str, lower, capacity: float):
+  """Lowers and compiles one program, logging its time and memory as soon as they are known."""
+  t0 = time.time()
+  lowered, *extra = lower()
+  compiled = lowered.compile()
+  seconds = time.time() - t0
+  mem = roofline.memory(compiled, capacity)
+  _log(
+    f"  {name} compiled in {seconds:.0f}s: {mem['total_gib']} of {mem['capacity_gib']} GiB "
+    f"per device ({'fits' if mem['fits'] else 'DOES NOT FIT'})"
   )
+  return {"compile_seconds": round(seconds, 1), "memory_per_device": mem}, extra
+
+
+def _add_costs(out: dict, costs: dict, useful: float, chip: Chip, per_chip: int) -> None:
   gib = lambda x: round(x / GiB, 3)
-  return {
-    "arguments_gib": gib(mem.argument_size_in_bytes),
-    "outputs_gib": gib(mem.output_size_in_bytes),
-    "aliased_gib": gib(mem.alias_size_in_bytes),
-    "temps_gib": gib(mem.temp_size_in_bytes),
-    "program_gib": gib(mem.generated_code_size_in_bytes),
-    "total_gib": gib(total),
-    "peak_gib": gib(getattr(mem, "peak_memory_in_bytes", 0) or total),
-    "capacity_gib": gib(capacity),
-    "fits": bool(total <= capacity),
-    "used_fraction": round(total / capacity, 3),
-  }
-
-
-def roofline(flops: float, bytes_accessed: float, useful_flops: float, chip, per_chip: int):
-  """Lower bound on step time and upper bound on MFU, per device."""
-  peak, bandwidth = chip.bf16_flops / per_chip, chip.hbm_bandwidth / per_chip
-  compute_s, memory_s = flops / peak, bytes_accessed / bandwidth
-  step_s = max(compute_s, memory_s)
-  sig = lambda x: float(f"{x:.4g}")
-  return {
-    "compute_seconds": sig(compute_s),
-    "memory_seconds": sig(memory_s),
-    "step_seconds_lower_bound": sig(step_s),
-    "bound_by": "compute" if compute_s >= memory_s else "memory",
-    "mfu_upper_bound": round(useful_flops / (peak * step_s), 3) if step_s else None,
-  }
+  out["flops_per_device"] = costs["flops"]
+  out["bytes_accessed_per_device"] = costs["bytes_accessed"]
+  out["model_flops_per_device"] = useful
+  out["collectives_gib_per_device"] = {k: gib(costs[f"{k}_bytes"]) for k in COLLECTIVES}
+  out["roofline"] = roofline.roofline(costs, useful, chip, per_chip)
 
 
 def report(
-  config: ml_collections.ConfigDict, topology: str, *, sampler: bool = True
+  config: ml_collections.ConfigDict,
+  topology: str,
+  *,
+  sampler: bool = True,
+  costs: bool = True,
 ) -> dict[str, Any]:
-  """Compiles the train (and sampler) step of `config` for `topology`; returns the report."""
+  """Compiles the train (and sampler) step of `config` for `topology`; returns the report.
+
+  `costs=False` skips the FLOPs / bytes / roofline part (three extra compiles per program).
+  """
   chip, devices, chips = topology_devices(topology)
   per_chip = len(devices) // chips
   hosts = len({d.process_index for d in devices})
@@ -313,29 +291,20 @@ def report(
   inp = config.input
   accum = train_state.accumulation_steps(config.optimizer)
 
-  t0 = time.time()
-  lowered, n_params = lower_train_step(config, mesh)
-  compiled = lowered.compile()
-  compile_s = time.time() - t0
-  costs = extrapolated_costs(lower_train_step, config, mesh)
-  useful = (
-    3
-    * model_flops(config, inp.rows_per_batch, inp.tokens_per_row, inp.text_tokens_per_row)
-    / len(devices)
+  _log(f"{topology}: {len(devices)} devices, {hosts} hosts, mesh {dict(mesh.shape)}")
+  train_report, (n_params,) = _compile(
+    "train step", lambda: lower_train_step(config, mesh), capacity
   )
   tokens = inp.rows_per_batch * inp.tokens_per_row
-  train_report = {
-    "compile_seconds": round(compile_s, 1),
-    "memory_per_device": memory(compiled, capacity),
-    "flops_per_device": costs["flops"],
-    "bytes_accessed_per_device": costs["bytes_accessed"],
-    "model_flops_per_device": useful,
-    "roofline": roofline(costs["flops"], costs["bytes_accessed"], useful, chip, per_chip),
-  }
-  step_s = train_report["roofline"]["step_seconds_lower_bound"]
-  train_report["roofline"]["tokens_per_second_upper_bound"] = (
-    round(tokens / step_s) if step_s else None
-  )
+  if costs:
+    _log("  FLOPs, bytes and collectives from unrolled 1-/2-layer compiles")
+    flops = model_flops(config, inp.rows_per_batch, inp.tokens_per_row, inp.text_tokens_per_row)
+    measured = extrapolated_costs(lower_train_step, config, mesh)
+    _add_costs(train_report, measured, 3 * flops / len(devices), chip, per_chip)
+    step_s = train_report["roofline"]["step_seconds_lower_bound"]
+    train_report["roofline"]["tokens_per_second_upper_bound"] = (
+      round(tokens / step_s) if step_s else None
+    )
 
   out = {
     "config": {
@@ -357,29 +326,25 @@ def report(
       "peak_bf16_tflops_per_chip": chip.bf16_flops / 1e12,
       "hbm_gib_per_chip": chip.hbm_bytes / GiB,
       "hbm_gbps_per_chip": chip.hbm_bandwidth / 1e9,
+      "ici_gbps_per_chip": chip.ici_bandwidth / 1e9,
     },
     "train_step": train_report,
   }
   if sampler:
-    t0 = time.time()
-    lowered, n, length = lower_sampler_step(config, mesh)
-    compiled = lowered.compile()
-    compile_s = time.time() - t0
-    costs = extrapolated_costs(lambda c, mesh: lower_sampler_step(c, mesh), config, mesh)
-    m = config.input.max_caption_tokens
-    useful = model_flops(config, 2 * n, length, m) / len(devices)
+    sampler_report, (n, length) = _compile(
+      "sampler step", lambda: lower_sampler_step(config, mesh), capacity
+    )
     s = config.sample
     out["sampler_step"] = {
       "videos": n,
       "video": f"{s.num_frames}x{s.height}x{s.width}",
       "tokens_per_video": length,
-      "compile_seconds": round(compile_s, 1),
-      "memory_per_device": memory(compiled, capacity),
-      "flops_per_device": costs["flops"],
-      "bytes_accessed_per_device": costs["bytes_accessed"],
-      "model_flops_per_device": useful,
-      "roofline": roofline(costs["flops"], costs["bytes_accessed"], useful, chip, per_chip),
+      **sampler_report,
     }
+    if costs:
+      flops = model_flops(config, 2 * n, length, config.input.max_caption_tokens)
+      measured = extrapolated_costs(lower_sampler_step, config, mesh)
+      _add_costs(out["sampler_step"], measured, flops / len(devices), chip, per_chip)
   return out
 
 
@@ -393,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--config", required=True, help="path.py[:arg]")
   parser.add_argument("--topology", default=None, help="e.g. v5p:4x4x4; default: aot_topology")
   parser.add_argument("--nosampler", action="store_true", help="skip the sampler step")
+  parser.add_argument(
+    "--memory_only", action="store_true", help="skip FLOPs/roofline (3 compiles per program)"
+  )
   parser.add_argument("--out", default=None, help="also write the JSON report here")
   parser.add_argument(
     "--set", action="append", default=[], metavar="KEY=VALUE", help="config override (JSON value)"
@@ -410,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     topology = opts.topology or config.get("aot_topology")
     if not topology:
       parser.error(f"--topology is required: {opts.config} has no aot_topology")
-    result = report(config, topology, sampler=not opts.nosampler)
+    result = report(config, topology, sampler=not opts.nosampler, costs=not opts.memory_only)
   except ModuleNotFoundError as e:
     if "libtpu" in str(e):
       print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,95 @@
+"""`python -m vdit.tools.aot`: compile the real train step for a TPU topology on this CPU."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests import configs
+from vdit.tools import aot, roofline
+
+HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+def test_missing_libtpu_is_one_clear_error(monkeypatch, capsys):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(
+    importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a)
+  )
+  code = aot.main(["--config=configs/vdit/sora.py:tiny", "--topology=v5e:2x2"])
+  err = capsys.readouterr().err
+  assert code == 2
+  assert "libtpu is not installed" in err and "pip install" in err and "[tpu]" in err
+
+
+def test_bad_topology_is_one_clear_error(capsys):
+  assert aot.main(["--config=configs/vdit/sora.py:tiny", "--topology=v9x:2x2"]) == 1
+  assert "topology='v9x:2x2' is not GENERATION:AxBxC" in capsys.readouterr().err
+
+
+def test_collective_bytes_reads_compiled_hlo():
+  hlo = """
+  %all-gather.7 = bf16[64,4,16]{2,1,0:T(4,128)} all-gather(%convert.95), dimensions={0}
+  %all-reduce.2 = (f32[64]{0}, /*index=1*/bf16[32,2]{1,0}) all-reduce(%a, %b), to_apply=%add
+  %ag-start = (bf16[16,8]{1,0}, bf16[64,8]{1,0}) all-gather-start(%c), dimensions={0}
+  %rs = f32[8]{0} reduce-scatter(%d), dimensions={0}
+  %add.3 = f32[64,4,16]{2,1,0} add(%e, %f)
+  """
+  got = roofline.collective_bytes(hlo)
+  assert got["all-gather"] == 64 * 4 * 16 * 2 + 64 * 8 * 2
+  assert got["all-reduce"] == 64 * 4 + 32 * 2 * 2
+  assert got["reduce-scatter"] == 8 * 4 and got["collective-permute"] == 0
+
+
+def test_model_flops_count_the_scanned_blocks():
+  """The MFU numerator: forward matmul FLOPs over the whole depth (not one scan body)."""
+  config = configs.load("tiny", "configs/vdit/sora.py")
+  one = aot.model_flops(config, 2, 256, 64)
+  config.model.depth *= 2
+  two = aot.model_flops(config, 2, 256, 64)
+  d, length, text, r = config.model.width, 256, 64, config.model.mlp_ratio
+  # Per video token: adaLN 12·D², self-attention 8·D² + 4·L·D, cross-attention 4·D² + 4·M·D,
+  # MLP 4·r·D²; per text token: the cross-attention keys and values 4·D² (FLOPs = 2·MACs).
+  per_row = length * ((12 + 8 + 4 + 4 * r) * d * d + 4 * length * d + 4 * text * d)
+  per_row += text * 4 * d * d
+  assert two - one == pytest.approx(2 * config.model.depth // 2 * per_row, rel=1e-9)
+
+
+@pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu not installed: pip install -e '.[tpu]'")
+@pytest.mark.slow
+def test_tiny_config_compiles_for_a_v5e_slice(tmp_path):
+  """The CLI end to end: JSON with memory vs HBM, FLOPs per device (with the remat recompute,
+  so between 1× and 2× the model FLOPs), a roofline bound, and the sampler step."""
+  out = tmp_path / "report.json"
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "vdit.tools.aot",
+      "--config=configs/vdit/sora.py:tiny",
+      "--topology=v5e:2x2",
+      f"--out={out}",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=configs.REPO,
+    timeout=1800,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout)
+  assert json.loads(out.read_text()) == report
+  assert report["topology"]["chips"] == 4 and report["topology"]["chip"] == "TPU v5e"
+  assert report["config"]["mesh"] == {"data": 1, "fsdp": 4, "sequence": 1, "tensor": 1}
+  train = report["train_step"]
+  mem = train["memory_per_device"]
+  assert mem["fits"] and 0 < mem["total_gib"] < mem["capacity_gib"] == 16.0
+  assert mem["arguments_gib"] > 0 and mem["aliased_gib"] > 0  # the donated state
+  ratio = train["flops_per_device"] / train["model_flops_per_device"]
+  assert 1.0 < ratio < 2.0, ratio  # full remat recomputes the forward once
+  roof = train["roofline"]
+  assert roof["step_seconds_lower_bound"] == max(roof["compute_seconds"], roof["memory_seconds"])
+  assert 0 < roof["mfu_upper_bound"] <= 1
+  sampler = report["sampler_step"]
+  assert sampler["memory_per_device"]["fits"] and sampler["tokens_per_video"] == 4 * 8 * 12

@@ -1,0 +1,222 @@
+"""Frame conditioning: training tasks on packed rows, the loss ignoring given tokens, the
+per-example time shift, the sampler's input policy, and given frames unchanged from the CLI."""
+
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
+
+import logging  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tests.test_sample import PT, check_ok, random_frames, read_npz, run_sample, train_tiny  # noqa: E402
+from vdit import media  # noqa: E402
+from vdit.data import patchify  # noqa: E402
+from vdit.diffusion import conditioning, flow, gaussian, given_frames, objectives  # noqa: E402
+from vdit.diffusion import gaussian_samplers as gs  # noqa: E402
+
+TASK = {name: i for i, name in enumerate(conditioning.TASKS)}
+P = PT * 2 * 2 * 3  # patches of (pt, ph, pw) = (2, 2, 2) RGB pixels
+
+
+def packed_row(grids, length):
+  """One packed row [1, L] of examples with these patch grids (t-major), then padding."""
+  seg, pos, start = np.zeros(length, np.int32), np.zeros((length, 3), np.int32), 0
+  for k, g in enumerate(grids):
+    n = int(np.prod(g))
+    seg[start : start + n], pos[start : start + n] = k + 1, patchify.grid_positions(g)
+    start += n
+  shapes = np.zeros((len(grids) + 1, 3), np.int32)  # one empty slot
+  shapes[: len(grids)] = grids
+  patches = np.random.default_rng(0).normal(size=(length, P)).astype(np.float32)
+  batch = dict(
+    patches=patches, positions=pos, segment_ids=seg, shapes=shapes,
+    text_tokens=np.array([1, 5, 1, 6, 1, 7, 1, 8, 0, 0], np.int32),
+    text_segment_ids=np.array([1, 1, 2, 2, 3, 3, 4, 4, 0, 0], np.int32),
+    labels=np.full(len(grids) + 1, -1, np.int32),
+    cond_mask=np.zeros(length, bool), loss_mask=seg > 0,
+  )  # fmt: skip
+  return {k: jnp.asarray(v)[None] for k, v in batch.items()}
+
+
+GRIDS = [(1, 2, 2), (2, 1, 3), (3, 2, 1), (6, 1, 2)]  # an image, then T' = 2, 3, 6
+BATCH = packed_row(GRIDS, 32)  # 4 + 6 + 6 + 12 tokens + 4 padding
+
+
+def test_sampled_tasks_always_leave_frames_to_generate():
+  shapes = jnp.asarray([[[0, 0, 0], [1, 4, 4], [2, 1, 1], [3, 1, 1], [8, 1, 1]]] * 4000)
+  probs = conditioning.task_probs(conditioning.DEFAULT_PROBS)
+  task, first, last = map(np.asarray, conditioning.sample_tasks(jax.random.key(0), shapes, probs))
+  frames = np.asarray(shapes[..., 0])
+  assert np.all(first + last < np.maximum(frames, 1)) and np.all(first >= 0) and np.all(last >= 0)
+  assert np.all(task[:, :2] == TASK["none"])  # empty slots and images: never conditioned
+  assert not np.any(task[:, 2] == TASK["interpolate"])  # T' = 2 cannot be interpolated
+  # On T' = 8 the tasks follow the configured probabilities, with their frame counts.
+  freq = np.bincount(task[:, 4], minlength=5) / len(task)
+  np.testing.assert_allclose(freq, probs, atol=0.03)
+  t8, f8, l8 = task[:, 4], first[:, 4], last[:, 4]
+  np.testing.assert_array_equal(f8[t8 == TASK["image_to_video"]], 1)
+  np.testing.assert_array_equal(l8[t8 == TASK["extend_forward"]], 0)
+  fwd = f8[t8 == TASK["extend_forward"]]
+  assert set(fwd) == set(range(1, 8))  # 1 … T'−1 patch-frames given
+  a, b = f8[t8 == TASK["interpolate"]], l8[t8 == TASK["interpolate"]]
+  assert a.min() >= 1 and b.min() >= 1 and (a + b).max() == 7
+  only = conditioning.task_probs({"extend_backward": 1.0})
+  task, first, last = conditioning.sample_tasks(jax.random.key(1), shapes, only)
+  assert np.all(np.asarray(task[:, 2:]) == TASK["extend_backward"]) and np.all(first == 0)
+  with pytest.raises(ValueError, match=r"unknown conditioning tasks \['i2v'\]"):
+    conditioning.task_probs({"i2v": 1.0})
+
+
+def test_condition_batch_marks_each_examples_own_frames():
+  probs = conditioning.task_probs(conditioning.DEFAULT_PROBS)
+  run = jax.jit(lambda r, b: conditioning.condition_batch(r, b, probs, PT))
+  seg, t_index = np.asarray(BATCH["segment_ids"][0]), np.asarray(BATCH["positions"][0, :, 0])
+  seen = set()
+  for i in range(40):
+    rng = jax.random.key(i)
+    out, metrics = run(rng, BATCH)
+    task, first, last = map(np.asarray, conditioning.sample_tasks(rng, BATCH["shapes"], probs))
+    cond = np.asarray(out["cond_mask"][0])
+    for k, (frames, _, _) in enumerate(GRIDS):
+      mine = seg == k + 1
+      want = (t_index[mine] < first[0, k]) | (t_index[mine] >= frames - last[0, k])
+      np.testing.assert_array_equal(cond[mine], want & (task[0, k] != TASK["none"]))
+      seen.add(int(task[0, k]))
+    assert not cond[seg == 0].any() and not cond[seg == 1].any()  # padding, the image
+    np.testing.assert_array_equal(out["loss_mask"][0], (seg > 0) & ~cond)
+    assert metrics["cond_tokens"] == cond.sum()
+    # Image-to-video: the given patch-frame is a still (its pt frames equal its first);
+    # every other token is untouched.
+    still = np.isin(seg, 1 + np.flatnonzero(task[0] == TASK["image_to_video"])) & cond
+    got = np.asarray(out["patches"][0]).reshape(-1, PT, P // PT)
+    np.testing.assert_array_equal(got[still], np.repeat(got[still][:, :1], PT, axis=1))
+    np.testing.assert_array_equal(out["patches"][0][~still], BATCH["patches"][0][~still])
+    if still.any():
+      assert not np.array_equal(out["patches"][0][still], BATCH["patches"][0][still])
+  assert seen == set(TASK.values())
+
+
+@pytest.mark.parametrize("objective", ["rectified_flow", "gaussian"])
+def test_loss_ignores_conditioned_tokens(objective):
+  spec = objectives.Spec(objective=objective, shift_base_tokens=8, text_dropout=0.0)
+  only = conditioning.task_probs({"interpolate": 1.0})
+  batch, _ = conditioning.condition_batch(jax.random.key(0), BATCH, only, PT)
+  cond = np.asarray(batch["cond_mask"])
+  assert cond.sum() > 0
+  tokenwise = lambda x, t, b: 0.5 * x + t[..., None]  # each token's output sees only itself
+  loss = jax.jit(lambda b: objectives.loss(spec, tokenwise, b, jax.random.key(1))[0])
+  changed = dict(batch, patches=jnp.where(cond[..., None], 7.0, batch["patches"]))
+  np.testing.assert_allclose(loss(changed), loss(batch), rtol=1e-6)
+  free = int(np.flatnonzero(np.asarray(batch["loss_mask"][0]))[0])
+  other = dict(batch, patches=batch["patches"].at[0, free].add(3.0))
+  assert abs(float(loss(other) - loss(batch))) > 1e-4
+
+
+def test_time_shift_depends_on_each_examples_size():
+  """Two examples of different sizes in one packed row get their own shift, in training and
+  sampling: t' = s·t / (1 + (s − 1)·t) with s = √(tokens / base)."""
+  base = 8
+  identity = lambda x, t, b: x
+  _, plain = flow.loss(identity, BATCH, jax.random.key(0), text_dropout=0.0)
+  _, shifted = flow.loss(
+    identity, BATCH, jax.random.key(0), text_dropout=0.0, shift_base_tokens=base
+  )
+  tokens = np.array([np.prod(g) for g in GRIDS] + [0], np.float32)
+  s = np.sqrt(np.maximum(tokens, 1) / base)
+  want = np.where(tokens > 0, s * plain["t"][0] / (1 + (s - 1) * plain["t"][0]), plain["t"][0])
+  np.testing.assert_allclose(shifted["t"][0], want, rtol=1e-5)
+  assert len(set(np.round(s[:4], 4))) == 3  # 4, 6, 6, 12 tokens: three different shifts
+  # Sampling uses the same per-example shift: at step 1 of 2, t = shift_time(1/2, s_k).
+  spec = objectives.Spec(shift_base_tokens=base)
+  seen = []
+
+  def velocity(x, t):
+    jax.debug.callback(lambda t: seen.append(np.asarray(t)), t, ordered=True)
+    return x
+
+  noise = jnp.zeros(BATCH["patches"].shape)
+  shapes, seg = BATCH["shapes"], BATCH["segment_ids"]
+  objectives.sample(spec, velocity, noise, 2, shapes=shapes, segment_ids=seg)
+  got, seg = seen[1][0], np.asarray(seg[0])
+  for k in range(4):
+    np.testing.assert_allclose(got[seg == k + 1], s[k] * 0.5 / (1 + (s[k] - 1) * 0.5), rtol=1e-6)
+
+
+def test_gaussian_sampler_holds_given_tokens():
+  schedule = gaussian.make_schedule("linear", 100)
+  x_cond = jnp.full((1, 8, 2), 0.5)
+  cond = jnp.arange(8)[None] < 3
+  for method in ("ddpm", "ddim", "dpmpp_2m"):
+    noise = jax.random.normal(jax.random.key(0), (1, 8, 2))
+    kw = dict(schedule=schedule, method=method, rng=jax.random.key(1))
+    out = gs.sample(lambda x, t: x, noise, 5, cond_mask=cond, x_cond=x_cond, **kw)
+    np.testing.assert_array_equal(out[0, :3], 0.5)
+    assert np.abs(np.asarray(out[0, 3:]) - 0.5).min() > 0
+
+
+def test_given_frames_fit_the_request(caplog):
+  video = random_frames((3, 10, 30, 3))
+  same = given_frames.fit_size(video[..., :8, :12, :], 8, 12, "video")
+  np.testing.assert_array_equal(same, media.from_uint8(video[:, :8, :12]))  # no resize, exact
+  with caplog.at_level(logging.WARNING):
+    out = given_frames.fit_size(video, 8, 12, "video")  # 10x30 → crop 10x15 → 8x12
+  assert out.shape == (3, 8, 12, 3) and "video: 10x30 resized to 8x12" in caplog.text
+  np.testing.assert_allclose(out.mean(), (video[:, :, 7:22] / 127.5 - 1).mean(), atol=1e-3)
+  with pytest.raises(given_frames.InputError, match=r"expected RGB frames .* \(3, 10, 30, 4\)"):
+    given_frames.fit_size(np.zeros((3, 10, 30, 4), np.uint8), 8, 12, "video")
+  image = out[:1]
+  np.testing.assert_array_equal(given_frames.patch_frames(image, 2, "first", "x"), out[[0, 0]])
+  np.testing.assert_array_equal(given_frames.patch_frames(out, 2, "last", "x"), out[1:])
+  np.testing.assert_array_equal(given_frames.patch_frames(out, 2, "first", "x"), out[:2])
+  given = given_frames.place([out[:2]], [out[1:]], 8, 2)
+  assert (given.first, given.last) == (1, 1)
+  np.testing.assert_array_equal(given.video[0, [0, 1, 6, 7]], out[[0, 1, 1, 2]])
+  x_cond, mask = given.tokens((4, 2, 3), (2, 4, 4))
+  np.testing.assert_array_equal(mask, np.repeat([True, False, False, True], 6))
+  assert x_cond.shape == (1, 24, 96)
+  with pytest.raises(given_frames.InputError, match="num_frames=4 leaves nothing"):
+    given_frames.place([out[:2]], [out[1:]], 4, 2)
+
+
+@pytest.mark.slow
+def test_cli_given_frames_come_out_unchanged(data_dir, tmp_path):
+  """i2v, extend (both ways) and interpolate from a trained checkpoint: the given frames are
+  in the output bit for bit (pixel space, NPZ), the rest is generated."""
+  workdir = train_tiny(str(tmp_path / "run"), data_dir)
+  size = ("--height=16", "--width=24")
+  image = random_frames((16, 24, 3), seed=1)
+  clip, clip2 = random_frames((4, 16, 24, 3), seed=2), random_frames((2, 16, 24, 3), seed=3)
+  np.savez(tmp_path / "image.npz", frames=image[None])
+  np.savez(tmp_path / "a.npz", frames=clip)
+  np.savez(tmp_path / "b.npz", frames=clip2)
+
+  def run(name, flags):
+    path = f"{tmp_path}/{name}.npz"
+    out = run_sample(
+      workdir, "--prompt=a red circle moving right", *size, *flags.split(), f"--out={path}"
+    )
+    check_ok(out, path)
+    frames, _ = read_npz(path)
+    assert frames.shape[1:] == (16, 24, 3)
+    return frames
+
+  i2v = run("i2v", f"--mode=i2v --image={tmp_path}/image.npz --num_frames=6")
+  assert len(i2v) == 6
+  np.testing.assert_array_equal(i2v[:PT], np.broadcast_to(image, (PT, 16, 24, 3)))  # repeated
+  fwd = run("fwd", f"--mode=extend --video={tmp_path}/a.npz --num_frames=8")
+  assert len(fwd) == 8
+  np.testing.assert_array_equal(fwd[:4], clip)
+  assert not np.array_equal(fwd[4:], np.broadcast_to(clip[-1], (4, 16, 24, 3)))
+  bwd = run("bwd", f"--mode=extend --direction=backward --video={tmp_path}/a.npz --num_frames=6")
+  np.testing.assert_array_equal(bwd[2:], clip)
+  mid = run("mid", f"--mode=interpolate --video={tmp_path}/a.npz --video2={tmp_path}/b.npz")
+  assert len(mid) == 14  # the default: both clips + the config's 8 frames
+  np.testing.assert_array_equal(mid[:4], clip)
+  np.testing.assert_array_equal(mid[-2:], clip2)
