@@ -31,6 +31,7 @@ setuptools.setup(
     "pillow",
     "scikit-image",
     "scikit-learn",
+    "threadpoolctl",
     # Only to build TFDS datasets and for clu's TensorBoard writer; never in the hot path.
     "tensorflow-cpu",
     "tensorboard",

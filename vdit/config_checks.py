@@ -5,16 +5,15 @@ import math
 import jax
 import ml_collections
 
-from vdit import sharding
+from vdit import datasets, sharding
+from vdit.data import pipeline
 from vdit.diffusion import conditioning, flow, gaussian, objectives
 
-DATASETS = ("shapes",)
 MODELS = ("video_dit",)
 TIME_SAMPLING = ("uniform", "logit_normal")
 ATTENTION_BACKENDS = ("xla",)
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16")
-PACKING = ("first_fit", "best_fit")
 
 
 class ConfigError(ValueError):
@@ -85,26 +84,21 @@ def validate(
   inp, model, opt = config.input, config.model, config.optimizer
   for name in ("total_steps", "log_every_steps", "checkpoint_every_steps", "max_checkpoints"):
     _positive(name, config[name])
-  _choice("input.dataset", inp.dataset, DATASETS)
-  _choice("input.packing", inp.packing, PACKING)
   patch = tuple(inp.patch_size)
   if len(patch) != 3 or any(not isinstance(p, int) or p <= 0 for p in patch):
     raise ConfigError(f"input.patch_size={patch!r} must be three positive ints (pt, ph, pw)")
-  for name in (
-    "tokens_per_row",
-    "rows_per_batch",
-    "max_examples_per_row",
-    "text_tokens_per_row",
-    "max_caption_tokens",
-    "max_tokens_per_example",
-    "vocab_size",
-  ):
+  # The input checks live with the pipeline (one place); wrapped here as config errors.
+  try:
+    resolved = pipeline.resolve_input_config(inp)
+    pipeline.check_input_config(resolved)
+    for name, _, _ in pipeline.components(resolved):
+      _choice("input dataset", name, tuple(datasets.SOURCES))
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  for name in ("text_tokens_per_row", "max_caption_tokens", "vocab_size"):
     _positive(f"input.{name}", inp[name])
-  if inp.max_tokens_per_example > inp.tokens_per_row:
-    raise ConfigError(
-      f"input.max_tokens_per_example={inp.max_tokens_per_example} exceeds "
-      f"input.tokens_per_row={inp.tokens_per_row}: such an example could never be packed"
-    )
   if inp.max_caption_tokens > inp.text_tokens_per_row:
     raise ConfigError(
       f"input.max_caption_tokens={inp.max_caption_tokens} exceeds "
