@@ -32,6 +32,7 @@ setuptools.setup(
     "scikit-image",
     "scikit-learn",
     "threadpoolctl",
+    "safetensors",  # reading diffusers checkpoints without torch (vdit.models.convert)
     # Only to build TFDS datasets and for clu's TensorBoard writer; never in the hot path.
     "tensorflow-cpu",
     "tensorboard",

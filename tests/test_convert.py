@@ -356,3 +356,30 @@ def test_vit_import_errors_name_the_problem():
     convert.vit_to_reference(params, VP, "big_vision")
   with pytest.raises(ValueError, match="layout='timm'"):
     convert.vit_to_reference(params, VP, "timm")
+
+
+def test_files_round_trip(tmp_path):
+  safetensors_numpy = pytest.importorskip("safetensors.numpy")
+  params = convert.dit_from_reference(official_dit_state(8), num_heads=HEADS)
+  state = convert.dit_to_reference(params, P, "diffusers")
+  path = str(tmp_path / "diffusion_pytorch_model.safetensors")
+  safetensors_numpy.save_file(state, path)
+  assert_same_arrays(convert.load_safetensors(path), state)
+  arrays = synthetic(vit_shapes("vision_transformer", "gap"), 9)
+  np.savez(tmp_path / "vit.npz", **arrays)
+  assert_same_arrays(convert.load_npz(str(tmp_path / "vit.npz")), arrays)
+
+
+def test_torch_is_needed_only_to_unpickle(tmp_path, monkeypatch):
+  import builtins  # noqa: PLC0415
+
+  real_import = builtins.__import__
+
+  def no_torch(name, *args, **kwargs):
+    if name == "torch":
+      raise ImportError("No module named 'torch'")
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "__import__", no_torch)
+  with pytest.raises(ImportError, match="DiT-XL-2-256x256.pt.*needs torch"):
+    convert.load_torch(str(tmp_path / "DiT-XL-2-256x256.pt"))

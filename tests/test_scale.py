@@ -67,11 +67,21 @@ def _assert_trees_close(a, b, rtol, atol):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
+_STEPPERS: dict = {}
+
+
+def _stepper(config, shape) -> Stepper:
+  """One compiled step per mesh for the whole module (the tests below share them)."""
+  if shape not in _STEPPERS:
+    _STEPPERS[shape] = Stepper(config, _mesh(shape))
+  return _STEPPERS[shape]
+
+
 @pytest.mark.parametrize("shape", MESHES)
 def test_mesh_invariance(reference_state, shape):
   """Two steps on a 4-axis mesh = two steps on one device: loss, grad norm, params, EMA, Adam."""
   config, batches, ref_state, ref_metrics = reference_state
-  stepper = Stepper(config, _mesh(shape))
+  stepper = _stepper(config, shape)
   state, metrics = stepper.run(stepper.fresh(), batches)
   # Really sharded as asked: the state's specs use exactly the mesh axes larger than 1.
   used = {
@@ -103,7 +113,7 @@ def test_mesh_invariance(reference_state, shape):
 def test_nonfinite_batch_skips_the_update(reference_state):
   """NaN patches: loss and grads non-finite, params/optimizer/EMA untouched, update counted."""
   config, batches, _, _ = reference_state
-  stepper = Stepper(config, _mesh((1, 2, 2, 2)))
+  stepper = _stepper(config, (1, 2, 2, 2))
   state, _ = stepper.run(stepper.fresh(), batches[:1])  # a real update first: non-trivial state
   before = jax.device_get(state)
   bad = dict(batches[1], patches=np.full_like(batches[1]["patches"], np.nan))

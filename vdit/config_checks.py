@@ -7,11 +7,11 @@ import ml_collections
 
 from vdit import datasets, sharding
 from vdit.data import pipeline
+from vdit.models import layers
 from vdit.diffusion import conditioning, flow, gaussian, objectives
 
 MODELS = ("video_dit",)
 TIME_SAMPLING = ("uniform", "logit_normal")
-ATTENTION_BACKENDS = ("xla",)
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16")
 
@@ -106,7 +106,7 @@ def validate(
     )
 
   _choice("model.name", model.name, MODELS)
-  _choice("model.attention_backend", model.attention_backend, ATTENTION_BACKENDS)
+  _choice("model.attention_backend", model.attention_backend, layers.ATTENTION_BACKENDS)
   _choice("model.remat_policy", model.remat_policy, REMAT_POLICIES)
   _choice("model.dtype", model.dtype, DTYPES)
   for width, heads in (("width", "num_heads"), ("text_width", "text_heads")):

@@ -104,13 +104,10 @@ class _Source:
     self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
     self.layout = layout
 
-  def pop(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+  def pop(self, name: str) -> np.ndarray:
     if name not in self.arrays:
       raise KeyError(f"{self.layout} checkpoint has no {name!r}")
-    value = self.arrays.pop(name)
-    if shape is not None and value.shape != tuple(shape):
-      raise ValueError(f"{self.layout} {name!r} has shape {value.shape}, expected {shape}")
-    return value
+    return self.arrays.pop(name)
 
   def has(self, name: str) -> bool:
     return name in self.arrays
@@ -297,7 +294,7 @@ def dit_to_reference(
       out[f"{name}.bias"] = flat[f"{ours.format(i=i)}/bias"]
   if j == 0:
     out["pos_embed"] = _dit_pos_embed(input_size // p, d).astype(np.float32)
-  return out
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}  # writers need C order
 
 
 # ------------------------------------------------------------------------------------------
@@ -404,5 +401,5 @@ def vit_to_reference(
     value = flat[ours]
     if ours == "embedding/kernel":
       value = value.reshape(patch_size, patch_size, -1, value.shape[-1])
-    out[ref] = value
+    out[ref] = np.ascontiguousarray(value)
   return out
