@@ -43,8 +43,8 @@ PODS = {
   # tiny: FSDP over every device (1 on a laptop); the tests run it on (1, 2, 2, 2) too.
   "tiny": dict(topology="v5e:2x2", mesh=(1, -1, 1, 1), rows=8, accum=2),
   "1B": dict(topology="v5p:4x4x4", mesh=(1, 16, 2, 2), rows=32, accum=4),  # v5p-128: 64 chips
-  "3B": dict(topology="v5p:4x4x8", mesh=(1, 32, 2, 2), rows=64, accum=2),  # v5p-256: 128 chips
-  "8B": dict(topology="v6e:16x16", mesh=(1, 32, 2, 4), rows=64, accum=2),  # v6e-256: 256 chips
+  "3B": dict(topology="v5p:4x4x8", mesh=(1, 16, 2, 4), rows=32, accum=4),  # v5p-256: 128 chips
+  "8B": dict(topology="v6e:16x16", mesh=(1, 8, 8, 4), rows=8, accum=16),  # v6e-256: 256 chips
 }
 
 
