@@ -1,6 +1,7 @@
 """Fault tolerance: SIGTERM and kill -9 of a real training process, non-finite aborts, and
 resuming on a different mesh. "Resumes exactly" is checked against an uninterrupted run."""
 
+import json
 import os
 import queue
 import random
@@ -207,11 +208,11 @@ class _PoisonAfter:
       batch = dict(batch, patches=np.full_like(batch["patches"], np.nan))
     return batch
 
-  def get_state(self):
-    return self.it.get_state()
+  def get_state(self) -> bytes:  # (grain's checkpoint handler takes bytes from non-grain ones)
+    return json.dumps(self.it.get_state()).encode()
 
-  def set_state(self, state):
-    self.it.set_state(state)
+  def set_state(self, state: bytes):
+    self.it.set_state(json.loads(state))
 
 
 def test_nonfinite_in_a_row_aborts(data_dir, tmp_path, monkeypatch):

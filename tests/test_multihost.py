@@ -58,12 +58,12 @@ def _launch(config_path, workdir, log_dir, processes=2) -> Run:
   return Run(config_path, workdir, argv=launcher)
 
 
-def _logs(log_dir) -> str:
+def _logs(log_dir, tail: int | None = 3000) -> str:
   out = []
   for name in sorted(os.listdir(log_dir)):
     if name.endswith(".log"):
       with open(os.path.join(log_dir, name)) as f:
-        out.append(f"--- {name}\n" + f.read()[-3000:])
+        out.append(f"--- {name}\n" + f.read()[-tail if tail else 0 :])
   return "\n".join(out)
 
 
@@ -75,6 +75,7 @@ def _single_process(config, steps):
   tx = train_state.make_optimizer(config.optimizer, config.total_steps)
   init = train_state.init_fn(model, models.dummy_inputs(config), tx, config.seed)
   state, shardings = train_state.create_sharded(init, mesh, rules)
+  initial = jax.device_get(state.params)
   step_fn = train.jit_train_step(config, model, tx, mesh, rules, shardings)
   host = train.host_input_config(config)
   host.rows_per_batch = config.input.rows_per_batch // 2
@@ -89,7 +90,7 @@ def _single_process(config, steps):
       batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
       state, metrics = step_fn(state, sharding.global_batch(batch, mesh, rules))
       losses.append(float(metrics["loss"]))
-  return losses, jax.device_get(state), iters
+  return losses, jax.device_get(state), initial
 
 
 def _restore(workdir, config, data_iterator=None):
@@ -113,19 +114,27 @@ def test_two_processes_match_one(data_dir, tmp_path):
   workdir, log_dir = str(tmp_path / "run"), str(tmp_path / "logs")
   run = _launch(_config_file(tmp_path, config), workdir, log_dir)
   assert run.finish(timeout=1200) == 0, run.stderr + _logs(log_dir)
-  assert "JAX process 1/2" in _logs(log_dir)
+  assert "JAX process 1/2" in _logs(log_dir, tail=None)
   printed = [float(x) for x in re.findall(r"^step \d+/3  loss ([\d.]+)", run.stdout, re.M)]
   assert len(printed) == 3, run.stdout
 
-  losses, expected, _ = _single_process(config, 3)
+  losses, expected, initial = _single_process(config, 3)
   np.testing.assert_allclose(printed, losses, atol=2e-4)  # printed with 4 decimals
   step, state = _restore(workdir, config)
   assert step == 3
+  # Adam turns reduction-order noise in tiny gradients into ≤ 1% of a step (lr = 1e-3).
   for x, y in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(expected)):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  moved = max(
+    float(np.max(np.abs(a - b)))
+    for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(initial))
+  )
+  assert moved > 1e-3  # three real updates: the comparison above is not vacuous
   events = [f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]
   assert len(events) == 1  # process 0 only
-  data = sorted(os.listdir(os.path.join(workdir, "checkpoints", "3", "data")))
+  data = sorted(
+    f for f in os.listdir(os.path.join(workdir, "checkpoints", "3", "data")) if "of" in f
+  )
   assert data == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
@@ -142,9 +151,10 @@ def test_sigterm_on_one_host_stops_all_at_the_same_step(data_dir, tmp_path):
   assert run.finish() == 0, run.stderr + _logs(log_dir)
   stopped = int(re.search(r"preempted: checkpoint saved at step (\d+)", run.stdout).group(1))
   assert checkpointing.latest_step(workdir) == stopped < 10_000
-  data = sorted(os.listdir(os.path.join(workdir, "checkpoints", str(stopped), "data")))
+  data_dir = os.path.join(workdir, "checkpoints", str(stopped), "data")
+  data = sorted(f for f in os.listdir(data_dir) if "of" in f)
   assert data == ["process_0-of-2.json", "process_1-of-2.json"]
-  assert "SIGTERM caught" in _logs(log_dir)  # by process 1's coordination client
+  assert "SIGTERM caught" in _logs(log_dir, tail=None)  # by process 1's coordination client
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ import ml_collections
 
 from vdit import datasets, sharding
 from vdit.data import pipeline
-from vdit.models import layers
 from vdit.diffusion import conditioning, flow, gaussian, objectives
+from vdit.models import layers
 
 MODELS = ("video_dit",)
 TIME_SAMPLING = ("uniform", "logit_normal")

@@ -18,10 +18,11 @@ reads the equivalent pixel patches (4, 16, 16), P = 3072.
 
 Memory. bf16 activations with fp32 master params (Adam moments and EMA fp32), full
 rematerialization per block, FSDP over `fsdp` (params, grads, moments, EMA sharded ZeRO-3
-style), Megatron-style tensor parallelism over heads / MLP on `tensor`, and the packed length
-split over `sequence`. The meshes below are chosen so that `vdit.tools.aot` reports a fit with
-headroom (docs/scale.md has the reports). Global batch per update = rows_per_batch ×
-grad_accum_steps rows.
+style), Megatron-style tensor parallelism over heads / MLP on `tensor`, splash attention (no
+L×L logits, so no `sequence` split is needed at this row length). The meshes below are chosen
+so that `vdit.tools.aot` reports a fit with headroom (docs/scale.md has the reports, and the
+`xla`-attention alternative). Global batch per update = rows_per_batch × grad_accum_steps rows
+(2–8 M tokens).
 """
 
 import importlib.util
@@ -38,13 +39,15 @@ SIZES = {
   "3B": (2304, 28, 24),
   "8B": (3584, 28, 28),
 }
-# Target pod (topology for `vdit.tools.aot`), mesh, global rows, accumulation, per size.
+# Target pod (topology for `vdit.tools.aot`), mesh (data, fsdp, sequence, tensor), global rows
+# per step, accumulation steps. Every host loads its own rows, so data × fsdp is a multiple of
+# the host count (v5p-128: 16 hosts, v5p-256: 32, v6e-256: 64).
 PODS = {
   # tiny: FSDP over every device (1 on a laptop); the tests run it on (1, 2, 2, 2) too.
   "tiny": dict(topology="v5e:2x2", mesh=(1, -1, 1, 1), rows=8, accum=2),
-  "1B": dict(topology="v5p:4x4x4", mesh=(1, 16, 2, 2), rows=32, accum=4),  # v5p-128: 64 chips
-  "3B": dict(topology="v5p:4x4x8", mesh=(1, 16, 2, 4), rows=32, accum=4),  # v5p-256: 128 chips
-  "8B": dict(topology="v6e:16x16", mesh=(1, 8, 8, 4), rows=8, accum=16),  # v6e-256: 256 chips
+  "1B": dict(topology="v5p:4x4x4", mesh=(1, 32, 1, 2), rows=64, accum=2),  # v5p-128: 64 chips
+  "3B": dict(topology="v5p:4x4x8", mesh=(1, 64, 1, 2), rows=128, accum=2),  # v5p-256: 128 chips
+  "8B": dict(topology="v6e:16x16", mesh=(1, 64, 1, 4), rows=64, accum=4),  # v6e-256: 256 chips
 }
 
 
@@ -95,6 +98,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.remat_policy = "full"  # recompute each block in the backward: activations ≈ block inputs
   m.dtype = "bfloat16"  # compute; params, moments and EMA stay float32
   m.scan_layers = True
+  # TPU: block-sparse splash attention (skips the blocks between packed examples and never
+  # materializes the L×L logits); the tiny variant runs anywhere with the reference kernel.
+  m.attention_backend = "xla" if tiny else "splash"
 
   opt = c.optimizer
   opt.lr = 1e-3 if tiny else 1e-4

@@ -202,11 +202,14 @@ def lower_sampler_step(config: ml_collections.ConfigDict, mesh):
 def model_flops(config: ml_collections.ConfigDict, rows: int, length: int, text: int) -> float:
   """Forward FLOPs of the model on `rows` packed rows of `length` video and `text` text tokens.
 
-  `vdit.models.flops.dot_flops` of the traced forward: 2·M·N·K over every matrix product
-  (attention dense over the row, as the `xla` backend computes it; for a packed row the useful
-  part is Σ Lᵢ² / L² of that), elementwise work not counted. Training is 3× this (forward +
+  `vdit.models.flops.dot_flops` of the traced forward: 2·M·N·K over every matrix product,
+  attention counted dense over the row whatever the backend (the `xla` backend computes all of
+  it; `splash` skips the blocks between examples, Σ Lᵢ² / L² of a packed row is needed),
+  elementwise work not counted. Training is 3× this (forward +
   backward), not counting rematerialization.
   """
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.attention_backend = "xla"  # dense attention math, whatever kernel runs it
   model = models.build(config)
   inputs = models.dummy_inputs(config, rows)
   inputs = (
