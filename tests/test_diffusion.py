@@ -375,10 +375,16 @@ def test_train_step_trains_the_gaussian_objective():
   assert metrics["tokens"] == aux["num_tokens"] < 49 and bool(metrics["finite"])
   assert metrics["cond_tokens"] == 49 - metrics["tokens"]
   assert int(new_state.step) == 1
-  # learn_sigma needs 2P outputs; the model has P: a clear error at trace time.
+  # learn_sigma needs 2P outputs; a model with P: a clear error at trace time.
   config.diffusion.learn_sigma = True
   with pytest.raises(ValueError, match="returned 96 channels.*learn_sigma=True expects 192"):
     jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, config=config))(state, batch)
+  # Built from that config, VideoDiT outputs 2P channels and the hybrid loss trains.
+  model, tx, state, batch = _state_and_batch(config)
+  assert model.out_dim == 192
+  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, tx=tx, config=config))
+  new_state, metrics = step(state, batch)
+  assert bool(metrics["finite"]) and np.isfinite(metrics["loss"]) and int(new_state.step) == 1
 
 
 @pytest.mark.parametrize(

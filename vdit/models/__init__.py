@@ -18,8 +18,12 @@ def build(config: ml_collections.ConfigDict):
   if m.name == "video_dit":
     from vdit.models.video_dit import VideoDiT  # noqa: PLC0415
 
+    from vdit.diffusion.objectives import Spec  # noqa: PLC0415
+
+    spec = Spec.from_config(config.diffusion)
     return VideoDiT(
       patch_dim=patch_dim(config),
+      out_dim=spec.output_dim(patch_dim(config)),
       width=m.width,
       depth=m.depth,
       num_heads=m.num_heads,

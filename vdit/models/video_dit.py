@@ -105,6 +105,7 @@ class VideoDiT(nn.Module):
   text_heads: int
   vocab_size: int
   mlp_ratio: float = 4.0
+  out_dim: int = 0  # output channels per token; 0 → P (2P for a learned variance, DiT Sec. 3.2)
   num_classes: int = 0  # 0: no label embedding
   qk_norm: bool = False
   attention_backend: str = "xla"  # see layers.ATTENTION_BACKENDS
@@ -195,5 +196,5 @@ class VideoDiT(nn.Module):
       attention_backend=self.attention_backend,
       **kw,
     )(h, c, segment_ids, text, text_segment_ids)
-    out = FinalLayer(self.patch_dim, name="final", **kw)(h, c)
+    out = FinalLayer(self.out_dim or self.patch_dim, name="final", **kw)(h, c)
     return nn.with_logical_constraint(out, (BATCH, LENGTH, PATCH))
