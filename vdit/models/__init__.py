@@ -16,9 +16,8 @@ def build(config: ml_collections.ConfigDict):
   """The Flax module named by `config.model.name`."""
   m = config.model
   if m.name == "video_dit":
-    from vdit.models.video_dit import VideoDiT  # noqa: PLC0415
-
     from vdit.diffusion.objectives import Spec  # noqa: PLC0415
+    from vdit.models.video_dit import VideoDiT  # noqa: PLC0415
 
     spec = Spec.from_config(config.diffusion)
     return VideoDiT(
