@@ -23,9 +23,11 @@ Reported per device (a chip, or a TensorCore where a chip has two devices):
            GiB spanned by each kind of collective (all-gather, reduce-scatter, all-reduce, ...)
            in the compiled program, extrapolated the same way: what the mesh costs in traffic.
   roofline step time ≥ max(flops / peak FLOP/s, bytes / HBM bandwidth) from published chip
-           peaks (CHIPS); the MFU bound is the model FLOPs (3 × the forward's matrix products,
-           `model_flops`) over peak × that time. Communication is not in the bound (only a
-           rough collectives / ICI bandwidth figure beside it): a bound, not a forecast.
+           peaks (CHIPS), flops never counted below the model FLOPs (XLA cannot see inside a
+           Pallas kernel such as splash attention); the MFU bound is the model FLOPs (3 × the
+           forward's matrix products, `model_flops`) over peak × that time. Communication is
+           not in the bound (only a rough collectives / ICI bandwidth figure beside it): a
+           bound, not a forecast.
 """
 
 import importlib.util
@@ -205,22 +207,15 @@ def model_flops(config: ml_collections.ConfigDict, rows: int, length: int, text:
   `vdit.models.flops.dot_flops` of the traced forward: 2·M·N·K over every matrix product,
   attention counted dense over the row whatever the backend (the `xla` backend computes all of
   it; `splash` skips the blocks between examples, Σ Lᵢ² / L² of a packed row is needed),
-  elementwise work not counted. Training is 3× this (forward +
-  backward), not counting rematerialization.
+  elementwise work not counted. Training is 3× this (forward + backward), not counting
+  rematerialization.
   """
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.attention_backend = "xla"  # dense attention math, whatever kernel runs it
+  config.input.tokens_per_row, config.input.text_tokens_per_row = length, text
   model = models.build(config)
-  inputs = models.dummy_inputs(config, rows)
-  inputs = (
-    jax.ShapeDtypeStruct((rows, length, inputs[0].shape[-1]), jnp.float32),
-    jax.ShapeDtypeStruct((rows, length), jnp.float32),
-    jax.ShapeDtypeStruct((rows, length, 3), jnp.int32),
-    jax.ShapeDtypeStruct((rows, length), jnp.int32),
-    jax.ShapeDtypeStruct((rows, text), jnp.int32),
-    jax.ShapeDtypeStruct((rows, text), jnp.int32),
-    jax.ShapeDtypeStruct(inputs[6].shape, jnp.int32),
-  )
+  # Shapes only (eval_shape): a Sora-size batch would not fit in this machine's memory.
+  inputs = jax.eval_shape(lambda: models.dummy_inputs(config, rows))
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *models.dummy_inputs(config)))
   return float(flops.dot_flops(lambda p, *x: model.apply(p, *x), params, *inputs))
 
