@@ -70,33 +70,58 @@ def _check_diffusion(d: ml_collections.ConfigDict) -> None:
     )
 
 
-def validate(
-  config: ml_collections.ConfigDict,
-  *,
-  num_devices: int | None = None,
-  num_processes: int | None = None,
-) -> None:
-  """Raises ValueError naming the first bad value and what was expected.
-
-  The mesh is checked against `num_devices` / `num_processes` (default: this run's; the AOT
-  tool passes a TPU topology's).
-  """
-  inp, model, opt = config.input, config.model, config.optimizer
-  for name in ("total_steps", "log_every_steps", "checkpoint_every_steps", "max_checkpoints"):
-    _positive(name, config[name])
-  patch = tuple(inp.patch_size)
-  if len(patch) != 3 or any(not isinstance(p, int) or p <= 0 for p in patch):
-    raise ConfigError(f"input.patch_size={patch!r} must be three positive ints (pt, ph, pw)")
-  # The input checks live with the pipeline (one place); wrapped here as config errors.
+def _wrap(check, *args) -> None:
+  """Runs a check that raises ValueError, re-raised as a ConfigError (one message)."""
   try:
-    resolved = pipeline.resolve_input_config(inp)
-    pipeline.check_input_config(resolved)
-    for name, _, _ in pipeline.components(resolved):
-      _choice("input dataset", name, tuple(datasets.SOURCES))
+    check(*args)
   except ConfigError:
     raise
   except ValueError as e:
     raise ConfigError(str(e)) from None
+
+
+def check_input(config: ml_collections.ConfigDict, *, dense: bool = False) -> None:
+  """The `input` section: the pipeline's own checks (one place), plus `size` for fixed-size
+  batches (`vdit.data.dense`)."""
+  inp = config.input
+  patch = tuple(inp.get("patch_size", (1, 1, 1)))
+  if len(patch) != 3 or any(not isinstance(p, int) or p <= 0 for p in patch):
+    raise ConfigError(f"input.patch_size={patch!r} must be three positive ints (pt, ph, pw)")
+
+  def check():
+    resolved = pipeline.resolve_input_config(inp)
+    pipeline.check_input_config(resolved)
+    for name, _, _ in pipeline.components(resolved):
+      _choice("input dataset", name, tuple(datasets.SOURCES))
+    if dense:
+      from vdit.data import dense as dense_lib  # noqa: PLC0415
+
+      dense_lib.check_size(resolved)
+      _choice("input.fit", resolved.fit, dense_lib.FITS)
+
+  _wrap(check)
+
+
+def check_model_common(model: ml_collections.ConfigDict, shape: dict[str, int]) -> None:
+  """Keys every transformer config has: backend, remat, dtype, heads vs the tensor axis."""
+  _choice("model.attention_backend", model.attention_backend, layers.ATTENTION_BACKENDS)
+  _choice("model.remat_policy", model.remat_policy, REMAT_POLICIES)
+  _choice("model.dtype", model.dtype, DTYPES)
+  if model.get("width") and model.get("num_heads") and model.width % model.num_heads:
+    raise ConfigError(
+      f"model.width={model.width} is not divisible by model.num_heads={model.num_heads}"
+    )
+  if model.get("num_heads") and model.num_heads % shape["tensor"]:
+    raise ConfigError(
+      f"model.num_heads={model.num_heads} is not divisible by tensor={shape['tensor']}"
+    )
+
+
+def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, int]) -> None:
+  """The `video_diffusion` task: packed input, VideoDiT, diffusion and sample settings."""
+  inp, model = config.input, config.model
+  check_input(config)
+  patch = tuple(inp.patch_size)
   for name in ("text_tokens_per_row", "max_caption_tokens", "vocab_size"):
     _positive(f"input.{name}", inp[name])
   if inp.max_caption_tokens > inp.text_tokens_per_row:
@@ -104,17 +129,52 @@ def validate(
       f"input.max_caption_tokens={inp.max_caption_tokens} exceeds "
       f"input.text_tokens_per_row={inp.text_tokens_per_row}"
     )
-
-  _choice("model.name", model.name, MODELS)
-  _choice("model.attention_backend", model.attention_backend, layers.ATTENTION_BACKENDS)
-  _choice("model.remat_policy", model.remat_policy, REMAT_POLICIES)
-  _choice("model.dtype", model.dtype, DTYPES)
-  for width, heads in (("width", "num_heads"), ("text_width", "text_heads")):
-    if model[width] % model[heads]:
-      raise ConfigError(
-        f"model.{width}={model[width]} is not divisible by model.{heads}={model[heads]}"
-      )
+  _choice("model.name (task video_diffusion)", model.name, MODELS)
+  check_model_common(model, shape)
+  if model.text_width % model.text_heads:
+    raise ConfigError(
+      f"model.text_width={model.text_width} is not divisible by model.text_heads={model.text_heads}"
+    )
+  if model.text_heads % shape["tensor"]:
+    raise ConfigError(
+      f"model.text_heads={model.text_heads} is not divisible by tensor={shape['tensor']}"
+    )
   _check_diffusion(config.diffusion)
+  if inp.tokens_per_row % shape["sequence"]:
+    raise ConfigError(
+      f"input.tokens_per_row={inp.tokens_per_row} is not divisible by sequence={shape['sequence']}"
+    )
+  s = config.sample
+  for dim, p in zip(("num_frames", "height", "width"), patch):
+    if s[dim] % p:
+      raise ConfigError(
+        f"sample.{dim}={s[dim]} is not a multiple of the patch size {p} (input.patch_size={patch})"
+      )
+  if math.prod(s[d] // p for d, p in zip(("num_frames", "height", "width"), patch)) == 0:
+    raise ConfigError(f"sample size {s.num_frames}x{s.height}x{s.width} is empty")
+
+
+def validate(
+  config: ml_collections.ConfigDict,
+  *,
+  num_devices: int | None = None,
+  num_processes: int | None = None,
+) -> None:
+  """Raises ConfigError naming the first bad value and what was expected.
+
+  What every run shares is checked here (steps, optimizer, mesh vs devices and hosts); the rest
+  by the task (`config.task`, `vdit.tasks`). The mesh is checked against `num_devices` /
+  `num_processes` (default: this run's; the AOT tool passes a TPU topology's).
+  """
+  from vdit import tasks  # noqa: PLC0415 (tasks import this module)
+
+  inp, opt = config.input, config.optimizer
+  for name in ("total_steps", "log_every_steps", "checkpoint_every_steps", "max_checkpoints"):
+    _positive(name, config[name])
+  try:
+    task = tasks.get(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if not 0.0 <= opt.ema_decay < 1.0:
     raise ConfigError(f"optimizer.ema_decay={opt.ema_decay} must be in [0, 1)")
   _positive("optimizer.grad_accum_steps", opt.get("grad_accum_steps", 1))
@@ -137,19 +197,4 @@ def validate(
       f"data×fsdp={batch_shards} of mesh {shape} is not a multiple of the {hosts} processes; "
       "each process loads its own rows, so the rows must be sharded over all of them"
     )
-  if inp.tokens_per_row % shape["sequence"]:
-    raise ConfigError(
-      f"input.tokens_per_row={inp.tokens_per_row} is not divisible by sequence={shape['sequence']}"
-    )
-  for name in ("num_heads", "text_heads"):
-    if model[name] % shape["tensor"]:
-      raise ConfigError(f"model.{name}={model[name]} is not divisible by tensor={shape['tensor']}")
-
-  s = config.sample
-  for dim, p in zip(("num_frames", "height", "width"), patch):
-    if s[dim] % p:
-      raise ConfigError(
-        f"sample.{dim}={s[dim]} is not a multiple of the patch size {p} (input.patch_size={patch})"
-      )
-  if math.prod(s[d] // p for d, p in zip(("num_frames", "height", "width"), patch)) == 0:
-    raise ConfigError(f"sample size {s.num_frames}x{s.height}x{s.width} is empty")
+  task.check_config(config, shape)

@@ -64,3 +64,40 @@ def flags_parser(argv: list[str]) -> list[str]:
     sys.exit(f"error: unknown config key: {msg}")
   except (ValueError, TypeError) as e:
     sys.exit(f"error: bad config: {e}")
+
+
+def trainer_config(
+  *,
+  tiny: bool,
+  total_steps: int,
+  lr: float,
+  warmup_steps: int,
+  ema_decay: float = 0.999,
+  weight_decay: float = 0.0,
+) -> ml_collections.ConfigDict:
+  """The sections every training config shares (run length, logging, checkpoints, optimizer,
+  mesh); a config file adds `task`, `input` and `model` (and what its task needs)."""
+  from vdit.sharding import DEFAULT_RULES  # noqa: PLC0415 (keeps this module import-light)
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = total_steps
+  c.log_every_steps = 25 if tiny else 100
+  c.checkpoint_every_steps = max(1, total_steps // 2) if tiny else 2_000
+  c.max_checkpoints = 3
+  c.max_nonfinite_in_a_row = 20  # abort after this many skipped (non-finite) updates in a row
+  c.optimizer = dict(
+    lr=lr,
+    warmup_steps=warmup_steps,
+    final_lr_fraction=0.1,
+    grad_clip=1.0,
+    b1=0.9,
+    b2=0.99 if tiny else 0.999,
+    weight_decay=weight_decay,
+    ema_decay=ema_decay,
+    schedule_steps=0,  # length of the warmup+cosine schedule; 0 → total_steps
+    grad_accum_steps=1,  # microbatches per update (optax.MultiSteps)
+  )
+  c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
+  c.sharding_rules = DEFAULT_RULES
+  return c

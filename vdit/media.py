@@ -90,3 +90,26 @@ def read_video(path: str) -> np.ndarray:
   if frames.ndim != 4 or frames.shape[-1] != 3:
     raise ValueError(f"{path!r}: expected RGB frames, got an array of shape {frames.shape}")
   return frames.astype(np.uint8)
+
+
+def grid(images: np.ndarray, pad: int = 1) -> np.ndarray:
+  """uint8 images [R, C, H, W, 3] → one image [R·(H+pad)+pad, C·(W+pad)+pad, 3] (white lines)."""
+  r, c, h, w, ch = images.shape
+  out = np.full((r * (h + pad) + pad, c * (w + pad) + pad, ch), 255, np.uint8)
+  for i in range(r):
+    for j in range(c):
+      y, x = pad + i * (h + pad), pad + j * (w + pad)
+      out[y : y + h, x : x + w] = images[i, j]
+  return out
+
+
+def write_image(path: str, image: np.ndarray, *, scale: int = 1) -> str:
+  """Writes a uint8 image [H, W, 3] as PNG (nearest-neighbour `scale` for display)."""
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+    raise ValueError(f"expected a uint8 image [H, W, 3], got {image.dtype} {image.shape}")
+  import imageio.v3 as iio  # noqa: PLC0415
+
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  iio.imwrite(path, upscale(image[None], scale)[0], extension=".png")
+  return path

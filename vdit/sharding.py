@@ -31,6 +31,14 @@ BATCH_AXES: dict[str, tuple[str | None, ...]] = {
   "cond_mask": (layers.BATCH, layers.LENGTH),
   "loss_mask": (layers.BATCH, layers.LENGTH),
 }
+PACKED_KEYS = tuple(BATCH_AXES)  # the packed-batch contract (vdit.data.pipeline)
+BATCH_AXES |= {
+  # Fixed-size batches (`vdit.data.dense`).
+  "video": (layers.BATCH, None, None, None, None),
+  "label": (layers.BATCH,),
+  "valid": (layers.BATCH,),
+}
+DENSE_KEYS = ("video", "label", "valid")
 
 # Default logical→mesh rules: batch rows over data×fsdp, weights' embed over fsdp (ZeRO-3
 # style), heads/mlp/vocab over tensor, the packed length over sequence.

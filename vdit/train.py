@@ -17,9 +17,8 @@ from absl import logging
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from vdit import checkpointing, config_checks, models, sharding, train_state
-from vdit.data import pipeline
-from vdit.diffusion import conditioning, objectives
+from vdit import checkpointing, config_checks, sharding, tasks, train_state
+from vdit.tasks import base as tasks_base
 
 
 # ---------------------------------------------------------------------------------------------
@@ -33,32 +32,15 @@ def train_step(
   tx,
   config: ml_collections.ConfigDict,
 ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
-  """One AdamW update on the diffusion loss (`config.diffusion.objective`) of a packed batch.
+  """One optimizer update on the task's loss (`config.task`, `vdit.tasks`) of a global batch.
 
-  First some examples become conditioned tasks (image-to-video, extension, interpolation;
-  `diffusion.conditioning`): their given frames are clean and carry no loss.
+  The update is skipped (and counted) if the loss or the gradient is not finite.
   """
+  task = tasks.get(config)
   rng = jax.random.fold_in(state.rng, state.step)
-  cond_rng, loss_rng = jax.random.split(rng)
-  spec = objectives.Spec.from_config(config.diffusion)
-  batch, cond_metrics = conditioning.condition_batch(
-    cond_rng, batch, spec.cond_probs, config.input.patch_size[0]
-  )
 
   def loss_fn(params):
-    def apply_fn(x_t, t_tok, model_batch):
-      return model.apply(
-        {"params": params},
-        x_t,
-        t_tok,
-        model_batch["positions"],
-        model_batch["segment_ids"],
-        model_batch["text_tokens"],
-        model_batch["text_segment_ids"],
-        model_batch["labels"],
-      )
-
-    return objectives.loss(spec, apply_fn, batch, loss_rng)
+    return task.loss(model, params, batch, rng, config)
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = _global_norm(grads)
@@ -82,8 +64,7 @@ def train_step(
     "loss": loss,
     "grad_norm": grad_norm,
     "finite": finite,
-    "tokens": aux["num_tokens"],
-    "cond_tokens": cond_metrics["cond_tokens"],
+    **aux,
     "learning_rate": train_state.learning_rate_schedule(config.optimizer, config.total_steps)(
       state.step
     ),
@@ -93,7 +74,8 @@ def train_step(
 
 def jit_train_step(config, model, tx, mesh, rules, state_shardings):
   """`train_step` as one `jax.jit` over the mesh, with the state donated."""
-  batch_shardings = sharding.batch_shardings(mesh, rules, sharding.BATCH_AXES)
+  keys = tasks.get(config).batch_keys(config)
+  batch_shardings = sharding.batch_shardings(mesh, rules, keys)
   return jax.jit(
     functools.partial(train_step, model=model, tx=tx, config=config),
     in_shardings=(state_shardings, batch_shardings),
@@ -110,24 +92,18 @@ def _global_norm(tree: Any) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # Setup helpers.
 # ---------------------------------------------------------------------------------------------
-def host_input_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The input config for this host: `rows_per_batch` is global, each host loads its share."""
-  count = jax.process_count()
-  rows = config.input.rows_per_batch
-  if rows % count:
-    raise ValueError(f"input.rows_per_batch={rows} is not divisible by the {count} hosts")
-  host = ml_collections.ConfigDict(config.input.to_dict())
-  host.rows_per_batch = rows // count
-  return host
+host_input_config = tasks_base.host_input_config
 
 
 def make_data_iterator(config: ml_collections.ConfigDict):
-  return pipeline.make_iterator(
-    host_input_config(config),
-    seed=config.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
+  """This host's checkpointable training batches (the task's pipeline)."""
+  return tasks.get(config).make_iterator(config)
+
+
+def to_global(batch, config, mesh, rules) -> dict[str, jax.Array]:
+  """The task's keys of a host-local batch, as global arrays over the mesh."""
+  keys = tasks.get(config).batch_keys(config)
+  return sharding.global_batch({k: batch[k] for k in keys}, mesh, rules)
 
 
 class _Preemption:
@@ -179,7 +155,8 @@ def _format_eta(seconds: float) -> str:
 # train_and_evaluate
 # ---------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
-  """Trains (resuming from `workdir` if it has a checkpoint), then writes sample videos."""
+  """Trains (resuming from `workdir` if it has a checkpoint), then evaluates: sample videos or
+  images for generative tasks, validation accuracy for classifiers (`Task.evaluate`)."""
   config_checks.validate(config)  # a bad config fails here, before any compute
   is_main = jax.process_index() == 0
   if is_main:
@@ -194,9 +171,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   data_iter = make_data_iterator(config)
 
   # --- Model and state ------------------------------------------------------------------------
-  model = models.build(config)
+  task = tasks.get(config)
+  model = task.build_model(config)
   tx = train_state.make_optimizer(config.optimizer, config.total_steps)
-  init = train_state.init_fn(model, models.dummy_inputs(config), tx, config.seed)
+  init = train_state.init_fn(model, task.dummy_inputs(config), tx, config.seed)
   abstract, state_shardings = train_state.abstract_state(init, mesh, rules)
   mngr = checkpointing.manager(workdir, max_to_keep=config.max_checkpoints)
   if mngr.latest_step() is not None:
@@ -227,7 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   try:
     with _Preemption() as preemption, sharding.activate(mesh, rules):
       for step in range(start_step, total):
-        batch = sharding.global_batch(next(data_iter), mesh, rules)
+        batch = to_global(next(data_iter), config, mesh, rules)
         state, metrics = step_fn(state, batch)
         metrics = jax.device_get(metrics)
         for k, v in metrics.items():
@@ -250,7 +228,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
           accumulated = {}
           if is_main:
             print(
-              f"step {done}/{total}  loss {summary['loss']:.4f}  {steps_per_sec:.2f} steps/s  "
+              f"step {done}/{total}  loss {summary['loss']:.4f}  "
+              + (f"acc {summary['accuracy']:.3f}  " if "accuracy" in summary else "")
+              + f"{steps_per_sec:.2f} steps/s  "
               f"ETA {_format_eta((total - done) / max(steps_per_sec, 1e-9))}",
               flush=True,
             )
@@ -269,16 +249,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
       print(f"preempted: checkpoint saved at step {done}", flush=True)
     return state
 
-  # --- Samples --------------------------------------------------------------------------------
-  if config.sample.prompts:
-    params = state.ema_params
-    if jax.process_count() > 1:  # collective: every host gets the full EMA params
-      params = multihost_utils.process_allgather(params, tiled=True)
-    if is_main:  # only process 0 writes files
-      from vdit import sample  # noqa: PLC0415 (sampling only at the end)
-
-      paths = sample.write_config_samples(config, params, workdir, int(state.step))
-      print("samples written:\n  " + "\n  ".join(paths), flush=True)
+  # --- Evaluation: samples (generative tasks), validation accuracy (classifiers) ------------
+  params = state.ema_params
+  if jax.process_count() > 1:  # collective: every host gets the full EMA params
+    params = multihost_utils.process_allgather(params, tiled=True)
+  results = task.evaluate(config, params, workdir, int(state.step))
+  scalars = {k: v for k, v in results.items() if isinstance(v, int | float)}
+  if scalars:
+    writer.write_scalars(int(state.step), {f"eval/{k}": v for k, v in scalars.items()})
+    writer.flush()
   return state
 
 

@@ -71,6 +71,8 @@ def default_input_config() -> ml_collections.ConfigDict:
       read_buffer=32,  # examples prefetched by those threads
       prefetch_batches=2,  # batches prepared ahead in a background thread (workers = 0)
       workers=0,  # > 0: run the whole pipeline in this many processes (grain mp_prefetch)
+      size=config_dict.placeholder(tuple),  # (T, H, W) of fixed-size batches (`dense.py`)
+      fit="crop",  # fixed-size batches: "crop" (centre, keep aspect) | "squash" (whole frame)
     )
   )
 
@@ -235,9 +237,14 @@ def _examples(c, *, seed: int, train: bool) -> grain.MapDataset:
   return grain.MapDataset.concatenate(parts)
 
 
+def example_stream(c: ml_collections.ConfigDict, *, seed: int, train: bool) -> grain.MapDataset:
+  """The global stream of raw examples, seeded for per-example randomness (also `dense.py`)."""
+  return _examples(c, seed=seed, train=train).seed(seed)
+
+
 def packable_examples(c: ml_collections.ConfigDict, *, seed: int, train: bool) -> grain.MapDataset:
   """The global stream of packable examples (before the host split and packing)."""
-  ds = _examples(c, seed=seed, train=train).seed(seed)
+  ds = example_stream(c, seed=seed, train=train)
   for transform in transforms_lib.example_transforms(c, train=train):
     if isinstance(transform, grain.transforms.RandomMap):
       ds = ds.random_map(transform)

@@ -1,4 +1,14 @@
-"""Models looked up by name (`config.model.name`), built from the config."""
+"""Models looked up by name (`config.model.name`), built from the config.
+
+video_dit                  VideoDiT (the text-to-video model; its own keys, below)
+vit, navit, vivit, dit     the zoo: `config.model` holds the module's fields (width, depth,
+                           num_heads, patch_size, ...), or a `variant` name ("B/16", "S/2";
+                           each module's table; ViViT: `size`, as its `variant` field is the
+                           kind) whose sizes the explicit fields override.
+"""
+
+import dataclasses
+import importlib
 
 import jax.numpy as jnp
 import ml_collections
@@ -37,7 +47,43 @@ def build(config: ml_collections.ConfigDict):
       remat_policy=m.remat_policy,
       dtype=jnp.dtype(m.dtype),
     )
-  raise ValueError(f"model.name={m.name!r} is not a known model; expected 'video_dit'")
+  if m.name in ZOO:
+    return build_zoo(m)
+  raise ValueError(
+    f"model.name={m.name!r} is not a known model; expected one of {['video_dit', *ZOO]}"
+  )
+
+
+# name -> (module path, class name).
+ZOO = {
+  "vit": ("vdit.models.vit", "ViT"),
+  "navit": ("vdit.models.navit", "NaViT"),
+  "vivit": ("vdit.models.vivit", "ViViT"),
+  "dit": ("vdit.models.dit", "DiT"),
+}
+
+
+def build_zoo(m: ml_collections.ConfigDict):
+  """A zoo module from `config.model`: its dataclass fields, over its `variant` if one is named."""
+  module, name = ZOO[m.name]
+  cls = getattr(importlib.import_module(module), name)
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  given = m.to_dict()
+  # ViViT's `variant` field is its kind ("factorised_encoder", ...); its size table is `size`.
+  table_key = "size" if m.name == "vivit" else "variant"
+  unknown = sorted(set(given) - fields - {"name", table_key})
+  if unknown:
+    raise ValueError(f"model keys {unknown} are not fields of {name}; expected {sorted(fields)}")
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if k in fields}
+  for key in ("dtype", "param_dtype"):
+    if key in kwargs:
+      kwargs[key] = jnp.dtype(kwargs[key])
+  table = given.get(table_key)
+  if not table:
+    return cls(**kwargs)
+  if m.name == "vivit":
+    return cls.from_variant(table, kwargs.pop("variant"), **kwargs)
+  return cls.from_variant(table, **kwargs)
 
 
 def dummy_inputs(config: ml_collections.ConfigDict, rows: int = 1) -> tuple:

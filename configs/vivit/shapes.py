@@ -1,0 +1,46 @@
+r"""ViViT shape classifier on fixed-size `shapes` clips (label: the first object's shape).
+
+  python -m vdit.main --config=configs/vivit/shapes.py:tiny --workdir=runs/vivit_shapes
+  ... :tiny,variant=factorised_encoder   (or factorised_self_attention, factorised_dot_product)
+
+Clips are 8 frames centre-cropped and resized to 32×32, cut into 2×4×4 tubelets (256 tokens).
+"""
+
+import ml_collections
+
+from vdit import config_lib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = config_lib.parse_arg(arg, tiny=False, variant="factorised_encoder")
+  tiny = arg.tiny
+  c = config_lib.trainer_config(
+    tiny=tiny,
+    total_steps=400 if tiny else 30_000,
+    lr=1e-3 if tiny else 1e-4,
+    warmup_steps=50 if tiny else 2_500,
+    weight_decay=1e-4,
+  )
+  c.task = "classification"
+  c.input = dict(
+    dataset="shapes",
+    dataset_config="tiny" if tiny else "default",
+    size=(8, 32, 32) if tiny else (32, 224, 224),
+    frame_stride=1,
+    rows_per_batch=16 if tiny else 256,
+  )
+  c.model = dict(
+    name="vivit",
+    variant=arg.variant,  # spatio_temporal | factorised_encoder | ... (vivit.VIVIT_VARIANTS)
+    num_classes=4,  # circle, square, triangle, diamond
+    tubelet=(2, 4, 4) if tiny else (2, 16, 16),
+    width=64 if tiny else 768,
+    depth=3 if tiny else 12,  # the spatial depth for factorised_encoder
+    temporal_depth=1 if tiny else 4,
+    num_heads=4 if tiny else 12,
+    attention_backend="xla",
+    scan_layers=True,
+    remat_policy="none",
+    dtype="float32",
+  )
+  return c

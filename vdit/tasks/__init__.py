@@ -1,0 +1,43 @@
+"""What a run trains: `config.task` names a `Task` (default "video_diffusion").
+
+A task bundles what differs between the models trained by `vdit.train`: the model, the batches
+(packed rows or fixed-size clips), the loss, the config checks and the end-of-run evaluation.
+Everything else — mesh, sharding, optimizer, EMA, checkpoints, preemption, logging — is shared.
+
+  video_diffusion   VideoDiT text-to-video on packed spacetime patches (the Sora recipe)
+  image_diffusion   DiT class-conditional on fixed-size frames (Peebles & Xie)
+  classification    ViT / ViViT on fixed-size clips, NaViT on packed native-size images
+"""
+
+import ml_collections
+
+from vdit.tasks.base import Task
+from vdit.tasks.classification import Classification
+from vdit.tasks.image_diffusion import ImageDiffusion
+from vdit.tasks.video_diffusion import VideoDiffusion
+
+TASKS: dict[str, type[Task]] = {
+  "video_diffusion": VideoDiffusion,
+  "image_diffusion": ImageDiffusion,
+  "classification": Classification,
+}
+
+
+def register(name: str, cls: type[Task]) -> None:
+  """Adds a task (e.g. from an extension module) under `name`."""
+  TASKS[name] = cls
+
+
+def name_of(config: ml_collections.ConfigDict) -> str:
+  return config.get("task", "video_diffusion")
+
+
+def get(config: ml_collections.ConfigDict) -> Task:
+  """The task named by `config.task`; an unknown name is a `ValueError` listing the known ones."""
+  name = name_of(config)
+  if name not in TASKS:
+    raise ValueError(f"task={name!r} is unknown; expected one of {sorted(TASKS)}")
+  return TASKS[name]()
+
+
+__all__ = ["TASKS", "Task", "get", "name_of", "register"]

@@ -1,0 +1,105 @@
+"""The `Task` interface (see `vdit/tasks/__init__.py`) and what tasks share."""
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from vdit import models, sharding
+from vdit.data import dense, pipeline
+
+
+def host_input_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The input config for this host: `rows_per_batch` is global, each host loads its share."""
+  count = jax.process_count()
+  rows = config.input.rows_per_batch
+  if rows % count:
+    raise ValueError(f"input.rows_per_batch={rows} is not divisible by the {count} hosts")
+  host = ml_collections.ConfigDict(config.input.to_dict())
+  host.rows_per_batch = rows // count
+  return host
+
+
+class Task:
+  """Defaults fit a model trained on packed rows (`vdit.data.pipeline`); override what differs.
+
+  The train step calls `loss` inside `jax.jit` (traced once); everything else runs eagerly.
+  """
+
+  def check_config(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
+    """Raises `config_checks.ConfigError` for a value this task cannot run."""
+
+  def batch_keys(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Keys of a batch as the loss sees it (their logical axes are in `sharding.BATCH_AXES`)."""
+    del config
+    return sharding.PACKED_KEYS
+
+  def build_model(self, config: ml_collections.ConfigDict):
+    return models.build(config)
+
+  def dummy_inputs(self, config: ml_collections.ConfigDict) -> tuple:
+    """Arguments of `model.init` (shapes matter, values do not)."""
+    return models.dummy_inputs(config)
+
+  def make_iterator(self, config: ml_collections.ConfigDict, *, train: bool = True, split=None):
+    """This host's checkpointable batch iterator (`split` overrides `input.split`)."""
+    host = host_input_config(config)
+    if split is not None:
+      host.split = split
+    return pipeline.make_iterator(
+      host,
+      seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      train=train,
+    )
+
+  def loss(
+    self, model, params, batch: dict[str, jax.Array], rng: jax.Array, config
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(scalar loss, scalar metrics) of one batch; traced inside the jitted train step."""
+    raise NotImplementedError
+
+  def evaluate(
+    self, config: ml_collections.ConfigDict, params: Any, workdir: str, step: int
+  ) -> dict[str, Any]:
+    """End-of-run evaluation with the EMA `params` (every process calls it; only process 0
+    writes files). Returns scalar metrics (logged) and `files` (paths written)."""
+    del config, params, workdir, step
+    return {}
+
+
+def dense_iterator(config: ml_collections.ConfigDict, *, train: bool = True, split=None):
+  """This host's checkpointable iterator of fixed-size clips (`vdit.data.dense`)."""
+  host = host_input_config(config)
+  if split is not None:
+    host.split = split
+  return dense.make_iterator(
+    host,
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    train=train,
+  )
+
+
+def write_eval_json(workdir: str, step: int, name: str, results: dict[str, Any]) -> str:
+  """Writes `results` to workdir/eval/<step>.json under `name` (merging with what is there)."""
+  path = epath.Path(workdir) / "eval" / f"{step}.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  data = json.loads(path.read_text()) if path.exists() else {}
+  data[name] = {k: _jsonable(v) for k, v in results.items()}
+  path.write_text(json.dumps(data, indent=2, sort_keys=True))
+  return os.fspath(path)
+
+
+def _jsonable(value):
+  if isinstance(value, np.ndarray | jax.Array):
+    return np.asarray(value).tolist()
+  if isinstance(value, np.generic):
+    return value.item()
+  return value

@@ -1,0 +1,124 @@
+"""Classifiers: ViT (images) and ViViT (videos) on fixed-size clips, NaViT on packed rows.
+
+`config.model.name` picks the model; the batches follow: NaViT reads the packed rows of
+`vdit.data.pipeline` (native aspect ratio and resolution, token dropping, labels [B, K]), ViT
+and ViViT the fixed-size clips of `vdit.data.dense` (`input.size`). The loss is softmax
+cross-entropy (`vit.classification_loss`); `evaluate` reports top-1 on the validation split.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from vdit import config_checks, models, sharding
+from vdit.models import vit
+from vdit.tasks import base
+
+PACKED_MODELS = ("navit",)
+DENSE_MODELS = ("vit", "vivit")
+
+
+def _packed(config) -> bool:
+  return config.model.name in PACKED_MODELS
+
+
+class Classification(base.Task):
+  def batch_keys(self, config) -> tuple[str, ...]:
+    return sharding.PACKED_KEYS if _packed(config) else sharding.DENSE_KEYS
+
+  def check_config(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
+    m = config.model
+    config_checks._choice("model.name (task classification)", m.name, PACKED_MODELS + DENSE_MODELS)
+    config_checks.check_input(config, dense=not _packed(config))
+    config_checks.check_model_common(m, mesh_shape)
+    config_checks._positive("model.num_classes", m.num_classes)
+    if not _packed(config):
+      t, h, w = config.input.size
+      p = m.get("patch_size") or tuple(m.get("tubelet", (1, 16, 16)))[1]
+      tub = tuple(m.tubelet) if m.name == "vivit" else (1, p, p)
+      if m.name == "vit" and t != 1:
+        raise config_checks.ConfigError(f"input.size={(t, h, w)}: a ViT reads images (T = 1)")
+      for dim, size, patch in zip("THW", (t, h, w), tub):
+        if size % patch:
+          raise config_checks.ConfigError(
+            f"input.size {dim}={size} is not a multiple of the model's patch {patch}"
+          )
+
+  def dummy_inputs(self, config):
+    if _packed(config):
+      inp = config.input
+      length, k = inp.tokens_per_row, inp.max_examples_per_row
+      return (
+        jnp.zeros((1, length, models.patch_dim(config)), jnp.float32),
+        jnp.zeros((1, length, 3), jnp.int32),
+        jnp.ones((1, length), jnp.int32),
+        jnp.ones((1, k, 3), jnp.int32),
+      )
+    return (jnp.zeros((1, *_video_shape(config)), jnp.float32),)
+
+  def make_iterator(self, config, *, train: bool = True, split=None):
+    if _packed(config):
+      return super().make_iterator(config, train=train, split=split)
+    return base.dense_iterator(config, train=train, split=split)
+
+  def logits(self, model, params, batch, config) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(logits [..., C], labels [...], valid [...]) of a batch: per slot for NaViT."""
+    if _packed(config):
+      logits = model.apply(
+        {"params": params},
+        batch["patches"],
+        batch["positions"],
+        batch["segment_ids"],
+        batch["shapes"],
+      )
+      return logits, batch["labels"], batch["labels"] >= 0
+    video = batch["video"]
+    x = video[:, 0] if config.model.name == "vit" else video
+    return model.apply({"params": params}, x), batch["label"], batch["valid"]
+
+  def loss(self, model, params, batch, rng, config):
+    del rng
+    logits, labels, valid = self.logits(model, params, batch, config)
+    loss, metrics = vit.classification_loss(logits, labels, valid)
+    return loss, {"accuracy": metrics["accuracy"], "examples": metrics["count"]}
+
+  def evaluate(self, config, params, workdir: str, step: int) -> dict[str, Any]:
+    """Top-1 accuracy and loss over the whole validation split (each host its own share)."""
+    model = models.build(config)
+    fn = jax.jit(lambda p, b: self.logits(model, p, b, config))
+    correct = total = 0
+    nll = 0.0
+    for batch in self.make_iterator(config, train=False, split="validation"):
+      batch = {k: v for k, v in batch.items() if k in self.batch_keys(config)}
+      logits, labels, valid = (np.asarray(x) for x in fn(params, batch))
+      valid = valid & (labels >= 0)
+      logp = jax.nn.log_softmax(logits.astype(np.float32), axis=-1)
+      picked = np.take_along_axis(np.asarray(logp), np.maximum(labels, 0)[..., None], -1)[..., 0]
+      correct += int(np.sum((np.argmax(logits, -1) == labels) & valid))
+      total += int(np.sum(valid))
+      nll -= float(np.sum(np.where(valid, picked, 0.0)))
+    if jax.process_count() > 1:
+      sums = multihost_utils.process_allgather(np.array([correct, total, nll], np.float64))
+      correct, total, nll = (float(x) for x in np.sum(sums, axis=0))
+    results = {
+      "top1": correct / max(total, 1),
+      "loss": nll / max(total, 1),
+      "examples": int(total),
+    }
+    if jax.process_index() == 0:
+      path = base.write_eval_json(workdir, step, "classification", results)
+      print(
+        f"validation top-1 {results['top1']:.4f} over {results['examples']} examples "
+        f"(loss {results['loss']:.4f}) -> {path}",
+        flush=True,
+      )
+    return results
+
+
+def _video_shape(config) -> tuple[int, ...]:
+  t, h, w = (int(s) for s in config.input.size)
+  return (h, w, 3) if config.model.name == "vit" else (t, h, w, 3)

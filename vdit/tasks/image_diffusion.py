@@ -1,0 +1,155 @@
+"""DiT: class-conditional Gaussian diffusion on fixed-size images (Peebles & Xie 2023).
+
+The images are fixed-size frames (`vdit.data.dense`, `input.size = (1, I, I)`), in pixel space
+(`model.in_channels = 3`) until the autoencoder's latents are used. The loss is
+`vdit.diffusion.gaussian.loss` — the same ε-prediction / learned-σ hybrid loss VideoDiT uses with
+`diffusion.objective="gaussian"` — on a one-example-per-row view of the batch (every pixel a
+token), with label dropout (`diffusion.text_dropout`) for classifier-free guidance. `evaluate`
+writes a PNG grid: one row per class, guided by `sample.guidance`.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vdit import config_checks, media, models, sharding
+from vdit.diffusion import gaussian, gaussian_samplers, guidance, objectives
+from vdit.tasks import base
+
+
+def as_rows(images: jax.Array, labels: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
+  """Images [B, H, W, C] as packed rows of one example each: pixels are the tokens, so the
+  packed diffusion losses apply unchanged (`patches` [B, H·W, C])."""
+  b, h, w, c = images.shape
+  ones = jnp.ones((b, h * w), jnp.int32)
+  return {
+    "patches": images.reshape(b, h * w, c),
+    "segment_ids": ones,
+    "shapes": jnp.broadcast_to(jnp.asarray([1, h, w], jnp.int32), (b, 1, 3)),
+    "text_tokens": jnp.zeros((b, 1), jnp.int32),
+    "text_segment_ids": jnp.zeros((b, 1), jnp.int32),
+    "labels": labels[:, None],
+    "cond_mask": jnp.zeros((b, h * w), bool),
+    "loss_mask": ones.astype(bool) & valid[:, None],
+  }
+
+
+class ImageDiffusion(base.Task):
+  def batch_keys(self, config) -> tuple[str, ...]:
+    return sharding.DENSE_KEYS
+
+  def check_config(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
+    m = config.model
+    config_checks._choice("model.name (task image_diffusion)", m.name, ("dit",))
+    config_checks.check_input(config, dense=True)
+    config_checks.check_model_common(m, mesh_shape)
+    config_checks._check_diffusion(config.diffusion)
+    if config.diffusion.objective != "gaussian":
+      raise config_checks.ConfigError(
+        f"diffusion.objective={config.diffusion.objective!r}: the DiT task trains 'gaussian'"
+      )
+    if bool(config.diffusion.learn_sigma) != bool(m.learn_sigma):
+      raise config_checks.ConfigError(
+        f"model.learn_sigma={m.learn_sigma} and diffusion.learn_sigma="
+        f"{config.diffusion.learn_sigma} must agree"
+      )
+    t, h, w = config.input.size
+    if t != 1 or h != w or h % m.patch_size:
+      raise config_checks.ConfigError(
+        f"input.size={(t, h, w)} must be (1, I, I) with I a multiple of model.patch_size="
+        f"{m.patch_size}"
+      )
+    if m.in_channels != 3:
+      raise config_checks.ConfigError(f"model.in_channels={m.in_channels}: pixels have 3")
+
+  def dummy_inputs(self, config):
+    _, h, w = config.input.size
+    return (
+      jnp.zeros((1, h, w, 3), jnp.float32),
+      jnp.zeros((1,), jnp.float32),
+      jnp.zeros((1,), jnp.int32),
+    )
+
+  def make_iterator(self, config, *, train: bool = True, split=None):
+    return base.dense_iterator(config, train=train, split=split)
+
+  def loss(self, model, params, batch, rng, config):
+    spec = objectives.Spec.from_config(config.diffusion)
+    images = batch["video"][:, 0]
+    b, h, w, c = images.shape
+    rows = as_rows(images, batch["label"], batch["valid"])
+
+    def apply_fn(x_t, t_tok, model_batch):
+      out = model.apply(
+        {"params": params}, x_t.reshape(b, h, w, c), t_tok[:, 0], model_batch["labels"][:, 0]
+      )
+      return out.reshape(b, h * w, -1)
+
+    loss, aux = gaussian.loss(
+      apply_fn,
+      rows,
+      rng,
+      schedule=spec.gaussian_schedule,
+      prediction=spec.prediction,
+      learn_sigma=spec.learn_sigma,
+      text_dropout=spec.text_dropout,
+    )
+    return loss, {"vlb": aux["vlb"], "tokens": aux["num_tokens"]}
+
+  def generate(
+    self, config, params, labels: np.ndarray, *, steps: int, guidance_scale: float, seed: int = 0
+  ) -> np.ndarray:
+    """Samples one image per label ([N] int, −1 = unconditional): float [N, H, W, 3]."""
+    spec = objectives.Spec.from_config(config.diffusion)
+    model = models.build(config)
+    _, h, w = config.input.size
+    n = len(labels)
+    sampler = spec.default_sampler
+    spec.check_request(steps, 1.0, sampler, spec.guidance_interval)
+    labels = jnp.asarray(labels, jnp.int32)
+    null = jnp.full_like(labels, -1)
+
+    def model_fn(x, t):
+      both = jnp.concatenate([x, x]).reshape(2 * n, h, w, 3)
+      out = model.apply(
+        {"params": params}, both, jnp.concatenate([t, t])[:, 0], jnp.concatenate([labels, null])
+      )
+      out = out.reshape(2 * n, h * w, -1)
+      return guidance.cfg(out[:n], out[n:], guidance_scale, t, spec.guidance_interval, channels=3)
+
+    @jax.jit
+    def run(rng):
+      noise_rng, sample_rng = jax.random.split(rng)
+      x = jax.random.normal(noise_rng, (n, h * w, 3))
+      return gaussian_samplers.sample(
+        model_fn,
+        x,
+        steps,
+        schedule=spec.gaussian_schedule,
+        prediction=spec.prediction,
+        learn_sigma=spec.learn_sigma,
+        method=sampler,
+        eta=spec.ddim_eta,
+        rng=sample_rng,
+      )
+
+    return np.asarray(run(jax.random.key(seed))).reshape(n, h, w, 3)
+
+  def evaluate(self, config, params, workdir: str, step: int) -> dict[str, Any]:
+    """A PNG grid in workdir/samples/<step>/: row c holds `sample.per_class` images of class c."""
+    if jax.process_index() != 0:
+      return {}
+    s, classes = config.sample, config.model.num_classes
+    labels = np.repeat(np.arange(classes), s.per_class)
+    images = self.generate(
+      config, params, labels, steps=s.steps, guidance_scale=s.guidance, seed=s.seed
+    )
+    _, h, w = config.input.size
+    tiles = media.to_uint8(images).reshape(classes, s.per_class, h, w, 3)
+    path = f"{workdir}/samples/{step}/classes.png"
+    media.write_image(path, media.grid(tiles), scale=s.display_scale)
+    print(f"samples written:\n  {path}", flush=True)
+    return {"files": [path]}

@@ -1,0 +1,51 @@
+"""VideoDiT text-to-video on packed spacetime patches: the Sora recipe (the default task)."""
+
+from typing import Any
+
+import jax
+import ml_collections
+
+from vdit import config_checks
+from vdit.diffusion import conditioning, objectives
+from vdit.tasks import base
+
+
+class VideoDiffusion(base.Task):
+  """Diffusion loss (`config.diffusion`) on packed rows, some examples frame-conditioned."""
+
+  def check_config(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
+    config_checks.check_video_diffusion(config, mesh_shape)
+
+  def loss(self, model, params, batch, rng, config):
+    """First some examples become conditioned tasks (image-to-video, extension, interpolation;
+    `diffusion.conditioning`): their given frames are clean and carry no loss."""
+    cond_rng, loss_rng = jax.random.split(rng)
+    spec = objectives.Spec.from_config(config.diffusion)
+    batch, cond_metrics = conditioning.condition_batch(
+      cond_rng, batch, spec.cond_probs, config.input.patch_size[0]
+    )
+
+    def apply_fn(x_t, t_tok, model_batch):
+      return model.apply(
+        {"params": params},
+        x_t,
+        t_tok,
+        model_batch["positions"],
+        model_batch["segment_ids"],
+        model_batch["text_tokens"],
+        model_batch["text_segment_ids"],
+        model_batch["labels"],
+      )
+
+    loss, aux = objectives.loss(spec, apply_fn, batch, loss_rng)
+    return loss, {"tokens": aux["num_tokens"], "cond_tokens": cond_metrics["cond_tokens"]}
+
+  def evaluate(self, config, params, workdir: str, step: int) -> dict[str, Any]:
+    """Sample videos for `config.sample.prompts` (GIF + MP4 under workdir/samples/<step>/)."""
+    if not config.sample.prompts or jax.process_index() != 0:
+      return {}
+    from vdit import sample  # noqa: PLC0415 (sampling only at the end)
+
+    paths = sample.write_config_samples(config, params, workdir, step)
+    print("samples written:\n  " + "\n  ".join(paths), flush=True)
+    return {"files": paths}
