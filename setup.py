@@ -38,7 +38,16 @@ setuptools.setup(
     "tensorboard",
   ],
   extras_require={
-    "dev": ["pytest", "pytest-xdist", "ruff"],
+    "dev": [
+      "pytest",
+      "pytest-xdist",
+      "ruff",
+      # notebooks/: executed by tests/test_notebooks.py
+      "nbformat",
+      "nbclient",
+      "ipykernel",
+      "matplotlib",
+    ],
     "tpu": ["libtpu"],
     "video": ["av"],
   },
