@@ -14,6 +14,7 @@ count it is restored exactly, with a different one it is re-derived (`remap_data
 
 import json
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,6 +35,9 @@ class NoCheckpointError(FileNotFoundError):
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
+  """workdir/checkpoints, absolute for local paths (orbax rejects relative ones)."""
+  if "://" not in str(workdir):
+    workdir = os.path.abspath(workdir)
   return epath.Path(workdir) / CHECKPOINT_DIR
 
 

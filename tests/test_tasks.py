@@ -1,0 +1,163 @@
+"""Tasks: the zoo (ViT, NaViT, ViViT, DiT) trains and evaluates through the same trainer."""
+
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests import configs
+from vdit import config_checks, sharding, tasks, train, train_state
+from vdit.data import dense
+from vdit.tasks import image_diffusion
+
+ZOO = {
+  "vit": "configs/vit/digits.py",
+  "navit": "configs/navit/digits.py",
+  "vivit": "configs/vivit/shapes.py",
+  "dit": "configs/dit/digits.py",
+}
+
+
+def _config(name, data_dir, **overrides):
+  c = configs.load("tiny", ZOO[name])
+  c.input.data_dir = data_dir
+  c.total_steps = 2
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 2
+  c.optimizer.warmup_steps = 1
+  if name == "dit":
+    c.sample.per_class, c.sample.steps = 1, 2
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_trains_resumes_and_evaluates(name, data_dir, tmp_path, monkeypatch):
+  """Each tiny zoo config trains through `train_and_evaluate`, resumes, and evaluates: top-1
+  over the whole validation split for classifiers, a PNG class grid for DiT. The workdir is a
+  relative path (orbax needs absolute ones: `checkpointing` resolves it)."""
+  monkeypatch.chdir(tmp_path)
+  workdir = name
+  config = _config(name, data_dir)
+  state = train.train_and_evaluate(config, workdir)
+  assert int(state.step) == 2 and int(state.skipped) == 0
+  resumed = train.train_and_evaluate(_config(name, data_dir, total_steps=3), workdir)
+  assert int(resumed.step) == 3
+  if name == "dit":
+    assert os.path.getsize(os.path.join(workdir, "samples", "3", "classes.png")) > 0
+  else:
+    with open(os.path.join(workdir, "eval", "3.json")) as f:
+      results = json.load(f)["classification"]
+    assert results["examples"] == 200  # every validation example, exactly once
+    assert 0.0 <= results["top1"] <= 1.0 and np.isfinite(results["loss"])
+
+
+@pytest.mark.parametrize("name", ["vit", "navit", "vivit"])
+def test_classifier_fits_a_batch(name, data_dir):
+  """Repeated updates on one batch drive its training accuracy to 1: the loss, labels and
+  gradients are wired to the right examples (NaViT: per packed slot)."""
+  config = _config(name, data_dir, **{"optimizer.lr": 3e-3, "optimizer.warmup_steps": 1})
+  config.total_steps = 60
+  task = tasks.get(config)
+  model = task.build_model(config)
+  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
+  init = train_state.init_fn(model, task.dummy_inputs(config), tx, config.seed)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  state, shardings = train_state.create_sharded(init, mesh, rules)
+  step_fn = train.jit_train_step(config, model, tx, mesh, rules, shardings)
+  batch_np = next(task.make_iterator(config))
+  with sharding.activate(mesh, rules):
+    batch = train.to_global(batch_np, config, mesh, rules)
+    losses = []
+    for _ in range(60):
+      state, metrics = step_fn(state, batch)
+      losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.2 * losses[0], losses[::10]
+  assert float(metrics["accuracy"]) >= 0.95
+
+
+def test_dit_task_loss_at_init(data_dir):
+  """adaLN-Zero: DiT outputs 0 at init, so the ε-MSE part of the loss is E[ε²] = 1."""
+  config = _config("dit", data_dir)
+  task = tasks.get(config)
+  model = task.build_model(config)
+  params = model.init(jax.random.key(0), *task.dummy_inputs(config))["params"]
+  batch = {k: jnp.asarray(v) for k, v in next(task.make_iterator(config)).items()}
+  loss, metrics = task.loss(model, params, batch, jax.random.key(1), config)
+  np.testing.assert_allclose(float(loss) - float(metrics["vlb"]), 1.0, atol=0.03)
+  images = task.generate(config, params, np.array([0, 3, -1]), steps=2, guidance_scale=2.0)
+  assert images.shape == (3, 32, 32, 3) and np.all(np.isfinite(images))
+
+
+def test_as_rows_is_one_example_per_row():
+  images = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+  rows = image_diffusion.as_rows(images, jnp.array([3, -1]), jnp.array([True, False]))
+  assert rows["patches"].shape == (2, 24, 3)
+  np.testing.assert_array_equal(rows["patches"][1, 7], images[1, 1, 1])
+  np.testing.assert_array_equal(rows["shapes"][:, 0], [[1, 4, 6], [1, 4, 6]])
+  assert rows["loss_mask"][0].all() and not rows["loss_mask"][1].any()
+
+
+def test_dense_pipeline_sizes_eval_pass_and_resume(data_dir):
+  config = _config("vivit", data_dir)
+  it = dense.make_iterator(config.input, seed=0)
+  batch = next(it)
+  assert batch["video"].shape == (16, 8, 32, 32, 3) and batch["video"].dtype == np.float32
+  assert -1.0 <= batch["video"].min() and batch["video"].max() <= 1.0
+  assert set(np.unique(batch["label"])) <= {0, 1, 2, 3}
+  state = it.get_state()
+  expected = [next(it)["video"] for _ in range(2)]
+  it2 = dense.make_iterator(config.input, seed=0)
+  it2.set_state(state)
+  for want in expected:
+    np.testing.assert_array_equal(next(it2)["video"], want)
+  # One evaluation pass: each of the 200 validation clips once, the last batch padded.
+  ev = list(dense.make_iterator(dict(config.input, split="validation"), seed=0, train=False))
+  valid = np.concatenate([b["valid"] for b in ev])
+  assert valid.sum() == 200 and len(valid) == 16 * 13
+  assert np.all(np.concatenate([b["label"] for b in ev])[~valid] == -1)
+
+
+def test_dense_fit_crop_vs_squash():
+  video = np.zeros((2, 10, 40, 3), np.float32)
+  video[:, :, :10] = 1.0  # the left quarter is bright
+  crop = dense.FixedSize((3, 8, 8), "crop").map({"video": video, "label": 1})
+  squash = dense.FixedSize((3, 8, 8), "squash").map({"video": video, "label": 1})
+  assert crop["video"].shape == squash["video"].shape == (3, 8, 8, 3)
+  assert crop["video"].max() == 0.0  # the centre crop cuts the bright quarter away
+  np.testing.assert_allclose(squash["video"][:, :, :2], 1.0)  # squash keeps it
+  np.testing.assert_array_equal(crop["video"][2], crop["video"][1])  # last frame repeated
+
+
+@pytest.mark.parametrize(
+  ("name", "overrides", "message"),
+  [
+    ("vit", {"input.size": (2, 32, 32)}, "a ViT reads images"),
+    ("vivit", {"input.size": (8, 30, 32)}, "not a multiple of the model's patch"),
+    ("dit", {"diffusion.objective": "rectified_flow"}, "needs diffusion.objective='gaussian'"),
+    ("dit", {"input.size": (1, 32, 48)}, "must be (1, I, I)"),
+    ("navit", {"model.name": "vit"}, "input.size=None must be"),
+    ("vit", {"task": "segmentation"}, "task='segmentation' is unknown"),
+    ("vit", {"input.fit": "stretch"}, "input.fit='stretch' is not supported"),
+  ],
+)
+def test_bad_zoo_configs_fail_clearly(name, overrides, message, data_dir):
+  config = _config(name, data_dir)
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  with pytest.raises(config_checks.ConfigError, match=re.escape(message)):
+    config_checks.validate(config)
