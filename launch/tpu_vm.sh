@@ -51,8 +51,10 @@ case "$cmd" in
     # Ship this checkout (no git remote needed), then the pinned environment, on all workers.
     tar -C "$HERE" --exclude=.git --exclude=runs --exclude='.venv' -czf /tmp/vdit.tgz .
     tpu scp /tmp/vdit.tgz "$TPU":/tmp/vdit.tgz --worker=all
-    on_all "mkdir -p $REMOTE_DIR $LOG_DIR && tar -C $REMOTE_DIR -xzf /tmp/vdit.tgz && \
-      cd $REMOTE_DIR && python3 -m venv .venv && \
+    # TPU VM images are Ubuntu 22.04 (Python 3.10); vdit needs 3.11+ (jammy has python3.11).
+    on_all "sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv tmux && \
+      mkdir -p $REMOTE_DIR $LOG_DIR && tar -C $REMOTE_DIR -xzf /tmp/vdit.tgz && \
+      cd $REMOTE_DIR && python3.11 -m venv .venv && \
       .venv/bin/pip install -q -c constraints.txt -e '.[tpu]' && \
       .venv/bin/python -c 'import jax; print(jax.process_index(), jax.device_count())'"
     ;;

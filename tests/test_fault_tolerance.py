@@ -154,6 +154,7 @@ def test_sigterm_saves_and_resume_is_exact(uninterrupted, tmp_path):
   _assert_same_state(jax.device_get(state), expected)
 
 
+@pytest.mark.slow
 def test_kill9_resumes_from_the_last_complete_checkpoint(uninterrupted, tmp_path):
   """kill -9 at a random point (saves are asynchronous, every 2 steps, so often mid-save): the
   rerun starts from the newest complete checkpoint, ignores (and deletes) partial ones, and

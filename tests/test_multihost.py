@@ -106,7 +106,6 @@ def _restore(workdir, config, data_iterator=None):
   return step, jax.device_get(state)
 
 
-@pytest.mark.slow
 def test_two_processes_match_one(data_dir, tmp_path):
   """2 processes × 4 devices = 1 process × 8 devices: same losses, same checkpointed state;
   only process 0 writes TensorBoard events; each process saved its own data position."""

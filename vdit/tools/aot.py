@@ -19,13 +19,15 @@ Reported per device (a chip, or a TensorCore where a chip has two devices):
            XLA's cost analysis of the compiled program. XLA counts a loop body once, so both
            are measured on unrolled 1- and 2-layer versions of the same config (same mesh, same
            remat) and extrapolated linearly in depth and text depth — exact for identical layers.
+           XLA cannot see inside Pallas kernels (splash attention): their FLOPs are added from
+           the model (`kernel_flops`, dense over the row: exact for a row holding one example,
+           an upper bound for packed rows) × the kernels' passes (`kernel_passes`).
   collectives
            GiB spanned by each kind of collective (all-gather, reduce-scatter, all-reduce, ...)
            in the compiled program, extrapolated the same way: what the mesh costs in traffic.
   roofline step time ≥ max(flops / peak FLOP/s, bytes / HBM bandwidth) from published chip
-           peaks (CHIPS), flops never counted below the model FLOPs (XLA cannot see inside a
-           Pallas kernel such as splash attention); the MFU bound is the model FLOPs (3 × the
-           forward's matrix products, `model_flops`) over peak × that time. Communication is
+           peaks (CHIPS); the MFU bound is the model FLOPs (3 × the forward's matrix products,
+           `model_flops`) over peak × that time. Communication is
            not in the bound (only a rough collectives / ICI bandwidth figure beside it): a
            bound, not a forecast.
 """
@@ -54,7 +56,8 @@ from vdit.tools.roofline import CHIPS, COLLECTIVES, Chip, GiB  # noqa: E402
 
 LIBTPU_HELP = (
   "libtpu is not installed; it provides XLA's TPU compiler (no TPU needed). Install it with\n"
-  "  pip install -c constraints.txt -e '.[tpu]'     (libtpu==0.0.42.1 for jax 0.10.2)"
+  "  pip install -e '.[tpu]'\n"
+  "(pinned: pip install -c constraints.txt -e '.[tpu]', libtpu==0.0.42.1 for jax 0.10.2)"
 )
 
 
@@ -201,17 +204,19 @@ def lower_sampler_step(config: ml_collections.ConfigDict, mesh):
 # ---------------------------------------------------------------------------------------------
 # Analysis.
 # ---------------------------------------------------------------------------------------------
-def model_flops(config: ml_collections.ConfigDict, rows: int, length: int, text: int) -> float:
+def model_flops(
+  config: ml_collections.ConfigDict, rows: int, length: int, text: int, *, backend: str = "xla"
+) -> float:
   """Forward FLOPs of the model on `rows` packed rows of `length` video and `text` text tokens.
 
   `vdit.models.flops.dot_flops` of the traced forward: 2·M·N·K over every matrix product,
-  attention counted dense over the row whatever the backend (the `xla` backend computes all of
-  it; `splash` skips the blocks between examples, Σ Lᵢ² / L² of a packed row is needed),
-  elementwise work not counted. Training is 3× this (forward + backward), not counting
-  rematerialization.
+  elementwise work not counted. With the default `backend="xla"` attention is counted dense
+  over the row (the model FLOPs, whatever kernel runs it; `splash` skips the blocks between
+  examples: Σ Lᵢ² / L² of a packed row is needed); with another backend, only the products
+  outside its Pallas kernels. Training is 3× the forward, not counting rematerialization.
   """
   config = ml_collections.ConfigDict(config.to_dict())
-  config.model.attention_backend = "xla"  # dense attention math, whatever kernel runs it
+  config.model.attention_backend = backend
   config.input.tokens_per_row, config.input.text_tokens_per_row = length, text
   model = models.build(config)
   # Shapes only (eval_shape): a Sora-size batch would not fit in this machine's memory.
@@ -220,30 +225,29 @@ def model_flops(config: ml_collections.ConfigDict, rows: int, length: int, text:
   return float(flops.dot_flops(lambda p, *x: model.apply(p, *x), params, *inputs))
 
 
+def kernel_flops(config: ml_collections.ConfigDict, rows: int, length: int, text: int) -> float:
+  """Forward FLOPs inside the attention backend's Pallas kernels, which XLA's cost analysis
+  cannot see; dense over the row, so an upper bound for `splash`. 0 for `xla`."""
+  backend = config.model.attention_backend
+  if backend == "xla":
+    return 0.0
+  dense = model_flops(config, rows, length, text)
+  return dense - model_flops(config, rows, length, text, backend=backend)
+
+
+# Splash's backward (unfused, jax 0.10's default) is a dq kernel (QKᵀ, dO·Vᵀ, dS·K) and a dkv
+# kernel (QKᵀ, Pᵀ·dO, dO·Vᵀ, dSᵀ·Q): 7 products against the forward's 2.
+SPLASH_BACKWARD_PASSES = 3.5
+
+
+def kernel_passes(config: ml_collections.ConfigDict) -> float:
+  """Train-step FLOPs of the attention kernels in units of their forward: forward, backward
+  and, under any remat policy, the forward again (no policy saves a Pallas call's output)."""
+  return 1 + SPLASH_BACKWARD_PASSES + (config.model.remat_policy != "none")
+
+
 def _log(message: str) -> None:
   print(f"[aot] {message}", file=sys.stderr, flush=True)
-
-
-def extrapolated_costs(lower_fn, config: ml_collections.ConfigDict, mesh) -> dict[str, float]:
-  """FLOPs, bytes and collective bytes per device at the config's depths, from unrolled
-  1-/2-layer compiles (XLA's cost analysis counts a loop body once)."""
-  m = config.model
-
-  def at(depth, text_depth):
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.model.depth, c.model.text_depth, c.model.scan_layers = depth, text_depth, False
-    t0 = time.time()
-    costs = roofline.compiled_costs(lower_fn(c, mesh)[0].compile())
-    _log(f"  unrolled depth={depth} text_depth={text_depth}: {time.time() - t0:.0f}s")
-    return costs
-
-  base, deeper, deeper_text = at(1, 1), at(2, 1), at(1, 2)
-  return {
-    key: base[key]
-    + (m.depth - 1) * (deeper[key] - base[key])
-    + (m.text_depth - 1) * (deeper_text[key] - base[key])
-    for key in base
-  }
 
 
 def _compile(name: str, lower, capacity: float):
@@ -260,9 +264,14 @@ def _compile(name: str, lower, capacity: float):
   return {"compile_seconds": round(seconds, 1), "memory_per_device": mem}, extra
 
 
-def _add_costs(out: dict, costs: dict, useful: float, chip: Chip, per_chip: int) -> None:
+def _add_costs(
+  out: dict, costs: dict, useful: float, kernel: float, chip: Chip, per_chip: int
+) -> None:
+  """Adds FLOPs (XLA's + `kernel`, the Pallas kernels'), bytes, collectives and the roofline."""
   gib = lambda x: round(x / GiB, 3)
+  costs = dict(costs, flops=costs["flops"] + kernel)
   out["flops_per_device"] = costs["flops"]
+  out["kernel_flops_per_device"] = kernel
   out["bytes_accessed_per_device"] = costs["bytes_accessed"]
   out["model_flops_per_device"] = useful
   out["collectives_gib_per_device"] = {k: gib(costs[f"{k}_bytes"]) for k in COLLECTIVES}
@@ -296,13 +305,16 @@ def report(
   tokens = inp.rows_per_batch * inp.tokens_per_row
   if costs:
     _log("  FLOPs, bytes and collectives from unrolled 1-/2-layer compiles")
-    flops = model_flops(config, inp.rows_per_batch, inp.tokens_per_row, inp.text_tokens_per_row)
-    measured = extrapolated_costs(lower_train_step, config, mesh)
-    _add_costs(train_report, measured, 3 * flops / len(devices), chip, per_chip)
+    shape = (inp.rows_per_batch, inp.tokens_per_row, inp.text_tokens_per_row)
+    useful = 3 * model_flops(config, *shape) / len(devices)
+    kernel = kernel_passes(config) * kernel_flops(config, *shape) / len(devices)
+    measured = roofline.extrapolated_costs(lower_train_step, config, mesh, _log)
+    _add_costs(train_report, measured, useful, kernel, chip, per_chip)
     step_s = train_report["roofline"]["step_seconds_lower_bound"]
     train_report["roofline"]["tokens_per_second_upper_bound"] = (
       round(tokens / step_s) if step_s else None
     )
+    _log(f"  train step: {json.dumps(train_report)}")  # before the sampler's compiles
 
   out = {
     "config": {
@@ -340,9 +352,11 @@ def report(
       **sampler_report,
     }
     if costs:
-      flops = model_flops(config, 2 * n, length, config.input.max_caption_tokens)
-      measured = extrapolated_costs(lower_sampler_step, config, mesh)
-      _add_costs(out["sampler_step"], measured, flops / len(devices), chip, per_chip)
+      shape = (2 * n, length, config.input.max_caption_tokens)
+      useful = model_flops(config, *shape) / len(devices)
+      kernel = kernel_flops(config, *shape) / len(devices)
+      measured = roofline.extrapolated_costs(lower_sampler_step, config, mesh, _log)
+      _add_costs(out["sampler_step"], measured, useful, kernel, chip, per_chip)
   return out
 
 

@@ -6,7 +6,11 @@ Used by `vdit.tools.aot`; works on any `jax.stages.Compiled` (TPU topologies or 
 import dataclasses
 import math
 import re
+import time
+from collections.abc import Callable
 from typing import Any
+
+import ml_collections
 
 GiB = 2**30
 
@@ -69,6 +73,30 @@ def compiled_costs(compiled) -> dict[str, float]:
   return costs
 
 
+def extrapolated_costs(
+  lower_fn: Callable, config: ml_collections.ConfigDict, mesh, log: Callable[[str], None]
+) -> dict[str, float]:
+  """FLOPs, bytes and collective bytes per device at the config's depths, from unrolled
+  1-/2-layer compiles (XLA's cost analysis counts a loop body once)."""
+  m = config.model
+
+  def at(depth, text_depth):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.model.depth, c.model.text_depth, c.model.scan_layers = depth, text_depth, False
+    t0 = time.time()
+    costs = compiled_costs(lower_fn(c, mesh)[0].compile())
+    log(f"  unrolled depth={depth} text_depth={text_depth}: {time.time() - t0:.0f}s")
+    return costs
+
+  base, deeper, deeper_text = at(1, 1), at(2, 1), at(1, 2)
+  return {
+    key: base[key]
+    + (m.depth - 1) * (deeper[key] - base[key])
+    + (m.text_depth - 1) * (deeper_text[key] - base[key])
+    for key in base
+  }
+
+
 def memory(compiled, capacity: float) -> dict[str, Any]:
   mem = compiled.memory_analysis()
   total = (
@@ -101,8 +129,7 @@ def roofline(costs: dict[str, float], useful_flops: float, chip: Chip, per_chip:
   overlap with compute); it is not in the bound.
   """
   peak, bandwidth = chip.bf16_flops / per_chip, chip.hbm_bandwidth / per_chip
-  # XLA does not see inside Pallas kernels (splash attention): never count less than the model.
-  compute_s = max(costs["flops"], useful_flops) / peak
+  compute_s = costs["flops"] / peak
   memory_s = costs["bytes_accessed"] / bandwidth
   comm = sum(costs[f"{kind}_bytes"] for kind in COLLECTIVES)
   step_s = max(compute_s, memory_s)
