@@ -135,4 +135,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     seed=0,
     display_scale=4,  # nearest-neighbour upscaling of GIF/MP4 for viewing
   )
+
+  # Evaluators (vdit/evaluators, docs/evaluation.md): run every `every_steps` and at the end;
+  # `python -m vdit.evaluate --config=... --workdir=...` runs them on a checkpoint.
+  every = c.total_steps if tiny else 20_000
+  c.evals = dict(
+    loss=dict(type="loss", every_steps=every, num_batches=2 if tiny else 16, num_buckets=5),
+    samples=dict(
+      type="samples",
+      every_steps=every,
+      prompts=c.sample.prompts[:2] if tiny else c.sample.prompts,
+      sizes=((8, 32, 48),) if tiny else ((16, 64, 96), (16, 96, 64)),
+      steps=16 if tiny else 32,
+    ),
+    adherence=dict(
+      type="adherence",
+      every_steps=every,
+      num_prompts=8 if tiny else 96,
+      size=(8, 32, 32) if tiny else (16, 64, 64),
+      steps=16 if tiny else 32,
+    ),
+  )
   return c

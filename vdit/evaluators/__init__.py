@@ -1,0 +1,116 @@
+"""Config-driven evaluators: `config.evals.<name> = dict(type=..., every_steps=..., **options)`.
+
+  loss       validation diffusion loss per noise-level bucket (video_diffusion)
+  samples    sample grids for fixed prompts and sizes → GIF/MP4 + TensorBoard images
+  adherence  analytic colour / shape / motion scoring of generated `shapes` videos
+  digits     digit accuracy of generated `moving_digits` videos by a trained classifier
+  frechet    Fréchet distance between real and generated frames in a feature space
+  top1       classifier top-1 on the validation split (`tasks.Classification.evaluate`)
+
+Every evaluator is `fn(config, params, workdir, step, **options) -> dict`; the dict holds
+scalars (logged to TensorBoard as `eval/<name>/<key>` and written to workdir/eval/<step>.json
+under `<name>`), optionally `files` (paths written) and `images` / `videos` ({tag: uint8
+array}, TensorBoard only). Every process calls `run`; only process 0 writes files.
+docs/evaluation.md describes each evaluator and its options.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from vdit.tasks import base as tasks_base
+
+Evaluator = Callable[..., dict[str, Any]]
+EVALUATORS: dict[str, Evaluator] = {}
+RESERVED = ("type", "every_steps")  # keys of an eval entry that are not evaluator options
+SUMMARY_KEYS = ("images", "videos")  # TensorBoard-only results (not written to JSON)
+
+
+def register(name: str) -> Callable[[Evaluator], Evaluator]:
+  """Decorator adding an evaluator type under `name`."""
+
+  def add(fn: Evaluator) -> Evaluator:
+    EVALUATORS[name] = fn
+    return fn
+
+  return add
+
+
+def _load_builtins() -> None:
+  # Imported lazily: the evaluators import sampling, models and datasets.
+  from vdit.evaluators import adherence, classifier, frechet, loss, samples  # noqa: F401, PLC0415
+
+
+def get(type_name: str) -> Evaluator:
+  _load_builtins()
+  if type_name not in EVALUATORS:
+    raise ValueError(f"eval type={type_name!r} is unknown; expected one of {sorted(EVALUATORS)}")
+  return EVALUATORS[type_name]
+
+
+def evals_of(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+  """{name: entry} of `config.evals` (empty if the config has none)."""
+  evals = config.get("evals", None)
+  if not evals:
+    return {}
+  out = {}
+  for name, entry in evals.items():
+    entry = dict(entry)
+    if "type" not in entry:
+      raise ValueError(f"evals.{name} has no `type`; expected one of {sorted(EVALUATORS) or '…'}")
+    out[name] = entry
+  return out
+
+
+def due(config: ml_collections.ConfigDict, step: int, total_steps: int) -> list[str]:
+  """Names of the evals to run after `step`: every_steps divides step, or the final step."""
+  names = []
+  for name, entry in evals_of(config).items():
+    every = int(entry.get("every_steps", 0) or 0)
+    if step == total_steps or (every > 0 and step % every == 0):
+      names.append(name)
+  return names
+
+
+def run(
+  config: ml_collections.ConfigDict,
+  params: Any,
+  workdir: str,
+  step: int,
+  names: Sequence[str] | None = None,
+  writer=None,
+) -> dict[str, dict[str, Any]]:
+  """Runs the named evals (default: all) → {name: results}; writes eval/<step>.json (process 0)
+  and, with a clu `writer`, scalars and image/video summaries."""
+  evals = evals_of(config)
+  names = list(evals) if names is None else list(names)
+  unknown = sorted(set(names) - set(evals))
+  if unknown:
+    raise ValueError(f"evals {unknown} are not in config.evals {sorted(evals)}")
+  results = {}
+  for name in names:
+    entry = evals[name]
+    options = {k: v for k, v in entry.items() if k not in RESERVED}
+    out = get(entry["type"])(config, params, workdir, step, **options)
+    summaries = {k: out.pop(k) for k in SUMMARY_KEYS if k in out}
+    results[name] = out
+    if jax.process_index() == 0:
+      tasks_base.write_eval_json(workdir, step, name, out)
+    if writer is not None:
+      scalars = {
+        f"eval/{name}/{k}": float(v)
+        for k, v in out.items()
+        if isinstance(v, int | float | np.number) and not isinstance(v, bool)
+      }
+      if scalars:
+        writer.write_scalars(step, scalars)
+      if summaries.get("images"):
+        writer.write_images(step, {f"eval/{name}/{k}": v for k, v in summaries["images"].items()})
+      if summaries.get("videos"):
+        writer.write_videos(step, {f"eval/{name}/{k}": v for k, v in summaries["videos"].items()})
+  if writer is not None:
+    writer.flush()
+  return results

@@ -52,7 +52,9 @@ class Vocabulary:
       if c.name == dataset_config:
         return cls(tuple(c.colours), tuple(c.shapes), tuple(c.directions))
     names = [c.name for c in data.Shapes.BUILDER_CONFIGS]
-    raise ValueError(f"shapes dataset_config={dataset_config!r} is unknown; expected one of {names}")
+    raise ValueError(
+      f"shapes dataset_config={dataset_config!r} is unknown; expected one of {names}"
+    )
 
 
 _PHRASE = re.compile(r"\ba (\w+) (\w+) moving ([\w-]+)")
@@ -145,7 +147,12 @@ def centroids(alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # Area of each shape of half-size r, in units of r² (from `data._signed_distance`).
-_AREA = {"circle": np.pi, "square": 1.6**2, "diamond": 2 * 1.15**2, "triangle": 3 * 3**0.5 * 0.65**2}
+_AREA = {
+  "circle": np.pi,
+  "square": 1.6**2,
+  "diamond": 2 * 1.15**2,
+  "triangle": 3 * 3**0.5 * 0.65**2,
+}
 
 
 def shape_scores(alpha: np.ndarray, candidates: Sequence[str]) -> np.ndarray:
@@ -216,7 +223,11 @@ def temporal_consistency(alpha: np.ndarray) -> dict[str, float]:
   tolerance = max(1.5, 0.5 * float(np.linalg.norm(typical)), 0.5 * size)
   smooth = ok & (np.linalg.norm(steps - typical, axis=-1) <= tolerance)
   smoothness = float(np.mean(smooth))
-  return {"persistence": persistence, "smoothness": smoothness, "temporal": persistence * smoothness}
+  return {
+    "persistence": persistence,
+    "smoothness": smoothness,
+    "temporal": persistence * smoothness,
+  }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +277,9 @@ def score(video: np.ndarray, prompt: str, vocab: Vocabulary | None = None) -> di
     key: float(np.mean([r[key] for r in results]))
     for key in ("colour_ok", "shape_ok", "direction_ok", "persistence", "smoothness", "temporal")
   }
-  out["all_ok"] = float(all(r[k] for r in results for k in ("colour_ok", "shape_ok", "direction_ok")))
+  out["all_ok"] = float(
+    all(r[k] for r in results for k in ("colour_ok", "shape_ok", "direction_ok"))
+  )
   out.update({f"pred_{k}": results[0][k] for k in ("colour", "shape", "direction")})
   return out
 

@@ -1,0 +1,70 @@
+r"""Config-driven evaluation of a checkpoint: runs `config.evals` (vdit/evaluators).
+
+  python -m vdit.evaluate --config=configs/vdit/shapes.py:tiny --workdir=runs/shapes \
+      [--step=N] [--evals=loss,adherence]
+
+Restores the EMA params of the latest (or `--step`) checkpoint with the model of the run's own
+config (the one written into the workdir, any task), runs the evaluators, prints the results and
+writes workdir/eval/<step>.json (and TensorBoard scalars/summaries into the workdir). The evals
+come from the workdir's config; if it has none, from `--config` (which is otherwise only a
+fallback and need not be given).
+"""
+
+import json
+import sys
+
+import jax
+import ml_collections
+from absl import app, flags
+from clu import metric_writers
+from ml_collections import config_flags
+
+from vdit import checkpointing, config_lib, evaluators
+from vdit.evaluators import restore
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with `evals` (fallback).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir with checkpoints.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_EVALS = flags.DEFINE_list("evals", None, "Names in config.evals to run (default: all).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def evaluate(
+  workdir: str,
+  fallback: ml_collections.ConfigDict | None = None,
+  step: int | None = None,
+  names=None,
+) -> tuple[int, dict]:
+  """(step, {name: results}) of the evals of `workdir`'s checkpoint."""
+  config = checkpointing.read_config(workdir)
+  if not evaluators.evals_of(config):
+    if fallback is None or not evaluators.evals_of(fallback):
+      raise ValueError(
+        f"the config in {workdir!r} has no `evals` and --config gives none either "
+        "(see docs/evaluation.md)"
+      )
+    config.unlock()
+    config.evals = fallback.evals
+  config, step, params = restore.ema_params(workdir, step, config)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
+  try:
+    results = evaluators.run(config, params, workdir, step, names=names, writer=writer)
+  finally:
+    writer.close()
+  return step, results
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments: {argv[1:]}")
+  try:
+    step, results = evaluate(_WORKDIR.value, _CONFIG.value, _STEP.value, _EVALS.value)
+  except (checkpointing.NoCheckpointError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  if jax.process_index() == 0:
+    print(json.dumps({"step": step, **results}, indent=2, sort_keys=True, default=str), flush=True)
+    print(f"wrote {_WORKDIR.value}/eval/{step}.json", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=config_lib.flags_parser)

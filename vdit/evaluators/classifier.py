@@ -1,0 +1,153 @@
+"""A trained classifier workdir as a frame scorer, and the evaluators built on it.
+
+  digits  digit accuracy of generated `moving_digits` videos: one video per digit prompt
+          ("a handwritten {d} moving {direction}"), every frame classified by a classifier
+          trained in this project (`configs/vit/digits.py:tiny` or `configs/navit/digits.py:tiny`
+          through `python -m vdit.main`); `frame_accuracy` (frames classified as the prompt's
+          digit), `video_accuracy` (majority vote over each video's frames), chance 0.1.
+  top1    the model's own validation top-1 (`tasks.Classification().evaluate`).
+
+`Classifier(workdir).logits(videos)` / `.features(videos)` take uint8 videos [N, T, H, W, 3] of
+any size and return per-frame outputs [N, T, ·] (ViT, NaViT) or per-clip [N, 1, ·] (ViViT).
+`features` are the penultimate layer (the pooled representation before the head), the
+in-project feature space of `frechet`.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vdit import media, tasks
+from vdit.data import dense, patchify, transforms
+from vdit.evaluators import register, restore
+from vdit.tasks import classification
+
+
+class Classifier:
+  """The EMA params of a classification workdir and its input preprocessing."""
+
+  def __init__(self, workdir: str, step: int | None = None):
+    self.config, self.step, params = restore.ema_params(workdir, step)
+    if tasks.name_of(self.config) != "classification":
+      raise ValueError(
+        f"{workdir!r} holds a task={tasks.name_of(self.config)!r} run; a classifier workdir "
+        "(configs/vit/digits.py or configs/navit/digits.py) is needed"
+      )
+    self.name = self.config.model.name
+    self.params = params
+    self.model = tasks.get(self.config).build_model(self.config)
+    headless = ml_collections.ConfigDict(self.config.to_dict())
+    headless.model.num_classes = 0  # the model returns its pooled features
+    self.body = tasks.get(headless).build_model(headless)
+    self.body_params = {k: v for k, v in params.items() if k != "head"}
+
+  def logits(self, videos: np.ndarray) -> np.ndarray:
+    return self._apply(self.model, self.params, videos)
+
+  def features(self, videos: np.ndarray) -> np.ndarray:
+    return self._apply(self.body, self.body_params, videos)
+
+  def _apply(self, model, params, videos: np.ndarray, batch: int = 64) -> np.ndarray:
+    videos = media.from_uint8(np.asarray(videos))  # [N, T, H, W, 3] in [-1, 1]
+    n, t = videos.shape[:2]
+    if self.name == "vivit":
+      inputs, per = [self._dense(v) for v in videos], 1
+    else:
+      frames = videos.reshape(n * t, 1, *videos.shape[2:])
+      prep = self._packed if self.name in classification.PACKED_MODELS else self._dense
+      inputs, per = [prep(f) for f in frames], t
+    outs = []
+    for i in range(0, len(inputs), batch):
+      stacked = jax.tree_util.tree_map(lambda *x: np.stack(x), *inputs[i : i + batch])
+      outs.append(np.asarray(_run(model, params, self.name, stacked)))
+    out = np.concatenate(outs)
+    return out.reshape(n, per, out.shape[-1])
+
+  def _dense(self, video: np.ndarray) -> dict:
+    """[T, H, W, 3] → the input.size clip the dense pipeline would make (`dense.FixedSize`)."""
+    fit = self.config.input.get("fit", "crop")
+    clip = dense.FixedSize(self.config.input.size, fit).map({"video": video})["video"]
+    return {"x": clip[0] if self.name == "vit" else clip}
+
+  def _packed(self, frame: np.ndarray) -> dict:
+    """A [1, H, W, 3] frame → one packed row at the largest grid within the token budget."""
+    _, ph, pw = self.config.input.patch_size
+    h, w = frame.shape[1:3]
+    budget = self.config.input.max_tokens_per_example
+    grid = transforms.fit_grid((1, max(1, round(h / ph)), max(1, round(w / pw))), budget)
+    resized = transforms.area_resize(frame, grid[1] * ph, grid[2] * pw)
+    tokens, positions, grid = patchify.patchify(resized, (1, ph, pw))
+    length = tokens.shape[0]
+    return {
+      "patches": tokens.astype(np.float32),
+      "positions": positions.astype(np.int32),
+      "segment_ids": np.ones(length, np.int32),
+      "shapes": np.asarray([grid], np.int32),
+    }
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _run(model, params, name: str, inputs: dict) -> jax.Array:
+  if name in classification.PACKED_MODELS:
+    args = (inputs["patches"], inputs["positions"], inputs["segment_ids"], inputs["shapes"])
+    return model.apply({"params": params}, *args)[:, 0]  # [B, K=1, C] → [B, C]
+  return model.apply({"params": params}, inputs["x"])
+
+
+@functools.cache
+def load(workdir: str, step: int | None = None) -> Classifier:
+  """A cached `Classifier` (evaluations at many steps restore it once)."""
+  return Classifier(workdir, step)
+
+
+DIRECTIONS = ("left", "right", "up", "down")
+
+
+@register("digits")
+def digits(
+  config,
+  params,
+  workdir: str,
+  step: int,
+  *,
+  classifier_workdir: str,
+  classifier_step: int | None = None,
+  videos_per_digit: int = 1,
+  size: tuple[int, int, int] = (8, 32, 32),
+  steps: int = 16,
+  guidance: float = 3.0,
+  seed: int = 0,
+) -> dict:
+  """Generates `videos_per_digit` videos of each digit 0-9 at `size` and classifies them."""
+  del workdir, step
+  from vdit import sample  # noqa: PLC0415
+
+  clf = load(classifier_workdir, classifier_step)
+  labels = [d for d in range(10) for _ in range(videos_per_digit)]
+  prompts = [f"a handwritten {d} moving {DIRECTIONS[i % 4]}" for i, d in enumerate(labels)]
+  t, h, w = (int(s) for s in size)
+  videos = sample.Sampler(config=config, params=params).generate(
+    prompts, num_frames=t, height=h, width=w, steps=steps, guidance=guidance, seed=seed
+  )
+  return digit_accuracy(clf, videos, np.asarray(labels))
+
+
+def digit_accuracy(clf: Classifier, videos: np.ndarray, labels: np.ndarray) -> dict:
+  """Frame and (majority-vote) video accuracy of `clf` on uint8 videos [N, T, H, W, 3]."""
+  pred = np.argmax(clf.logits(videos), axis=-1)  # [N, T']
+  votes = np.stack([np.bincount(p, minlength=10).argmax() for p in pred])
+  return {
+    "frame_accuracy": float(np.mean(pred == labels[:, None])),
+    "video_accuracy": float(np.mean(votes == labels)),
+    "chance": 0.1,
+    "num_videos": int(len(labels)),
+  }
+
+
+@register("top1")
+def top1(config, params, workdir: str, step: int) -> dict:
+  """Validation top-1 and loss of the classifier being trained (`Classification.evaluate`)."""
+  return classification.Classification().evaluate(config, params, workdir, step)

@@ -1,0 +1,38 @@
+"""The EMA params of a workdir's checkpoint, for any task (evaluation, reference classifiers)."""
+
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+from vdit import checkpointing, sharding, tasks, train_state
+
+
+def ema_params(
+  workdir: str, step: int | None = None, config: ml_collections.ConfigDict | None = None
+) -> tuple[ml_collections.ConfigDict, int, Any]:
+  """(config, step, EMA params) of the latest (or given) checkpoint, replicated locally.
+
+  The model comes from the task (`vdit.tasks.get(config)`), so classifiers, DiT and VideoDiT
+  workdirs all load. `config` defaults to the one the run wrote into `workdir`.
+  """
+  config = config or checkpointing.read_config(workdir)
+  mngr = checkpointing.manager(workdir, max_to_keep=config.max_checkpoints)
+  try:
+    if mngr.latest_step() is None:
+      raise checkpointing.NoCheckpointError(
+        f"no checkpoint in {checkpointing.checkpoint_dir(workdir)}; train first with "
+        f"`python -m vdit.main --config=... --workdir={workdir}`"
+      )
+    task = tasks.get(config)
+    mesh = sharding.make_mesh({"data": -1})
+    rules = sharding.rules_from_config(config.sharding_rules)
+    model = task.build_model(config)
+    tx = train_state.make_optimizer(config.optimizer, config.total_steps)
+    init = train_state.init_fn(model, task.dummy_inputs(config), tx, config.seed)
+    abstract, _ = train_state.abstract_state(init, mesh, rules)
+    step, state = checkpointing.restore(mngr, abstract, None, step)
+  finally:
+    mngr.close()
+  logging.info("restored EMA params of step %d from %s", step, workdir)
+  return config, int(step), state.ema_params
