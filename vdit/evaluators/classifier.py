@@ -16,7 +16,6 @@ in-project feature space of `frechet`.
 import functools
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
