@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vdit import media, tasks
+from vdit import checkpointing, media, tasks
 from vdit.data import dense, patchify, transforms
 from vdit.evaluators import register, restore
 from vdit.tasks import classification
@@ -29,12 +29,13 @@ class Classifier:
   """The EMA params of a classification workdir and its input preprocessing."""
 
   def __init__(self, workdir: str, step: int | None = None):
-    self.config, self.step, params = restore.ema_params(workdir, step)
-    if tasks.name_of(self.config) != "classification":
+    config = checkpointing.read_config(workdir)
+    if tasks.name_of(config) != "classification":
       raise ValueError(
-        f"{workdir!r} holds a task={tasks.name_of(self.config)!r} run; a classifier workdir "
+        f"{workdir!r} holds a task={tasks.name_of(config)!r} run; a classifier workdir "
         "(configs/vit/digits.py or configs/navit/digits.py) is needed"
       )
+    self.config, self.step, params = restore.ema_params(workdir, step, config)
     self.name = self.config.model.name
     self.params = params
     self.model = tasks.get(self.config).build_model(self.config)

@@ -1,0 +1,313 @@
+"""Evaluators (vdit/evaluators) and `python -m vdit.evaluate`: known answers and end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from tests import configs
+from vdit import evaluators, train
+from vdit.datasets import shapes
+from vdit.evaluators import adherence, classifier, frechet, shapes_scorer
+from vdit.tasks import base as tasks_base
+
+
+# ---------------------------------------------------------------------------------------------
+# Adherence scorer on real and noise videos.
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def validation(data_dir):
+  source = shapes.data_source("validation", data_dir)
+  examples = [source[i] for i in range(len(source))]
+  captions = [e["caption"] for e in examples]
+  captions = [c.decode() if isinstance(c, bytes) else str(c) for c in captions]
+  return [np.asarray(e["video"]) for e in examples], captions
+
+
+def test_parse_caption():
+  objs = shapes_scorer.parse_caption(
+    "a video of a red circle moving up-left and a blue square moving down quickly on a gray "
+    "background"
+  )
+  assert objs == [
+    shapes.ObjectSpec("red", "circle", "up-left"),
+    shapes.ObjectSpec("blue", "square", "down"),
+  ]
+  with pytest.raises(ValueError, match="names no object"):
+    shapes_scorer.parse_caption("a cat sleeping")
+
+
+def test_adherence_is_right_on_real_shapes_videos(validation):
+  videos, captions = validation
+  assert len(videos) >= 200
+  res = shapes_scorer.score_many(videos, captions, shapes_scorer.Vocabulary.of_dataset("tiny"))
+  for key in ("colour", "shape", "direction", "all"):
+    assert res[key] >= 0.99, res
+  assert res["temporal"] >= 0.95, res
+
+
+def test_adherence_is_chance_on_noise_and_on_wrong_captions(validation):
+  videos, captions = validation
+  vocab = shapes_scorer.Vocabulary.of_dataset("tiny")
+  rng = np.random.default_rng(0)
+  noise = [rng.integers(0, 256, v.shape, dtype=np.uint8) for v in videos]
+  res = shapes_scorer.score_many(noise, captions, vocab)
+  for key in ("colour", "shape", "direction"):
+    assert abs(res[key] - res[f"chance_{key}"]) <= 0.12, res
+  assert res["all"] <= 0.1 and res["temporal"] <= 0.1, res
+  # Real videos against another video's caption: the attributes agree only by chance.
+  shuffled = captions[1:] + captions[:1]
+  res = shapes_scorer.score_many(videos, shuffled, vocab)
+  assert res["all"] <= 0.15 and res["colour"] <= 0.45, res
+  assert res["temporal"] >= 0.95  # the videos are still consistent objects
+
+
+def test_adherence_on_the_default_variant_two_objects_and_diagonals():
+  cfg = next(c for c in shapes.Shapes.BUILDER_CONFIGS if c.name == "default")
+  vocab = shapes_scorer.Vocabulary.of_dataset("default")
+  picked, i = [], 0
+  while len(picked) < 8:  # small canvases keep this fast; two objects and diagonals included
+    spec = shapes.sample_spec(shapes.building.split_rng(cfg.seed, "validation", i), cfg)
+    if spec.height * spec.width * spec.num_frames <= 128 * 128 * 24:
+      picked.append(shapes.generate(cfg, "validation", i))
+    i += 1
+  res = shapes_scorer.score_many(
+    [e["video"] for e in picked], [e["caption"] for e in picked], vocab
+  )
+  assert res["all"] == 1.0, res
+
+
+def test_prompts_for_are_distinct_and_in_the_vocabulary():
+  vocab = shapes_scorer.Vocabulary.of_dataset("tiny")
+  prompts = adherence.prompts_for(vocab, 12, seed=0)
+  assert len(set(prompts)) == 12 and prompts == adherence.prompts_for(vocab, 12, seed=0)
+  for p in prompts:
+    (obj,) = shapes_scorer.parse_caption(p)
+    assert obj.colour in vocab.colours and obj.direction in vocab.directions
+
+
+# ---------------------------------------------------------------------------------------------
+# Fréchet distance.
+# ---------------------------------------------------------------------------------------------
+def test_frechet_known_answers():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(500, 6)) @ rng.normal(size=(6, 6))
+  assert frechet.frechet_of_features(x, x) == pytest.approx(0.0, abs=1e-6)
+  # A mean shift δ leaves the covariance: FD = ‖δ‖².
+  delta = np.array([1.0, -2.0, 0.5, 0.0, 3.0, 0.1])
+  assert frechet.frechet_of_features(x, x + delta) == pytest.approx(delta @ delta, rel=1e-6)
+  assert frechet.frechet_of_features(x, x + 2 * delta) > frechet.frechet_of_features(x, x + delta)
+  # Closed form for diagonal Gaussians: ‖μ1 − μ2‖² + Σ (σ1 − σ2)².
+  s1, s2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 0.25])
+  want = 3.0 + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
+  got = frechet.frechet_distance(np.zeros(3), np.diag(s1), np.ones(3), np.diag(s2))
+  assert got == pytest.approx(want, rel=1e-9)
+  # Rank-deficient covariances (fewer samples than dimensions) stay finite and ≥ 0.
+  assert frechet.frechet_of_features(x[:4], x[4:8]) >= 0.0
+
+
+def test_frechet_weights_extractor_is_a_clear_error():
+  with pytest.raises(NotImplementedError, match="register_extractor"):
+    frechet.EXTRACTORS["npz"](weights="/nonexistent/i3d.npz")
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry: due, run.
+# ---------------------------------------------------------------------------------------------
+def _config(**evals) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.evals = evals
+  return c
+
+
+def test_due():
+  c = _config(
+    a=dict(type="loss", every_steps=10),
+    b=dict(type="samples", every_steps=25),
+    c=dict(type="adherence", every_steps=0),
+  )
+  assert evaluators.due(c, 10, 100) == ["a"]
+  assert evaluators.due(c, 50, 100) == ["a", "b"]
+  assert evaluators.due(c, 7, 100) == []
+  assert evaluators.due(c, 100, 100) == ["a", "b", "c"]  # everything at the final step
+  assert evaluators.due(c, 33, 33) == ["a", "b", "c"]
+  assert evaluators.due(ml_collections.ConfigDict({"x": 1}), 10, 10) == []
+
+
+class _Writer:
+  def __init__(self):
+    self.scalars, self.images = {}, {}
+
+  def write_scalars(self, step, scalars):
+    self.scalars.update({(step, k): v for k, v in scalars.items()})
+
+  def write_images(self, step, images):
+    self.images.update({(step, k): v for k, v in images.items()})
+
+  def flush(self):
+    pass
+
+
+def test_run_writes_json_scalars_and_summaries(tmp_path):
+  calls = []
+
+  @evaluators.register("_fake")
+  def fake(config, params, workdir, step, *, scale=1.0):
+    calls.append((params, step, scale))
+    return {"value": 2.0 * scale, "count": 3, "images": {"grid": np.zeros((1, 4, 4, 3), np.uint8)}}
+
+  c = _config(first=dict(type="_fake", every_steps=5, scale=3.0), second=dict(type="_fake"))
+  workdir = str(tmp_path)
+  tasks_base.write_eval_json(workdir, 5, "classification", {"top1": 0.5})  # kept (merged)
+  writer = _Writer()
+  out = evaluators.run(c, "params", workdir, 5, names=["first"], writer=writer)
+  assert out == {"first": {"value": 6.0, "count": 3}} and calls == [("params", 5, 3.0)]
+  saved = json.loads((tmp_path / "eval" / "5.json").read_text())
+  assert saved == {"classification": {"top1": 0.5}, "first": {"value": 6.0, "count": 3}}
+  assert writer.scalars == {(5, "eval/first/value"): 6.0, (5, "eval/first/count"): 3.0}
+  assert (5, "eval/first/grid") in writer.images
+  with pytest.raises(ValueError, match="not in config.evals"):
+    evaluators.run(c, None, workdir, 5, names=["third"])
+  with pytest.raises(ValueError, match="unknown"):
+    evaluators.run(_config(x=dict(type="nope")), None, workdir, 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier-based evaluators (a ViT digit classifier trained for 2 steps).
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vit_workdir(data_dir, tmp_path_factory):
+  c = configs.load("tiny", "configs/vit/digits.py")
+  c.input.data_dir = data_dir
+  c.total_steps = 2
+  c.log_every_steps = 1
+  workdir = str(tmp_path_factory.mktemp("vit_digits"))
+  train.train_and_evaluate(c, workdir)
+  return workdir
+
+
+def test_classifier_features_digits_and_frechet(vit_workdir):
+  clf = classifier.Classifier(vit_workdir)
+  rng = np.random.default_rng(0)
+  videos = rng.integers(0, 256, (5, 3, 40, 24, 3), dtype=np.uint8)  # any size is resized
+  logits, feats = clf.logits(videos), clf.features(videos)
+  assert logits.shape == (5, 3, 10) and feats.shape == (5, 3, clf.config.model.width)
+  # The head applied to the features gives the logits: features are the penultimate layer.
+  head = clf.params["head"]
+  np.testing.assert_allclose(
+    np.asarray(feats @ head["kernel"] + head["bias"]), logits, rtol=1e-4, atol=1e-5
+  )
+  # Still videos: every frame gets the same class; the accuracies follow the labels given.
+  still = np.repeat(videos[:, :1], 3, axis=1)
+  labels = np.argmax(clf.logits(still), -1)[:, 0]
+  res = classifier.digit_accuracy(clf, still, labels)
+  assert res["video_accuracy"] == res["frame_accuracy"] == 1.0 and res["chance"] == 0.1
+  res = classifier.digit_accuracy(clf, still, (labels + 1) % 10)
+  assert res["video_accuracy"] == res["frame_accuracy"] == 0.0
+  f = feats.mean(1)
+  assert frechet.frechet_of_features(f, f) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_classifier_rejects_a_generative_workdir(tmp_path):
+  workdir = str(tmp_path)
+  c = configs.small("unused")
+  with open(os.path.join(workdir, "config.json"), "w") as fp:
+    fp.write(c.to_json())
+  with pytest.raises(ValueError, match="task='video_diffusion' run; a classifier workdir"):
+    classifier.Classifier(workdir)
+  with pytest.raises(FileNotFoundError, match="not a vdit workdir"):
+    classifier.Classifier(str(tmp_path / "empty"))
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: python -m vdit.main (2 steps), then python -m vdit.evaluate.
+# ---------------------------------------------------------------------------------------------
+TINY_FLAGS = [
+  "--config=configs/vdit/shapes.py:tiny",
+  "--config.input.tokens_per_row=256",
+  "--config.input.max_tokens_per_example=192",
+  "--config.input.text_tokens_per_row=64",
+  "--config.model.width=32",
+  "--config.model.depth=2",
+  "--config.model.num_heads=2",
+  "--config.model.text_width=32",
+  "--config.model.text_depth=1",
+  "--config.model.text_heads=2",
+  "--config.log_every_steps=1",
+  "--config.checkpoint_every_steps=2",
+  "--config.total_steps=2",
+  "--config.sample.prompts=()",
+  "--config.evals.adherence.num_prompts=4",
+  "--config.evals.adherence.steps=2",
+  "--config.evals.samples.steps=2",
+  "--config.evals.loss.num_batches=1",
+]
+
+
+def _run(module, *args, timeout=900):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    capture_output=True,
+    text=True,
+    cwd=configs.REPO,
+    timeout=timeout,
+    env=env,
+  )
+
+
+@pytest.mark.slow
+def test_evaluate_end_to_end(data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  out = _run(
+    "vdit.main", *TINY_FLAGS, f"--workdir={workdir}", f"--config.input.data_dir={data_dir}"
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+
+  out = _run("vdit.evaluate", f"--workdir={workdir}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  saved = json.loads((tmp_path / "run" / "eval" / "2.json").read_text())
+  assert set(saved) >= {"loss", "samples", "adherence"}
+  loss = saved["loss"]
+  assert np.isfinite(loss["loss"]) and loss["examples"] == sum(
+    loss[f"count_t{i}"] for i in range(5)
+  )
+  adh = saved["adherence"]
+  assert adh["count"] == 4 and all(0.0 <= adh[k] <= 1.0 for k in ("colour", "shape", "all"))
+  assert all(os.path.exists(p) for p in saved["samples"]["files"])
+  assert any(p.endswith(".gif") for p in saved["samples"]["files"])
+  assert '"adherence"' in out.stdout  # the results are printed
+
+  # Same checkpoint, same fixed rngs: the loss is reproducible. A workdir config without
+  # `evals` takes them from --config.
+  cfg_path = tmp_path / "run" / "config.json"
+  cfg = json.loads(cfg_path.read_text())
+  del cfg["evals"]
+  cfg_path.write_text(json.dumps(cfg))
+  (tmp_path / "run" / "eval" / "2.json").unlink()
+  flags = ["--config=configs/vdit/shapes.py:tiny", "--config.evals.loss.num_batches=1"]
+  out = _run("vdit.evaluate", f"--workdir={workdir}", *flags, "--evals=loss", "--step=2")
+  assert out.returncode == 0, out.stderr[-3000:]
+  again = json.loads((tmp_path / "run" / "eval" / "2.json").read_text())
+  assert set(again) == {"loss"}
+  assert again["loss"]["loss"] == pytest.approx(loss["loss"], rel=1e-5)
+
+  out = _run("vdit.evaluate", f"--workdir={tmp_path / 'nothing'}")
+  assert out.returncode != 0 and "not a vdit workdir" in out.stderr
+
+
+def test_vdit_evaluate_runs_in_process_on_a_classifier(vit_workdir):
+  from vdit import evaluate  # noqa: PLC0415
+
+  fallback = _config(top1=dict(type="top1", every_steps=1))
+  step, results = evaluate.evaluate(vit_workdir, fallback)
+  assert step == 2 and 0.0 <= results["top1"]["top1"] <= 1.0
+  assert results["top1"]["examples"] == 200
+  saved = json.loads(open(os.path.join(vit_workdir, "eval", "2.json")).read())
+  assert saved["top1"]["top1"] == results["top1"]["top1"]
+  assert jax.process_index() == 0
