@@ -113,3 +113,35 @@ def write_image(path: str, image: np.ndarray, *, scale: int = 1) -> str:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   iio.imwrite(path, upscale(image[None], scale)[0], extension=".png")
   return path
+
+
+def gif_bytes(frames: np.ndarray, *, fps: float = 8.0, scale: int = 1) -> bytes:
+  """uint8 frames [T, H, W, 3] as an in-memory looping GIF (display `scale`)."""
+  frames = np.asarray(frames)
+  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+    raise ValueError(f"expected uint8 frames [T, H, W, 3], got {frames.dtype} {frames.shape}")
+  import imageio.v3 as iio  # noqa: PLC0415
+
+  return iio.imwrite(
+    "<bytes>", upscale(frames, scale), extension=".gif", duration=1000.0 / fps, loop=0
+  )
+
+
+def html(videos, captions=None, *, fps: float = 8.0, scale: int = 4) -> str:
+  """An HTML row of inline (base64) GIFs with captions, for notebooks:
+  `IPython.display.HTML(media.html(videos, prompts))`; videos: uint8 [N, T, H, W, 3]."""
+  import base64  # noqa: PLC0415
+  import html as html_lib  # noqa: PLC0415
+
+  captions = [""] * len(videos) if captions is None else list(captions)
+  if len(captions) != len(videos):
+    raise ValueError(f"{len(captions)} captions for {len(videos)} videos; expected one each")
+  figures = []
+  for video, caption in zip(videos, captions):
+    data = base64.b64encode(gif_bytes(video, fps=fps, scale=scale)).decode("ascii")
+    figures.append(
+      '<figure style="display:inline-block;margin:4px;text-align:center">'
+      f'<img src="data:image/gif;base64,{data}" style="image-rendering:pixelated"/>'
+      f'<figcaption style="font-size:11px">{html_lib.escape(str(caption))}</figcaption></figure>'
+    )
+  return "<div>" + "".join(figures) + "</div>"
