@@ -149,6 +149,9 @@ class _Writer:
   def write_images(self, step, images):
     self.images.update({(step, k): v for k, v in images.items()})
 
+  def write_videos(self, step, videos):
+    self.videos = {(step, k): v for k, v in videos.items()}
+
   def flush(self):
     pass
 
@@ -311,3 +314,43 @@ def test_vdit_evaluate_runs_in_process_on_a_classifier(vit_workdir):
   saved = json.loads(open(os.path.join(vit_workdir, "eval", "2.json")).read())
   assert saved["top1"]["top1"] == results["top1"]["top1"]
   assert jax.process_index() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Every generative evaluator in process, on a VideoDiT trained for 2 steps.
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def video_workdir(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("video"))
+  train.train_and_evaluate(configs.small(data_dir, total_steps=2), workdir)
+  return workdir
+
+
+@pytest.mark.slow
+def test_generative_evaluators_in_process(video_workdir, vit_workdir):
+  from vdit.evaluators import restore  # noqa: PLC0415
+
+  config, step, params = restore.ema_params(video_workdir)
+  tiny = dict(steps=2, size=(4, 16, 16))
+  config.evals = dict(
+    loss=dict(type="loss", num_batches=1, repeats=2),
+    loss_again=dict(type="loss", num_batches=1, repeats=2),
+    adherence=dict(type="adherence", num_prompts=3, **tiny),
+    digits=dict(type="digits", classifier_workdir=vit_workdir, **tiny),
+    fd=dict(type="frechet", classifier_workdir=vit_workdir, num_videos=4, **tiny),
+    samples=dict(type="samples", prompts=("a red circle moving right",), sizes=((4, 16, 24),)),
+  )
+  writer = _Writer()
+  out = evaluators.run(config, params, video_workdir, step, writer=writer)
+  loss = out["loss"]
+  assert loss == out["loss_again"]  # fixed rngs: reproducible
+  assert loss["examples"] == sum(loss[f"count_t{i}"] for i in range(5)) > 0
+  assert loss["examples"] % 2 == 0  # every example once per repeat
+  assert out["adherence"]["count"] == 3 and out["digits"]["num_videos"] == 10
+  assert np.isfinite(out["fd"]["fd"]) and out["fd"]["fd"] >= 0.0
+  (gif,) = [p for p in out["samples"]["files"] if p.endswith(".gif")]
+  assert os.path.exists(gif) and "samples" in gif
+  assert writer.images[(step, "eval/samples/4x16x24")].shape == (1, 4 * 17, 1 * 25, 3)
+  assert writer.videos[(step, "eval/samples/4x16x24")].shape == (1, 4, 16, 24, 3)
+  saved = json.loads(open(os.path.join(video_workdir, "eval", f"{step}.json")).read())
+  assert set(saved) >= set(config.evals)
