@@ -1,10 +1,11 @@
 """Models looked up by name (`config.model.name`), built from the config.
 
 video_dit                  VideoDiT (the text-to-video model; its own keys, below)
-vit, navit, vivit, dit     the zoo: `config.model` holds the module's fields (width, depth,
+vit, navit, vivit, dit,    the zoo: `config.model` holds the module's fields (width, depth,
                            num_heads, patch_size, ...), or a `variant` name ("B/16", "S/2";
                            each module's table; ViViT: `size`, as its `variant` field is the
                            kind) whose sizes the explicit fields override.
+vae                        VideoAutoencoder (its fields: channels, time_compression, ...).
 """
 
 import dataclasses
@@ -60,6 +61,7 @@ ZOO = {
   "navit": ("vdit.models.navit", "NaViT"),
   "vivit": ("vdit.models.vivit", "ViViT"),
   "dit": ("vdit.models.dit", "DiT"),
+  "vae": ("vdit.models.autoencoder", "VideoAutoencoder"),  # the causal video VAE
 }
 
 

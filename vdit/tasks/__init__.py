@@ -7,10 +7,12 @@ Everything else — mesh, sharding, optimizer, EMA, checkpoints, preemption, log
   video_diffusion   VideoDiT text-to-video on packed spacetime patches (the Sora recipe)
   image_diffusion   DiT class-conditional on fixed-size frames (Peebles & Xie)
   classification    ViT / ViViT on fixed-size clips, NaViT on packed native-size images
+  autoencoder       the causal video VAE (latent space) on fixed-size clips
 """
 
 import ml_collections
 
+from vdit.tasks.autoencoder import AutoencoderTask
 from vdit.tasks.base import Task
 from vdit.tasks.classification import Classification
 from vdit.tasks.image_diffusion import ImageDiffusion
@@ -20,6 +22,7 @@ TASKS: dict[str, type[Task]] = {
   "video_diffusion": VideoDiffusion,
   "image_diffusion": ImageDiffusion,
   "classification": Classification,
+  "autoencoder": AutoencoderTask,
 }
 
 

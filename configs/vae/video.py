@@ -1,0 +1,47 @@
+r"""The causal video VAE (the latent space): photo pans (real textures) + shapes (sharp edges).
+
+CPU (≈ minutes):  python -m vdit.main --config=configs/vae/video.py:tiny --workdir=runs/vae
+TPU pod:          launch/tpu_vm.sh run configs/vae/video.py gs://BUCKET/runs/vae
+
+Full: 4× time, 8× space, 16 latent channels (the compression of the Sora-era video VAEs:
+CogVideoX, Cosmos CV4×8×8, Wan), 17-frame 256² clips. `:tiny`: 2× time, 4× space, 8 channels,
+5-frame 32² clips (the first frame + 4 → 3 latent frames of 8×8). Images are 1-frame clips of
+the same model (`input.size=(1, H, W)`). The run ends with PSNR/SSIM over the validation split
+and the latent statistics (workdir/latent_stats.json) that latent diffusion configs read.
+"""
+
+import ml_collections
+
+from vdit import config_lib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = config_lib.parse_arg(arg, tiny=False)
+  tiny = arg.tiny
+  c = config_lib.trainer_config(
+    tiny=tiny,
+    total_steps=300 if tiny else 200_000,
+    lr=2e-3 if tiny else 1e-4,
+    warmup_steps=20 if tiny else 1_000,
+    ema_decay=0.99 if tiny else 0.999,
+  )
+  c.task = "autoencoder"
+  c.input = dict(
+    mixture=(("photo_pans", "tiny", 1.0), ("shapes", "tiny", 1.0)),
+    size=(5, 32, 32) if tiny else (17, 256, 256),  # T = 1 + ft·n frames
+    fit="crop",
+    frame_stride=1,
+    rows_per_batch=8 if tiny else 64,
+  )
+  c.model = dict(
+    name="vae",
+    channels=(16, 32, 64) if tiny else (128, 256, 512, 512),  # fs = 2^(levels − 1)
+    time_compression=2 if tiny else 4,
+    latent_channels=8 if tiny else 16,
+    num_res_blocks=1 if tiny else 2,
+  )
+  c.loss = dict(
+    recon="l1",
+    kl_weight=1e-4 if tiny else 1e-6,  # β; the KL is a mean per latent element
+  )
+  return c

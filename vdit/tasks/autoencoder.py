@@ -1,0 +1,206 @@
+"""The video autoencoder (`vdit/models/autoencoder.py`) on fixed-size clips.
+
+Batches are the fixed-size clips of `vdit.data.dense` (`input.size = (T, H, W)` with
+T = 1 + ft·n and H, W multiples of fs; a mixture of video and image datasets is cropped and
+resized to that one size, a short clip repeating its last frame). The loss is the
+reconstruction error (`loss.recon`: "l1" or "mse", the mean over pixels and channels of a
+posterior sample's decoding) + `loss.kl_weight` · KL(q(z|x) ‖ N(0, I)) averaged over latent
+elements, both averaged over the valid rows.
+
+`evaluate` codes the whole validation split with the posterior mean and reports PSNR (dB, on
+[0, 1] pixels, per clip, then averaged) and SSIM (`ssim` below, per frame, then averaged), and
+the per-channel mean/std of the latents, written to workdir/eval/<step>.json and, as the
+`LatentStats` that latent consumers normalise with, to workdir/latent_stats.json. A PNG of
+validation frames above their reconstructions goes to workdir/samples/<step>/reconstructions.png.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+
+from vdit import config_checks, media, sharding
+from vdit.models import autoencoder as ae
+from vdit.tasks import base
+
+RECON_LOSSES = ("l1", "mse")
+STATS_FILE = "latent_stats.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics (pure functions).
+# ---------------------------------------------------------------------------------------------
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+  x = np.arange(size, dtype=np.float64) - (size - 1) / 2
+  g = np.exp(-(x**2) / (2 * sigma**2))
+  return (g / g.sum()).astype(np.float32)
+
+
+def _filter(x: jax.Array, g: np.ndarray) -> jax.Array:
+  """Separable 'valid' filtering of [N, H, W, C] by the 1-D window g along H and W."""
+  k = len(g)
+  h, w = x.shape[1] - k + 1, x.shape[2] - k + 1
+  x = sum(float(g[i]) * x[:, i : i + h] for i in range(k))
+  return sum(float(g[i]) * x[:, :, i : i + w] for i in range(k))
+
+
+def ssim(a: jax.Array, b: jax.Array, *, data_range: float = 1.0, sigma: float = 1.5) -> jax.Array:
+  """Structural similarity of images [N, H, W, C] → [N] (Wang et al. 2004, Eq. 13).
+
+  Local statistics under an 11-tap Gaussian window (σ = 1.5; shrunk to the largest odd size
+  ≤ min(H, W) for small frames), population (not sample) covariances, K1 = 0.01, K2 = 0.03,
+  'valid' positions only, averaged over positions and channels. This is skimage's
+  `structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`.
+  """
+  size = min(11, a.shape[1], a.shape[2])
+  size -= 1 - size % 2
+  g = gaussian_window(size, sigma)
+  c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  mu_a, mu_b = _filter(a, g), _filter(b, g)
+  var_a = _filter(a * a, g) - mu_a**2
+  var_b = _filter(b * b, g) - mu_b**2
+  cov = _filter(a * b, g) - mu_a * mu_b
+  s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+  return jnp.mean(s, axis=(1, 2, 3))
+
+
+def psnr(a: jax.Array, b: jax.Array, data_range: float = 1.0) -> jax.Array:
+  """Peak signal-to-noise ratio in dB of [N, ...] arrays → [N]."""
+  mse = jnp.mean(jnp.square(a - b), axis=tuple(range(1, a.ndim)))
+  return 10.0 * jnp.log10(data_range**2 / jnp.maximum(mse, 1e-10))
+
+
+# ---------------------------------------------------------------------------------------------
+# The task.
+# ---------------------------------------------------------------------------------------------
+class AutoencoderTask(base.Task):
+  def batch_keys(self, config) -> tuple[str, ...]:
+    return sharding.DENSE_KEYS
+
+  def check_config(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
+    m = config.model
+    config_checks._choice("model.name (task autoencoder)", m.name, ("vae",))
+    config_checks.check_input(config, dense=True)
+    channels = tuple(m.channels)
+    if not channels:
+      raise config_checks.ConfigError("model.channels=() needs at least one level")
+    for name, value in (
+      ("latent_channels", m.latent_channels),
+      ("num_res_blocks", m.num_res_blocks),
+    ):
+      config_checks._positive(f"model.{name}", value)
+    try:
+      ae.check_compression(channels, m.time_compression)
+    except ValueError as e:
+      raise config_checks.ConfigError(f"model.{e}") from None
+    ft, fs = int(m.time_compression), 2 ** (len(channels) - 1)
+    t, h, w = (int(s) for s in config.input.size)
+    if (t - 1) % ft:
+      raise config_checks.ConfigError(
+        f"input.size T={t} frames: expected 1 + {ft}·n (the first frame is encoded alone, then "
+        f"groups of model.time_compression={ft}), e.g. {1 + ft * max(1, (t - 1) // ft)}"
+      )
+    for name, size in (("H", h), ("W", w)):
+      if size % fs:
+        raise config_checks.ConfigError(
+          f"input.size {name}={size} is not a multiple of the spatial compression {fs} "
+          f"(2^(len(model.channels) − 1), channels={channels})"
+        )
+    for axis in ("fsdp", "tensor"):
+      bad = [c for c in channels if c % mesh_shape[axis]]
+      if bad:
+        raise config_checks.ConfigError(
+          f"model.channels={channels}: {bad} not divisible by the mesh's {axis}="
+          f"{mesh_shape[axis]} (conv kernels shard their channels over it)"
+        )
+    loss = config.loss
+    config_checks._choice("loss.recon", loss.recon, RECON_LOSSES)
+    if not loss.kl_weight >= 0:
+      raise config_checks.ConfigError(f"loss.kl_weight={loss.kl_weight} must be >= 0")
+
+  def dummy_inputs(self, config):
+    t, h, w = (int(s) for s in config.input.size)
+    return (jnp.zeros((1, t, h, w, 3), jnp.float32),)
+
+  def make_iterator(self, config, *, train: bool = True, split=None):
+    return base.dense_iterator(config, train=train, split=split)
+
+  def loss(self, model, params, batch, rng, config):
+    video, valid = batch["video"], batch["valid"].astype(jnp.float32)  # [B, T, H, W, 3], [B]
+    recon, mean, logvar = model.apply({"params": params}, video, rng)
+    err = recon - video
+    err = jnp.abs(err) if config.loss.recon == "l1" else jnp.square(err)
+    axes = tuple(range(1, video.ndim))
+    rec = jnp.mean(err, axis=axes)  # [B]
+    kl = jnp.mean(ae.kl_divergence(mean, logvar), axis=axes)  # [B]
+    count = jnp.maximum(jnp.sum(valid), 1.0)
+    rec, kl = jnp.sum(rec * valid) / count, jnp.sum(kl * valid) / count
+    return rec + config.loss.kl_weight * kl, {"recon": rec, "kl": kl}
+
+  def evaluate(self, config, params, workdir: str, step: int) -> dict[str, Any]:
+    """PSNR, SSIM and latent statistics over the whole validation split (each host its share)."""
+    model = self.build_model(config)
+    z = model.latent_channels
+
+    @jax.jit
+    def code(params, video):
+      mean, _ = model.apply({"params": params}, video, method=model.encode)
+      recon = jnp.clip(model.apply({"params": params}, mean, method=model.decode), -1.0, 1.0)
+      a, b = (video + 1) / 2, (recon + 1) / 2
+      bsz, t = video.shape[:2]
+      frames = ssim(a.reshape(bsz * t, *a.shape[2:]), b.reshape(bsz * t, *b.shape[2:]))
+      sums = jnp.sum(mean, axis=(1, 2, 3)), jnp.sum(jnp.square(mean), axis=(1, 2, 3))
+      return psnr(a, b), frames.reshape(bsz, t).mean(1), *sums, recon
+
+    totals = np.zeros(3 + 2 * z, np.float64)  # clips, Σ psnr, Σ ssim, Σ z, Σ z²
+    latent_per_clip = None
+    shown = None
+    for batch in self.make_iterator(config, train=False, split="validation"):
+      p, s, s1, s2, recon = (np.asarray(x, np.float64) for x in code(params, batch["video"]))
+      v = batch["valid"].astype(np.float64)
+      totals += np.concatenate([[v.sum(), p @ v, s @ v], v @ s1, v @ s2])
+      if latent_per_clip is None:
+        shape = ae.latent_shape(batch["video"].shape[1:], model.compression, z)
+        latent_per_clip = int(np.prod(shape[:-1]))
+        shown = (batch["video"][:4], recon[:4])
+    if jax.process_count() > 1:
+      totals = np.sum(multihost_utils.process_allgather(totals), axis=0)
+    n = max(totals[0], 1.0)
+    stats = ae.LatentStats.from_moments(
+      totals[0] * latent_per_clip, totals[3 : 3 + z], totals[3 + z :]
+    )
+    results = {
+      "psnr": float(totals[1] / n),
+      "ssim": float(totals[2] / n),
+      "examples": int(totals[0]),
+      "latent_mean": stats.shift,
+      "latent_std": stats.scale,
+    }
+    if jax.process_index() == 0:
+      path = base.write_eval_json(workdir, step, "autoencoder", results)
+      stats_path = epath.Path(workdir) / STATS_FILE
+      stats_path.write_text(stats.to_json())
+      png = f"{workdir}/samples/{step}/reconstructions.png"
+      original, recon = (media.to_uint8(x) for x in shown)
+      rows = np.concatenate([original, recon], axis=2)  # [N, T, 2H, W, 3]: frame over recon
+      media.write_image(png, media.grid(rows), scale=2)
+      results["files"] = [path, str(stats_path), png]
+      print(
+        f"validation PSNR {results['psnr']:.2f} dB  SSIM {results['ssim']:.4f} over "
+        f"{results['examples']} clips -> {path}\nlatent stats -> {stats_path}",
+        flush=True,
+      )
+    return results
+
+
+def load_stats(workdir: str) -> ae.LatentStats:
+  """The latent statistics an autoencoder run wrote (`evaluate`)."""
+  path = epath.Path(workdir) / STATS_FILE
+  if not path.exists():
+    raise FileNotFoundError(f"{path} is missing: run the autoencoder's evaluation first")
+  return ae.LatentStats.from_json(path.read_text())
