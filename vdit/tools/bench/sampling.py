@@ -59,25 +59,30 @@ def time_video(sampler: sample.Sampler, size, steps: int, repeats: int) -> dict:
   }
 
 
-def write_png(path: str, results: dict) -> str:
+def write_png(path: str, runs: list[dict], labels: list[str] | None = None) -> str:
+  """The two curves of one or more runs' `results` (repeat runs show the machine's noise)."""
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
+  labels = labels or [f"run {i + 1}" for i in range(len(runs))]
   fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
-  xs = [r["steps"] for r in results["vs_steps"]]
-  a.plot(xs, [r["seconds_per_video"] for r in results["vs_steps"]], "o-")
+  for results, label in zip(runs, labels):
+    xs = [r["steps"] for r in results["vs_steps"]]
+    a.plot(xs, [r["seconds_per_video"] for r in results["vs_steps"]], "o-", label=label)
+    xs = [r["tokens"] for r in results["vs_size"]]
+    b.plot(xs, [r["seconds_per_video"] for r in results["vs_size"]], "o-", label=label)
+  for r in runs[0]["vs_size"]:
+    b.annotate("×".join(map(str, r["size"])), (r["tokens"], r["seconds_per_video"]), fontsize=7)
   a.set(xlabel="sampling steps", ylabel="seconds per video", title="8×32×48 px (384 tokens)")
   a.set_ylim(bottom=0)
-  xs = [r["tokens"] for r in results["vs_size"]]
-  b.plot(xs, [r["seconds_per_video"] for r in results["vs_size"]], "o-")
-  for r in results["vs_size"]:
-    b.annotate("×".join(map(str, r["size"])), (r["tokens"], r["seconds_per_video"]), fontsize=7)
   b.set(xlabel="tokens per video (frames·H·W / 32)", ylabel="seconds per video")
   b.set_title("16 steps, by size")
   b.set_xscale("log")
   b.set_yscale("log")
+  if len(runs) > 1:
+    a.legend(fontsize=8)
   fig.suptitle("tiny VideoDiT (random params), 1 video + guidance, 2-core CPU (loaded)")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
@@ -98,5 +103,5 @@ def run(options: dict) -> dict:
     "vs_size": [time_video(sampler, size, 16, repeats) for size in sizes],
   }
   if options.get("png"):
-    out["png"] = write_png(options["png"], out)
+    out["png"] = write_png(options["png"], [out])
   return out
