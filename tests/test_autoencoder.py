@@ -49,20 +49,19 @@ def smooth_video(batch: int, frames: int, size: int, seed: int = 0) -> np.ndarra
 
 def test_shapes_and_compression():
   model = _model(channels=(4, 8, 8), time_compression=4, latent_channels=3)
-  params = _init(model, (1, 9, 16, 16, 3))
   assert model.compression == (4, 4, 4)
-  recon, mean, logvar = model.apply(params, jnp.zeros((2, 9, 16, 24, 3)))
-  assert (
-    mean.shape
-    == logvar.shape
-    == (2, 3, 4, 6, 3)
-    == ae.latent_shape((2, 9, 16, 24, 3), (4, 4, 4), 3)
-  )
+  # Shapes by tracing only (jax.eval_shape): nothing is compiled.
+  params = jax.eval_shape(lambda: _init(model, (1, 9, 16, 16, 3)))
+  recon, mean, logvar = jax.eval_shape(model.apply, params, jnp.zeros((2, 9, 16, 24, 3)))
+  want = ae.latent_shape((2, 9, 16, 24, 3), (4, 4, 4), 3)
+  assert mean.shape == logvar.shape == (2, 3, 4, 6, 3) == want
   assert recon.shape == (2, 9, 16, 24, 3)
+  encode = lambda x: jax.eval_shape(lambda p: model.apply(p, x, method=model.encode), params)
+  assert encode(jnp.zeros((2, 16, 16, 3)))[0].shape == (2, 4, 4, 3)  # an image
   with pytest.raises(ValueError, match=r"T=8: expected 1 \+ 4·n"):
-    model.apply(params, jnp.zeros((1, 8, 16, 16, 3)), method=model.encode)
+    encode(jnp.zeros((1, 8, 16, 16, 3)))
   with pytest.raises(ValueError, match="height=10 is not a multiple of the spatial compression 4"):
-    model.apply(params, jnp.zeros((1, 9, 10, 16, 3)), method=model.encode)
+    encode(jnp.zeros((1, 9, 10, 16, 3)))
 
 
 def test_causal_encoder_and_decoder():
@@ -157,7 +156,7 @@ def test_training_reconstructs_smooth_video(trained):
   trained_psnr = float(np.mean(ae_task.psnr(to01(video), to01(recon))))
   untrained_psnr = float(np.mean(ae_task.psnr(to01(video), to01(before))))
   print(f"PSNR after 60 steps {trained_psnr:.2f} dB (untrained {untrained_psnr:.2f} dB)")
-  assert trained_psnr > 14.0 and trained_psnr > untrained_psnr + 4.0, (trained_psnr, untrained_psnr)
+  assert trained_psnr > 18.0 and trained_psnr > untrained_psnr + 8.0, (trained_psnr, untrained_psnr)
 
 
 def test_tiled_coding_is_close_to_whole(trained):
