@@ -18,6 +18,7 @@ from vdit import config_checks
 from vdit.models import autoencoder as ae
 from vdit.models import tiling
 from vdit.tasks import autoencoder as ae_task
+from vdit.tools import latents
 
 TINY = dict(channels=(4, 8), time_compression=2, latent_channels=4, num_res_blocks=1)
 
@@ -269,3 +270,22 @@ def test_tiny_config_trains_through_main(data_dir, tmp_path):
   np.testing.assert_allclose(stats.shift, results["latent_mean"], rtol=1e-6)
   assert stats.scale.shape == (8,) and np.all(stats.scale > 0)
   assert os.path.exists(os.path.join(workdir, "checkpoints", "4"))
+  # The latent path: the trained codec from the workdir, normalised latents, a dataset encoded.
+  codec = latents.load(workdir)
+  assert codec.compression == (2, 4, 4) and codec.channels == 8
+  video = _video((1, 5, 16, 16, 3))
+  z = codec.encode(video)
+  model, variables = codec.model, codec.variables
+  mean, _ = model.apply(variables, video, method=model.encode)
+  np.testing.assert_allclose(z, stats.normalize(np.asarray(mean)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    codec.decode(z), model.apply(variables, mean, method=model.decode), atol=1e-4
+  )
+  counts = latents.encode_dataset(
+    codec, "shapes", "validation", str(tmp_path / "latents"), data_dir=data_dir, max_examples=3
+  )
+  assert sum(counts.values()) == 3
+  for name in counts:
+    stored = np.load(tmp_path / "latents" / name)
+    t, h, w = (int(s) for s in name[: -len(".npz")].split("x"))
+    assert stored["latents"].shape[1:] == (t, h, w, 8) and np.all(np.isfinite(stored["latents"]))
