@@ -20,6 +20,7 @@ one chunk. Sizes: `chunk` in latent frames; `tile` (h, w) and `overlap` in pixel
 the spatial compression fs.
 """
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -80,6 +81,13 @@ def _tiled(fn: Callable, x: np.ndarray, tile, overlap: int, factor: float):
   return tuple(o / weight for o in out)
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted(model: VideoAutoencoder, method: str) -> Callable:
+  """One jitted `encode`/`decode` per model (modules hash by their fields): repeated calls of
+  `encode`/`decode` reuse the compilations instead of re-tracing a fresh lambda."""
+  return jax.jit(lambda v, x: model.apply(v, x, method=method))
+
+
 def _check_tile(tile, overlap: int, fs: int) -> None:
   if tile and any(t % fs or t <= 0 for t in tile) or overlap % fs or overlap < 0:
     raise ValueError(
@@ -113,7 +121,7 @@ def encode(
   check_video_shape(video.shape, model.compression)
   ft, fs, _ = model.compression
   _check_tile(tile, overlap, fs)
-  run = jax.jit(lambda v, x: model.apply(v, x, method=model.encode))
+  run = _jitted(model, "encode")
   space = lambda x: (
     _tiled(lambda t: run(variables, t), x, tile, overlap, 1 / fs) if tile else run(variables, x)
   )
@@ -150,7 +158,8 @@ def decode(
   z = np.asarray(z, np.float32)
   ft, fs, _ = model.compression
   _check_tile(tile, overlap, fs)
-  run = jax.jit(lambda v, x: (model.apply(v, x, method=model.decode),))
+  jitted = _jitted(model, "decode")
+  run = lambda v, x: (jitted(v, x),)
   if tile:
     latent_tile, latent_overlap = (tile[0] // fs, tile[1] // fs), overlap // fs
     space = lambda x: _tiled(lambda t: run(variables, t), x, latent_tile, latent_overlap, fs)[0]
