@@ -34,6 +34,7 @@ def small(data_dir: str, **overrides) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 2
   c.optimizer.warmup_steps = 1
   c.sample.prompts = ()
+  c.evals = {}
   for key, value in overrides.items():
     node = c
     *path, last = key.split(".")

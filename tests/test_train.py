@@ -1,5 +1,6 @@
 """Training: mesh invariance, exact resume, and the entry points end to end."""
 
+import json
 import os
 import subprocess
 import sys
@@ -113,6 +114,8 @@ def test_entry_points_train_resume_sample(data_dir, tmp_path):
   gifs = [p for p in out.stdout.split() if p.endswith(".gif")]
   assert gifs and all(os.path.exists(p) for p in gifs)
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  with open(os.path.join(workdir, "eval", "2.json")) as f:  # config.evals ran at the last step
+    assert {"loss", "samples", "adherence"} <= set(json.load(f))
 
   out = _run("vdit.main", *common, "--config.total_steps=4")
   assert out.returncode == 0, out.stderr[-3000:]

@@ -198,3 +198,20 @@ def validate(
       "each process loads its own rows, so the rows must be sharded over all of them"
     )
   task.check_config(config, shape)
+  _check_evals(config)
+
+
+def _check_evals(config: ml_collections.ConfigDict) -> None:
+  """`config.evals`: known types, every_steps >= 0 (the evaluators check their own options)."""
+  from vdit import evaluators  # noqa: PLC0415 (evaluators import sampling and models)
+
+  try:
+    for name, entry in evaluators.evals_of(config).items():
+      evaluators.get(entry["type"])
+      every = entry.get("every_steps", 0)
+      if not isinstance(every, int) or every < 0:
+        raise ConfigError(f"evals.{name}.every_steps={every!r} must be an integer >= 0")
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(str(e)) from None

@@ -72,7 +72,7 @@ def trainer_config(
   total_steps: int,
   lr: float,
   warmup_steps: int,
-  ema_decay: float = 0.999,
+  ema_decay: float | None = None,
   weight_decay: float = 0.0,
 ) -> ml_collections.ConfigDict:
   """The sections every training config shares (run length, logging, checkpoints, optimizer,
@@ -94,7 +94,7 @@ def trainer_config(
     b1=0.9,
     b2=0.99 if tiny else 0.999,
     weight_decay=weight_decay,
-    ema_decay=ema_decay,
+    ema_decay=ema_decay if ema_decay is not None else (0.99 if tiny else 0.9999),
     schedule_steps=0,  # length of the warmup+cosine schedule; 0 → total_steps
     grad_accum_steps=1,  # microbatches per update (optax.MultiSteps)
   )

@@ -17,7 +17,7 @@ from absl import logging
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from vdit import checkpointing, config_checks, sharding, tasks, train_state
+from vdit import checkpointing, config_checks, evaluators, sharding, tasks, train_state
 from vdit.tasks import base as tasks_base
 
 
@@ -239,6 +239,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
           checkpointing.save(mngr, done, state, data_iter, config, force=True)
         if stop:
           break
+        if names := evaluators.due(config, done, total):  # `config.evals` (vdit/evaluators)
+          evaluators.run(config, _host_params(state), workdir, done, names=names, writer=writer)
+          t_last = time.time()  # evaluation time is not training time
   finally:  # also on an abort: let an in-flight save complete, never leave it half done
     mngr.wait_until_finished()
     mngr.close()
@@ -250,15 +253,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     return state
 
   # --- Evaluation: samples (generative tasks), validation accuracy (classifiers) ------------
-  params = state.ema_params
-  if jax.process_count() > 1:  # collective: every host gets the full EMA params
-    params = multihost_utils.process_allgather(params, tiled=True)
-  results = task.evaluate(config, params, workdir, int(state.step))
+  results = task.evaluate(config, _host_params(state), workdir, int(state.step))
   scalars = {k: v for k, v in results.items() if isinstance(v, int | float)}
   if scalars:
     writer.write_scalars(int(state.step), {f"eval/{k}": v for k, v in scalars.items()})
     writer.flush()
   return state
+
+
+def _host_params(state: train_state.TrainState):
+  """The EMA params for evaluation; with several hosts gathered to each (a collective)."""
+  if jax.process_count() > 1:
+    return multihost_utils.process_allgather(state.ema_params, tiled=True)
+  return state.ema_params
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:

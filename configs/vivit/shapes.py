@@ -3,7 +3,7 @@ r"""ViViT shape classifier on fixed-size `shapes` clips (label: the first object
   python -m vdit.main --config=configs/vivit/shapes.py:tiny --workdir=runs/vivit_shapes
   ... :tiny,variant=factorised_encoder   (or factorised_self_attention, factorised_dot_product)
 
-Clips are 8 frames centre-cropped and resized to 32×32, cut into 2×4×4 tubelets (256 tokens).
+Clips are 8 frames resized (squashed) to 32×32, cut into 2×4×4 tubelets (256 tokens).
 """
 
 import ml_collections
@@ -27,6 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     dataset_config="tiny" if tiny else "default",
     size=(8, 32, 32) if tiny else (32, 224, 224),
     frame_stride=1,
+    fit="squash",  # the whole frame (clips are 1:3 to 3:1; a centre crop can lose the object)
     rows_per_batch=16 if tiny else 256,
   )
   c.model = dict(
