@@ -12,9 +12,9 @@ The design of the causal video VAEs (MAGVIT-v2, Yu et al. 2023, Sec. 3.1; CogVid
   ft a power of two ≤ fs (time is strided in the last log2(ft) stages, at low resolution).
 - Norms are per position (LayerNorm over channels), not GroupNorm: a statistic over time would
   break causality and one over space would make a tile's latents depend on the whole frame, so
-  chunked/tiled encoding (`vdit/models/tiling.py`) is exact (time) or local (space). A final norm before each output conv
-  (as LDM's) mattered: without it the tiny run did not learn (L1 stuck at 0.56 over 50 steps,
-  against 0.29 with it).
+  chunked/tiled encoding (`vdit/models/tiling.py`) is exact (time) or local (space). A final
+  norm before each output conv (as LDM's) mattered: without it the tiny run did not learn (L1
+  stuck at 0.56 over 50 steps, against 0.29 with it).
 - A diagonal Gaussian posterior (Kingma & Welling 2014): `encode` gives (mean, logvar);
   training samples it and adds β·KL (`vdit/tasks/autoencoder.py`); latent consumers use the
   mean, normalised by per-channel `LatentStats` computed from data.

@@ -1,18 +1,21 @@
-r"""ViViT shape classifier on fixed-size `shapes` clips (label: the first object's shape).
+r"""ViViT video classifier on fixed-size clips of a bundled dataset.
 
-  python -m vdit.main --config=configs/vivit/shapes.py:tiny --workdir=runs/vivit_shapes
-  ... :tiny,variant=factorised_encoder   (or factorised_self_attention, factorised_dot_product)
+  python -m vdit.main --config=configs/vivit/video.py:tiny --workdir=runs/vivit_photos
+  ... :tiny,variant=spatio_temporal   (or factorised_self_attention, factorised_dot_product)
+  ... :tiny,dataset=shapes            (label: the first object's shape)
+
+Default `photo_pans`: the label is which of the 18 photographs a pan / zoom / still is cut from.
 
 Clips are 8 frames resized (squashed) to 32×32, cut into 2×4×4 tubelets (256 tokens).
 """
 
 import ml_collections
 
-from vdit import config_lib
+from vdit import config_lib, datasets
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = config_lib.parse_arg(arg, tiny=False, variant="factorised_encoder")
+  arg = config_lib.parse_arg(arg, tiny=False, variant="factorised_encoder", dataset="photo_pans")
   tiny = arg.tiny
   c = config_lib.trainer_config(
     tiny=tiny,
@@ -23,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   c.task = "classification"
   c.input = dict(
-    dataset="shapes",
+    dataset=arg.dataset,
     dataset_config="tiny" if tiny else "default",
     size=(8, 32, 32) if tiny else (32, 224, 224),
     frame_stride=1,
@@ -33,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = dict(
     name="vivit",
     variant=arg.variant,  # spatio_temporal | factorised_encoder | ... (vivit.VIVIT_VARIANTS)
-    num_classes=4,  # circle, square, triangle, diamond
+    num_classes=datasets.num_classes(arg.dataset),
     tubelet=(2, 4, 4) if tiny else (2, 16, 16),
     width=64 if tiny else 768,
     depth=3 if tiny else 12,  # the spatial depth for factorised_encoder
