@@ -10,6 +10,12 @@ with their positions, not a fixed grid). Given frames are trained conditioning
 (`vdit.diffusion.conditioning`) and come out unchanged; inputs of another size are cropped and
 resized with a warning (`vdit.diffusion.given_frames`); impossible requests raise `InputError`.
 Library: `load(workdir)` → `Sampler`, with `generate` (text-to-video) and one method per mode.
+
+Latent space: with `config.autoencoder` (the workdir of a trained VAE) the model denoises
+normalised latents and the sampler decodes them to pixels (`vdit.tools.latents.Codec`); sizes
+(--num_frames/--height/--width, `config.sample`) are then in latent units (T', H', W') and a
+video of T' latent frames decodes to 1 + ft·(T' − 1) frames of fs·H' × fs·W' pixels. Only t2v and
+t2i are wired there (given frames would have to be encoded first).
 """
 
 import dataclasses
@@ -77,9 +83,16 @@ class Sampler:
   config: ml_collections.ConfigDict
   params: Any
   model: Any = None
+  codec: Any = None  # latents → pixels (`vdit.tools.latents.Codec`); None: config.autoencoder
 
   def __post_init__(self):
     self.model = self.model or models.build(self.config)
+    self.channels = models.channels(self.config)
+    if self.codec is None and self.config.get("autoencoder"):
+      from vdit.tools import latents  # noqa: PLC0415 (the VAE's checkpoint, only when used)
+
+      self.codec = latents.load(self.config.autoencoder)
+    self.last_latents = None  # latent space: the latents [N, T', H', W', Z] of the last call
     self.patch_size = tuple(self.config.input.patch_size)
     self.pt = self.patch_size[0]
     self.tokenizer = tokenizer.Tokenizer(self.config.input.vocab_size)
@@ -211,11 +224,16 @@ class Sampler:
       raise InputError(str(e)) from None
     if labels is not None and len(labels) != len(prompts):
       raise InputError(f"{len(labels)} labels for {len(prompts)} prompts; expected one each")
+    if self.codec is not None and (given is not None or init is not None):
+      raise InputError(
+        "given frames (i2v, extend, interpolate, edit, loop) are not wired for "
+        "latent-space models yet; use t2v or t2i"
+      )
     n, max_tokens = len(prompts), self.config.input.max_caption_tokens
     cond = prompt_rows(prompts, grid, self.tokenizer, max_tokens, labels)
     null = prompt_rows([""] * n, grid, self.tokenizer, max_tokens)
     rows = {k: np.concatenate([cond[k], null[k]]) for k in cond}
-    length, patch_dim = int(np.prod(grid)), int(np.prod(self.patch_size)) * CHANNELS
+    length, patch_dim = int(np.prod(grid)), int(np.prod(self.patch_size)) * self.channels
     rng, noise_rng = jax.random.split(jax.random.PRNGKey(seed))
     noise = jax.random.normal(noise_rng, (n, length, patch_dim))
     x_cond, cond_mask = np.zeros((n, length, patch_dim), np.float32), np.zeros((n, length), bool)
@@ -231,7 +249,11 @@ class Sampler:
       sampler=sampler,
       strength=float(strength),
     )
-    videos = patchify.unpatchify(np.asarray(jax.device_get(x0)), grid, self.patch_size, CHANNELS)
+    x0 = np.asarray(jax.device_get(x0))
+    videos = patchify.unpatchify(x0, grid, self.patch_size, self.channels)
+    if self.codec is not None:
+      self.last_latents = videos
+      videos = np.clip(self.codec.decode(videos), -1.0, 1.0)
     return media.to_uint8(videos)
 
 
@@ -265,14 +287,20 @@ def write_config_samples(
   """Writes the config's sample prompts as GIF and MP4 into workdir/samples/<step>/."""
   s = config.sample
   options = {k: s[k] for k in ("num_frames", "height", "width", "steps", "guidance", "seed")}
-  videos = Sampler(config=config, params=params).generate(list(s.prompts), **options)
+  sampler = Sampler(config=config, params=params)
+  videos = sampler.generate(list(s.prompts), **options)
   out_dir = os.path.join(workdir, "samples", str(step))
   paths = []
-  for prompt, video in zip(s.prompts, videos):
+  for i, (prompt, video) in enumerate(zip(s.prompts, videos)):
     name = "_".join(prompt.split())[:60]
     for ext in (".gif", ".mp4"):
       path = os.path.join(out_dir, name + ext)
       media.write_video(path, video, scale=s.display_scale)
+      paths.append(path)
+    if sampler.last_latents is not None:  # latent space: the latents too, as NPZ
+      path = os.path.join(out_dir, name + ".npz")
+      latents = {"latents": sampler.last_latents[i]}
+      media.write_video(path, video, metadata=dict(prompt=prompt), extra_arrays=latents)
       paths.append(path)
   return paths
 
@@ -386,12 +414,16 @@ def main(argv):
     sys.exit(f"error: {e}")
   root, ext = os.path.splitext(f.out)
   paths = [f.out] if len(prompts) == 1 else [f"{root}_{i:03d}{ext}" for i in range(len(prompts))]
-  for prompt, video, path in zip(prompts, videos, paths):
+  for i, (prompt, video, path) in enumerate(zip(prompts, videos, paths)):
     meta = dict(mode=f.mode, prompt=prompt, workdir=f.workdir, step=f.step)
     meta.update(used)
     meta.update(zip(("num_frames", "height", "width"), video.shape[:3]))
     meta.update({k: f[k].value for k in ("image", "video", "video2", "label") if f[k].value})
-    media.write_video(path, video, fps=f.fps, scale=f.display_scale, metadata=meta)
+    latent = sampler.last_latents is not None and path.endswith(".npz")
+    extra = {"latents": sampler.last_latents[i]} if latent else None  # latent space: keep them
+    media.write_video(
+      path, video, fps=f.fps, scale=f.display_scale, metadata=meta, extra_arrays=extra
+    )
     print(path, flush=True)
 
 

@@ -10,6 +10,12 @@ TPU pod (every host runs the same command):
 
 Videos keep their native size, aspect ratio and duration: each is cut into (2, 4, 4) spacetime
 patches and many are packed into rows of `tokens_per_row` tokens (NaViT "Patch n' Pack").
+
+Latent space (docs/models.md "Latent space"): `:tiny,latent=runs/vae,latents=runs/vae/latents/
+shapes` trains on latents the VAE in runs/vae wrote with `python -m vdit.tools.latents`
+(input.dataset="latents", input.channels = its Z, (1, 2, 2) patches of latent cells) and samples
+through its decoder. `sample` and `evals.samples` sizes are then in latent units (T', H', W'):
+T' latent frames decode to 1 + ft·(T' − 1) frames, H'×W' cells to fs·H' × fs·W' pixels.
 """
 
 import ml_collections
@@ -22,7 +28,7 @@ VARIANTS = {"tiny": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (10
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = config_lib.parse_arg(arg, variant="S", tiny=False)
+  arg = config_lib.parse_arg(arg, variant="S", tiny=False, latent="", latents="")
   tiny = arg.tiny
   width, depth, heads = VARIANTS["tiny" if tiny else arg.variant]
   c = ml_collections.ConfigDict()
@@ -32,6 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 200 if tiny else 2_000
   c.max_checkpoints = 3
   c.max_nonfinite_in_a_row = 20  # abort after this many skipped (non-finite) updates in a row
+  # Workdir of a trained autoencoder (configs/vae/video.py): the model works in its latent space
+  # and samples are decoded with it. None = pixel space.
+  c.autoencoder = ml_collections.config_dict.placeholder(str)
 
   c.input = dict(
     dataset="shapes",
@@ -156,4 +165,33 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       steps=16 if tiny else 32,
     ),
   )
+  if arg.latent or arg.latents:
+    latent_space(c, arg.latent, arg.latents, tiny)
   return c
+
+
+def latent_space(c: ml_collections.ConfigDict, vae_workdir: str, latents_dir: str, tiny: bool):
+  """Switches `c` to the latent space of the autoencoder trained in `vae_workdir`, reading the
+  latents `python -m vdit.tools.latents --autoencoder=<vae_workdir> --out=<latents_dir>` wrote."""
+  if not (vae_workdir and latents_dir):
+    raise ValueError("latent space needs both latent=<VAE workdir> and latents=<latents dir>")
+  from vdit import checkpointing  # noqa: PLC0415
+
+  vae = checkpointing.read_config(vae_workdir).model
+  c.autoencoder = vae_workdir
+  c.input.dataset = "latents"
+  c.input.dataset_config = latents_dir
+  c.input.mixture = ()
+  c.input.channels = int(vae.latent_channels)
+  c.input.patch_size = (1, 2, 2)  # (pt, ph, pw) in latent frames / cells
+  c.input.max_frames = 8 if tiny else 16  # latent frames
+  c.input.min_frames = 2
+  # Latents are not resized (area-averaged latents are not the latents of a smaller video):
+  # a fixed budget and no shrinking to fill rows.
+  c.input.min_tokens_per_example = c.input.max_tokens_per_example
+  c.input.shrink_to_fill = 0.0
+  c.diffusion.flow_prediction = "velocity"  # latents are smooth enough for velocity prediction
+  c.sample.num_frames, c.sample.height, c.sample.width = 4, 8, 12  # latent units
+  c.sample.display_scale = 2 if tiny else 1
+  c.evals.samples.sizes = ((4, 8, 12),) if tiny else ((8, 16, 24),)
+  del c.evals["adherence"]  # its scorer reads pixel sizes; not wired for latents yet

@@ -9,7 +9,7 @@
     -> batch B rows -> the packed-batch contract (DESIGN.md "The packed batch")
     -> prefetch: a thread (workers = 0) or grain multiprocessing workers (workers > 0)
 
-Every batch is a dict of numpy arrays (P = pt·ph·pw·3):
+Every batch is a dict of numpy arrays (P = pt·ph·pw·C, C = input.channels):
 
   patches [B, L, P] float32 in [-1, 1] (0 = padding)
   positions [B, L, 3] int32         (t, h, w) of the token in its own example's patch grid
@@ -50,7 +50,8 @@ def default_input_config() -> ml_collections.ConfigDict:
       mixture=(),  # ((dataset, dataset_config, weight), ...); () = just `dataset`
       data_dir=config_dict.placeholder(str),  # None -> vdit.datasets.default_data_dir()
       split="train",
-      patch_size=(2, 4, 4),  # (pt, ph, pw) in frames / pixels
+      patch_size=(2, 4, 4),  # (pt, ph, pw) in frames / pixels (latent units for latents)
+      channels=3,  # C of the video: 3 for pixels, the autoencoder's Z for latents
       tokens_per_row=1024,  # L
       rows_per_batch=4,  # B, on this host
       max_examples_per_row=8,  # K
@@ -115,6 +116,8 @@ def check_input_config(c: ml_collections.ConfigDict) -> None:
   """Rejects configs the pipeline could not honour, naming the bad value and the bound."""
   if len(c.patch_size) != 3 or min(c.patch_size) < 1:
     raise ValueError(f"input.patch_size={tuple(c.patch_size)} must be three positive ints")
+  if c.channels < 1:
+    raise ValueError(f"input.channels={c.channels} must be >= 1")
   if c.packing not in PACKERS:
     raise ValueError(f"input.packing={c.packing!r} is unknown; expected one of {list(PACKERS)}")
   for key in ("tokens_per_row", "rows_per_batch", "max_examples_per_row", "num_packing_bins"):

@@ -1,7 +1,8 @@
 """Per-example transforms of the input pipeline (pure numpy, grain `Map` / `RandomMap`).
 
-A raw example is a dict with `video` uint8 [T, H, W, 3], `caption` (bytes/str) and optionally
-`label`. The chain (see `example_transforms`) is
+A raw example is a dict with `video` uint8 [T, H, W, 3] (or float32 latents [T, H, W, C] of the
+`latents` dataset, which ToFloat leaves unscaled), `caption` (bytes/str) and optionally `label`.
+The chain (see `example_transforms`) is
 
   SampleClip -> ToFloat -> ResizeToTokenBudget -> TokenizeCaption -> SampleTokenDrop -> Packable
 
@@ -95,10 +96,13 @@ class SampleClip(grain.transforms.RandomMap):
 
 
 class ToFloat(grain.transforms.Map):
-  """uint8 video -> float32 in [-1, 1]."""
+  """uint8 video -> float32 in [-1, 1]; float video (autoencoder latents) is kept as it is."""
 
   def map(self, element: dict) -> dict:
-    video = element["video"].astype(np.float32) * (2.0 / 255.0) - 1.0
+    video = element["video"]
+    if np.issubdtype(video.dtype, np.floating):
+      return {**element, "video": video.astype(np.float32, copy=False)}
+    video = video.astype(np.float32) * (2.0 / 255.0) - 1.0
     return {**element, "video": video}
 
 

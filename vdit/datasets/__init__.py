@@ -4,7 +4,8 @@ Each dataset module defines `build(data_dir, config)` (idempotent) and
 `data_source(split, data_dir, config)` (random access, ArrayRecord); `building.py` holds what
 they share. `data_source` below looks a dataset up by name, so the input pipeline stays
 independent of the datasets. Every source yields at least `video` uint8 [T, H, W, 3],
-`caption` and `label` (-1 = none).
+`caption` and `label` (-1 = none); `latents` yields float32 autoencoder latents [T', H', W', Z]
+as its `video` instead.
 """
 
 import importlib
@@ -19,8 +20,9 @@ SOURCES = {
   "photo_pans": "vdit.datasets.photo_pans:data_source",
   "folder": "vdit.datasets.folder:data_source",  # dataset_config = the folder's path
   "folder_raw": "vdit.datasets.folder:raw_source",  # same, decoded on the fly (no TFDS)
+  "latents": "vdit.datasets.latents:data_source",  # dataset_config = the latents tool's --out
 }
-DEFAULT_CONFIGS = {"folder": None, "folder_raw": None}  # others: "tiny"
+DEFAULT_CONFIGS = {"folder": None, "folder_raw": None, "latents": None}  # others: "tiny"
 
 
 def default_data_dir() -> str:

@@ -15,12 +15,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-CHANNELS = 3  # RGB pixels (the latent autoencoder changes this)
+CHANNELS = 3  # RGB pixels; `input.channels` overrides it (latents: the autoencoder's Z)
+
+
+def channels(config: ml_collections.ConfigDict) -> int:
+  """C of the model's input: `input.channels` (latent space) or RGB."""
+  return int(config.input.get("channels", None) or CHANNELS)
 
 
 def patch_dim(config: ml_collections.ConfigDict) -> int:
   """P = pt·ph·pw·C of the packed patches."""
-  return int(np.prod(config.input.patch_size)) * CHANNELS
+  return int(np.prod(config.input.patch_size)) * channels(config)
 
 
 def build(config: ml_collections.ConfigDict):

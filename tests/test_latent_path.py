@@ -1,0 +1,72 @@
+"""The latent path end to end: a (tiny, briefly trained) VAE, a dataset encoded with the latents
+tool, VideoDiT trained on the latents and a sample decoded back to pixels."""
+
+import os
+
+import numpy as np
+
+from tests import configs
+from vdit import datasets, models, sample, train
+from vdit.data import pipeline
+from vdit.tools import latents
+
+
+def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
+  # 1. The autoencoder: the tiny config, shrunk (1·4 steps, 8 validation examples).
+  vae_dir = str(tmp_path / "vae")
+  vae = configs.load("tiny", "configs/vae/video.py")
+  vae.input.mixture = (("shapes", "test", 1.0),)
+  vae.input.data_dir = data_dir
+  vae.input.size = (5, 16, 16)
+  vae.input.rows_per_batch = 8
+  vae.model.channels = (8, 8, 8)  # fs = 4, ft = 2, Z = 8
+  vae.total_steps = 2
+  vae.log_every_steps = 1
+  vae.checkpoint_every_steps = 2
+  vae.optimizer.warmup_steps = 1
+  train.train_and_evaluate(vae, vae_dir)
+
+  # 2. Latents of a small split, written by the tool.
+  codec = latents.load(vae_dir)
+  assert codec.compression == (2, 4, 4) and codec.channels == 8
+  out = str(tmp_path / "latents")
+  counts = latents.encode_dataset(
+    codec, "shapes", "train", out, dataset_config="test", data_dir=data_dir, max_examples=8
+  )
+  assert sum(counts.values()) == 8
+  source = datasets.data_source("latents", "train", config=out)
+  assert len(source) == 8
+  ex = source[0]
+  assert ex["video"].dtype == np.float32 and ex["video"].shape[-1] == 8
+  assert isinstance(ex["caption"], bytes) and ex["caption"]
+
+  # 3. VideoDiT on the latents: the shapes config's latent option, shrunk.
+  c = configs.load(f"tiny,latent={vae_dir},latents={out}")
+  small = configs.small(data_dir)
+  for key in ("width", "depth", "num_heads", "text_width", "text_depth", "text_heads"):
+    c.model[key] = small.model[key]
+  for key in ("tokens_per_row", "max_tokens_per_example", "rows_per_batch", "text_tokens_per_row"):
+    c.input[key] = small.input[key]
+  c.input.min_tokens_per_example = c.input.max_tokens_per_example
+  c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 2, 1, 2
+  c.optimizer.warmup_steps = 1
+  c.sample.prompts = ("a red circle moving right",)
+  c.sample.steps = 2
+  c.evals = {}
+  assert c.autoencoder == vae_dir and c.input.dataset == "latents" and c.input.channels == 8
+  assert models.patch_dim(c) == 1 * 2 * 2 * 8
+  batch = next(pipeline.make_iterator(c.input, seed=0))
+  assert batch["patches"].shape[-1] == 32 and np.abs(batch["patches"]).max() > 0
+  workdir = str(tmp_path / "vdit")
+  train.train_and_evaluate(c, workdir)
+
+  # 4. Samples decode to pixels: T' = 4 latent frames → 1 + 2·3 = 7 frames, 8×12 → 32×48 pixels.
+  gifs = sorted(f for f in os.listdir(os.path.join(workdir, "samples", "2")) if f.endswith(".gif"))
+  assert gifs == ["a_red_circle_moving_right.gif"]
+  stored = np.load(os.path.join(workdir, "samples", "2", "a_red_circle_moving_right.npz"))
+  assert stored["frames"].shape == (7, 32, 48, 3) and stored["latents"].shape == (4, 8, 12, 8)
+  sampler = sample.load(workdir)
+  assert sampler.codec is not None
+  videos = sampler.generate(["a blue square"], num_frames=2, height=4, width=6, steps=2)
+  assert videos.shape == (1, 3, 16, 24, 3) and videos.dtype == np.uint8
+  assert sampler.last_latents.shape == (1, 2, 4, 6, 8)
