@@ -101,3 +101,16 @@ def trainer_config(
   c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
   c.sharding_rules = DEFAULT_RULES
   return c
+
+
+def load_sibling(config_file: str, name: str, arg: str | None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file `name` in the directory of `config_file` (loaded by
+  path, so config files never depend on the working directory or on being a package)."""
+  import importlib.util  # noqa: PLC0415
+  import os  # noqa: PLC0415
+
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+  spec = importlib.util.spec_from_file_location(f"vdit_config_{name.removesuffix('.py')}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

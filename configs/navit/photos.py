@@ -7,18 +7,13 @@ zooms at many scales and aspect ratios: 16–96 px, 1:3 to 3:1). Everything else
 configs/navit/digits.py.
 """
 
-import importlib.util
-import os
-
 import ml_collections
+
+from vdit import config_lib, datasets
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.py")
-  spec = importlib.util.spec_from_file_location("vdit_config_navit_digits", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(arg)
+  c = config_lib.load_sibling(__file__, "digits.py", arg)
   c.input.dataset = "photo_pans"
-  c.model.num_classes = 18
+  c.model.num_classes = datasets.num_classes("photo_pans")
   return c

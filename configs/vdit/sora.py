@@ -25,9 +25,6 @@ so that `vdit.tools.aot` reports a fit with headroom (docs/scale.md has the repo
 (2–8 M tokens).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
 from vdit import config_lib
@@ -52,12 +49,8 @@ PODS = {
 
 
 def _shapes_config(arg: str) -> ml_collections.ConfigDict:
-  """The base config (configs/vdit/shapes.py, loaded by path: no working-directory imports)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes.py")
-  spec = importlib.util.spec_from_file_location("vdit_config_shapes", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """The base config (configs/vdit/shapes.py)."""
+  return config_lib.load_sibling(__file__, "shapes.py", arg)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
