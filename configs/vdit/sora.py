@@ -22,7 +22,7 @@ style), Megatron-style tensor parallelism over heads / MLP on `tensor`, splash a
 L×L logits, so no `sequence` split is needed at this row length). The meshes below are chosen
 so that `vdit.tools.aot` reports a fit with headroom (docs/scale.md has the reports, and the
 `xla`-attention alternative). Global batch per update = rows_per_batch × grad_accum_steps rows
-(8.4 M tokens for every size).
+(4.2 M tokens at 1B, 8.4 M at 3B and 8B).
 """
 
 import ml_collections
