@@ -70,3 +70,16 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
   videos = sampler.generate(["a blue square"], num_frames=2, height=4, width=6, steps=2)
   assert videos.shape == (1, 3, 16, 24, 3) and videos.dtype == np.uint8
   assert sampler.last_latents.shape == (1, 2, 4, 6, 8)
+
+
+def test_float_video_is_not_rescaled_and_channels_set_patch_dim():
+  from vdit.data import transforms  # noqa: PLC0415
+
+  z = np.linspace(-3.0, 3.0, 2 * 4 * 4 * 8, dtype=np.float32).reshape(2, 4, 4, 8)
+  np.testing.assert_array_equal(transforms.ToFloat().map({"video": z})["video"], z)
+  pixels = np.full((1, 2, 2, 3), 255, np.uint8)
+  np.testing.assert_allclose(transforms.ToFloat().map({"video": pixels})["video"], 1.0)
+  c = configs.load()
+  assert models.patch_dim(c) == 2 * 4 * 4 * 3 and c.autoencoder is None
+  c.input.channels = 8
+  assert models.patch_dim(c) == 2 * 4 * 4 * 8
