@@ -83,3 +83,7 @@ def test_float_video_is_not_rescaled_and_channels_set_patch_dim():
   assert models.patch_dim(c) == 2 * 4 * 4 * 3 and c.autoencoder is None
   c.input.channels = 8
   assert models.patch_dim(c) == 2 * 4 * 4 * 8
+  # The sampler CLI imports the latents tool: its flags (--out, ...) must not be global.
+  from absl import flags  # noqa: PLC0415
+
+  assert "autoencoder" not in flags.FLAGS and latents.Codec

@@ -133,27 +133,32 @@ def encode_dataset(
   return counts
 
 
-_AE = flags.DEFINE_string("autoencoder", None, "workdir of an autoencoder run", required=True)
-_DATASET = flags.DEFINE_string("dataset", "shapes", "dataset name (vdit.datasets.SOURCES)")
-_DATASET_CONFIG = flags.DEFINE_string("dataset_config", "tiny", "dataset config")
-_SPLIT = flags.DEFINE_string("split", "train", "split")
-_OUT = flags.DEFINE_string("out", None, "output directory", required=True)
-_MAX = flags.DEFINE_integer("max_examples", None, "encode at most this many examples")
-_CHUNK = flags.DEFINE_integer("chunk", None, "latent frames per chunk (None: whole)")
-_TILE = flags.DEFINE_integer("tile", None, "square tile in pixels (None: whole)")
-_OVERLAP = flags.DEFINE_integer("overlap", 0, "tile overlap in pixels")
+def _define_flags() -> None:
+  """CLI flags; defined only when run as a program (`vdit.sample` imports this module and has
+  its own --out)."""
+  flags.DEFINE_string("autoencoder", None, "workdir of an autoencoder run", required=True)
+  flags.DEFINE_string("dataset", "shapes", "dataset name (vdit.datasets.SOURCES)")
+  flags.DEFINE_string("dataset_config", "tiny", "dataset config")
+  flags.DEFINE_string("split", "train", "split")
+  flags.DEFINE_string("out", None, "output directory", required=True)
+  flags.DEFINE_integer("max_examples", None, "encode at most this many examples")
+  flags.DEFINE_integer("chunk", None, "latent frames per chunk (None: whole)")
+  flags.DEFINE_integer("tile", None, "square tile in pixels (None: whole)")
+  flags.DEFINE_integer("overlap", 0, "tile overlap in pixels")
 
 
 def main(argv):
   del argv
-  codec = load(_AE.value)
-  tile = (_TILE.value, _TILE.value) if _TILE.value else None
+  f = flags.FLAGS
+  codec = load(f.autoencoder)
+  tile = (f.tile, f.tile) if f.tile else None
   counts = encode_dataset(
-    codec, _DATASET.value, _SPLIT.value, _OUT.value, dataset_config=_DATASET_CONFIG.value,
-    max_examples=_MAX.value, chunk=_CHUNK.value, tile=tile, overlap=_OVERLAP.value,
+    codec, f.dataset, f.split, f.out, dataset_config=f.dataset_config,
+    max_examples=f.max_examples, chunk=f.chunk, tile=tile, overlap=f.overlap,
   )  # fmt: skip
-  print(json.dumps({"out": _OUT.value, "files": counts}))
+  print(json.dumps({"out": f.out, "files": counts}))
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
