@@ -35,6 +35,11 @@ def small(data_dir: str, **overrides) -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 1
   c.sample.prompts = ()
   c.evals = {}
+  return override(c, **overrides)
+
+
+def override(c: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
+  """Sets dotted keys (`"input.size": (1, 32, 32)`) in `c`; returns `c`."""
   for key, value in overrides.items():
     node = c
     *path, last = key.split(".")
@@ -42,3 +47,20 @@ def small(data_dir: str, **overrides) -> ml_collections.ConfigDict:
       node = node[p]
     node[last] = value
   return c
+
+
+# `python -m vdit.main` flags for the tiny shapes config shrunk like `small()` (CLI tests).
+TINY_CLI_FLAGS = [
+  "--config=configs/vdit/shapes.py:tiny",
+  "--config.input.tokens_per_row=256",
+  "--config.input.max_tokens_per_example=192",
+  "--config.input.text_tokens_per_row=64",
+  "--config.model.width=32",
+  "--config.model.depth=2",
+  "--config.model.num_heads=2",
+  "--config.model.text_width=32",
+  "--config.model.text_depth=1",
+  "--config.model.text_heads=2",
+  "--config.log_every_steps=1",
+  "--config.checkpoint_every_steps=2",
+]

@@ -216,14 +216,7 @@ def test_latent_stats_normalise_and_invert():
 
 
 def _config(**overrides):
-  c = configs.load("tiny", "configs/vae/video.py")
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return configs.override(configs.load("tiny", "configs/vae/video.py"), **overrides)
 
 
 @pytest.mark.parametrize(

@@ -231,18 +231,7 @@ def test_classifier_rejects_a_generative_workdir(tmp_path):
 # End to end: python -m vdit.main (2 steps), then python -m vdit.evaluate.
 # ---------------------------------------------------------------------------------------------
 TINY_FLAGS = [
-  "--config=configs/vdit/shapes.py:tiny",
-  "--config.input.tokens_per_row=256",
-  "--config.input.max_tokens_per_example=192",
-  "--config.input.text_tokens_per_row=64",
-  "--config.model.width=32",
-  "--config.model.depth=2",
-  "--config.model.num_heads=2",
-  "--config.model.text_width=32",
-  "--config.model.text_depth=1",
-  "--config.model.text_heads=2",
-  "--config.log_every_steps=1",
-  "--config.checkpoint_every_steps=2",
+  *configs.TINY_CLI_FLAGS,
   "--config.total_steps=2",
   "--config.sample.prompts=()",
   "--config.evals.adherence.num_prompts=4",
@@ -328,7 +317,7 @@ def video_workdir(data_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_generative_evaluators_in_process(video_workdir, vit_workdir):
-  from vdit.evaluators import restore  # noqa: PLC0415
+  from vdit.tasks import restore  # noqa: PLC0415
 
   config, step, params = restore.ema_params(video_workdir)
   tiny = dict(steps=2, size=(4, 16, 16))

@@ -31,13 +31,7 @@ def _config(name, data_dir, **overrides):
   c.optimizer.warmup_steps = 1
   if name == "dit":
     c.sample.per_class, c.sample.steps = 1, 2
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return configs.override(c, **overrides)
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
@@ -154,12 +148,6 @@ def test_dense_fit_crop_vs_squash():
   ],
 )
 def test_bad_zoo_configs_fail_clearly(name, overrides, message, data_dir):
-  config = _config(name, data_dir)
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+  config = _config(name, data_dir, **overrides)
   with pytest.raises(config_checks.ConfigError, match=re.escape(message)):
     config_checks.validate(config)

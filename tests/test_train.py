@@ -87,18 +87,7 @@ def _run(module, *args, timeout=900):
 
 
 TINY_FLAGS = [
-  "--config=configs/vdit/shapes.py:tiny",
-  "--config.input.tokens_per_row=256",
-  "--config.input.max_tokens_per_example=192",
-  "--config.input.text_tokens_per_row=64",
-  "--config.model.width=32",
-  "--config.model.depth=2",
-  "--config.model.num_heads=2",
-  "--config.model.text_width=32",
-  "--config.model.text_depth=1",
-  "--config.model.text_heads=2",
-  "--config.log_every_steps=1",
-  "--config.checkpoint_every_steps=2",
+  *configs.TINY_CLI_FLAGS,
   "--config.sample.steps=2",
 ]
 

@@ -20,7 +20,7 @@ from clu import metric_writers
 from ml_collections import config_flags
 
 from vdit import checkpointing, config_lib, evaluators
-from vdit.evaluators import restore
+from vdit.tasks import restore
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with `evals` (fallback).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir with checkpoints.")

@@ -29,10 +29,11 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from vdit import checkpointing, media, models, sharding, train_state
+from vdit import checkpointing, media, models, tasks
 from vdit.data import patchify, tokenizer
 from vdit.diffusion import given_frames, objectives
 from vdit.diffusion.given_frames import InputError, fit_size, patch_frames
+from vdit.tasks import restore
 
 CHANNELS = models.CHANNELS
 MODES = {  # --mode: (Sampler method, required inputs, optional inputs)
@@ -262,23 +263,9 @@ class Sampler:
 # ---------------------------------------------------------------------------------------------
 def load(workdir: str, step: int | None = None) -> Sampler:
   """The EMA params of the latest (or given) checkpoint in `workdir`, replicated locally."""
-  config = checkpointing.read_config(workdir)
-  mngr = checkpointing.manager(workdir, max_to_keep=config.max_checkpoints)
-  if mngr.latest_step() is None:
-    raise checkpointing.NoCheckpointError(
-      f"no checkpoint in {checkpointing.checkpoint_dir(workdir)}; train first with "
-      f"`python -m vdit.main --config=... --workdir={workdir}`"
-    )
-  mesh = sharding.make_mesh({"data": -1})
-  rules = sharding.rules_from_config(config.sharding_rules)
-  model = models.build(config)
-  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
-  init = train_state.init_fn(model, models.dummy_inputs(config), tx, config.seed)
-  abstract, _ = train_state.abstract_state(init, mesh, rules)
-  step, state = checkpointing.restore(mngr, abstract, None, step)
-  mngr.close()
+  config, step, params = restore.ema_params(workdir, step)
   logging.info("loaded step %d from %s", step, workdir)
-  return Sampler(config=config, params=state.ema_params, model=model)
+  return Sampler(config=config, params=params, model=tasks.get(config).build_model(config))
 
 
 def write_config_samples(

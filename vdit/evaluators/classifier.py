@@ -21,8 +21,8 @@ import numpy as np
 
 from vdit import checkpointing, media, tasks
 from vdit.data import dense, patchify, transforms
-from vdit.evaluators import register, restore
-from vdit.tasks import classification
+from vdit.evaluators import register
+from vdit.tasks import classification, restore
 
 
 class Classifier:

@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 from vdit import tasks
 from vdit.diffusion import objectives
 from vdit.evaluators import register
+from vdit.tasks import video_diffusion
 
 
 @register("loss")
@@ -42,20 +43,8 @@ def evaluate(
 
   @jax.jit
   def loss_fn(params, batch, rng):
-    def apply_fn(x_t, t_tok, b):
-      return model.apply(
-        {"params": params},
-        x_t,
-        t_tok,
-        b["positions"],
-        b["segment_ids"],
-        b["text_tokens"],
-        b["text_segment_ids"],
-        b["labels"],
-      )
-
     batch = dict(batch, cond_mask=batch["cond_mask"] & False)
-    _, aux = objectives.loss(spec, apply_fn, batch, rng)
+    _, aux = objectives.loss(spec, video_diffusion.packed_apply(model, params), batch, rng)
     return aux["per_example_loss"], aux["t"], aux["num_tokens"]
 
   edges = np.linspace(0.0, 1.0, num_buckets + 1)

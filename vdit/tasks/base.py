@@ -47,16 +47,7 @@ class Task:
 
   def make_iterator(self, config: ml_collections.ConfigDict, *, train: bool = True, split=None):
     """This host's checkpointable batch iterator (`split` overrides `input.split`)."""
-    host = host_input_config(config)
-    if split is not None:
-      host.split = split
-    return pipeline.make_iterator(
-      host,
-      seed=config.seed,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      train=train,
-    )
+    return host_iterator(pipeline.make_iterator, config, train=train, split=split)
 
   def loss(
     self, model, params, batch: dict[str, jax.Array], rng: jax.Array, config
@@ -73,18 +64,23 @@ class Task:
     return {}
 
 
-def dense_iterator(config: ml_collections.ConfigDict, *, train: bool = True, split=None):
-  """This host's checkpointable iterator of fixed-size clips (`vdit.data.dense`)."""
+def host_iterator(make_iterator, config: ml_collections.ConfigDict, *, train: bool, split=None):
+  """`make_iterator` (a pipeline's) over this host's share of `config.input`."""
   host = host_input_config(config)
   if split is not None:
     host.split = split
-  return dense.make_iterator(
+  return make_iterator(
     host,
     seed=config.seed,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
     train=train,
   )
+
+
+def dense_iterator(config: ml_collections.ConfigDict, *, train: bool = True, split=None):
+  """This host's checkpointable iterator of fixed-size clips (`vdit.data.dense`)."""
+  return host_iterator(dense.make_iterator, config, train=train, split=split)
 
 
 def write_eval_json(workdir: str, step: int, name: str, results: dict[str, Any]) -> str:

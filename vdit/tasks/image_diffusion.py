@@ -2,10 +2,10 @@
 
 The images are fixed-size frames (`vdit.data.dense`, `input.size = (1, I, I)`), in pixel space
 (`model.in_channels = 3`) until the autoencoder's latents are used. The loss is
-`vdit.diffusion.gaussian.loss` — the same ε-prediction / learned-σ hybrid loss VideoDiT uses with
-`diffusion.objective="gaussian"` — on a one-example-per-row view of the batch (every pixel a
-token), with label dropout (`diffusion.text_dropout`) for classifier-free guidance. `evaluate`
-writes a PNG grid: one row per class, guided by `sample.guidance`.
+`vdit.diffusion.objectives.loss` (gaussian) — the ε-prediction / learned-σ hybrid loss VideoDiT
+uses with `diffusion.objective="gaussian"` — on a one-example-per-row view of the batch (every
+pixel a token), with label dropout (`diffusion.text_dropout`) for classifier-free guidance.
+`evaluate` writes a PNG grid: one row per class, guided by `sample.guidance`.
 """
 
 from typing import Any
@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from vdit import config_checks, media, models, sharding
-from vdit.diffusion import gaussian, gaussian_samplers, guidance, objectives
+from vdit.diffusion import gaussian_samplers, guidance, objectives
 from vdit.tasks import base
 
 
@@ -88,15 +88,7 @@ class ImageDiffusion(base.Task):
       )
       return out.reshape(b, h * w, -1)
 
-    loss, aux = gaussian.loss(
-      apply_fn,
-      rows,
-      rng,
-      schedule=spec.gaussian_schedule,
-      prediction=spec.prediction,
-      learn_sigma=spec.learn_sigma,
-      text_dropout=spec.text_dropout,
-    )
+    loss, aux = objectives.loss(spec, apply_fn, rows, rng)
     return loss, {"vlb": aux["vlb"], "tokens": aux["num_tokens"]}
 
   def generate(

@@ -10,6 +10,24 @@ from vdit.diffusion import conditioning, objectives
 from vdit.tasks import base
 
 
+def packed_apply(model, params):
+  """VideoDiT as the diffusion losses call it: `(x_t, t per token, packed batch) -> output`."""
+
+  def apply_fn(x_t, t_tok, batch):
+    return model.apply(
+      {"params": params},
+      x_t,
+      t_tok,
+      batch["positions"],
+      batch["segment_ids"],
+      batch["text_tokens"],
+      batch["text_segment_ids"],
+      batch["labels"],
+    )
+
+  return apply_fn
+
+
 class VideoDiffusion(base.Task):
   """Diffusion loss (`config.diffusion`) on packed rows, some examples frame-conditioned."""
 
@@ -25,19 +43,7 @@ class VideoDiffusion(base.Task):
       cond_rng, batch, spec.cond_probs, config.input.patch_size[0]
     )
 
-    def apply_fn(x_t, t_tok, model_batch):
-      return model.apply(
-        {"params": params},
-        x_t,
-        t_tok,
-        model_batch["positions"],
-        model_batch["segment_ids"],
-        model_batch["text_tokens"],
-        model_batch["text_segment_ids"],
-        model_batch["labels"],
-      )
-
-    loss, aux = objectives.loss(spec, apply_fn, batch, loss_rng)
+    loss, aux = objectives.loss(spec, packed_apply(model, params), batch, loss_rng)
     return loss, {"tokens": aux["num_tokens"], "cond_tokens": cond_metrics["cond_tokens"]}
 
   def evaluate(self, config, params, workdir: str, step: int) -> dict[str, Any]:

@@ -22,10 +22,11 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from vdit import checkpointing, datasets, models, sharding, tasks, train_state
+from vdit import checkpointing, datasets, tasks
 from vdit.models import autoencoder as ae
 from vdit.models import tiling
 from vdit.tasks import autoencoder as ae_task
+from vdit.tasks import restore
 
 
 @dataclasses.dataclass
@@ -68,19 +69,9 @@ def load(workdir: str, step: int | None = None) -> Codec:
   config = checkpointing.read_config(workdir)
   if tasks.name_of(config) != "autoencoder":
     raise ValueError(f"{workdir} holds a {tasks.name_of(config)!r} run, not an autoencoder")
-  mngr = checkpointing.manager(workdir, max_to_keep=config.max_checkpoints)
-  if mngr.latest_step() is None:
-    raise checkpointing.NoCheckpointError(f"no checkpoint in {workdir}")
-  task = tasks.get(config)
-  mesh = sharding.make_mesh({"data": -1})
-  rules = sharding.rules_from_config(config.sharding_rules)
-  model = models.build(config)
-  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
-  init = train_state.init_fn(model, task.dummy_inputs(config), tx, config.seed)
-  abstract, _ = train_state.abstract_state(init, mesh, rules)
-  _, state = checkpointing.restore(mngr, abstract, None, step)
-  mngr.close()
-  params = jax.device_get(state.ema_params)
+  _, _, params = restore.ema_params(workdir, step, config)
+  params = jax.device_get(params)
+  model = tasks.get(config).build_model(config)
   return Codec(model, {"params": params}, ae_task.load_stats(workdir))
 
 
