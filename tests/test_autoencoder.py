@@ -14,7 +14,8 @@ import optax
 import pytest
 
 from tests import configs
-from vdit import config_checks
+from vdit import config_checks, datasets, media
+from vdit.datasets import records
 from vdit.models import autoencoder as ae
 from vdit.models import tiling
 from vdit.tasks import autoencoder as ae_task
@@ -274,11 +275,21 @@ def test_tiny_config_trains_through_main(data_dir, tmp_path):
   np.testing.assert_allclose(
     codec.decode(z), model.apply(variables, mean, method=model.decode), atol=1e-4
   )
-  counts = latents.encode_dataset(
-    codec, "shapes", "validation", str(tmp_path / "latents"), data_dir=data_dir, max_examples=3
+  # A dataset encoded in groups (one size and time bucket per call, batches filled by repeats)
+  # gives each example's own latents: the end padding in time is exact by causality.
+  out = str(tmp_path / "latents")
+  meta = latents.encode_dataset(
+    codec, "shapes", "validation", out, data_dir=data_dir, max_examples=5, batch_size=2
   )
-  assert sum(counts.values()) == 3
-  for name in counts:
-    stored = np.load(tmp_path / "latents" / name)
-    t, h, w = (int(s) for s in name[: -len(".npz")].split("x"))
-    assert stored["latents"].shape[1:] == (t, h, w, 8) and np.all(np.isfinite(stored["latents"]))
+  assert meta["examples"] == 5 and meta["skipped"] == 0 and meta["channels"] == 8
+  assert meta["autoencoder"] == workdir and meta["compression"] == [2, 4, 4]
+  assert len(datasets.data_source("latents", "validation", config=out)) == 5
+  source = datasets.data_source("shapes", "validation", data_dir=data_dir, config="tiny")
+  groups = set()
+  for r in (records.Source(out, "latents")[i] for i in range(5)):
+    video = media.from_uint8(latents.fit_to_compression(source[r["index"]]["video"], (2, 4, 4)))
+    n = 1 + (len(video) - 1) // 2
+    groups.add((*video.shape[1:3], latents.time_bucket(n)))
+    assert r["latents"].shape == (n, *(s // 4 for s in video.shape[1:3]), 8)
+    np.testing.assert_allclose(r["latents"], codec.encode(video[None])[0], atol=2e-4)
+  assert meta["compilations"] == len(groups)

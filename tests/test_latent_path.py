@@ -1,12 +1,14 @@
 """The latent path end to end: a (tiny, briefly trained) VAE, a dataset encoded with the latents
 tool, VideoDiT trained on the latents and a sample decoded back to pixels."""
 
+import copy
 import os
 
 import numpy as np
+import pytest
 
 from tests import configs
-from vdit import datasets, models, sample, train
+from vdit import config_checks, datasets, models, sample, train
 from vdit.data import pipeline
 from vdit.tools import latents
 
@@ -30,10 +32,10 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
   codec = latents.load(vae_dir)
   assert codec.compression == (2, 4, 4) and codec.channels == 8
   out = str(tmp_path / "latents")
-  counts = latents.encode_dataset(
+  meta = latents.encode_dataset(
     codec, "shapes", "train", out, dataset_config="test", data_dir=data_dir, max_examples=8
   )
-  assert sum(counts.values()) == 8
+  assert meta["examples"] == 8 and meta["channels"] == 8
   source = datasets.data_source("latents", "train", config=out)
   assert len(source) == 8
   ex = source[0]
@@ -53,8 +55,19 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
   c.sample.prompts = ("a red circle moving right",)
   c.sample.steps = 2
   c.evals = {}
+  workdir_of_nothing = str(tmp_path / "nothing")
   assert c.autoencoder == vae_dir and c.input.dataset == "latents" and c.input.channels == 8
   assert models.patch_dim(c) == 1 * 2 * 2 * 8
+  config_checks.validate(c)
+  # Latent space is checked before any compute: channels, the VAE that encoded, the meta file.
+  for overrides, message in [
+    ({"input.channels": 4}, "input.channels=4 but the autoencoder"),
+    ({"autoencoder": workdir_of_nothing}, "is not a run directory"),
+    ({"autoencoder": None}, "need config.autoencoder"),
+    ({"input.dataset_config": str(tmp_path)}, "holds no meta.json"),
+  ]:
+    with pytest.raises(config_checks.ConfigError, match=message):
+      config_checks.validate(configs.override(copy.deepcopy(c), **overrides))
   batch = next(pipeline.make_iterator(c.input, seed=0))
   assert batch["patches"].shape[-1] == 32 and np.abs(batch["patches"]).max() > 0
   workdir = str(tmp_path / "vdit")

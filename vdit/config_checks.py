@@ -1,6 +1,7 @@
 """Config validation: a bad config fails here with a clear message, before any compute."""
 
 import math
+import os
 
 import jax
 import ml_collections
@@ -144,6 +145,7 @@ def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, in
     raise ConfigError(
       f"input.tokens_per_row={inp.tokens_per_row} is not divisible by sequence={shape['sequence']}"
     )
+  _check_latent_space(config)
   s = config.sample
   for dim, p in zip(("num_frames", "height", "width"), patch):
     if s[dim] % p:
@@ -152,6 +154,49 @@ def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, in
       )
   if math.prod(s[d] // p for d, p in zip(("num_frames", "height", "width"), patch)) == 0:
     raise ConfigError(f"sample size {s.num_frames}x{s.height}x{s.width} is empty")
+
+
+def _check_latent_space(config: ml_collections.ConfigDict) -> None:
+  """config.autoencoder, the latents datasets and input.channels agree (before any compute)."""
+  from vdit import checkpointing  # noqa: PLC0415
+  from vdit.datasets import latents  # noqa: PLC0415
+
+  inp, vae_dir = config.input, config.get("autoencoder")
+  if vae_dir:
+    try:
+      vae = checkpointing.read_config(vae_dir)
+    except checkpointing.NoCheckpointError as e:
+      raise ConfigError(f"config.autoencoder={vae_dir!r} is not a run directory: {e}") from e
+    if vae.get("task") != "autoencoder":
+      raise ConfigError(f"config.autoencoder={vae_dir!r} holds a task={vae.get('task')!r} run")
+    if vae.model.latent_channels != inp.channels:
+      raise ConfigError(
+        f"input.channels={inp.channels} but the autoencoder {vae_dir!r} has "
+        f"{vae.model.latent_channels} latent channels"
+      )
+  sources = [(inp.dataset, inp.get("dataset_config"))] if inp.dataset else []
+  sources += [(m[0], m[1]) for m in inp.get("mixture") or ()]
+  for name, path in sources:
+    if name != "latents":
+      continue
+    try:
+      meta = latents.meta(path or "")
+    except FileNotFoundError as e:
+      raise ConfigError(f"input latents {path!r}: {e}") from e
+    if meta["channels"] != inp.channels:
+      raise ConfigError(
+        f"input.channels={inp.channels} but the latents in {path!r} have {meta['channels']}"
+      )
+    if not vae_dir:
+      raise ConfigError(
+        f"latents {path!r} need config.autoencoder (their VAE: {meta['autoencoder']!r}) to "
+        "decode samples"
+      )
+    if os.path.abspath(meta["autoencoder"]) != os.path.abspath(vae_dir):
+      raise ConfigError(
+        f"the latents in {path!r} were encoded by {meta['autoencoder']!r}, not by "
+        f"config.autoencoder={vae_dir!r}"
+      )
 
 
 def validate(

@@ -1,60 +1,47 @@
 """input.dataset="latents": videos pre-encoded by an autoencoder (`python -m vdit.tools.latents`).
 
-`dataset_config` is the directory the latents tool wrote (`--out`): one `<T'>x<H'>x<W'>.npz` per
-latent shape (`latents` [N, T', H', W', Z], `index` [N], `label` [N]) and `captions.jsonl`. If it
-holds a sub-directory named like the split (`<dir>/train`, `<dir>/validation`), that is read;
-otherwise the directory itself, for any split. Elements are {"video": float32 normalised
-latents [T', H', W', Z], "caption": bytes, "label": int32} in the order of the source `index`.
-The per-example transforms pass float video through unscaled (`transforms.ToFloat`).
+`dataset_config` is the directory the latents tool wrote (`--out`): `latents.array_record`, one
+msgpack record per example (`vdit.datasets.records`), and `meta.json` (channels, compression,
+the autoencoder's workdir, counts per latent shape). If it holds a sub-directory named like the
+split (`<dir>/train`, `<dir>/validation`), that is read; otherwise the directory itself, for any
+split. Records are read on demand (random access), not loaded into memory. Elements are
+{"video": float32 normalised latents [T', H', W', Z], "caption": bytes, "label": int32}; the
+per-example transforms pass float video through unscaled (`transforms.ToFloat`).
 """
 
-import json
 import os
 
 import numpy as np
 
+from vdit.datasets import records
+
 NUM_CLASSES = 0  # labels are kept as written (e.g. shapes' classes) but not counted here
+WRITER = "`python -m vdit.tools.latents --autoencoder=... --out=...`"
+
+
+def directory(path: str, split: str) -> str:
+  """`path/split` if it exists, else `path`."""
+  sub = os.path.join(path, split)
+  return sub if os.path.isdir(sub) else path
 
 
 class LatentSource:
-  """Random access over the .npz files of one latents directory (loaded into memory)."""
+  """Random access over one latents directory."""
 
   def __init__(self, path: str, split: str):
-    sub = os.path.join(path, split)
-    self.path = sub if os.path.isdir(sub) else path
-    files = sorted(f for f in os.listdir(self.path) if f.endswith(".npz"))
-    if not files:
-      raise FileNotFoundError(
-        f"no <T'>x<H'>x<W'>.npz latents in {self.path}; write them with "
-        "`python -m vdit.tools.latents --autoencoder=... --out=...`"
-      )
-    captions = {}
-    cap_path = os.path.join(self.path, "captions.jsonl")
-    if os.path.exists(cap_path):
-      with open(cap_path) as f:
-        for line in f:
-          if line.strip():
-            row = json.loads(line)
-            captions[int(row["index"])] = row["caption"]
-    entries = []  # (source index, array, row, label)
-    for name in files:
-      with np.load(os.path.join(self.path, name)) as data:
-        z, index, label = data["latents"], data["index"], data["label"]
-      for row in range(len(index)):
-        entries.append((int(index[row]), z, row, int(label[row])))
-    entries.sort(key=lambda e: e[0])
-    self._entries = entries
-    self._captions = captions
+    self.path = directory(path, split)
+    self.meta = meta(path, split)
+    self._records = records.Source(self.path, "latents")
 
   def __len__(self) -> int:
-    return len(self._entries)
+    return len(self._records)
 
   def __getitem__(self, i: int) -> dict:
-    index, z, row, label = self._entries[int(i)]
+    r = self._records[i]
     return {
-      "video": np.asarray(z[row], np.float32),
-      "caption": self._captions.get(index, "").encode(),
-      "label": np.int32(label),
+      "video": np.asarray(r["latents"], np.float32),
+      "caption": str(r["caption"]).encode(),
+      "label": np.int32(r["label"]),
     }
 
   def __repr__(self) -> str:
@@ -64,9 +51,11 @@ class LatentSource:
 def data_source(split: str, data_dir: str | None = None, config: str = "") -> LatentSource:
   """The latents of `split` under directory `config` (data_dir is unused)."""
   del data_dir
+  if not config:
+    raise ValueError("input.dataset='latents' needs input.dataset_config = a latents directory")
   return LatentSource(config, split)
 
 
-def channels_of(path: str, split: str = "train") -> int:
-  """Z of the latents stored in `path` (to check against `input.channels`)."""
-  return int(LatentSource(path, split)[0]["video"].shape[-1])
+def meta(path: str, split: str = "train") -> dict:
+  """The meta.json of the latents of `split` under `path` (channels, compression, autoencoder)."""
+  return records.read_meta(directory(path, split), WRITER)

@@ -98,7 +98,7 @@ def _check_tile(tile, overlap: int, fs: int) -> None:
     raise ValueError(f"overlap={overlap} must be smaller than the tile {tile}")
 
 
-def _pad_frames(x: np.ndarray, frames: int) -> np.ndarray:
+def pad_frames(x: np.ndarray, frames: int) -> np.ndarray:
   if x.shape[1] >= frames:
     return x[:, :frames]
   return np.concatenate([x, np.repeat(x[:, -1:], frames - x.shape[1], axis=1)], axis=1)
@@ -134,7 +134,7 @@ def encode(
   out = None
   for j0 in range(0, n, chunk):
     j1, s = min(j0 + chunk, n), max(0, j0 - context)
-    frames = _pad_frames(video[:, s * ft :], 1 + (window - 1) * ft)
+    frames = pad_frames(video[:, s * ft :], 1 + (window - 1) * ft)
     parts = space(frames)
     if out is None:
       out = [np.zeros((p.shape[0], n, *p.shape[2:]), np.float32) for p in parts]
@@ -175,7 +175,7 @@ def decode(
   out = np.zeros((z.shape[0], 1 + (n - 1) * ft, z.shape[2] * fs, z.shape[3] * fs, 3), np.float32)
   for j0 in range(0, n, chunk):
     j1, s = min(j0 + chunk, n), max(0, j0 - context)
-    frames = space(_pad_frames(z[:, s:], window))
+    frames = space(pad_frames(z[:, s:], window))
     start, end = (0 if j0 == 0 else (j0 - 1) * ft + 1), (j1 - 1) * ft + 1
     out[:, start:end] = frames[:, start - s * ft : end - s * ft]
   return out

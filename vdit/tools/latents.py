@@ -6,23 +6,26 @@ r"""Latents of a trained autoencoder: load it from its workdir; encode a dataset
 `load(workdir)` gives a `Codec`: the EMA params of the run's latest checkpoint, its model and
 the `LatentStats` its evaluation stored (workdir/latent_stats.json). `Codec.encode` maps video
 [B, T, H, W, 3] in [-1, 1] to *normalised* latents (posterior mean, (z − shift)/scale) and
-`Codec.decode` inverts it; `Codec.identity()` is pixel space. `encode_dataset` writes one
-`<T'>x<H'>x<W'>.npz` per latent shape (examples grouped by shape: one compilation per shape,
-stacked arrays `latents` [N, T', H', W', Z], `index` [N], `label` [N]) and `captions.jsonl`;
-each example is cut to T = 1 + ft·n frames and centre-cropped to multiples of fs.
+`Codec.decode` inverts it; `Codec.identity()` is pixel space. `encode_dataset` writes
+`latents.array_record` (one msgpack record per example: `index` in the source, `label`,
+`caption`, `latents` float32 [T', H', W', Z]; `vdit.datasets.records`) and `meta.json` (channels,
+compression, the autoencoder, counts per latent shape, skipped examples). Each example is cut to
+T = 1 + ft·n frames and centre-cropped to multiples of fs; examples are encoded in groups of one
+size (see `encode_dataset` for why grouping, not padding).
 """
 
 import collections
 import dataclasses
 import json
+import time
 from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags
-from etils import epath
+from absl import app, flags, logging
 
-from vdit import checkpointing, datasets, tasks
+from vdit import checkpointing, datasets, media, tasks
+from vdit.datasets import records
 from vdit.models import autoencoder as ae
 from vdit.models import tiling
 from vdit.tasks import autoencoder as ae_task
@@ -34,6 +37,7 @@ class Codec:
   model: Any  # VideoAutoencoder or IdentityAutoencoder
   variables: Any  # {"params": ...} (None for the identity)
   stats: ae.LatentStats
+  workdir: str | None = None  # the autoencoder run (None: pixel space)
 
   @classmethod
   def identity(cls) -> "Codec":
@@ -72,7 +76,7 @@ def load(workdir: str, step: int | None = None) -> Codec:
   _, _, params = restore.ema_params(workdir, step, config)
   params = jax.device_get(params)
   model = tasks.get(config).build_model(config)
-  return Codec(model, {"params": params}, ae_task.load_stats(workdir))
+  return Codec(model, {"params": params}, ae_task.load_stats(workdir), workdir=workdir)
 
 
 def fit_to_compression(video: np.ndarray, compression) -> np.ndarray:
@@ -87,6 +91,12 @@ def fit_to_compression(video: np.ndarray, compression) -> np.ndarray:
   return video[:t, y : y + ch, x : x + cw]
 
 
+def time_bucket(latent_frames: int) -> int:
+  """The latent length an example is encoded at: the next power of two (≤ 2× the work, a
+  handful of lengths per dataset)."""
+  return 1 << max(0, latent_frames - 1).bit_length()
+
+
 def encode_dataset(
   codec: Codec,
   dataset: str,
@@ -96,32 +106,103 @@ def encode_dataset(
   dataset_config: str | None = "tiny",
   data_dir: str | None = None,
   max_examples: int | None = None,
+  batch_size: int = 8,
+  log_every_seconds: float = 10.0,
   **tiling_kwargs,
-) -> dict[str, int]:
-  """Encodes a dataset split once; returns {shape file name: examples}."""
+) -> dict:
+  """Encodes a dataset split once into `out/latents.array_record` + `out/meta.json`.
+
+  Examples are grouped, not padded to the largest: a group holds examples of one pixel size
+  (H, W) and one time bucket (`time_bucket` of the latent length). A group is encoded `batch_size`
+  at a time; each video is padded at the end to its bucket with its last frame, which the causal
+  encoder makes exact (latent frame j never sees later frames), and the extra latent frames are
+  dropped. Spatial padding would not be exact (a conv's border differs from real neighbours), so
+  sizes are never mixed; a short group is filled up with repeats of its last example, so every
+  (H, W, bucket) compiles once. Returns the meta dict (also in meta.json).
+  """
   source = datasets.data_source(dataset, split, data_dir=data_dir, config=dataset_config)
   n = len(source) if max_examples is None else min(max_examples, len(source))
-  buckets = collections.defaultdict(lambda: {"latents": [], "index": [], "label": []})
-  out_dir = epath.Path(out)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  with (out_dir / "captions.jsonl").open("w") as captions:
+  ft = codec.compression[0]
+  groups = collections.defaultdict(list)  # (H, W, bucket) -> [(index, video, label, caption)]
+  shapes, skipped = collections.Counter(), {}
+  progress = _Progress(n, log_every_seconds)
+  with records.Writer(out, "latents") as writer:
+
+    def flush(key):
+      group, groups[key] = groups[key], []
+      frames = 1 + ft * (key[2] - 1)
+      videos = [tiling.pad_frames(v[None], frames)[0] for _, v, _, _ in group]
+      videos += [videos[-1]] * (batch_size - len(videos))
+      z = codec.encode(np.stack(videos), **tiling_kwargs)
+      for (index, video, label, caption), zi in zip(group, z):
+        zi = zi[: 1 + (len(video) - 1) // ft]
+        if not np.all(np.isfinite(zi)):
+          skipped[index] = "non-finite latents"
+          continue
+        writer.write(dict(index=index, label=label, caption=caption, latents=zi))
+        shapes["x".join(str(s) for s in zi.shape[:3])] += 1
+      progress.update(len(group), compiled=key)
+
     for i in range(n):
-      ex = source[i]
-      video = fit_to_compression(np.asarray(ex["video"]), codec.compression)
-      z = codec.encode((video[None].astype(np.float32) / 127.5) - 1.0, **tiling_kwargs)[0]
-      b = buckets["x".join(str(s) for s in z.shape[:3])]
-      b["latents"].append(z)
-      b["index"].append(i)
-      b["label"].append(int(ex.get("label", -1)))
+      try:
+        ex = source[i]
+        video = fit_to_compression(np.asarray(ex["video"]), codec.compression)
+      except (ValueError, OSError) as e:  # an unreadable or too-small video: skipped, counted
+        skipped[i] = f"{type(e).__name__}: {e}"
+        progress.update(1)
+        continue
       caption = ex.get("caption", b"")
       caption = caption.decode() if isinstance(caption, bytes) else str(caption)
-      captions.write(json.dumps({"index": i, "caption": caption}) + "\n")
-  counts = {}
-  for name, b in buckets.items():
-    with (out_dir / f"{name}.npz").open("wb") as f:
-      np.savez(f, **{k: np.stack(v) for k, v in b.items()})
-    counts[f"{name}.npz"] = len(b["index"])
-  return counts
+      key = (*video.shape[1:3], time_bucket(1 + (len(video) - 1) // ft))
+      groups[key].append((i, media.from_uint8(video), int(ex.get("label", -1)), caption))
+      if len(groups[key]) == batch_size:
+        flush(key)
+    for key in [k for k, g in groups.items() if g]:
+      flush(key)
+  if skipped:
+    logging.warning("latents: skipped %d of %d examples: %s", len(skipped), n, skipped)
+  meta = dict(
+    autoencoder=codec.workdir,
+    channels=codec.channels,
+    compression=list(codec.compression),
+    dataset=dataset,
+    dataset_config=dataset_config,
+    split=split,
+    examples=sum(shapes.values()),
+    skipped=len(skipped),
+    skipped_examples={str(k): v for k, v in skipped.items()},
+    shapes=dict(sorted(shapes.items())),
+    compilations=len(progress.compiled),
+    seconds=round(progress.elapsed(), 1),
+  )
+  records.write_meta(out, meta)  # last: its presence marks a complete set
+  return meta
+
+
+class _Progress:
+  """Logs examples/s, ETA and compilations every `every` seconds."""
+
+  def __init__(self, total: int, every: float):
+    self.total, self.every, self.done = total, every, 0
+    self.start = self.last = time.perf_counter()
+    self.compiled = set()
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.start
+
+  def update(self, examples: int, compiled=None) -> None:
+    self.done += examples
+    if compiled is not None:
+      self.compiled.add(compiled)
+    now = time.perf_counter()
+    if now - self.last >= self.every or self.done == self.total:
+      self.last = now
+      rate = self.done / max(now - self.start, 1e-9)
+      eta = (self.total - self.done) / max(rate, 1e-9)
+      logging.info(
+        "latents: %d/%d examples, %.1f ex/s, ETA %dm%02ds, %d shapes compiled",
+        self.done, self.total, rate, eta // 60, eta % 60, len(self.compiled),
+      )  # fmt: skip
 
 
 def _define_flags() -> None:
@@ -133,6 +214,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("split", "train", "split")
   flags.DEFINE_string("out", None, "output directory", required=True)
   flags.DEFINE_integer("max_examples", None, "encode at most this many examples")
+  flags.DEFINE_integer("batch_size", 8, "examples of one size encoded per call")
   flags.DEFINE_integer("chunk", None, "latent frames per chunk (None: whole)")
   flags.DEFINE_integer("tile", None, "square tile in pixels (None: whole)")
   flags.DEFINE_integer("overlap", 0, "tile overlap in pixels")
@@ -143,11 +225,13 @@ def main(argv):
   f = flags.FLAGS
   codec = load(f.autoencoder)
   tile = (f.tile, f.tile) if f.tile else None
-  counts = encode_dataset(
+  meta = encode_dataset(
     codec, f.dataset, f.split, f.out, dataset_config=f.dataset_config,
-    max_examples=f.max_examples, chunk=f.chunk, tile=tile, overlap=f.overlap,
+    max_examples=f.max_examples, batch_size=f.batch_size, chunk=f.chunk, tile=tile,
+    overlap=f.overlap,
   )  # fmt: skip
-  print(json.dumps({"out": f.out, "files": counts}))
+  meta.pop("skipped_examples")
+  print(json.dumps({"out": f.out, **meta}))
 
 
 if __name__ == "__main__":
