@@ -146,6 +146,7 @@ def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, in
       f"input.tokens_per_row={inp.tokens_per_row} is not divisible by sequence={shape['sequence']}"
     )
   _check_latent_space(config)
+  _check_text_embeddings(config)
   s = config.sample
   for dim, p in zip(("num_frames", "height", "width"), patch):
     if s[dim] % p:
@@ -154,6 +155,28 @@ def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, in
       )
   if math.prod(s[d] // p for d, p in zip(("num_frames", "height", "width"), patch)) == 0:
     raise ConfigError(f"sample size {s.num_frames}x{s.height}x{s.width} is empty")
+
+
+def _check_text_embeddings(config: ml_collections.ConfigDict) -> None:
+  """input.text_embeddings (a caption-embedding table) and model.text_embed_dim agree."""
+  from vdit.data import captions  # noqa: PLC0415
+
+  table, dim = config.input.get("text_embeddings"), config.model.get("text_embed_dim", 0)
+  if not table:
+    if dim:
+      raise ConfigError(
+        f"model.text_embed_dim={dim} needs input.text_embeddings = a caption-embedding table"
+      )
+    return
+  try:
+    meta = captions.read_meta(table)
+  except FileNotFoundError as e:
+    raise ConfigError(f"input.text_embeddings={table!r}: {e}") from e
+  if meta["dim"] != dim:
+    raise ConfigError(
+      f"model.text_embed_dim={dim} but the caption embeddings in {table!r} have {meta['dim']} "
+      "channels"
+    )
 
 
 def _check_latent_space(config: ml_collections.ConfigDict) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from vdit import checkpointing, media, models, tasks
-from vdit.data import patchify, tokenizer
+from vdit.data import captions, patchify, tokenizer
 from vdit.diffusion import given_frames, objectives
 from vdit.diffusion.given_frames import InputError, fit_size, patch_frames
 from vdit.tasks import restore
@@ -48,18 +48,28 @@ MODES = {  # --mode: (Sampler method, required inputs, optional inputs)
 
 
 def prompt_rows(
-  prompts: Sequence[str], grid: tuple, tok: tokenizer.Tokenizer, max_tokens: int, labels=None
+  prompts: Sequence[str],
+  grid: tuple,
+  tok: tokenizer.Tokenizer | captions.CaptionEmbeddings,
+  max_tokens: int,
+  labels=None,
 ) -> dict[str, np.ndarray]:
-  """One row per prompt holding one video of `grid` patches; captions tokenized and padded;
-  `labels` (one per prompt) or −1 (null)."""
+  """One row per prompt holding one video of `grid` patches; captions tokenized (or embedded,
+  with a caption-embedding table) and padded; `labels` (one per prompt) or −1 (null)."""
   n, length = len(prompts), int(np.prod(grid))
   text = np.zeros((n, max_tokens), np.int32)
   text_seg = np.zeros((n, max_tokens), np.int32)
+  embedded = isinstance(tok, captions.CaptionEmbeddings)
+  extra = {"text_embeddings": np.zeros((n, max_tokens, tok.dim), np.float32)} if embedded else {}
   for i, prompt in enumerate(prompts):
-    ids = tok.encode(prompt, max_tokens)
+    if embedded:
+      ids, emb = tok(prompt)
+      extra["text_embeddings"][i, : len(ids)] = emb
+    else:
+      ids = tok.encode(prompt, max_tokens)
     text[i, : len(ids)] = ids
     text_seg[i, : len(ids)] = 1
-  return {
+  return extra | {
     "positions": np.broadcast_to(patchify.grid_positions(grid), (n, length, 3)).copy(),
     "segment_ids": np.ones((n, length), np.int32),
     "shapes": np.broadcast_to(np.asarray(grid, np.int32), (n, 1, 3)).copy(),
@@ -96,7 +106,13 @@ class Sampler:
     self.last_latents = None  # latent space: the latents [N, T', H', W', Z] of the last call
     self.patch_size = tuple(self.config.input.patch_size)
     self.pt = self.patch_size[0]
-    self.tokenizer = tokenizer.Tokenizer(self.config.input.vocab_size)
+    inp = self.config.input
+    if inp.get("text_embeddings"):  # precomputed caption embeddings; new prompts via the embedder
+      self.tokenizer = captions.CaptionEmbeddings(
+        inp.text_embeddings, inp.max_caption_tokens, allow_new=True
+      )
+    else:
+      self.tokenizer = tokenizer.Tokenizer(inp.vocab_size)
     self.spec = objectives.Spec.from_config(self.config.diffusion)
 
   def grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:

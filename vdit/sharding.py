@@ -39,6 +39,8 @@ BATCH_AXES |= {
   "valid": (layers.BATCH,),
 }
 DENSE_KEYS = ("video", "label", "valid")
+# Precomputed caption embeddings (`input.text_embeddings`), aligned with `text_tokens`.
+BATCH_AXES["text_embeddings"] = (layers.BATCH, layers.TEXT_LENGTH, None)
 
 # Default logical→mesh rules: batch rows over data×fsdp, weights' embed over fsdp (ZeRO-3
 # style), heads/mlp/vocab over tensor, the packed length over sequence.

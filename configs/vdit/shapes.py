@@ -18,6 +18,8 @@ through its decoder. `sample` and `evals.samples` sizes are then in latent units
 T' latent frames decode to 1 + ft·(T' − 1) frames, H'×W' cells to fs·H' × fs·W' pixels.
 """
 
+import os
+
 import ml_collections
 
 from vdit import config_lib
@@ -28,7 +30,7 @@ VARIANTS = {"tiny": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (10
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = config_lib.parse_arg(arg, variant="S", tiny=False, latent="", latents="")
+  arg = config_lib.parse_arg(arg, variant="S", tiny=False, latent="", latents="", captions="")
   tiny = arg.tiny
   width, depth, heads = VARIANTS["tiny" if tiny else arg.variant]
   c = ml_collections.ConfigDict()
@@ -55,6 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     text_tokens_per_row=96 if tiny else 512,  # M
     max_caption_tokens=16 if tiny else 64,
     vocab_size=1024,
+    # A caption-embedding table (`python -m vdit.tools.captions`): precomputed embeddings of a
+    # frozen text model instead of token ids; "" = the built-in tokenizer + trainable encoder.
+    text_embeddings="",
     max_frames=16 if tiny else 32,
     min_frames=4,  # clip duration uniform in [min_frames, max_frames]
     frame_stride=1,
@@ -80,6 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     text_width=width,
     text_depth=2 if tiny else 4,
     text_heads=heads,
+    text_embed_dim=0,  # E of precomputed caption embeddings (the `captions=` option); 0 = tokens
     num_classes=0,
     attention_backend="xla",
     scan_layers=True,
@@ -167,7 +173,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   if arg.latent or arg.latents:
     latent_space(c, arg.latent, arg.latents, tiny)
+  if arg.captions:
+    precomputed_captions(c, arg.captions)
   return c
+
+
+def precomputed_captions(c: ml_collections.ConfigDict, table: str):
+  """Conditions on the caption embeddings of `table` (`python -m vdit.tools.captions --out=…`):
+  the model projects them (E → text_width) and its text blocks refine them."""
+  from vdit.data import captions  # noqa: PLC0415
+
+  c.input.text_embeddings = os.path.abspath(table)
+  c.model.text_embed_dim = int(captions.read_meta(table)["dim"])
 
 
 def latent_space(c: ml_collections.ConfigDict, vae_workdir: str, latents_dir: str, tiny: bool):

@@ -36,9 +36,12 @@ from vdit.data import tokenizer
 from vdit.data import transforms as transforms_lib
 
 
-def empty_row(length: int, text_length: int, slots: int, patch_dim: int) -> dict:
-  """A row of padding: segment 0 everywhere, labels -1."""
-  return {
+def empty_row(
+  length: int, text_length: int, slots: int, patch_dim: int, embed_dim: int = 0
+) -> dict:
+  """A row of padding: segment 0 everywhere, labels -1 (and zero caption embeddings if E > 0)."""
+  extra = {"text_embeddings": np.zeros((text_length, embed_dim), np.float32)} if embed_dim else {}
+  return extra | {
     "patches": np.zeros((length, patch_dim), np.float32),
     "positions": np.zeros((length, 3), np.int32),
     "segment_ids": np.zeros((length,), np.int32),
@@ -52,7 +55,8 @@ def empty_row(length: int, text_length: int, slots: int, patch_dim: int) -> dict
 def assemble_row(examples: Sequence[dict], length: int, text_length: int, slots: int) -> dict:
   """Concatenates materialized examples (transforms.materialize) into one row; slot k = id k+1."""
   patch_dim = examples[0]["patches"].shape[-1]
-  row = empty_row(length, text_length, slots, patch_dim)
+  embed_dim = examples[0]["text_embeddings"].shape[-1] if "text_embeddings" in examples[0] else 0
+  row = empty_row(length, text_length, slots, patch_dim, embed_dim)
   at = text_at = 0
   for k, ex in enumerate(examples):
     n, m = ex["patches"].shape[0], ex["text_tokens"].shape[0]
@@ -61,6 +65,8 @@ def assemble_row(examples: Sequence[dict], length: int, text_length: int, slots:
     row["segment_ids"][at : at + n] = k + 1
     row["text_tokens"][text_at : text_at + m] = ex["text_tokens"]
     row["text_segment_ids"][text_at : text_at + m] = k + 1
+    if embed_dim:
+      row["text_embeddings"][text_at : text_at + m] = ex["text_embeddings"]
     row["shapes"][k] = ex["shapes"][0]
     row["labels"][k] = ex["labels"][0]
     at, text_at = at + n, text_at + m
@@ -94,7 +100,10 @@ class GrainRowToRow(grain.transforms.Map):
       and np.array_equal(slots, packed["labels_segment_ids"])
     ):
       raise RuntimeError("packing numbered positions, shapes or labels unlike the patches")
-    return {
+    extra = {}
+    if "text_embeddings" in packed:
+      extra["text_embeddings"] = packed["text_embeddings"].astype(np.float32)
+    return extra | {
       "patches": packed["patches"].astype(np.float32),
       "positions": packed["positions"].astype(np.int32),
       "segment_ids": packed["patches_segment_ids"].astype(np.int32),
@@ -112,22 +121,15 @@ def grain_packer(ds: grain.IterDataset, kind: str, c, *, seed: int, train: bool)
     "grain_best_fit": grain.experimental.BestFitPackIterDataset,
   }[kind]
   length, text, k = c.tokens_per_row, c.text_tokens_per_row, c.max_examples_per_row
+  lengths = {"patches": length, "positions": length, "text_tokens": text, "shapes": k, "labels": k}
+  padding = {"patches": 0.0, "positions": 0, "text_tokens": tokenizer.PAD_ID, "shapes": 0}
+  padding["labels"] = -1
+  if c.get("text_embeddings"):
+    lengths["text_embeddings"], padding["text_embeddings"] = text, 0.0
   ds = cls(
     ds,
-    length_struct={
-      "patches": length,
-      "positions": length,
-      "text_tokens": text,
-      "shapes": k,
-      "labels": k,
-    },
-    padding_struct={
-      "patches": 0.0,
-      "positions": 0,
-      "text_tokens": tokenizer.PAD_ID,
-      "shapes": 0,
-      "labels": -1,
-    },
+    length_struct=lengths,
+    padding_struct=padding,
     num_packing_bins=c.num_packing_bins,
     max_sequences_per_bin=k,
     shuffle_bins=train,

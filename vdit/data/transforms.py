@@ -6,6 +6,9 @@ The chain (see `example_transforms`) is
 
   SampleClip -> ToFloat -> ResizeToTokenBudget -> TokenizeCaption -> SampleTokenDrop -> Packable
 
+(EmbedCaption instead of TokenizeCaption with `input.text_embeddings`: it adds
+`text_embeddings` [n, E] float32 aligned with the n text tokens, carried through to the rows.)
+
 and ends in a *packable* example: `video` float32 [T, H, W, 3] in [-1, 1] with T, H, W multiples
 of the patch, `text_tokens` [n] int32, `label` int32, `drop_rate` float32 and `seed` int64. The
 packer may still shrink it (keeping aspect) to fill a gap in a row; `materialize` then cuts it
@@ -27,6 +30,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from vdit.data import captions as captions_lib
 from vdit.data import patchify as patchify_lib
 from vdit.data import tokenizer as tokenizer_lib
 
@@ -192,6 +196,25 @@ class TokenizeCaption(grain.transforms.Map):
     return {**element, "text_tokens": self.tokenizer.encode(text, self.max_len)}
 
 
+class EmbedCaption(grain.transforms.Map):
+  """caption -> text_tokens [n] and text_embeddings [n, E] from a caption-embedding table
+  (`vdit.data.captions`); an element's own `caption_embedding` [n, E] wins over the table."""
+
+  def __init__(self, table: str, max_len: int):
+    self.table, self.max_len = table, max_len
+    self._lookup = None  # opened lazily, in the process that maps
+
+  def map(self, element: dict) -> dict:
+    if self._lookup is None:
+      self._lookup = captions_lib.CaptionEmbeddings(self.table, self.max_len)
+    own = element.get("caption_embedding")
+    tokens, emb = self._lookup(element.get("caption", b""), own)
+    return {**element, "text_tokens": tokens, "text_embeddings": emb}
+
+  def __getstate__(self):  # grain may pickle transforms into worker processes
+    return {**self.__dict__, "_lookup": None}
+
+
 class SampleTokenDrop(grain.transforms.RandomMap):
   """Draws the example's token-drop rate, uniform in [min_rate, max_rate], and its drop seed."""
 
@@ -207,13 +230,16 @@ class Packable(grain.transforms.Map):
   """Keeps exactly the fields of a packable example (see the module docstring)."""
 
   def map(self, element: dict) -> dict:
-    return {
+    out = {
       "video": np.asarray(element["video"], np.float32),
       "text_tokens": np.asarray(element["text_tokens"], np.int32),
       "label": np.int32(element.get("label", -1)),
       "drop_rate": np.float32(element.get("drop_rate", 0.0)),
       "seed": np.int64(element.get("seed", 0)),
     }
+    if "text_embeddings" in element:
+      out["text_embeddings"] = np.asarray(element["text_embeddings"], np.float32)
+    return out
 
 
 def kept_tokens(num_tokens: int, drop_rate: float) -> int:
@@ -238,13 +264,16 @@ def materialize(element: dict, patch_size: Sequence[int], grid=None) -> dict:
     rng = np.random.default_rng(int(element["seed"]))
     index = np.sort(rng.choice(n, size=keep, replace=False))
     patches, positions = patches[index], positions[index]
-  return {
+  out = {
     "patches": patches,
     "positions": positions,
     "text_tokens": element["text_tokens"],
     "shapes": np.asarray(grid, np.int32).reshape(1, 3),
     "labels": np.asarray([element["label"]], np.int32),
   }
+  if "text_embeddings" in element:
+    out["text_embeddings"] = element["text_embeddings"]
+  return out
 
 
 class Materialize(grain.transforms.Map):
@@ -277,7 +306,9 @@ def example_transforms(input_config, *, train: bool) -> list:
     ResizeToTokenBudget(
       c.patch_size, c.max_tokens_per_example, c.min_tokens_per_example if train else None
     ),
-    TokenizeCaption(c.vocab_size, c.max_caption_tokens),
+    EmbedCaption(c.text_embeddings, c.max_caption_tokens)
+    if c.get("text_embeddings")
+    else TokenizeCaption(c.vocab_size, c.max_caption_tokens),
     SampleTokenDrop(*drop),
     Packable(),
   ]

@@ -216,9 +216,9 @@ def sample_rows(
   """The whole guided sampling loop of a packed-row model as one jitted function.
 
   `model.apply({"params": params}, x, t, positions, segment_ids, text_tokens,
-  text_segment_ids, labels)` is the VideoDiT call (as in `train_step`). `rows` [2N, ...] are
-  the N conditional rows then their N null rows (caption [NULL], label −1); noise, x_cond,
-  x_init [N, L, P]; cond_mask [N, L]. Guidance `scale` applies for t in `interval`.
+  text_segment_ids, labels, text_embeddings)` is the VideoDiT call (as in `train_step`). `rows`
+  [2N, ...] are the N conditional rows then their N null rows (caption [NULL], label −1);
+  noise, x_cond, x_init [N, L, P]; cond_mask [N, L]. Guidance `scale` applies for t in `interval`.
   """
   n, p = noise.shape[0], noise.shape[-1]
 
@@ -233,6 +233,7 @@ def sample_rows(
       rows["text_tokens"],
       rows["text_segment_ids"],
       rows["labels"],
+      rows.get("text_embeddings"),
     )
     return guidance.cfg(out[:n], out[n:], scale, t, interval, channels=p)
 

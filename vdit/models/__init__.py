@@ -48,6 +48,7 @@ def build(config: ml_collections.ConfigDict):
       text_heads=m.text_heads,
       vocab_size=config.input.vocab_size,
       num_classes=m.num_classes,
+      text_embed_dim=m.get("text_embed_dim", 0),
       attention_backend=m.attention_backend,
       scan_layers=m.scan_layers,
       remat_policy=m.remat_policy,
@@ -97,6 +98,8 @@ def dummy_inputs(config: ml_collections.ConfigDict, rows: int = 1) -> tuple:
   """Inputs of the packed-batch shapes for `init` / `eval_shape` (values are irrelevant)."""
   inp = config.input
   length, m, k = inp.tokens_per_row, inp.text_tokens_per_row, inp.max_examples_per_row
+  embed_dim = config.model.get("text_embed_dim", 0)
+  embeddings = (jnp.zeros((rows, m, embed_dim), jnp.float32),) if embed_dim else ()
   return (
     jnp.zeros((rows, length, patch_dim(config)), jnp.float32),  # x
     jnp.zeros((rows, length), jnp.float32),  # t
@@ -105,4 +108,5 @@ def dummy_inputs(config: ml_collections.ConfigDict, rows: int = 1) -> tuple:
     jnp.ones((rows, m), jnp.int32),  # text_tokens
     jnp.ones((rows, m), jnp.int32),  # text_segment_ids
     jnp.full((rows, k), -1, jnp.int32),  # labels
+    *embeddings,  # text_embeddings (precomputed captions only)
   )

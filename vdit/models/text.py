@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vdit.data.tokenizer import NULL_ID
 from vdit.models import layers
 from vdit.models.layers import BATCH, EMBED, TEXT_LENGTH, VOCAB
 
@@ -43,6 +44,11 @@ class TextEncoder(nn.Module):
 
   Embedding (VOCAB, EMBED) + 1-D sin-cos position of each token inside its own caption, then
   `depth` pre-LN blocks with segment-masked self-attention, then a final LayerNorm.
+
+  With `embed_dim` = E > 0 the inputs are precomputed embeddings [B, M, E] (a frozen text model's
+  outputs, `vdit.data.captions`) instead: a linear projection E → Dt replaces the id table, and
+  tokens equal to NULL (the empty or dropped caption) take a learned null embedding. The token
+  ids then only mark NULL; `depth` may be 0 (projection and LayerNorm only).
   """
 
   vocab_size: int
@@ -53,22 +59,42 @@ class TextEncoder(nn.Module):
   attention_backend: str = "xla"
   scan_layers: bool = True
   remat_policy: str = "none"  # see layers.REMAT_NAMES
+  embed_dim: int = 0  # E of precomputed embeddings; 0: token ids through the id table
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    # tokens, segment_ids: [B, M] int32 -> [B, M, Dt]
+  def __call__(
+    self, tokens: jax.Array, segment_ids: jax.Array, embeddings: jax.Array | None = None
+  ) -> jax.Array:
+    # tokens, segment_ids: [B, M] int32; embeddings: [B, M, E] or None -> [B, M, Dt]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    embed = nn.Embed(
-      self.vocab_size,
-      self.width,
-      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (VOCAB, EMBED)),
-      name="embed",
-      **kw,
-    )
-    x = embed(tokens)  # [B, M, Dt]
+    if self.embed_dim:
+      if embeddings is None or embeddings.shape[-1] != self.embed_dim:
+        got = None if embeddings is None else embeddings.shape
+        raise ValueError(f"embed_dim={self.embed_dim} needs embeddings [B, M, E], got {got}")
+      x = layers.dense(self.width, (None, EMBED), name="embed_proj", **kw)(embeddings)
+      null = self.param(
+        "null",
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), (EMBED,)),
+        (self.width,),
+        self.param_dtype,
+      )
+      x = jnp.where((tokens == NULL_ID)[..., None], null.astype(x.dtype), x)
+    else:
+      embed = nn.Embed(
+        self.vocab_size,
+        self.width,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (VOCAB, EMBED)),
+        name="embed",
+        **kw,
+      )
+      x = embed(tokens)  # [B, M, Dt]
     x = x + layers.sincos_1d(layers.positions_in_segment(segment_ids), self.width).astype(x.dtype)
+    if self.depth == 0:
+      return nn.with_logical_constraint(
+        layers.layer_norm(name="norm", **kw)(x), (BATCH, TEXT_LENGTH, EMBED)
+      )
     stack = layers.stack_blocks(
       TextBlock,
       depth=self.depth,

@@ -107,6 +107,7 @@ class VideoDiT(nn.Module):
   mlp_ratio: float = 4.0
   out_dim: int = 0  # output channels per token; 0 → P (2P for a learned variance, DiT Sec. 3.2)
   num_classes: int = 0  # 0: no label embedding
+  text_embed_dim: int = 0  # E of precomputed caption embeddings; 0: the built-in token encoder
   qk_norm: bool = False
   attention_backend: str = "xla"  # see layers.ATTENTION_BACKENDS
   scan_layers: bool = True
@@ -134,11 +135,13 @@ class VideoDiT(nn.Module):
     text_tokens: jax.Array,
     text_segment_ids: jax.Array,
     labels: jax.Array | None = None,
+    text_embeddings: jax.Array | None = None,
     *,
     deterministic: bool = True,  # no dropout yet; kept for a stable signature
   ) -> jax.Array:
     # x: [B, L, P]; t: [B, L] in [0, 1]; positions: [B, L, 3]; segment_ids: [B, L];
-    # text_tokens, text_segment_ids: [B, M]; labels: [B, K] or None. Returns [B, L, P].
+    # text_tokens, text_segment_ids: [B, M]; labels: [B, K] or None; text_embeddings:
+    # [B, M, E] (precomputed, `text_embed_dim` > 0) or None. Returns [B, L, P].
     del deterministic
     if x.shape[-1] != self.patch_dim:
       raise ValueError(f"patches have P={x.shape[-1]}, expected patch_dim={self.patch_dim}")
@@ -175,9 +178,10 @@ class VideoDiT(nn.Module):
       attention_backend=self.attention_backend,
       scan_layers=self.scan_layers,
       remat_policy=self.remat_policy,
+      embed_dim=self.text_embed_dim,
       name="text",
       **kw,
-    )(text_tokens, text_segment_ids)  # [B, M, Dt]
+    )(text_tokens, text_segment_ids, text_embeddings)  # [B, M, Dt]
     text = layers.dense(self.width, (MLP, EMBED), name="text_proj", **kw)(text)  # [B, M, D]
     text = nn.with_logical_constraint(text, (BATCH, TEXT_LENGTH, EMBED))
 

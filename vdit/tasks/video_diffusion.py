@@ -5,7 +5,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from vdit import config_checks
+from vdit import config_checks, sharding
 from vdit.diffusion import conditioning, objectives
 from vdit.tasks import base
 
@@ -23,6 +23,7 @@ def packed_apply(model, params):
       batch["text_tokens"],
       batch["text_segment_ids"],
       batch["labels"],
+      batch.get("text_embeddings"),  # precomputed caption embeddings, if the run uses them
     )
 
   return apply_fn
@@ -33,6 +34,10 @@ class VideoDiffusion(base.Task):
 
   def check_config(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
     config_checks.check_video_diffusion(config, mesh_shape)
+
+  def batch_keys(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    extra = ("text_embeddings",) if config.input.get("text_embeddings") else ()
+    return sharding.PACKED_KEYS + extra
 
   def loss(self, model, params, batch, rng, config):
     """First some examples become conditioned tasks (image-to-video, extension, interpolation;
