@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests import configs
-from vdit import config_checks, datasets, models, sample, train
+from vdit import config_checks, datasets, media, models, sample, train
 from vdit.data import pipeline
 from vdit.tools import latents
 
@@ -83,6 +83,21 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
   videos = sampler.generate(["a blue square"], num_frames=2, height=4, width=6, steps=2)
   assert videos.shape == (1, 3, 16, 24, 3) and videos.dtype == np.uint8
   assert sampler.last_latents.shape == (1, 2, 4, 6, 8)
+
+  # 5. Given frames are pixels, encoded by the VAE: they come back as clean latent tokens.
+  rng = np.random.default_rng(0)
+  clip = rng.integers(0, 256, (5, 16, 24, 3), dtype=np.uint8)  # 5 frames → 3 latent frames
+  given = sampler.codec.encode(media.from_uint8(clip)[None])[0]
+  opts = dict(height=4, width=6, steps=2)
+  videos = sampler.image_to_video(["a blue square"], clip[0], num_frames=3, **opts)
+  assert videos.shape == (1, 5, 16, 24, 3)
+  np.testing.assert_allclose(sampler.last_latents[0, :1], given[:1], atol=1e-5)
+  sampler.extend(["a blue square"], clip, num_frames=4, **opts)
+  np.testing.assert_allclose(sampler.last_latents[0, :3], given, atol=1e-5)
+  sampler.interpolate(["a blue square"], clip[:3], clip[:3], num_frames=5, **opts)
+  np.testing.assert_allclose(sampler.last_latents[0, -2:], given[:2], atol=1e-5)
+  edited = sampler.edit(["a red circle"], clip, strength=0.5, **opts)
+  assert edited.shape == (1, 5, 16, 24, 3) and sampler.last_latents.shape == (1, 3, 4, 6, 8)
 
 
 def test_float_video_is_not_rescaled_and_channels_set_patch_dim():

@@ -14,8 +14,10 @@ Library: `load(workdir)` → `Sampler`, with `generate` (text-to-video) and one 
 Latent space: with `config.autoencoder` (the workdir of a trained VAE) the model denoises
 normalised latents and the sampler decodes them to pixels (`vdit.tools.latents.Codec`); sizes
 (--num_frames/--height/--width, `config.sample`) are then in latent units (T', H', W') and a
-video of T' latent frames decodes to 1 + ft·(T' − 1) frames of fs·H' × fs·W' pixels. Only t2v and
-t2i are wired there (given frames would have to be encoded first).
+video of T' latent frames decodes to 1 + ft·(T' − 1) frames of fs·H' × fs·W' pixels. Given
+frames (i2v, extend, interpolate, edit, loop) are pixels, resized to fs·H' × fs·W' and encoded
+with the VAE first (`Sampler._frames`); a clip given at the end is encoded on its own, so its
+first latent frame summarises one frame, not ft (an approximation the forward modes avoid).
 """
 
 import dataclasses
@@ -154,8 +156,7 @@ class Sampler:
     frames = np.asarray(image)
     if frames.ndim == 4 and frames.shape[0] > 1:
       logging.warning("image: %d frames given, using the first", frames.shape[0])
-    still = fit_size(frames[:1] if frames.ndim == 4 else frames, h, w, "image")
-    still = patch_frames(still, self.pt, "first", "image")
+    still = self._frames(frames[:1] if frames.ndim == 4 else frames, h, w, "image", "first")
     return self._given(prompts, num_frames or self.config.sample.num_frames, [still], [], options)
 
   def extend(self, prompts, video, *, direction="forward", num_frames=None, **options):
@@ -165,7 +166,7 @@ class Sampler:
       raise InputError(f"direction={direction!r} must be 'forward' or 'backward'")
     h, w, options = self._size(options)
     keep = "last" if direction == "forward" else "first"
-    clip = patch_frames(fit_size(video, h, w, "video"), self.pt, keep, "video")
+    clip = self._frames(video, h, w, "video", keep)
     num_frames = num_frames or len(clip) + self.config.sample.num_frames
     head, tail = ([clip], []) if direction == "forward" else ([], [clip])
     return self._given(prompts, num_frames, head, tail, options)
@@ -174,8 +175,8 @@ class Sampler:
     """Connects two clips: `video` at the start, `video2` at the end, `num_frames` in all
     (default: both clips + the config's), the frames between generated."""
     h, w, options = self._size(options)
-    a = patch_frames(fit_size(video, h, w, "video"), self.pt, "last", "video")
-    b = patch_frames(fit_size(video2, h, w, "video2"), self.pt, "first", "video2")
+    a = self._frames(video, h, w, "video", "last")
+    b = self._frames(video2, h, w, "video2", "first")
     num_frames = num_frames or len(a) + len(b) + self.config.sample.num_frames
     return self._given(prompts, num_frames, [a], [b], options)
 
@@ -184,7 +185,7 @@ class Sampler:
     schedule, denoise it with the new prompts. Keeps the first `num_frames` frames (default:
     all, in whole patch-frames)."""
     h, w, options = self._size(options)
-    clip = patch_frames(fit_size(video, h, w, "video"), self.pt, "first", "video")
+    clip = self._frames(video, h, w, "video", "first")
     num_frames = num_frames or len(clip)
     if num_frames > len(clip):
       raise InputError(f"num_frames={num_frames} exceeds the video's {len(clip)} frames")
@@ -201,11 +202,30 @@ class Sampler:
     h, w, options = self._size(options)
     num_frames = num_frames or self.config.sample.num_frames
     if image is None:
-      key = media.from_uint8(self.text_to_image(prompts, height=h, width=w, **options))
+      images = self.text_to_image(prompts, height=h, width=w, **options)  # uint8 [N, 1, H, W, 3]
+      key = np.stack([self._frames(im, h, w, "image", "first")[:1] for im in images])
     else:
-      key = fit_size(np.asarray(image)[:1] if np.ndim(image) == 4 else image, h, w, "image")
-    key = np.repeat(key, self.pt, axis=-4)  # [(N,) pt, H, W, 3]
+      key = self._frames(np.asarray(image)[:1] if np.ndim(image) == 4 else image, h, w, "image")
+      key = key[:1]
+    key = np.repeat(key, self.pt, axis=-4)  # [(N,) pt, H, W, C]
     return self._given(prompts, num_frames + self.pt, [key], [key], options)[:, :num_frames]
+
+  def _frames(self, frames, h: int, w: int, name: str, keep: str = "first") -> np.ndarray:
+    """Given uint8 frames [F, H, W, 3] (or an image) in the model's space, whole patch-frames:
+    resized to h × w pixels, or in latent space resized to fs·h × fs·w, cut to 1 + ft·k frames
+    (`keep` says which survive) and encoded to [1 + k, h, w, Z] (the first latent frame
+    summarises frame 0 alone, so an image is one latent frame, as the VAE was trained)."""
+    if self.codec is None:
+      return patch_frames(fit_size(frames, h, w, name), self.pt, keep, name)
+    ft, fs, _ = self.codec.compression
+    pixels = fit_size(frames, h * fs, w * fs, name)
+    usable = 1 + (len(pixels) - 1) // ft * ft
+    if usable < len(pixels):
+      logging.warning(
+        "%s: %d frames cut to %d (1 + %d·k for the VAE)", name, len(pixels), usable, ft
+      )
+      pixels = pixels[-usable:] if keep == "last" else pixels[:usable]
+    return patch_frames(self.codec.encode(pixels[None])[0], self.pt, keep, name)
 
   def _size(self, options: dict) -> tuple[int, int, dict]:
     s = self.config.sample
@@ -241,11 +261,6 @@ class Sampler:
       raise InputError(str(e)) from None
     if labels is not None and len(labels) != len(prompts):
       raise InputError(f"{len(labels)} labels for {len(prompts)} prompts; expected one each")
-    if self.codec is not None and (given is not None or init is not None):
-      raise InputError(
-        "given frames (i2v, extend, interpolate, edit, loop) are not wired for "
-        "latent-space models yet; use t2v or t2i"
-      )
     n, max_tokens = len(prompts), self.config.input.max_caption_tokens
     cond = prompt_rows(prompts, grid, self.tokenizer, max_tokens, labels)
     null = prompt_rows([""] * n, grid, self.tokenizer, max_tokens)
