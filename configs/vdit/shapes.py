@@ -211,4 +211,6 @@ def latent_space(c: ml_collections.ConfigDict, vae_workdir: str, latents_dir: st
   c.sample.num_frames, c.sample.height, c.sample.width = 4, 8, 12  # latent units
   c.sample.display_scale = 2 if tiny else 1
   c.evals.samples.sizes = ((4, 8, 12),) if tiny else ((8, 16, 24),)
-  del c.evals["adherence"]  # its scorer reads pixel sizes; not wired for latents yet
+  # The scorer reads the decoded pixels; its words come from the pixel dataset's variant.
+  c.evals.adherence.size = (4, 8, 8) if tiny else (5, 8, 8)  # latent units
+  c.evals.adherence.dataset_config = "tiny" if tiny else "default"
