@@ -112,8 +112,8 @@ def test_frechet_known_answers():
 
 
 def test_frechet_weights_extractor_is_a_clear_error():
-  with pytest.raises(NotImplementedError, match="register_extractor"):
-    frechet.EXTRACTORS["npz"](weights="/nonexistent/i3d.npz")
+  with pytest.raises(FileNotFoundError, match="does not exist.*rgb_imagenet.pt"):
+    frechet.EXTRACTORS["i3d"](weights="/nonexistent/i3d.npz")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,17 +3,22 @@
 FD = ‖μ_r − μ_g‖² + Tr(Σ_r + Σ_g − 2 (Σ_r Σ_g)^½)  (Heusel et al. 2017, FID Eq. 6; FVD uses the
 same formula on I3D features, Unterthiner et al. 2018). The matrix square root is taken as
 (Σ_r^½ Σ_g Σ_r^½)^½ through symmetric eigendecompositions (`scipy.linalg.eigh`), which equals
-Tr((Σ_r Σ_g)^½) and stays real and stable for rank-deficient covariances.
+Tr((Σ_r Σ_g)^½) and stays real and stable for rank-deficient covariances; with fewer videos
+than feature dimensions `frechet_of_features` takes the same trace from the samples (the nuclear
+norm of A_r A_gᵀ), which is exact and O(N²D) instead of O(D³).
 
 Feature extractors (`extractor` option):
   classifier   the penultimate layer of a classifier trained in this project
                (`classifier_workdir`, e.g. `configs/vit/digits.py:tiny`); per frame, averaged
                over each video's frames (`Classifier.features`).
-  npz          a user-supplied Inception (FID) or I3D (FVD) style network: `weights` is a file
-               holding the network, and `EXTRACTORS["npz"]` must be replaced (`register_extractor`)
-               by a function building `videos uint8 [N, T, H, W, 3] -> features [N, D]` from it.
-               No such weights ship with vdit (no downloads), so without one this raises a clear
-               error; see docs/evaluation.md.
+  inception    Inception-v3 as used for FID (pytorch-fid's variant of the TF 2015-12-05 graph):
+               2048-d pool3 features at 299×299, per frame, averaged over each video's frames
+               (`frames="mean"`) or of its middle frame (`frames="middle"`).
+  i3d          I3D (Kinetics-400) as used for FVD: the 400 logits (`features="logits"`) or the
+               1024-d pool (`features="pool"`) at 224×224, videos padded to ≥ 9 frames.
+               Both read `weights=<.npz|.safetensors>`: the reference PyTorch state dict converted
+               once by the user (vdit downloads nothing; `vdit/evaluators/extractors/`,
+               docs/evaluation.md).
 
 Real videos come from the validation split of `dataset` (default: the run's dataset), the
 generated ones from the run's sampler on the real videos' captions at `size`.
@@ -35,12 +40,19 @@ def register_extractor(name: str, factory: Callable[..., Extractor]) -> None:
   EXTRACTORS[name] = factory
 
 
-def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(mean [D], covariance [D, D]) of features [N, D] (unbiased, as in FID)."""
+def _centred(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(mean [D], A [N, D]) of features [N, D] with Σ = AᵀA (unbiased, as in FID)."""
   features = np.asarray(features, np.float64)
   if features.ndim != 2 or features.shape[0] < 2:
     raise ValueError(f"features {features.shape}: need [N, D] with N ≥ 2")
-  return features.mean(0), np.cov(features, rowvar=False).reshape(features.shape[1], -1)
+  mu = features.mean(0)
+  return mu, (features - mu) / np.sqrt(features.shape[0] - 1)
+
+
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(mean [D], covariance [D, D]) of features [N, D] (unbiased, as in FID)."""
+  mu, a = _centred(features)
+  return mu, a.T @ a
 
 
 def _sqrt_psd(a: np.ndarray) -> np.ndarray:
@@ -59,7 +71,19 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def frechet_of_features(real: np.ndarray, fake: np.ndarray) -> float:
-  return frechet_distance(*statistics(real), *statistics(fake))
+  """FD between Gaussians fitted to features [N_r, D] and [N_g, D].
+
+  With fewer samples than dimensions (e.g. 32 videos, 2048-d Inception features) the trace term
+  comes from the samples, O(N²D) instead of the O(D³) of D×D eigendecompositions: with Σ = AᵀA
+  (A = centred features [N, D] / √(N − 1)) the nonzero eigenvalues of Σ_r Σ_g are the squared
+  singular values of A_r A_gᵀ, so Tr((Σ_r Σ_g)^½) = ‖A_r A_gᵀ‖_* and Tr Σ = ‖A‖_F².
+  """
+  (mu1, a1), (mu2, a2) = _centred(real), _centred(fake)
+  if max(len(a1), len(a2)) >= a1.shape[1]:
+    return frechet_distance(mu1, a1.T @ a1, mu2, a2.T @ a2)
+  cross = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
+  value = float(np.sum((mu1 - mu2) ** 2) + np.sum(a1**2) + np.sum(a2**2) - 2 * cross)
+  return max(value, 0.0)
 
 
 def _classifier_extractor(classifier_workdir: str, classifier_step: int | None = None, **_):
@@ -69,17 +93,21 @@ def _classifier_extractor(classifier_workdir: str, classifier_step: int | None =
   return lambda videos: clf.features(videos).mean(axis=1)  # [N, T', D] → [N, D]
 
 
-def _weights_extractor(weights: str | None = None, **_):
-  raise NotImplementedError(
-    f"extractor='npz' needs a user-supplied Inception/I3D network (weights={weights!r}): register "
-    "a factory with `vdit.evaluators.frechet.register_extractor('npz', factory)` that loads "
-    "`weights` and maps uint8 videos [N, T, H, W, 3] to features [N, D]; vdit ships no such "
-    "weights (docs/evaluation.md). Use extractor='classifier' for an in-project network."
-  )
+def _inception_extractor(**options):
+  from vdit.evaluators.extractors import inception  # noqa: PLC0415
+
+  return inception.extractor(**options)  # weights, frames, batch_size
+
+
+def _i3d_extractor(**options):
+  from vdit.evaluators.extractors import i3d  # noqa: PLC0415
+
+  return i3d.extractor(**options)  # weights, features, min_frames, batch_size
 
 
 register_extractor("classifier", _classifier_extractor)
-register_extractor("npz", _weights_extractor)
+register_extractor("inception", _inception_extractor)
+register_extractor("i3d", _i3d_extractor)
 
 
 def real_videos(config, num_videos: int, size, dataset: str | None, dataset_config: str | None):
