@@ -10,6 +10,7 @@ import pytest
 from tests import configs
 from vdit import config_checks, datasets, media, models, sample, train
 from vdit.data import pipeline
+from vdit.evaluators import frechet
 from vdit.tools import latents
 
 
@@ -83,6 +84,11 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
   videos = sampler.generate(["a blue square"], num_frames=2, height=4, width=6, steps=2)
   assert videos.shape == (1, 3, 16, 24, 3) and videos.dtype == np.uint8
   assert sampler.last_latents.shape == (1, 2, 4, 6, 8)
+  # Fréchet's real videos of a latent run: the pixel dataset the latents came from, at the
+  # decoded size.
+  assert sampler.pixel_size(2, 4, 6) == (3, 16, 24)
+  real, captions = frechet.real_videos(c, 2, sampler.pixel_size(2, 4, 6), None, None)
+  assert real.shape == (2, 3, 16, 24, 3) and real.dtype == np.uint8 and len(captions) == 2
 
   # 5. Given frames are pixels, encoded by the VAE: they come back as clean latent tokens.
   rng = np.random.default_rng(0)

@@ -124,6 +124,14 @@ class Sampler:
       raise InputError(str(e)) from None
     return tuple(n // p for n, p in zip((num_frames, height, width), self.patch_size))
 
+  def pixel_size(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """The (T, H, W) in pixels of a video sampled at this size (in latent units in latent space:
+    T' latent frames decode to 1 + ft·(T' − 1) frames of fs·H' × fs·W')."""
+    if self.codec is None:
+      return num_frames, height, width
+    ft, fs, _ = self.codec.compression
+    return 1 + ft * (num_frames - 1), fs * height, fs * width
+
   def generate(
     self,
     prompts: Sequence[str],

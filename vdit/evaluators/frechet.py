@@ -111,16 +111,20 @@ register_extractor("i3d", _i3d_extractor)
 
 
 def real_videos(config, num_videos: int, size, dataset: str | None, dataset_config: str | None):
-  """(uint8 videos [N, T, H, W, 3] resized to `size`, captions) from the validation split."""
+  """(uint8 videos [N, T, H, W, 3] resized to `size` pixels, captions) from the validation
+  split. A latent-space run's real videos are the pixel dataset its latents were encoded from."""
   from vdit import datasets  # noqa: PLC0415
   from vdit.data import transforms  # noqa: PLC0415
+  from vdit.datasets import latents  # noqa: PLC0415
 
   inp = config.input
+  dataset_config = dataset_config or (None if dataset else inp.get("dataset_config"))
+  dataset = dataset or inp.dataset
+  if dataset == "latents":
+    meta = latents.meta(dataset_config, "validation")
+    dataset, dataset_config = meta["dataset"], meta["dataset_config"]
   source = datasets.data_source(
-    dataset or inp.dataset,
-    "validation",
-    data_dir=inp.get("data_dir"),
-    config=dataset_config or inp.get("dataset_config"),
+    dataset, "validation", data_dir=inp.get("data_dir"), config=dataset_config
   )
   t, h, w = (int(s) for s in size)
   videos, captions = [], []
@@ -159,9 +163,10 @@ def evaluate(
   if extractor not in EXTRACTORS:
     raise ValueError(f"extractor={extractor!r} is unknown; expected one of {sorted(EXTRACTORS)}")
   features_of = EXTRACTORS[extractor](**extractor_options)
-  real, captions = real_videos(config, num_videos, size, dataset, dataset_config)
   sampler = sample.Sampler(config=config, params=params)
-  t, h, w = (int(s) for s in size)
+  t, h, w = (int(s) for s in size)  # the model's units (latent units in latent space)
+  pixels = sampler.pixel_size(t, h, w)
+  real, captions = real_videos(config, num_videos, pixels, dataset, dataset_config)
   fake = []
   for i in range(0, len(captions), batch_size):
     opts = dict(num_frames=t, height=h, width=w, steps=steps, guidance=guidance, seed=seed + i)
