@@ -3,8 +3,8 @@
   the same example stream as `pipeline` (mixture, shuffle, repeat, host split)
     -> SampleClip (input.frame_stride, `input.size[0]` frames; random start in training)
     -> ToFloat -> FixedSize: centre crop to the target aspect ratio (`input.fit="crop"`; or
-       keep the whole frame, "squash"), area resize to H × W, a short clip repeats its last
-       frame up to T
+       keep the whole frame, "squash"; or the box around the frame's ink as an ink map, "ink",
+       `vdit.data.ink_crop`), area resize to H × W, a short clip repeats its last frame up to T
     -> batch B rows (host-local) -> prefetch
 
 Every batch is a dict of numpy arrays:
@@ -13,23 +13,26 @@ Every batch is a dict of numpy arrays:
   label [B] int32                            -1 = no label (and the padding rows of evaluation)
   valid [B] bool                             False for the padding rows of the last eval batch
 
-`input.size = (T, H, W)`. The iterator is checkpointable like `pipeline.make_iterator`'s.
+`input.size = (T, H, W)`. With fit="ink" the examples a dataset marks as holding two objects (a
+`digits` field with a second digit ≥ 0: `moving_digits`) are skipped, in training and evaluation:
+one box would hold both digits and the label names only the first. The iterator is
+checkpointable like `pipeline.make_iterator`'s.
 """
 
 import grain
 import ml_collections
 import numpy as np
 
+from vdit.data import ink_crop, pipeline
 from vdit.data import packing as packing_lib
-from vdit.data import pipeline
 from vdit.data import transforms as transforms_lib
 
-FITS = ("crop", "squash")
+FITS = ("crop", "squash", "ink")
 
 
 class FixedSize(grain.transforms.Map):
-  """Centre-crops to the aspect of (H, W) (or not: "squash"), area-resizes to (H, W), pads T by
-  the last frame."""
+  """Centre-crops to the aspect of (H, W) (or not: "squash"; or the ink box: "ink"), area-resizes
+  to (H, W), pads T by the last frame."""
 
   def __init__(self, size, fit: str = "crop"):
     self.frames, self.height, self.width = (int(s) for s in size)
@@ -39,15 +42,16 @@ class FixedSize(grain.transforms.Map):
     video = element["video"]  # [t, h, w, C] float
     t, h, w, _ = video.shape
     target = self.width / self.height
-    if self.fit == "squash":
-      pass
-    elif w / h > target:  # too wide: crop the width
-      cw = max(1, round(h * target))
-      video = video[:, :, (w - cw) // 2 : (w - cw) // 2 + cw]
+    if self.fit == "ink":  # the ink map of the box around the ink, already H × W
+      video = ink_crop.ink_crops(video, self.height, self.width)
     else:
-      ch = max(1, round(w / target))
-      video = video[:, (h - ch) // 2 : (h - ch) // 2 + ch]
-    video = transforms_lib.area_resize(video, self.height, self.width)
+      if self.fit == "crop" and w / h > target:  # too wide: crop the width
+        cw = max(1, round(h * target))
+        video = video[:, :, (w - cw) // 2 : (w - cw) // 2 + cw]
+      elif self.fit == "crop":
+        ch = max(1, round(w / target))
+        video = video[:, (h - ch) // 2 : (h - ch) // 2 + ch]
+      video = transforms_lib.area_resize(video, self.height, self.width)
     if t < self.frames:
       video = np.concatenate([video, np.repeat(video[-1:], self.frames - t, axis=0)])
     return {
@@ -55,6 +59,12 @@ class FixedSize(grain.transforms.Map):
       "label": np.int32(element.get("label", -1)),
       "valid": np.bool_(True),
     }
+
+
+def one_object(element: dict) -> bool:
+  """False for an example with a second object (`digits[1] >= 0`), which fit="ink" skips."""
+  digits = element.get("digits")
+  return digits is None or int(np.sum(np.asarray(digits) >= 0)) <= 1
 
 
 class _PadBatch(grain.transforms.Map):
@@ -95,6 +105,8 @@ def make_dataset(
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
   ds = pipeline.example_stream(c, seed=seed, train=train)
+  if c.fit == "ink":
+    ds = ds.filter(one_object)
   clip = transforms_lib.SampleClip(
     (1, 1, 1),
     size[0],
