@@ -74,7 +74,9 @@ def default_input_config() -> ml_collections.ConfigDict:
       prefetch_batches=2,  # batches prepared ahead in a background thread (workers = 0)
       workers=0,  # > 0: run the whole pipeline in this many processes (grain mp_prefetch)
       size=config_dict.placeholder(tuple),  # (T, H, W) of fixed-size batches (`dense.py`)
-      fit="crop",  # fixed-size batches: "crop" (centre, keep aspect) | "squash" (whole frame)
+      # Fixed-size batches: "crop" (centre, keep aspect) | "squash" (whole frame) | "ink" (the
+      # box around the frame's ink as an ink map, `vdit.data.ink_crop`; the digits classifier).
+      fit="crop",
     )
   )
 
