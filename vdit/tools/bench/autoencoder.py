@@ -2,13 +2,15 @@
 chunked+tiled (`vdit/models/tiling.py`).
 
   python -m vdit.tools.bench autoencoder [--quick] [--set size=64] [--set lengths='(5,9,17)'] --json
+      [--set png='"docs/images/autoencoder.png"']
 
 The tiny config's model (`configs/vae/video.py:tiny`: 2× time, 4× space, channels 16/32/64,
 random weights: speed and memory do not depend on them) on one [1, T, size, size, 3] video.
 `peak_mb`: XLA's compiled memory analysis of one jitted call (arguments + outputs + temporaries;
 for chunked/tiled coding the per-tile call, which is all the device holds at once — results are
 assembled on the host). `frames_per_s`: wall clock of the whole encode (or decode) after a
-warm-up call, median of `repeats`.
+warm-up call, median of `repeats`. With `png`, writes both against the length there (one panel
+for encode, one for decode).
 """
 
 import statistics
@@ -21,6 +23,7 @@ import numpy as np
 
 from vdit.models import autoencoder as ae
 from vdit.models import tiling
+from vdit.tools.bench import plots
 
 
 def _peak_mb(fn, *args) -> float:
@@ -37,6 +40,36 @@ def _frames_per_s(frames: int, repeats: int, fn, *args, **kwargs) -> float:
     fn(*args, **kwargs)
     samples.append(time.perf_counter() - start)
   return round(frames / statistics.median(samples), 1)
+
+
+def write_png(path: str, results: dict) -> str:
+  """Peak memory (solid, left axis) and frames/s (dashed, right axis, log) vs video length,
+  whole (blue) vs chunked+tiled (orange); encode and decode side by side."""
+  rows = results["rows"]
+  size = rows[0]["size"]
+  fig, panels = plots.subplots(
+    2,
+    f"causal video VAE (tiny), 1×T×{size}²×3, chunk {results['chunk_latent_frames']} latent "
+    f"frames, {results['tile']}² tiles; 2-core CPU (loaded)",
+    width=5,
+    height=3.8,
+  )
+  frames = [r["frames"] for r in rows]
+  for ax, op in zip(panels, ("encode", "decode")):
+    fps_ax = ax.twinx()
+    for mode, colour in (("whole", "C0"), ("tiled", "C1")):
+      name = "whole" if mode == "whole" else "chunked+tiled"
+      mb = [r[f"{mode}_{op}_peak_mb"] for r in rows]
+      fps = [r[f"{mode}_{op}_frames_per_s"] for r in rows]
+      ax.plot(frames, mb, "o-", color=colour, label=f"{name}: peak MB")
+      fps_ax.plot(frames, fps, "s--", color=colour, label=f"{name}: frames/s")
+    ax.set(xlabel="video length T (frames)", ylabel="peak device memory (MB)", title=op)
+    ax.set_ylim(bottom=0)
+    fps_ax.set_ylabel("frames / s (wall clock)")
+    fps_ax.set_yscale("log")
+  lines = ax.get_lines() + fps_ax.get_lines()
+  fig.legend(lines, [line.get_label() for line in lines], loc="outside lower center", ncol=4)
+  return plots.save(fig, path)
 
 
 def run(options: dict) -> dict:
@@ -84,7 +117,7 @@ def run(options: dict) -> dict:
       t, repeats, tiling.decode, model, variables, z, **kw
     )
     rows.append(row)
-  return {
+  out = {
     "model": "channels=(16, 32, 64), ft=2, fs=4, Z=8 (configs/vae/video.py:tiny)",
     "chunk_latent_frames": chunk,
     "context_latent_frames": {"encode": enc_ctx, "decode": dec_ctx},
@@ -93,3 +126,6 @@ def run(options: dict) -> dict:
     "backend": jax.default_backend(),
     "rows": rows,
   }
+  if options.get("png"):
+    out["png"] = write_png(options["png"], out)
+  return out

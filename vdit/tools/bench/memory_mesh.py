@@ -2,6 +2,7 @@
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
       python -m vdit.tools.bench memory_mesh --json [--set meshes='((8,1,1,1),(1,8,1,1))']
+      [--set png='"docs/images/memory_mesh.png"']
 
 For each (data, fsdp, sequence, tensor) mesh over 8 simulated CPU devices, compiles
 `vdit.train.jit_train_step` of configs/vdit/shapes.py:tiny (the same lowering as
@@ -9,7 +10,8 @@ For each (data, fsdp, sequence, tensor) mesh over 8 simulated CPU devices, compi
 `compiled.memory_analysis()` — the per-device program of the SPMD partitioned step: arguments
 (the state shard + the batch shard), outputs, aliased (donated state), temporaries, total =
 arguments + outputs − aliased + temporaries. With fewer than 8 devices in this process, reruns
-itself in a subprocess with the flag set.
+itself in a subprocess with the flag set. With `png`, writes a stacked bar of the total per mesh
+there.
 """
 
 import json
@@ -22,7 +24,7 @@ import jax
 
 from vdit import sharding
 from vdit.tools import aot
-from vdit.tools.bench import loader
+from vdit.tools.bench import loader, plots
 
 MESHES = ((8, 1, 1, 1), (1, 8, 1, 1), (2, 2, 1, 2), (1, 2, 2, 2), (2, 1, 2, 2))
 MiB = 2**20
@@ -52,6 +54,32 @@ def per_device(config, mesh_shape) -> dict:
   }
 
 
+def write_png(path: str, results: dict) -> str:
+  """One stacked bar per mesh: arguments (state shard + batch shard), outputs not aliased to a
+  donated argument, temporaries; the stack is the total per device."""
+  rows = results["per_mesh"]
+  names = ["(" + ", ".join(str(r["mesh"][a]) for a in sharding.MESH_AXES) + ")" for r in rows]
+  parts = (
+    ("arguments (state + batch shard)", [r["arguments_mib"] for r in rows]),
+    ("outputs not aliased", [r["outputs_mib"] - r["aliased_mib"] for r in rows]),
+    ("temporaries", [r["temps_mib"] for r in rows]),
+  )
+  fig, (ax,) = plots.subplots(
+    1, f"compiled tiny train step, memory per device ({results['devices']} devices)", width=8
+  )
+  bottom = [0.0] * len(rows)
+  for label, values in parts:
+    ax.bar(names, values, bottom=bottom, label=label)
+    bottom = [b + v for b, v in zip(bottom, values)]
+  for x, r in enumerate(rows):
+    ax.annotate(f"{r['total_mib']:.1f}", (x, r["total_mib"]), ha="center", va="bottom", fontsize=8)
+  axes = ", ".join(sharding.MESH_AXES)
+  ax.set(xlabel=f"mesh ({axes})", ylabel="MiB per device")
+  ax.margins(y=0.1)
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+  return plots.save(fig, path)
+
+
 def _in_subprocess(options: dict) -> dict:
   env = dict(os.environ)
   env["XLA_FLAGS"] = (
@@ -71,8 +99,11 @@ def run(options: dict) -> dict:
     return _in_subprocess(options)
   meshes = MESHES[:2] if options.get("quick") else tuple(options.get("meshes", MESHES))
   config = loader.configs(options)["tiny"]
-  return {
+  out = {
     "config": "configs/vdit/shapes.py:tiny (B=8 rows × L=512, D=128, 4 blocks, float32)",
     "devices": jax.device_count(),
     "per_mesh": [per_device(config, tuple(shape)) for shape in meshes],
   }
+  if options.get("png"):
+    out["png"] = write_png(options["png"], out)
+  return out

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 
 from vdit import models, sample
-from vdit.tools.bench import loader
+from vdit.tools.bench import loader, plots
 
 STEPS = (4, 8, 16, 32)
 SIZES = ((8, 16, 16), (8, 32, 32), (8, 32, 48), (16, 32, 48), (16, 64, 64), (16, 64, 128))
@@ -61,13 +61,10 @@ def time_video(sampler: sample.Sampler, size, steps: int, repeats: int) -> dict:
 
 def write_png(path: str, runs: list[dict], labels: list[str] | None = None) -> str:
   """The two curves of one or more runs' `results` (repeat runs show the machine's noise)."""
-  import matplotlib  # noqa: PLC0415
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
   labels = labels or [f"run {i + 1}" for i in range(len(runs))]
-  fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+  fig, (a, b) = plots.subplots(
+    2, "tiny VideoDiT (random params), 1 video + guidance, 2-core CPU (loaded)"
+  )
   for results, label in zip(runs, labels):
     xs = [r["steps"] for r in results["vs_steps"]]
     a.plot(xs, [r["seconds_per_video"] for r in results["vs_steps"]], "o-", label=label)
@@ -83,10 +80,7 @@ def write_png(path: str, runs: list[dict], labels: list[str] | None = None) -> s
   b.set_yscale("log")
   if len(runs) > 1:
     a.legend(fontsize=8)
-  fig.suptitle("tiny VideoDiT (random params), 1 video + guidance, 2-core CPU (loaded)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  return path
+  return plots.save(fig, path)
 
 
 def run(options: dict) -> dict:
