@@ -2,6 +2,7 @@
 tool, VideoDiT trained on the latents and a sample decoded back to pixels."""
 
 import copy
+import json
 import os
 
 import numpy as np
@@ -55,7 +56,13 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
   c.optimizer.warmup_steps = 1
   c.sample.prompts = ("a red circle moving right",)
   c.sample.steps = 2
-  c.evals = {}
+  # An evaluator inside the training loop restores the VAE within the run's mesh context.
+  c.evals = {
+    "adherence": dict(
+      type="adherence", every_steps=2, num_prompts=2, size=(2, 4, 4), steps=2,
+      dataset_config="tiny",
+    )
+  }  # fmt: skip
   workdir_of_nothing = str(tmp_path / "nothing")
   assert c.autoencoder == vae_dir and c.input.dataset == "latents" and c.input.channels == 8
   assert models.patch_dim(c) == 1 * 2 * 2 * 8
@@ -74,6 +81,8 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
   workdir = str(tmp_path / "vdit")
   train.train_and_evaluate(c, workdir)
 
+  adherence = json.load(open(os.path.join(workdir, "eval", "2.json")))["adherence"]
+  assert 0.0 <= adherence["all"] <= 1.0
   # 4. Samples decode to pixels: T' = 4 latent frames → 1 + 2·3 = 7 frames, 8×12 → 32×48 pixels.
   gifs = sorted(f for f in os.listdir(os.path.join(workdir, "samples", "2")) if f.endswith(".gif"))
   assert gifs == ["a_red_circle_moving_right.gif"]

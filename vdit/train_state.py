@@ -133,7 +133,13 @@ def abstract_state(init: Callable[[], TrainState], mesh: Mesh, rules) -> tuple[T
   with sharding.activate(mesh, rules):
     boxed = jax.eval_shape(init)
     shardings = sharding.tree_shardings(mesh, rules, boxed)
-  unboxed = nn.meta.unbox(boxed)
+  # Strip the partitioning metadata without a sharding constraint: these are shapes, and this
+  # may run inside another mesh's context (e.g. a VAE restored by an evaluator mid-training).
+  unboxed = jax.tree_util.tree_map(
+    lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+    boxed,
+    is_leaf=lambda x: isinstance(x, nn.Partitioned),
+  )
   structs = jax.tree_util.tree_map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings
   )
