@@ -139,6 +139,17 @@ def test_due():
   assert evaluators.due(ml_collections.ConfigDict({"x": 1}), 10, 10) == []
 
 
+def test_missing_evals_of_a_finished_run(tmp_path):
+  # A run that crashed in (or stopped before) its final evals reruns only the missing ones.
+  c = _config(a=dict(type="loss", every_steps=10), b=dict(type="samples", every_steps=0))
+  workdir = str(tmp_path)
+  assert evaluators.missing(c, workdir, 100, 100) == ["a", "b"]
+  tasks_base.write_eval_json(workdir, 100, "a", {"x": 1.0})
+  assert evaluators.missing(c, workdir, 100, 100) == ["b"]
+  tasks_base.write_eval_json(workdir, 100, "b", {})
+  assert evaluators.missing(c, workdir, 100, 100) == []
+
+
 class _Writer:
   def __init__(self):
     self.scalars, self.images = {}, {}

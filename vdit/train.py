@@ -253,6 +253,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     return state
 
   # --- Evaluation: samples (generative tasks), validation accuracy (classifiers) ------------
+  if names := evaluators.missing(config, workdir, int(state.step), total):  # e.g. after a crash
+    with sharding.activate(mesh, rules):
+      evaluators.run(config, _host_params(state), workdir, int(state.step), names, writer=writer)
   results = task.evaluate(config, _host_params(state), workdir, int(state.step))
   scalars = {k: v for k, v in results.items() if isinstance(v, int | float)}
   if scalars:

@@ -14,12 +14,14 @@ array}, TensorBoard only). Every process calls `run`; only process 0 writes file
 docs/evaluation.md describes each evaluator and its options.
 """
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from vdit.tasks import base as tasks_base
 
@@ -73,6 +75,14 @@ def due(config: ml_collections.ConfigDict, step: int, total_steps: int) -> list[
     if step == total_steps or (every > 0 and step % every == 0):
       names.append(name)
   return names
+
+
+def missing(config: ml_collections.ConfigDict, workdir: str, step: int, total_steps: int):
+  """Names of the evals due at `step` without results in workdir/eval/<step>.json (a run that
+  stopped, or crashed, before or during them): rerunning a finished run completes them."""
+  path = epath.Path(workdir) / "eval" / f"{step}.json"
+  written = json.loads(path.read_text()) if path.exists() else {}
+  return [name for name in due(config, step, total_steps) if name not in written]
 
 
 def run(
