@@ -64,3 +64,28 @@ TINY_CLI_FLAGS = [
   "--config.log_every_steps=1",
   "--config.checkpoint_every_steps=2",
 ]
+
+
+def fit_one_batch(config: ml_collections.ConfigDict, steps: int) -> tuple[list[float], dict]:
+  """`steps` jitted train steps of `config`'s task on its first batch (the real sharded step
+  over the config's mesh) → (the losses, the last step's metrics)."""
+  from vdit import sharding, tasks, train, train_state  # noqa: PLC0415
+
+  task = tasks.get(config)
+  model = task.build_model(config)
+  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
+  init = train_state.init_fn(model, task.dummy_inputs(config), tx, config.seed)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  state, shardings = train_state.create_sharded(init, mesh, rules)
+  step_fn = train.jit_train_step(config, model, tx, mesh, rules, shardings)
+  batch = next(task.make_iterator(config))
+  losses, metrics = [], {}
+  with sharding.activate(mesh, rules):
+    batch = train.to_global(batch, config, mesh, rules)
+    for _ in range(steps):
+      state, metrics = step_fn(state, batch)
+      # Waiting for each step: many queued steps' collectives can starve the 8 simulated
+      # devices of 2 cores (an XLA CPU rendezvous timeout).
+      losses.append(float(metrics["loss"]))
+  return losses, metrics

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests import configs
-from vdit import evaluators, media, sharding, tasks, train, train_state
+from vdit import evaluators, media, tasks, train
 from vdit.data import dense, ink_crop, transforms
 from vdit.datasets import moving_digits as md
 from vdit.evaluators import classifier
@@ -163,23 +163,7 @@ def test_classifier_fits_a_batch_of_crops(data_dir):
   """FIT_STEPS updates on one batch of crops drive its training accuracy to 1."""
   config = _config(data_dir, **{"optimizer.lr": 5e-3, "optimizer.warmup_steps": 1})
   config.total_steps = FIT_STEPS
-  task = tasks.get(config)
-  model = task.build_model(config)
-  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
-  init = train_state.init_fn(model, task.dummy_inputs(config), tx, config.seed)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config.sharding_rules)
-  state, shardings = train_state.create_sharded(init, mesh, rules)
-  step_fn = train.jit_train_step(config, model, tx, mesh, rules, shardings)
-  batch = next(task.make_iterator(config))
-  with sharding.activate(mesh, rules):
-    batch = train.to_global(batch, config, mesh, rules)
-    losses = []
-    for _ in range(FIT_STEPS):
-      state, metrics = step_fn(state, batch)
-      # Waiting for each step: many queued steps' collectives can starve the 8 simulated
-      # devices of 2 cores (an XLA CPU rendezvous timeout).
-      losses.append(float(metrics["loss"]))
+  losses, metrics = configs.fit_one_batch(config, FIT_STEPS)
   assert float(metrics["accuracy"]) == 1.0, losses[::10]
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests import configs
-from vdit import config_checks, datasets, sharding, tasks, train, train_state
+from vdit import config_checks, datasets, tasks, train
 from vdit.data import dense
 from vdit.tasks import image_diffusion
 
@@ -63,21 +63,7 @@ def test_classifier_fits_a_batch(name, data_dir):
   gradients are wired to the right examples (NaViT: per packed slot)."""
   config = _config(name, data_dir, **{"optimizer.lr": 3e-3, "optimizer.warmup_steps": 1})
   config.total_steps = 60
-  task = tasks.get(config)
-  model = task.build_model(config)
-  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
-  init = train_state.init_fn(model, task.dummy_inputs(config), tx, config.seed)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config.sharding_rules)
-  state, shardings = train_state.create_sharded(init, mesh, rules)
-  step_fn = train.jit_train_step(config, model, tx, mesh, rules, shardings)
-  batch_np = next(task.make_iterator(config))
-  with sharding.activate(mesh, rules):
-    batch = train.to_global(batch_np, config, mesh, rules)
-    losses = []
-    for _ in range(60):
-      state, metrics = step_fn(state, batch)
-      losses.append(float(metrics["loss"]))
+  losses, metrics = configs.fit_one_batch(config, 60)
   assert losses[-1] < 0.2 * losses[0], losses[::10]
   assert float(metrics["accuracy"]) >= 0.95
 
