@@ -260,6 +260,7 @@ def test_tiny_config_trains_through_main(data_dir, tmp_path):
   with open(os.path.join(workdir, "eval", "4.json")) as f:
     results = json.load(f)["autoencoder"]
   assert results["examples"] > 100 and 5.0 < results["psnr"] < 60.0 and 0.0 < results["ssim"] <= 1.0
+  assert "psnr_later_frames" not in results  # 1-frame clips (images) have no later frames
   stats = ae_task.load_stats(workdir)
   np.testing.assert_allclose(stats.shift, results["latent_mean"], rtol=1e-6)
   assert stats.scale.shape == (8,) and np.all(stats.scale > 0)

@@ -155,22 +155,34 @@ class AutoencoderTask(base.Task):
       bsz, t = video.shape[:2]
       frames = ssim(a.reshape(bsz * t, *a.shape[2:]), b.reshape(bsz * t, *b.shape[2:]))
       sums = jnp.sum(mean, axis=(1, 2, 3)), jnp.sum(jnp.square(mean), axis=(1, 2, 3))
-      return psnr(a, b), frames.reshape(bsz, t).mean(1), *sums, recon
+      # Frames after the first: the reconstruction's error vs the error of repeating frame 0
+      # (a VAE that ignores its later latents is no better than that copy).
+      if t > 1:
+        later = jnp.mean(jnp.square(a[:, 1:] - b[:, 1:]), axis=(1, 2, 3, 4))
+        copy = jnp.mean(jnp.square(a[:, 1:] - a[:, :1]), axis=(1, 2, 3, 4))
+      else:  # images: no later frames
+        later = copy = jnp.zeros((bsz,))
+      return psnr(a, b), frames.reshape(bsz, t).mean(1), *sums, later, copy, recon
 
     totals = np.zeros(3 + 2 * z, np.float64)  # clips, Σ psnr, Σ ssim, Σ z, Σ z²
+    mse_later = np.zeros(2, np.float64)  # Σ MSE of frames ≥ 1: reconstruction, frame-0 copy
     latent_per_clip = None
     shown = None
     for batch in self.make_iterator(config, train=False, split="validation"):
-      p, s, s1, s2, recon = (np.asarray(x, np.float64) for x in code(params, batch["video"]))
+      out = (np.asarray(x, np.float64) for x in code(params, batch["video"]))
+      p, s, s1, s2, later, copy, recon = out
       v = batch["valid"].astype(np.float64)
       totals += np.concatenate([[v.sum(), p @ v, s @ v], v @ s1, v @ s2])
+      mse_later += [later @ v, copy @ v]
       if latent_per_clip is None:
         shape = ae.latent_shape(batch["video"].shape[1:], model.compression, z)
         latent_per_clip = int(np.prod(shape[:-1]))
         shown = (batch["video"][:4], recon[:4])
     if jax.process_count() > 1:
       totals = np.sum(multihost_utils.process_allgather(totals), axis=0)
+      mse_later = np.sum(multihost_utils.process_allgather(mse_later), axis=0)
     n = max(totals[0], 1.0)
+    to_db = lambda mse: float(10.0 * np.log10(1.0 / max(mse / n, 1e-10)))
     stats = ae.LatentStats.from_moments(
       totals[0] * latent_per_clip, totals[3 : 3 + z], totals[3 + z :]
     )
@@ -181,6 +193,11 @@ class AutoencoderTask(base.Task):
       "latent_mean": stats.shift,
       "latent_std": stats.scale,
     }
+    if config.input.size[0] > 1:
+      # PSNR of the frames after the first (from the mean MSE), and of repeating frame 0 there:
+      # the margin is what the later latents contribute (motion, new content).
+      results["psnr_later_frames"] = to_db(mse_later[0])
+      results["psnr_copy_first_frame"] = to_db(mse_later[1])
     if jax.process_index() == 0:
       path = base.write_eval_json(workdir, step, "autoencoder", results)
       stats_path = epath.Path(workdir) / STATS_FILE
