@@ -5,7 +5,11 @@ TPU pod:          launch/tpu_vm.sh run configs/vae/video.py gs://BUCKET/runs/vae
 
 Full: 4× time, 8× space, 16 latent channels (the compression of the Sora-era video VAEs:
 CogVideoX, Cosmos CV4×8×8, Wan), 17-frame 256² clips. `:tiny`: 2× time, 4× space, 8 channels,
-5-frame 32² clips (the first frame + 4 → 3 latent frames of 8×8). Images are 1-frame clips of
+9-frame 32² clips at frame stride 2 (the first frame + 8 → 5 latent frames of 8×8; ≈ 11 min on
+2 CPU cores). On 5 consecutive frames the tiny VAE learned to ignore its later latents (objects
+barely move, so repeating frame 0 is almost as good: +0.2 dB over that copy at 1,500 steps); 9
+frames at stride 2 make it encode the motion (+4.1 dB; `psnr_later_frames` vs
+`psnr_copy_first_frame` in the evaluation). Images are 1-frame clips of
 the same model (`input.size=(1, H, W)`). The run ends with PSNR/SSIM over the validation split
 and the latent statistics (workdir/latent_stats.json) that latent diffusion configs read.
 """
@@ -20,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   tiny = arg.tiny
   c = config_lib.trainer_config(
     tiny=tiny,
-    total_steps=300 if tiny else 200_000,
+    total_steps=1_500 if tiny else 200_000,
     lr=2e-3 if tiny else 1e-4,
     warmup_steps=20 if tiny else 1_000,
     ema_decay=0.99 if tiny else 0.999,
@@ -28,9 +32,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task = "autoencoder"
   c.input = dict(
     mixture=(("photo_pans", "tiny", 1.0), ("shapes", "tiny", 1.0)),
-    size=(5, 32, 32) if tiny else (17, 256, 256),  # T = 1 + ft·n frames
+    size=(9, 32, 32) if tiny else (17, 256, 256),  # T = 1 + ft·n frames
     fit="crop",
-    frame_stride=1,
+    frame_stride=2 if tiny else 1,  # tiny clips are short: a stride puts motion in them
     rows_per_batch=8 if tiny else 64,
   )
   c.model = dict(
