@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests import configs
-from vdit import evaluators, media, tasks, train
+from vdit import media, tasks, train
 from vdit.data import dense, ink_crop, transforms
 from vdit.datasets import moving_digits as md
 from vdit.evaluators import classifier
@@ -194,39 +194,24 @@ def test_evaluator_matches_the_runs_top1(crops_workdir, data_dir):
   assert top1["top1"] > 0.2, top1  # chance 0.1; 150 steps reach ≈ 0.35-0.39 (seeds 0-2)
 
 
-def test_digits_evaluator_on_known_videos(crops_workdir, monkeypatch):
-  """`digits` through the evaluator registry with a stand-in generator: one prompt per digit,
-  videos of that digit (real validation scans, moving); blank videos are one constant class, so
-  exactly chance with one video per digit."""
-  from vdit import sample  # noqa: PLC0415
-
+def test_digit_accuracy_on_known_videos(crops_workdir):
+  """`digit_accuracy` (the `digits` evaluator's scoring; the evaluator with a real sampler runs
+  in tests/test_evaluators.py) on videos whose answers are known: moving real validation scans
+  of each digit score like the run's crops; blank videos are one constant class, so exactly
+  chance with one video per digit."""
   _, scan_labels = md._scans()
   pool = md.scan_pool("validation")
-  prompts_seen, generated = [], []
-
-  class Stub:
-    def __init__(self, config, params):
-      del config, params
-
-    def generate(self, prompts, num_frames, height, width, **kwargs):
-      del kwargs
-      prompts_seen.extend(prompts)
-      out = []
-      for p in prompts:
-        digit = int(p.split()[2])
-        scan = int(pool[np.nonzero(scan_labels[pool] == digit)[0][0]])
-        frames = [_render(scan, 2, 2 + t, 4 + 2 * t, (height, width))[0] for t in range(num_frames)]
-        out.append(media.to_uint8(np.stack(frames)))
-      generated.append(np.stack(out))
-      return generated[-1]
-
-  monkeypatch.setattr(sample, "Sampler", Stub)
-  fn = evaluators.get("digits")
-  res = fn(None, None, "", 0, classifier_workdir=crops_workdir, size=(4, 32, 32))
-  assert [int(p.split()[2]) for p in prompts_seen] == list(range(10))
+  videos = []
+  for digit in range(10):
+    scan = int(pool[np.nonzero(scan_labels[pool] == digit)[0][0]])
+    frames = [_render(scan, 2, 2 + t, 4 + 2 * t, (32, 32))[0] for t in range(4)]
+    videos.append(media.to_uint8(np.stack(frames)))
   clf = classifier.Classifier(crops_workdir)
   labels = np.arange(10)
-  assert res == classifier.digit_accuracy(clf, generated[0], labels)  # scored against the prompts
+  res = classifier.digit_accuracy(clf, np.stack(videos), labels)
+  assert res["num_videos"] == 10 and 0.0 <= res["frame_accuracy"] <= 1.0
+  pred = np.argmax(clf.logits(np.stack(videos)), -1)
+  assert res["frame_accuracy"] == float(np.mean(pred == labels[:, None]))
   blank = np.full((10, 4, 32, 32, 3), 30, np.uint8)
   res = classifier.digit_accuracy(clf, blank, labels)
   assert res["frame_accuracy"] == res["video_accuracy"] == 0.1

@@ -275,26 +275,12 @@ def test_missing_weights_and_bad_options(nets):
 
 
 # ---------------------------------------------------------------------------------------------
-# The `frechet` evaluator with extractor="i3d" (real videos and the sampler stubbed).
+# FD through the registered extractor (the evaluator's own lookup and formula; its sampling
+# and real-video path run with a trained model in tests/test_evaluators.py).
 # ---------------------------------------------------------------------------------------------
-def test_frechet_evaluator_uses_the_extractor(nets, monkeypatch):
-  from vdit import sample  # noqa: PLC0415
-
-  fake = {"same": VIDEOS, "other": VIDEOS[:, ::-1]}
-
-  class Sampler:
-    def __init__(self, config, params):
-      self.videos = fake[params]
-
-    def generate(self, captions, num_frames, height, width, **_):
-      assert (num_frames, height, width) == VIDEOS.shape[1:4]
-      return [self.videos[int(c)] for c in captions]
-
-  captions = [str(i) for i in range(len(VIDEOS))]
-  monkeypatch.setattr(frechet, "real_videos", lambda *a: (VIDEOS, captions))
-  monkeypatch.setattr(sample, "Sampler", Sampler)
-  opts = dict(extractor="i3d", weights=nets["i3d"][1][".npz"], size=VIDEOS.shape[1:4])
-  same = frechet.evaluate(None, "same", "", 0, features="pool", **opts)
-  other = frechet.evaluate(None, "other", "", 0, features="pool", **opts)
-  assert same["extractor"] == "i3d" and same["num_videos"] == 3
-  assert same["fd"] == pytest.approx(0.0, abs=1e-6) and other["fd"] > 1e-6
+def test_frechet_with_the_registered_extractor(nets):
+  features_of = frechet.EXTRACTORS["i3d"](weights=nets["i3d"][1][".npz"], features="pool")
+  real = features_of(VIDEOS)
+  assert real.shape == (len(VIDEOS), 1024)
+  assert frechet.frechet_of_features(real, features_of(VIDEOS)) == pytest.approx(0.0, abs=1e-6)
+  assert frechet.frechet_of_features(real, features_of(VIDEOS[:, ::-1])) > 1e-6
