@@ -17,6 +17,7 @@ size (see `encode_dataset` for why grouping, not padding).
 import collections
 import dataclasses
 import json
+import os
 import time
 from typing import Any
 
@@ -131,7 +132,7 @@ def encode_dataset(
     def flush(key):
       group, groups[key] = groups[key], []
       frames = 1 + ft * (key[2] - 1)
-      videos = [tiling.pad_frames(v[None], frames)[0] for _, v, _, _ in group]
+      videos = [tiling.pad_frames(media.from_uint8(v)[None], frames)[0] for _, v, _, _ in group]
       videos += [videos[-1]] * (batch_size - len(videos))
       z = codec.encode(np.stack(videos), **tiling_kwargs)
       for (index, video, label, caption), zi in zip(group, z):
@@ -154,7 +155,8 @@ def encode_dataset(
       caption = ex.get("caption", b"")
       caption = caption.decode() if isinstance(caption, bytes) else str(caption)
       key = (*video.shape[1:3], time_bucket(1 + (len(video) - 1) // ft))
-      groups[key].append((i, media.from_uint8(video), int(ex.get("label", -1)), caption))
+      # uint8 while waiting for the group to fill (a quarter of the host memory of float32).
+      groups[key].append((i, video, int(ex.get("label", -1)), caption))
       if len(groups[key]) == batch_size:
         flush(key)
     for key in [k for k, g in groups.items() if g]:
@@ -162,7 +164,7 @@ def encode_dataset(
   if skipped:
     logging.warning("latents: skipped %d of %d examples: %s", len(skipped), n, skipped)
   meta = dict(
-    autoencoder=codec.workdir,
+    autoencoder=_absolute(codec.workdir),
     channels=codec.channels,
     compression=list(codec.compression),
     dataset=dataset,
@@ -177,6 +179,11 @@ def encode_dataset(
   )
   records.write_meta(out, meta)  # last: its presence marks a complete set
   return meta
+
+
+def _absolute(path: str | None) -> str | None:
+  """Local paths made absolute (meta.json is read from other working directories)."""
+  return path if path is None or "://" in path else os.path.abspath(path)
 
 
 class _Progress:
