@@ -121,10 +121,9 @@ def grain_packer(ds: grain.IterDataset, kind: str, c, *, seed: int, train: bool)
     "grain_best_fit": grain.experimental.BestFitPackIterDataset,
   }[kind]
   length, text, k = c.tokens_per_row, c.text_tokens_per_row, c.max_examples_per_row
-  lengths = {"patches": length, "positions": length, "text_tokens": text, "shapes": k, "labels": k}
-  padding = {"patches": 0.0, "positions": 0, "text_tokens": tokenizer.PAD_ID, "shapes": 0}
-  padding["labels"] = -1
-  if c.get("text_embeddings"):
+  lengths = dict(patches=length, positions=length, text_tokens=text, shapes=k, labels=k)
+  padding = dict(patches=0.0, positions=0, text_tokens=tokenizer.PAD_ID, shapes=0, labels=-1)
+  if c.get("text_embeddings"):  # precomputed caption embeddings ride along with the text tokens
     lengths["text_embeddings"], padding["text_embeddings"] = text, 0.0
   ds = cls(
     ds,

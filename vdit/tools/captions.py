@@ -18,7 +18,7 @@ import time
 from absl import app, flags, logging
 
 from vdit import datasets
-from vdit.data import captions
+from vdit.data import captions, tokenizer
 
 
 def dataset_captions(dataset: str, splits, dataset_config=None, data_dir=None) -> list[str]:
@@ -38,7 +38,7 @@ def embed_captions(
 ) -> dict:
   """Embeds `texts` with `embedder` (a spec) into the table `out`; returns its meta."""
   embed = captions.embedder_from_spec(embedder)
-  texts = [t for t in dict.fromkeys(texts) if captions.tokenizer_lib.words(t)]  # not the null
+  texts = [t for t in dict.fromkeys(texts) if tokenizer.words(t)]  # not the null
   start = time.perf_counter()
 
   def pairs():
