@@ -66,9 +66,10 @@ TINY_CLI_FLAGS = [
 ]
 
 
-def fit_one_batch(config: ml_collections.ConfigDict, steps: int) -> tuple[list[float], dict]:
-  """`steps` jitted train steps of `config`'s task on its first batch (the real sharded step
-  over the config's mesh) → (the losses, the last step's metrics)."""
+def fit_one_batch(config: ml_collections.ConfigDict, steps: int, batch: dict | None = None):
+  """`steps` jitted train steps of `config`'s task on `batch` (default: the task's first batch;
+  the real sharded step over the config's mesh) → (the losses, the last step's metrics, the
+  final train state)."""
   from vdit import sharding, tasks, train, train_state  # noqa: PLC0415
 
   task = tasks.get(config)
@@ -79,7 +80,7 @@ def fit_one_batch(config: ml_collections.ConfigDict, steps: int) -> tuple[list[f
   rules = sharding.rules_from_config(config.sharding_rules)
   state, shardings = train_state.create_sharded(init, mesh, rules)
   step_fn = train.jit_train_step(config, model, tx, mesh, rules, shardings)
-  batch = next(task.make_iterator(config))
+  batch = next(task.make_iterator(config)) if batch is None else batch
   losses, metrics = [], {}
   with sharding.activate(mesh, rules):
     batch = train.to_global(batch, config, mesh, rules)
@@ -88,4 +89,4 @@ def fit_one_batch(config: ml_collections.ConfigDict, steps: int) -> tuple[list[f
       # Waiting for each step: many queued steps' collectives can starve the 8 simulated
       # devices of 2 cores (an XLA CPU rendezvous timeout).
       losses.append(float(metrics["loss"]))
-  return losses, metrics
+  return losses, metrics, state

@@ -86,6 +86,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     text_depth=2 if tiny else 4,
     text_heads=heads,
     text_embed_dim=0,  # E of precomputed caption embeddings (the `captions=` option); 0 = tokens
+    text_embed_std=0.02,  # init std of the text id table (docs/recipe.md)
+    rope=False,  # 3-D rotary positions in self-attention (besides the sin-cos code)
+    rope_max_period=10_000.0,
+    pooled_text=False,  # the mean encoded caption also enters the adaLN conditioning
+    patch_bottleneck=0,  # > 0: low-rank patch embedding P → this → width (JiT)
     num_classes=0,
     attention_backend="xla",
     scan_layers=True,
@@ -105,6 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # needed in pixel space, where a narrow model cannot reproduce the patch noise).
     flow_prediction="x0" if tiny else "velocity",
     flow_t_min=0.05,
+    flow_sigma_data=0.5,  # "preconditioned": the data std of EDM's c_skip / c_out
     text_dropout=0.1,  # classifier-free guidance: rate of null captions (and labels) in training
     # Frame-conditioning tasks drawn per example in training (relative weights).
     cond_probs=dict(
@@ -166,8 +172,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     adherence=dict(
       type="adherence",
       every_steps=every,
-      num_prompts=8 if tiny else 96,
+      # tiny: all 48 colour × shape × direction prompts, square, landscape and portrait.
+      num_prompts=48 if tiny else 96,
       size=(8, 32, 32) if tiny else (16, 64, 64),
+      sizes=((8, 32, 32), (8, 32, 48), (8, 48, 24)) if tiny else (),
       steps=16 if tiny else 32,
     ),
   )

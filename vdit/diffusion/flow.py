@@ -87,6 +87,7 @@ def loss(
   logit_std: float = 1.0,
   shift_base_tokens: int | None = None,
   text_dropout: float = 0.1,
+  t_min: float | None = None,
 ) -> tuple[jax.Array, dict]:
   """Flow-matching loss ‖v_θ(x_t, t) − (ε − x0)‖² on a packed batch (SD3, Eq. 2 with v).
 
@@ -116,7 +117,10 @@ def loss(
   t_tok = jnp.where(cond, 0.0, per_token(t_ex, seg))  # [B, L]
   noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
   x_t = jnp.where(cond[..., None], x0, interpolate(x0, noise, t_tok))
-  target = noise - x0
+  if t_min is None:
+    target = noise - x0
+  else:
+    target = (x_t - x0) / jnp.maximum(t_tok, t_min)[..., None]
 
   model_batch, dropped = guidance.drop_conditions(drop_rng, batch, text_dropout)
   v = apply_fn(x_t, t_tok, model_batch).astype(jnp.float32)
@@ -204,7 +208,35 @@ def heun_sample(velocity_fn, x1: jax.Array, steps: int, **kwargs) -> jax.Array:
   return sample(velocity_fn, x1, steps, method="heun", **kwargs)
 
 
-FLOW_PREDICTIONS = ("velocity", "x0")
+FLOW_PREDICTIONS = ("velocity", "x0", "preconditioned")
+
+
+def preconditioning(t: jax.Array, sigma_data: float) -> tuple[jax.Array, jax.Array]:
+  """(a, b) with v = a·x_t + b·F for a network output F preconditioned as in EDM.
+
+  EDM (Karras et al. 2022, Table 1 and Appendix B.6) on the rectified-flow path
+  x_t = (1 − t)·x0 + t·ε with data std σ: x̂0 = c_skip·x_t + c_out·F, with
+  c_skip = (1 − t)σ² / D, c_out = tσ / √D, D = (1 − t)²σ² + t², so F's target has unit
+  variance at every t: F ≈ x0/σ at t = 1 (the network draws the content) and F ≈ −ε at
+  t = 0 (it only corrects its own input, which the skip passes through; a narrow network
+  need not squeeze every patch through its width). The velocity (x_t − x̂0)/t is then
+  a·x_t + b·F with a = (t − σ²(1 − t)) / D and b = −σ / √D, finite at every t ∈ [0, 1].
+  t: [...] → a, b: [..., 1].
+  """
+  t = t[..., None]
+  d = jnp.square(1 - t) * sigma_data**2 + jnp.square(t)
+  return (t - sigma_data**2 * (1 - t)) / d, -sigma_data / jnp.sqrt(d)
+
+
+def velocity_from_preconditioned(fn: Callable, sigma_data: float = 0.5) -> Callable:
+  """Wraps a network F (`fn(x, t, *a)`, x [B, L, P], t [B, L]) preconditioned as in EDM
+  (`preconditioning`) into one that returns the flow velocity."""
+
+  def velocity(x, t, *args):
+    a, b = preconditioning(t.astype(jnp.float32), sigma_data)
+    return a * x + b * fn(x, t, *args).astype(x.dtype)
+
+  return velocity
 
 
 def velocity_from_x0(fn: Callable, t_min: float = 0.05) -> Callable:

@@ -35,6 +35,7 @@ class Spec:
   shift_base_tokens: int = 0  # rectified flow: per-example shift √(tokens / base); 0 = none
   flow_prediction: str = "velocity"  # rectified flow: the model outputs "velocity" or "x0"
   flow_t_min: float = 0.05  # rectified flow, x0 prediction: v = (x_t − x̂0) / max(t, t_min)
+  flow_sigma_data: float = 0.5  # rectified flow, "preconditioned": the data std σ of EDM
   text_dropout: float = 0.1
   cond_probs: tuple[float, ...] = conditioning.task_probs(conditioning.DEFAULT_PROBS)
   schedule: str = "linear"  # gaussian: "linear" | "cosine"
@@ -105,6 +106,7 @@ def loss(
       logit_std=spec.logit_std,
       shift_base_tokens=spec.shift_base_tokens or None,
       text_dropout=spec.text_dropout,
+      t_min=spec.flow_t_min if spec.flow_prediction == "x0" else None,
     )
   if spec.objective == "gaussian":
     return gaussian.loss(
@@ -119,10 +121,20 @@ def loss(
   raise ValueError(f"objective={spec.objective!r} is unknown; expected one of {OBJECTIVES}")
 
 
-def flow_model(spec: Spec, fn: Callable) -> Callable:
-  """The model as a velocity function for rectified flow (converting x0 predictions)."""
+# Sampling converts x0 predictions exactly, v = (x_t − x̂0)/t: `flow_t_min` only bounds the loss
+# weight in training. With it, every Euler step below t_min would remove only t/t_min of the
+# remaining noise (a third of the noise at t_min survives to t = 0). Tokens at t = 0 are given
+# frames, whose velocity the sampler discards.
+SAMPLING_T_MIN = 1e-4
+
+
+def flow_model(spec: Spec, fn: Callable, *, sampling: bool = False) -> Callable:
+  """The model as a velocity function for rectified flow (converting x0 predictions; exactly
+  when `sampling`, with the loss weight bound `flow_t_min` in training)."""
   if spec.flow_prediction == "x0":
-    return flow.velocity_from_x0(fn, spec.flow_t_min)
+    return flow.velocity_from_x0(fn, SAMPLING_T_MIN if sampling else spec.flow_t_min)
+  if spec.flow_prediction == "preconditioned":
+    return flow.velocity_from_preconditioned(fn, spec.flow_sigma_data)
   if spec.flow_prediction != "velocity":
     raise ValueError(
       f"flow_prediction={spec.flow_prediction!r} is unknown; expected one of "
@@ -166,7 +178,7 @@ def sample(
     shift = token_shift(spec, shapes, segment_ids)
     x = noise if x_init is None or strength == 1.0 else flow.noised(x_init, noise, strength, shift)
     return flow.sample(
-      flow_model(spec, model_fn),
+      flow_model(spec, model_fn, sampling=True),
       x,
       steps,
       method=sampler,

@@ -228,6 +228,7 @@ class MultiHeadAttention(nn.Module):
   num_heads: int
   qk_norm: bool = False
   zero_init_out: bool = False  # True: the block output starts at 0 (identity residual).
+  rope_max_period: float = 10_000.0  # longest RoPE wavelength (in position units)
   backend: str = "xla"
   length_axis: str = LENGTH  # logical axis of the query length
   kv_length_axis: str | None = None  # of the key length; None = `length_axis`
@@ -268,8 +269,9 @@ class MultiHeadAttention(nn.Module):
       )
       q, k = norm("query_norm")(q), norm("key_norm")(k)
     if positions is not None:
-      q = posemb.rope(q, positions)
-      k = posemb.rope(k, positions if context_positions is None else context_positions)
+      k_pos = positions if context_positions is None else context_positions
+      q = posemb.rope(q, positions, self.rope_max_period)
+      k = posemb.rope(k, k_pos, self.rope_max_period)
     q = nn.with_logical_constraint(q, (BATCH, self.length_axis, HEADS, KV))
     k = nn.with_logical_constraint(k, (BATCH, kv_axis, HEADS, KV))
     v = nn.with_logical_constraint(v, (BATCH, kv_axis, HEADS, KV))

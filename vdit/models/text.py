@@ -60,6 +60,9 @@ class TextEncoder(nn.Module):
   scan_layers: bool = True
   remat_policy: str = "none"  # see layers.REMAT_NAMES
   embed_dim: int = 0  # E of precomputed embeddings; 0: token ids through the id table
+  # Init std of the id table. The 1-D sin-cos position code has norm √(Dt/2) (8 at Dt = 128):
+  # BERT's 0.02 makes each word a ~3% perturbation of its position; 1.0 (T5) makes them equal.
+  embed_std: float = 0.02
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -85,7 +88,9 @@ class TextEncoder(nn.Module):
       embed = nn.Embed(
         self.vocab_size,
         self.width,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (VOCAB, EMBED)),
+        embedding_init=nn.with_logical_partitioning(
+          nn.initializers.normal(self.embed_std), (VOCAB, EMBED)
+        ),
         name="embed",
         **kw,
       )

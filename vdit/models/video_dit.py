@@ -48,22 +48,27 @@ class DiTBlock(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   qk_norm: bool = False
+  rope_max_period: float = 10_000.0
   attention_backend: str = "xla"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, c, segment_ids, text, text_segment_ids):
+  def __call__(self, x, c, segment_ids, text, text_segment_ids, rope_positions=None):
     # x: [B, L, D] tokens; c: [B, L, D] per-token conditioning (packed rows mix examples with
-    # different diffusion times); segment_ids: [B, L]; text: [B, M, D]; text ids: [B, M].
+    # different diffusion times); segment_ids: [B, L]; text: [B, M, D]; text ids: [B, M];
+    # rope_positions: [B, L, 3] (scaled (t, h, w); 3-D RoPE in self-attention) or None.
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = dict(num_heads=self.num_heads, qk_norm=self.qk_norm, backend=self.attention_backend)
     x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+    self_attn = dict(rope_max_period=self.rope_max_period)
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(
       layers.AdaLNModulation(6, name="adaln", **kw)(c), 6, axis=-1
     )  # each [B, L, D], zero-init
     h = layers.modulate(layers.layer_norm(affine=False, name="norm1", **kw)(x), shift1, scale1)
-    x = x + gate1 * layers.MultiHeadAttention(**attn, name="self_attn", **kw)(h, segment_ids)
+    x = x + gate1 * layers.MultiHeadAttention(**attn, **self_attn, name="self_attn", **kw)(
+      h, segment_ids, positions=rope_positions
+    )
     h = layers.layer_norm(name="norm_cross", **kw)(x)
     x = x + layers.MultiHeadAttention(
       **attn, zero_init_out=True, kv_length_axis=TEXT_LENGTH, name="cross_attn", **kw
@@ -109,6 +114,18 @@ class VideoDiT(nn.Module):
   num_classes: int = 0  # 0: no label embedding
   text_embed_dim: int = 0  # E of precomputed caption embeddings; 0: the built-in token encoder
   qk_norm: bool = False
+  # Positions: 3-D sin-cos added to the patch embedding, and with `rope` also 3-D rotary
+  # embeddings of (t, h, w) in every self-attention (relative positions inside an example).
+  rope: bool = False
+  rope_max_period: float = 10_000.0  # longest RoPE wavelength, in patches
+  # Pooled text: the mean of each caption's encoded tokens also enters the per-token adaLN
+  # conditioning (next to the time), as the pooled text vector of SD3 (Esser et al. 2024,
+  # Sec. 4); cross-attention still reads the whole sequence.
+  pooled_text: bool = False
+  # > 0: the patch embedding is low-rank, P → patch_bottleneck → D (JiT, Li & He 2025,
+  # Sec. 4.2): a linear path of rank < P cannot copy the per-pixel noise of its input through.
+  patch_bottleneck: int = 0
+  text_embed_std: float = 0.02  # init std of the text encoder's id table (`TextEncoder.embed_std`)
   attention_backend: str = "xla"  # see layers.ATTENTION_BACKENDS
   scan_layers: bool = True
   remat_policy: str = "none"  # see layers.REMAT_NAMES
@@ -148,6 +165,8 @@ class VideoDiT(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
     # Tokens: patch embedding + 3-D position of the patch inside its own example.
+    if self.patch_bottleneck:
+      x = layers.dense(self.patch_bottleneck, (PATCH, None), name="patch_bottleneck", **kw)(x)
     h = layers.dense(self.width, (PATCH, EMBED), name="patch_embed", **kw)(x)
     h = h + layers.sincos_3d(positions, self.width).astype(h.dtype)
     h = nn.with_logical_constraint(h, (BATCH, LENGTH, EMBED))
@@ -179,16 +198,20 @@ class VideoDiT(nn.Module):
       scan_layers=self.scan_layers,
       remat_policy=self.remat_policy,
       embed_dim=self.text_embed_dim,
+      embed_std=self.text_embed_std,
       name="text",
       **kw,
     )(text_tokens, text_segment_ids, text_embeddings)  # [B, M, Dt]
+    if self.pooled_text:
+      c = c + self.pool_text(text, segment_ids, text_segment_ids)
+      c = nn.with_logical_constraint(c, (BATCH, LENGTH, EMBED))
     text = layers.dense(self.width, (MLP, EMBED), name="text_proj", **kw)(text)  # [B, M, D]
     text = nn.with_logical_constraint(text, (BATCH, TEXT_LENGTH, EMBED))
 
     stack = layers.stack_blocks(
       DiTBlock,
       depth=self.depth,
-      num_broadcast_args=4,
+      num_broadcast_args=5,
       scan=self.scan_layers,
       remat_policy=self.remat_policy,
     )
@@ -197,8 +220,22 @@ class VideoDiT(nn.Module):
       num_heads=self.num_heads,
       mlp_ratio=self.mlp_ratio,
       qk_norm=self.qk_norm,
+      rope_max_period=self.rope_max_period,
       attention_backend=self.attention_backend,
       **kw,
-    )(h, c, segment_ids, text, text_segment_ids)
+    )(h, c, segment_ids, text, text_segment_ids, positions if self.rope else None)
     out = FinalLayer(self.out_dim or self.patch_dim, name="final", **kw)(h, c)
     return nn.with_logical_constraint(out, (BATCH, LENGTH, PATCH))
+
+  def pool_text(self, text, segment_ids, text_segment_ids):
+    """The mean encoded caption of each token's own example, through a SiLU MLP: [B, L, D].
+
+    text: [B, M, Dt]; segment_ids: [B, L]; text_segment_ids: [B, M]. A token whose example has
+    no caption tokens gets the MLP of zeros.
+    """
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    same = (segment_ids[:, :, None] == text_segment_ids[:, None, :]).astype(text.dtype)  # [B,L,M]
+    count = jnp.maximum(jnp.sum(same, axis=-1, keepdims=True), 1.0)
+    pooled = jnp.einsum("blm,bmd->bld", same, text) / count  # [B, L, Dt]
+    h = nn.silu(layers.dense(self.width, (None, MLP), name="text_pool_fc1", **kw)(pooled))
+    return layers.dense(self.width, (MLP, EMBED), name="text_pool_fc2", **kw)(h)

@@ -1,0 +1,184 @@
+"""Does the model learn to generate? Small fits that fail when a part of the generation path is
+broken (loss, masks, positions, attention, text, sampler, guidance), and the time grid the
+sampler queries against the times training draws (docs/recipe.md, "Diagnosis as tests").
+
+Each fit trains the real VideoDiT with the real train step on a fixed batch of `shapes` videos
+built by the dataset's own renderer, then samples with the real `Sampler`.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests import configs
+from vdit import media, models, sample
+from vdit.data import patchify, tokenizer
+from vdit.datasets import shapes
+from vdit.diffusion import flow, objectives
+from vdit.tasks import video_diffusion
+
+FRAMES, SIZE = 8, 16  # videos of 8 × 16 × 16 px: a (4, 4, 4) grid of (2, 4, 4) patches
+
+
+def _video(colour: str, x0: float, seed: int = 0) -> np.ndarray:
+  """A `colour` square moving right from x = `x0` px on black, uint8 [T, H, W, 3], rendered with
+  the dataset's own signed distance and anti-aliasing."""
+  ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
+  cx = (x0 + np.linspace(0.0, 6.0, FRAMES))[:, None, None]
+  sd = shapes._signed_distance("square", xs - cx, ys - 8.0, 4.0)  # noqa: SLF001
+  alpha = np.clip(0.5 - sd, 0.0, 1.0)[..., None]
+  bg = np.asarray(shapes.BACKGROUNDS["black"], np.float32)
+  video = bg * (1 - alpha) + np.asarray(shapes.COLOURS[colour], np.float32) * alpha
+  del seed
+  return np.round(video).astype(np.uint8)
+
+
+def _config(**overrides):
+  """The tiny demo config at test size: one 8×16×16 video per row, no frame conditioning, no
+  caption dropout (the fits below test t2v), the demo's model recipe at width 64."""
+  c = configs.load()
+  length = (FRAMES // 2) * (SIZE // 4) ** 2
+  configs.override(
+    c,
+    **{
+      "input.tokens_per_row": length,
+      "input.max_examples_per_row": 1,
+      "input.text_tokens_per_row": c.input.max_caption_tokens,
+      "model.width": 64,
+      "model.depth": 2,
+      "model.num_heads": 4,
+      "model.text_width": 64,
+      "model.text_depth": 1,
+      "model.text_heads": 4,
+      "optimizer.warmup_steps": 10,
+      "optimizer.lr": 2e-3,
+      "optimizer.ema_decay": 0.0,
+      "diffusion.cond_probs": dict(none=1.0),
+      "diffusion.text_dropout": 0.0,
+      "evals": {},
+      "sample.prompts": (),
+    },
+  )
+  return configs.override(c, **overrides)
+
+
+def _batch(config, videos: list[np.ndarray], prompts: list[str], rows: int = 8) -> dict:
+  """A packed batch of one video per row (cycled to `rows`, the simulated data axis)."""
+  picks = [i % len(videos) for i in range(rows)]
+  grid = (FRAMES // 2, SIZE // 4, SIZE // 4)
+  tok = tokenizer.Tokenizer(config.input.vocab_size)
+  batch = sample.prompt_rows(
+    [prompts[i] for i in picks], grid, tok, config.input.max_caption_tokens
+  )
+  clips = np.stack([media.from_uint8(videos[i]) for i in picks])
+  batch["patches"] = patchify.patchify(clips, config.input.patch_size)[0].astype(np.float32)
+  batch["cond_mask"] = np.zeros(batch["segment_ids"].shape, bool)
+  batch["loss_mask"] = batch["segment_ids"] > 0
+  return batch
+
+
+_VIDEOS = {  # name -> uint8 video
+  "red": _video("red", 2.0),
+  "blue": _video("blue", 2.0),
+  "red_left": _video("red", 1.0),
+  "red_right": _video("red", 7.0),
+}
+RED, BLUE = "a red square moving right", "a blue square moving right"
+
+
+@functools.cache
+def _fit(pairs: tuple[tuple[str, str], ...], steps: int):
+  """Trains on the fixed batch of `pairs` (video name, prompt) → (config, params)."""
+  config = _config(total_steps=steps)
+  videos, prompts = [_VIDEOS[v] for v, _ in pairs], [p for _, p in pairs]
+  _, _, state = configs.fit_one_batch(config, steps, batch=_batch(config, videos, prompts))
+  return config, jax.device_get(state.params)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+  return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+
+
+@pytest.fixture(scope="module")
+def two_colours():
+  return _fit((("red", RED), ("blue", BLUE)), 300)
+
+
+def test_overfit_regenerates_the_video_from_noise(two_colours):
+  """Trained on two videos (one per caption), sampling each caption from pure noise gives its
+  video back (≥ 25 dB): a broken loss, mask, position code, sampler or guidance fails here."""
+  config, params = two_colours
+  sampler = sample.Sampler(config=config, params=params)
+  for seed in (0, 1):
+    out = sampler.generate(
+      [RED, BLUE], num_frames=FRAMES, height=SIZE, width=SIZE, steps=16, guidance=1.0, seed=seed
+    )
+    for video, name in zip(out, ("red", "blue"), strict=True):
+      assert _psnr(video, _VIDEOS[name]) >= 25.0, (name, seed, _psnr(video, _VIDEOS[name]))
+
+
+def test_the_colour_word_sets_the_colour(two_colours):
+  """The two videos differ only in colour, so only the caption can tell them apart: the same
+  noise with "red" and with "blue" gives a red and a blue square (text is used), with and
+  without guidance."""
+  config, params = two_colours
+  sampler = sample.Sampler(config=config, params=params)
+  fg = _VIDEOS["red"].max(axis=-1) > 100  # the square's pixels
+  for guidance in (1.0, 3.0):
+    red, blue = sampler.generate(
+      [RED, BLUE], num_frames=FRAMES, height=SIZE, width=SIZE, steps=16, guidance=guidance, seed=3
+    ).astype(np.float32)
+    assert red[fg][:, 0].mean() > red[fg][:, 2].mean() + 100  # R ≫ B
+    assert blue[fg][:, 2].mean() > blue[fg][:, 0].mean() + 100  # B ≫ R
+
+
+def test_tokens_read_each_other():
+  """Trained on one caption with two videos (the square at two places), the model must decide
+  *where* the square is from all tokens together. At t = 0.7, redrawing the noise of every
+  other token moves a square token's x̂0 more than redrawing its own noise (a model that
+  denoises each token on its own, the diagnosed failure, has the opposite)."""
+  config, params = _fit((("red_left", RED), ("red_right", RED)), 300)
+  batch = _batch(config, [_VIDEOS["red_left"]], [RED], rows=1)
+  spec = objectives.Spec.from_config(config.diffusion)
+  velocity = objectives.flow_model(spec, video_diffusion.packed_apply(models.build(config), params))
+  x0 = jnp.asarray(batch["patches"])
+  t = jnp.full(x0.shape[:-1], 0.7)
+
+  def x0_hat(noise):
+    x_t = flow.interpolate(x0, noise, t)
+    return x_t - t[..., None] * velocity(x_t, t, batch)
+
+  square = np.flatnonzero(np.abs(batch["patches"][0] + 1).max(-1) > 0.5)  # not all black
+  own, other = [], []
+  for k in range(4):
+    a, b = jax.random.normal(jax.random.key(k), (2, *x0.shape))
+    for token in square:
+      base = x0_hat(a)[0, token]
+      own_b, other_b = a.at[0, token].set(b[0, token]), b.at[0, token].set(a[0, token])
+      own.append(float(jnp.linalg.norm(x0_hat(own_b)[0, token] - base)))
+      other.append(float(jnp.linalg.norm(x0_hat(other_b)[0, token] - base)))
+  assert np.mean(other) > np.mean(own), (np.mean(other), np.mean(own))
+
+
+def test_sampler_queries_only_trained_times():
+  """Every time the demo's sampler queries (16 and 32 Euler steps, the demo's sizes) falls in
+  a part of the time axis where training draws a useful share of its times: at least half the
+  uniform share (1/steps) of the training times lies in the step that ends there."""
+  config = configs.load()
+  spec = objectives.Spec.from_config(config.diffusion)
+  for t, h, w in ((8, 32, 32), (8, 32, 48), (8, 48, 24)):
+    grid = np.array([[[t // 2, h // 4, w // 4]]], np.int32)
+    shift = float(flow.resolution_shift(jnp.asarray(grid), spec.shift_base_tokens)[0, 0])
+    u = flow.sample_time(
+      jax.random.key(0), (200_000,), spec.time_sampling, spec.logit_mean, spec.logit_std
+    )
+    train_t = np.asarray(flow.shift_time(u, shift))
+    for steps in (16, 32):
+      grid_t = np.asarray(flow.shift_time(jnp.linspace(1.0, 0.0, steps + 1), shift))
+      for hi, lo in zip(grid_t[:-1], grid_t[1:], strict=True):
+        share = np.mean((train_t <= hi) & (train_t > lo))
+        assert share >= 0.5 / steps, (t, h, w, steps, hi, lo, share)
