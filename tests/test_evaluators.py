@@ -281,7 +281,12 @@ def test_evaluate_end_to_end(data_dir, tmp_path):
     loss[f"count_t{i}"] for i in range(5)
   )
   adh = saved["adherence"]
-  assert adh["count"] == 4 and all(0.0 <= adh[k] <= 1.0 for k in ("colour", "shape", "all"))
+  # The tiny config scores every prompt at three sizes, each also on its own, with a grid GIF.
+  sizes = ("8x32x32", "8x32x48", "8x48x24")
+  assert adh["count"] == 4 * len(sizes)
+  assert all(0.0 <= adh[k] <= 1.0 for k in ("colour", "shape", "all"))
+  assert all(0.0 <= adh[f"{s}_all"] <= 1.0 for s in sizes)
+  assert all((tmp_path / "run" / "samples" / "2" / f"adherence_{s}.gif").exists() for s in sizes)
   assert all(os.path.exists(p) for p in saved["samples"]["files"])
   assert any(p.endswith(".gif") for p in saved["samples"]["files"])
   assert '"adherence"' in out.stdout  # the results are printed

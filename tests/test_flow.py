@@ -185,6 +185,52 @@ def test_euler_sampler_reproduces_gaussian_target():
   )
 
 
+def test_stochastic_sampler_reproduces_gaussian_target():
+  """With the exact velocity, fresh noise at every step (η = 1 and η = 0.5) still samples the
+  target distribution; η = 0 is the Euler sampler exactly."""
+  mu, sigma = 1.5, 0.4
+  v = gaussian_velocity(mu, sigma)
+  x1 = jax.random.normal(jax.random.key(0), (4, 1024, 2))
+  for eta in (1.0, 0.5):
+    x0 = flow.sample(v, x1, 400, method="stochastic", rng=jax.random.key(1), eta=eta, shift=2.0)
+    np.testing.assert_allclose([x0.mean(), x0.std()], [mu, sigma], atol=0.02)
+  euler = flow.sample(v, x1, 7, method="euler")
+  ode = flow.sample(v, x1, 7, method="stochastic", rng=jax.random.key(1), eta=0.0)
+  np.testing.assert_allclose(ode, euler, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="needs an rng"):
+    flow.sample(v, x1, 2, method="stochastic")
+
+
+def test_preconditioned_velocity_is_exact_with_the_ideal_network():
+  """v = a·x_t + b·F is the true velocity when F is EDM's target (x0 − c_skip·x_t) / c_out, at
+  every t including the ends."""
+  x0, eps = jax.random.normal(jax.random.key(0), (2, 3, 5, 4))
+  sd = 0.5
+  for t_value in (0.0, 0.01, 0.5, 0.99, 1.0):
+    t = jnp.full((3, 5), t_value)
+    x_t = flow.interpolate(x0, eps, t)
+    tt = t[..., None]
+    d = (1 - tt) ** 2 * sd**2 + tt**2
+    c_skip, c_out = (1 - tt) * sd**2 / d, tt * sd / jnp.sqrt(d)
+    f = lambda x, t, c_skip=c_skip, c_out=c_out, x_t=x_t: jnp.where(
+      c_out > 0, (x0 - c_skip * x_t) / jnp.maximum(c_out, 1e-12), -eps
+    )
+    v = flow.velocity_from_preconditioned(f, sd)(x_t, t)
+    np.testing.assert_allclose(v, eps - x0, atol=1e-4)
+
+
+def test_x0_loss_below_t_min_is_zero_for_the_true_x0():
+  """With x0 prediction and `t_min`, a model that returns the true x0 has zero loss at every t,
+  including t < t_min (the target goes through the same conversion as the prediction)."""
+  batch = make_batch()
+  x0 = batch["patches"]
+  perfect = flow.velocity_from_x0(lambda x, t, b: x0, t_min=0.9)
+  loss, _ = flow.loss(perfect, batch, jax.random.key(3), text_dropout=0.0, t_min=0.9)
+  assert float(loss) < 1e-10
+  biased, _ = flow.loss(perfect, batch, jax.random.key(3), text_dropout=0.0)  # old target
+  assert float(biased) > 1e-3
+
+
 def test_euler_sampler_keeps_conditioning_tokens():
   x1 = jax.random.normal(jax.random.key(1), (1, 8, 2))
   cond = jnp.arange(8)[None] < 3

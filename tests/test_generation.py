@@ -53,7 +53,7 @@ def _config(**overrides):
       "model.text_width": 64,
       "model.text_depth": 1,
       "model.text_heads": 4,
-      "optimizer.warmup_steps": 10,
+      "optimizer.warmup_steps": 20,
       "optimizer.lr": 2e-3,
       "optimizer.ema_decay": 0.0,
       "diffusion.cond_probs": dict(none=1.0),
@@ -105,7 +105,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def two_colours():
-  return _fit((("red", RED), ("blue", BLUE)), 300)
+  return _fit((("red", RED), ("blue", BLUE)), 600)
 
 
 def test_overfit_regenerates_the_video_from_noise(two_colours):
@@ -141,7 +141,7 @@ def test_tokens_read_each_other():
   *where* the square is from all tokens together. At t = 0.7, redrawing the noise of every
   other token moves a square token's x̂0 more than redrawing its own noise (a model that
   denoises each token on its own, the diagnosed failure, has the opposite)."""
-  config, params = _fit((("red_left", RED), ("red_right", RED)), 300)
+  config, params = _fit((("red_left", RED), ("red_right", RED)), 600)
   batch = _batch(config, [_VIDEOS["red_left"]], [RED], rows=1)
   spec = objectives.Spec.from_config(config.diffusion)
   velocity = objectives.flow_model(spec, video_diffusion.packed_apply(models.build(config), params))

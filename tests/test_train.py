@@ -89,6 +89,8 @@ def _run(module, *args, timeout=900):
 TINY_FLAGS = [
   *configs.TINY_CLI_FLAGS,
   "--config.sample.steps=2",
+  "--config.evals.adherence.num_prompts=2",
+  "--config.evals.adherence.steps=2",
 ]
 
 

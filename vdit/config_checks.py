@@ -64,6 +64,10 @@ def _check_diffusion(d: ml_collections.ConfigDict) -> None:
     )
   if not 0.0 <= d.ddim_eta <= 1.0:
     raise ConfigError(f"diffusion.ddim_eta={d.ddim_eta} must be in [0, 1]")
+  if not 0.0 <= d.get("flow_eta", 1.0) <= 1.0:
+    raise ConfigError(f"diffusion.flow_eta={d.flow_eta} must be in [0, 1]")
+  if not d.get("flow_sigma_data", 0.5) > 0.0:
+    raise ConfigError(f"diffusion.flow_sigma_data={d.flow_sigma_data} must be > 0")
   lo_hi = tuple(d.guidance_interval)
   if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0:
     raise ConfigError(

@@ -86,10 +86,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     text_depth=2 if tiny else 4,
     text_heads=heads,
     text_embed_dim=0,  # E of precomputed caption embeddings (the `captions=` option); 0 = tokens
-    text_embed_std=0.02,  # init std of the text id table (docs/recipe.md)
-    rope=False,  # 3-D rotary positions in self-attention (besides the sin-cos code)
-    rope_max_period=10_000.0,
-    pooled_text=False,  # the mean encoded caption also enters the adaLN conditioning
+    # The tiny recipe (docs/recipe.md); the large variants keep the settings their AOT plans
+    # in docs/scale.md were made with.
+    text_embed_std=1.0 if tiny else 0.02,  # init std of the text id table (1: its position code's)
+    rope=tiny,  # 3-D rotary positions in self-attention (besides the sin-cos code)
+    rope_max_period=100.0 if tiny else 10_000.0,  # in patches
+    pooled_text=tiny,  # the mean encoded caption also enters the adaLN conditioning
     patch_bottleneck=0,  # > 0: low-rank patch embedding P → this → width (JiT)
     num_classes=0,
     attention_backend="xla",
@@ -100,7 +102,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.diffusion = dict(
     objective="rectified_flow",  # or "gaussian" (DDPM / DiT)
-    time_sampling="logit_normal",  # rectified flow: "uniform" | "logit_normal"
+    # Rectified flow: "uniform" | "logit_normal". Uniform (in the unshifted time) gives every
+    # step of the sampler's grid its share of training times (docs/recipe.md).
+    time_sampling="uniform" if tiny else "logit_normal",
     logit_mean=0.0,
     logit_std=1.0,
     # Rectified flow: each example's time is shifted by sqrt(its tokens / base) (SD3, Sec. 5.3.2)
@@ -109,8 +113,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Rectified flow: the model predicts "velocity" (ε − x0) or "x0" (converted to a velocity;
     # needed in pixel space, where a narrow model cannot reproduce the patch noise).
     flow_prediction="x0" if tiny else "velocity",
-    flow_t_min=0.05,
+    flow_t_min=0.3 if tiny else 0.05,  # x0: loss weight 1/max(t, t_min)²
     flow_sigma_data=0.5,  # "preconditioned": the data std of EDM's c_skip / c_out
+    flow_eta=1.0,  # the "stochastic" sampler's η (0 = Euler)
     text_dropout=0.1,  # classifier-free guidance: rate of null captions (and labels) in training
     # Frame-conditioning tasks drawn per example in training (relative weights).
     cond_probs=dict(

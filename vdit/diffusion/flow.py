@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
-SAMPLERS = ("euler", "heun")
+SAMPLERS = ("euler", "heun", "stochastic")
 
 
 def sample_time(
@@ -154,6 +154,9 @@ def sample(
   x_cond: jax.Array | None = None,
   shift: jax.Array | float = 1.0,
   strength: float = 1.0,
+  rng: jax.Array | None = None,
+  eta: float = 1.0,
+  correct_at_zero: bool = True,
 ) -> jax.Array:
   """Integrates dx/dt = v(x, t) from t = shift_time(strength) down to t = 0 (data).
 
@@ -163,7 +166,15 @@ def sample(
   s ∈ [0, strength], mapped through `shift_time` (a scalar or a per-token [B, L] shift, so
   each example of a packed row keeps its own). `method`: "euler" (one model call per step)
   or "heun" (Heun's 2nd-order trapezoid, two calls per step; Karras et al. 2022, Alg. 1 —
-  the velocity is finite at t = 0, so the last step is corrected too). Tokens in
+  a velocity model is finite at t = 0, so the last step is corrected too; with
+  `correct_at_zero=False`, for an x0 model whose (x − x̂0)/t is undefined at t = 0, the step
+  that ends there is an Euler step, as in Alg. 1), or "stochastic"
+  (DDIM with η on this path, Song et al. 2021, Eq. 12, one call per step: x̂0 and ε̂ from
+  the velocity, then x_t' = (1 − t')·x̂0 + √(t'² − c²)·ε̂ + c·z with fresh z ~ N(0, I) from
+  `rng` and c = η·t'·s/t, s² = t² − ((1 − t)/(1 − t'))²·t'², the DDPM posterior's std at
+  η = `eta` = 1; η = 0 is the Euler step exactly. Fresh noise at every step keeps a
+  denoiser's error that follows each token's own noise
+  from being carried, unchanged, to t = 0, as the deterministic ODE does). Tokens in
   `cond_mask` [B, L] are held at `x_cond` [B, L, P] with t = 0 (image-to-video, extension,
   interpolation). Returns x0 [B, L, P].
   """
@@ -173,6 +184,8 @@ def sample(
     raise ValueError(f"flow sampler method={method!r} is unknown; expected one of {SAMPLERS}")
   if (cond_mask is None) != (x_cond is None):
     raise ValueError("cond_mask and x_cond must be given together")
+  if method == "stochastic" and rng is None:
+    raise ValueError("the stochastic flow sampler needs an rng")
   ones = jnp.ones(x_start.shape[:-1], jnp.float32)  # [B, L]
 
   def clamp(x, t):
@@ -191,8 +204,17 @@ def sample(
     d = velocity(x, t_cur)
     if method == "euler":
       return x + dt * d
+    if method == "stochastic":
+      t, t2 = t_cur[..., None], t_next[..., None]
+      x0_hat, eps_hat = x - t * d, x + (1 - t) * d
+      s2 = jnp.maximum(jnp.square(t) - jnp.square((1 - t) / (1 - t2) * t2), 0.0)
+      c = eta * t2 * jnp.sqrt(s2) / t
+      z = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
+      return (1 - t2) * x0_hat + jnp.sqrt(jnp.maximum(t2**2 - c**2, 0.0)) * eps_hat + c * z
     d2 = velocity(x + dt * d, t_next)
-    return x + dt * 0.5 * (d + d2)
+    if correct_at_zero:
+      return x + dt * 0.5 * (d + d2)
+    return x + dt * jnp.where((t_next > 0)[..., None], 0.5 * (d + d2), d)
 
   x = jax.lax.fori_loop(0, steps, body, x_start.astype(jnp.float32))
   return clamp(x, ones)[0]

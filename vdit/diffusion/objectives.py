@@ -35,6 +35,7 @@ class Spec:
   shift_base_tokens: int = 0  # rectified flow: per-example shift √(tokens / base); 0 = none
   flow_prediction: str = "velocity"  # rectified flow: the model outputs "velocity" or "x0"
   flow_t_min: float = 0.05  # rectified flow, x0 prediction: v = (x_t − x̂0) / max(t, t_min)
+  flow_eta: float = 1.0  # rectified flow, "stochastic" sampler: share of fresh noise per step
   flow_sigma_data: float = 0.5  # rectified flow, "preconditioned": the data std σ of EDM
   text_dropout: float = 0.1
   cond_probs: tuple[float, ...] = conditioning.task_probs(conditioning.DEFAULT_PROBS)
@@ -186,6 +187,9 @@ def sample(
       x_cond=x_cond,
       shift=shift,
       strength=strength,
+      rng=rng,
+      eta=spec.flow_eta,
+      correct_at_zero=spec.flow_prediction != "x0",
     )
   schedule = spec.gaussian_schedule
   x = noise
