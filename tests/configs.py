@@ -66,17 +66,19 @@ TINY_CLI_FLAGS = [
 ]
 
 
-def fit_one_batch(config: ml_collections.ConfigDict, steps: int, batch: dict | None = None):
+def fit_one_batch(
+  config: ml_collections.ConfigDict, steps: int, batch: dict | None = None, devices=None
+):
   """`steps` jitted train steps of `config`'s task on `batch` (default: the task's first batch;
-  the real sharded step over the config's mesh) → (the losses, the last step's metrics, the
-  final train state)."""
+  the real sharded step over the config's mesh of `devices`, default all) → (the losses, the
+  last step's metrics, the final train state)."""
   from vdit import sharding, tasks, train, train_state  # noqa: PLC0415
 
   task = tasks.get(config)
   model = task.build_model(config)
   tx = train_state.make_optimizer(config.optimizer, config.total_steps)
   init = train_state.init_fn(model, task.dummy_inputs(config), tx, config.seed)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_from_config(config.sharding_rules)
   state, shardings = train_state.create_sharded(init, mesh, rules)
   step_fn = train.jit_train_step(config, model, tx, mesh, rules, shardings)
