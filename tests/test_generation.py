@@ -151,6 +151,7 @@ def test_tokens_read_each_other():
   x0 = jnp.asarray(batch["patches"])
   t = jnp.full(x0.shape[:-1], 0.7)
 
+  @jax.jit
   def x0_hat(noise):
     x_t = flow.interpolate(x0, noise, t)
     return x_t - t[..., None] * velocity(x_t, t, batch)

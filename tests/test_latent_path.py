@@ -89,7 +89,7 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
   assert 0.0 <= adherence["all"] <= 1.0
   # 4. Samples decode to pixels: T' = 4 latent frames → 1 + 2·3 = 7 frames, 8×12 → 32×48 pixels.
   gifs = sorted(f for f in os.listdir(os.path.join(workdir, "samples", "2")) if f.endswith(".gif"))
-  assert gifs == ["a_red_circle_moving_right.gif"]
+  assert gifs == ["a_red_circle_moving_right.gif", "adherence_2x4x4.gif"]  # + the adherence grid
   stored = np.load(os.path.join(workdir, "samples", "2", "a_red_circle_moving_right.npz"))
   assert stored["frames"].shape == (7, 32, 48, 3) and stored["latents"].shape == (4, 8, 12, 8)
   sampler = sample.load(workdir)
