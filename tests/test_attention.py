@@ -174,3 +174,34 @@ def test_attention_module_applies_rope_with_positions():
   # Translating every position leaves attention unchanged.
   np.testing.assert_allclose(mha.apply(params, x, ids, positions=pos + 7), rotated, atol=1e-5)
   assert nn.get_partition_spec(params)  # params still carry logical names
+
+
+def test_locality_bias_is_distance_times_slope_and_makes_heads_local():
+  pos = jnp.asarray([[[0, 0, 0], [0, 0, 1], [0, 3, 4], [1, 0, 0]]], jnp.int32)  # [1, 4, 3]
+  bias = layers.locality_bias(pos, jnp.asarray([2.0, 0.0]))
+  assert bias.shape == (1, 2, 4, 4)
+  np.testing.assert_allclose(bias[0, 0, 0], [0.0, -2.0, -10.0, -2.0], atol=1e-6)
+  np.testing.assert_allclose(bias[0, 1], 0.0)  # slope 0: a global head
+  # A steep slope: every query attends to itself (distance 0), never to another example.
+  q, k, v = qkv(1, 4, 4)
+  ids = jnp.asarray([[1, 1, 2, 2]])
+  out = layers.attention(q, k, v, ids, ids, bias=layers.locality_bias(pos, jnp.full(2, 1e3)))
+  np.testing.assert_allclose(out, v, atol=1e-5)
+  with pytest.raises(ValueError, match="backend='xla'"):
+    layers.attention(q, k, v, ids, ids, backend="splash", bias=bias)
+
+
+def test_attention_module_locality_without_rope():
+  """`locality` adds learned per-head slopes (init locality·4^−h); with `rope=False` the
+  positions enter only through that bias, so translating them changes nothing either."""
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 6, 16)), jnp.float32)
+  ids = jnp.ones((1, 6), jnp.int32)
+  pos = jnp.asarray(np.stack([np.zeros(6), np.arange(6) // 3, np.arange(6) % 3], -1)[None])
+  mha = layers.MultiHeadAttention(num_heads=2, rope=False, locality=2.0)
+  params = mha.init(jax.random.key(0), x, ids, positions=pos)
+  np.testing.assert_allclose(params["params"]["locality_slopes"].value, [2.0, 0.5])
+  local = mha.apply(params, x, ids, positions=pos)
+  assert np.abs(np.asarray(local - mha.apply(params, x, ids))).max() > 1e-3
+  np.testing.assert_allclose(mha.apply(params, x, ids, positions=pos + 5), local, atol=1e-5)
+  grads = jax.grad(lambda p: jnp.sum(mha.apply(p, x, ids, positions=pos) ** 2))(params)
+  assert np.abs(np.asarray(grads["params"]["locality_slopes"].value)).max() > 0  # learned

@@ -144,6 +144,14 @@ def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, in
     raise ConfigError(
       f"model.text_heads={model.text_heads} is not divisible by tensor={shape['tensor']}"
     )
+  locality = model.get("locality", 0.0)
+  if not locality >= 0:  # also NaN
+    raise ConfigError(f"model.locality={locality} must be ≥ 0 (0 = no locality bias)")
+  if locality and model.attention_backend != "xla":
+    raise ConfigError(
+      f"model.locality={locality} needs model.attention_backend='xla', not "
+      f"{model.attention_backend!r} (the bias is added to dense attention logits)"
+    )
   _check_diffusion(config.diffusion)
   if inp.tokens_per_row % shape["sequence"]:
     raise ConfigError(

@@ -91,6 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     text_embed_std=1.0 if tiny else 0.02,  # init std of the text id table (1: its position code's)
     rope=tiny,  # 3-D rotary positions in self-attention (besides the sin-cos code)
     rope_max_period=100.0 if tiny else 10_000.0,  # in patches
+    locality=0.0,  # > 0: a 3-D ALiBi bias in self-attention, largest slope (docs/recipe.md)
     pooled_text=tiny,  # the mean encoded caption also enters the adaLN conditioning
     patch_bottleneck=0,  # > 0: low-rank patch embedding P → this → width (JiT)
     num_classes=0,

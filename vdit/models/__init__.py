@@ -51,6 +51,7 @@ def build(config: ml_collections.ConfigDict):
       text_embed_dim=m.get("text_embed_dim", 0),
       rope=m.get("rope", False),
       rope_max_period=m.get("rope_max_period", 10_000.0),
+      locality=m.get("locality", 0.0),
       pooled_text=m.get("pooled_text", False),
       patch_bottleneck=m.get("patch_bottleneck", 0),
       text_embed_std=m.get("text_embed_std", 0.02),

@@ -76,6 +76,7 @@ def attention(
   kv_segment_ids: jax.Array,
   *,
   backend: str = "xla",
+  bias: jax.Array | None = None,
 ) -> jax.Array:
   """Scaled dot-product attention that never crosses segments (NaViT "Patch n' Pack").
 
@@ -84,11 +85,14 @@ def attention(
   A query with no visible key (e.g. a padding video token when the text row has no padding)
   returns 0, with zero gradient, never NaN. Returns [B, Lq, H, Dh]. Every backend computes the
   same function (Lq != Lk included); `splash` skips the blocks that cross examples.
+  `bias` ([B, H, Lq, Lk], added to the logits; `locality_bias`) needs the "xla" backend.
   """
   if backend not in ATTENTION_BACKENDS:
     raise ValueError(
       f"attention backend={backend!r} is not available; expected one of {ATTENTION_BACKENDS}"
     )
+  if bias is not None and backend != "xla":
+    raise ValueError(f"an attention bias (locality) needs backend='xla', not {backend!r}")
   if backend == "splash":
     return splash.sharded_splash_attention(
       q, k, v, q_segment_ids, kv_segment_ids, batch_axis=BATCH, heads_axis=HEADS
@@ -108,10 +112,19 @@ def attention(
     out = out.astype(q.dtype)
   else:
     # jax.nn.dot_product_attention carries the softmax in fp32.
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask[:, None], implementation="xla")
   # Fully masked rows came out as a uniform average of v: zero them (and their gradients).
   has_key = jnp.any(mask, axis=-1)[:, :, None, None]  # [B, Lq, 1, 1]
   return jnp.where(has_key, out, jnp.zeros_like(out))
+
+
+def locality_bias(positions: jax.Array, slopes: jax.Array) -> jax.Array:
+  """−slope_h · ‖p_i − p_j‖ for every pair of tokens: [B, L, A] positions (e.g. (t, h, w) in
+  patches), [H] slopes → [B, H, L, L] logit bias. 2-D/3-D ALiBi (Press et al. 2022): a head with
+  a large slope attends to its neighbours from the first step, one with slope 0 globally."""
+  p = positions.astype(jnp.float32)
+  dist = jnp.sqrt(jnp.sum((p[:, :, None, :] - p[:, None, :, :]) ** 2, axis=-1))  # [B, L, L]
+  return -slopes[None, :, None, None] * dist[:, None]
 
 
 # ------------------------------------------------------------------------------------------
@@ -223,12 +236,16 @@ class MultiHeadAttention(nn.Module):
   Dehghani et al. 2023 "ViT-22B", Sec. 3.1) stabilizes large models. With `positions`
   ([B, L, A] coordinates, e.g. (t, h, w)), q and k get rotary embeddings (`posemb.rope`);
   `context_positions` are the keys' coordinates (default: `positions`, self-attention).
+  `rope=False` skips the rotary embeddings. `locality` > 0 (self-attention with `positions`)
+  adds `locality_bias` with learned per-head slopes, initialised to locality · 4^−h.
   """
 
   num_heads: int
   qk_norm: bool = False
   zero_init_out: bool = False  # True: the block output starts at 0 (identity residual).
+  rope: bool = True  # rotary embeddings of `positions` (when given)
   rope_max_period: float = 10_000.0  # longest RoPE wavelength (in position units)
+  locality: float = 0.0  # largest initial slope of the locality bias; 0 = none
   backend: str = "xla"
   length_axis: str = LENGTH  # logical axis of the query length
   kv_length_axis: str | None = None  # of the key length; None = `length_axis`
@@ -268,14 +285,23 @@ class MultiHeadAttention(nn.Module):
         **kw,
       )
       q, k = norm("query_norm")(q), norm("key_norm")(k)
-    if positions is not None:
+    bias = None
+    if positions is not None and self.locality > 0:
+      if context_positions is not None:
+        raise ValueError("the locality bias is for self-attention (no context_positions)")
+      init = lambda key, shape: self.locality * 4.0 ** -jnp.arange(shape[0], dtype=jnp.float32)
+      slopes = self.param(
+        "locality_slopes", nn.with_logical_partitioning(init, (HEADS,)), (self.num_heads,)
+      )
+      bias = locality_bias(positions, slopes.astype(jnp.float32))
+    if positions is not None and self.rope:
       k_pos = positions if context_positions is None else context_positions
       q = posemb.rope(q, positions, self.rope_max_period)
       k = posemb.rope(k, k_pos, self.rope_max_period)
     q = nn.with_logical_constraint(q, (BATCH, self.length_axis, HEADS, KV))
     k = nn.with_logical_constraint(k, (BATCH, kv_axis, HEADS, KV))
     v = nn.with_logical_constraint(v, (BATCH, kv_axis, HEADS, KV))
-    out = attention(q, k, v, segment_ids, context_segment_ids, backend=self.backend)
+    out = attention(q, k, v, segment_ids, context_segment_ids, backend=self.backend, bias=bias)
     out = nn.with_logical_constraint(out, (BATCH, self.length_axis, HEADS, KV))
     out = dense(
       width, (HEADS, KV, EMBED), axis=(-2, -1), zero_init=self.zero_init_out, name="out", **kw

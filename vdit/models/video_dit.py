@@ -48,7 +48,9 @@ class DiTBlock(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   qk_norm: bool = False
+  rope: bool = True
   rope_max_period: float = 10_000.0
+  locality: float = 0.0
   attention_backend: str = "xla"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -57,11 +59,11 @@ class DiTBlock(nn.Module):
   def __call__(self, x, c, segment_ids, text, text_segment_ids, rope_positions=None):
     # x: [B, L, D] tokens; c: [B, L, D] per-token conditioning (packed rows mix examples with
     # different diffusion times); segment_ids: [B, L]; text: [B, M, D]; text ids: [B, M];
-    # rope_positions: [B, L, 3] (scaled (t, h, w); 3-D RoPE in self-attention) or None.
+    # rope_positions: [B, L, 3] ((t, h, w) for RoPE and/or the locality bias) or None.
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = dict(num_heads=self.num_heads, qk_norm=self.qk_norm, backend=self.attention_backend)
     x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
-    self_attn = dict(rope_max_period=self.rope_max_period)
+    self_attn = dict(rope=self.rope, rope_max_period=self.rope_max_period, locality=self.locality)
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(
       layers.AdaLNModulation(6, name="adaln", **kw)(c), 6, axis=-1
     )  # each [B, L, D], zero-init
@@ -118,6 +120,10 @@ class VideoDiT(nn.Module):
   # embeddings of (t, h, w) in every self-attention (relative positions inside an example).
   rope: bool = False
   rope_max_period: float = 10_000.0  # longest RoPE wavelength, in patches
+  # > 0: self-attention logits get −slope_h·distance (in patches) to the key, with learned
+  # per-head slopes starting at locality·4^−h (`layers.locality_bias`, a 3-D ALiBi): heads that
+  # attend to their neighbours from the first step.
+  locality: float = 0.0
   # Pooled text: the mean of each caption's encoded tokens also enters the per-token adaLN
   # conditioning (next to the time), as the pooled text vector of SD3 (Esser et al. 2024,
   # Sec. 4); cross-attention still reads the whole sequence.
@@ -220,10 +226,12 @@ class VideoDiT(nn.Module):
       num_heads=self.num_heads,
       mlp_ratio=self.mlp_ratio,
       qk_norm=self.qk_norm,
+      rope=self.rope,
       rope_max_period=self.rope_max_period,
+      locality=self.locality,
       attention_backend=self.attention_backend,
       **kw,
-    )(h, c, segment_ids, text, text_segment_ids, positions if self.rope else None)
+    )(h, c, segment_ids, text, text_segment_ids, positions if self.rope or self.locality else None)
     out = FinalLayer(self.out_dim or self.patch_dim, name="final", **kw)(h, c)
     return nn.with_logical_constraint(out, (BATCH, LENGTH, PATCH))
 
