@@ -20,7 +20,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vdit import config_checks, config_lib, train
+from vdit import checkpointing, config_checks, config_lib, train, workdir_guard
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py:arg).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
@@ -44,6 +44,12 @@ _PROCESS_ID = flags.DEFINE_integer(
   int(os.environ["VDIT_PROCESS_ID"]) if os.environ.get("VDIT_PROCESS_ID") else None,
   "This process's index (env VDIT_PROCESS_ID); unset = auto-detect.",
 )
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
+  "allow_config_change",
+  [],
+  "Config keys (dotted, or prefixes such as optimizer) that a resume may change although they "
+  "must match the checkpoint by default (workdir_guard.SAFE_TO_CHANGE lists the free ones).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -62,6 +68,10 @@ def initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:  # before any compute: `--workdir=` would write into the current directory
+    workdir_guard.check_workdir(_WORKDIR.value)
+  except checkpointing.WorkdirError as e:
+    sys.exit(f"error: {e}")
   if _DISTRIBUTED.value:
     initialize_distributed()
   elif _COORDINATOR.value or _NUM_PROCESSES.value or _PROCESS_ID.value is not None:
@@ -71,9 +81,13 @@ def main(argv):
   )
 
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(
+      _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+    )
   except config_checks.ConfigError as e:
     sys.exit(f"error: bad config: {e}")
+  except checkpointing.WorkdirError as e:  # locked, changed config, no intact checkpoint
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Reads top to bottom. Everything that touches files, devices or logs lives here (
 import functools
 import signal
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -17,7 +18,15 @@ from absl import logging
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from vdit import checkpointing, config_checks, evaluators, sharding, tasks, train_state
+from vdit import (
+  checkpointing,
+  config_checks,
+  evaluators,
+  sharding,
+  tasks,
+  train_state,
+  workdir_guard,
+)
 from vdit.tasks import base as tasks_base
 
 
@@ -154,13 +163,25 @@ def _format_eta(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # train_and_evaluate
 # ---------------------------------------------------------------------------------------------
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: Sequence[str] = ()
+) -> train_state.TrainState:
   """Trains (resuming from `workdir` if it has a checkpoint), then evaluates: sample videos or
-  images for generative tasks, validation accuracy for classifiers (`Task.evaluate`)."""
+  images for generative tasks, validation accuracy for classifiers (`Task.evaluate`).
+
+  Before any compute: the config is checked, the workdir locked against a second trainer, and a
+  resume refused if the config differs from the checkpoints' in keys that must not change
+  (`workdir_guard.SAFE_TO_CHANGE`, plus the dotted keys or prefixes in `allow_config_change`).
+  """
+  workdir_guard.check_workdir(workdir)
   config_checks.validate(config)  # a bad config fails here, before any compute
+  with workdir_guard.workdir_lock(workdir):
+    workdir_guard.check_config_unchanged(workdir, config, allow_config_change)
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
   is_main = jax.process_index() == 0
-  if is_main:
-    checkpointing.write_config(workdir, config)
 
   # --- Mesh -----------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
@@ -178,12 +199,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
   abstract, state_shardings = train_state.abstract_state(init, mesh, rules)
   mngr = checkpointing.manager(workdir, max_to_keep=config.max_checkpoints)
   if mngr.latest_step() is not None:
-    step, state = checkpointing.restore(mngr, abstract, data_iter)
+    # Verified (finite, save-time checksum); damaged newer steps are skipped with a warning and
+    # moved aside; if none is intact this raises and nothing has been written.
+    try:
+      step, state = checkpointing.restore(mngr, abstract, data_iter, move_damaged=True)
+    except BaseException:
+      mngr.close()
+      raise
     logging.info("resumed from checkpoint at step %d", step)
     if is_main:
       print(f"resumed from checkpoint at step {step}", flush=True)
   else:
     state, _ = train_state.create_sharded(init, mesh, rules)
+  if is_main:  # after the restore: a refused resume leaves the workdir as it was
+    checkpointing.write_config(workdir, config)
   start_step = int(state.step)
   logging.info("model: %s parameters", f"{train_state.num_params(state.params):,}")
 
