@@ -36,6 +36,9 @@ def test_tiny_config_is_valid():
     ("sample.height", 30, r"sample.height=30 is not a multiple of the patch size 4"),
     ("input.rows_per_batch", 6, r"rows_per_batch=6 is not divisible by data×fsdp=8"),
     ("diffusion.time_sampling", "beta", "time_sampling='beta' is not supported"),
+    ("model.patch_context", (3, 2, 3), r"patch_context=\(3, 2, 3\) must be \(\) or three odd"),
+    ("model.locality", -1.0, r"model.locality=-1.0 must be ≥ 0"),
+    ("model.locality", float("nan"), r"model.locality=nan must be ≥ 0"),
   ],
 )
 def test_validate_names_the_bad_value(key, value, message):

@@ -226,6 +226,44 @@ def test_packed_row_equals_each_example_alone(tiny):
   assert np.abs(np.asarray(out[0, :n])).std() > 1e-2  # not trivially zero
 
 
+def test_grid_neighbours_are_a_zero_padded_convolution_window():
+  """Gathering each token's (3, 3, 3) neighbours in a packed row gives, per example, exactly
+  the windows of its zero-padded (t, h, w) grid; padding tokens have none."""
+  ex = examples()
+  batch = packed_rows([ex])
+  index, valid = layers.grid_neighbours(batch["positions"], batch["segment_ids"], (3, 3, 3))
+  gathered = np.asarray(batch["x"][0][index[0]] * valid[0][..., None])  # [L, 27, P]
+  n = 0
+  for shape, _, _, patches, _ in ex:
+    size = int(np.prod(shape))
+    padded = np.pad(patches.reshape(*shape, P), [(1, 1)] * 3 + [(0, 0)])
+    for i, (t, h, w) in enumerate(grid_positions(shape)):
+      window = padded[t : t + 3, h : h + 3, w : w + 3].reshape(27, P)
+      np.testing.assert_array_equal(gathered[n + i], window)
+    n += size
+  assert not np.asarray(valid[0, n:]).any()
+  with pytest.raises(ValueError, match="odd"):
+    layers.grid_neighbours(batch["positions"], batch["segment_ids"], (2, 3, 3))
+
+
+def test_local_options_keep_packing_exact():
+  """With the convolutional patch embedding, RoPE and the locality bias, a packed row still
+  equals each example alone: none of them reaches across examples or into padding."""
+  model = VideoDiT(**TINY, patch_context=(3, 3, 3), rope=True, rope_max_period=50.0, locality=1.0)
+  ex = examples()
+  batch = packed_rows([ex] + [[e] for e in ex])
+  params = nn.unbox(model.init(jax.random.key(0), *list(packed_rows([ex]).values())))
+  assert params["params"]["patch_conv"]["kernel"].shape == (27, P, TINY["width"])
+  params = perturb(params, 2)
+  out = jax.jit(lambda p, b: apply(model, p, b))(params, batch)
+  n = 0
+  for j, e in enumerate(ex):
+    size = int(np.prod(e[0]))
+    np.testing.assert_allclose(out[0, n : n + size], out[j + 1, :size], atol=1e-5, rtol=1e-5)
+    n += size
+  assert np.abs(np.asarray(out[0, :n])).std() > 1e-2
+
+
 def test_caption_and_label_only_affect_their_own_example(tiny):
   model, params = tiny
   params = perturb(params, 2)

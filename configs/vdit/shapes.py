@@ -93,6 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     rope_max_period=100.0 if tiny else 10_000.0,  # in patches
     locality=0.0,  # > 0: a 3-D ALiBi bias in self-attention, largest slope (docs/recipe.md)
     pooled_text=tiny,  # the mean encoded caption also enters the adaLN conditioning
+    patch_context=(),  # (kt, kh, kw): embed each token from its neighbours' patches too
     patch_bottleneck=0,  # > 0: low-rank patch embedding P → this → width (JiT)
     num_classes=0,
     attention_backend="xla",

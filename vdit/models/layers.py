@@ -8,6 +8,7 @@ Shape letters (STYLE.md): B rows, L packed length, K examples per row, D width, 
 P patch vector size, M text length.
 """
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,6 +52,43 @@ def per_token(values: jax.Array, segment_ids: jax.Array) -> jax.Array:
   index = jnp.clip(segment_ids - 1, 0, values.shape[1] - 1)  # [B, L]
   index = index.reshape(index.shape + (1,) * (values.ndim - 2))
   return jnp.take_along_axis(values, index, axis=1)
+
+
+def grid_neighbours(
+  positions: jax.Array, segment_ids: jax.Array, kernel: Sequence[int]
+) -> tuple[jax.Array, jax.Array]:
+  """For every token, the row index of each of its neighbours in a `kernel` = (kt, kh, kw)
+  window of its own example's (t, h, w) grid → (index [B, L, N], valid [B, L, N]),
+  N = kt·kh·kw in (dt, dh, dw) raster order, the token itself in the middle.
+
+  An example's tokens are contiguous and in raster order (as `patchify` and the packers
+  write them), so a neighbour at (dt, dh, dw) sits dt·H·W + dh·W + dw further along the
+  row, with H, W that example's grid extents. A neighbour off the grid, in another example,
+  or whose position is not the expected one (tokens dropped) is not valid.
+  """
+  if any(k % 2 == 0 or k < 1 for k in kernel):
+    raise ValueError(f"kernel={tuple(kernel)} must be odd sizes ≥ 1 (centred on the token)")
+  length = positions.shape[1]
+  positions = positions.astype(jnp.int32)
+
+  def extents(pos, seg):  # one row: each token's example grid extents [L, 3]
+    top = jax.ops.segment_max(pos, seg, num_segments=length + 1)
+    return top[seg] + 1
+
+  ext = jax.vmap(extents)(positions, segment_ids)
+  stride = jnp.stack([ext[..., 1] * ext[..., 2], ext[..., 2], jnp.ones_like(ext[..., 2])], -1)
+  row = jnp.arange(length, dtype=jnp.int32)[None, :]
+  take = jax.vmap(lambda values, index: values[index])
+  indices, valids = [], []
+  for offset in itertools.product(*[range(-(k // 2), k // 2 + 1) for k in kernel]):
+    delta = jnp.asarray(offset, jnp.int32)
+    j = row + jnp.sum(stride * delta, axis=-1)  # [B, L]
+    jc = jnp.clip(j, 0, length - 1)
+    valid = (j >= 0) & (j < length) & (segment_ids > 0) & (take(segment_ids, jc) == segment_ids)
+    valid &= jnp.all(take(positions, jc) == positions + delta, axis=-1)
+    indices.append(jc)
+    valids.append(valid)
+  return jnp.stack(indices, -1), jnp.stack(valids, -1)
 
 
 def positions_in_segment(segment_ids: jax.Array) -> jax.Array:

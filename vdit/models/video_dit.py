@@ -131,6 +131,10 @@ class VideoDiT(nn.Module):
   # > 0: the patch embedding is low-rank, P → patch_bottleneck → D (JiT, Li & He 2025,
   # Sec. 4.2): a linear path of rank < P cannot copy the per-pixel noise of its input through.
   patch_bottleneck: int = 0
+  # (kt, kh, kw), e.g. (3, 3, 3): each token is embedded from the noisy patches of its
+  # neighbourhood on its example's grid (a convolutional patch embedding, "early convolutions",
+  # Xiao et al. 2021), not its own patch alone; () = its own patch.
+  patch_context: tuple[int, ...] = ()
   text_embed_std: float = 0.02  # init std of the text encoder's id table (`TextEncoder.embed_std`)
   attention_backend: str = "xla"  # see layers.ATTENTION_BACKENDS
   scan_layers: bool = True
@@ -171,9 +175,16 @@ class VideoDiT(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
     # Tokens: patch embedding + 3-D position of the patch inside its own example.
+    if self.patch_context:
+      index, valid = layers.grid_neighbours(positions, segment_ids, self.patch_context)
+      x = jax.vmap(lambda row, i: row[i])(x, index) * valid[..., None].astype(x.dtype)
+      x = nn.with_logical_constraint(x, (BATCH, LENGTH, None, PATCH))  # [B, L, N, P]
     if self.patch_bottleneck:
       x = layers.dense(self.patch_bottleneck, (PATCH, None), name="patch_bottleneck", **kw)(x)
-    h = layers.dense(self.width, (PATCH, EMBED), name="patch_embed", **kw)(x)
+    if self.patch_context:
+      h = layers.dense(self.width, (None, PATCH, EMBED), axis=(-2, -1), name="patch_conv", **kw)(x)
+    else:
+      h = layers.dense(self.width, (PATCH, EMBED), name="patch_embed", **kw)(x)
     h = h + layers.sincos_3d(positions, self.width).astype(h.dtype)
     h = nn.with_logical_constraint(h, (BATCH, LENGTH, EMBED))
 
