@@ -355,6 +355,14 @@ def _piece_hash(piece: np.ndarray, index: tuple, shape: tuple[int, ...]) -> tupl
 # ---------------------------------------------------------------------------------------------
 # The data iterator position across host counts.
 # ---------------------------------------------------------------------------------------------
+def reached_preemption(mngr: ocp.CheckpointManager, step: int) -> bool:
+  """True on every process at the same `step` once any process got a preemption notice.
+
+  Multi-process runs only (the JAX coordination service catches SIGTERM); False otherwise.
+  """
+  return mngr.reached_preemption(step)
+
+
 _DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
 
 

@@ -21,6 +21,7 @@ first latent frame summarises one frame, not ft (an approximation the forward mo
 """
 
 import dataclasses
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -334,30 +335,31 @@ def write_config_samples(
 # ---------------------------------------------------------------------------------------------
 # CLI.
 # ---------------------------------------------------------------------------------------------
-def _define_flags() -> None:
+def _define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """CLI flags; defined only when run as a program (train.py imports this module)."""
-  flags.DEFINE_string("workdir", None, "Training workdir with checkpoints.")
-  flags.DEFINE_enum("mode", "t2v", tuple(MODES), "What to generate (docs/sampling.md).")
-  flags.DEFINE_string("prompt", None, "Text prompt.")
-  flags.DEFINE_string("prompts_file", None, "File with one prompt per line.")
-  flags.DEFINE_string("image", None, "i2v: the first frame; loop: the keyframe (optional).")
-  flags.DEFINE_string("video", None, "extend/edit: the clip; interpolate: the start clip.")
-  flags.DEFINE_string("video2", None, "interpolate: the end clip.")
-  flags.DEFINE_enum("direction", "forward", ("forward", "backward"), "extend: which way.")
-  flags.DEFINE_float("strength", 0.6, "edit: noise level to start from, (0, 1]; 1 = ignore input.")
-  flags.DEFINE_integer("num_frames", None, "Frames (default: the config's; see the modes).")
-  flags.DEFINE_integer("height", None, "Height in pixels (default: the config's).")
-  flags.DEFINE_integer("width", None, "Width in pixels (default: the config's).")
-  flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's).")
-  flags.DEFINE_string("sampler", None, "euler|heun (flow), ddpm|ddim|dpmpp_2m (gaussian).")
-  flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: the config's).")
-  flags.DEFINE_list("guidance_interval", None, "lo,hi: guide only for noise levels in [lo, hi].")
-  flags.DEFINE_integer("label", None, "Class label (class-conditional models).")
-  flags.DEFINE_integer("seed", 0, "Noise seed.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-  flags.DEFINE_integer("display_scale", 1, "Nearest-neighbour upscaling of GIF/MP4 output.")
-  flags.DEFINE_float("fps", 8.0, "Frames per second of GIF/MP4 output.")
-  flags.DEFINE_string("out", None, "Output file: .gif, .mp4 or .npz.")
+  fv = dict(flag_values=flag_values)
+  flags.DEFINE_string("workdir", None, "Training workdir with checkpoints.", **fv)
+  flags.DEFINE_enum("mode", "t2v", tuple(MODES), "What to generate (docs/sampling.md).", **fv)
+  flags.DEFINE_string("prompt", None, "Text prompt.", **fv)
+  flags.DEFINE_string("prompts_file", None, "File with one prompt per line.", **fv)
+  flags.DEFINE_string("image", None, "i2v: the first frame; loop: the keyframe (optional).", **fv)
+  flags.DEFINE_string("video", None, "extend/edit: the clip; interpolate: the start clip.", **fv)
+  flags.DEFINE_string("video2", None, "interpolate: the end clip.", **fv)
+  flags.DEFINE_enum("direction", "forward", ("forward", "backward"), "extend: which way.", **fv)
+  flags.DEFINE_float("strength", 0.6, "edit: noise level to start from, (0, 1]; 1: no input.", **fv)
+  flags.DEFINE_integer("num_frames", None, "Frames (default: the config's; see the modes).", **fv)
+  flags.DEFINE_integer("height", None, "Height in pixels (default: the config's).", **fv)
+  flags.DEFINE_integer("width", None, "Width in pixels (default: the config's).", **fv)
+  flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's).", **fv)
+  flags.DEFINE_string("sampler", None, "euler|heun (flow), ddpm|ddim|dpmpp_2m (gaussian).", **fv)
+  flags.DEFINE_float("guidance", None, "Classifier-free guidance (default: the config's).", **fv)
+  flags.DEFINE_list("guidance_interval", None, "lo,hi: guide only for t in [lo, hi].", **fv)
+  flags.DEFINE_integer("label", None, "Class label (class-conditional models).", **fv)
+  flags.DEFINE_integer("seed", 0, "Noise seed.", **fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", **fv)
+  flags.DEFINE_integer("display_scale", 1, "Nearest-neighbour upscaling of GIF/MP4 output.", **fv)
+  flags.DEFINE_float("fps", 8.0, "Frames per second of GIF/MP4 output.", **fv)
+  flags.DEFINE_string("out", None, "Output file: .gif, .mp4 or .npz.", **fv)
 
 
 def _request(f) -> tuple[list[str], dict]:
@@ -369,13 +371,32 @@ def _request(f) -> tuple[list[str], dict]:
     media.check_path(f.out)
   except ValueError as e:
     raise InputError(str(e)) from None
+  if f.prompts_file and f.prompt is not None:
+    raise InputError("give --prompt or --prompts_file, not both")
   if f.prompts_file:
-    with open(f.prompts_file) as fp:
-      prompts = [line.strip() for line in fp if line.strip()]
+    try:
+      with open(f.prompts_file, encoding="utf-8") as fp:
+        prompts = [line.strip() for line in fp if line.strip()]
+    except UnicodeDecodeError as e:
+      message = f"--prompts_file={f.prompts_file!r} is not UTF-8 text ({e.reason})"
+      raise InputError(message) from None
+    except OSError as e:
+      raise InputError(f"--prompts_file={f.prompts_file!r} cannot be read: {e.strerror}") from None
+    if not prompts:
+      raise InputError(f"--prompts_file={f.prompts_file!r} holds no prompt (every line is blank)")
   elif f.prompt is not None:
     prompts = [f.prompt]
   else:
     raise InputError("give --prompt or --prompts_file")
+  for name in ("num_frames", "height", "width", "steps"):  # None = the config's; 0 is not
+    if f[name].value is not None and f[name].value < 1:
+      raise InputError(f"--{name}={f[name].value} must be ≥ 1 (leave it out for the config's)")
+  if f.guidance is not None and not math.isfinite(f.guidance):
+    raise InputError(f"--guidance={f.guidance} must be a finite number (1 = no guidance)")
+  if f.display_scale < 1:
+    raise InputError(f"--display_scale={f.display_scale} must be ≥ 1")
+  if not (math.isfinite(f.fps) and f.fps > 0):
+    raise InputError(f"--fps={f.fps} must be a positive number")
   _, required, optional = MODES[f.mode]
   inputs = {}
   for name in ("image", "video", "video2"):
@@ -396,6 +417,8 @@ def _request(f) -> tuple[list[str], dict]:
 def _generate(sampler: Sampler, f, prompts: list[str], inputs: dict) -> tuple[np.ndarray, dict]:
   """The mode's videos and the options used (defaults resolved)."""
   s = sampler.config.sample
+  if f.label is not None and not sampler.config.model.get("num_classes", 0):
+    raise InputError(f"--label={f.label} but this model is not class-conditional (num_classes=0)")
   try:
     interval = f.guidance_interval and tuple(float(x) for x in f.guidance_interval)
   except ValueError:
