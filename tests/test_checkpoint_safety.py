@@ -81,6 +81,12 @@ def _warnings(caplog) -> str:
   return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
 
 
+def _assert_error(pattern: str, out) -> None:
+  """The CLI failed with exactly one `error:` line matching `pattern`."""
+  assert out.returncode != 0
+  assert re.fullmatch(pattern, _error_line(out.stderr)), out.stderr[-3000:]
+
+
 def _error_line(stderr: str) -> str:
   assert "Traceback" not in stderr, stderr[-3000:]
   return stderr.strip().splitlines()[-1]
@@ -243,13 +249,12 @@ def test_no_intact_checkpoint_is_one_error_and_writes_nothing(workdir, data_dir,
   _garbage_data(workdir / "checkpoints" / "2")
   before = _snapshot(workdir)
   out = _cli(_config_file(tmp_path, _config(data_dir)), workdir)
-  assert out.returncode != 0
-  assert re.fullmatch(
+  _assert_error(
     rf"error: no intact checkpoint in {re.escape(str(workdir))}/checkpoints: tried steps 4, 2 — "
     rf"4: {RESTORE_FAILED}; 2: {RESTORE_FAILED}\. Nothing was written; restore the checkpoints "
     r"from a backup or train in a new --workdir",
-    _error_line(out.stderr),
-  ), out.stderr[-3000:]
+    out,
+  )
   assert _snapshot(workdir) == before
 
 
@@ -326,14 +331,13 @@ def test_second_trainer_on_a_workdir_is_refused(workdir, data_dir, tmp_path):
   finally:
     holder.kill()  # SIGKILL: no cleanup runs in the holder
     holder.wait()
-  assert out.returncode != 0
-  assert re.fullmatch(
+  _assert_error(
     rf"error: workdir '{re.escape(str(workdir))}' is in use by another training run \(pid "
     rf"{holder.pid} on host {re.escape(socket.gethostname())}, since [\d: -]+\); wait for it to "
     r"finish or use another --workdir \(the lock \S+vdit.lock is released when that process "
     r"exits\)",
-    _error_line(out.stderr),
-  ), out.stderr[-3000:]
+    out,
+  )
   assert _snapshot(workdir) == before
   with workdir_guard.workdir_lock(str(workdir)):  # released by the killed process's exit
     with pytest.raises(workdir_guard.WorkdirLockedError, match=rf"pid {os.getpid()} on host"):

@@ -203,6 +203,17 @@ def apply(model, params, batch):
   )
 
 
+def assert_packed_equals_alone(model, params, ex):
+  """Row 0 packs the examples `ex`; rows 1.. hold one each: every example's output is the same."""
+  out = jax.jit(lambda p, b: apply(model, p, b))(params, packed_rows([ex] + [[e] for e in ex]))
+  n = 0
+  for j, e in enumerate(ex):
+    size = int(np.prod(e[0]))
+    np.testing.assert_allclose(out[0, n : n + size], out[j + 1, :size], atol=1e-5, rtol=1e-5)
+    n += size
+  assert np.abs(np.asarray(out[0, :n])).std() > 1e-2  # not trivially zero
+
+
 @pytest.fixture(scope="module")
 def tiny():
   model = VideoDiT(**TINY)
@@ -216,14 +227,7 @@ def test_packed_row_equals_each_example_alone(tiny):
   params = perturb(params, 1)
   ex = examples()
   # Row 0 packs the three examples; rows 1..3 hold one example each.
-  batch = packed_rows([ex] + [[e] for e in ex])
-  out = jax.jit(lambda p, b: apply(model, p, b))(params, batch)
-  n = 0
-  for j, e in enumerate(ex):
-    size = int(np.prod(e[0]))
-    np.testing.assert_allclose(out[0, n : n + size], out[j + 1, :size], atol=1e-5, rtol=1e-5)
-    n += size
-  assert np.abs(np.asarray(out[0, :n])).std() > 1e-2  # not trivially zero
+  assert_packed_equals_alone(model, params, ex)
 
 
 def test_grid_neighbours_are_a_zero_padded_convolution_window():
@@ -251,17 +255,9 @@ def test_local_options_keep_packing_exact():
   equals each example alone: none of them reaches across examples or into padding."""
   model = VideoDiT(**TINY, patch_context=(3, 3, 3), rope=True, rope_max_period=50.0, locality=1.0)
   ex = examples()
-  batch = packed_rows([ex] + [[e] for e in ex])
   params = nn.unbox(model.init(jax.random.key(0), *list(packed_rows([ex]).values())))
   assert params["params"]["patch_conv"]["kernel"].shape == (27, P, TINY["width"])
-  params = perturb(params, 2)
-  out = jax.jit(lambda p, b: apply(model, p, b))(params, batch)
-  n = 0
-  for j, e in enumerate(ex):
-    size = int(np.prod(e[0]))
-    np.testing.assert_allclose(out[0, n : n + size], out[j + 1, :size], atol=1e-5, rtol=1e-5)
-    n += size
-  assert np.abs(np.asarray(out[0, :n])).std() > 1e-2
+  assert_packed_equals_alone(model, perturb(params, 2), ex)
 
 
 def test_caption_and_label_only_affect_their_own_example(tiny):
