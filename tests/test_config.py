@@ -1,6 +1,7 @@
 """Configs: argument parsing, locking, validation and the CLI's one-line errors."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -39,6 +40,12 @@ def test_tiny_config_is_valid():
     ("model.patch_context", (3, 2, 3), r"patch_context=\(3, 2, 3\) must be \(\) or three odd"),
     ("model.locality", -1.0, r"model.locality=-1.0 must be ≥ 0"),
     ("model.locality", float("nan"), r"model.locality=nan must be ≥ 0"),
+    ("optimizer.lr", float("nan"), r"optimizer.lr=nan must be a finite number > 0"),
+    ("optimizer.lr", -1.0, r"optimizer.lr=-1.0 must be a finite number > 0"),
+    ("optimizer.grad_clip", 0.0, r"optimizer.grad_clip=0.0 must be a finite number > 0"),
+    ("optimizer.b2", 1.0, r"optimizer.b2=1.0 must be in \[0, 1\)"),
+    ("input.max_frames", 1, r"input.min_frames=4 must be in \[1, max_frames=1\]"),
+    ("input.dataset_config", "huge", r"dataset='shapes' dataset_config='huge' is unknown"),
   ],
 )
 def test_validate_names_the_bad_value(key, value, message):
@@ -91,3 +98,55 @@ def test_cli_invalid_value_fails_before_compute(tmp_path):
   assert "sample.width=50 is not a multiple of the patch size 4" in out.stderr
   assert "Traceback" not in out.stderr
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_still_clips_below_the_temporal_patch_are_refused():
+  config = load_config("tiny")
+  config.input.min_frames = config.input.max_frames = 1
+  with pytest.raises(config_checks.ConfigError, match=r"max_frames=1 is below the temporal patch"):
+    config_checks.validate(config)
+
+
+def test_folder_dataset_config_must_be_a_directory(tmp_path):
+  config = load_config("tiny")
+  config.input.dataset, config.input.dataset_config = "folder", str(tmp_path / "missing")
+  with pytest.raises(config_checks.ConfigError, match=r"dataset_config=.*missing' is not a dir"):
+    config_checks.validate(config)
+
+
+@pytest.mark.parametrize(
+  "text,arg,message",
+  [
+    (None, "tiny", r"config file '.*nope.py' does not exist"),
+    ("def get_config(:\n  pass\n", "", r"config file '.*bad.py' line 1: invalid syntax"),
+    ("def get_config():\n  raise RuntimeError('boom')\n", "", r"raised RuntimeError: boom"),
+    ("x = 1\n", "", r"has no get_config\(\) function"),
+  ],
+)
+def test_config_file_problems_are_one_line(tmp_path, text, arg, message):
+  path = tmp_path / ("nope.py" if text is None else "bad.py")
+  if text is not None:
+    path.write_text(text)
+  spec = f"{path}:{arg}" if arg else str(path)
+  assert re.search(message, config_lib.check_config_file(spec))
+
+
+@pytest.mark.parametrize(
+  "arg,message",
+  [
+    ("tinny", r"unknown config argument 'tinny'.*expected one of \['captions'"),
+    ("variant=XL", r"variant='XL' is not one of \['B', 'L', 'S'\]"),
+  ],
+)
+def test_config_arguments_are_checked(arg, message):
+  assert re.search(message, config_lib.check_config_file(f"{REPO}/configs/vdit/shapes.py:{arg}"))
+  assert config_lib.check_config_file(f"{REPO}/configs/vdit/shapes.py:tiny") == ""
+
+
+def test_cli_missing_config_file_is_one_line(tmp_path):
+  out = _run_main("--config=configs/vdit/nope.py:tiny", f"--workdir={tmp_path}")
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines()[-1] == (
+    "error: config file 'configs/vdit/nope.py' does not exist (--config=configs/vdit/nope.py:tiny)"
+  )
+  assert "Traceback" not in out.stderr

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests import configs
-from vdit import evaluators, train
+from vdit import checkpointing, evaluators, train
 from vdit.datasets import shapes
 from vdit.evaluators import adherence, classifier, frechet, shapes_scorer
 from vdit.tasks import base as tasks_base
@@ -189,6 +189,41 @@ def test_run_writes_json_scalars_and_summaries(tmp_path):
     evaluators.run(c, None, workdir, 5, names=["third"])
   with pytest.raises(ValueError, match="unknown"):
     evaluators.run(_config(x=dict(type="nope")), None, workdir, 5)
+
+
+def test_a_failing_eval_is_recorded_and_the_next_ones_run(tmp_path, monkeypatch):
+  def boom(config, params, workdir, step):
+    raise RuntimeError("the scorer broke")
+
+  def fine(config, params, workdir, step):
+    return {"value": 1.0}
+
+  monkeypatch.setitem(evaluators.EVALUATORS, "_boom", boom)
+  monkeypatch.setitem(evaluators.EVALUATORS, "_fine", fine)
+  c = _config(a=dict(type="_boom"), b=dict(type="_fine"))
+  out = evaluators.run(c, None, str(tmp_path), 7)
+  assert out == {"a": {"error": "RuntimeError: the scorer broke"}, "b": {"value": 1.0}}
+  assert evaluators.failures(out) == {"a": "RuntimeError: the scorer broke"}
+  assert json.loads((tmp_path / "eval" / "7.json").read_text()) == out
+  assert evaluators.missing(c, str(tmp_path), 7, 7) == ["a"]  # a rerun retries the failed one
+
+
+def test_training_survives_a_failing_eval_and_reports_it(data_dir, tmp_path, monkeypatch):
+  def boom(config, params, workdir, step):
+    raise RuntimeError("the scorer broke")
+
+  monkeypatch.setitem(evaluators.EVALUATORS, "_boom", boom)
+  c = configs.small(data_dir, total_steps=2, evals={"bad": dict(type="_boom", every_steps=1)})
+  with pytest.raises(evaluators.EvalFailed, match=r"bad at step 1: RuntimeError.*bad at step 2"):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert checkpointing.latest_step(str(tmp_path)) == 2  # the training itself completed
+
+
+def test_adherence_does_not_apply_to_other_datasets():
+  c = configs.load("tiny")
+  c.input.dataset, c.input.dataset_config = "folder", "/some/folder"
+  with pytest.raises(evaluators.NotApplicable, match=r"input.dataset='folder'"):
+    adherence.evaluate(c, None, "/nonexistent", 0)
 
 
 # ---------------------------------------------------------------------------------------------

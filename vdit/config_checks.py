@@ -260,6 +260,18 @@ def validate(
     task = tasks.get(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  if not (math.isfinite(opt.lr) and opt.lr > 0):
+    raise ConfigError(f"optimizer.lr={opt.lr} must be a finite number > 0")
+  for key in ("b1", "b2"):
+    if key in opt and not 0.0 <= opt[key] < 1.0:
+      raise ConfigError(f"optimizer.{key}={opt[key]} must be in [0, 1)")
+  if "grad_clip" in opt and not (math.isfinite(opt.grad_clip) and opt.grad_clip > 0):
+    raise ConfigError(f"optimizer.grad_clip={opt.grad_clip} must be a finite number > 0")
+  for key in ("weight_decay", "warmup_steps"):
+    if key in opt and not (math.isfinite(opt[key]) and opt[key] >= 0):
+      raise ConfigError(f"optimizer.{key}={opt[key]} must be a finite number >= 0")
+  if "final_lr_fraction" in opt and not 0.0 <= opt.final_lr_fraction <= 1.0:
+    raise ConfigError(f"optimizer.final_lr_fraction={opt.final_lr_fraction} must be in [0, 1]")
   if not 0.0 <= opt.ema_decay < 1.0:
     raise ConfigError(f"optimizer.ema_decay={opt.ema_decay} must be in [0, 1)")
   _positive("optimizer.grad_accum_steps", opt.get("grad_accum_steps", 1))

@@ -24,6 +24,12 @@ def _coerce(value: str, default: Any) -> Any:
   return value
 
 
+def check_choice(name: str, value: Any, choices) -> None:
+  """ValueError naming `value` and the choices unless it is one of them."""
+  if value not in choices:
+    raise ValueError(f"{name}={value!r} is not one of {sorted(choices)}")
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """Parses `"tiny,variant=S/2"` into a ConfigDict over `defaults`.
 
@@ -55,6 +61,10 @@ def flags_parser(argv: list[str]) -> list[str]:
 
   from absl import flags  # noqa: PLC0415
 
+  for spec in _config_file_specs(argv):
+    problem = check_config_file(spec)
+    if problem:
+      sys.exit(f"error: {problem}")
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -64,6 +74,52 @@ def flags_parser(argv: list[str]) -> list[str]:
     sys.exit(f"error: unknown config key: {msg}")
   except (ValueError, TypeError) as e:
     sys.exit(f"error: bad config: {e}")
+
+
+def _config_file_specs(argv: list[str]) -> list[str]:
+  """The values of `--config=...` / `--config ...` in a command line."""
+  specs = []
+  for i, a in enumerate(argv[1:], start=1):
+    if a.startswith("--config="):
+      specs.append(a.removeprefix("--config="))
+    elif a == "--config" and i + 1 < len(argv):
+      specs.append(argv[i + 1])
+  return specs
+
+
+def check_config_file(spec: str) -> str:
+  """What is wrong with `--config=path.py[:arg]` in one line, or "" if it loads.
+
+  Runs the file's `get_config(arg)` once, so a missing file, a syntax error, an unknown or bad
+  argument and a `get_config` that raises are reported before absl's flag machinery wraps them
+  in chained tracebacks.
+  """
+  import importlib.util  # noqa: PLC0415
+  import os  # noqa: PLC0415
+
+  path, sep, arg = spec.partition(":")
+  if not path:
+    return f"--config={spec!r} names no file; expected path/to/config.py[:arguments]"
+  if not os.path.isfile(path):
+    return f"config file {path!r} does not exist (--config={spec})"
+  try:
+    module_spec = importlib.util.spec_from_file_location("vdit_config_check", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    return f"config file {path!r} line {e.lineno}: {e.msg}"
+  except Exception as e:  # noqa: BLE001 (any import-time failure of a user's file)
+    return f"config file {path!r} failed to load: {type(e).__name__}: {e}"
+  if not callable(getattr(module, "get_config", None)):
+    return f"config file {path!r} has no get_config() function"
+  try:
+    module.get_config(*([arg] if sep else []))
+  except (ValueError, KeyError, TypeError) as e:
+    msg = str(e.args[0] if e.args else e)
+    return f"bad config argument in --config={spec}: {msg}"
+  except Exception as e:  # noqa: BLE001
+    return f"config file {path!r}: get_config({arg!r}) raised {type(e).__name__}: {e}"
+  return ""
 
 
 def trainer_config(

@@ -20,7 +20,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vdit import checkpointing, config_checks, config_lib, train, workdir_guard
+from vdit import checkpointing, config_checks, config_lib, evaluators, train, workdir_guard
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py:arg).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
@@ -86,8 +86,8 @@ def main(argv):
     )
   except config_checks.ConfigError as e:
     sys.exit(f"error: bad config: {e}")
-  except checkpointing.WorkdirError as e:  # locked, changed config, no intact checkpoint
-    sys.exit(f"error: {e}")
+  except (checkpointing.WorkdirError, evaluators.EvalFailed) as e:
+    sys.exit(f"error: {e}")  # locked, changed config, no intact checkpoint; evals that failed
 
 
 if __name__ == "__main__":

@@ -182,6 +182,7 @@ def train_and_evaluate(
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
   is_main = jax.process_index() == 0
+  eval_failures = {}  # (step, eval name) -> error; reported once the training is done
 
   # --- Mesh -----------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
@@ -269,7 +270,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> trai
         if stop:
           break
         if names := evaluators.due(config, done, total):  # `config.evals` (vdit/evaluators)
-          evaluators.run(config, _host_params(state), workdir, done, names=names, writer=writer)
+          results = evaluators.run(
+            config, _host_params(state), workdir, done, names=names, writer=writer
+          )
+          eval_failures.update({(done, k): v for k, v in evaluators.failures(results).items()})
           t_last = time.time()  # evaluation time is not training time
   finally:  # also on an abort: let an in-flight save complete, never leave it half done
     mngr.wait_until_finished()
@@ -284,12 +288,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> trai
   # --- Evaluation: samples (generative tasks), validation accuracy (classifiers) ------------
   if names := evaluators.missing(config, workdir, int(state.step), total):  # e.g. after a crash
     with sharding.activate(mesh, rules):
-      evaluators.run(config, _host_params(state), workdir, int(state.step), names, writer=writer)
+      results = evaluators.run(
+        config, _host_params(state), workdir, int(state.step), names, writer=writer
+      )
+    eval_failures.update({(int(state.step), k): v for k, v in evaluators.failures(results).items()})
   results = task.evaluate(config, _host_params(state), workdir, int(state.step))
   scalars = {k: v for k, v in results.items() if isinstance(v, int | float)}
   if scalars:
     writer.write_scalars(int(state.step), {f"eval/{k}": v for k, v in scalars.items()})
     writer.flush()
+  if eval_failures:  # the training and its checkpoints are complete; the failures are not lost
+    listed = "; ".join(
+      f"{name} at step {step}: {msg}" for (step, name), msg in eval_failures.items()
+    )
+    raise evaluators.EvalFailed(
+      f"training finished (checkpoint at step {int(state.step)}), but evals failed: {listed}; "
+      "the log has their tracebacks; rerunning the same command retries the final step's"
+    )
   return state
 
 

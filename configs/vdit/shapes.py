@@ -32,6 +32,7 @@ VARIANTS = {"tiny": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (10
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, variant="S", tiny=False, latent="", latents="", captions="")
   tiny = arg.tiny
+  config_lib.check_choice("variant", arg.variant, set(VARIANTS) - {"tiny"})
   width, depth, heads = VARIANTS["tiny" if tiny else arg.variant]
   c = ml_collections.ConfigDict()
   c.seed = 0

@@ -166,9 +166,15 @@ def check_input_config(c: ml_collections.ConfigDict) -> None:
   for key in ("read_threads", "read_buffer", "prefetch_batches", "workers"):
     if c[key] < 0:
       raise ValueError(f"input.{key}={c[key]} must be >= 0")
-  for name, _, _ in components(c):
+  if c.max_frames < c.patch_size[0]:
+    raise ValueError(
+      f"input.max_frames={c.max_frames} is below the temporal patch pt={c.patch_size[0]}: every "
+      f"clip would be a still; expected max_frames >= {c.patch_size[0]}"
+    )
+  for name, dataset_config, _ in components(c):
     if name not in datasets.SOURCES:
       raise ValueError(f"dataset={name!r} is unknown; expected one of {sorted(datasets.SOURCES)}")
+    datasets.check_config(name, dataset_config)
 
 
 class FinalizeBatch(grain.transforms.Map):

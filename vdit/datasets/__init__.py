@@ -48,6 +48,25 @@ def data_source(name: str, split: str, *, data_dir: str | None = None, config: s
   return getattr(module, function)(split, data_dir or default_data_dir(), **kwargs)
 
 
+def check_config(name: str, config: str | None) -> None:
+  """ValueError naming a `dataset_config` that dataset `name` cannot read, before any compute:
+  a variant it does not have, or (folder, latents) a directory that does not exist."""
+  module, _ = _resolve(name)
+  if name in DEFAULT_CONFIGS:
+    if not config:
+      raise ValueError(f"dataset={name!r} needs dataset_config=<path of the directory>")
+    from etils import epath  # noqa: PLC0415 (only for path datasets)
+
+    if not epath.Path(config).is_dir():
+      raise ValueError(f"dataset={name!r} dataset_config={config!r} is not a directory")
+    return
+  names = getattr(module, "CONFIG_NAMES", None)
+  if config is not None and names is not None and config not in names:
+    raise ValueError(
+      f"dataset={name!r} dataset_config={config!r} is unknown; expected one of {list(names)}"
+    )
+
+
 def num_classes(name: str) -> int:
   """How many label values dataset `name` uses (0: no labels)."""
   module, _ = _resolve(name)

@@ -235,6 +235,9 @@ class MovingDigits(tfds.core.GeneratorBasedBuilder):
       yield index, generate(self.builder_config, split, index)
 
 
+CONFIG_NAMES = tuple(c.name for c in MovingDigits.BUILDER_CONFIGS)  # valid `dataset_config`s
+
+
 def build(data_dir: str | None = None, config: str = "tiny") -> None:
   building.build(MovingDigits, data_dir, config)
 

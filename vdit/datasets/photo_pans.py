@@ -229,6 +229,9 @@ class PhotoPans(tfds.core.GeneratorBasedBuilder):
       yield index, generate(self.builder_config, split, index)
 
 
+CONFIG_NAMES = tuple(c.name for c in PhotoPans.BUILDER_CONFIGS)  # valid `dataset_config`s
+
+
 def build(data_dir: str | None = None, config: str = "tiny") -> None:
   building.build(PhotoPans, data_dir, config)
 

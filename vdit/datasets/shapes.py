@@ -291,6 +291,9 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
 NUM_CLASSES = len(SHAPES)  # `label` is the shape of the first object
 
 
+CONFIG_NAMES = tuple(c.name for c in Shapes.BUILDER_CONFIGS)  # valid `dataset_config`s
+
+
 def build(data_dir: str | None = None, config: str = "tiny") -> None:
   """Generates and writes the dataset unless it is already there (cheap to call again)."""
   building.build(Shapes, data_dir, config)

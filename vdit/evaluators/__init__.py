@@ -7,6 +7,11 @@
   frechet    Fréchet distance between real and generated frames in a feature space
   top1       classifier top-1 on the validation split (`tasks.Classification.evaluate`)
 
+An evaluator that does not apply to the run (e.g. `adherence` on a dataset other than `shapes`)
+raises `NotApplicable` and is skipped with a warning; one that fails is logged with its traceback
+and recorded as `{"error": ...}`, and the next evals and the training go on (the trainer reports
+the failures when it finishes, `EvalFailed`).
+
 Every evaluator is `fn(config, params, workdir, step, **options) -> dict`; the dict holds
 scalars (logged to TensorBoard as `eval/<name>/<key>` and written to workdir/eval/<step>.json
 under `<name>`), optionally `files` (paths written) and `images` / `videos` ({tag: uint8
@@ -20,6 +25,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 import numpy as np
 from etils import epath
 
@@ -29,6 +35,19 @@ Evaluator = Callable[..., dict[str, Any]]
 EVALUATORS: dict[str, Evaluator] = {}
 RESERVED = ("type", "every_steps")  # keys of an eval entry that are not evaluator options
 SUMMARY_KEYS = ("images", "videos")  # TensorBoard-only results (not written to JSON)
+
+
+class NotApplicable(Exception):  # noqa: N818 (a reason to skip, not a failure)
+  """Raised by an evaluator that cannot measure this run (the message says why)."""
+
+
+class EvalFailed(RuntimeError):
+  """Evals raised during training; the training itself finished (the message lists them)."""
+
+
+def failures(results: dict[str, dict[str, Any]]) -> dict[str, str]:
+  """{name: error message} of the evals in `run`'s results that failed."""
+  return {name: out["error"] for name, out in results.items() if "error" in out}
 
 
 def register(name: str) -> Callable[[Evaluator], Evaluator]:
@@ -82,7 +101,8 @@ def missing(config: ml_collections.ConfigDict, workdir: str, step: int, total_st
   stopped, or crashed, before or during them): rerunning a finished run completes them."""
   path = epath.Path(workdir) / "eval" / f"{step}.json"
   written = json.loads(path.read_text()) if path.exists() else {}
-  return [name for name in due(config, step, total_steps) if name not in written]
+  done = {name for name, out in written.items() if "error" not in out}  # failed ones: again
+  return [name for name in due(config, step, total_steps) if name not in done]
 
 
 def run(
@@ -104,7 +124,15 @@ def run(
   for name in names:
     entry = evals[name]
     options = {k: v for k, v in entry.items() if k not in RESERVED}
-    out = get(entry["type"])(config, params, workdir, step, **options)
+    fn = get(entry["type"])  # an unknown type is a config error, not a failed eval
+    try:
+      out = fn(config, params, workdir, step, **options)
+    except NotApplicable as e:
+      logging.warning("eval %s (%s) skipped at step %d: %s", name, entry["type"], step, e)
+      out = {"skipped": str(e)}
+    except Exception as e:  # noqa: BLE001 (an eval must not cost the training its run)
+      logging.exception("eval %s (%s) failed at step %d", name, entry["type"], step)
+      out = {"error": f"{type(e).__name__}: {e}"}
     summaries = {k: out.pop(k) for k in SUMMARY_KEYS if k in out}
     results[name] = out
     if jax.process_index() == 0:

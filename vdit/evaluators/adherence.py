@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from vdit import media
-from vdit.evaluators import register, shapes_scorer
+from vdit.evaluators import NotApplicable, register, shapes_scorer
 
 
 def prompts_for(vocab: shapes_scorer.Vocabulary, num_prompts: int, seed: int = 0) -> list[str]:
@@ -47,6 +47,11 @@ def evaluate(
   one grid GIF, `workdir/samples/<step>/adherence_{T}x{H}x{W}.gif` (prompt order, row-major)."""
   from vdit import sample  # noqa: PLC0415
 
+  if dataset_config is None and config.input.dataset != "shapes":
+    raise NotApplicable(
+      f"it scores `shapes` prompts, and input.dataset={config.input.dataset!r}; set "
+      "evals.adherence.dataset_config to a shapes variant to score them anyway"
+    )
   vocab = shapes_scorer.Vocabulary.of_dataset(dataset_config or config.input.dataset_config)
   prompts = prompts_for(vocab, num_prompts, seed)
   sampler = sample.Sampler(config=config, params=params)
