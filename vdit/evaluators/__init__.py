@@ -25,8 +25,8 @@ from typing import Any
 
 import jax
 import ml_collections
-from absl import logging
 import numpy as np
+from absl import logging
 from etils import epath
 
 from vdit.tasks import base as tasks_base
