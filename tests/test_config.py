@@ -38,6 +38,7 @@ def test_tiny_config_is_valid():
     ("input.rows_per_batch", 6, r"rows_per_batch=6 is not divisible by data×fsdp=8"),
     ("diffusion.time_sampling", "beta", "time_sampling='beta' is not supported"),
     ("model.patch_context", (3, 2, 3), r"patch_context=\(3, 2, 3\) must be \(\) or three odd"),
+    ("model.output_context", (3, 3), r"output_context=\(3, 3\) must be \(\) or three odd"),
     ("model.locality", -1.0, r"model.locality=-1.0 must be ≥ 0"),
     ("model.locality", float("nan"), r"model.locality=nan must be ≥ 0"),
     ("optimizer.lr", float("nan"), r"optimizer.lr=nan must be a finite number > 0"),

@@ -251,12 +251,17 @@ def test_grid_neighbours_are_a_zero_padded_convolution_window():
 
 
 def test_local_options_keep_packing_exact():
-  """With the convolutional patch embedding, RoPE and the locality bias, a packed row still
-  equals each example alone: none of them reaches across examples or into padding."""
-  model = VideoDiT(**TINY, patch_context=(3, 3, 3), rope=True, rope_max_period=50.0, locality=1.0)
+  """With the convolutional patch embedding, the blocks' and the output's convolutions, RoPE and
+  the locality bias, a packed row still equals each example alone: none of them reaches across
+  examples or into padding."""
+  local = dict(patch_context=(3, 3, 3), mlp_context=(3, 3, 3), output_context=(1, 3, 3))
+  model = VideoDiT(**TINY, **local, rope=True, rope_max_period=50.0, locality=1.0)
   ex = examples()
   params = nn.unbox(model.init(jax.random.key(0), *list(packed_rows([ex]).values())))
-  assert params["params"]["patch_conv"]["kernel"].shape == (27, P, TINY["width"])
+  p = params["params"]
+  assert p["patch_conv"]["kernel"].shape == (27, P, TINY["width"])
+  assert p["blocks"]["mlp_conv"]["kernel"].shape == (TINY["depth"], 27, TINY["width"])
+  assert p["final"]["conv"]["kernel"].shape == (9, TINY["width"], P)
   assert_packed_equals_alone(model, perturb(params, 2), ex)
 
 

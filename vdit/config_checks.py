@@ -144,11 +144,14 @@ def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, in
     raise ConfigError(
       f"model.text_heads={model.text_heads} is not divisible by tensor={shape['tensor']}"
     )
-  context = tuple(model.get("patch_context", ()))
-  if context and (len(context) != 3 or any(int(k) != k or k < 1 or k % 2 == 0 for k in context)):
-    raise ConfigError(
-      f"model.patch_context={context} must be () or three odd sizes (kt, kh, kw), e.g. (3, 3, 3)"
-    )
+  for key in ("patch_context", "mlp_context", "output_context"):
+    context = tuple(model.get(key, ()))
+    if context and (
+      len(context) != 3 or any(int(k) != k or k < 1 or k % 2 == 0 for k in context)
+    ):
+      raise ConfigError(
+        f"model.{key}={context} must be () or three odd sizes (kt, kh, kw), e.g. (3, 3, 3)"
+      )
   locality = model.get("locality", 0.0)
   if not locality >= 0:  # also NaN
     raise ConfigError(f"model.locality={locality} must be ≥ 0 (0 = no locality bias)")

@@ -53,6 +53,8 @@ def build(config: ml_collections.ConfigDict):
       rope_max_period=m.get("rope_max_period", 10_000.0),
       locality=m.get("locality", 0.0),
       patch_context=tuple(m.get("patch_context", ())),
+      mlp_context=tuple(m.get("mlp_context", ())),
+      output_context=tuple(m.get("output_context", ())),
       pooled_text=m.get("pooled_text", False),
       patch_bottleneck=m.get("patch_bottleneck", 0),
       text_embed_std=m.get("text_embed_std", 0.02),

@@ -91,6 +91,34 @@ def grid_neighbours(
   return jnp.stack(indices, -1), jnp.stack(valids, -1)
 
 
+def gather_neighbours(x: jax.Array, neighbours: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """x [B, L, F] → [B, L, N, F]: each token's `grid_neighbours` (index, valid), zeros where a
+  neighbour is not valid (off its example's grid: a zero-padded convolution window)."""
+  index, valid = neighbours
+  out = jax.vmap(lambda row, i: row[i])(x, index)
+  return out * valid[..., None].astype(x.dtype)
+
+
+class GridDepthwiseConv(nn.Module):
+  """A depthwise convolution over each example's (t, h, w) grid of packed tokens: [B, L, D] →
+  [B, L, D], one weight per neighbour and channel, zero-initialised (a residual branch starts
+  as nothing). `neighbours` = `grid_neighbours(...)` of the kernel."""
+
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, neighbours: tuple[jax.Array, jax.Array]) -> jax.Array:
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, EMBED)),
+      (neighbours[0].shape[-1], x.shape[-1]),
+      self.param_dtype,
+    )
+    window = gather_neighbours(x, neighbours)  # [B, L, N, D]
+    return jnp.einsum("blnd,nd->bld", window, kernel.astype(self.dtype))
+
+
 def positions_in_segment(segment_ids: jax.Array) -> jax.Array:
   """Index of each token inside its (contiguous) segment: [B, M] int32 -> [B, M] int32."""
   m = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None, :]

@@ -56,10 +56,13 @@ class DiTBlock(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, c, segment_ids, text, text_segment_ids, rope_positions=None):
+  def __call__(
+    self, x, c, segment_ids, text, text_segment_ids, rope_positions=None, neighbours=None
+  ):
     # x: [B, L, D] tokens; c: [B, L, D] per-token conditioning (packed rows mix examples with
     # different diffusion times); segment_ids: [B, L]; text: [B, M, D]; text ids: [B, M];
-    # rope_positions: [B, L, 3] ((t, h, w) for RoPE and/or the locality bias) or None.
+    # rope_positions: [B, L, 3] ((t, h, w) for RoPE and/or the locality bias) or None;
+    # neighbours: `layers.grid_neighbours` (index, valid) [B, L, N] of `mlp_context`, or None.
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = dict(num_heads=self.num_heads, qk_norm=self.qk_norm, backend=self.attention_backend)
     x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
@@ -76,6 +79,8 @@ class DiTBlock(nn.Module):
       **attn, zero_init_out=True, kv_length_axis=TEXT_LENGTH, name="cross_attn", **kw
     )(h, segment_ids, text, text_segment_ids)
     h = layers.modulate(layers.layer_norm(affine=False, name="norm2", **kw)(x), shift2, scale2)
+    if neighbours is not None:  # Mix-FFN (Xie et al. 2021): a depthwise conv before the MLP
+      h = h + layers.GridDepthwiseConv(name="mlp_conv", **kw)(h, neighbours)
     x = x + gate2 * layers.Mlp(self.mlp_ratio, name="mlp", **kw)(h)
     return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED)), None
 
@@ -88,12 +93,19 @@ class FinalLayer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, c):
-    # x, c: [B, L, D] -> [B, L, P]
+  def __call__(self, x, c, neighbours=None):
+    # x, c: [B, L, D] -> [B, L, P]; neighbours: `grid_neighbours` of `output_context` or None
+    # (then each token's output also reads its neighbours' features: a convolutional unpatchify).
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     shift, scale = jnp.split(layers.AdaLNModulation(2, name="adaln", **kw)(c), 2, axis=-1)
     x = layers.modulate(layers.layer_norm(affine=False, name="norm", **kw)(x), shift, scale)
-    return layers.dense(self.patch_dim, (EMBED, PATCH), zero_init=True, name="proj", **kw)(x)
+    out = layers.dense(self.patch_dim, (EMBED, PATCH), zero_init=True, name="proj", **kw)(x)
+    if neighbours is not None:
+      window = layers.gather_neighbours(x, neighbours)  # [B, L, N, D]
+      out = out + layers.dense(
+        self.patch_dim, (None, EMBED, PATCH), axis=(-2, -1), zero_init=True, name="conv", **kw
+      )(window)
+    return out
 
 
 class VideoDiT(nn.Module):
@@ -135,6 +147,12 @@ class VideoDiT(nn.Module):
   # neighbourhood on its example's grid (a convolutional patch embedding, "early convolutions",
   # Xiao et al. 2021), not its own patch alone; () = its own patch.
   patch_context: tuple[int, ...] = ()
+  # (kt, kh, kw): every block's MLP input also gets a depthwise convolution over the token's
+  # grid neighbourhood (Mix-FFN, Xie et al. 2021); () = none.
+  mlp_context: tuple[int, ...] = ()
+  # (kt, kh, kw): the final projection also reads the neighbours' features (a convolutional
+  # unpatchify, as U-ViT's last 3×3 convolution, Bao et al. 2023); () = its own token only.
+  output_context: tuple[int, ...] = ()
   text_embed_std: float = 0.02  # init std of the text encoder's id table (`TextEncoder.embed_std`)
   attention_backend: str = "xla"  # see layers.ATTENTION_BACKENDS
   scan_layers: bool = True
@@ -175,9 +193,11 @@ class VideoDiT(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
     # Tokens: patch embedding + 3-D position of the patch inside its own example.
+    def neighbours(kernel):
+      return layers.grid_neighbours(positions, segment_ids, kernel) if kernel else None
+
     if self.patch_context:
-      index, valid = layers.grid_neighbours(positions, segment_ids, self.patch_context)
-      x = jax.vmap(lambda row, i: row[i])(x, index) * valid[..., None].astype(x.dtype)
+      x = layers.gather_neighbours(x, neighbours(self.patch_context))
       x = nn.with_logical_constraint(x, (BATCH, LENGTH, None, PATCH))  # [B, L, N, P]
     if self.patch_bottleneck:
       x = layers.dense(self.patch_bottleneck, (PATCH, None), name="patch_bottleneck", **kw)(x)
@@ -228,7 +248,7 @@ class VideoDiT(nn.Module):
     stack = layers.stack_blocks(
       DiTBlock,
       depth=self.depth,
-      num_broadcast_args=5,
+      num_broadcast_args=6,
       scan=self.scan_layers,
       remat_policy=self.remat_policy,
     )
@@ -242,8 +262,18 @@ class VideoDiT(nn.Module):
       locality=self.locality,
       attention_backend=self.attention_backend,
       **kw,
-    )(h, c, segment_ids, text, text_segment_ids, positions if self.rope or self.locality else None)
-    out = FinalLayer(self.out_dim or self.patch_dim, name="final", **kw)(h, c)
+    )(
+      h,
+      c,
+      segment_ids,
+      text,
+      text_segment_ids,
+      positions if self.rope or self.locality else None,
+      neighbours(self.mlp_context),
+    )
+    out = FinalLayer(self.out_dim or self.patch_dim, name="final", **kw)(
+      h, c, neighbours(self.output_context)
+    )
     return nn.with_logical_constraint(out, (BATCH, LENGTH, PATCH))
 
   def pool_text(self, text, segment_ids, text_segment_ids):
