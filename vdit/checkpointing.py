@@ -440,12 +440,20 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a run wrote into `workdir` (raises NoCheckpointError if absent)."""
   path = epath.Path(workdir) / CONFIG_FILE
-  if not path.exists():
+  if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
+    raise NoCheckpointError(f"{workdir!r} is a file, not a vdit workdir (a directory)")
+  if not path.is_file():
     raise NoCheckpointError(
       f"{workdir!r} has no {CONFIG_FILE}: not a vdit workdir (train there first with "
       "`python -m vdit.main --config=... --workdir=...`)"
     )
-  return ml_collections.ConfigDict(_lists_to_tuples(json.loads(path.read_text())))
+  try:
+    data = json.loads(path.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise NoCheckpointError(f"{path} is damaged, not the JSON config a run writes ({e})") from None
+  if not isinstance(data, dict):
+    raise NoCheckpointError(f"{path} is damaged: holds a {type(data).__name__}, not a config")
+  return ml_collections.ConfigDict(_lists_to_tuples(data))
 
 
 def _lists_to_tuples(x: Any) -> Any:

@@ -146,9 +146,7 @@ def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, in
     )
   for key in ("patch_context", "mlp_context", "output_context"):
     context = tuple(model.get(key, ()))
-    if context and (
-      len(context) != 3 or any(int(k) != k or k < 1 or k % 2 == 0 for k in context)
-    ):
+    if context and (len(context) != 3 or any(int(k) != k or k < 1 or k % 2 == 0 for k in context)):
       raise ConfigError(
         f"model.{key}={context} must be () or three odd sizes (kt, kh, kw), e.g. (3, 3, 3)"
       )

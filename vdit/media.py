@@ -2,6 +2,7 @@
 
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,10 +29,28 @@ def upscale(video: np.ndarray, factor: int) -> np.ndarray:
   return video.repeat(factor, axis=-3).repeat(factor, axis=-2)
 
 
-def check_path(path: str) -> str:
+def check_path(path: str, *, writable: bool = False) -> str:
+  """The output format of `path` (its extension); ValueError unless it is one of FORMATS or,
+  with `writable`, unless its directory can be created and written (checked by writing a probe
+  file, before any compute)."""
   ext = os.path.splitext(path)[1].lower()
   if ext not in FORMATS:
     raise ValueError(f"output {path!r} has extension {ext!r}; expected one of {FORMATS}")
+  if writable:
+    directory = os.path.dirname(os.path.abspath(path))
+    existing = directory
+    while not os.path.exists(existing):
+      existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+      raise ValueError(f"output {path!r} cannot be written: {existing!r} is a file")
+    try:
+      os.makedirs(directory, exist_ok=True)
+      with tempfile.NamedTemporaryFile(dir=directory, prefix=".vdit_probe_"):
+        pass
+    except OSError as e:
+      raise ValueError(f"output {path!r} cannot be written: {e.strerror or e}") from None
+    if os.path.isdir(path):
+      raise ValueError(f"output {path!r} is a directory; expected a file name")
   return ext
 
 
@@ -80,10 +99,22 @@ def read_video(path: str) -> np.ndarray:
       return np.asarray(f["frames"])
   import imageio.v3 as iio  # noqa: PLC0415
 
-  frames = np.asarray(iio.imread(path, index=None))
-  if frames.ndim == 3:  # a still image (or a one-frame gif)
+  try:
+    frames = np.asarray(iio.imread(path, index=None))
+  except Exception as e:  # noqa: BLE001 (imageio raises many types, with install hints)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f"{path!r} is not a readable image or video ({first})") from None
+  if frames.ndim == 3 and frames.shape[-1] in (3, 4):  # a still image (or a one-frame gif)
     frames = frames[None]
-  if frames.ndim == 4 and frames.shape[-1] == 4:
+  elif frames.ndim == 3:  # a greyscale video [T, H, W] or image [H, W]
+    frames = frames[..., None]
+  elif frames.ndim == 2:
+    frames = frames[None, ..., None]
+  if frames.ndim == 4 and frames.shape[-1] == 4:  # RGBA: only an opaque one is an RGB image
+    if frames.dtype != np.uint8 or frames[..., 3].min() < 255:
+      raise ValueError(
+        f"{path!r} has transparent pixels (RGBA); expected RGB: flatten it onto a background"
+      )
     frames = frames[..., :3]
   if frames.ndim == 4 and frames.shape[-1] == 1:
     frames = frames.repeat(3, axis=-1)

@@ -161,7 +161,7 @@ class Sampler:
   def image_to_video(self, prompts, image, *, num_frames=None, **options) -> np.ndarray:
     """The image [H, W, 3] (or the first frame of [F, H, W, 3]) fills the first patch-frame,
     repeated pt times (a still, as trained); `num_frames` (default: the config's) in all."""
-    h, w, options = self._size(options)
+    h, w, options = self._size(options, like=image)
     frames = np.asarray(image)
     if frames.ndim == 4 and frames.shape[0] > 1:
       logging.warning("image: %d frames given, using the first", frames.shape[0])
@@ -173,7 +173,7 @@ class Sampler:
     (forward: generate what follows) or at the end (backward: what came before)."""
     if direction not in ("forward", "backward"):
       raise InputError(f"direction={direction!r} must be 'forward' or 'backward'")
-    h, w, options = self._size(options)
+    h, w, options = self._size(options, like=video)
     keep = "last" if direction == "forward" else "first"
     clip = self._frames(video, h, w, "video", keep)
     num_frames = num_frames or len(clip) + self.config.sample.num_frames
@@ -183,7 +183,7 @@ class Sampler:
   def interpolate(self, prompts, video, video2, *, num_frames=None, **options) -> np.ndarray:
     """Connects two clips: `video` at the start, `video2` at the end, `num_frames` in all
     (default: both clips + the config's), the frames between generated."""
-    h, w, options = self._size(options)
+    h, w, options = self._size(options, like=video)
     a = self._frames(video, h, w, "video", "last")
     b = self._frames(video2, h, w, "video2", "first")
     num_frames = num_frames or len(a) + len(b) + self.config.sample.num_frames
@@ -193,7 +193,7 @@ class Sampler:
     """SDEdit (Meng et al. 2022, Sec. 3.2): noise the video to `strength` ∈ (0, 1] of the
     schedule, denoise it with the new prompts. Keeps the first `num_frames` frames (default:
     all, in whole patch-frames)."""
-    h, w, options = self._size(options)
+    h, w, options = self._size(options, like=video)
     clip = self._frames(video, h, w, "video", "first")
     num_frames = num_frames or len(clip)
     if num_frames > len(clip):
@@ -208,7 +208,7 @@ class Sampler:
     frames whose first and last patch-frames are the keyframe — `image`, or else a
     text-to-image sample of each prompt — is generated; its first num_frames are returned.
     """
-    h, w, options = self._size(options)
+    h, w, options = self._size(options, like=image)
     num_frames = num_frames or self.config.sample.num_frames
     if image is None:
       images = self.text_to_image(prompts, height=h, width=w, **options)  # uint8 [N, 1, H, W, 3]
@@ -218,6 +218,41 @@ class Sampler:
       key = key[:1]
     key = np.repeat(key, self.pt, axis=-4)  # [(N,) pt, H, W, C]
     return self._given(prompts, num_frames + self.pt, [key], [key], options)[:, :num_frames]
+
+  def memory_estimate(self, rows: int, length: int) -> int:
+    """Bytes a sampling step of `rows` rows of `length` tokens needs at its peak, roughly: the
+    attention logits and probabilities of one block ([rows, heads, L, L] float32 each with
+    the dense `xla` backend; the kernels keep O(L)), one block's live activations, and the
+    sampler's per-token arrays (noise, given frames, state, velocities, neighbour windows)."""
+    m = self.config.model
+    patch_dim = int(np.prod(self.patch_size)) * self.channels
+    window = int(np.prod(m.get("patch_context", ()) or (1,)))
+    per_token = 4 * (m.width * (6 + 2 * m.mlp_ratio) + patch_dim * (8 + window))
+    attention = 8 * m.num_heads * length if m.attention_backend == "xla" else 0
+    return rows * length * (per_token + attention)
+
+  def check_memory(self, rows: int, length: int) -> None:
+    """InputError, before any allocation, if `memory_estimate` exceeds the memory available
+    (the device's free memory, or the host's MemAvailable on CPU), naming the largest token
+    count that fits."""
+    available = _available_bytes()
+    need = self.memory_estimate(rows, length)
+    if available is None or need <= available:
+      return
+    fits = 1
+    while self.memory_estimate(rows, fits * 2) <= available:
+      fits *= 2
+    lo, hi = fits, fits * 2  # the largest length that fits lies in [lo, hi)
+    while hi - lo > 1:
+      mid = (lo + hi) // 2
+      lo, hi = (mid, hi) if self.memory_estimate(rows, mid) <= available else (lo, mid)
+    pt, ph, pw = self.patch_size
+    raise InputError(
+      f"{rows // 2} video(s) of {length:,} tokens need about {need / 2**30:,.1f} GiB to sample "
+      f"and {available / 2**30:,.1f} GiB are free; at most {lo:,} tokens per video fit "
+      f"(tokens = frames/{pt} × height/{ph} × width/{pw}; e.g. fewer frames, a smaller size, "
+      "or fewer prompts at once)"
+    )
 
   def _frames(self, frames, h: int, w: int, name: str, keep: str = "first") -> np.ndarray:
     """Given uint8 frames [F, H, W, 3] (or an image) in the model's space, whole patch-frames:
@@ -236,10 +271,18 @@ class Sampler:
       pixels = pixels[-usable:] if keep == "last" else pixels[:usable]
     return patch_frames(self.codec.encode(pixels[None])[0], self.pt, keep, name)
 
-  def _size(self, options: dict) -> tuple[int, int, dict]:
+  def _size(self, options: dict, like=None) -> tuple[int, int, dict]:
+    """(height, width, the other options): the requested size, else that of `like` (the given
+    image or video, [..., H, W, 3]) in whole patches (in latent units in latent space), else
+    the config's sample size."""
     s = self.config.sample
     options = dict(options)
-    return options.pop("height", None) or s.height, options.pop("width", None) or s.width, options
+    h, w = options.pop("height", None), options.pop("width", None)
+    if like is not None:
+      fs = self.codec.compression[1] if self.codec is not None else 1
+      (ph, pw), (H, W) = self.patch_size[1:], np.shape(like)[-3:-1]
+      h, w = h or H // fs // ph * ph or None, w or W // fs // pw * pw or None
+    return h or s.height, w or s.width, options
 
   def _given(self, prompts, num_frames, head, tail, options) -> np.ndarray:
     given = given_frames.place(head, tail, num_frames, self.pt)
@@ -271,6 +314,7 @@ class Sampler:
     if labels is not None and len(labels) != len(prompts):
       raise InputError(f"{len(labels)} labels for {len(prompts)} prompts; expected one each")
     n, max_tokens = len(prompts), self.config.input.max_caption_tokens
+    self.check_memory(2 * n, int(np.prod(grid)))  # prompt and null rows
     cond = prompt_rows(prompts, grid, self.tokenizer, max_tokens, labels)
     null = prompt_rows([""] * n, grid, self.tokenizer, max_tokens)
     rows = {k: np.concatenate([cond[k], null[k]]) for k in cond}
@@ -298,12 +342,33 @@ class Sampler:
     return media.to_uint8(videos)
 
 
+def _available_bytes() -> int | None:
+  """Free memory of the first device (accelerators report it), else the host's MemAvailable."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" in stats:
+    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading from a workdir.
 # ---------------------------------------------------------------------------------------------
 def load(workdir: str, step: int | None = None) -> Sampler:
   """The EMA params of the latest (or given) checkpoint in `workdir`, replicated locally."""
-  config, step, params = restore.ema_params(workdir, step)
+  config = checkpointing.read_config(workdir)
+  if tasks.name_of(config) != "video_diffusion":
+    raise InputError(
+      f"{workdir!r} holds a task={tasks.name_of(config)!r} run; vdit.sample generates from "
+      "video_diffusion runs (configs/vdit/*.py)"
+    )
+  config, step, params = restore.ema_params(workdir, step, config)
   logging.info("loaded step %d from %s", step, workdir)
   return Sampler(config=config, params=params, model=tasks.get(config).build_model(config))
 
@@ -368,7 +433,7 @@ def _request(f) -> tuple[list[str], dict]:
     if f[name].value is None:
       raise InputError(f"--{name} is required")
   try:
-    media.check_path(f.out)
+    media.check_path(f.out, writable=True)
   except ValueError as e:
     raise InputError(str(e)) from None
   if f.prompts_file and f.prompt is not None:
@@ -430,8 +495,8 @@ def _generate(sampler: Sampler, f, prompts: list[str], inputs: dict) -> tuple[np
     sampler=f.sampler or sampler.spec.default_sampler,
     guidance_interval=interval or sampler.spec.guidance_interval,
     labels=None if f.label is None else [f.label] * len(prompts),
-    height=f.height or s.height,
-    width=f.width or s.width,
+    height=f.height,  # None: the given image's or video's size, else the config's
+    width=f.width,
   )
   method, required, _ = MODES[f.mode]
   if f.mode != "t2i":
