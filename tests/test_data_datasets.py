@@ -11,7 +11,7 @@ import pytest
 import threadpoolctl
 
 from vdit import datasets
-from vdit.data import pipeline
+from vdit.data import pipeline, transforms
 from vdit.datasets import folder, moving_digits, photo_pans
 
 
@@ -182,6 +182,48 @@ def test_folder_source_skips_counts_and_reports(media_dir, caplog):
   assert any("skipping unreadable corrupt.mp4" in r.getMessage() for r in caplog.records)
   frames = folder.FolderSource(media_dir, "validation")
   assert frames[[e.file for e in frames.entries].index("frames")]["video"].shape == (6, 48, 16, 3)
+
+
+def test_folder_caption_lines_are_checked_and_reported(tmp_path):
+  for name in ("a", "b", "c", "d"):
+    iio.imwrite(tmp_path / f"{name}.png", np.full((8, 8, 3), 100, np.uint8))
+  lines = [
+    b'{"file": "a.png", "caption": "first", "label": 1}',
+    b'{"file": "b.png", "caption": "caf\xe9"}',  # Latin-1, not UTF-8
+    b'{"file": "b.png", "label": "abc"}',
+    b'{"file": "b.png", "label": null}',
+    b'{"file": "b.png", "label": 2.7}',
+    b'{"file": "c.png", "split": "test"}',
+    b'{"file": "d.png", "caption": {"text": "a dict"}}',
+    b'{"file": "a.png", "caption": "again"}',
+    b"[1, 2]",
+  ]
+  (tmp_path / "captions.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+  entries, problems = folder.scan(str(tmp_path))
+  by_file = {e.file: e for e in entries}
+  assert (by_file["a.png"].caption, by_file["a.png"].label) == ("first", 1)  # the first line wins
+  assert all(by_file[f].caption == "" and by_file[f].label == -1 for f in ("b.png", "d.png"))
+  assert by_file["c.png"].split in folder.SPLITS
+  expected = [
+    r"captions.jsonl:2: not UTF-8 text",
+    r"captions.jsonl:3: 'label' must be an integer >= 0 \(or -1 = none\), got 'abc'",
+    r"captions.jsonl:4: 'label' .* got None",
+    r"captions.jsonl:5: 'label' .* got 2.7",
+    r"captions.jsonl:6: 'split' must be one of \('train', 'validation'\), got 'test'",
+    r"captions.jsonl:7: 'caption' must be a string, got dict",
+    r"captions.jsonl:8: 'a.png' was already captioned on an earlier line",
+    r"captions.jsonl:9: expected a JSON object, got list",
+  ]
+  assert len(problems) == len(expected)
+  for pattern, problem in zip(expected, problems):
+    assert re.match(pattern, problem), (pattern, problem)
+
+
+def test_videos_smaller_than_a_patch_are_skipped(caplog):
+  clip = transforms.SampleClip((2, 4, 4), max_frames=8)
+  assert clip.clip({"video": np.zeros((6, 1, 200, 3), np.uint8)}, 0) is None
+  assert any("skipping a 1x200 video" in r.getMessage() for r in caplog.records)
+  assert clip.clip({"video": np.zeros((6, 5, 9, 3), np.uint8)}, 0)["video"].shape == (6, 4, 8, 3)
 
 
 def test_folder_empty_or_unusable_is_a_clear_error(tmp_path):

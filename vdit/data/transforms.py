@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import grain
 import numpy as np
+from absl import logging
 
 from vdit.data import captions as captions_lib
 from vdit.data import patchify as patchify_lib
@@ -47,7 +48,9 @@ class SampleClip(grain.transforms.RandomMap):
   In training the stride is uniform in [frame_stride, max_frame_stride] and the duration uniform
   in [min_frames, max_frames] (multiples of pt, capped by what the video offers at that stride),
   the start uniform; in evaluation it is the first clip at `frame_stride` of `max_frames`. A video
-  shorter than pt frames (e.g. an image) repeats its last frame up to pt.
+  shorter than pt frames (e.g. an image) repeats its last frame up to pt. A video smaller than
+  one patch in height or width is skipped (None, counted by the packer like an unreadable file)
+  with a warning naming its size.
   """
 
   def __init__(
@@ -77,7 +80,8 @@ class SampleClip(grain.transforms.RandomMap):
     t, h, w, _ = video.shape
     pt, ph, pw = self.patch_size
     if h < ph or w < pw:
-      raise ValueError(f"video of height={h}, width={w} is smaller than the patch {ph}x{pw}")
+      logging.warning("skipping a %dx%d video: smaller than one %dx%d patch", h, w, ph, pw)
+      return None
     stride = stride or self.frame_stride
     length = length or clip_window(t, self.max_frames, stride, pt)
     frames = np.minimum(start + stride * np.arange(length), t - 1)

@@ -53,21 +53,56 @@ class Entry:
   split: str
 
 
+SPLITS = ("train", "validation")
+
+
+def _check_record(record) -> str:
+  """What is wrong with one parsed captions.jsonl record, or "" (it is used as it is)."""
+  if not isinstance(record, dict):
+    return f"expected a JSON object, got {type(record).__name__}"
+  if not isinstance(record.get("file"), str) or not record["file"]:
+    return f"'file' must be a non-empty string, got {record.get('file')!r}"
+  if "caption" in record and not isinstance(record["caption"], str):
+    return f"'caption' must be a string, got {type(record['caption']).__name__}"
+  label = record.get("label", -1)
+  if isinstance(label, bool) or not isinstance(label, int) or label < -1:
+    return f"'label' must be an integer >= 0 (or -1 = none), got {label!r}"
+  if record.get("split", "train") not in SPLITS:
+    return f"'split' must be one of {SPLITS}, got {record['split']!r}"
+  return ""
+
+
 def _read_captions(path: str) -> tuple[dict, list[str]]:
-  """file -> record from captions.jsonl, and human-readable problems with its lines."""
+  """file -> record from captions.jsonl, and human-readable problems with its lines (a line
+  that is not UTF-8 or JSON, has a field of the wrong type or value, or names a file an
+  earlier line already named: the line is not used, its file keeps the earlier record)."""
   records, problems = {}, []
   name = os.path.join(path, CAPTIONS)
   if not os.path.exists(name):
     return records, problems
-  with open(name) as f:
-    for n, line in enumerate(f, 1):
+  with open(name, "rb") as f:
+    for n, raw in enumerate(f, 1):
+      where = f"{CAPTIONS}:{n}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        problems.append(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})")
+        continue
       if not line.strip():
         continue
       try:
         record = json.loads(line)
-        records[os.path.normpath(str(record["file"]))] = record
-      except (ValueError, KeyError, TypeError) as e:
-        problems.append(f"{CAPTIONS}:{n}: {type(e).__name__} {e} in {line.strip()[:80]!r}")
+      except ValueError as e:
+        problems.append(f"{where}: not JSON ({e}) in {line.strip()[:80]!r}")
+        continue
+      if problem := _check_record(record):
+        problems.append(f"{where}: {problem}; line skipped")
+        continue
+      file = os.path.normpath(record["file"])
+      if file in records:
+        problems.append(f"{where}: {file!r} was already captioned on an earlier line; line skipped")
+        continue
+      records[file] = record
   return records, problems
 
 
@@ -98,7 +133,7 @@ def scan(path: str) -> tuple[list[Entry], list[str]]:
     split = record.get("split")
     if split is None:
       split = "validation" if zlib.crc32(file.encode()) % VALIDATION_MODULUS == 0 else "train"
-    entries.append(Entry(file, str(record.get("caption", "")), int(record.get("label", -1)), split))
+    entries.append(Entry(file, record.get("caption", ""), record.get("label", -1), split))
   if len(entries) >= 2 and all(e.split == "train" for e in entries):
     first = min(entries, key=lambda e: zlib.crc32(e.file.encode()))
     entries = [dataclasses.replace(e, split="validation") if e is first else e for e in entries]
