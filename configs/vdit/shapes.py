@@ -97,6 +97,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     patch_context=(),  # (kt, kh, kw): embed each token from its neighbours' patches too
     mlp_context=(),  # (kt, kh, kw): a depthwise convolution before every block's MLP
     output_context=(),  # (kt, kh, kw): the output projection reads the neighbours too
+    # Time/caption conditioning and adaLN computed per example, not per token (same result).
+    shared_conditioning=True,
     patch_bottleneck=0,  # > 0: low-rank patch embedding P → this → width (JiT)
     num_classes=0,
     attention_backend="xla",

@@ -55,6 +55,9 @@ def build(config: ml_collections.ConfigDict):
       patch_context=tuple(m.get("patch_context", ())),
       mlp_context=tuple(m.get("mlp_context", ())),
       output_context=tuple(m.get("output_context", ())),
+      shared_conditioning=config.input.max_examples_per_row
+      if m.get("shared_conditioning", False)
+      else 0,
       pooled_text=m.get("pooled_text", False),
       patch_bottleneck=m.get("patch_bottleneck", 0),
       text_embed_std=m.get("text_embed_std", 0.02),

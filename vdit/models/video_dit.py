@@ -38,6 +38,16 @@ def decode_variant(variant: str) -> dict:
   return dict(VARIANTS[size], patch_size=int(patch))
 
 
+def modulation(adaln: nn.Module, c) -> jax.Array:
+  """adaLN modulation per token [B, L, n·D] from the conditioning `c`: per-token vectors
+  [B, L, D], or a (table [B, U, D], index [B, L]) pair of `VideoDiT.conditioning_table` (the
+  modulation is computed once per table entry and gathered to the tokens)."""
+  if isinstance(c, tuple):
+    table, index = c
+    return jnp.take_along_axis(adaln(table), index[..., None], axis=1)
+  return adaln(c)
+
+
 class DiTBlock(nn.Module):
   """adaLN-Zero self-attention, cross-attention to text, adaLN-Zero MLP (DiT, Sec. 3.2).
 
@@ -68,7 +78,7 @@ class DiTBlock(nn.Module):
     x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
     self_attn = dict(rope=self.rope, rope_max_period=self.rope_max_period, locality=self.locality)
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(
-      layers.AdaLNModulation(6, name="adaln", **kw)(c), 6, axis=-1
+      modulation(layers.AdaLNModulation(6, name="adaln", **kw), c), 6, axis=-1
     )  # each [B, L, D], zero-init
     h = layers.modulate(layers.layer_norm(affine=False, name="norm1", **kw)(x), shift1, scale1)
     x = x + gate1 * layers.MultiHeadAttention(**attn, **self_attn, name="self_attn", **kw)(
@@ -97,7 +107,9 @@ class FinalLayer(nn.Module):
     # x, c: [B, L, D] -> [B, L, P]; neighbours: `grid_neighbours` of `output_context` or None
     # (then each token's output also reads its neighbours' features: a convolutional unpatchify).
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    shift, scale = jnp.split(layers.AdaLNModulation(2, name="adaln", **kw)(c), 2, axis=-1)
+    shift, scale = jnp.split(
+      modulation(layers.AdaLNModulation(2, name="adaln", **kw), c), 2, axis=-1
+    )
     x = layers.modulate(layers.layer_norm(affine=False, name="norm", **kw)(x), shift, scale)
     out = layers.dense(self.patch_dim, (EMBED, PATCH), zero_init=True, name="proj", **kw)(x)
     if neighbours is not None:
@@ -154,6 +166,13 @@ class VideoDiT(nn.Module):
   # unpatchify, as U-ViT's last 3×3 convolution, Bao et al. 2023); () = its own token only.
   output_context: tuple[int, ...] = ()
   text_embed_std: float = 0.02  # init std of the text encoder's id table (`TextEncoder.embed_std`)
+  # > 0: the conditioning (time, caption, label) and its adaLN modulations are computed once
+  # per example and noise state instead of once per token, for rows of at most this many
+  # examples whose tokens have either the example's time or 0 (clean, frame-conditioned):
+  # what training and the samplers give. The result is the same; a row that breaks the
+  # contract gives NaN (skipped by the train step's non-finite guard), never a silent error.
+  # 0 = per token (any per-token times, e.g. per-frame noise levels).
+  shared_conditioning: int = 0
   attention_backend: str = "xla"  # see layers.ATTENTION_BACKENDS
   scan_layers: bool = True
   remat_policy: str = "none"  # see layers.REMAT_NAMES
@@ -208,22 +227,6 @@ class VideoDiT(nn.Module):
     h = h + layers.sincos_3d(positions, self.width).astype(h.dtype)
     h = nn.with_logical_constraint(h, (BATCH, LENGTH, EMBED))
 
-    # Per-token conditioning: diffusion time (+ class label of the token's example).
-    c = layers.TimestepEmbedding(self.width, name="t_embed", **kw)(t)  # [B, L, D]
-    if self.num_classes > 0:
-      if labels is None:
-        raise ValueError(f"num_classes={self.num_classes} needs labels [B, K] (−1 = null)")
-      table = nn.Embed(
-        self.num_classes + 1,  # the last row is the null class
-        self.width,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (VOCAB, EMBED)),
-        name="label_embed",
-        **kw,
-      )
-      label_ids = jnp.where(labels < 0, self.num_classes, labels)  # [B, K]
-      c = c + table(layers.per_token(label_ids, segment_ids))
-    c = nn.with_logical_constraint(c, (BATCH, LENGTH, EMBED))
-
     # Text: encoder, then projection to the video width.
     text = TextEncoder(
       self.vocab_size,
@@ -239,9 +242,32 @@ class VideoDiT(nn.Module):
       name="text",
       **kw,
     )(text_tokens, text_segment_ids, text_embeddings)  # [B, M, Dt]
+
+    # Conditioning: diffusion time (+ class label, + pooled caption of the token's example),
+    # per token [B, L, D] or as a shared (table [B, U, D], index [B, L]).
+    if self.shared_conditioning:
+      t_cond, seg_cond, index, valid = self.conditioning_table(t, segment_ids)
+    else:
+      t_cond, seg_cond, index, valid = t, segment_ids, None, None
+    c = layers.TimestepEmbedding(self.width, name="t_embed", **kw)(t_cond)
+    if self.num_classes > 0:
+      if labels is None:
+        raise ValueError(f"num_classes={self.num_classes} needs labels [B, K] (−1 = null)")
+      table = nn.Embed(
+        self.num_classes + 1,  # the last row is the null class
+        self.width,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (VOCAB, EMBED)),
+        name="label_embed",
+        **kw,
+      )
+      label_ids = jnp.where(labels < 0, self.num_classes, labels)  # [B, K]
+      c = c + table(layers.per_token(label_ids, seg_cond))
     if self.pooled_text:
-      c = c + self.pool_text(text, segment_ids, text_segment_ids)
+      c = c + self.pool_text(text, seg_cond, text_segment_ids)
+    if index is None:
       c = nn.with_logical_constraint(c, (BATCH, LENGTH, EMBED))
+    else:
+      c = (nn.with_logical_constraint(c, (BATCH, None, EMBED)), index)
     text = layers.dense(self.width, (MLP, EMBED), name="text_proj", **kw)(text)  # [B, M, D]
     text = nn.with_logical_constraint(text, (BATCH, TEXT_LENGTH, EMBED))
 
@@ -274,7 +300,30 @@ class VideoDiT(nn.Module):
     out = FinalLayer(self.out_dim or self.patch_dim, name="final", **kw)(
       h, c, neighbours(self.output_context)
     )
+    if valid is not None:  # a row outside the shared-conditioning contract: loud, not wrong
+      out = jnp.where(valid[:, None, None], out, jnp.nan)
     return nn.with_logical_constraint(out, (BATCH, LENGTH, PATCH))
+
+  def conditioning_table(self, t, segment_ids):
+    """The distinct (example, time) pairs of each row: (times [B, U], their segment ids [B, U],
+    each token's entry [B, L], whether the row keeps the contract [B]), U = 2·(K + 1) with
+    K = `shared_conditioning`: entry 2k is example k clean (t = 0), 2k + 1 example k at its
+    time (the largest of its tokens'); segment 0 is padding."""
+    k = self.shared_conditioning
+    seg = jnp.clip(segment_ids, 0, k)
+
+    def example_times(tt, s):
+      top = jax.ops.segment_max(tt, s, num_segments=k + 1)
+      return jnp.where(jnp.isfinite(top), top, 0.0)  # no tokens: −inf → 0
+
+    t_example = jax.vmap(example_times)(t, seg)  # [B, K + 1]
+    times = jnp.stack([jnp.zeros_like(t_example), t_example], -1).reshape(t.shape[0], -1)
+    segs = jnp.repeat(jnp.arange(k + 1, dtype=segment_ids.dtype), 2)[None].repeat(t.shape[0], 0)
+    own = jnp.take_along_axis(t_example, seg, axis=1)  # [B, L]
+    index = 2 * seg + (t != 0).astype(seg.dtype)
+    padding = segment_ids == 0  # its outputs are masked: any time is fine
+    valid = jnp.all(((t == 0) | (t == own) | padding) & (segment_ids <= k), axis=1)
+    return times, segs, index, valid
 
   def pool_text(self, text, segment_ids, text_segment_ids):
     """The mean encoded caption of each token's own example, through a SiLU MLP: [B, L, D].

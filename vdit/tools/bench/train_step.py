@@ -1,6 +1,8 @@
 """Train-step benchmark: tokens/s of the tiny config and its FLOP/s against this CPU's peak.
 
   python -m vdit.tools.bench train_step --json [--quick] [--set steps=10]
+  python -m vdit.tools.bench train_step --json \
+      --set compare='{"per_token": {"model.shared_conditioning": False}}'   # interleaved
 
 In one process, interleaved so that both see the same machine load:
 
@@ -97,6 +99,41 @@ def timed_steps(config: ml_collections.ConfigDict, batches: list, steps: int) ->
   }
 
 
+def compare_steps(configs: dict, batches: list, steps: int) -> dict:
+  """Median step time of each named config, timed interleaved (one step of each in turn, so
+  every variant sees the same machine load), and each one's speed relative to the first. A
+  variant whose `input` differs from the first's gets batches of its own pipeline."""
+  runs = {}
+  first = next(iter(configs.values()))
+  for name, config in configs.items():
+    if config.input.to_dict() != first.input.to_dict():
+      it = train.make_data_iterator(config)
+      batches = [next(it) for _ in range(len(batches))]
+      it.close()
+    mesh, rules, model, tx, init = _setup(config)
+    state, shardings = train_state.create_sharded(init, mesh, rules)
+    step_fn = train.jit_train_step(config, model, tx, mesh, rules, shardings)
+    with sharding.activate(mesh, rules):
+      glob = [train.to_global(b, config, mesh, rules) for b in batches]
+      state, metrics = step_fn(state, glob[0])  # compile
+      jax.block_until_ready(metrics)
+    runs[name] = dict(fn=step_fn, state=state, batches=glob, mesh=mesh, rules=rules, times=[])
+  for i in range(steps):
+    for r in runs.values():
+      with sharding.activate(r["mesh"], r["rules"]):
+        start = time.perf_counter()
+        batch = r["batches"][1 + i % (len(r["batches"]) - 1)]
+        r["state"], metrics = r["fn"](r["state"], batch)
+        jax.block_until_ready(metrics)
+        r["times"].append(time.perf_counter() - start)
+  medians = {name: statistics.median(r["times"]) for name, r in runs.items()}
+  base = next(iter(medians.values()))
+  return {
+    name: {"step_s_median": round(m, 4), "speedup_vs_first": round(base / m, 3)}
+    for name, m in medians.items()
+  }
+
+
 def run(options: dict) -> dict:
   quick = bool(options.get("quick", False))
   steps = int(options.get("steps", 3 if quick else 10))
@@ -105,6 +142,21 @@ def run(options: dict) -> dict:
   it = train.make_data_iterator(config)
   batches = [next(it) for _ in range(4)]
   it.close()
+  if options.get("compare"):  # {name: {dotted config key: value}}: variants vs the demo step
+    variants = {"tiny": config}
+    for name, overrides in dict(options["compare"]).items():
+      variant = ml_collections.ConfigDict(config.to_dict())
+      for key, value in dict(overrides).items():
+        node = variant
+        *path, last = key.split(".")
+        for part in path:
+          node = node[part]
+        node[last] = value
+      variants[name] = variant
+    return {
+      "config": "configs/vdit/shapes.py:tiny",
+      "compare": compare_steps(variants, batches, steps),
+    }
   peak_before = matmul_peak(n)
   step = timed_steps(config, batches, steps)
   peak_after = matmul_peak(n)
