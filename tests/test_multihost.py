@@ -30,6 +30,7 @@ def _config(data_dir, **overrides):
     "log_every_steps": 1,
     "optimizer.warmup_steps": 0,
     "optimizer.schedule_steps": 100,
+    "optimizer.lr": 1e-3,  # the tolerances below are for this step size
     "mesh": MESH,
   }
   return configs.small(data_dir, **{**kw, **overrides})

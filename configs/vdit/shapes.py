@@ -94,7 +94,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     rope_max_period=100.0 if tiny else 10_000.0,  # in patches
     locality=0.0,  # > 0: a 3-D ALiBi bias in self-attention, largest slope (docs/recipe.md)
     pooled_text=tiny,  # the mean encoded caption also enters the adaLN conditioning
-    patch_context=(),  # (kt, kh, kw): embed each token from its neighbours' patches too
+    # (kt, kh, kw): embed each token from its neighbours' patches too (a convolutional patch
+    # embedding; tiny: docs/recipe.md rows H, H2, I).
+    patch_context=(3, 3, 3) if tiny else (),
     mlp_context=(),  # (kt, kh, kw): a depthwise convolution before every block's MLP
     output_context=(),  # (kt, kh, kw): the output projection reads the neighbours too
     # Time/caption conditioning and adaLN computed per example, not per token (same result).
@@ -138,7 +140,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
 
   c.optimizer = dict(
-    lr=1e-3 if tiny else 1e-4,
+    lr=2e-3 if tiny else 1e-4,  # tiny: docs/recipe.md rows D, H2, I
     warmup_steps=50 if tiny else 5_000,
     final_lr_fraction=0.1,
     grad_clip=1.0,
