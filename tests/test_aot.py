@@ -47,15 +47,21 @@ def test_collective_bytes_reads_compiled_hlo():
 def test_model_flops_count_the_scanned_blocks():
   """The MFU numerator: forward matmul FLOPs over the whole depth (not one scan body)."""
   config = configs.load("tiny", "configs/vdit/sora.py")
-  one = aot.model_flops(config, 2, 256, 64)
-  config.model.depth *= 2
-  two = aot.model_flops(config, 2, 256, 64)
   d, length, text, r = config.model.width, 256, 64, config.model.mlp_ratio
-  # Per video token: adaLN 12·D², self-attention 8·D² + 4·L·D, cross-attention 4·D² + 4·M·D,
-  # MLP 4·r·D²; per text token: the cross-attention keys and values 4·D² (FLOPs = 2·MACs).
-  per_row = length * ((12 + 8 + 4 + 4 * r) * d * d + 4 * length * d + 4 * text * d)
+  # Per video token: self-attention 8·D² + 4·L·D, cross-attention 4·D² + 4·M·D, MLP 4·r·D²;
+  # per text token: the cross-attention keys and values 4·D² (FLOPs = 2·MACs); adaLN 12·D² per
+  # token, or with shared conditioning per table entry (2·(K + 1) per row).
+  per_row = length * ((8 + 4 + 4 * r) * d * d + 4 * length * d + 4 * text * d)
   per_row += text * 4 * d * d
-  assert two - one == pytest.approx(2 * config.model.depth // 2 * per_row, rel=1e-9)
+  u = 2 * (config.input.max_examples_per_row + 1)
+  for shared, adaln in ((False, length * 12 * d * d), (True, u * 12 * d * d)):
+    config.model.shared_conditioning = shared
+    config.model.depth = configs.load("tiny", "configs/vdit/sora.py").model.depth
+    one = aot.model_flops(config, 2, 256, 64)
+    config.model.depth *= 2
+    two = aot.model_flops(config, 2, 256, 64)
+    blocks = config.model.depth // 2
+    assert two - one == pytest.approx(2 * blocks * (per_row + adaln), rel=1e-9), shared
 
 
 def test_splash_kernel_flops_are_the_attention_products():

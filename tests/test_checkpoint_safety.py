@@ -391,7 +391,7 @@ def test_resume_with_a_changed_config_names_every_key(workdir, data_dir):
   assert message == (
     f"workdir '{workdir}' holds checkpoints of another config; these keys differ (saved → now): "
     'diffusion.objective: "rectified_flow" → "gaussian", input.rows_per_batch: 8 → 4, '
-    "model.width: 32 → 64, optimizer.lr: 0.001 → 0.01, seed: 0 → 1. Resume with the saved "
+    "model.width: 32 → 64, optimizer.lr: 0.002 → 0.01, seed: 0 → 1. Resume with the saved "
     "values, train in a new --workdir, or pass --allow_config_change=diffusion.objective,"
     "input.rows_per_batch,model.width,optimizer.lr,seed if the change is intended"
   )

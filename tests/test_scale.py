@@ -49,7 +49,9 @@ class Stepper:
 
 def _config(data_dir, **overrides):
   # warmup 0: the first step already moves the params (at step 0 a warmup's rate is 0).
-  return configs.small(data_dir, **{"optimizer.warmup_steps": 0, **overrides})
+  # lr 1e-3: the tolerances of the invariance tests are for this step size.
+  kw = {"optimizer.warmup_steps": 0, "optimizer.lr": 1e-3}
+  return configs.small(data_dir, **{**kw, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -91,6 +91,7 @@ TINY_FLAGS = [
   "--config.sample.steps=2",
   "--config.evals.adherence.num_prompts=2",
   "--config.evals.adherence.steps=2",
+  "--config.evals.adherence.sizes=((8,32,32),)",  # one size here; three in test_evaluators
 ]
 
 

@@ -138,8 +138,8 @@ class Sampler:
     prompts: Sequence[str],
     *,
     num_frames: int,
-    height: int,
-    width: int,
+    height: int | None = None,
+    width: int | None = None,
     steps: int = 32,
     guidance: float = 3.0,
     seed: int = 0,
@@ -148,8 +148,10 @@ class Sampler:
     labels: Sequence[int] | None = None,
   ) -> np.ndarray:
     """Text-to-video: uint8 [N, T, H, W, 3] for N prompts. `sampler` and `guidance_interval`
-    (guide only for noise levels lo ≤ t ≤ hi) default to the config's `diffusion` ones."""
+    (guide only for noise levels lo ≤ t ≤ hi) default to the config's `diffusion` ones; an
+    unset `height`/`width` is the config's `sample` size."""
     options = dict(steps=steps, guidance=guidance, seed=seed, sampler=sampler, labels=labels)
+    height, width, _ = self._size(dict(height=height, width=width))
     grid = self.grid(num_frames, height, width)
     return self._run(prompts, grid, guidance_interval=guidance_interval, **options)
 
