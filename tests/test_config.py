@@ -37,6 +37,7 @@ def test_tiny_config_is_valid():
     ("sample.height", 30, r"sample.height=30 is not a multiple of the patch size 4"),
     ("input.rows_per_batch", 6, r"rows_per_batch=6 is not divisible by data×fsdp=8"),
     ("diffusion.time_sampling", "beta", "time_sampling='beta' is not supported"),
+    ("diffusion.self_condition", 1.5, r"self_condition=1.5 must be a rate in \[0, 1\]"),
     ("model.patch_context", (3, 2, 3), r"patch_context=\(3, 2, 3\) must be \(\) or three odd"),
     ("model.output_context", (3, 3), r"output_context=\(3, 3\) must be \(\) or three odd"),
     ("model.locality", -1.0, r"model.locality=-1.0 must be ≥ 0"),
@@ -137,11 +138,13 @@ def test_config_file_problems_are_one_line(tmp_path, text, arg, message):
   [
     ("tinny", r"unknown config argument 'tinny'.*expected one of \['captions'"),
     ("variant=XL", r"variant='XL' is not one of \['B', 'L', 'S'\]"),
+    ("tiny,small", r"choose one of tiny and small"),
   ],
 )
 def test_config_arguments_are_checked(arg, message):
   assert re.search(message, config_lib.check_config_file(f"{REPO}/configs/vdit/shapes.py:{arg}"))
-  assert config_lib.check_config_file(f"{REPO}/configs/vdit/shapes.py:tiny") == ""
+  for good in ("tiny", "small"):
+    assert config_lib.check_config_file(f"{REPO}/configs/vdit/shapes.py:{good}") == ""
 
 
 def test_cli_missing_config_file_is_one_line(tmp_path):

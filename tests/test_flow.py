@@ -261,3 +261,61 @@ def test_per_token_gathers_by_segment():
   out = flow.per_token(values, seg)
   np.testing.assert_allclose(out[0, :4], [0.1, 0.1, 0.3, 0.2])
   assert np.isfinite(out[0, 4])
+
+
+def test_self_conditioned_loss_feeds_the_first_pass_estimate_without_its_gradient():
+  """With `self_condition` = 1 the trained pass reads the x̂0 of a first pass run with zeros;
+  no gradient flows through that estimate; with 0 the model runs once, without it."""
+  batch = make_batch()
+  calls = []
+
+  def model(w, fixed=None):
+    def x0_model(x, t, b, prev):  # an x0 model that reads its previous estimate
+      calls.append((x, prev))
+      return w * x + 0.5 * (prev if fixed is None else fixed)
+
+    return flow.velocity_from_x0(x0_model, t_min=0.3)
+
+  def loss(w, fixed=None):
+    kw = dict(text_dropout=0.0, t_min=0.3, self_condition=1.0)
+    return flow.loss(model(w, fixed), batch, jax.random.key(0), **kw)[0]
+
+  loss(0.7)
+  assert len(calls) == 2
+  (x_first, prev_first), (x_second, prev_second) = calls
+  np.testing.assert_array_equal(prev_first, 0.0)
+  np.testing.assert_array_equal(x_second, x_first)
+  np.testing.assert_allclose(prev_second, 0.7 * x_first, rtol=1e-6)  # the first pass's x̂0
+  # Its gradient is stopped: d loss / dw equals the gradient with the estimate held fixed.
+  grad = jax.grad(loss)(0.7)
+  held = jax.grad(lambda w: loss(w, fixed=0.7 * x_first))(0.7)
+  np.testing.assert_allclose(grad, held, rtol=1e-5)
+  # Rate 0: the model is called once, with the plain signature.
+  seen = []
+  plain = flow.velocity_from_x0(lambda x, t, b: seen.append(x) or x, t_min=0.3)
+  flow.loss(plain, batch, jax.random.key(0), text_dropout=0.0, t_min=0.3)
+  assert len(seen) == 1
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "stochastic"])
+def test_self_conditioned_sampler_passes_each_estimate_to_the_next_call(method):
+  """Every model call of a self-conditioned sampler receives the x̂0 of the call before (zeros
+  at the first), given frames included."""
+  x1 = jax.random.normal(jax.random.key(1), (1, 8, 2))
+  cond = jnp.arange(8)[None] < 3
+  x_cond = jnp.full((1, 8, 2), 7.0)
+  log = []
+
+  def x0_model(x, t, prev):
+    out = 0.5 * x + 0.25 * prev + t[..., None]
+    jax.debug.callback(lambda *a: log.append([np.asarray(v) for v in a]), prev, out, ordered=True)
+    return out
+
+  v = flow.velocity_from_x0(x0_model, t_min=1e-4)
+  kw = dict(cond_mask=cond, x_cond=x_cond, rng=jax.random.key(2), correct_at_zero=False)
+  flow.sample(v, x1, 3, method=method, self_condition=True, t_min=1e-4, **kw)
+  assert len(log) == (6 if method == "heun" else 3)
+  np.testing.assert_array_equal(log[0][0], 0.0)
+  for (_, out), (prev_next, _) in zip(log, log[1:], strict=False):
+    np.testing.assert_allclose(prev_next, out, rtol=1e-4, atol=1e-4)
+  assert float(np.abs(log[-1][0]).max()) > 0

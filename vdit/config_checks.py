@@ -66,6 +66,14 @@ def _check_diffusion(d: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"diffusion.ddim_eta={d.ddim_eta} must be in [0, 1]")
   if not 0.0 <= d.get("flow_eta", 1.0) <= 1.0:
     raise ConfigError(f"diffusion.flow_eta={d.flow_eta} must be in [0, 1]")
+  self_condition = d.get("self_condition", 0.0)
+  if not 0.0 <= self_condition <= 1.0:
+    raise ConfigError(f"diffusion.self_condition={self_condition} must be a rate in [0, 1]")
+  if self_condition and d.objective != "rectified_flow":
+    raise ConfigError(
+      f"diffusion.self_condition={self_condition} needs diffusion.objective='rectified_flow', "
+      f"not {d.objective!r}"
+    )
   if not d.get("flow_sigma_data", 0.5) > 0.0:
     raise ConfigError(f"diffusion.flow_sigma_data={d.flow_sigma_data} must be > 0")
   lo_hi = tuple(d.guidance_interval)

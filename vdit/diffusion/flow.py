@@ -88,6 +88,7 @@ def loss(
   shift_base_tokens: int | None = None,
   text_dropout: float = 0.1,
   t_min: float | None = None,
+  self_condition: float = 0.0,
 ) -> tuple[jax.Array, dict]:
   """Flow-matching loss ‖v_θ(x_t, t) − (ε − x0)‖² on a packed batch (SD3, Eq. 2 with v).
 
@@ -102,6 +103,11 @@ def loss(
   (x_t = x0, t = 0). With probability `text_dropout` an example's caption becomes [NULL] and
   its label −1 (null), for classifier-free guidance. The loss is the squared error averaged
   over P, then over `loss_mask` tokens.
+
+  Self-conditioning (`self_condition` > 0, Chen et al. 2023 "Analog Bits", Sec. 3.2): then
+  `apply_fn(x_t, t, batch, x0_prev)` also takes an estimate of x0. With probability
+  `self_condition` per batch the model first runs with x0_prev = 0 and its estimate (gradient
+  stopped) is fed to the pass that is trained; otherwise x0_prev = 0 (the sampler's first step).
   Returns (loss, metrics) with metrics `per_example_loss` [B, K] (0 for empty examples),
   `t` [B, K], `dropped` [B, K] and `num_tokens`.
   """
@@ -109,7 +115,7 @@ def loss(
   seg = batch["segment_ids"]  # [B, L]
   cond = batch["cond_mask"]  # [B, L]
   b, k = batch["shapes"].shape[:2]
-  t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
+  t_rng, noise_rng, drop_rng, sc_rng = jax.random.split(rng, 4)
 
   t_ex = sample_time(t_rng, (b, k), time_sampling, logit_mean, logit_std)  # [B, K]
   if shift_base_tokens:
@@ -123,7 +129,18 @@ def loss(
     target = (x_t - x0) / jnp.maximum(t_tok, t_min)[..., None]
 
   model_batch, dropped = guidance.drop_conditions(drop_rng, batch, text_dropout)
-  v = apply_fn(x_t, t_tok, model_batch).astype(jnp.float32)
+  if self_condition:
+    zeros = jnp.zeros_like(x0)
+
+    def estimate():
+      v0 = apply_fn(x_t, t_tok, model_batch, zeros).astype(jnp.float32)
+      return jax.lax.stop_gradient(x0_estimate(x_t, v0, t_tok, t_min or 0.0))
+
+    use = jax.random.uniform(sc_rng) < self_condition
+    x0_prev = jax.lax.cond(use, estimate, lambda: zeros)
+    v = apply_fn(x_t, t_tok, model_batch, x0_prev).astype(jnp.float32)
+  else:
+    v = apply_fn(x_t, t_tok, model_batch).astype(jnp.float32)
   if v.shape != x0.shape:
     raise ValueError(f"the model returned {v.shape}; rectified flow expects {x0.shape}")
 
@@ -131,6 +148,12 @@ def loss(
   value, per_example, num_tokens = packed.masked_mean(err, batch["loss_mask"], seg, k)
   metrics = dict(per_example_loss=per_example, t=t_ex, dropped=dropped, num_tokens=num_tokens)
   return value, metrics
+
+
+def x0_estimate(x: jax.Array, v: jax.Array, t: jax.Array, t_min: float = 0.0) -> jax.Array:
+  """The clean estimate x̂0 = x − max(t, t_min)·v behind a velocity v at x [B, L, P], t [B, L]
+  (exactly the model's x̂0 when `velocity_from_x0(fn, t_min)` made v)."""
+  return x - jnp.maximum(t, t_min)[..., None] * v
 
 
 def cfg_velocity(v_cond: jax.Array, v_uncond: jax.Array, scale: float) -> jax.Array:
@@ -157,6 +180,8 @@ def sample(
   rng: jax.Array | None = None,
   eta: float = 1.0,
   correct_at_zero: bool = True,
+  self_condition: bool = False,
+  t_min: float = 0.0,
 ) -> jax.Array:
   """Integrates dx/dt = v(x, t) from t = shift_time(strength) down to t = 0 (data).
 
@@ -176,7 +201,9 @@ def sample(
   denoiser's error that follows each token's own noise
   from being carried, unchanged, to t = 0, as the deterministic ODE does). Tokens in
   `cond_mask` [B, L] are held at `x_cond` [B, L, P] with t = 0 (image-to-video, extension,
-  interpolation). Returns x0 [B, L, P].
+  interpolation). With `self_condition`, `velocity_fn(x, t, x0_prev)` also receives the
+  previous call's estimate x̂0 = `x0_estimate(x, v, t, t_min)` (zeros at the first call).
+  Returns x0 [B, L, P].
   """
   if steps < 1:
     raise ValueError(f"steps={steps} must be >= 1")
@@ -193,30 +220,38 @@ def sample(
       return x, t
     return jnp.where(cond_mask[..., None], x_cond, x), jnp.where(cond_mask, 0.0, t)
 
-  def velocity(x, t):
+  def velocity(x, t, prev):
+    # -> (v, the x̂0 the next call is conditioned on)
     x, t = clamp(x, t)
-    return velocity_fn(x, t).astype(jnp.float32)
+    if not self_condition:
+      return velocity_fn(x, t).astype(jnp.float32), prev
+    v = velocity_fn(x, t, prev).astype(jnp.float32)
+    return v, x0_estimate(x, v, t, t_min)
 
-  def body(i, x):
+  def body(i, carry):
+    x, prev = carry
     t_cur = shift_time(strength * (1.0 - i / steps) * ones, shift)  # [B, L]
     t_next = shift_time(strength * (1.0 - (i + 1) / steps) * ones, shift)
     dt = (t_next - t_cur)[..., None]
-    d = velocity(x, t_cur)
+    d, prev = velocity(x, t_cur, prev)
     if method == "euler":
-      return x + dt * d
+      return x + dt * d, prev
     if method == "stochastic":
       t, t2 = t_cur[..., None], t_next[..., None]
       x0_hat, eps_hat = x - t * d, x + (1 - t) * d
       s2 = jnp.maximum(jnp.square(t) - jnp.square((1 - t) / (1 - t2) * t2), 0.0)
       c = eta * t2 * jnp.sqrt(s2) / t
       z = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
-      return (1 - t2) * x0_hat + jnp.sqrt(jnp.maximum(t2**2 - c**2, 0.0)) * eps_hat + c * z
-    d2 = velocity(x + dt * d, t_next)
+      x = (1 - t2) * x0_hat + jnp.sqrt(jnp.maximum(t2**2 - c**2, 0.0)) * eps_hat + c * z
+      return x, prev
+    d2, prev2 = velocity(x + dt * d, t_next, prev)
     if correct_at_zero:
-      return x + dt * 0.5 * (d + d2)
-    return x + dt * jnp.where((t_next > 0)[..., None], 0.5 * (d + d2), d)
+      return x + dt * 0.5 * (d + d2), prev2
+    inner = (t_next > 0)[..., None]  # the step that ends at t = 0 is an Euler step
+    return x + dt * jnp.where(inner, 0.5 * (d + d2), d), jnp.where(inner, prev2, prev)
 
-  x = jax.lax.fori_loop(0, steps, body, x_start.astype(jnp.float32))
+  x = x_start.astype(jnp.float32)
+  x, _ = jax.lax.fori_loop(0, steps, body, (x, jnp.zeros_like(x)))
   return clamp(x, ones)[0]
 
 

@@ -38,6 +38,9 @@ class Spec:
   flow_eta: float = 1.0  # rectified flow, "stochastic" sampler: share of fresh noise per step
   flow_sigma_data: float = 0.5  # rectified flow, "preconditioned": the data std σ of EDM
   text_dropout: float = 0.1
+  # rectified flow: the rate of self-conditioned training batches (the model also reads its
+  # previous x̂0, `flow.loss`); > 0 makes the model self-conditioned, so the sampler feeds it.
+  self_condition: float = 0.0
   cond_probs: tuple[float, ...] = conditioning.task_probs(conditioning.DEFAULT_PROBS)
   schedule: str = "linear"  # gaussian: "linear" | "cosine"
   num_timesteps: int = 1000  # gaussian: N
@@ -108,6 +111,7 @@ def loss(
       shift_base_tokens=spec.shift_base_tokens or None,
       text_dropout=spec.text_dropout,
       t_min=spec.flow_t_min if spec.flow_prediction == "x0" else None,
+      self_condition=spec.self_condition,
     )
   if spec.objective == "gaussian":
     return gaussian.loss(
@@ -190,6 +194,8 @@ def sample(
       rng=rng,
       eta=spec.flow_eta,
       correct_at_zero=spec.flow_prediction != "x0",
+      self_condition=spec.self_condition > 0,
+      t_min=SAMPLING_T_MIN if spec.flow_prediction == "x0" else 0.0,
     )
   schedule = spec.gaussian_schedule
   x = noise
@@ -238,8 +244,10 @@ def sample_rows(
   """
   n, p = noise.shape[0], noise.shape[-1]
 
-  def model_fn(x, t):
-    # x: [N, L, P]; the conditional and null rows see the same noisy video.
+  def model_fn(x, t, x0_prev=None):
+    # x: [N, L, P]; the conditional and null rows see the same noisy video (and, for a
+    # self-conditioned model, the same previous guided estimate x0_prev).
+    prev = {} if x0_prev is None else {"x0_prev": jnp.concatenate([x0_prev, x0_prev])}
     out = model.apply(
       {"params": params},
       jnp.concatenate([x, x]),
@@ -250,6 +258,7 @@ def sample_rows(
       rows["text_segment_ids"],
       rows["labels"],
       rows.get("text_embeddings"),
+      **prev,
     )
     return guidance.cfg(out[:n], out[n:], scale, t, interval, channels=p)
 

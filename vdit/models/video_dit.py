@@ -173,6 +173,10 @@ class VideoDiT(nn.Module):
   # contract gives NaN (skipped by the train step's non-finite guard), never a silent error.
   # 0 = per token (any per-token times, e.g. per-frame noise levels).
   shared_conditioning: int = 0
+  # Self-conditioning (Chen et al. 2023, "Analog Bits", Sec. 3.2): every token's input is its
+  # noisy patch and the model's previous estimate of its clean patch, `x0_prev` (zeros when
+  # there is none: the first sampling step, and half of training).
+  self_condition: bool = False
   attention_backend: str = "xla"  # see layers.ATTENTION_BACKENDS
   scan_layers: bool = True
   remat_policy: str = "none"  # see layers.REMAT_NAMES
@@ -201,25 +205,32 @@ class VideoDiT(nn.Module):
     labels: jax.Array | None = None,
     text_embeddings: jax.Array | None = None,
     *,
+    x0_prev: jax.Array | None = None,
     deterministic: bool = True,  # no dropout yet; kept for a stable signature
   ) -> jax.Array:
     # x: [B, L, P]; t: [B, L] in [0, 1]; positions: [B, L, 3]; segment_ids: [B, L];
     # text_tokens, text_segment_ids: [B, M]; labels: [B, K] or None; text_embeddings:
-    # [B, M, E] (precomputed, `text_embed_dim` > 0) or None. Returns [B, L, P].
+    # [B, M, E] (precomputed, `text_embed_dim` > 0) or None; x0_prev: [B, L, P] or None (with
+    # `self_condition`). Returns [B, L, P].
     del deterministic
     if x.shape[-1] != self.patch_dim:
       raise ValueError(f"patches have P={x.shape[-1]}, expected patch_dim={self.patch_dim}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.self_condition:  # [B, L, 2P]: the noisy patch and the previous estimate
+      prev = jnp.zeros_like(x) if x0_prev is None else x0_prev.astype(x.dtype)
+      x = jnp.concatenate([x, prev], axis=-1)
+    elif x0_prev is not None:
+      raise ValueError("x0_prev is given but the model has self_condition=False")
 
     # Tokens: patch embedding + 3-D position of the patch inside its own example.
     def neighbours(kernel):
       return layers.grid_neighbours(positions, segment_ids, kernel) if kernel else None
 
+    if self.patch_bottleneck:  # per patch, before the neighbours are gathered (N× cheaper)
+      x = layers.dense(self.patch_bottleneck, (PATCH, None), name="patch_bottleneck", **kw)(x)
     if self.patch_context:
       x = layers.gather_neighbours(x, neighbours(self.patch_context))
-      x = nn.with_logical_constraint(x, (BATCH, LENGTH, None, PATCH))  # [B, L, N, P]
-    if self.patch_bottleneck:
-      x = layers.dense(self.patch_bottleneck, (PATCH, None), name="patch_bottleneck", **kw)(x)
+      x = nn.with_logical_constraint(x, (BATCH, LENGTH, None, PATCH))  # [B, L, N, P or r]
     if self.patch_context:
       h = layers.dense(self.width, (None, PATCH, EMBED), axis=(-2, -1), name="patch_conv", **kw)(x)
     else:

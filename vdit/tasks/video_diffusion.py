@@ -13,7 +13,8 @@ from vdit.tasks import base
 def packed_apply(model, params):
   """VideoDiT as the diffusion losses call it: `(x_t, t per token, packed batch) -> output`."""
 
-  def apply_fn(x_t, t_tok, batch):
+  def apply_fn(x_t, t_tok, batch, x0_prev=None):
+    prev = {} if x0_prev is None else {"x0_prev": x0_prev}  # self-conditioned models only
     return model.apply(
       {"params": params},
       x_t,
@@ -24,6 +25,7 @@ def packed_apply(model, params):
       batch["text_segment_ids"],
       batch["labels"],
       batch.get("text_embeddings"),  # precomputed caption embeddings, if the run uses them
+      **prev,
     )
 
   return apply_fn
