@@ -271,15 +271,15 @@ def test_heun_beats_euler_at_equal_steps():
   is f(0) = MU, f(1) − f(0) = SIGMA: no Monte-Carlo noise in the comparison."""
   v = gaussian_velocity(MU, SIGMA)
 
-  def err(sampler, steps):
-    f = lambda c: float(sampler(v, jnp.full((1, 1, 1), c), steps)[0, 0, 0])
+  def err(method, steps):
+    f = lambda c: float(flow.sample(v, jnp.full((1, 1, 1), c), steps, method=method)[0, 0, 0])
     return abs(f(0.0) - MU) + abs(f(1.0) - f(0.0) - SIGMA)
 
   for steps in (4, 8):
-    heun = err(flow.heun_sample, steps)
-    assert heun < 0.1 * err(flow.euler_sample, steps), steps
-    assert heun < 0.2 * err(flow.euler_sample, 2 * steps), steps  # equal model calls
-  assert err(flow.euler_sample, 8) > 0.05  # Euler's error is visible: the test can fail
+    heun = err("heun", steps)
+    assert heun < 0.1 * err("euler", steps), steps
+    assert heun < 0.2 * err("euler", 2 * steps), steps  # equal model calls
+  assert err("euler", 8) > 0.05  # Euler's error is visible: the test can fail
 
 
 def test_flow_sdedit_starts_at_strength():

@@ -12,7 +12,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from vdit.diffusion import flow  # noqa: E402
+from vdit.diffusion import flow, guidance  # noqa: E402
+from vdit.models import layers  # noqa: E402
 from vdit.models.text import TextEncoder  # noqa: E402
 
 B, L, P, M, K = 2, 16, 3, 10, 3
@@ -128,7 +129,7 @@ def test_loss_jits_and_samples_logit_normal_time():
 
 def test_drop_text_gives_the_empty_caption():
   batch = make_batch()
-  tokens, seg, dropped = flow.drop_text(
+  tokens, seg, dropped = guidance.drop_text(
     jax.random.key(0), batch["text_tokens"], batch["text_segment_ids"], K, rate=1.0
   )
   assert bool(dropped.all())
@@ -136,15 +137,17 @@ def test_drop_text_gives_the_empty_caption():
     for k in range(1, K + 1):
       kept = np.asarray(tokens[b])[np.asarray(seg[b]) == k]
       had = np.any(np.asarray(batch["text_segment_ids"][b]) == k)
-      np.testing.assert_array_equal(kept, [flow.NULL_ID] if had else [])
-  same = flow.drop_text(jax.random.key(0), batch["text_tokens"], batch["text_segment_ids"], K, 0.0)
+      np.testing.assert_array_equal(kept, [guidance.NULL_ID] if had else [])
+  same = guidance.drop_text(
+    jax.random.key(0), batch["text_tokens"], batch["text_segment_ids"], K, 0.0
+  )
   np.testing.assert_array_equal(same[0], batch["text_tokens"])
   np.testing.assert_array_equal(same[1], batch["text_segment_ids"])
   # The encoder sees a dropped caption exactly as the encoded empty caption [NULL] alone.
   enc = TextEncoder(vocab_size=16, width=16, depth=1, num_heads=2)
   params = jax.jit(enc.init)(jax.random.key(1), tokens, seg)
   out = jax.jit(enc.apply)(params, tokens, seg)
-  empty = jnp.zeros((1, M), jnp.int32).at[0, 0].set(flow.NULL_ID)
+  empty = jnp.zeros((1, M), jnp.int32).at[0, 0].set(guidance.NULL_ID)
   ref = jax.jit(enc.apply)(params, empty, (empty > 0).astype(jnp.int32))
   np.testing.assert_allclose(out[0, 3], ref[0, 0], atol=1e-5)  # example 2's NULL token
   # In the loss, dropped examples also get the null label.
@@ -169,16 +172,16 @@ def test_euler_sampler_reproduces_gaussian_target():
   mu, sigma = 1.5, 0.4
   x1 = jax.random.normal(jax.random.key(0), (4, 1024, 2))
   for shift in (1.0, 3.0):
-    sample = lambda x, s=shift: flow.euler_sample(gaussian_velocity(mu, sigma), x, 200, shift=s)
+    sample = lambda x, s=shift: flow.sample(gaussian_velocity(mu, sigma), x, 200, shift=s)
     x0 = jax.jit(sample)(x1)
     np.testing.assert_allclose([x0.mean(), x0.std()], [mu, sigma], atol=0.02)
   # The flow is affine in x1, so the exact pushforward of N(0, 1) is f(0) + (f(1) − f(0))·N(0, 1).
-  f = lambda c: flow.euler_sample(gaussian_velocity(mu, sigma), jnp.full((1, 1, 1), c), 200)
+  f = lambda c: flow.sample(gaussian_velocity(mu, sigma), jnp.full((1, 1, 1), c), 200)
   np.testing.assert_allclose([f(0.0), f(1.0) - f(0.0)], [[[[mu]]], [[[sigma]]]], atol=5e-3)
   # Too few steps must be visibly wrong (the test can fail).
   assert (
     abs(
-      float(flow.euler_sample(gaussian_velocity(mu, sigma), jnp.ones((1, 1, 1)), 1)[0, 0, 0])
+      float(flow.sample(gaussian_velocity(mu, sigma), jnp.ones((1, 1, 1)), 1)[0, 0, 0])
       - (mu + sigma)
     )
     > 0.1
@@ -241,24 +244,24 @@ def test_euler_sampler_keeps_conditioning_tokens():
     jax.debug.callback(lambda t: seen_t.append(np.asarray(t)), t, ordered=True)
     return x - 1.0  # some velocity that would move the conditioning tokens
 
-  out = flow.euler_sample(v, x1, 4, cond_mask=cond, x_cond=x_cond)
+  out = flow.sample(v, x1, 4, cond_mask=cond, x_cond=x_cond)
   np.testing.assert_array_equal(out[0, :3], 7.0)
   assert np.abs(np.asarray(out[0, 3:]) - 7.0).min() > 0
   np.testing.assert_array_equal(seen_t[0][0, :3], 0.0)  # conditioning tokens are at t = 0
   np.testing.assert_array_equal(seen_t[0][0, 3:], 1.0)
 
 
-def test_cfg_velocity():
+def test_cfg():
   vc, vu = jnp.array([2.0]), jnp.array([1.0])
-  np.testing.assert_allclose(flow.cfg_velocity(vc, vu, 1.0), vc)
-  np.testing.assert_allclose(flow.cfg_velocity(vc, vu, 0.0), vu)
-  np.testing.assert_allclose(flow.cfg_velocity(vc, vu, 4.0), [5.0])
+  np.testing.assert_allclose(guidance.cfg(vc, vu, 1.0), vc)
+  np.testing.assert_allclose(guidance.cfg(vc, vu, 0.0), vu)
+  np.testing.assert_allclose(guidance.cfg(vc, vu, 4.0), [5.0])
 
 
 def test_per_token_gathers_by_segment():
   values = jnp.array([[0.1, 0.2, 0.3]])
   seg = jnp.array([[1, 1, 3, 2, 0]])
-  out = flow.per_token(values, seg)
+  out = layers.per_token(values, seg)
   np.testing.assert_allclose(out[0, :4], [0.1, 0.1, 0.3, 0.2])
   assert np.isfinite(out[0, 4])
 

@@ -19,6 +19,7 @@ from tests import configs
 from tests.test_fault_tolerance import Run
 from vdit import checkpointing, models, sharding, train, train_state
 from vdit.data import pipeline
+from vdit.tasks import base as tasks_base
 
 MESH = dict(data=2, fsdp=2, sequence=1, tensor=2)  # params split over both processes' devices
 
@@ -78,7 +79,7 @@ def _single_process(config, steps):
   state, shardings = train_state.create_sharded(init, mesh, rules)
   initial = jax.device_get(state.params)
   step_fn = train.jit_train_step(config, model, tx, mesh, rules, shardings)
-  host = train.host_input_config(config)
+  host = tasks_base.host_input_config(config)
   host.rows_per_batch = config.input.rows_per_batch // 2
   iters = [
     pipeline.make_iterator(host, seed=config.seed, process_index=i, process_count=2)

@@ -27,7 +27,6 @@ from vdit import (
   train_state,
   workdir_guard,
 )
-from vdit.tasks import base as tasks_base
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,9 +100,6 @@ def _global_norm(tree: Any) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # Setup helpers.
 # ---------------------------------------------------------------------------------------------
-host_input_config = tasks_base.host_input_config
-
-
 def make_data_iterator(config: ml_collections.ConfigDict):
   """This host's checkpointable training batches (the task's pipeline)."""
   return tasks.get(config).make_iterator(config)

@@ -17,25 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vdit.diffusion import guidance, packed
-from vdit.diffusion.guidance import NULL_ID, PAD_ID, drop_text
 from vdit.models.layers import per_token
-
-__all__ = [
-  "NULL_ID",
-  "PAD_ID",
-  "SAMPLERS",
-  "cfg_velocity",
-  "drop_text",
-  "euler_sample",
-  "heun_sample",
-  "interpolate",
-  "loss",
-  "per_token",
-  "resolution_shift",
-  "sample",
-  "sample_time",
-  "shift_time",
-]
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 SAMPLERS = ("euler", "heun", "stochastic")
@@ -156,11 +138,6 @@ def x0_estimate(x: jax.Array, v: jax.Array, t: jax.Array, t_min: float = 0.0) ->
   return x - jnp.maximum(t, t_min)[..., None] * v
 
 
-def cfg_velocity(v_cond: jax.Array, v_uncond: jax.Array, scale: float) -> jax.Array:
-  """Classifier-free guidance v_u + s·(v_c − v_u) (Ho & Salimans 2022, Eq. 6); s=1: v_c."""
-  return guidance.cfg(v_cond, v_uncond, scale)
-
-
 def noised(x0: jax.Array, noise: jax.Array, strength: float, shift=1.0) -> jax.Array:
   """The SDEdit start x_t at t = shift_time(strength) (Meng et al. 2022, Sec. 3.2)."""
   t = shift_time(jnp.full(x0.shape[:-1], strength, jnp.float32), shift)
@@ -253,16 +230,6 @@ def sample(
   x = x_start.astype(jnp.float32)
   x, _ = jax.lax.fori_loop(0, steps, body, (x, jnp.zeros_like(x)))
   return clamp(x, ones)[0]
-
-
-def euler_sample(velocity_fn, x1: jax.Array, steps: int, **kwargs) -> jax.Array:
-  """`sample(..., method="euler")` from noise x1 [B, L, P]."""
-  return sample(velocity_fn, x1, steps, method="euler", **kwargs)
-
-
-def heun_sample(velocity_fn, x1: jax.Array, steps: int, **kwargs) -> jax.Array:
-  """`sample(..., method="heun")` from noise x1 [B, L, P]."""
-  return sample(velocity_fn, x1, steps, method="heun", **kwargs)
 
 
 FLOW_PREDICTIONS = ("velocity", "x0", "preconditioned")

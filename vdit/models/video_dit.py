@@ -206,13 +206,11 @@ class VideoDiT(nn.Module):
     text_embeddings: jax.Array | None = None,
     *,
     x0_prev: jax.Array | None = None,
-    deterministic: bool = True,  # no dropout yet; kept for a stable signature
   ) -> jax.Array:
     # x: [B, L, P]; t: [B, L] in [0, 1]; positions: [B, L, 3]; segment_ids: [B, L];
     # text_tokens, text_segment_ids: [B, M]; labels: [B, K] or None; text_embeddings:
     # [B, M, E] (precomputed, `text_embed_dim` > 0) or None; x0_prev: [B, L, P] or None (with
     # `self_condition`). Returns [B, L, P].
-    del deterministic
     if x.shape[-1] != self.patch_dim:
       raise ValueError(f"patches have P={x.shape[-1]}, expected patch_dim={self.patch_dim}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
