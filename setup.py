@@ -25,7 +25,6 @@ setuptools.setup(
     "clu",
     "absl-py",
     "numpy",
-    "einops",
     "imageio",
     "imageio-ffmpeg",
     "pillow",
