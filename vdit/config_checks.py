@@ -12,8 +12,6 @@ from vdit.diffusion import conditioning, flow, gaussian, objectives
 from vdit.models import layers
 
 MODELS = ("video_dit",)
-TIME_SAMPLING = ("uniform", "logit_normal")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -34,7 +32,7 @@ def _positive(name: str, value) -> None:
 def _check_diffusion(d: ml_collections.ConfigDict) -> None:
   """The `config.diffusion` keys (see `vdit.diffusion.objectives.Spec`)."""
   _choice("diffusion.objective", d.objective, objectives.OBJECTIVES)
-  _choice("diffusion.time_sampling", d.time_sampling, TIME_SAMPLING)
+  _choice("diffusion.time_sampling", d.time_sampling, flow.TIME_SAMPLINGS)
   if not 0.0 <= d.text_dropout < 1.0:
     raise ConfigError(f"diffusion.text_dropout={d.text_dropout} must be in [0, 1)")
   if d.logit_std <= 0:
@@ -118,7 +116,7 @@ def check_input(config: ml_collections.ConfigDict, *, dense: bool = False) -> No
 def check_model_common(model: ml_collections.ConfigDict, shape: dict[str, int]) -> None:
   """Keys every transformer config has: backend, remat, dtype, heads vs the tensor axis."""
   _choice("model.attention_backend", model.attention_backend, layers.ATTENTION_BACKENDS)
-  _choice("model.remat_policy", model.remat_policy, REMAT_POLICIES)
+  _choice("model.remat_policy", model.remat_policy, layers.REMAT_NAMES)
   _choice("model.dtype", model.dtype, DTYPES)
   if model.get("width") and model.get("num_heads") and model.width % model.num_heads:
     raise ConfigError(
