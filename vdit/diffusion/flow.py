@@ -90,6 +90,7 @@ def loss(
   `apply_fn(x_t, t, batch, x0_prev)` also takes an estimate of x0. With probability
   `self_condition` per batch the model first runs with x0_prev = 0 and its estimate (gradient
   stopped) is fed to the pass that is trained; otherwise x0_prev = 0 (the sampler's first step).
+
   Returns (loss, metrics) with metrics `per_example_loss` [B, K] (0 for empty examples),
   `t` [B, K], `dropped` [B, K] and `num_tokens`.
   """
