@@ -175,7 +175,7 @@ class VideoDiT(nn.Module):
   shared_conditioning: int = 0
   # Self-conditioning (Chen et al. 2023, "Analog Bits", Sec. 3.2): every token's input is its
   # noisy patch and the model's previous estimate of its clean patch, `x0_prev` (zeros when
-  # there is none: the first sampling step, and half of training).
+  # there is none: the first sampling step, and the training batches that do without it).
   self_condition: bool = False
   attention_backend: str = "xla"  # see layers.ATTENTION_BACKENDS
   scan_layers: bool = True
