@@ -398,11 +398,11 @@ def test_self_conditioning_reads_the_previous_estimate():
   params = perturb(params, 5)
   assert params["params"]["patch_conv"]["kernel"].shape == (27, 2 * P, TINY["width"])
   inputs = list(batch.values())
-  run = jax.jit(lambda p, b, prev: model.apply(p, *inputs, x0_prev=prev))
+  run = jax.jit(lambda p, prev: model.apply(p, *inputs, x0_prev=prev))
   zeros = jnp.zeros_like(batch["x"])
-  np.testing.assert_allclose(run(params, batch, zeros), apply(model, params, batch), atol=1e-6)
-  other = run(params, batch, jnp.ones_like(zeros))
-  assert float(jnp.abs(other - run(params, batch, zeros)).max()) > 1e-3
+  np.testing.assert_allclose(run(params, zeros), apply(model, params, batch), atol=1e-6)
+  other = run(params, jnp.ones_like(zeros))
+  assert float(jnp.abs(other - run(params, zeros)).max()) > 1e-3
   assert_packed_equals_alone(model, params, ex)
   plain = VideoDiT(**TINY)
   plain_params = jax.jit(lambda r: nn.unbox(plain.init(r, *batch.values())))(jax.random.key(0))

@@ -98,7 +98,7 @@ def loss(
   seg = batch["segment_ids"]  # [B, L]
   cond = batch["cond_mask"]  # [B, L]
   b, k = batch["shapes"].shape[:2]
-  t_rng, noise_rng, drop_rng, sc_rng = jax.random.split(rng, 4)
+  t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
 
   t_ex = sample_time(t_rng, (b, k), time_sampling, logit_mean, logit_std)  # [B, K]
   if shift_base_tokens:
@@ -119,7 +119,8 @@ def loss(
       v0 = apply_fn(x_t, t_tok, model_batch, zeros).astype(jnp.float32)
       return jax.lax.stop_gradient(x0_estimate(x_t, v0, t_tok, t_min or 0.0))
 
-    use = jax.random.uniform(sc_rng) < self_condition
+    # Its own stream (not a 4th split): runs without self-conditioning keep their numbers.
+    use = jax.random.uniform(jax.random.fold_in(rng, 3)) < self_condition
     x0_prev = jax.lax.cond(use, estimate, lambda: zeros)
     v = apply_fn(x_t, t_tok, model_batch, x0_prev).astype(jnp.float32)
   else:
