@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from tests import configs
-from vdit import config_checks, datasets, media
+from vdit import config_checks, datasets, media, train
 from vdit.datasets import records
 from vdit.models import autoencoder as ae
 from vdit.models import tiling
@@ -239,7 +239,7 @@ def _config(**overrides):
 def test_config_errors(overrides, message):
   c = _config(**overrides)
   with pytest.raises(config_checks.ConfigError, match=message):
-    config_checks.validate(c, num_devices=8, num_processes=1)
+    train.validate(c, num_devices=8, num_processes=1)
 
 
 def test_tiny_config_trains_through_main(data_dir, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from tests.configs import REPO
 from tests.configs import load as load_config
-from vdit import config_checks, config_lib, sharding
+from vdit import config_checks, config_lib, sharding, train
 
 
 def test_parse_arg_types_and_unknown():
@@ -23,7 +23,7 @@ def test_parse_arg_types_and_unknown():
 
 def test_tiny_config_is_valid():
   config = load_config("tiny")
-  config_checks.validate(config)
+  train.validate(config)
   assert config.total_steps > 0
 
 
@@ -58,7 +58,7 @@ def test_validate_names_the_bad_value(key, value, message):
     node = node[p]
   node[last] = value
   with pytest.raises(config_checks.ConfigError, match=message):
-    config_checks.validate(config)
+    train.validate(config)
 
 
 def test_mesh_shape_resolution_and_errors():
@@ -106,14 +106,14 @@ def test_still_clips_below_the_temporal_patch_are_refused():
   config = load_config("tiny")
   config.input.min_frames = config.input.max_frames = 1
   with pytest.raises(config_checks.ConfigError, match=r"max_frames=1 is below the temporal patch"):
-    config_checks.validate(config)
+    train.validate(config)
 
 
 def test_folder_dataset_config_must_be_a_directory(tmp_path):
   config = load_config("tiny")
   config.input.dataset, config.input.dataset_config = "folder", str(tmp_path / "missing")
   with pytest.raises(config_checks.ConfigError, match=r"dataset_config=.*missing' is not a dir"):
-    config_checks.validate(config)
+    train.validate(config)
 
 
 @pytest.mark.parametrize(

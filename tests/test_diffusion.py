@@ -404,10 +404,10 @@ def test_diffusion_config_checks(key, value, message):
   from vdit import config_checks  # noqa: PLC0415
 
   diffusion = configs.load().diffusion
-  config_checks._check_diffusion(diffusion)  # the defaults are valid
+  config_checks.check_diffusion(diffusion)  # the defaults are valid
   diffusion = dict(diffusion.to_dict(), **{key: value})
   import ml_collections  # noqa: PLC0415
 
   with pytest.raises(config_checks.ConfigError) as e:
-    config_checks._check_diffusion(ml_collections.ConfigDict(diffusion))
+    config_checks.check_diffusion(ml_collections.ConfigDict(diffusion))
   assert message in str(e.value)

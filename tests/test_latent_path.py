@@ -70,7 +70,7 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
   workdir_of_nothing = str(tmp_path / "nothing")
   assert c.autoencoder == vae_dir and c.input.dataset == "latents" and c.input.channels == 8
   assert models.patch_dim(c) == 1 * 2 * 2 * 8
-  config_checks.validate(c)
+  train.validate(c)
   # Latent space is checked before any compute: channels, the VAE that encoded, the meta file.
   for overrides, message in [
     ({"input.channels": 4}, "input.channels=4 but the autoencoder"),
@@ -79,7 +79,7 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
     ({"input.dataset_config": str(tmp_path)}, "holds no meta.json"),
   ]:
     with pytest.raises(config_checks.ConfigError, match=message):
-      config_checks.validate(configs.override(copy.deepcopy(c), **overrides))
+      train.validate(configs.override(copy.deepcopy(c), **overrides))
   batch = next(pipeline.make_iterator(c.input, seed=0))
   assert batch["patches"].shape[-1] == 32 and np.abs(batch["patches"]).max() > 0
   workdir = str(tmp_path / "vdit")

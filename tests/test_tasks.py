@@ -136,4 +136,4 @@ def test_dense_fit_crop_vs_squash():
 def test_bad_zoo_configs_fail_clearly(name, overrides, message, data_dir):
   config = _config(name, data_dir, **overrides)
   with pytest.raises(config_checks.ConfigError, match=re.escape(message)):
-    config_checks.validate(config)
+    train.validate(config)

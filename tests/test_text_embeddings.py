@@ -77,7 +77,7 @@ def test_embedding_run_trains_samples_and_is_checked(data_dir, tmp_path):
   c.optimizer.warmup_steps = 1
   c.sample.prompts, c.sample.steps = ("a red circle moving right", "a purple zorblax"), 2
   c.evals = {}
-  config_checks.validate(c)
+  train.validate(c)
   for packing in pipeline.PACKERS:
     inp = configs.override(copy.deepcopy(c.input), packing=packing)
     batch = next(pipeline.make_iterator(inp, seed=0))
@@ -108,4 +108,4 @@ def test_embedding_run_trains_samples_and_is_checked(data_dir, tmp_path):
     ({"input.text_embeddings": str(tmp_path)}, "holds no meta.json"),
   ]:
     with pytest.raises(config_checks.ConfigError, match=message):
-      config_checks.validate(configs.override(copy.deepcopy(c), **overrides))
+      train.validate(configs.override(copy.deepcopy(c), **overrides))

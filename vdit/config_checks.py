@@ -1,4 +1,8 @@
-"""Config validation: a bad config fails here with a clear message, before any compute."""
+"""Config checks every run shares: a bad value fails with a clear message, before any compute.
+
+`vdit.train.validate` runs them in order with the task's own checks (`Task.check_config`, which
+build on the section checks here) and the evaluators' (`vdit.evaluators.check_config`).
+"""
 
 import math
 import os
@@ -6,8 +10,10 @@ import os
 import jax
 import ml_collections
 
-from vdit import datasets, sharding
-from vdit.data import pipeline
+from vdit import checkpointing, datasets, sharding
+from vdit.data import captions, pipeline
+from vdit.data import dense as dense_lib
+from vdit.datasets import latents
 from vdit.diffusion import conditioning, flow, gaussian, objectives
 from vdit.models import layers
 
@@ -19,20 +25,20 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names the key, the value and what's expected."""
 
 
-def _choice(name: str, value, choices) -> None:
+def choice(name: str, value, choices) -> None:
   if value not in choices:
     raise ConfigError(f"{name}={value!r} is not supported; expected one of {choices}")
 
 
-def _positive(name: str, value) -> None:
+def positive(name: str, value) -> None:
   if not isinstance(value, int) or value <= 0:
     raise ConfigError(f"{name}={value!r} must be a positive integer")
 
 
-def _check_diffusion(d: ml_collections.ConfigDict) -> None:
+def check_diffusion(d: ml_collections.ConfigDict) -> None:
   """The `config.diffusion` keys (see `vdit.diffusion.objectives.Spec`)."""
-  _choice("diffusion.objective", d.objective, objectives.OBJECTIVES)
-  _choice("diffusion.time_sampling", d.time_sampling, flow.TIME_SAMPLINGS)
+  choice("diffusion.objective", d.objective, objectives.OBJECTIVES)
+  choice("diffusion.time_sampling", d.time_sampling, flow.TIME_SAMPLINGS)
   if not 0.0 <= d.text_dropout < 1.0:
     raise ConfigError(f"diffusion.text_dropout={d.text_dropout} must be in [0, 1)")
   if d.logit_std <= 0:
@@ -45,9 +51,9 @@ def _check_diffusion(d: ml_collections.ConfigDict) -> None:
     conditioning.task_probs(dict(d.cond_probs))
   except ValueError as e:
     raise ConfigError(f"diffusion.cond_probs: {e}") from None
-  _choice("diffusion.schedule", d.schedule, gaussian.SCHEDULES)
-  _choice("diffusion.prediction", d.prediction, gaussian.PREDICTIONS)
-  _choice("diffusion.flow_prediction", d.get("flow_prediction", "velocity"), flow.FLOW_PREDICTIONS)
+  choice("diffusion.schedule", d.schedule, gaussian.SCHEDULES)
+  choice("diffusion.prediction", d.prediction, gaussian.PREDICTIONS)
+  choice("diffusion.flow_prediction", d.get("flow_prediction", "velocity"), flow.FLOW_PREDICTIONS)
   if not 0.0 < d.get("flow_t_min", 0.05) < 1.0:
     raise ConfigError(f"diffusion.flow_t_min={d.flow_t_min} must be in (0, 1)")
   if not isinstance(d.num_timesteps, int) or d.num_timesteps < 2:
@@ -57,7 +63,7 @@ def _check_diffusion(d: ml_collections.ConfigDict) -> None:
       f"diffusion.learn_sigma=True needs diffusion.objective='gaussian', not {d.objective!r}"
     )
   if d.sampler:
-    _choice(
+    choice(
       f"diffusion.sampler (objective {d.objective!r})", d.sampler, objectives.SAMPLERS[d.objective]
     )
   if not 0.0 <= d.ddim_eta <= 1.0:
@@ -103,21 +109,19 @@ def check_input(config: ml_collections.ConfigDict, *, dense: bool = False) -> No
     resolved = pipeline.resolve_input_config(inp)
     pipeline.check_input_config(resolved)
     for name, _, _ in pipeline.components(resolved):
-      _choice("input dataset", name, tuple(datasets.SOURCES))
+      choice("input dataset", name, tuple(datasets.SOURCES))
     if dense:
-      from vdit.data import dense as dense_lib  # noqa: PLC0415
-
       dense_lib.check_size(resolved)
-      _choice("input.fit", resolved.fit, dense_lib.FITS)
+      choice("input.fit", resolved.fit, dense_lib.FITS)
 
   _wrap(check)
 
 
 def check_model_common(model: ml_collections.ConfigDict, shape: dict[str, int]) -> None:
   """Keys every transformer config has: backend, remat, dtype, heads vs the tensor axis."""
-  _choice("model.attention_backend", model.attention_backend, layers.ATTENTION_BACKENDS)
-  _choice("model.remat_policy", model.remat_policy, layers.REMAT_NAMES)
-  _choice("model.dtype", model.dtype, DTYPES)
+  choice("model.attention_backend", model.attention_backend, layers.ATTENTION_BACKENDS)
+  choice("model.remat_policy", model.remat_policy, layers.REMAT_NAMES)
+  choice("model.dtype", model.dtype, DTYPES)
   if model.get("width") and model.get("num_heads") and model.width % model.num_heads:
     raise ConfigError(
       f"model.width={model.width} is not divisible by model.num_heads={model.num_heads}"
@@ -134,13 +138,13 @@ def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, in
   check_input(config)
   patch = tuple(inp.patch_size)
   for name in ("text_tokens_per_row", "max_caption_tokens", "vocab_size"):
-    _positive(f"input.{name}", inp[name])
+    positive(f"input.{name}", inp[name])
   if inp.max_caption_tokens > inp.text_tokens_per_row:
     raise ConfigError(
       f"input.max_caption_tokens={inp.max_caption_tokens} exceeds "
       f"input.text_tokens_per_row={inp.text_tokens_per_row}"
     )
-  _choice("model.name (task video_diffusion)", model.name, MODELS)
+  choice("model.name (task video_diffusion)", model.name, MODELS)
   check_model_common(model, shape)
   if model.text_width % model.text_heads:
     raise ConfigError(
@@ -164,7 +168,7 @@ def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, in
       f"model.locality={locality} needs model.attention_backend='xla', not "
       f"{model.attention_backend!r} (the bias is added to dense attention logits)"
     )
-  _check_diffusion(config.diffusion)
+  check_diffusion(config.diffusion)
   if inp.tokens_per_row % shape["sequence"]:
     raise ConfigError(
       f"input.tokens_per_row={inp.tokens_per_row} is not divisible by sequence={shape['sequence']}"
@@ -183,8 +187,6 @@ def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, in
 
 def _check_text_embeddings(config: ml_collections.ConfigDict) -> None:
   """input.text_embeddings (a caption-embedding table) and model.text_embed_dim agree."""
-  from vdit.data import captions  # noqa: PLC0415
-
   table, dim = config.input.get("text_embeddings"), config.model.get("text_embed_dim", 0)
   if not table:
     if dim:
@@ -205,9 +207,6 @@ def _check_text_embeddings(config: ml_collections.ConfigDict) -> None:
 
 def _check_latent_space(config: ml_collections.ConfigDict) -> None:
   """config.autoencoder, the latents datasets and input.channels agree (before any compute)."""
-  from vdit import checkpointing  # noqa: PLC0415
-  from vdit.datasets import latents  # noqa: PLC0415
-
   inp, vae_dir = config.input, config.get("autoencoder")
   if vae_dir:
     try:
@@ -246,27 +245,14 @@ def _check_latent_space(config: ml_collections.ConfigDict) -> None:
       )
 
 
-def validate(
-  config: ml_collections.ConfigDict,
-  *,
-  num_devices: int | None = None,
-  num_processes: int | None = None,
-) -> None:
-  """Raises ConfigError naming the first bad value and what was expected.
-
-  What every run shares is checked here (steps, optimizer, mesh vs devices and hosts); the rest
-  by the task (`config.task`, `vdit.tasks`). The mesh is checked against `num_devices` /
-  `num_processes` (default: this run's; the AOT tool passes a TPU topology's).
-  """
-  from vdit import tasks  # noqa: PLC0415 (tasks import this module)
-
-  inp, opt = config.input, config.optimizer
+def check_steps(config: ml_collections.ConfigDict) -> None:
+  """The run length and the logging and checkpoint intervals."""
   for name in ("total_steps", "log_every_steps", "checkpoint_every_steps", "max_checkpoints"):
-    _positive(name, config[name])
-  try:
-    task = tasks.get(config)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+    positive(name, config[name])
+
+
+def check_optimizer(opt: ml_collections.ConfigDict) -> None:
+  """The `optimizer` section (`vdit.train_state.make_optimizer`)."""
   if not (math.isfinite(opt.lr) and opt.lr > 0):
     raise ConfigError(f"optimizer.lr={opt.lr} must be a finite number > 0")
   for key in ("b1", "b2"):
@@ -281,8 +267,18 @@ def validate(
     raise ConfigError(f"optimizer.final_lr_fraction={opt.final_lr_fraction} must be in [0, 1]")
   if not 0.0 <= opt.ema_decay < 1.0:
     raise ConfigError(f"optimizer.ema_decay={opt.ema_decay} must be in [0, 1)")
-  _positive("optimizer.grad_accum_steps", opt.get("grad_accum_steps", 1))
+  positive("optimizer.grad_accum_steps", opt.get("grad_accum_steps", 1))
 
+
+def check_mesh(
+  config: ml_collections.ConfigDict,
+  *,
+  num_devices: int | None = None,
+  num_processes: int | None = None,
+) -> dict[str, int]:
+  """{mesh axis: size} of `config.mesh` over `num_devices` devices and `num_processes` hosts
+  (default: this run's; the AOT tool passes a TPU topology's), the batch rows split over both."""
+  inp = config.input
   try:
     sizes = sharding.mesh_shape(config.mesh, num_devices or jax.device_count())
   except ValueError as e:
@@ -301,21 +297,4 @@ def validate(
       f"data×fsdp={batch_shards} of mesh {shape} is not a multiple of the {hosts} processes; "
       "each process loads its own rows, so the rows must be sharded over all of them"
     )
-  task.check_config(config, shape)
-  _check_evals(config)
-
-
-def _check_evals(config: ml_collections.ConfigDict) -> None:
-  """`config.evals`: known types, every_steps >= 0 (the evaluators check their own options)."""
-  from vdit import evaluators  # noqa: PLC0415 (evaluators import sampling and models)
-
-  try:
-    for name, entry in evaluators.evals_of(config).items():
-      evaluators.get(entry["type"])
-      every = entry.get("every_steps", 0)
-      if not isinstance(every, int) or every < 0:
-        raise ConfigError(f"evals.{name}.every_steps={every!r} must be an integer >= 0")
-  except ConfigError:
-    raise
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  return shape

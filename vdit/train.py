@@ -159,6 +159,30 @@ def _format_eta(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # train_and_evaluate
 # ---------------------------------------------------------------------------------------------
+def validate(
+  config: ml_collections.ConfigDict,
+  *,
+  num_devices: int | None = None,
+  num_processes: int | None = None,
+) -> None:
+  """Raises `config_checks.ConfigError` naming the first bad value and what was expected.
+
+  What every run shares is checked by `config_checks` (steps, optimizer, mesh vs devices and
+  hosts), the rest by the task (`config.task`, `vdit.tasks`) and the evaluators (`config.evals`).
+  The mesh is checked against `num_devices` / `num_processes` (default: this run's; the AOT
+  tool passes a TPU topology's).
+  """
+  config_checks.check_steps(config)
+  try:
+    task = tasks.get(config)
+  except ValueError as e:
+    raise config_checks.ConfigError(str(e)) from None
+  config_checks.check_optimizer(config.optimizer)
+  shape = config_checks.check_mesh(config, num_devices=num_devices, num_processes=num_processes)
+  task.check_config(config, shape)
+  evaluators.check_config(config)
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: Sequence[str] = ()
 ) -> train_state.TrainState:
@@ -170,7 +194,7 @@ def train_and_evaluate(
   (`workdir_guard.SAFE_TO_CHANGE`, plus the dotted keys or prefixes in `allow_config_change`).
   """
   workdir_guard.check_workdir(workdir)
-  config_checks.validate(config)  # a bad config fails here, before any compute
+  validate(config)  # a bad config fails here, before any compute
   with workdir_guard.workdir_lock(workdir):
     workdir_guard.check_config_unchanged(workdir, config, allow_config_change)
     return _train_and_evaluate(config, workdir)

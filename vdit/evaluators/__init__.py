@@ -29,6 +29,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from vdit import config_checks
 from vdit.tasks import base as tasks_base
 
 Evaluator = Callable[..., dict[str, Any]]
@@ -84,6 +85,23 @@ def evals_of(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
       raise ValueError(f"evals.{name} has no `type`; expected one of {sorted(EVALUATORS) or '…'}")
     out[name] = entry
   return out
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """`config.evals`: known types, every_steps >= 0 (the evaluators check their own options);
+  raises `config_checks.ConfigError`."""
+  try:
+    for name, entry in evals_of(config).items():
+      get(entry["type"])
+      every = entry.get("every_steps", 0)
+      if not isinstance(every, int) or every < 0:
+        raise config_checks.ConfigError(
+          f"evals.{name}.every_steps={every!r} must be an integer >= 0"
+        )
+  except config_checks.ConfigError:
+    raise
+  except ValueError as e:
+    raise config_checks.ConfigError(str(e)) from None
 
 
 def due(config: ml_collections.ConfigDict, step: int, total_steps: int) -> list[str]:

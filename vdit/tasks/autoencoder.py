@@ -84,7 +84,7 @@ class AutoencoderTask(base.Task):
 
   def check_config(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
     m = config.model
-    config_checks._choice("model.name (task autoencoder)", m.name, ("vae",))
+    config_checks.choice("model.name (task autoencoder)", m.name, ("vae",))
     config_checks.check_input(config, dense=True)
     channels = tuple(m.channels)
     if not channels:
@@ -93,7 +93,7 @@ class AutoencoderTask(base.Task):
       ("latent_channels", m.latent_channels),
       ("num_res_blocks", m.num_res_blocks),
     ):
-      config_checks._positive(f"model.{name}", value)
+      config_checks.positive(f"model.{name}", value)
     try:
       ae.check_compression(channels, m.time_compression)
     except ValueError as e:
@@ -119,7 +119,7 @@ class AutoencoderTask(base.Task):
           f"{mesh_shape[axis]} (conv kernels shard their channels over it)"
         )
     loss = config.loss
-    config_checks._choice("loss.recon", loss.recon, RECON_LOSSES)
+    config_checks.choice("loss.recon", loss.recon, RECON_LOSSES)
     if not loss.kl_weight >= 0:
       raise config_checks.ConfigError(f"loss.kl_weight={loss.kl_weight} must be >= 0")
 

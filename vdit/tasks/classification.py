@@ -32,10 +32,10 @@ class Classification(base.Task):
 
   def check_config(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
     m = config.model
-    config_checks._choice("model.name (task classification)", m.name, PACKED_MODELS + DENSE_MODELS)
+    config_checks.choice("model.name (task classification)", m.name, PACKED_MODELS + DENSE_MODELS)
     config_checks.check_input(config, dense=not _packed(config))
     config_checks.check_model_common(m, mesh_shape)
-    config_checks._positive("model.num_classes", m.num_classes)
+    config_checks.positive("model.num_classes", m.num_classes)
     if not _packed(config):
       t, h, w = config.input.size
       p = m.get("patch_size") or tuple(m.get("tubelet", (1, 16, 16)))[1]

@@ -43,10 +43,10 @@ class ImageDiffusion(base.Task):
 
   def check_config(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
     m = config.model
-    config_checks._choice("model.name (task image_diffusion)", m.name, ("dit",))
+    config_checks.choice("model.name (task image_diffusion)", m.name, ("dit",))
     config_checks.check_input(config, dense=True)
     config_checks.check_model_common(m, mesh_shape)
-    config_checks._check_diffusion(config.diffusion)
+    config_checks.check_diffusion(config.diffusion)
     if config.diffusion.objective != "gaussian":
       raise config_checks.ConfigError(
         f"diffusion.objective={config.diffusion.objective!r}: the DiT task trains 'gaussian'"

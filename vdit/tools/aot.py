@@ -49,7 +49,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from vdit import config_checks, models, sharding, train, train_state  # noqa: E402
+from vdit import models, sharding, train, train_state  # noqa: E402
 from vdit.models import flops  # noqa: E402
 from vdit.tools import roofline  # noqa: E402
 from vdit.tools.roofline import CHIPS, COLLECTIVES, Chip, GiB  # noqa: E402
@@ -292,7 +292,7 @@ def report(
   chip, devices, chips = topology_devices(topology)
   per_chip = len(devices) // chips
   hosts = len({d.process_index for d in devices})
-  config_checks.validate(config, num_devices=len(devices), num_processes=hosts)
+  train.validate(config, num_devices=len(devices), num_processes=hosts)
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   capacity = chip.hbm_bytes / per_chip
   inp = config.input
