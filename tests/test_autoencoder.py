@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from tests import configs
-from vdit import config_checks, datasets, media, train
+from vdit import config_checks, datasets, latent_codec, media, train
 from vdit.datasets import records
 from vdit.models import autoencoder as ae
 from vdit.models import tiling
@@ -266,7 +266,7 @@ def test_tiny_config_trains_through_main(data_dir, tmp_path):
   assert stats.scale.shape == (8,) and np.all(stats.scale > 0)
   assert os.path.exists(os.path.join(workdir, "checkpoints", "4"))
   # The latent path: the trained codec from the workdir, normalised latents, a dataset encoded.
-  codec = latents.load(workdir)
+  codec = latent_codec.load(workdir)
   assert codec.compression == (2, 4, 4) and codec.channels == 8
   video = _video((1, 5, 16, 16, 3))
   z = codec.encode(video)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vdit.tools.bench import autoencoder, compile_time, memory_mesh, sampling
+from vdit.tools.bench import autoencoder, compile_time, memory_mesh, sampling_speed
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -73,7 +73,7 @@ def _sampling_results() -> dict:
     ("compile_time_scan_only", lambda p: compile_time.write_png(
       p, {k: v for k, v in _compile_time_results().items() if k != "unrolled"})),
     ("memory_mesh", lambda p: memory_mesh.write_png(p, _memory_mesh_results())),
-    ("sampling", lambda p: sampling.write_png(p, [_sampling_results()] * 2, ["a", "b"])),
+    ("sampling", lambda p: sampling_speed.write_png(p, [_sampling_results()] * 2, ["a", "b"])),
   ],
 )  # fmt: skip
 def test_write_png(tmp_path, name, draw):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests import configs
-from vdit import media, models, sample
+from vdit import media, models, sampling
 from vdit.data import patchify, tokenizer
 from vdit.datasets import shapes
 from vdit.diffusion import flow, objectives
@@ -70,7 +70,7 @@ def _batch(config, videos: list[np.ndarray], prompts: list[str], rows: int) -> d
   picks = [i % len(videos) for i in range(rows)]
   grid = (FRAMES // 2, SIZE // 4, SIZE // 4)
   tok = tokenizer.Tokenizer(config.input.vocab_size)
-  batch = sample.prompt_rows(
+  batch = sampling.prompt_rows(
     [prompts[i] for i in picks], grid, tok, config.input.max_caption_tokens
   )
   clips = np.stack([media.from_uint8(videos[i]) for i in picks])
@@ -118,7 +118,7 @@ def test_overfit_regenerates_the_video_from_noise(two_colours):
 
 def _assert_regenerates(config, params, seeds):
   """Each caption of the two-colour fit, sampled from noise, gives its video back (≥ 25 dB)."""
-  sampler = sample.Sampler(config=config, params=params)
+  sampler = sampling.Sampler(config=config, params=params)
   for seed in seeds:
     out = sampler.generate(
       [RED, BLUE], num_frames=FRAMES, height=SIZE, width=SIZE, steps=16, guidance=1.0, seed=seed
@@ -138,7 +138,7 @@ def test_the_colour_word_sets_the_colour(two_colours):
   noise with "red" and with "blue" gives a red and a blue square (text is used), with and
   without guidance."""
   config, params = two_colours
-  sampler = sample.Sampler(config=config, params=params)
+  sampler = sampling.Sampler(config=config, params=params)
   fg = _VIDEOS["red"].max(axis=-1) > 100  # the square's pixels
   for guidance in (1.0, 3.0):
     red, blue = sampler.generate(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests import configs
-from vdit import config_checks, datasets, media, models, sample, train
+from vdit import config_checks, datasets, latent_codec, media, models, sampling, train
 from vdit.data import pipeline
 from vdit.evaluators import frechet
 from vdit.tools import latents
@@ -35,7 +35,7 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
   assert 0 < metrics["psnr_later_frames"] < 100 and 0 < metrics["psnr_copy_first_frame"] < 100
 
   # 2. Latents of a small split, written by the tool.
-  codec = latents.load(vae_dir)
+  codec = latent_codec.load(vae_dir)
   assert codec.compression == (2, 4, 4) and codec.channels == 8
   out = str(tmp_path / "latents")
   meta = latents.encode_dataset(
@@ -92,7 +92,7 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
   assert gifs == ["a_red_circle_moving_right.gif", "adherence_2x4x4.gif"]  # + the adherence grid
   stored = np.load(os.path.join(workdir, "samples", "2", "a_red_circle_moving_right.npz"))
   assert stored["frames"].shape == (7, 32, 48, 3) and stored["latents"].shape == (4, 8, 12, 8)
-  sampler = sample.load(workdir)
+  sampler = sampling.load(workdir)
   assert sampler.codec is not None
   videos = sampler.generate(["a blue square"], num_frames=2, height=4, width=6, steps=2)
   assert videos.shape == (1, 3, 16, 24, 3) and videos.dtype == np.uint8
@@ -130,7 +130,7 @@ def test_float_video_is_not_rescaled_and_channels_set_patch_dim():
   assert models.patch_dim(c) == 2 * 4 * 4 * 3 and c.autoencoder is None
   c.input.channels = 8
   assert models.patch_dim(c) == 2 * 4 * 4 * 8
-  # The sampler CLI imports the latents tool: its flags (--out, ...) must not be global.
+  # Importing the latents tool (as this test does) must not define its flags (--out, ...).
   from absl import flags  # noqa: PLC0415
 
-  assert "autoencoder" not in flags.FLAGS and latents.Codec
+  assert "autoencoder" not in flags.FLAGS and latents.encode_dataset

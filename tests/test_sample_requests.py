@@ -10,7 +10,7 @@ import pytest
 from absl import flags
 
 from tests import configs
-from vdit import checkpointing, sample
+from vdit import checkpointing, sample, sampling
 
 
 def _request(tmp_path, *args):
@@ -96,24 +96,24 @@ def test_images_that_are_not_rgb_are_refused(tmp_path):
 def test_workdirs_that_cannot_be_sampled(tmp_path):
   (tmp_path / "file").write_text("x")
   with pytest.raises(checkpointing.NoCheckpointError, match=r"file' is a file, not a vdit workdir"):
-    sample.load(str(tmp_path / "file"))
+    sampling.load(str(tmp_path / "file"))
   (tmp_path / "garbage").mkdir()
   (tmp_path / "garbage" / "config.json").write_text("{not json")
   with pytest.raises(checkpointing.NoCheckpointError, match=r"config.json is damaged"):
-    sample.load(str(tmp_path / "garbage"))
+    sampling.load(str(tmp_path / "garbage"))
   (tmp_path / "vit").mkdir()
   (tmp_path / "vit" / "config.json").write_text(json.dumps({"task": "classification"}))
-  with pytest.raises(sample.InputError, match=r"task='classification' run; vdit.sample"):
-    sample.load(str(tmp_path / "vit"))
+  with pytest.raises(sampling.InputError, match=r"task='classification' run; vdit.sample"):
+    sampling.load(str(tmp_path / "vit"))
 
 
 def test_sampling_memory_is_estimated_before_allocating(monkeypatch):
-  sampler = sample.Sampler(config=configs.load("tiny"), params=None)
+  sampler = sampling.Sampler(config=configs.load("tiny"), params=None)
   small, large = sampler.memory_estimate(2, 4096), sampler.memory_estimate(2, 8192)
   assert 3.5 * small < large < 4 * small  # dense attention: quadratic in the tokens
-  monkeypatch.setattr(sample, "_available_bytes", lambda: 4 * 2**30)
+  monkeypatch.setattr(sampling, "_available_bytes", lambda: 4 * 2**30)
   sampler.check_memory(2, 384)  # the demo's size fits in 4 GiB
-  with pytest.raises(sample.InputError, match=r"33,554,432 tokens need about .* GiB .* at most"):
+  with pytest.raises(sampling.InputError, match=r"33,554,432 tokens need about .* GiB .* at most"):
     sampler.check_memory(2, 64 // 2 * 4096 // 4 * 4096 // 4)
   fits = int(
     re.search(r"at most ([\d,]+) tokens", _message(sampler, 10**6)).group(1).replace(",", "")
@@ -122,13 +122,13 @@ def test_sampling_memory_is_estimated_before_allocating(monkeypatch):
 
 
 def _message(sampler, length):
-  with pytest.raises(sample.InputError) as e:
+  with pytest.raises(sampling.InputError) as e:
     sampler.check_memory(2, length)
   return str(e.value)
 
 
 def test_media_modes_keep_the_given_size():
-  sampler = sample.Sampler(config=configs.load("tiny"), params=None)
+  sampler = sampling.Sampler(config=configs.load("tiny"), params=None)
   clip = np.zeros((4, 22, 37, 3), np.uint8)
   assert sampler._size({}, like=clip)[:2] == (20, 36)  # noqa: SLF001 (whole 4-px patches)
   assert sampler._size({"height": 16}, like=clip)[:2] == (16, 36)  # noqa: SLF001

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests import configs
-from vdit import config_checks, models, sample, train
+from vdit import config_checks, models, sampling, train
 from vdit.data import captions, pipeline, tokenizer, transforms
 from vdit.models.text import TextEncoder
 from vdit.tools import captions as captions_tool
@@ -93,7 +93,7 @@ def test_embedding_run_trains_samples_and_is_checked(data_dir, tmp_path):
   workdir = str(tmp_path / "student")
   train.train_and_evaluate(c, workdir)
   assert os.path.exists(os.path.join(workdir, "samples", "2", "a_purple_zorblax.gif"))
-  sampler = sample.load(workdir)
+  sampler = sampling.load(workdir)
   assert isinstance(sampler.tokenizer, captions.CaptionEmbeddings)
   videos = sampler.generate(["a blue square"], num_frames=2, height=8, width=8, steps=2)
   assert videos.shape == (1, 2, 8, 8, 3)

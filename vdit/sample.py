@@ -1,44 +1,26 @@
-r"""Generating videos from a trained checkpoint: CLI and library API, every mode of one model.
+r"""Generating videos from a trained checkpoint: the command line of `vdit.sampling`.
 
   python -m vdit.sample --workdir=runs/shapes --prompt="a red circle moving right" \
       --num_frames=8 --height=32 --width=48 --out=x.gif
   python -m vdit.sample --workdir=runs/shapes --mode=i2v --image=first.png --prompt=... --out=x.mp4
 
 Modes: t2v, t2i, i2v, extend, interpolate, edit (SDEdit), loop — docs/sampling.md shows each.
-Any size that is a multiple of the patch size works (the model sees packed spacetime patches
-with their positions, not a fixed grid). Given frames are trained conditioning
-(`vdit.diffusion.conditioning`) and come out unchanged; inputs of another size are cropped and
-resized with a warning (`vdit.diffusion.given_frames`); impossible requests raise `InputError`.
-Library: `load(workdir)` → `Sampler`, with `generate` (text-to-video) and one method per mode.
-
-Latent space: with `config.autoencoder` (the workdir of a trained VAE) the model denoises
-normalised latents and the sampler decodes them to pixels (`vdit.tools.latents.Codec`); sizes
-(--num_frames/--height/--width, `config.sample`) are then in latent units (T', H', W') and a
-video of T' latent frames decodes to 1 + ft·(T' − 1) frames of fs·H' × fs·W' pixels. Given
-frames (i2v, extend, interpolate, edit, loop) are pixels, resized to fs·H' × fs·W' and encoded
-with the VAE first (`Sampler._frames`); a clip given at the end is encoded on its own, so its
-first latent frame summarises one frame, not ft (an approximation the forward modes avoid).
+Any size that is a multiple of the patch size works; impossible requests fail with one line
+naming the bad flag before any compute (`InputError`). In latent space (`config.autoencoder`)
+sizes are in latent units and the videos are decoded to pixels (`vdit.sampling`); `.npz`
+outputs keep the latents too.
 """
 
-import dataclasses
 import math
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
 
-import jax
-import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from vdit import checkpointing, media, models, tasks
-from vdit.data import captions, patchify, tokenizer
-from vdit.diffusion import given_frames, objectives
-from vdit.diffusion.given_frames import InputError, fit_size, patch_frames
-from vdit.tasks import restore
+from vdit import checkpointing, media, sampling
+from vdit.diffusion.given_frames import InputError
 
-CHANNELS = models.CHANNELS
 MODES = {  # --mode: (Sampler method, required inputs, optional inputs)
   "t2v": ("generate", (), ()),
   "t2i": ("text_to_image", (), ()),
@@ -50,360 +32,11 @@ MODES = {  # --mode: (Sampler method, required inputs, optional inputs)
 }
 
 
-def prompt_rows(
-  prompts: Sequence[str],
-  grid: tuple,
-  tok: tokenizer.Tokenizer | captions.CaptionEmbeddings,
-  max_tokens: int,
-  labels=None,
-) -> dict[str, np.ndarray]:
-  """One row per prompt holding one video of `grid` patches; captions tokenized (or embedded,
-  with a caption-embedding table) and padded; `labels` (one per prompt) or −1 (null)."""
-  n, length = len(prompts), int(np.prod(grid))
-  text = np.zeros((n, max_tokens), np.int32)
-  text_seg = np.zeros((n, max_tokens), np.int32)
-  embedded = isinstance(tok, captions.CaptionEmbeddings)
-  extra = {"text_embeddings": np.zeros((n, max_tokens, tok.dim), np.float32)} if embedded else {}
-  for i, prompt in enumerate(prompts):
-    if embedded:
-      ids, emb = tok(prompt)
-      extra["text_embeddings"][i, : len(ids)] = emb
-    else:
-      ids = tok.encode(prompt, max_tokens)
-    text[i, : len(ids)] = ids
-    text_seg[i, : len(ids)] = 1
-  return extra | {
-    "positions": np.broadcast_to(patchify.grid_positions(grid), (n, length, 3)).copy(),
-    "segment_ids": np.ones((n, length), np.int32),
-    "shapes": np.broadcast_to(np.asarray(grid, np.int32), (n, 1, 3)).copy(),
-    "text_tokens": text,
-    "text_segment_ids": text_seg,
-    "labels": np.asarray([-1] * n if labels is None else labels, np.int32).reshape(n, 1),
-  }
-
-
-# ---------------------------------------------------------------------------------------------
-# The sampler.
-# ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Sampler:
-  """A model, its (EMA) params and its config; generates videos of any valid size.
-
-  Every mode takes `prompts` (N) and returns uint8 videos [N, T, H, W, 3]. `**options` are
-  `height`, `width` (default: the config's `sample` size) and the sampling options of
-  `generate`: steps, guidance, seed, sampler, guidance_interval, labels.
-  """
-
-  config: ml_collections.ConfigDict
-  params: Any
-  model: Any = None
-  codec: Any = None  # latents → pixels (`vdit.tools.latents.Codec`); None: config.autoencoder
-
-  def __post_init__(self):
-    self.model = self.model or models.build(self.config)
-    self.channels = models.channels(self.config)
-    if self.codec is None and self.config.get("autoencoder"):
-      from vdit.tools import latents  # noqa: PLC0415 (the VAE's checkpoint, only when used)
-
-      self.codec = latents.load(self.config.autoencoder)
-    self.last_latents = None  # latent space: the latents [N, T', H', W', Z] of the last call
-    self.patch_size = tuple(self.config.input.patch_size)
-    self.pt = self.patch_size[0]
-    inp = self.config.input
-    if inp.get("text_embeddings"):  # precomputed caption embeddings; new prompts via the embedder
-      self.tokenizer = captions.CaptionEmbeddings(
-        inp.text_embeddings, inp.max_caption_tokens, allow_new=True
-      )
-    else:
-      self.tokenizer = tokenizer.Tokenizer(inp.vocab_size)
-    self.spec = objectives.Spec.from_config(self.config.diffusion)
-
-  def grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-    try:
-      patchify.check_divisible(num_frames, height, width, self.patch_size)
-    except ValueError as e:
-      raise InputError(str(e)) from None
-    return tuple(n // p for n, p in zip((num_frames, height, width), self.patch_size))
-
-  def pixel_size(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-    """The (T, H, W) in pixels of a video sampled at this size (in latent units in latent space:
-    T' latent frames decode to 1 + ft·(T' − 1) frames of fs·H' × fs·W')."""
-    if self.codec is None:
-      return num_frames, height, width
-    ft, fs, _ = self.codec.compression
-    return 1 + ft * (num_frames - 1), fs * height, fs * width
-
-  def generate(
-    self,
-    prompts: Sequence[str],
-    *,
-    num_frames: int,
-    height: int | None = None,
-    width: int | None = None,
-    steps: int = 32,
-    guidance: float = 3.0,
-    seed: int = 0,
-    sampler: str | None = None,
-    guidance_interval: tuple[float, float] | None = None,
-    labels: Sequence[int] | None = None,
-  ) -> np.ndarray:
-    """Text-to-video: uint8 [N, T, H, W, 3] for N prompts. `sampler` and `guidance_interval`
-    (guide only for noise levels lo ≤ t ≤ hi) default to the config's `diffusion` ones; an
-    unset `height`/`width` is the config's `sample` size."""
-    options = dict(steps=steps, guidance=guidance, seed=seed, sampler=sampler, labels=labels)
-    height, width, _ = self._size(dict(height=height, width=width))
-    grid = self.grid(num_frames, height, width)
-    return self._run(prompts, grid, guidance_interval=guidance_interval, **options)
-
-  def text_to_image(self, prompts, **options) -> np.ndarray:
-    """Images as 1-frame videos [N, 1, H, W, 3]: one patch-frame, its first frame kept."""
-    h, w, options = self._size(options)
-    return self._run(prompts, self.grid(self.pt, h, w), **options)[:, :1]
-
-  def image_to_video(self, prompts, image, *, num_frames=None, **options) -> np.ndarray:
-    """The image [H, W, 3] (or the first frame of [F, H, W, 3]) fills the first patch-frame,
-    repeated pt times (a still, as trained); `num_frames` (default: the config's) in all."""
-    h, w, options = self._size(options, like=image)
-    frames = np.asarray(image)
-    if frames.ndim == 4 and frames.shape[0] > 1:
-      logging.warning("image: %d frames given, using the first", frames.shape[0])
-    still = self._frames(frames[:1] if frames.ndim == 4 else frames, h, w, "image", "first")
-    return self._given(prompts, num_frames or self.config.sample.num_frames, [still], [], options)
-
-  def extend(self, prompts, video, *, direction="forward", num_frames=None, **options):
-    """`num_frames` in all (default: the clip's + the config's) with the clip at the start
-    (forward: generate what follows) or at the end (backward: what came before)."""
-    if direction not in ("forward", "backward"):
-      raise InputError(f"direction={direction!r} must be 'forward' or 'backward'")
-    h, w, options = self._size(options, like=video)
-    keep = "last" if direction == "forward" else "first"
-    clip = self._frames(video, h, w, "video", keep)
-    num_frames = num_frames or len(clip) + self.config.sample.num_frames
-    head, tail = ([clip], []) if direction == "forward" else ([], [clip])
-    return self._given(prompts, num_frames, head, tail, options)
-
-  def interpolate(self, prompts, video, video2, *, num_frames=None, **options) -> np.ndarray:
-    """Connects two clips: `video` at the start, `video2` at the end, `num_frames` in all
-    (default: both clips + the config's), the frames between generated."""
-    h, w, options = self._size(options, like=video)
-    a = self._frames(video, h, w, "video", "last")
-    b = self._frames(video2, h, w, "video2", "first")
-    num_frames = num_frames or len(a) + len(b) + self.config.sample.num_frames
-    return self._given(prompts, num_frames, [a], [b], options)
-
-  def edit(self, prompts, video, *, strength=0.6, num_frames=None, **options) -> np.ndarray:
-    """SDEdit (Meng et al. 2022, Sec. 3.2): noise the video to `strength` ∈ (0, 1] of the
-    schedule, denoise it with the new prompts. Keeps the first `num_frames` frames (default:
-    all, in whole patch-frames)."""
-    h, w, options = self._size(options, like=video)
-    clip = self._frames(video, h, w, "video", "first")
-    num_frames = num_frames or len(clip)
-    if num_frames > len(clip):
-      raise InputError(f"num_frames={num_frames} exceeds the video's {len(clip)} frames")
-    grid = self.grid(num_frames, h, w)
-    return self._run(prompts, grid, init=clip[None, :num_frames], strength=strength, **options)
-
-  def loop(self, prompts, *, image=None, num_frames=None, **options) -> np.ndarray:
-    """A seamless loop of `num_frames` frames: frame `num_frames` would be frame 0 again.
-
-    Interpolation from a keyframe back to itself (a trained task): a clip of num_frames + pt
-    frames whose first and last patch-frames are the keyframe — `image`, or else a
-    text-to-image sample of each prompt — is generated; its first num_frames are returned.
-    """
-    h, w, options = self._size(options, like=image)
-    num_frames = num_frames or self.config.sample.num_frames
-    if image is None:
-      images = self.text_to_image(prompts, height=h, width=w, **options)  # uint8 [N, 1, H, W, 3]
-      key = np.stack([self._frames(im, h, w, "image", "first")[:1] for im in images])
-    else:
-      key = self._frames(np.asarray(image)[:1] if np.ndim(image) == 4 else image, h, w, "image")
-      key = key[:1]
-    key = np.repeat(key, self.pt, axis=-4)  # [(N,) pt, H, W, C]
-    return self._given(prompts, num_frames + self.pt, [key], [key], options)[:, :num_frames]
-
-  def memory_estimate(self, rows: int, length: int) -> int:
-    """Bytes a sampling step of `rows` rows of `length` tokens needs at its peak, roughly: the
-    attention logits and probabilities of one block ([rows, heads, L, L] float32 each with
-    the dense `xla` backend; the kernels keep O(L)), one block's live activations, and the
-    sampler's per-token arrays (noise, given frames, state, velocities, neighbour windows)."""
-    m = self.config.model
-    patch_dim = int(np.prod(self.patch_size)) * self.channels
-    window = int(np.prod(m.get("patch_context", ()) or (1,)))
-    per_token = 4 * (m.width * (6 + 2 * m.mlp_ratio) + patch_dim * (8 + window))
-    attention = 8 * m.num_heads * length if m.attention_backend == "xla" else 0
-    return rows * length * (per_token + attention)
-
-  def check_memory(self, rows: int, length: int) -> None:
-    """InputError, before any allocation, if `memory_estimate` exceeds the memory available
-    (the device's free memory, or the host's MemAvailable on CPU), naming the largest token
-    count that fits."""
-    available = _available_bytes()
-    need = self.memory_estimate(rows, length)
-    if available is None or need <= available:
-      return
-    fits = 1
-    while self.memory_estimate(rows, fits * 2) <= available:
-      fits *= 2
-    lo, hi = fits, fits * 2  # the largest length that fits lies in [lo, hi)
-    while hi - lo > 1:
-      mid = (lo + hi) // 2
-      lo, hi = (mid, hi) if self.memory_estimate(rows, mid) <= available else (lo, mid)
-    pt, ph, pw = self.patch_size
-    raise InputError(
-      f"{rows // 2} video(s) of {length:,} tokens need about {need / 2**30:,.1f} GiB to sample "
-      f"and {available / 2**30:,.1f} GiB are free; at most {lo:,} tokens per video fit "
-      f"(tokens = frames/{pt} × height/{ph} × width/{pw}; e.g. fewer frames, a smaller size, "
-      "or fewer prompts at once)"
-    )
-
-  def _frames(self, frames, h: int, w: int, name: str, keep: str = "first") -> np.ndarray:
-    """Given uint8 frames [F, H, W, 3] (or an image) in the model's space, whole patch-frames:
-    resized to h × w pixels, or in latent space resized to fs·h × fs·w, cut to 1 + ft·k frames
-    (`keep` says which survive) and encoded to [1 + k, h, w, Z] (the first latent frame
-    summarises frame 0 alone, so an image is one latent frame, as the VAE was trained)."""
-    if self.codec is None:
-      return patch_frames(fit_size(frames, h, w, name), self.pt, keep, name)
-    ft, fs, _ = self.codec.compression
-    pixels = fit_size(frames, h * fs, w * fs, name)
-    usable = 1 + (len(pixels) - 1) // ft * ft
-    if usable < len(pixels):
-      logging.warning(
-        "%s: %d frames cut to %d (1 + %d·k for the VAE)", name, len(pixels), usable, ft
-      )
-      pixels = pixels[-usable:] if keep == "last" else pixels[:usable]
-    return patch_frames(self.codec.encode(pixels[None])[0], self.pt, keep, name)
-
-  def _size(self, options: dict, like=None) -> tuple[int, int, dict]:
-    """(height, width, the other options): the requested size, else that of `like` (the given
-    image or video, [..., H, W, 3]) in whole patches (in latent units in latent space), else
-    the config's sample size."""
-    s = self.config.sample
-    options = dict(options)
-    h, w = options.pop("height", None), options.pop("width", None)
-    if like is not None:
-      fs = self.codec.compression[1] if self.codec is not None else 1
-      (ph, pw), (H, W) = self.patch_size[1:], np.shape(like)[-3:-1]
-      h, w = h or H // fs // ph * ph or None, w or W // fs // pw * pw or None
-    return h or s.height, w or s.width, options
-
-  def _given(self, prompts, num_frames, head, tail, options) -> np.ndarray:
-    given = given_frames.place(head, tail, num_frames, self.pt)
-    grid = self.grid(num_frames, *given.video.shape[2:4])
-    return self._run(prompts, grid, given=given, **options)
-
-  def _run(
-    self,
-    prompts: Sequence[str],
-    grid: tuple[int, int, int],
-    *,
-    given: given_frames.Given | None = None,
-    init: np.ndarray | None = None,
-    strength: float = 1.0,
-    steps: int = 32,
-    guidance: float = 3.0,
-    seed: int = 0,
-    sampler: str | None = None,
-    guidance_interval: tuple[float, float] | None = None,
-    labels: Sequence[int] | None = None,
-  ) -> np.ndarray:
-    """Denoises one row per prompt (plus its null row for guidance) → uint8 videos."""
-    prompts, sampler = list(prompts), sampler or self.spec.default_sampler
-    interval = tuple(float(x) for x in (guidance_interval or self.spec.guidance_interval))
-    try:
-      self.spec.check_request(steps, strength, sampler, interval)
-    except ValueError as e:
-      raise InputError(str(e)) from None
-    if labels is not None and len(labels) != len(prompts):
-      raise InputError(f"{len(labels)} labels for {len(prompts)} prompts; expected one each")
-    n, max_tokens = len(prompts), self.config.input.max_caption_tokens
-    self.check_memory(2 * n, int(np.prod(grid)))  # prompt and null rows
-    cond = prompt_rows(prompts, grid, self.tokenizer, max_tokens, labels)
-    null = prompt_rows([""] * n, grid, self.tokenizer, max_tokens)
-    rows = {k: np.concatenate([cond[k], null[k]]) for k in cond}
-    length, patch_dim = int(np.prod(grid)), int(np.prod(self.patch_size)) * self.channels
-    rng, noise_rng = jax.random.split(jax.random.PRNGKey(seed))
-    noise = jax.random.normal(noise_rng, (n, length, patch_dim))
-    x_cond, cond_mask = np.zeros((n, length, patch_dim), np.float32), np.zeros((n, length), bool)
-    if given is not None:
-      x_cond[:], cond_mask[:] = given.tokens(grid, self.patch_size)
-    x_init = x_cond * 0 + (0 if init is None else patchify.patchify(init, self.patch_size)[0])
-    x0 = objectives.sample_rows(
-      *(self.model, self.params, rows, noise, x_cond, cond_mask, x_init, rng),
-      float(guidance),
-      interval,
-      spec=self.spec,
-      steps=steps,
-      sampler=sampler,
-      strength=float(strength),
-    )
-    x0 = np.asarray(jax.device_get(x0))
-    videos = patchify.unpatchify(x0, grid, self.patch_size, self.channels)
-    if self.codec is not None:
-      self.last_latents = videos
-      videos = np.clip(self.codec.decode(videos), -1.0, 1.0)
-    return media.to_uint8(videos)
-
-
-def _available_bytes() -> int | None:
-  """Free memory of the first device (accelerators report it), else the host's MemAvailable."""
-  stats = jax.devices()[0].memory_stats() or {}
-  if "bytes_limit" in stats:
-    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-  try:
-    with open("/proc/meminfo") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading from a workdir.
-# ---------------------------------------------------------------------------------------------
-def load(workdir: str, step: int | None = None) -> Sampler:
-  """The EMA params of the latest (or given) checkpoint in `workdir`, replicated locally."""
-  config = checkpointing.read_config(workdir)
-  if tasks.name_of(config) != "video_diffusion":
-    raise InputError(
-      f"{workdir!r} holds a task={tasks.name_of(config)!r} run; vdit.sample generates from "
-      "video_diffusion runs (configs/vdit/*.py)"
-    )
-  config, step, params = restore.ema_params(workdir, step, config)
-  logging.info("loaded step %d from %s", step, workdir)
-  return Sampler(config=config, params=params, model=tasks.get(config).build_model(config))
-
-
-def write_config_samples(
-  config: ml_collections.ConfigDict, params: Any, workdir: str, step: int
-) -> list[str]:
-  """Writes the config's sample prompts as GIF and MP4 into workdir/samples/<step>/."""
-  s = config.sample
-  options = {k: s[k] for k in ("num_frames", "height", "width", "steps", "guidance", "seed")}
-  sampler = Sampler(config=config, params=params)
-  videos = sampler.generate(list(s.prompts), **options)
-  out_dir = os.path.join(workdir, "samples", str(step))
-  paths = []
-  for i, (prompt, video) in enumerate(zip(s.prompts, videos)):
-    name = "_".join(prompt.split())[:60]
-    for ext in (".gif", ".mp4"):
-      path = os.path.join(out_dir, name + ext)
-      media.write_video(path, video, scale=s.display_scale)
-      paths.append(path)
-    if sampler.last_latents is not None:  # latent space: the latents too, as NPZ
-      path = os.path.join(out_dir, name + ".npz")
-      latents = {"latents": sampler.last_latents[i]}
-      media.write_video(path, video, metadata=dict(prompt=prompt), extra_arrays=latents)
-      paths.append(path)
-  return paths
-
-
 # ---------------------------------------------------------------------------------------------
 # CLI.
 # ---------------------------------------------------------------------------------------------
 def _define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """CLI flags; defined only when run as a program (train.py imports this module)."""
+  """CLI flags; defined only when run as a program (tests import this module)."""
   fv = dict(flag_values=flag_values)
   flags.DEFINE_string("workdir", None, "Training workdir with checkpoints.", **fv)
   flags.DEFINE_enum("mode", "t2v", tuple(MODES), "What to generate (docs/sampling.md).", **fv)
@@ -481,7 +114,9 @@ def _request(f) -> tuple[list[str], dict]:
   return prompts, inputs
 
 
-def _generate(sampler: Sampler, f, prompts: list[str], inputs: dict) -> tuple[np.ndarray, dict]:
+def _generate(
+  sampler: sampling.Sampler, f, prompts: list[str], inputs: dict
+) -> tuple[np.ndarray, dict]:
   """The mode's videos and the options used (defaults resolved)."""
   s = sampler.config.sample
   if f.label is not None and not sampler.config.model.get("num_classes", 0):
@@ -524,7 +159,7 @@ def main(argv):
   f = flags.FLAGS
   try:
     prompts, inputs = _request(f)
-    sampler = load(f.workdir, f.step)
+    sampler = sampling.load(f.workdir, f.step)
     videos, used = _generate(sampler, f, prompts, inputs)
   except (InputError, checkpointing.NoCheckpointError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")

@@ -45,7 +45,7 @@ def evaluate(
   are reported as `{T}x{H}x{W}_{score}`. `dataset_config` (default: the run's
   `input.dataset_config`) picks the candidate words. The videos of each size are written as
   one grid GIF, `workdir/samples/<step>/adherence_{T}x{H}x{W}.gif` (prompt order, row-major)."""
-  from vdit import sample  # noqa: PLC0415
+  from vdit import sampling  # noqa: PLC0415
 
   if dataset_config is None and config.input.dataset != "shapes":
     raise NotApplicable(
@@ -54,7 +54,7 @@ def evaluate(
     )
   vocab = shapes_scorer.Vocabulary.of_dataset(dataset_config or config.input.dataset_config)
   prompts = prompts_for(vocab, num_prompts, seed)
-  sampler = sample.Sampler(config=config, params=params)
+  sampler = sampling.Sampler(config=config, params=params)
   all_videos, out = [], {}
   for t, h, w in [tuple(int(x) for x in s) for s in (sizes or (size,))]:
     videos = []

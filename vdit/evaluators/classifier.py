@@ -129,13 +129,13 @@ def digits(
 ) -> dict:
   """Generates `videos_per_digit` videos of each digit 0-9 at `size` and classifies them."""
   del workdir, step
-  from vdit import sample  # noqa: PLC0415
+  from vdit import sampling  # noqa: PLC0415
 
   clf = load(classifier_workdir, classifier_step)
   labels = [d for d in range(10) for _ in range(videos_per_digit)]
   prompts = [f"a handwritten {d} moving {DIRECTIONS[i % 4]}" for i, d in enumerate(labels)]
   t, h, w = (int(s) for s in size)
-  videos = sample.Sampler(config=config, params=params).generate(
+  videos = sampling.Sampler(config=config, params=params).generate(
     prompts, num_frames=t, height=h, width=w, steps=steps, guidance=guidance, seed=seed
   )
   return digit_accuracy(clf, videos, np.asarray(labels))

@@ -158,12 +158,12 @@ def evaluate(
 ) -> dict:
   """FD between `num_videos` validation videos and videos generated from their captions."""
   del workdir, step
-  from vdit import sample  # noqa: PLC0415
+  from vdit import sampling  # noqa: PLC0415
 
   if extractor not in EXTRACTORS:
     raise ValueError(f"extractor={extractor!r} is unknown; expected one of {sorted(EXTRACTORS)}")
   features_of = EXTRACTORS[extractor](**extractor_options)
-  sampler = sample.Sampler(config=config, params=params)
+  sampler = sampling.Sampler(config=config, params=params)
   t, h, w = (int(s) for s in size)  # the model's units (latent units in latent space)
   pixels = sampler.pixel_size(t, h, w)
   real, captions = real_videos(config, num_videos, pixels, dataset, dataset_config)

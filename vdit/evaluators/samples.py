@@ -34,9 +34,9 @@ def evaluate(
   name: str = "samples",
 ) -> dict:
   """`sizes`: (num_frames, height, width) triples, multiples of the patch size."""
-  from vdit import sample  # noqa: PLC0415 (sampling imports the whole model stack)
+  from vdit import sampling  # noqa: PLC0415 (sampling imports the whole model stack)
 
-  sampler = sample.Sampler(config=config, params=params)
+  sampler = sampling.Sampler(config=config, params=params)
   out_dir = os.path.join(workdir, "eval_samples", str(step))
   files, images, videos = [], {}, {}
   for num_frames, height, width in sizes:

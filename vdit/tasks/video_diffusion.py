@@ -57,8 +57,8 @@ class VideoDiffusion(base.Task):
     """Sample videos for `config.sample.prompts` (GIF + MP4 under workdir/samples/<step>/)."""
     if not config.sample.prompts or jax.process_index() != 0:
       return {}
-    from vdit import sample  # noqa: PLC0415 (sampling only at the end)
+    from vdit import sampling  # noqa: PLC0415 (sampling only at the end)
 
-    paths = sample.write_config_samples(config, params, workdir, step)
+    paths = sampling.write_config_samples(config, params, workdir, step)
     print("samples written:\n  " + "\n  ".join(paths), flush=True)
     return {"files": paths}

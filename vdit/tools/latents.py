@@ -1,12 +1,10 @@
-r"""Latents of a trained autoencoder: load it from its workdir; encode a dataset once.
+r"""Latents of a trained autoencoder: encode a dataset once.
 
   python -m vdit.tools.latents --autoencoder=runs/vae --dataset=shapes --dataset_config=tiny \
       --split=train --out=runs/vae/latents/shapes_train [--max_examples=100] [--chunk=4 --tile=256]
 
-`load(workdir)` gives a `Codec`: the EMA params of the run's latest checkpoint, its model and
-the `LatentStats` its evaluation stored (workdir/latent_stats.json). `Codec.encode` maps video
-[B, T, H, W, 3] in [-1, 1] to *normalised* latents (posterior mean, (z − shift)/scale) and
-`Codec.decode` inverts it; `Codec.identity()` is pixel space. `encode_dataset` writes
+The autoencoder is loaded as a `vdit.latent_codec.Codec` (`Codec.encode`: video [B, T, H, W, 3]
+in [-1, 1] → *normalised* latents). `encode_dataset` writes
 `latents.array_record` (one msgpack record per example: `index` in the source, `label`,
 `caption`, `latents` float32 [T', H', W', Z]; `vdit.datasets.records`) and `meta.json` (channels,
 compression, the autoencoder, counts per latent shape, skipped examples). Each example is cut to
@@ -15,69 +13,16 @@ size (see `encode_dataset` for why grouping, not padding).
 """
 
 import collections
-import dataclasses
 import json
 import os
 import time
-from typing import Any
 
-import jax
 import numpy as np
 from absl import app, flags, logging
 
-from vdit import checkpointing, datasets, media, tasks
+from vdit import datasets, latent_codec, media
 from vdit.datasets import records
-from vdit.models import autoencoder as ae
 from vdit.models import tiling
-from vdit.tasks import autoencoder as ae_task
-from vdit.tasks import restore
-
-
-@dataclasses.dataclass
-class Codec:
-  model: Any  # VideoAutoencoder or IdentityAutoencoder
-  variables: Any  # {"params": ...} (None for the identity)
-  stats: ae.LatentStats
-  workdir: str | None = None  # the autoencoder run (None: pixel space)
-
-  @classmethod
-  def identity(cls) -> "Codec":
-    return cls(ae.IdentityAutoencoder(), None, ae.LatentStats.identity(3))
-
-  @property
-  def compression(self) -> tuple[int, int, int]:
-    return tuple(self.model.compression)
-
-  @property
-  def channels(self) -> int:
-    return int(self.model.latent_channels)
-
-  def encode(self, video, **tiling_kwargs) -> np.ndarray:
-    """Normalised latents [B, T', H', W', Z] of video [B, T, H, W, 3] (`tiling.encode` kwargs:
-    chunk, tile, overlap)."""
-    if self.variables is None:
-      return np.asarray(video, np.float32)
-    mean, _ = tiling.encode(self.model, self.variables, video, **tiling_kwargs)
-    return np.asarray(self.stats.normalize(mean), np.float32)
-
-  def decode(self, z, **tiling_kwargs) -> np.ndarray:
-    """Video [B, T, H, W, 3] of normalised latents (the inverse of `encode`'s normalisation)."""
-    if self.variables is None:
-      return np.asarray(z, np.float32)
-    raw = self.stats.denormalize(np.asarray(z, np.float32))
-    return tiling.decode(self.model, self.variables, raw, **tiling_kwargs)
-
-
-def load(workdir: str, step: int | None = None) -> Codec:
-  """The autoencoder trained in `workdir` (EMA params, latest or given checkpoint) and its
-  latent statistics."""
-  config = checkpointing.read_config(workdir)
-  if tasks.name_of(config) != "autoencoder":
-    raise ValueError(f"{workdir} holds a {tasks.name_of(config)!r} run, not an autoencoder")
-  _, _, params = restore.ema_params(workdir, step, config)
-  params = jax.device_get(params)
-  model = tasks.get(config).build_model(config)
-  return Codec(model, {"params": params}, ae_task.load_stats(workdir), workdir=workdir)
 
 
 def fit_to_compression(video: np.ndarray, compression) -> np.ndarray:
@@ -99,7 +44,7 @@ def time_bucket(latent_frames: int) -> int:
 
 
 def encode_dataset(
-  codec: Codec,
+  codec: latent_codec.Codec,
   dataset: str,
   split: str,
   out: str,
@@ -213,8 +158,7 @@ class _Progress:
 
 
 def _define_flags() -> None:
-  """CLI flags; defined only when run as a program (`vdit.sample` imports this module and has
-  its own --out)."""
+  """CLI flags; defined only when run as a program (tests import this module)."""
   flags.DEFINE_string("autoencoder", None, "workdir of an autoencoder run", required=True)
   flags.DEFINE_string("dataset", "shapes", "dataset name (vdit.datasets.SOURCES)")
   flags.DEFINE_string("dataset_config", "tiny", "dataset config")
@@ -230,7 +174,7 @@ def _define_flags() -> None:
 def main(argv):
   del argv
   f = flags.FLAGS
-  codec = load(f.autoencoder)
+  codec = latent_codec.load(f.autoencoder)
   tile = (f.tile, f.tile) if f.tile else None
   meta = encode_dataset(
     codec, f.dataset, f.split, f.out, dataset_config=f.dataset_config,

@@ -18,7 +18,7 @@ BENCHMARKS: dict[str, str] = {
   "attention": "vdit.tools.bench.attention:run",  # splash block-sparse fraction vs ideal
   "autoencoder": "vdit.tools.bench.autoencoder:run",  # VAE throughput/memory, whole vs tiled
   "train_step": "vdit.tools.bench.train_step:run",  # tiny step tokens/s, FLOP/s vs matmul peak
-  "sampling": "vdit.tools.bench.sampling:run",  # seconds per video vs steps and vs size
+  "sampling": "vdit.tools.bench.sampling_speed:run",  # seconds per video vs steps and vs size
   "memory_mesh": "vdit.tools.bench.memory_mesh:run",  # compiled step memory per device vs mesh
 }
 

@@ -4,7 +4,7 @@
 
 The model is configs/vdit/shapes.py:tiny (D=128, 4 blocks, 2.1 M parameters) with *random*
 parameters: the time of a sampling loop does not depend on what the weights are. Each point is
-`vdit.sample.Sampler.generate` of one prompt with classifier-free guidance (2 rows: prompt + null
+`vdit.sampling.Sampler.generate` of one prompt with classifier-free guidance (2 rows: prompt + null
 caption), Euler; the first call (compilation, one per size and step count) is timed apart, then
 the best (and median) of `repeats` calls (fewer once 20 s are spent on a point) — the best is
 the least-disturbed on a shared machine. `vs_steps`: 8×32×48 pixels (384 tokens) at 4..32
@@ -20,21 +20,21 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from vdit import models, sample
+from vdit import models, sampling
 from vdit.tools.bench import loader, plots
 
 STEPS = (4, 8, 16, 32)
 SIZES = ((8, 16, 16), (8, 32, 32), (8, 32, 48), (16, 32, 48), (16, 64, 64), (16, 64, 128))
 
 
-def random_sampler(config: ml_collections.ConfigDict) -> sample.Sampler:
+def random_sampler(config: ml_collections.ConfigDict) -> sampling.Sampler:
   """A sampler of the config's model with freshly initialised (random) parameters."""
   model = models.build(config)
   variables = model.init(jax.random.PRNGKey(config.seed), *models.dummy_inputs(config))
-  return sample.Sampler(config=config, params=nn.unbox(variables["params"]), model=model)
+  return sampling.Sampler(config=config, params=nn.unbox(variables["params"]), model=model)
 
 
-def time_video(sampler: sample.Sampler, size, steps: int, repeats: int) -> dict:
+def time_video(sampler: sampling.Sampler, size, steps: int, repeats: int) -> dict:
   frames, height, width = size
   call = lambda: sampler.generate(
     ["a red circle moving right"], num_frames=frames, height=height, width=width, steps=steps
