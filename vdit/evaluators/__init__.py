@@ -19,6 +19,7 @@ array}, TensorBoard only). Every process calls `run`; only process 0 writes file
 docs/evaluation.md describes each evaluator and its options.
 """
 
+import importlib
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,7 +34,17 @@ from vdit import config_checks
 from vdit.tasks import base as tasks_base
 
 Evaluator = Callable[..., dict[str, Any]]
-EVALUATORS: dict[str, Evaluator] = {}
+# type -> "module:function" of the built-in evaluators, imported by name when used (as
+# big_vision's evaluators are): they import the sampler and models, this registry none of them.
+BUILTINS: dict[str, str] = {
+  "loss": "vdit.evaluators.loss:evaluate",
+  "samples": "vdit.evaluators.samples:evaluate",
+  "adherence": "vdit.evaluators.adherence:evaluate",
+  "digits": "vdit.evaluators.classifier:digits",
+  "frechet": "vdit.evaluators.frechet:evaluate",
+  "top1": "vdit.evaluators.classifier:top1",
+}
+EVALUATORS: dict[str, Evaluator] = {}  # added by `register` (extensions, tests)
 RESERVED = ("type", "every_steps")  # keys of an eval entry that are not evaluator options
 SUMMARY_KEYS = ("images", "videos")  # TensorBoard-only results (not written to JSON)
 
@@ -52,7 +63,7 @@ def failures(results: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 
 def register(name: str) -> Callable[[Evaluator], Evaluator]:
-  """Decorator adding an evaluator type under `name`."""
+  """Decorator adding an evaluator type under `name` (the built-in ones are in `BUILTINS`)."""
 
   def add(fn: Evaluator) -> Evaluator:
     EVALUATORS[name] = fn
@@ -61,16 +72,18 @@ def register(name: str) -> Callable[[Evaluator], Evaluator]:
   return add
 
 
-def _load_builtins() -> None:
-  # Imported lazily: the evaluators import sampling, models and datasets.
-  from vdit.evaluators import adherence, classifier, frechet, loss, samples  # noqa: F401, PLC0415
+def known() -> list[str]:
+  """The evaluator types, sorted."""
+  return sorted(BUILTINS.keys() | EVALUATORS.keys())
 
 
 def get(type_name: str) -> Evaluator:
-  _load_builtins()
-  if type_name not in EVALUATORS:
-    raise ValueError(f"eval type={type_name!r} is unknown; expected one of {sorted(EVALUATORS)}")
-  return EVALUATORS[type_name]
+  if type_name in EVALUATORS:
+    return EVALUATORS[type_name]
+  if type_name not in BUILTINS:
+    raise ValueError(f"eval type={type_name!r} is unknown; expected one of {known()}")
+  module, function = BUILTINS[type_name].split(":")
+  return getattr(importlib.import_module(module), function)
 
 
 def evals_of(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
@@ -82,7 +95,7 @@ def evals_of(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
   for name, entry in evals.items():
     entry = dict(entry)
     if "type" not in entry:
-      raise ValueError(f"evals.{name} has no `type`; expected one of {sorted(EVALUATORS) or '…'}")
+      raise ValueError(f"evals.{name} has no `type`; expected one of {known()}")
     out[name] = entry
   return out
 

@@ -13,8 +13,8 @@ import os
 
 import numpy as np
 
-from vdit import media
-from vdit.evaluators import NotApplicable, register, shapes_scorer
+from vdit import media, sampling
+from vdit.evaluators import NotApplicable, shapes_scorer
 
 
 def prompts_for(vocab: shapes_scorer.Vocabulary, num_prompts: int, seed: int = 0) -> list[str]:
@@ -24,7 +24,6 @@ def prompts_for(vocab: shapes_scorer.Vocabulary, num_prompts: int, seed: int = 0
   return ["a {} {} moving {}".format(*combos[order[i % len(combos)]]) for i in range(num_prompts)]
 
 
-@register("adherence")
 def evaluate(
   config,
   params,
@@ -45,8 +44,6 @@ def evaluate(
   are reported as `{T}x{H}x{W}_{score}`. `dataset_config` (default: the run's
   `input.dataset_config`) picks the candidate words. The videos of each size are written as
   one grid GIF, `workdir/samples/<step>/adherence_{T}x{H}x{W}.gif` (prompt order, row-major)."""
-  from vdit import sampling  # noqa: PLC0415
-
   if dataset_config is None and config.input.dataset != "shapes":
     raise NotApplicable(
       f"it scores `shapes` prompts, and input.dataset={config.input.dataset!r}; set "

@@ -23,9 +23,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from vdit import checkpointing, tasks
+from vdit import checkpointing, sampling, tasks
 from vdit.data import dense, patchify, transforms
-from vdit.evaluators import register
 from vdit.tasks import classification, restore
 
 
@@ -112,7 +111,6 @@ def load(workdir: str, step: int | None = None) -> Classifier:
 DIRECTIONS = ("left", "right", "up", "down")
 
 
-@register("digits")
 def digits(
   config,
   params,
@@ -129,8 +127,6 @@ def digits(
 ) -> dict:
   """Generates `videos_per_digit` videos of each digit 0-9 at `size` and classifies them."""
   del workdir, step
-  from vdit import sampling  # noqa: PLC0415
-
   clf = load(classifier_workdir, classifier_step)
   labels = [d for d in range(10) for _ in range(videos_per_digit)]
   prompts = [f"a handwritten {d} moving {DIRECTIONS[i % 4]}" for i, d in enumerate(labels)]
@@ -153,7 +149,6 @@ def digit_accuracy(clf: Classifier, videos: np.ndarray, labels: np.ndarray) -> d
   }
 
 
-@register("top1")
 def top1(config, params, workdir: str, step: int) -> dict:
   """Validation top-1 and loss of the classifier being trained (`Classification.evaluate`)."""
   return classification.Classification().evaluate(config, params, workdir, step)

@@ -29,7 +29,11 @@ from collections.abc import Callable
 import numpy as np
 from scipy import linalg
 
-from vdit.evaluators import register
+from vdit import datasets, sampling
+from vdit.data import transforms
+from vdit.datasets import latents
+from vdit.evaluators import classifier
+from vdit.evaluators.extractors import i3d, inception
 
 Extractor = Callable[[np.ndarray], np.ndarray]  # uint8 videos [N, T, H, W, 3] -> [N, D]
 EXTRACTORS: dict[str, Callable[..., Extractor]] = {}
@@ -87,21 +91,15 @@ def frechet_of_features(real: np.ndarray, fake: np.ndarray) -> float:
 
 
 def _classifier_extractor(classifier_workdir: str, classifier_step: int | None = None, **_):
-  from vdit.evaluators import classifier  # noqa: PLC0415
-
   clf = classifier.load(classifier_workdir, classifier_step)
   return lambda videos: clf.features(videos).mean(axis=1)  # [N, T', D] → [N, D]
 
 
 def _inception_extractor(**options):
-  from vdit.evaluators.extractors import inception  # noqa: PLC0415
-
   return inception.extractor(**options)  # weights, frames, batch_size
 
 
 def _i3d_extractor(**options):
-  from vdit.evaluators.extractors import i3d  # noqa: PLC0415
-
   return i3d.extractor(**options)  # weights, features, min_frames, batch_size
 
 
@@ -113,10 +111,6 @@ register_extractor("i3d", _i3d_extractor)
 def real_videos(config, num_videos: int, size, dataset: str | None, dataset_config: str | None):
   """(uint8 videos [N, T, H, W, 3] resized to `size` pixels, captions) from the validation
   split. A latent-space run's real videos are the pixel dataset its latents were encoded from."""
-  from vdit import datasets  # noqa: PLC0415
-  from vdit.data import transforms  # noqa: PLC0415
-  from vdit.datasets import latents  # noqa: PLC0415
-
   inp = config.input
   dataset_config = dataset_config or (None if dataset else inp.get("dataset_config"))
   dataset = dataset or inp.dataset
@@ -138,7 +132,6 @@ def real_videos(config, num_videos: int, size, dataset: str | None, dataset_conf
   return np.stack(videos), captions
 
 
-@register("frechet")
 def evaluate(
   config,
   params,
@@ -158,8 +151,6 @@ def evaluate(
 ) -> dict:
   """FD between `num_videos` validation videos and videos generated from their captions."""
   del workdir, step
-  from vdit import sampling  # noqa: PLC0415
-
   if extractor not in EXTRACTORS:
     raise ValueError(f"extractor={extractor!r} is unknown; expected one of {sorted(EXTRACTORS)}")
   features_of = EXTRACTORS[extractor](**extractor_options)

@@ -16,11 +16,9 @@ from jax.experimental import multihost_utils
 
 from vdit import tasks
 from vdit.diffusion import objectives
-from vdit.evaluators import register
 from vdit.tasks import video_diffusion
 
 
-@register("loss")
 def evaluate(
   config,
   params,

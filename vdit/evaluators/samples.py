@@ -11,13 +11,11 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from vdit import media
-from vdit.evaluators import register
+from vdit import media, sampling
 
 DEFAULT_PROMPTS = ("a red circle moving right", "a blue square moving left")
 
 
-@register("samples")
 def evaluate(
   config,
   params,
@@ -34,8 +32,6 @@ def evaluate(
   name: str = "samples",
 ) -> dict:
   """`sizes`: (num_frames, height, width) triples, multiples of the patch size."""
-  from vdit import sampling  # noqa: PLC0415 (sampling imports the whole model stack)
-
   sampler = sampling.Sampler(config=config, params=params)
   out_dir = os.path.join(workdir, "eval_samples", str(step))
   files, images, videos = [], {}, {}

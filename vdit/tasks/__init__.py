@@ -10,19 +10,19 @@ Everything else — mesh, sharding, optimizer, EMA, checkpoints, preemption, log
   autoencoder       the causal video VAE (latent space) on fixed-size clips
 """
 
+import importlib
+
 import ml_collections
 
-from vdit.tasks.autoencoder import AutoencoderTask
 from vdit.tasks.base import Task
-from vdit.tasks.classification import Classification
-from vdit.tasks.image_diffusion import ImageDiffusion
-from vdit.tasks.video_diffusion import VideoDiffusion
 
-TASKS: dict[str, type[Task]] = {
-  "video_diffusion": VideoDiffusion,
-  "image_diffusion": ImageDiffusion,
-  "classification": Classification,
-  "autoencoder": AutoencoderTask,
+# name -> (module, class), imported by name when used: the task modules import the sampler,
+# which restores runs through this registry (big_vision looks its modules up the same way).
+TASKS: dict[str, tuple[str, str] | type[Task]] = {
+  "video_diffusion": ("vdit.tasks.video_diffusion", "VideoDiffusion"),
+  "image_diffusion": ("vdit.tasks.image_diffusion", "ImageDiffusion"),
+  "classification": ("vdit.tasks.classification", "Classification"),
+  "autoencoder": ("vdit.tasks.autoencoder", "AutoencoderTask"),
 }
 
 
@@ -40,7 +40,11 @@ def get(config: ml_collections.ConfigDict) -> Task:
   name = name_of(config)
   if name not in TASKS:
     raise ValueError(f"task={name!r} is unknown; expected one of {sorted(TASKS)}")
-  return TASKS[name]()
+  cls = TASKS[name]
+  if isinstance(cls, tuple):
+    module, class_name = cls
+    cls = getattr(importlib.import_module(module), class_name)
+  return cls()
 
 
 __all__ = ["TASKS", "Task", "get", "name_of", "register"]

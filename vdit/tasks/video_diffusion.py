@@ -5,7 +5,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from vdit import config_checks, sharding
+from vdit import config_checks, sampling, sharding
 from vdit.diffusion import conditioning, objectives
 from vdit.tasks import base
 
@@ -57,8 +57,6 @@ class VideoDiffusion(base.Task):
     """Sample videos for `config.sample.prompts` (GIF + MP4 under workdir/samples/<step>/)."""
     if not config.sample.prompts or jax.process_index() != 0:
       return {}
-    from vdit import sampling  # noqa: PLC0415 (sampling only at the end)
-
     paths = sampling.write_config_samples(config, params, workdir, step)
     print("samples written:\n  " + "\n  ".join(paths), flush=True)
     return {"files": paths}
