@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests import configs
-from vdit import config_checks, models, sampling, train
+from vdit import caption_embedders, config_checks, models, sampling, train
 from vdit.data import captions, pipeline, tokenizer, transforms
 from vdit.models.text import TextEncoder
 from vdit.tools import captions as captions_tool
@@ -36,7 +36,9 @@ def test_table_lookup_null_truncation_and_new_captions(tmp_path, caplog):
   # Unknown captions: an error naming the table, or (sampler) the table's embedder.
   with pytest.raises(KeyError, match="not in the caption-embedding table"):
     table("a green star")
-  new = captions.CaptionEmbeddings(str(tmp_path), max_len=8, allow_new=True)
+  new = captions.CaptionEmbeddings(
+    str(tmp_path), max_len=8, make_embedder=caption_embedders.from_spec
+  )
   np.testing.assert_array_equal(new("a green star")[1], embed(["a green star"])[0])
   with pytest.raises(ValueError, match=r"shape \(3,\); expected \[n, 8\]"):
     captions.write_table(str(tmp_path / "bad"), [("x", np.zeros((2, 8))), ("y", np.zeros(3))], "e")

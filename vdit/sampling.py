@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vdit import checkpointing, latent_codec, media, models, tasks
+from vdit import caption_embedders, checkpointing, latent_codec, media, models, tasks
 from vdit.data import captions, patchify, tokenizer
 from vdit.diffusion import given_frames, objectives
 from vdit.diffusion.given_frames import InputError, fit_size, patch_frames
@@ -94,7 +94,7 @@ class Sampler:
     inp = self.config.input
     if inp.get("text_embeddings"):  # precomputed caption embeddings; new prompts via the embedder
       self.tokenizer = captions.CaptionEmbeddings(
-        inp.text_embeddings, inp.max_caption_tokens, allow_new=True
+        inp.text_embeddings, inp.max_caption_tokens, make_embedder=caption_embedders.from_spec
       )
     else:
       self.tokenizer = tokenizer.Tokenizer(inp.vocab_size)

@@ -16,10 +16,11 @@ of token ids (an element that already carries `caption_embedding` [n, E] keeps i
 width). Sequences longer than `input.max_caption_tokens` are truncated with a warning (once); the
 empty caption is the null condition: token [NULL], a learned null embedding in the model.
 
-Embedders (`embedder` spec in meta.json; the sampler uses it for prompts not in the table):
+Embedders (`embedder` spec in meta.json; the sampler uses it for prompts not in the table,
+built by `vdit.caption_embedders.from_spec`):
   words:<E>[:<seed>]  a frozen random word embedding: each word of the built-in tokenizer's
                       split gets a fixed Gaussian vector drawn from (seed, crc32(word)) — a
-                      stand-in for a frozen language model that works offline
+                      stand-in for a frozen language model that works offline (`words_embedder`)
   run:<workdir>       the trained `TextEncoder` of a vdit text-to-video run (EMA params)
   external:<name>     written by another program (`write_table`); only its captions are known
 """
@@ -86,56 +87,19 @@ def words_embedder(dim: int, seed: int = 0) -> Embedder:
   return embed
 
 
-def run_embedder(workdir: str) -> Embedder:
-  """The TextEncoder of a trained vdit text-to-video run (EMA params), frozen."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-
-  from vdit.models.text import TextEncoder  # noqa: PLC0415
-  from vdit.tasks import restore  # noqa: PLC0415
-
-  config, _, params = restore.ema_params(workdir, None)
-  if config.model.get("text_embed_dim", 0):
-    raise ValueError(f"{workdir!r} reads precomputed embeddings; it has no token text encoder")
-  m, inp = config.model, config.input
-  encoder = TextEncoder(
-    inp.vocab_size, m.text_width, m.text_depth, m.text_heads, mlp_ratio=m.get("mlp_ratio", 4.0),
-    scan_layers=m.scan_layers, dtype=jnp.dtype(m.dtype),
-  )  # fmt: skip
-  variables = {"params": jax.device_get(params["text"])}
-  apply = jax.jit(encoder.apply)
-  tok = tokenizer_lib.Tokenizer(inp.vocab_size)
-
-  def embed(captions: Sequence[str]) -> list[np.ndarray]:
-    out = []
-    for caption in captions:
-      ids = tok.encode(caption, inp.max_caption_tokens)
-      if ids[0] == tokenizer_lib.NULL_ID:
-        out.append(np.zeros((0, m.text_width), np.float32))
-        continue
-      seg = np.ones((1, len(ids)), np.int32)
-      out.append(np.asarray(apply(variables, ids[None], seg)[0], np.float32))
-    return out
-
-  return embed
-
-
-def embedder_from_spec(spec: str) -> Embedder:
-  kind, _, arg = spec.partition(":")
-  if kind == "words":
-    dim, _, seed = arg.partition(":")
-    return words_embedder(int(dim), int(seed or 0))
-  if kind == "run":
-    return run_embedder(arg)
-  raise ValueError(f"embedder {spec!r} is unknown; expected words:<dim>[:<seed>] or run:<workdir>")
-
-
 class CaptionEmbeddings:
   """caption → (text_tokens [n] int32, embedding [n, E] float32), from a table, falling back to
-  the table's embedder for captions it does not hold (`allow_new`, the sampler's prompts)."""
+  the table's embedder for captions it does not hold if `make_embedder` (spec → `Embedder`,
+  called once, when first needed) is given: the sampler's prompts."""
 
-  def __init__(self, directory: str, max_len: int, *, allow_new: bool = False):
-    self.directory, self.max_len, self.allow_new = directory, max_len, allow_new
+  def __init__(
+    self,
+    directory: str,
+    max_len: int,
+    *,
+    make_embedder: Callable[[str], Embedder] | None = None,
+  ):
+    self.directory, self.max_len, self.make_embedder = directory, max_len, make_embedder
     self.meta = read_meta(directory)
     self.dim = int(self.meta["dim"])
     with open(os.path.join(directory, "index.json")) as f:
@@ -145,17 +109,17 @@ class CaptionEmbeddings:
     self._warned = False
 
   def embedding(self, caption: str) -> np.ndarray:
-    """The stored (or, with allow_new, computed) sequence [n, E] of `caption`."""
+    """The stored (or, with `make_embedder`, computed) sequence [n, E] of `caption`."""
     if caption in self._index:
       return np.asarray(self._records[self._index[caption]]["embedding"], np.float32)
     spec = self.meta["embedder"]
-    if not self.allow_new or spec.startswith("external"):
+    if self.make_embedder is None or spec.startswith("external"):
       raise KeyError(
         f"caption {caption!r} is not in the caption-embedding table {self.directory!r} "
         f"(embedder {spec!r}); add it with {WRITER}"
       )
     if self._embedder is None:
-      self._embedder = embedder_from_spec(spec)
+      self._embedder = self.make_embedder(spec)
     return self._embedder([caption])[0]
 
   def __call__(self, caption: str | bytes, embedding: np.ndarray | None = None):

@@ -17,7 +17,7 @@ import time
 
 from absl import app, flags, logging
 
-from vdit import datasets
+from vdit import caption_embedders, datasets
 from vdit.data import captions, tokenizer
 
 
@@ -37,7 +37,7 @@ def embed_captions(
   texts: list[str], embedder: str, out: str, *, batch_size: int = 64, **meta
 ) -> dict:
   """Embeds `texts` with `embedder` (a spec) into the table `out`; returns its meta."""
-  embed = captions.embedder_from_spec(embedder)
+  embed = caption_embedders.from_spec(embedder)
   texts = [t for t in dict.fromkeys(texts) if tokenizer.words(t)]  # not the null
   start = time.perf_counter()
 
