@@ -12,8 +12,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from vdit import segments  # noqa: E402
 from vdit.diffusion import flow, guidance  # noqa: E402
-from vdit.models import layers  # noqa: E402
 from vdit.models.text import TextEncoder  # noqa: E402
 
 B, L, P, M, K = 2, 16, 3, 10, 3
@@ -261,7 +261,7 @@ def test_cfg():
 def test_per_token_gathers_by_segment():
   values = jnp.array([[0.1, 0.2, 0.3]])
   seg = jnp.array([[1, 1, 3, 2, 0]])
-  out = layers.per_token(values, seg)
+  out = segments.per_token(values, seg)
   np.testing.assert_allclose(out[0, :4], [0.1, 0.1, 0.3, 0.2])
   assert np.isfinite(out[0, 4])
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from vdit import segments  # noqa: E402
 from vdit.models import layers  # noqa: E402
 from vdit.models.text import TextEncoder  # noqa: E402
 from vdit.models.video_dit import DiTBlock, VideoDiT, decode_variant  # noqa: E402
@@ -113,7 +114,7 @@ def test_sincos_3d_matches_formula_on_any_grid():
 def test_per_token_and_positions_in_segment():
   seg = jnp.array([[1, 1, 2, 2, 2, 0, 3]])
   np.testing.assert_array_equal(
-    layers.per_token(jnp.array([[10, 20, 30]]), seg), [[10, 10, 20, 20, 20, 10, 30]]
+    segments.per_token(jnp.array([[10, 20, 30]]), seg), [[10, 10, 20, 20, 20, 10, 30]]
   )
   np.testing.assert_array_equal(layers.positions_in_segment(seg), [[0, 1, 0, 1, 2, 0, 0]])
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import ml_collections
 
+from vdit import sharding
+
 
 def _coerce(value: str, default: Any) -> Any:
   """Parses `value` to the type of `default` (bool/int/float/str)."""
@@ -133,8 +135,6 @@ def trainer_config(
 ) -> ml_collections.ConfigDict:
   """The sections every training config shares (run length, logging, checkpoints, optimizer,
   mesh); a config file adds `task`, `input` and `model` (and what its task needs)."""
-  from vdit.sharding import DEFAULT_RULES  # noqa: PLC0415 (keeps this module import-light)
-
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = total_steps
@@ -155,7 +155,7 @@ def trainer_config(
     grad_accum_steps=1,  # microbatches per update (optax.MultiSteps)
   )
   c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
-  c.sharding_rules = DEFAULT_RULES
+  c.sharding_rules = sharding.DEFAULT_RULES
   return c
 
 

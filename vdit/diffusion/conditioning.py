@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from vdit.models.layers import per_token
+from vdit.segments import per_token
 
 TASKS = ("none", "image_to_video", "extend_forward", "extend_backward", "interpolate")
 # Half plain generation (the capability every other one builds on), half conditioned tasks.

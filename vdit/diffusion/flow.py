@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vdit.diffusion import guidance, packed
-from vdit.models.layers import per_token
+from vdit.segments import per_token
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 SAMPLERS = ("euler", "heun", "stochastic")

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdit.diffusion import guidance, packed
-from vdit.models.layers import per_token
+from vdit.segments import per_token
 
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v", "x0")

@@ -12,7 +12,7 @@ Per-example dropout is drawn [B, K] and gathered to tokens through segment ids (
 import jax
 import jax.numpy as jnp
 
-from vdit.models.layers import per_token
+from vdit.segments import per_token
 
 PAD_ID = 0  # text token ids (DESIGN.md): PAD=0, BOS=1, NULL=2, words >= 3
 NULL_ID = 2

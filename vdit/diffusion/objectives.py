@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vdit.diffusion import conditioning, flow, gaussian, gaussian_samplers, guidance
-from vdit.models.layers import per_token
+from vdit.segments import per_token
 
 OBJECTIVES = ("rectified_flow", "gaussian")
 SAMPLERS = {"rectified_flow": flow.SAMPLERS, "gaussian": gaussian_samplers.SAMPLERS}

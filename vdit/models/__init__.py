@@ -15,6 +15,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vdit.diffusion import objectives
+from vdit.models.video_dit import VideoDiT
+
 CHANNELS = 3  # RGB pixels; `input.channels` overrides it (latents: the autoencoder's Z)
 
 
@@ -32,10 +35,7 @@ def build(config: ml_collections.ConfigDict):
   """The Flax module named by `config.model.name`."""
   m = config.model
   if m.name == "video_dit":
-    from vdit.diffusion.objectives import Spec  # noqa: PLC0415
-    from vdit.models.video_dit import VideoDiT  # noqa: PLC0415
-
-    spec = Spec.from_config(config.diffusion)
+    spec = objectives.Spec.from_config(config.diffusion)
     return VideoDiT(
       patch_dim=patch_dim(config),
       out_dim=spec.output_dim(patch_dim(config)),

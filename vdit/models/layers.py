@@ -44,16 +44,6 @@ ATTENTION_BACKENDS = ("xla", "splash", "cudnn")
 # ------------------------------------------------------------------------------------------
 
 
-def per_token(values: jax.Array, segment_ids: jax.Array) -> jax.Array:
-  """Gathers per-example values [B, K, ...] to tokens [B, L, ...] via `segment_ids` (1..K).
-
-  Padding tokens (segment 0) get example 1's value: finite, and masked out downstream.
-  """
-  index = jnp.clip(segment_ids - 1, 0, values.shape[1] - 1)  # [B, L]
-  index = index.reshape(index.shape + (1,) * (values.ndim - 2))
-  return jnp.take_along_axis(values, index, axis=1)
-
-
 def grid_neighbours(
   positions: jax.Array, segment_ids: jax.Array, kernel: Sequence[int]
 ) -> tuple[jax.Array, jax.Array]:

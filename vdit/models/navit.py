@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vdit import segments
 from vdit.models import layers
 from vdit.models.layers import BATCH, EMBED, LENGTH, PATCH
 from vdit.models.vit import VARIANTS, Encoder, MAPHead, class_head, classification_loss
@@ -69,7 +70,7 @@ def drop_tokens(
   *input* order.
   """
   rate = jnp.asarray(rate, jnp.float32)
-  token_rate = rate if rate.ndim == 0 else layers.per_token(rate, segment_ids)
+  token_rate = rate if rate.ndim == 0 else segments.per_token(rate, segment_ids)
   keep = jnp.logical_and(jax.random.uniform(rng, segment_ids.shape) >= token_rate, segment_ids > 0)
   order = jnp.argsort(jnp.logical_not(keep), axis=1, stable=True)  # kept first, in order
   kept_sorted = jnp.take_along_axis(keep, order, axis=1)
@@ -123,7 +124,7 @@ class NaViT(nn.Module):
         "(t, h, w)"
       )
     x = layers.dense(self.width, (PATCH, EMBED), name="embedding", **kw)(patches)  # [B, L, D]
-    grid = layers.per_token(shapes[..., 1:], segment_ids)  # [B, L, 2]
+    grid = segments.per_token(shapes[..., 1:], segment_ids)  # [B, L, 2]
     pos = FactorizedPositionEmbedding(
       self.posemb_size, self.posemb_kind, self.param_dtype, name="posemb"
     )(positions[..., 1:], grid, self.width)

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vdit import segments
 from vdit.models import layers
 from vdit.models.layers import BATCH, EMBED, LENGTH, MLP, PATCH, TEXT_LENGTH, VOCAB
 from vdit.models.text import TextEncoder
@@ -270,7 +271,7 @@ class VideoDiT(nn.Module):
         **kw,
       )
       label_ids = jnp.where(labels < 0, self.num_classes, labels)  # [B, K]
-      c = c + table(layers.per_token(label_ids, seg_cond))
+      c = c + table(segments.per_token(label_ids, seg_cond))
     if self.pooled_text:
       c = c + self.pool_text(text, seg_cond, text_segment_ids)
     if index is None:
