@@ -28,7 +28,7 @@ def _video(colour: str, x0: float, seed: int = 0) -> np.ndarray:
   the dataset's own signed distance and anti-aliasing."""
   ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
   cx = (x0 + np.linspace(0.0, 6.0, FRAMES))[:, None, None]
-  sd = shapes._signed_distance("square", xs - cx, ys - 8.0, 4.0)  # noqa: SLF001
+  sd = shapes.signed_distance("square", xs - cx, ys - 8.0, 4.0)
   alpha = np.clip(0.5 - sd, 0.0, 1.0)[..., None]
   bg = np.asarray(shapes.BACKGROUNDS["black"], np.float32)
   video = bg * (1 - alpha) + np.asarray(shapes.COLOURS[colour], np.float32) * alpha

@@ -153,7 +153,7 @@ def sample_spec(rng: np.random.Generator, config: ShapesConfig) -> ExampleSpec:
   )
 
 
-def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+def signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
   """Signed distance (px, approx.) to a shape of half-size `r` centred at the origin."""
   if shape == "circle":
     return np.sqrt(dx**2 + dy**2) - r
@@ -198,7 +198,7 @@ def make_example(rng: np.random.Generator, spec: ExampleSpec) -> dict:
     step_x, step_y = DIRECTIONS[obj.direction]
     cx = _trajectory(rng, w, r, step_x, t, spec.speed)[:, None, None]  # [T, 1, 1]
     cy = _trajectory(rng, h, r, step_y, t, spec.speed)[:, None, None]
-    sd = _signed_distance(obj.shape, xs - cx, ys - cy, r)  # [T, H, W]
+    sd = signed_distance(obj.shape, xs - cx, ys - cy, r)  # [T, H, W]
     alpha = np.clip(0.5 - sd, 0.0, 1.0)[..., None]  # 1-px anti-aliased edge
     colour = np.asarray(COLOURS[obj.colour], np.float32) + rng.uniform(-12, 12, size=3)
     video = video * (1 - alpha) + colour * alpha

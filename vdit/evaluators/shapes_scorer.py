@@ -146,7 +146,7 @@ def centroids(alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return np.stack([cx, cy], -1), area
 
 
-# Area of each shape of half-size r, in units of r² (from `data._signed_distance`).
+# Area of each shape of half-size r, in units of r² (from `data.signed_distance`).
 _AREA = {
   "circle": np.pi,
   "square": 1.6**2,
@@ -175,7 +175,7 @@ def shape_scores(alpha: np.ndarray, candidates: Sequence[str]) -> np.ndarray:
   scores = np.zeros(len(candidates))
   for i, name in enumerate(candidates):
     r = np.sqrt(area[frames] / _AREA[name])[:, None, None]
-    template = np.clip(0.5 - data._signed_distance(name, dx, dy, r), 0.0, 1.0)
+    template = np.clip(0.5 - data.signed_distance(name, dx, dy, r), 0.0, 1.0)
     iou = np.minimum(a, template).sum((1, 2)) / np.maximum(a, template).sum((1, 2))
     scores[i] = float(np.mean(iou))
   return scores

@@ -1,0 +1,74 @@
+"""`vdit.tools.probe`: the measurements that locate a generation failure (docs/recipe.md)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests import configs
+from vdit import train
+from vdit.datasets import shapes
+from vdit.evaluators import shapes_scorer
+from vdit.tools import probe
+
+
+def test_colour_velocity_reads_the_motion_of_every_real_clip():
+  combos = probe.combinations(shapes_scorer.Vocabulary.of_dataset("tiny"))
+  clips = probe.real_clips(combos)
+  for clip, (colour, _, direction) in zip(clips, combos):
+    velocity = probe.colour_velocity(clip.astype(np.float32), shapes.COLOURS[colour])
+    along = velocity @ np.asarray(probe.DIRECTION_VECTORS[direction])
+    across = velocity @ np.asarray(probe.DIRECTION_VECTORS[direction])[::-1]
+    assert along > 0.5 and abs(across) < 0.25 * along, (colour, direction, velocity)
+  # A clip that does not move has no velocity; its time-reversal moves the other way.
+  still = np.repeat(clips[:1, :1], 8, axis=1)[0].astype(np.float32)
+  assert np.abs(probe.colour_velocity(still, shapes.COLOURS[combos[0][0]])).max() < 1e-3
+  forward = probe.colour_velocity(clips[0].astype(np.float32), shapes.COLOURS[combos[0][0]])
+  backward = probe.colour_velocity(clips[0, ::-1].astype(np.float32), shapes.COLOURS[combos[0][0]])
+  np.testing.assert_allclose(backward, -forward, atol=1e-4)
+
+
+def test_object_mask_and_psnr():
+  combos = probe.combinations(shapes_scorer.Vocabulary.of_dataset("tiny"))[:4]
+  clips = probe.real_clips(combos)
+  mask = probe.object_mask(clips)
+  share = mask.mean(axis=(2, 3))  # per frame: the object is a few percent of the frame
+  assert (share > 0.02).all() and (share < 0.3).all()
+  video = clips.astype(np.float32) / 127.5 - 1
+  assert probe.psnr(video, video) > 100
+  flat = np.where(mask[..., None], video.mean(axis=(1, 2, 3), keepdims=True), video)
+  # Erasing the object costs nothing outside it and everything inside it.
+  assert probe.psnr(flat, video, ~mask) > 100
+  assert probe.psnr(flat, video, mask) < 15
+
+
+@pytest.mark.slow
+def test_probe_cli_on_a_trained_checkpoint(data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(configs.small(data_dir, total_steps=2), workdir)
+  out = subprocess.run(
+    [sys.executable, "-m", "vdit.tools.probe", f"--workdir={workdir}"],
+    capture_output=True,
+    text=True,
+    cwd=configs.REPO,
+    timeout=900,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "fidelity" in out.stdout and "i2v" in out.stdout
+  with open(tmp_path / "run" / "probe" / "2.json") as f:
+    result = json.load(f)
+  assert result["step"] == 2
+  assert [r["t"] for r in result["fidelity"]] == [0.02, 0.1, 0.2, 0.3, 0.5]
+  for row in result["fidelity"]:
+    # The noisy input x_t / (1 − t) of unit noise has a known PSNR, 10·log10(4 / (t / (1 − t))²)
+    # in [-1, 1], where clipping to [-1, 1] hardly helps (low t).
+    if row["t"] <= 0.1:
+      known = 10 * np.log10(4 / (row["t"] / (1 - row["t"])) ** 2)
+      assert known - 0.1 < row["input_psnr"] < known + 1.5, row
+    assert np.isfinite(row["x0_psnr"]) and np.isfinite(row["x0_object_psnr"])
+  assert [r["t"] for r in result["direction"]] == [0.95, 0.8, 0.6]
+  assert all(np.isfinite(r["velocity_along_prompt"]) for r in result["direction"])
+  assert set(result["i2v"]) == {"colour", "shape", "direction", "all", "temporal"}
+  assert all(0 <= v <= 1 for v in result["i2v"].values())

@@ -1,0 +1,259 @@
+r"""Probes of a trained `shapes` text-to-video model: where its generation fails.
+
+  python -m vdit.tools.probe --workdir=runs/shapes [--step=N]
+
+Three measurements, each on the model's own x̂0 or samples (docs/recipe.md, "Where the failure
+is"), on the 48 `a {colour} {shape} moving {direction}` combinations of the tiny variant:
+
+- **fidelity**: real 8×32×32 clips noised to t, the PSNR of the (unguided) x̂0 over the whole
+  frame and over the object's pixels, beside the PSNR of the noisy input itself (x_t / (1 − t)).
+  A denoiser that draws the object from what it sees gets better as t falls; an x̂0 that stays
+  flat while the input sharpens draws a template, not the object.
+- **direction**: from pure noise at high t, the centroid of the prompted colour in the x̂0 of
+  each prompt, fitted over the frames: its velocity along the prompted direction (px/frame,
+  same noise for the four direction words). 0 = the direction word does not steer the motion.
+- **i2v**: a centred object as the first frame, generated once per direction word; the
+  `adherence` scorer's accuracies (direction chance: 25%).
+
+Prints a table and writes workdir/probe/<step>.json. Rectified-flow models in pixel space.
+"""
+
+import json
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from vdit import checkpointing, sampling
+from vdit.data import patchify
+from vdit.datasets import shapes
+from vdit.diffusion import objectives
+from vdit.evaluators import shapes_scorer
+
+SIZE = (8, 32, 32)  # (frames, height, width) of the probe clips
+OBJECT_DISTANCE = 40.0  # RGB distance from the background colour above which a pixel is object
+DIRECTION_VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+
+def combinations(vocab: shapes_scorer.Vocabulary) -> list[tuple[str, str, str]]:
+  """(colour, shape, direction) of every prompt, directions innermost."""
+  return [(c, s, d) for c in vocab.colours for s in vocab.shapes for d in vocab.directions]
+
+
+def prompt(colour: str, shape: str, direction: str) -> str:
+  return f"a {colour} {shape} moving {direction}"
+
+
+def real_clips(combos, size=SIZE) -> np.ndarray:
+  """One `shapes` clip per combination (plain caption, default speed): uint8 [N, T, H, W, 3]."""
+  clips = []
+  for i, (colour, shape, direction) in enumerate(combos):
+    spec = shapes.ExampleSpec(
+      objects=(shapes.ObjectSpec(colour, shape, direction),),
+      background=shapes.contrasting_backgrounds([colour])[0],
+      num_frames=size[0],
+      height=size[1],
+      width=size[2],
+    )
+    clips.append(shapes.make_example(np.random.default_rng(i), spec)["video"])
+  return np.stack(clips)
+
+
+def centred_object(colour: str, shape: str, height: int, width: int) -> np.ndarray:
+  """A still of the object in the middle of a contrasting plain background: uint8 [H, W, 3]."""
+  ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+  radius = 0.16 * min(height, width)  # the middle of the dataset's 0.12–0.2 of the short side
+  alpha = np.clip(
+    0.5 - shapes.signed_distance(shape, xs - width / 2, ys - height / 2, radius), 0, 1
+  )
+  background = np.asarray(shapes.BACKGROUNDS[shapes.contrasting_backgrounds([colour])[0]])
+  image = (
+    background * (1 - alpha[..., None]) + np.asarray(shapes.COLOURS[colour]) * alpha[..., None]
+  )
+  return np.round(image).astype(np.uint8)
+
+
+def psnr(estimate: np.ndarray, target: np.ndarray, mask: np.ndarray | None = None) -> float:
+  """PSNR (dB) of videos in [-1, 1] ([..., 3]), over the pixels of `mask` ([...]) if given."""
+  err = np.square(np.clip(estimate, -1, 1) - target).mean(-1)
+  mse = err.mean() if mask is None else (err * mask).sum() / max(mask.sum(), 1)
+  return float(10 * np.log10(4.0 / max(mse, 1e-12)))
+
+
+def object_mask(clips: np.ndarray) -> np.ndarray:
+  """Pixels far from their clip's most common (background) colour: bool [N, T, H, W]."""
+  flat = clips.reshape(len(clips), -1, 3).astype(np.float32)
+  background = np.median(flat, axis=1)[:, None, None, None]
+  return np.linalg.norm(clips.astype(np.float32) - background, axis=-1) > OBJECT_DISTANCE
+
+
+def colour_velocity(video: np.ndarray, rgb: Sequence[float]) -> np.ndarray:
+  """(vx, vy) px/frame: the least-squares slope of the centroid of pixels near `rgb`
+  (soft weights, 1 at the colour, 0 at distance ≥ 150) over the frames of uint8-range video."""
+  weight = np.clip(1 - np.linalg.norm(video - np.asarray(rgb, np.float32), axis=-1) / 150, 0, None)
+  weight = weight + 1e-6  # [T, H, W]; an empty frame has its centroid in the middle
+  ys, xs = np.mgrid[0 : video.shape[1], 0 : video.shape[2]] + 0.5
+  total = weight.sum((1, 2))
+  cx, cy = (weight * xs).sum((1, 2)) / total, (weight * ys).sum((1, 2)) / total
+  frames = np.arange(len(total))
+  return np.array([np.polyfit(frames, cx, 1)[0], np.polyfit(frames, cy, 1)[0]])
+
+
+class Probe:
+  """The model of a `sampling.Sampler` as x̂0 = x_t − t·v̂ (conditional, no guidance)."""
+
+  def __init__(self, sampler: sampling.Sampler):
+    if sampler.spec.objective != "rectified_flow":
+      raise ValueError(
+        f"objective={sampler.spec.objective!r}: the probes read x̂0 of rectified-flow models"
+      )
+    if sampler.codec is not None:
+      raise ValueError("the probes work on pixel-space models; this run has an autoencoder")
+    self.sampler = sampler
+    self.grid = sampler.grid(*SIZE)
+    self.patch_size = sampler.patch_size
+
+    def apply(x, t, rows):
+      return sampler.model.apply(
+        {"params": sampler.params},
+        x,
+        t,
+        rows["positions"],
+        rows["segment_ids"],
+        rows["text_tokens"],
+        rows["text_segment_ids"],
+        rows["labels"],
+        rows.get("text_embeddings"),
+      )
+
+    def x0(x, t, rows):
+      velocity = objectives.flow_model(sampler.spec, apply, sampling=True)(x, t, rows)
+      return x - t[..., None] * velocity
+
+    self._x0 = jax.jit(x0)
+
+  def x0(self, x: np.ndarray, t: float, prompts: Sequence[str]) -> np.ndarray:
+    """x̂0 videos [N, T, H, W, 3] in [-1, 1] of noisy patches x [N, L, P] at time t."""
+    rows = sampling.prompt_rows(
+      prompts, self.grid, self.sampler.tokenizer, self.sampler.config.input.max_caption_tokens
+    )
+    t_tok = jnp.full(x.shape[:2], t, jnp.float32)
+    out = np.asarray(self._x0(jnp.asarray(x), t_tok, {k: jnp.asarray(v) for k, v in rows.items()}))
+    return patchify.unpatchify(out, self.grid, self.patch_size, 3)
+
+
+def fidelity(probe: Probe, combos, times: Sequence[float], seed: int = 0) -> list[dict]:
+  """Per t: PSNR of x̂0 and of the rescaled noisy input, whole frame and object pixels."""
+  clips = real_clips(combos)
+  target = clips.astype(np.float32) / 127.5 - 1.0
+  mask = object_mask(clips)
+  x0 = np.stack([patchify.patchify(v, probe.patch_size)[0] for v in target])
+  prompts = [prompt(*c) for c in combos]
+  rows = []
+  for t in times:
+    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), x0.shape))
+    x_t = (1 - t) * x0 + t * noise
+    estimate = probe.x0(x_t, t, prompts)
+    given = np.stack([patchify.unpatchify(v, probe.grid, probe.patch_size, 3) for v in x_t])
+    given = given / (1 - t)
+    rows.append(
+      dict(
+        t=t,
+        x0_psnr=psnr(estimate, target),
+        x0_object_psnr=psnr(estimate, target, mask),
+        input_psnr=psnr(given, target),
+        input_object_psnr=psnr(given, target, mask),
+      )
+    )
+  return rows
+
+
+def direction_effect(probe: Probe, combos, times: Sequence[float], seed: int = 0) -> list[dict]:
+  """Per t: the mean velocity (px/frame) of the prompted colour in x̂0 along the prompted
+  direction, from pure noise shared by the four direction words of a colour and shape."""
+  prompts = [prompt(*c) for c in combos]
+  length, dim = int(np.prod(probe.grid)), int(np.prod(probe.patch_size)) * 3
+  # The same noise for every prompt: only the words differ.
+  noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (1, length, dim)))
+  noise = np.broadcast_to(noise, (len(prompts), length, dim))
+  rows = []
+  for t in times:
+    videos = (probe.x0(t * noise, t, prompts) + 1.0) * 127.5
+    along = [
+      colour_velocity(v, shapes.COLOURS[c]) @ np.asarray(DIRECTION_VECTORS[d], np.float32)
+      for v, (c, _, d) in zip(videos, combos)
+    ]
+    rows.append(dict(t=t, velocity_along_prompt=float(np.mean(along))))
+  return rows
+
+
+def i2v_direction(sampler: sampling.Sampler, combos, steps: int = 16) -> dict:
+  """Adherence of image-to-video from a centred object, one video per combination."""
+  _, height, width = SIZE
+  frames = max(SIZE[0], 2 * sampler.pt)  # the still fills the first patch-frame
+  videos, prompts = [], []
+  for i, (colour, shape, direction) in enumerate(combos):
+    image = centred_object(colour, shape, height, width)
+    text = prompt(colour, shape, direction)
+    videos.append(sampler.image_to_video([text], image, num_frames=frames, steps=steps, seed=i)[0])
+    prompts.append(text)
+  vocab = shapes_scorer.Vocabulary(*(tuple(dict.fromkeys(x)) for x in zip(*combos)))
+  scores = shapes_scorer.score_many(videos, prompts, vocab)
+  return {k: float(scores[k]) for k in ("colour", "shape", "direction", "all", "temporal")}
+
+
+def run(sampler: sampling.Sampler, *, vocab_config: str = "tiny") -> dict:
+  """All three probes; their rows and values as one JSON-able dict."""
+  vocab = shapes_scorer.Vocabulary.of_dataset(vocab_config)
+  if set(vocab.directions) - set(DIRECTION_VECTORS):
+    raise ValueError(f"the probes know the directions {sorted(DIRECTION_VECTORS)}")
+  combos = combinations(vocab)
+  probe = Probe(sampler)
+  return dict(
+    fidelity=fidelity(probe, combos, (0.02, 0.1, 0.2, 0.3, 0.5)),
+    direction=direction_effect(probe, combos, (0.95, 0.8, 0.6)),
+    i2v=i2v_direction(sampler, combos),
+  )
+
+
+def report(result: dict) -> str:
+  """The probes as a readable table."""
+  lines = ["fidelity: PSNR (dB) of x̂0 / of the noisy input; whole frame, object pixels"]
+  for r in result["fidelity"]:
+    lines.append(
+      f"  t={r['t']:.2f}  x̂0 {r['x0_psnr']:5.1f} / input {r['input_psnr']:5.1f}   "
+      f"object: x̂0 {r['x0_object_psnr']:5.1f} / input {r['input_object_psnr']:5.1f}"
+    )
+  lines.append("direction: velocity (px/frame) of the prompted colour along the prompted way")
+  for r in result["direction"]:
+    lines.append(f"  t={r['t']:.2f}  {r['velocity_along_prompt']:+.3f}")
+  i2v = result["i2v"]
+  lines.append("i2v from a centred object: " + ", ".join(f"{k} {v:.2f}" for k, v in i2v.items()))
+  return "\n".join(lines)
+
+
+flags.DEFINE_string("workdir", None, "Training workdir with checkpoints.")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  step = FLAGS.step if FLAGS.step is not None else checkpointing.latest_step(FLAGS.workdir)
+  if step is None:
+    raise app.UsageError(f"--workdir={FLAGS.workdir!r} has no checkpoint")
+  result = run(sampling.load(FLAGS.workdir, step)) | {"step": int(step)}
+  print(report(result))
+  out = os.path.join(FLAGS.workdir, "probe", f"{result['step']}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(result, f, indent=1)
+  logging.info("wrote %s", out)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
+  app.run(main)
