@@ -235,13 +235,17 @@ def report(result: dict) -> str:
   return "\n".join(lines)
 
 
-flags.DEFINE_string("workdir", None, "Training workdir with checkpoints.")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-FLAGS = flags.FLAGS
+def _define_flags() -> None:
+  """The CLI's flags: defined only when run as a program, so importing this module next to
+  another entry point (one process, e.g. the tests) defines no flag twice."""
+  flags.DEFINE_string("workdir", None, "Training workdir with checkpoints.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
   del argv
+  FLAGS = flags.FLAGS
   step = FLAGS.step if FLAGS.step is not None else checkpointing.latest_step(FLAGS.workdir)
   if step is None:
     raise app.UsageError(f"--workdir={FLAGS.workdir!r} has no checkpoint")
@@ -255,5 +259,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("workdir")
+  _define_flags()
   app.run(main)
