@@ -222,6 +222,30 @@ def test_preconditioned_velocity_is_exact_with_the_ideal_network():
     np.testing.assert_allclose(v, eps - x0, atol=1e-4)
 
 
+def test_gated_x0_blends_the_input_and_the_estimate():
+  """x̂0 = g·x_t/(1 − t) + (1 − g)·F: a closed gate is the x0 model, an open gate returns the
+  rescaled input, and the zero-initialised gate logit starts almost closed (σ(GATE_BIAS))."""
+  x, f = jax.random.normal(jax.random.key(0), (2, 3, 5, 4))
+  t = jax.random.uniform(jax.random.key(1), (3, 5), minval=0.05, maxval=0.95)
+
+  def gated(logit):
+    return flow.velocity_from_gated_x0(
+      lambda x, t: jnp.concatenate([f, jnp.full((3, 5, 1), logit)], -1), t_min=0.3
+    )(x, t)
+
+  x0_model = flow.velocity_from_x0(lambda x, t: f, t_min=0.3)(x, t)
+  np.testing.assert_allclose(gated(-100.0), x0_model, rtol=1e-5, atol=1e-5)
+  rescaled = x / jnp.maximum(1 - t, 0.1)[..., None]  # the rescaling is bounded at 10
+  np.testing.assert_allclose(
+    gated(100.0), (x - rescaled) / jnp.maximum(t, 0.3)[..., None], rtol=1e-5, atol=1e-5
+  )
+  g = jax.nn.sigmoid(flow.GATE_BIAS)
+  x0_hat = g * rescaled + (1 - g) * f
+  np.testing.assert_allclose(
+    gated(0.0), (x - x0_hat) / jnp.maximum(t, 0.3)[..., None], rtol=1e-5, atol=1e-5
+  )
+
+
 def test_x0_loss_below_t_min_is_zero_for_the_true_x0():
   """With x0 prediction and `t_min`, a model that returns the true x0 has zero loss at every t,
   including t < t_min (the target goes through the same conversion as the prediction)."""

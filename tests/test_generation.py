@@ -90,9 +90,10 @@ RED, BLUE = "a red square moving right", "a blue square moving right"
 
 
 @functools.cache
-def _fit(pairs: tuple[tuple[str, str], ...], steps: int, self_condition: float = 0.0):
-  """Trains on the fixed batch of `pairs` (video name, prompt) → (config, params)."""
-  config = _config(total_steps=steps, **{"diffusion.self_condition": self_condition})
+def _fit(pairs: tuple[tuple[str, str], ...], steps: int, **diffusion):
+  """Trains on the fixed batch of `pairs` (video name, prompt) → (config, params);
+  `diffusion` overrides `config.diffusion` keys."""
+  config = _config(total_steps=steps, **{f"diffusion.{k}": v for k, v in diffusion.items()})
   videos, prompts = [_VIDEOS[v] for v, _ in pairs], [p for _, p in pairs]
   # One device: hundreds of steps of 8 simulated devices on 2 cores would take minutes.
   batch = _batch(config, videos, prompts, rows=8)
@@ -131,6 +132,13 @@ def test_self_conditioned_model_regenerates_the_video():
   """The same fit with self-conditioning (half the steps read the model's own x̂0; the sampler
   feeds it at every step): each caption still gives its video back from noise."""
   _assert_regenerates(*_fit((("red", RED), ("blue", BLUE)), 600, self_condition=0.5), seeds=(0,))
+
+
+def test_gated_x0_model_regenerates_the_video():
+  """The same fit with a gated x0 (`flow_prediction="x0_gated"`: the model also outputs a
+  per-token gate between its input and its estimate): each caption gives its video back."""
+  fit = _fit((("red", RED), ("blue", BLUE)), 600, flow_prediction="x0_gated")
+  _assert_regenerates(*fit, seeds=(0,))
 
 
 def test_the_colour_word_sets_the_colour(two_colours):

@@ -124,7 +124,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # in training and sampling; 0 = no shift.
     shift_base_tokens=24 if tiny else 1024,
     # Rectified flow: the model predicts "velocity" (ε − x0) or "x0" (converted to a velocity;
-    # needed in pixel space, where a narrow model cannot reproduce the patch noise).
+    # needed in pixel space, where a narrow model cannot reproduce the patch noise), or
+    # "x0_gated" (x0 and a per-token gate to its own input) or "preconditioned" (EDM).
     flow_prediction="x0" if tiny else "velocity",
     flow_t_min=0.3 if tiny else 0.05,  # x0: loss weight 1/max(t, t_min)²
     flow_sigma_data=0.5,  # "preconditioned": the data std of EDM's c_skip / c_out

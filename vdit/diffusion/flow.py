@@ -234,7 +234,9 @@ def sample(
   return clamp(x, ones)[0]
 
 
-FLOW_PREDICTIONS = ("velocity", "x0", "preconditioned")
+FLOW_PREDICTIONS = ("velocity", "x0", "preconditioned", "x0_gated")
+X0_PREDICTIONS = ("x0", "x0_gated")  # x̂0 converted to a velocity, the loss weight bounded
+GATE_BIAS = -4.0  # a gated x0 model starts with its gate almost closed (sigmoid(-4) = 0.018)
 
 
 def preconditioning(t: jax.Array, sigma_data: float) -> tuple[jax.Array, jax.Array]:
@@ -261,6 +263,26 @@ def velocity_from_preconditioned(fn: Callable, sigma_data: float = 0.5) -> Calla
   def velocity(x, t, *args):
     a, b = preconditioning(t.astype(jnp.float32), sigma_data)
     return a * x + b * fn(x, t, *args).astype(x.dtype)
+
+  return velocity
+
+
+def velocity_from_gated_x0(fn: Callable, t_min: float = 0.05) -> Callable:
+  """Wraps a model that outputs an x0 estimate F [P] and a gate logit G [1] per token into one
+  that returns the flow velocity, with x̂0 = g·x_t/(1 − t) + (1 − g)·F, g = σ(G + GATE_BIAS).
+
+  The gate lets a token take its clean value from its own input where that is reliable (low
+  t, detail the network would blur) and from the network where it is not (high t, where
+  passing the input lets the noise through, as EDM's fixed skip does). `fn(x, t, *a)` returns
+  [B, L, P + 1]; the input's rescaling 1/(1 − t) is bounded at 10.
+  """
+
+  def velocity(x, t, *args):
+    out = fn(x, t, *args).astype(x.dtype)
+    gate = jax.nn.sigmoid(out[..., -1:] + GATE_BIAS)
+    rescaled = x / jnp.maximum(1 - t, 0.1)[..., None]
+    x0_hat = gate * rescaled + (1 - gate) * out[..., :-1]
+    return (x - x0_hat) / jnp.maximum(t, t_min)[..., None]
 
   return velocity
 

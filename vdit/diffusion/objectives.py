@@ -66,8 +66,17 @@ class Spec:
     return self.sampler or DEFAULT_SAMPLER[self.objective]
 
   def output_dim(self, patch_dim: int) -> int:
-    """Model output channels: P, or 2P with a learned variance."""
-    return 2 * patch_dim if self.objective == "gaussian" and self.learn_sigma else patch_dim
+    """Model output channels: P, 2P with a learned variance, P + 1 with a gated x0."""
+    if self.objective == "gaussian" and self.learn_sigma:
+      return 2 * patch_dim
+    if self.objective == "rectified_flow" and self.flow_prediction == "x0_gated":
+      return patch_dim + 1
+    return patch_dim
+
+  @property
+  def predicts_x0(self) -> bool:
+    """Rectified flow with an x0 estimate converted to a velocity (plain or gated)."""
+    return self.objective == "rectified_flow" and self.flow_prediction in flow.X0_PREDICTIONS
 
   def check_sampler(self, sampler: str) -> str:
     if self.objective not in OBJECTIVES:
@@ -110,7 +119,7 @@ def loss(
       logit_std=spec.logit_std,
       shift_base_tokens=spec.shift_base_tokens or None,
       text_dropout=spec.text_dropout,
-      t_min=spec.flow_t_min if spec.flow_prediction == "x0" else None,
+      t_min=spec.flow_t_min if spec.predicts_x0 else None,
       self_condition=spec.self_condition,
     )
   if spec.objective == "gaussian":
@@ -136,8 +145,11 @@ SAMPLING_T_MIN = 1e-4
 def flow_model(spec: Spec, fn: Callable, *, sampling: bool = False) -> Callable:
   """The model as a velocity function for rectified flow (converting x0 predictions; exactly
   when `sampling`, with the loss weight bound `flow_t_min` in training)."""
+  t_min = SAMPLING_T_MIN if sampling else spec.flow_t_min
   if spec.flow_prediction == "x0":
-    return flow.velocity_from_x0(fn, SAMPLING_T_MIN if sampling else spec.flow_t_min)
+    return flow.velocity_from_x0(fn, t_min)
+  if spec.flow_prediction == "x0_gated":
+    return flow.velocity_from_gated_x0(fn, t_min)
   if spec.flow_prediction == "preconditioned":
     return flow.velocity_from_preconditioned(fn, spec.flow_sigma_data)
   if spec.flow_prediction != "velocity":
@@ -193,9 +205,9 @@ def sample(
       strength=strength,
       rng=rng,
       eta=spec.flow_eta,
-      correct_at_zero=spec.flow_prediction != "x0",
+      correct_at_zero=not spec.predicts_x0,
       self_condition=spec.self_condition > 0,
-      t_min=SAMPLING_T_MIN if spec.flow_prediction == "x0" else 0.0,
+      t_min=SAMPLING_T_MIN if spec.predicts_x0 else 0.0,
     )
   schedule = spec.gaussian_schedule
   x = noise
