@@ -229,6 +229,23 @@ def sample(
   )
 
 
+def apply_rows(model, params, x: jax.Array, t: jax.Array, rows: dict, **kwargs) -> jax.Array:
+  """The VideoDiT call (as in `train_step`) on x [B, L, P] at t [B, L] with the rest of a row
+  batch from `rows`: positions, segment ids, text tokens (or embeddings), labels."""
+  return model.apply(
+    {"params": params},
+    x,
+    t,
+    rows["positions"],
+    rows["segment_ids"],
+    rows["text_tokens"],
+    rows["text_segment_ids"],
+    rows["labels"],
+    rows.get("text_embeddings"),
+    **kwargs,
+  )
+
+
 @functools.partial(jax.jit, static_argnames=("model", "spec", "steps", "sampler", "strength"))
 def sample_rows(
   model,
@@ -249,8 +266,7 @@ def sample_rows(
 ) -> jax.Array:
   """The whole guided sampling loop of a packed-row model as one jitted function.
 
-  `model.apply({"params": params}, x, t, positions, segment_ids, text_tokens,
-  text_segment_ids, labels, text_embeddings)` is the VideoDiT call (as in `train_step`). `rows`
+  The model is called through `apply_rows` (the VideoDiT call, as in `train_step`). `rows`
   [2N, ...] are the N conditional rows then their N null rows (caption [NULL], label −1);
   noise, x_cond, x_init [N, L, P]; cond_mask [N, L]. Guidance `scale` applies for t in `interval`.
   """
@@ -260,18 +276,7 @@ def sample_rows(
     # x: [N, L, P]; the conditional and null rows see the same noisy video (and, for a
     # self-conditioned model, the same previous guided estimate x0_prev).
     prev = {} if x0_prev is None else {"x0_prev": jnp.concatenate([x0_prev, x0_prev])}
-    out = model.apply(
-      {"params": params},
-      jnp.concatenate([x, x]),
-      jnp.concatenate([t, t]),
-      rows["positions"],
-      rows["segment_ids"],
-      rows["text_tokens"],
-      rows["text_segment_ids"],
-      rows["labels"],
-      rows.get("text_embeddings"),
-      **prev,
-    )
+    out = apply_rows(model, params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), rows, **prev)
     return guidance.cfg(out[:n], out[n:], scale, t, interval, channels=p)
 
   return sample(

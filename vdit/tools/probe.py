@@ -117,17 +117,7 @@ class Probe:
     self.patch_size = sampler.patch_size
 
     def apply(x, t, rows):
-      return sampler.model.apply(
-        {"params": sampler.params},
-        x,
-        t,
-        rows["positions"],
-        rows["segment_ids"],
-        rows["text_tokens"],
-        rows["text_segment_ids"],
-        rows["labels"],
-        rows.get("text_embeddings"),
-      )
+      return objectives.apply_rows(sampler.model, sampler.params, x, t, rows)
 
     def x0(x, t, rows):
       velocity = objectives.flow_model(sampler.spec, apply, sampling=True)(x, t, rows)
@@ -135,13 +125,17 @@ class Probe:
 
     self._x0 = jax.jit(x0)
 
-  def x0(self, x: np.ndarray, t: float, prompts: Sequence[str]) -> np.ndarray:
-    """x̂0 videos [N, T, H, W, 3] in [-1, 1] of noisy patches x [N, L, P] at time t."""
+  def rows(self, prompts: Sequence[str]) -> dict:
+    """One row per prompt at the probe size, on the device."""
     rows = sampling.prompt_rows(
       prompts, self.grid, self.sampler.tokenizer, self.sampler.config.input.max_caption_tokens
     )
+    return {k: jnp.asarray(v) for k, v in rows.items()}
+
+  def x0(self, x: np.ndarray, t: float, rows: dict) -> np.ndarray:
+    """x̂0 videos [N, T, H, W, 3] in [-1, 1] of noisy patches x [N, L, P] at time t."""
     t_tok = jnp.full(x.shape[:2], t, jnp.float32)
-    out = np.asarray(self._x0(jnp.asarray(x), t_tok, {k: jnp.asarray(v) for k, v in rows.items()}))
+    out = np.asarray(self._x0(jnp.asarray(x), t_tok, rows))
     return patchify.unpatchify(out, self.grid, self.patch_size, 3)
 
 
@@ -151,15 +145,15 @@ def fidelity(probe: Probe, combos, times: Sequence[float], seed: int = 0) -> lis
   target = clips.astype(np.float32) / 127.5 - 1.0
   mask = object_mask(clips)
   x0 = np.stack([patchify.patchify(v, probe.patch_size)[0] for v in target])
-  prompts = [prompt(*c) for c in combos]
-  rows = []
+  rows = probe.rows([prompt(*c) for c in combos])
+  noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), x0.shape))
+  results = []
   for t in times:
-    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), x0.shape))
     x_t = (1 - t) * x0 + t * noise
-    estimate = probe.x0(x_t, t, prompts)
+    estimate = probe.x0(x_t, t, rows)
     given = np.stack([patchify.unpatchify(v, probe.grid, probe.patch_size, 3) for v in x_t])
     given = given / (1 - t)
-    rows.append(
+    results.append(
       dict(
         t=t,
         x0_psnr=psnr(estimate, target),
@@ -168,26 +162,26 @@ def fidelity(probe: Probe, combos, times: Sequence[float], seed: int = 0) -> lis
         input_object_psnr=psnr(given, target, mask),
       )
     )
-  return rows
+  return results
 
 
 def direction_effect(probe: Probe, combos, times: Sequence[float], seed: int = 0) -> list[dict]:
   """Per t: the mean velocity (px/frame) of the prompted colour in x̂0 along the prompted
   direction, from pure noise shared by the four direction words of a colour and shape."""
-  prompts = [prompt(*c) for c in combos]
+  rows = probe.rows([prompt(*c) for c in combos])
   length, dim = int(np.prod(probe.grid)), int(np.prod(probe.patch_size)) * 3
   # The same noise for every prompt: only the words differ.
   noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (1, length, dim)))
-  noise = np.broadcast_to(noise, (len(prompts), length, dim))
-  rows = []
+  noise = np.broadcast_to(noise, (len(combos), length, dim))
+  results = []
   for t in times:
-    videos = (probe.x0(t * noise, t, prompts) + 1.0) * 127.5
+    videos = (probe.x0(t * noise, t, rows) + 1.0) * 127.5
     along = [
       colour_velocity(v, shapes.COLOURS[c]) @ np.asarray(DIRECTION_VECTORS[d], np.float32)
       for v, (c, _, d) in zip(videos, combos)
     ]
-    rows.append(dict(t=t, velocity_along_prompt=float(np.mean(along))))
-  return rows
+    results.append(dict(t=t, velocity_along_prompt=float(np.mean(along))))
+  return results
 
 
 def i2v_direction(sampler: sampling.Sampler, combos, steps: int = 16) -> dict:
