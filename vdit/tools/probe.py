@@ -2,7 +2,7 @@ r"""Probes of a trained `shapes` text-to-video model: where its generation fails
 
   python -m vdit.tools.probe --workdir=runs/shapes [--step=N]
 
-Three measurements, each on the model's own x̂0 or samples (docs/recipe.md, "Where the failure
+Four measurements, each on the model's own x̂0 or samples (docs/recipe.md, "Where the failure
 is"), on the 48 `a {colour} {shape} moving {direction}` combinations of the tiny variant:
 
 - **fidelity**: real 8×32×32 clips noised to t, the PSNR of the (unguided) x̂0 over the whole
@@ -14,6 +14,9 @@ is"), on the 48 `a {colour} {shape} moving {direction}` combinations of the tiny
   same noise for the four direction words). 0 = the direction word does not steer the motion.
 - **i2v**: a centred object as the first frame, generated once per direction word; the
   `adherence` scorer's accuracies (direction chance: 25%).
+- **words**: from one noise, how far x̂0 moves (mean |Δ| in [-1, 1]) when only the colour,
+  the shape or the direction word of the prompt changes. A word whose change moves nothing is
+  not read (docs/recipe.md: a text encoder that had erased every word but the colour).
 
 Prints a table and writes workdir/probe/<step>.json. Rectified-flow models in pixel space.
 """
@@ -36,6 +39,7 @@ from vdit.evaluators import shapes_scorer
 SIZE = (8, 32, 32)  # (frames, height, width) of the probe clips
 OBJECT_DISTANCE = 40.0  # RGB distance from the background colour above which a pixel is object
 DIRECTION_VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+ATTRIBUTES = ("colour", "shape", "direction")  # the words of a prompt, in `combinations` order
 
 
 def combinations(vocab: shapes_scorer.Vocabulary) -> list[tuple[str, str, str]]:
@@ -184,6 +188,33 @@ def direction_effect(probe: Probe, combos, times: Sequence[float], seed: int = 0
   return results
 
 
+def word_effect(probe: Probe, combos, times: Sequence[float], seed: int = 0) -> list[dict]:
+  """Per t: the mean |Δx̂0| when one attribute word (colour, shape, direction) of each prompt is
+  replaced by the next word of its vocabulary, from pure noise shared by all the prompts."""
+  values = [list(dict.fromkeys(x)) for x in zip(*combos)]  # words per attribute, in order
+  swapped = {  # attribute -> the combos with that word replaced
+    name: [
+      tuple(v[(v.index(c[i]) + 1) % len(v)] if j == i else c[j] for j, v in enumerate(values))
+      for c in combos
+    ]
+    for i, name in enumerate(ATTRIBUTES)
+  }
+  base_rows = probe.rows([prompt(*c) for c in combos])
+  other_rows = {name: probe.rows([prompt(*c) for c in cs]) for name, cs in swapped.items()}
+  length, dim = int(np.prod(probe.grid)), int(np.prod(probe.patch_size)) * 3
+  noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (1, length, dim)))
+  noise = np.broadcast_to(noise, (len(combos), length, dim))
+  results = []
+  for t in times:
+    base = probe.x0(t * noise, t, base_rows)
+    change = {
+      name: float(np.abs(probe.x0(t * noise, t, rows) - base).mean())
+      for name, rows in other_rows.items()
+    }
+    results.append(dict(t=t, **change))
+  return results
+
+
 def i2v_direction(sampler: sampling.Sampler, combos, steps: int = 16) -> dict:
   """Adherence of image-to-video from a centred object, one video per combination."""
   _, height, width = SIZE
@@ -200,7 +231,7 @@ def i2v_direction(sampler: sampling.Sampler, combos, steps: int = 16) -> dict:
 
 
 def run(sampler: sampling.Sampler, *, vocab_config: str = "tiny") -> dict:
-  """All three probes; their rows and values as one JSON-able dict."""
+  """All four probes; their rows and values as one JSON-able dict."""
   vocab = shapes_scorer.Vocabulary.of_dataset(vocab_config)
   if set(vocab.directions) - set(DIRECTION_VECTORS):
     raise ValueError(f"the probes know the directions {sorted(DIRECTION_VECTORS)}")
@@ -209,6 +240,7 @@ def run(sampler: sampling.Sampler, *, vocab_config: str = "tiny") -> dict:
   return dict(
     fidelity=fidelity(probe, combos, (0.02, 0.1, 0.2, 0.3, 0.5)),
     direction=direction_effect(probe, combos, (0.95, 0.8, 0.6)),
+    words=word_effect(probe, combos, (0.95, 0.6)),
     i2v=i2v_direction(sampler, combos),
   )
 
@@ -224,6 +256,9 @@ def report(result: dict) -> str:
   lines.append("direction: velocity (px/frame) of the prompted colour along the prompted way")
   for r in result["direction"]:
     lines.append(f"  t={r['t']:.2f}  {r['velocity_along_prompt']:+.3f}")
+  lines.append("words: mean |Δx̂0| when one word of the prompt changes (same noise)")
+  for r in result["words"]:
+    lines.append(f"  t={r['t']:.2f}  " + "  ".join(f"{a} {r[a]:.4f}" for a in ATTRIBUTES))
   i2v = result["i2v"]
   lines.append("i2v from a centred object: " + ", ".join(f"{k} {v:.2f}" for k, v in i2v.items()))
   return "\n".join(lines)
