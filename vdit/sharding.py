@@ -1,7 +1,7 @@
 """Device mesh from the config, logical-axis rules, and host-local → global batches.
 
 Sharding is data: the mesh sizes and the logical→mesh rules come from the config
-(`config.mesh`, `config.sharding_rules`); modules only name logical axes (`layers.EMBED`, …).
+(`config.mesh`, `config.sharding_rules`); modules only name logical axes (`vdit.axes`).
 """
 
 import contextlib
@@ -15,46 +15,28 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vdit.models import layers
+from vdit import axes, batch_spec
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
-# Logical axes of each packed-batch key (DESIGN.md, "The packed batch").
+# Logical axes of each batch key (`vdit.batch_spec`: the packed and the dense batches).
 BATCH_AXES: dict[str, tuple[str | None, ...]] = {
-  "patches": (layers.BATCH, layers.LENGTH, None),
-  "positions": (layers.BATCH, layers.LENGTH, None),
-  "segment_ids": (layers.BATCH, layers.LENGTH),
-  "shapes": (layers.BATCH, None, None),
-  "text_tokens": (layers.BATCH, layers.TEXT_LENGTH),
-  "text_segment_ids": (layers.BATCH, layers.TEXT_LENGTH),
-  "labels": (layers.BATCH, None),
-  "cond_mask": (layers.BATCH, layers.LENGTH),
-  "loss_mask": (layers.BATCH, layers.LENGTH),
+  key: field.axes for key, field in batch_spec.FIELDS.items()
 }
-PACKED_KEYS = tuple(BATCH_AXES)  # the packed-batch contract (vdit.data.pipeline)
-BATCH_AXES |= {
-  # Fixed-size batches (`vdit.data.dense`).
-  "video": (layers.BATCH, None, None, None, None),
-  "label": (layers.BATCH,),
-  "valid": (layers.BATCH,),
-}
-DENSE_KEYS = ("video", "label", "valid")
-# Precomputed caption embeddings (`input.text_embeddings`), aligned with `text_tokens`.
-BATCH_AXES["text_embeddings"] = (layers.BATCH, layers.TEXT_LENGTH, None)
 
 # Default logical→mesh rules: batch rows over data×fsdp, weights' embed over fsdp (ZeRO-3
 # style), heads/mlp/vocab over tensor, the packed length over sequence.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-  (layers.BATCH, ("data", "fsdp")),
-  (layers.LENGTH, "sequence"),
-  (layers.EMBED, "fsdp"),
-  (layers.MLP, "tensor"),
-  (layers.HEADS, "tensor"),
-  (layers.VOCAB, "tensor"),
-  (layers.KV, None),
-  (layers.TEXT_LENGTH, None),
-  (layers.PATCH, None),
-  (layers.LAYERS, None),
+  (axes.BATCH, ("data", "fsdp")),
+  (axes.LENGTH, "sequence"),
+  (axes.EMBED, "fsdp"),
+  (axes.MLP, "tensor"),
+  (axes.HEADS, "tensor"),
+  (axes.VOCAB, "tensor"),
+  (axes.KV, None),
+  (axes.TEXT_LENGTH, None),
+  (axes.PATCH, None),
+  (axes.LAYERS, None),
 )
 
 
@@ -111,8 +93,8 @@ def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str,
   if rules is None:
     return DEFAULT_RULES
   out = []
-  for name, axes in rules:
-    out.append((name, tuple(axes) if isinstance(axes, list | tuple) else axes))
+  for name, mesh_axes in rules:
+    out.append((name, tuple(mesh_axes) if isinstance(mesh_axes, list | tuple) else mesh_axes))
   return tuple(out)
 
 

@@ -32,10 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdit.axes import BATCH, EMBED, MLP
 from vdit.models import layers
 
 # Logical axes of a conv kernel [kt, kh, kw, C_in, C_out] (RGB / latent ends: unsharded).
-CONV_AXES = (None, None, None, layers.EMBED, layers.MLP)
+CONV_AXES = (None, None, None, EMBED, MLP)
 LOGVAR_RANGE = (-30.0, 20.0)  # clip of the posterior's log-variance (as LDM)
 # Added to the encoder's log-variance output: the posterior starts narrow (σ ≈ 0.14, not 1), so
 # early reconstructions are not drowned in sampling noise (2× faster to a given PSNR, tiny run).
@@ -105,8 +106,8 @@ def channel_norm(name: str | None = None) -> nn.LayerNorm:
   """LayerNorm over the channels of each position (causal and local; see the module doc)."""
   return nn.LayerNorm(
     epsilon=1e-6,
-    scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (layers.EMBED,)),
-    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (layers.EMBED,)),
+    scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (EMBED,)),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (EMBED,)),
     name=name,
   )
 
@@ -160,19 +161,19 @@ class VideoAutoencoder(nn.Module):
     ch, z = self.channels, self.latent_channels
     time = self._time_stages()
     # Encoder.
-    self.enc_in = CausalConv3d(ch[0], axes=(None, None, None, None, layers.MLP))
+    self.enc_in = CausalConv3d(ch[0], axes=(None, None, None, None, MLP))
     self.enc_blocks = [[ResBlock(c) for _ in range(self.num_res_blocks)] for c in ch]
     self.enc_down = [CausalConv3d(c, strides=(2 if t else 1, 2, 2)) for c, t in zip(ch, time)]
     self.enc_mid = ResBlock(ch[-1])
     self.enc_norm = channel_norm()
-    self.enc_out = CausalConv3d(2 * z, axes=(None, None, None, layers.EMBED, None))
+    self.enc_out = CausalConv3d(2 * z, axes=(None, None, None, EMBED, None))
     # Decoder (mirror).
-    self.dec_in = CausalConv3d(ch[-1], axes=(None, None, None, None, layers.MLP))
+    self.dec_in = CausalConv3d(ch[-1], axes=(None, None, None, None, MLP))
     self.dec_mid = ResBlock(ch[-1])
     self.dec_blocks = [[ResBlock(c) for _ in range(self.num_res_blocks)] for c in ch]
     self.dec_up = [CausalConv3d(c) for c in ch[:-1]]
     self.dec_norm = channel_norm()
-    self.dec_out = CausalConv3d(3, axes=(None, None, None, layers.EMBED, None))
+    self.dec_out = CausalConv3d(3, axes=(None, None, None, EMBED, None))
 
   def encode(self, video: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Posterior (mean, logvar) [B, T', H', W', Z] of video [B, T, H, W, 3] (or images
@@ -180,7 +181,7 @@ class VideoAutoencoder(nn.Module):
     image = video.ndim == 4
     x = video[:, None] if image else video
     check_video_shape(x.shape, self.compression)
-    x = nn.with_logical_constraint(x, (layers.BATCH, None, None, None, None))
+    x = nn.with_logical_constraint(x, (BATCH, None, None, None, None))
     x = self.enc_in(x)
     for level, blocks in enumerate(self.enc_blocks):
       for block in blocks:
@@ -196,7 +197,7 @@ class VideoAutoencoder(nn.Module):
     """Latents [B, T', H', W', Z] → video [B, 1 + ft·(T'−1), fs·H', fs·W', 3] (or images)."""
     image = z.ndim == 4
     x = z[:, None] if image else z
-    x = nn.with_logical_constraint(x, (layers.BATCH, None, None, None, None))
+    x = nn.with_logical_constraint(x, (BATCH, None, None, None, None))
     x = self.dec_mid(self.dec_in(x))
     time = self._time_stages()
     for level in reversed(range(len(self.channels))):

@@ -23,9 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vdit.axes import BATCH, EMBED, LENGTH, PATCH, VOCAB
 from vdit.data.patchify import patchify, unpatchify
 from vdit.models import layers, posemb
-from vdit.models.layers import BATCH, EMBED, LENGTH, PATCH, VOCAB
 from vdit.models.video_dit import FinalLayer, decode_variant
 
 

@@ -1,8 +1,8 @@
-"""Shared building blocks: logical axis names, attention backends, conditioning, positions.
+"""Shared building blocks: attention backends, conditioning, positions.
 
 Every parameter is created with `nn.with_logical_partitioning` and every large activation is
-constrained with `nn.with_logical_constraint`, using the logical axis names below. The mapping
-from logical names to mesh axes lives in the config (`config.sharding_rules`), never here.
+constrained with `nn.with_logical_constraint`, using the logical axis names of `vdit.axes`. The
+mapping from logical names to mesh axes lives in the config (`config.sharding_rules`), never here.
 
 Shape letters (STYLE.md): B rows, L packed length, K examples per row, D width, H heads,
 P patch vector size, M text length.
@@ -16,20 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vdit.axes import BATCH, EMBED, HEADS, KV, LAYERS, LENGTH, MLP
 from vdit.models import posemb, splash
 from vdit.models.posemb import sincos_1d, sincos_3d  # noqa: F401  (re-exported)
-
-# Logical axis names (DESIGN.md, "Sharding").
-BATCH = "batch"
-LENGTH = "length"
-EMBED = "embed"
-MLP = "mlp"
-HEADS = "heads"
-KV = "kv"
-TEXT_LENGTH = "text_length"
-PATCH = "patch"
-LAYERS = "layers"
-VOCAB = "vocab"
 
 Dtype = Any
 Axes = tuple[str | None, ...]

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from vdit import segments
+from vdit.axes import BATCH, EMBED, LENGTH, PATCH
 from vdit.models import layers
-from vdit.models.layers import BATCH, EMBED, LENGTH, PATCH
 from vdit.models.vit import VARIANTS, Encoder, MAPHead, class_head, classification_loss
 
 __all__ = ["NaViT", "FactorizedPositionEmbedding", "drop_tokens", "classification_loss"]

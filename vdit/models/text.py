@@ -11,9 +11,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vdit.axes import BATCH, EMBED, TEXT_LENGTH, VOCAB
 from vdit.data.tokenizer import NULL_ID
 from vdit.models import layers
-from vdit.models.layers import BATCH, EMBED, TEXT_LENGTH, VOCAB
 
 
 class TextBlock(nn.Module):

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from vdit import segments
+from vdit.axes import BATCH, EMBED, LENGTH, MLP, PATCH, TEXT_LENGTH, VOCAB
 from vdit.models import layers
-from vdit.models.layers import BATCH, EMBED, LENGTH, MLP, PATCH, TEXT_LENGTH, VOCAB
 from vdit.models.text import TextEncoder
 
 # DiT sizes (Peebles & Xie 2023, Table 1); "/p" is the spatial patch size of the latent.

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdit.axes import BATCH, EMBED, LENGTH, PATCH
 from vdit.data.patchify import patchify
 from vdit.models import layers, posemb
-from vdit.models.layers import BATCH, EMBED, LENGTH, PATCH
 
 # ViT sizes (Dosovitskiy et al., Table 1; "Ti" from Touvron et al. 2021 "DeiT"). MLP = 4·D.
 VARIANTS = {

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdit.axes import BATCH, EMBED, HEADS, KV, LENGTH, PATCH
 from vdit.data.patchify import patchify
 from vdit.models import layers
-from vdit.models.layers import BATCH, EMBED, HEADS, KV, LENGTH, PATCH
 from vdit.models.vit import VARIANTS, Encoder, class_head, classification_loss
 
 __all__ = ["ViViT", "inflate_patch_embedding", "classification_loss", "VIVIT_VARIANTS"]

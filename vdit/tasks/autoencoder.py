@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from vdit import config_checks, media, sharding
+from vdit import batch_spec, config_checks, media
 from vdit.models import autoencoder as ae
 from vdit.tasks import base
 
@@ -80,7 +80,7 @@ def psnr(a: jax.Array, b: jax.Array, data_range: float = 1.0) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 class AutoencoderTask(base.Task):
   def batch_keys(self, config) -> tuple[str, ...]:
-    return sharding.DENSE_KEYS
+    return batch_spec.DENSE_KEYS
 
   def check_config(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
     m = config.model

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from vdit import models, sharding
+from vdit import batch_spec, models
 from vdit.data import dense, pipeline
 
 
@@ -34,9 +34,9 @@ class Task:
     """Raises `config_checks.ConfigError` for a value this task cannot run."""
 
   def batch_keys(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """Keys of a batch as the loss sees it (their logical axes are in `sharding.BATCH_AXES`)."""
+    """Keys of a batch as the loss sees it (their shapes and axes: `vdit.batch_spec`)."""
     del config
-    return sharding.PACKED_KEYS
+    return batch_spec.PACKED_KEYS
 
   def build_model(self, config: ml_collections.ConfigDict):
     return models.build(config)

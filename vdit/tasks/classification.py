@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vdit import config_checks, models, sharding
+from vdit import batch_spec, config_checks, models
 from vdit.models import vit
 from vdit.tasks import base
 
@@ -28,7 +28,7 @@ def _packed(config) -> bool:
 
 class Classification(base.Task):
   def batch_keys(self, config) -> tuple[str, ...]:
-    return sharding.PACKED_KEYS if _packed(config) else sharding.DENSE_KEYS
+    return batch_spec.PACKED_KEYS if _packed(config) else batch_spec.DENSE_KEYS
 
   def check_config(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
     m = config.model

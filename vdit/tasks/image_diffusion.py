@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vdit import config_checks, media, models, sharding
+from vdit import batch_spec, config_checks, media, models
 from vdit.diffusion import gaussian_samplers, guidance, objectives
 from vdit.tasks import base
 
@@ -39,7 +39,7 @@ def as_rows(images: jax.Array, labels: jax.Array, valid: jax.Array) -> dict[str,
 
 class ImageDiffusion(base.Task):
   def batch_keys(self, config) -> tuple[str, ...]:
-    return sharding.DENSE_KEYS
+    return batch_spec.DENSE_KEYS
 
   def check_config(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
     m = config.model

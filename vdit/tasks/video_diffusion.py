@@ -5,7 +5,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from vdit import config_checks, sampling, sharding
+from vdit import batch_spec, config_checks, sampling
 from vdit.diffusion import conditioning, objectives
 from vdit.tasks import base
 
@@ -39,7 +39,7 @@ class VideoDiffusion(base.Task):
 
   def batch_keys(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
     extra = ("text_embeddings",) if config.input.get("text_embeddings") else ()
-    return sharding.PACKED_KEYS + extra
+    return batch_spec.PACKED_KEYS + extra
 
   def loss(self, model, params, batch, rng, config):
     """First some examples become conditioned tasks (image-to-video, extension, interpolation;

@@ -49,7 +49,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from vdit import models, sharding, train, train_state  # noqa: E402
+from vdit import batch_spec, models, sharding, train, train_state  # noqa: E402
 from vdit.models import flops  # noqa: E402
 from vdit.tools import roofline  # noqa: E402
 from vdit.tools.roofline import CHIPS, COLLECTIVES, Chip, GiB  # noqa: E402
@@ -94,22 +94,15 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 def abstract_batch(config: ml_collections.ConfigDict, mesh, rules) -> dict[str, Any]:
   """Shape/dtype/sharding of one global packed batch (DESIGN.md "The packed batch")."""
   inp = config.input
-  b, length, m, k = (
-    inp.rows_per_batch,
-    inp.tokens_per_row,
-    inp.text_tokens_per_row,
-    inp.max_examples_per_row,
-  )
+  sizes = {
+    "B": inp.rows_per_batch,
+    "L": inp.tokens_per_row,
+    "M": inp.text_tokens_per_row,
+    "K": inp.max_examples_per_row,
+    "P": models.patch_dim(config),
+  }
   shapes = {
-    "patches": ((b, length, models.patch_dim(config)), jnp.float32),
-    "positions": ((b, length, 3), jnp.int32),
-    "segment_ids": ((b, length), jnp.int32),
-    "shapes": ((b, k, 3), jnp.int32),
-    "text_tokens": ((b, m), jnp.int32),
-    "text_segment_ids": ((b, m), jnp.int32),
-    "labels": ((b, k), jnp.int32),
-    "cond_mask": ((b, length), jnp.bool_),
-    "loss_mask": ((b, length), jnp.bool_),
+    key: (batch_spec.shape(key, sizes), field.dtype) for key, field in batch_spec.PACKED.items()
   }
   shardings = sharding.batch_shardings(mesh, rules, shapes)
   return {
