@@ -17,3 +17,20 @@ def per_token(values: jax.Array, segment_ids: jax.Array) -> jax.Array:
   index = jnp.clip(segment_ids - 1, 0, values.shape[1] - 1)  # [B, L]
   index = index.reshape(index.shape + (1,) * (values.ndim - 2))
   return jnp.take_along_axis(values, index, axis=1)
+
+
+# Patch-grid sides up to this many patches get distinct `place_ids` (int32 range: K ≤ 2,000).
+MAX_GRID_SIDE = 1024
+
+
+def place_ids(segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
+  """One id per (example, spatial position): [B, L] int32, equal for the tokens of one example
+  at the same (h, w) in every patch-frame and distinct otherwise; 0 for padding.
+
+  As segment ids of an attention mask they give temporal attention: each token attends along
+  time at its own place (TimeSformer's divided space-time attention, Bertasius et al. 2021).
+  positions: [B, L, 3] (t, h, w) patch coordinates.
+  """
+  h, w = positions[..., 1], positions[..., 2]
+  ids = (segment_ids * MAX_GRID_SIDE + h) * MAX_GRID_SIDE + w + 1
+  return jnp.where(segment_ids > 0, ids, 0).astype(jnp.int32)

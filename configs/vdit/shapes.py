@@ -98,6 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     rope_max_period=100.0 if tiny else 10_000.0,  # in patches
     locality=0.0,  # > 0: a 3-D ALiBi bias in self-attention, largest slope (docs/recipe.md)
     pooled_text=tiny,  # the mean encoded caption also enters the adaLN conditioning
+    temporal_attention=False,  # every block also attends along time at each place
     # (kt, kh, kw): embed each token from its neighbours' patches too (a convolutional patch
     # embedding; tiny: docs/recipe.md rows H, H2, I).
     patch_context=(3, 3, 3) if tiny else (),

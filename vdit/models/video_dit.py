@@ -68,23 +68,40 @@ class DiTBlock(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x, c, segment_ids, text, text_segment_ids, rope_positions=None, neighbours=None
+    self,
+    x,
+    c,
+    segment_ids,
+    text,
+    text_segment_ids,
+    rope_positions=None,
+    neighbours=None,
+    place_ids=None,
   ):
     # x: [B, L, D] tokens; c: [B, L, D] per-token conditioning (packed rows mix examples with
     # different diffusion times); segment_ids: [B, L]; text: [B, M, D]; text ids: [B, M];
     # rope_positions: [B, L, 3] ((t, h, w) for RoPE and/or the locality bias) or None;
-    # neighbours: `layers.grid_neighbours` (index, valid) [B, L, N] of `mlp_context`, or None.
+    # neighbours: `layers.grid_neighbours` (index, valid) [B, L, N] of `mlp_context`, or None;
+    # place_ids: `segments.place_ids` [B, L] for a temporal attention after the self-attention
+    # (`VideoDiT.temporal_attention`), or None.
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = dict(num_heads=self.num_heads, qk_norm=self.qk_norm, backend=self.attention_backend)
     x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
     self_attn = dict(rope=self.rope, rope_max_period=self.rope_max_period, locality=self.locality)
-    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(
-      modulation(layers.AdaLNModulation(6, name="adaln", **kw), c), 6, axis=-1
-    )  # each [B, L, D], zero-init
+    n = 6 if place_ids is None else 9
+    mods = jnp.split(modulation(layers.AdaLNModulation(n, name="adaln", **kw), c), n, axis=-1)
+    shift1, scale1, gate1, shift2, scale2, gate2 = mods[:6]  # each [B, L, D], zero-init
     h = layers.modulate(layers.layer_norm(affine=False, name="norm1", **kw)(x), shift1, scale1)
     x = x + gate1 * layers.MultiHeadAttention(**attn, **self_attn, name="self_attn", **kw)(
       h, segment_ids, positions=rope_positions
     )
+    if place_ids is not None:  # attention along time at each place, adaLN-Zero gated
+      shift_t, scale_t, gate_t = mods[6:]
+      norm = layers.layer_norm(affine=False, name="norm_temporal", **kw)
+      h = layers.modulate(norm(x), shift_t, scale_t)
+      x = x + gate_t * layers.MultiHeadAttention(**attn, **self_attn, name="temporal_attn", **kw)(
+        h, place_ids, positions=rope_positions
+      )
     h = layers.layer_norm(name="norm_cross", **kw)(x)
     x = x + layers.MultiHeadAttention(
       **attn, zero_init_out=True, kv_length_axis=TEXT_LENGTH, name="cross_attn", **kw
@@ -153,6 +170,10 @@ class VideoDiT(nn.Module):
   # conditioning (next to the time), as the pooled text vector of SD3 (Esser et al. 2024,
   # Sec. 4); cross-attention still reads the whole sequence.
   pooled_text: bool = False
+  # Every block also attends along time at each spatial place (divided space-time attention,
+  # TimeSformer, Bertasius et al. 2021), after its full 3-D self-attention: what a token was
+  # and will be at its own place, one short attention away (docs/recipe.md).
+  temporal_attention: bool = False
   # > 0: the patch embedding is low-rank, P → patch_bottleneck → D (JiT, Li & He 2025,
   # Sec. 4.2): a linear path of rank < P cannot copy the per-pixel noise of its input through.
   patch_bottleneck: int = 0
@@ -284,7 +305,7 @@ class VideoDiT(nn.Module):
     stack = layers.stack_blocks(
       DiTBlock,
       depth=self.depth,
-      num_broadcast_args=6,
+      num_broadcast_args=7,
       scan=self.scan_layers,
       remat_policy=self.remat_policy,
     )
@@ -306,6 +327,7 @@ class VideoDiT(nn.Module):
       text_segment_ids,
       positions if self.rope or self.locality else None,
       neighbours(self.mlp_context),
+      segments.place_ids(segment_ids, positions) if self.temporal_attention else None,
     )
     out = FinalLayer(self.out_dim or self.patch_dim, name="final", **kw)(
       h, c, neighbours(self.output_context)
