@@ -267,6 +267,54 @@ def test_local_options_keep_packing_exact():
   assert_packed_equals_alone(model, perturb(params, 2), ex)
 
 
+def test_place_ids_group_each_place_along_time():
+  """`segments.place_ids`: tokens share an id iff they are one example's at one (h, w), in any
+  patch-frame; padding is 0."""
+  batch = packed_rows([examples()])
+  seg, pos = np.asarray(batch["segment_ids"][0]), np.asarray(batch["positions"][0])
+  ids = np.asarray(segments.place_ids(batch["segment_ids"], batch["positions"]))[0]
+  assert (ids[seg == 0] == 0).all() and (ids[seg > 0] > 0).all()
+  real = np.flatnonzero(seg > 0)
+  for i in real:
+    same = (seg[real] == seg[i]) & (pos[real, 1] == pos[i, 1]) & (pos[real, 2] == pos[i, 2])
+    np.testing.assert_array_equal(ids[real] == ids[i], same)
+  # The first example's grid is (2, 3, 4): 12 places of 2 patch-frames each.
+  assert len(set(ids[seg == 1])) == 12
+
+
+def test_temporal_attention_keeps_packing_exact_and_reads_along_time():
+  """With the temporal attention a packed row still equals each example alone; the sublayer
+  alone (its block's other paths switched off) mixes a token only with its own place's tokens
+  in the other patch-frames."""
+  model = VideoDiT(**TINY, rope=True, rope_max_period=50.0, temporal_attention=True)
+  ex = examples()
+  inputs = list(packed_rows([ex]).values())
+  params = jax.jit(lambda r: nn.unbox(model.init(r, *inputs)))(jax.random.key(0))
+  assert params["params"]["blocks"]["adaln"]["proj"]["kernel"].shape[-1] == 9 * TINY["width"]
+  assert_packed_equals_alone(model, perturb(params, 3), ex)
+  # One block: x → x + temporal_attn(x), every other path off.
+  batch = packed_rows([ex])
+  r = np.random.default_rng(1)
+  x = jnp.asarray(r.normal(size=(1, L, 32)), jnp.float32)
+  c = jnp.asarray(r.normal(size=(1, L, 32)), jnp.float32)
+  text = jnp.asarray(r.normal(size=(1, M, 32)), jnp.float32)
+  ids = segments.place_ids(batch["segment_ids"], batch["positions"])
+  args = (x, c, batch["segment_ids"], text, batch["text_segment_ids"], None, None, ids)
+  block = DiTBlock(num_heads=4, rope=False)
+  p = perturb(block.init(jax.random.key(2), *args), 5)["params"]
+  zero = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+  p = {**p, "self_attn": zero(p["self_attn"]), "cross_attn": zero(p["cross_attn"])}
+  p = {**p, "mlp": zero(p["mlp"])}
+  f = jax.jit(lambda x: block.apply({"params": p}, x, *args[1:])[0])
+  jac = np.asarray(jax.jacobian(lambda v: f(v)[0, :, 0])(x)[:, 0, :, 0])  # [L, L]: out i ← in j
+  place = np.asarray(ids[0])
+  reads = np.abs(jac) > 1e-7
+  np.fill_diagonal(reads, False)
+  real = place > 0
+  assert reads[np.ix_(real, real)].any()
+  assert not (reads[np.ix_(real, real)] & (place[real][:, None] != place[real][None, :])).any()
+
+
 def test_shared_conditioning_equals_per_token():
   """Conditioning computed once per (example, clean or noisy) gives the per-token model's
   outputs, with clean (t = 0) tokens and padding of any time in the row (the same function of
