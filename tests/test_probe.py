@@ -30,6 +30,15 @@ def test_colour_velocity_reads_the_motion_of_every_real_clip():
   np.testing.assert_allclose(backward, -forward, atol=1e-4)
 
 
+def test_real_continuations_score_fully():
+  """The extend probe's premise: the 8 frames that follow the first 4 of each real clip keep
+  the object, its shape and its motion, by the scorer the probe uses."""
+  combos = probe.combinations(shapes_scorer.Vocabulary.of_dataset("tiny"))
+  clips = probe.real_clips(combos, size=(12, 32, 32))
+  scores = probe._scores([c[4:] for c in clips], [probe.prompt(*c) for c in combos], combos)
+  assert scores == dict(colour=1.0, shape=1.0, direction=1.0, all=1.0, temporal=1.0)
+
+
 def test_object_mask_and_psnr():
   combos = probe.combinations(shapes_scorer.Vocabulary.of_dataset("tiny"))[:4]
   clips = probe.real_clips(combos)
@@ -74,4 +83,6 @@ def test_probe_cli_on_a_trained_checkpoint(data_dir, tmp_path):
   for row in result["words"]:  # the text ids are random at init: every word moves x̂0 a little
     assert all(0 < row[a] < 1 for a in probe.ATTRIBUTES), row
   assert set(result["i2v"]) == {"colour", "shape", "direction", "all", "temporal"}
+  assert set(result["extend"]) == set(result["i2v"])
+  assert all(0 <= v <= 1 for v in result["extend"].values())
   assert all(0 <= v <= 1 for v in result["i2v"].values())

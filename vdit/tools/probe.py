@@ -2,7 +2,7 @@ r"""Probes of a trained `shapes` text-to-video model: where its generation fails
 
   python -m vdit.tools.probe --workdir=runs/shapes [--step=N]
 
-Four measurements, each on the model's own x̂0 or samples (docs/recipe.md, "Where the failure
+Five measurements, each on the model's own x̂0 or samples (docs/recipe.md, "Where the failure
 is"), on the 48 `a {colour} {shape} moving {direction}` combinations of the tiny variant:
 
 - **fidelity**: real 8×32×32 clips noised to t, the PSNR of the (unguided) x̂0 over the whole
@@ -14,6 +14,10 @@ is"), on the 48 `a {colour} {shape} moving {direction}` combinations of the tiny
   same noise for the four direction words). 0 = the direction word does not steer the motion.
 - **i2v**: a centred object as the first frame, generated once per direction word; the
   `adherence` scorer's accuracies (direction chance: 25%).
+- **extend**: the first 4 frames of a real clip given, 8 more generated (`Sampler.extend`,
+  prompt = the clip's caption); the `adherence` scorer's accuracies on the generated frames.
+  The context shows the object, its shape and its motion: a model that carries content along
+  time keeps all three without needing the words (real continuations score 100%).
 - **words**: from one noise, how far x̂0 moves (mean |Δ| in [-1, 1]) when only the colour,
   the shape or the direction word of the prompt changes. A word whose change moves nothing is
   not read (docs/recipe.md: a text encoder that had erased every word but the colour).
@@ -215,6 +219,26 @@ def word_effect(probe: Probe, combos, times: Sequence[float], seed: int = 0) -> 
   return results
 
 
+def extend_forward(sampler: sampling.Sampler, combos, steps: int = 16) -> dict:
+  """Adherence of the 8 frames generated after the first 4 of each combination's real clip."""
+  given, total = 4, 12
+  clips = real_clips(combos, size=(total, *SIZE[1:]))
+  videos, prompts = [], []
+  for i, combo in enumerate(combos):
+    text = prompt(*combo)
+    out = sampler.extend([text], clips[i][:given], num_frames=total, steps=steps, seed=i)[0]
+    videos.append(out[given:])
+    prompts.append(text)
+  return _scores(videos, prompts, combos)
+
+
+def _scores(videos, prompts, combos) -> dict:
+  """The adherence scorer's accuracies and temporal score of `videos` against `prompts`."""
+  vocab = shapes_scorer.Vocabulary(*(tuple(dict.fromkeys(x)) for x in zip(*combos)))
+  scores = shapes_scorer.score_many(videos, prompts, vocab)
+  return {k: float(scores[k]) for k in ("colour", "shape", "direction", "all", "temporal")}
+
+
 def i2v_direction(sampler: sampling.Sampler, combos, steps: int = 16) -> dict:
   """Adherence of image-to-video from a centred object, one video per combination."""
   _, height, width = SIZE
@@ -225,13 +249,11 @@ def i2v_direction(sampler: sampling.Sampler, combos, steps: int = 16) -> dict:
     text = prompt(colour, shape, direction)
     videos.append(sampler.image_to_video([text], image, num_frames=frames, steps=steps, seed=i)[0])
     prompts.append(text)
-  vocab = shapes_scorer.Vocabulary(*(tuple(dict.fromkeys(x)) for x in zip(*combos)))
-  scores = shapes_scorer.score_many(videos, prompts, vocab)
-  return {k: float(scores[k]) for k in ("colour", "shape", "direction", "all", "temporal")}
+  return _scores(videos, prompts, combos)
 
 
 def run(sampler: sampling.Sampler, *, vocab_config: str = "tiny") -> dict:
-  """All four probes; their rows and values as one JSON-able dict."""
+  """All five probes; their rows and values as one JSON-able dict."""
   vocab = shapes_scorer.Vocabulary.of_dataset(vocab_config)
   if set(vocab.directions) - set(DIRECTION_VECTORS):
     raise ValueError(f"the probes know the directions {sorted(DIRECTION_VECTORS)}")
@@ -242,6 +264,7 @@ def run(sampler: sampling.Sampler, *, vocab_config: str = "tiny") -> dict:
     direction=direction_effect(probe, combos, (0.95, 0.8, 0.6)),
     words=word_effect(probe, combos, (0.95, 0.6)),
     i2v=i2v_direction(sampler, combos),
+    extend=extend_forward(sampler, combos),
   )
 
 
@@ -261,6 +284,8 @@ def report(result: dict) -> str:
     lines.append(f"  t={r['t']:.2f}  " + "  ".join(f"{a} {r[a]:.4f}" for a in ATTRIBUTES))
   i2v = result["i2v"]
   lines.append("i2v from a centred object: " + ", ".join(f"{k} {v:.2f}" for k, v in i2v.items()))
+  ext = result["extend"]
+  lines.append("extend 4 real frames by 8: " + ", ".join(f"{k} {v:.2f}" for k, v in ext.items()))
   return "\n".join(lines)
 
 
