@@ -174,6 +174,11 @@ class VideoDiT(nn.Module):
   # TimeSformer, Bertasius et al. 2021), after its full 3-D self-attention: what a token was
   # and will be at its own place, one short attention away (docs/recipe.md).
   temporal_attention: bool = False
+  # > 0: the output also gets a learned linear map of the token's own noisy patch, a function
+  # of its time t: Σ_k a_k(t)·x W_k with `patch_skip` Gaussian bumps a_k over t ∈ [0, 1] and
+  # zero-initialised W_k [P, P] (a per-t linear denoiser, as a Wiener filter projects a noisy
+  # patch onto the patch statistics; the network adds what a linear map cannot).
+  patch_skip: int = 0
   # > 0: the patch embedding is low-rank, P → patch_bottleneck → D (JiT, Li & He 2025,
   # Sec. 4.2): a linear path of rank < P cannot copy the per-pixel noise of its input through.
   patch_bottleneck: int = 0
@@ -236,6 +241,7 @@ class VideoDiT(nn.Module):
     if x.shape[-1] != self.patch_dim:
       raise ValueError(f"patches have P={x.shape[-1]}, expected patch_dim={self.patch_dim}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    noisy = x  # [B, L, P]
     if self.self_condition:  # [B, L, 2P]: the noisy patch and the previous estimate
       prev = jnp.zeros_like(x) if x0_prev is None else x0_prev.astype(x.dtype)
       x = jnp.concatenate([x, prev], axis=-1)
@@ -332,9 +338,28 @@ class VideoDiT(nn.Module):
     out = FinalLayer(self.out_dim or self.patch_dim, name="final", **kw)(
       h, c, neighbours(self.output_context)
     )
+    if self.patch_skip:
+      out = out + self.skip(noisy, t)
     if valid is not None:  # a row outside the shared-conditioning contract: loud, not wrong
       out = jnp.where(valid[:, None, None], out, jnp.nan)
     return nn.with_logical_constraint(out, (BATCH, LENGTH, PATCH))
+
+  def skip(self, x, t):
+    """Σ_k a_k(t)·x W_k: [B, L, out]; x: [B, L, P] noisy patches, t: [B, L] their times."""
+    k = self.patch_skip
+    centres = jnp.linspace(0.0, 1.0, k)
+    width = 1.0 / max(k - 1, 1)
+    bumps = jnp.exp(-0.5 * ((t[..., None] - centres) / width) ** 2)  # [B, L, K]
+    bumps = bumps / jnp.sum(bumps, axis=-1, keepdims=True)
+    out_dim = self.out_dim or self.patch_dim
+    kernel = self.param(
+      "skip",
+      nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, PATCH, None)),
+      (k, x.shape[-1], out_dim),
+      self.param_dtype,
+    )
+    per_k = jnp.einsum("blp,kpq->blkq", x.astype(self.dtype), kernel.astype(self.dtype))
+    return jnp.einsum("blk,blkq->blq", bumps.astype(self.dtype), per_k)
 
   def conditioning_table(self, t, segment_ids):
     """The distinct (example, time) pairs of each row: (times [B, U], their segment ids [B, U],

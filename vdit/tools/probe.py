@@ -12,8 +12,9 @@ is"), on the 48 `a {colour} {shape} moving {direction}` combinations of the tiny
 - **direction**: from pure noise at high t, the centroid of the prompted colour in the x̂0 of
   each prompt, fitted over the frames: its velocity along the prompted direction (px/frame,
   same noise for the four direction words). 0 = the direction word does not steer the motion.
-- **i2v**: a centred object as the first frame, generated once per direction word; the
-  `adherence` scorer's accuracies (direction chance: 25%).
+- **i2v**: a centred object as the first patch-frame, 8 frames generated after it, once per
+  direction word; the `adherence` scorer's accuracies on the generated frames (direction
+  chance: 25%).
 - **extend**: the first 4 frames of a real clip given, 8 more generated (`Sampler.extend`,
   prompt = the clip's caption); the `adherence` scorer's accuracies on the generated frames.
   The context shows the object, its shape and its motion: a model that carries content along
@@ -240,14 +241,17 @@ def _scores(videos, prompts, combos) -> dict:
 
 
 def i2v_direction(sampler: sampling.Sampler, combos, steps: int = 16) -> dict:
-  """Adherence of image-to-video from a centred object, one video per combination."""
+  """Adherence of image-to-video from a centred object, one video per combination, scored on
+  the generated frames only (the still fills the first patch-frame; it would show the object
+  whatever the model does)."""
   _, height, width = SIZE
-  frames = max(SIZE[0], 2 * sampler.pt)  # the still fills the first patch-frame
+  frames = SIZE[0] + sampler.pt
   videos, prompts = [], []
   for i, (colour, shape, direction) in enumerate(combos):
     image = centred_object(colour, shape, height, width)
     text = prompt(colour, shape, direction)
-    videos.append(sampler.image_to_video([text], image, num_frames=frames, steps=steps, seed=i)[0])
+    out = sampler.image_to_video([text], image, num_frames=frames, steps=steps, seed=i)[0]
+    videos.append(out[sampler.pt :])
     prompts.append(text)
   return _scores(videos, prompts, combos)
 
