@@ -315,6 +315,28 @@ def test_temporal_attention_keeps_packing_exact_and_reads_along_time():
   assert not (reads[np.ix_(real, real)] & (place[real][:, None] != place[real][None, :])).any()
 
 
+def test_patch_skip_adds_a_per_time_linear_map_of_the_own_patch():
+  """`patch_skip`: zero at init; after training-like perturbation the output is the model's
+  without the skip plus Σ_k a_k(t)·x W_k of each token's own noisy patch (Gaussian bumps a_k
+  over t, normalised), and a packed row still equals each example alone."""
+  model = VideoDiT(**TINY, patch_skip=3)
+  ex = examples()
+  batch = packed_rows([ex])
+  params = jax.jit(lambda r: nn.unbox(model.init(r, *batch.values())))(jax.random.key(0))
+  np.testing.assert_array_equal(jax.jit(lambda p: apply(model, p, batch))(params), 0.0)
+  params = perturb(params, 6)
+  kernel = np.asarray(params["params"]["skip"])  # [3, P, P]
+  assert kernel.shape == (3, P, P)
+  without = {"params": {**params["params"], "skip": jnp.zeros_like(kernel)}}
+  run = jax.jit(lambda p: apply(model, p, batch))
+  t = np.asarray(batch["t"])[..., None]  # [1, L, 1]
+  bumps = np.exp(-0.5 * ((t - np.array([0.0, 0.5, 1.0])) / 0.5) ** 2)
+  bumps /= bumps.sum(-1, keepdims=True)
+  expected = np.einsum("blk,blp,kpq->blq", bumps, np.asarray(batch["x"]), kernel)
+  np.testing.assert_allclose(run(params) - run(without), expected, atol=1e-4, rtol=1e-4)
+  assert_packed_equals_alone(model, params, ex)
+
+
 def test_shared_conditioning_equals_per_token():
   """Conditioning computed once per (example, clean or noisy) gives the per-token model's
   outputs, with clean (t = 0) tokens and padding of any time in the row (the same function of

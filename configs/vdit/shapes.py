@@ -88,7 +88,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     num_heads=heads,
     mlp_ratio=4.0,
     text_width=width,
-    text_depth=2 if tiny else 4,
+    # tiny: no encoder blocks, each caption token is its word's embedding + position code (two
+    # blocks learnt to broadcast the colour and erase the shape and direction words:
+    # docs/recipe.md, "The text encoder erased every word but the colour").
+    text_depth=0 if tiny else 4,
     text_heads=heads,
     text_embed_dim=0,  # E of precomputed caption embeddings (the `captions=` option); 0 = tokens
     # The tiny recipe (docs/recipe.md); the large variants keep the settings their AOT plans
