@@ -80,8 +80,8 @@ def test_probe_cli_on_a_trained_checkpoint(data_dir, tmp_path):
   assert [r["t"] for r in result["direction"]] == [0.95, 0.8, 0.6]
   assert all(np.isfinite(r["velocity_along_prompt"]) for r in result["direction"])
   assert [r["t"] for r in result["words"]] == [0.95, 0.6]
-  for row in result["words"]:  # the text ids are random at init: every word moves x̂0 a little
-    assert all(0 < row[a] < 1 for a in probe.ATTRIBUTES), row
+  for row in result["words"]:  # after 2 steps the zero-initialised text paths are still ~shut
+    assert all(0 <= row[a] < 1 for a in probe.ATTRIBUTES), row
   assert set(result["i2v"]) == {"colour", "shape", "direction", "all", "temporal"}
   assert set(result["extend"]) == set(result["i2v"])
   assert all(0 <= v <= 1 for v in result["extend"].values())
