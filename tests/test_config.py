@@ -42,6 +42,7 @@ def test_tiny_config_is_valid():
     ("model.output_context", (3, 3), r"output_context=\(3, 3\) must be \(\) or three odd"),
     ("model.locality", -1.0, r"model.locality=-1.0 must be ≥ 0"),
     ("model.locality", float("nan"), r"model.locality=nan must be ≥ 0"),
+    ("model.patch_skip", -2, r"model.patch_skip=-2 must be an integer ≥ 0"),
     ("optimizer.lr", float("nan"), r"optimizer.lr=nan must be a finite number > 0"),
     ("optimizer.lr", -1.0, r"optimizer.lr=-1.0 must be a finite number > 0"),
     ("optimizer.grad_clip", 0.0, r"optimizer.grad_clip=0.0 must be a finite number > 0"),

@@ -168,6 +168,11 @@ def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, in
       f"model.locality={locality} needs model.attention_backend='xla', not "
       f"{model.attention_backend!r} (the bias is added to dense attention logits)"
     )
+  skip = model.get("patch_skip", 0)
+  if int(skip) != skip or skip < 0:
+    raise ConfigError(
+      f"model.patch_skip={skip} must be an integer ≥ 0: the number of time bumps (0 = off)"
+    )
   check_diffusion(config.diffusion)
   if inp.tokens_per_row % shape["sequence"]:
     raise ConfigError(
