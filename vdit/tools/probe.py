@@ -141,6 +141,12 @@ class Probe:
     )
     return {k: jnp.asarray(v) for k, v in rows.items()}
 
+  def shared_noise(self, n: int, seed: int) -> np.ndarray:
+    """One pure-noise video in patches, the same for all `n` rows: [n, L, P]."""
+    length, dim = int(np.prod(self.grid)), int(np.prod(self.patch_size)) * 3
+    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (1, length, dim)))
+    return np.broadcast_to(noise, (n, length, dim))
+
   def x0(self, x: np.ndarray, t: float, rows: dict) -> np.ndarray:
     """x̂0 videos [N, T, H, W, 3] in [-1, 1] of noisy patches x [N, L, P] at time t."""
     t_tok = jnp.full(x.shape[:2], t, jnp.float32)
@@ -178,10 +184,7 @@ def direction_effect(probe: Probe, combos, times: Sequence[float], seed: int = 0
   """Per t: the mean velocity (px/frame) of the prompted colour in x̂0 along the prompted
   direction, from pure noise shared by the four direction words of a colour and shape."""
   rows = probe.rows([prompt(*c) for c in combos])
-  length, dim = int(np.prod(probe.grid)), int(np.prod(probe.patch_size)) * 3
-  # The same noise for every prompt: only the words differ.
-  noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (1, length, dim)))
-  noise = np.broadcast_to(noise, (len(combos), length, dim))
+  noise = probe.shared_noise(len(combos), seed)  # only the words differ between rows
   results = []
   for t in times:
     videos = (probe.x0(t * noise, t, rows) + 1.0) * 127.5
@@ -206,9 +209,7 @@ def word_effect(probe: Probe, combos, times: Sequence[float], seed: int = 0) -> 
   }
   base_rows = probe.rows([prompt(*c) for c in combos])
   other_rows = {name: probe.rows([prompt(*c) for c in cs]) for name, cs in swapped.items()}
-  length, dim = int(np.prod(probe.grid)), int(np.prod(probe.patch_size)) * 3
-  noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (1, length, dim)))
-  noise = np.broadcast_to(noise, (len(combos), length, dim))
+  noise = probe.shared_noise(len(combos), seed)
   results = []
   for t in times:
     base = probe.x0(t * noise, t, base_rows)
