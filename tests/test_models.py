@@ -337,6 +337,30 @@ def test_patch_skip_adds_a_per_time_linear_map_of_the_own_patch():
   assert_packed_equals_alone(model, params, ex)
 
 
+def test_position_conditioning_keeps_packing_exact():
+  """`position_conditioning`: a packed row still equals each example alone (with the shared
+  conditioning table, gathered to the tokens), and with its map zeroed the model is the model
+  without it. That the map makes a word move content is the direction fit of
+  test_generation."""
+  model = VideoDiT(**TINY, shared_conditioning=K, pooled_text=True, position_conditioning=True)
+  plain = VideoDiT(**TINY, shared_conditioning=K, pooled_text=True)
+  ex = examples()
+  batch = packed_rows([ex])
+  params = jax.jit(lambda r: nn.unbox(model.init(r, *batch.values())))(jax.random.key(0))
+  params = perturb(params, 7)
+  kernel = params["params"]["position_conditioning"]["kernel"]
+  assert kernel.shape == (TINY["width"], TINY["width"])
+  assert_packed_equals_alone(model, params, ex)
+  zeroed = {"params": dict(params["params"])}
+  zeroed["params"]["position_conditioning"] = jax.tree.map(
+    jnp.zeros_like, params["params"]["position_conditioning"]
+  )
+  without = {"params": {k: v for k, v in params["params"].items() if k != "position_conditioning"}}
+  np.testing.assert_allclose(
+    apply(model, zeroed, batch), apply(plain, without, batch), atol=1e-5, rtol=1e-5
+  )
+
+
 def test_shared_conditioning_equals_per_token():
   """Conditioning computed once per (example, clean or noisy) gives the per-token model's
   outputs, with clean (t = 0) tokens and padding of any time in the row (the same function of

@@ -102,6 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     locality=0.0,  # > 0: a 3-D ALiBi bias in self-attention, largest slope (docs/recipe.md)
     pooled_text=tiny,  # the mean encoded caption also enters the adaLN conditioning
     temporal_attention=False,  # every block also attends along time at each place
+    position_conditioning=False,  # the adaLN conditioning also reads each token's position
     patch_skip=0,  # > 0: a learned per-t linear map of the own noisy patch joins the output
     # (kt, kh, kw): embed each token from its neighbours' patches too (a convolutional patch
     # embedding; tiny: docs/recipe.md rows H, H2, I).

@@ -204,6 +204,12 @@ class VideoDiT(nn.Module):
   # noisy patch and the model's previous estimate of its clean patch, `x0_prev` (zeros when
   # there is none: the first sampling step, and the training batches that do without it).
   self_condition: bool = False
+  # The adaLN conditioning of each token also gets a learned linear map of its 3-D sin-cos
+  # position code, so the modulations are functions of (time, caption, position) and a word can
+  # act on *where* content goes (a direction word on the object's place in each frame) through
+  # the adaLN's SiLU, not only through attention. Conditioning is then per token (the
+  # `shared_conditioning` table is gathered to the tokens first). docs/recipe.md, row X1.
+  position_conditioning: bool = False
   attention_backend: str = "xla"  # see layers.ATTENTION_BACKENDS
   scan_layers: bool = True
   remat_policy: str = "none"  # see layers.REMAT_NAMES
@@ -301,6 +307,11 @@ class VideoDiT(nn.Module):
       c = c + table(segments.per_token(label_ids, seg_cond))
     if self.pooled_text:
       c = c + self.pool_text(text, seg_cond, text_segment_ids)
+    if self.position_conditioning:
+      if index is not None:
+        c, index = jnp.take_along_axis(c, index[..., None], axis=1), None
+      code = layers.sincos_3d(positions, self.width).astype(c.dtype)
+      c = c + layers.dense(self.width, (None, EMBED), name="position_conditioning", **kw)(code)
     if index is None:
       c = nn.with_logical_constraint(c, (BATCH, LENGTH, EMBED))
     else:
