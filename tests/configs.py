@@ -75,13 +75,11 @@ def fit_one_batch(
   from vdit import sharding, tasks, train, train_state  # noqa: PLC0415
 
   task = tasks.get(config)
-  model = task.build_model(config)
-  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
-  init = train_state.init_fn(model, task.dummy_inputs(config), tx, config.seed)
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_from_config(config.sharding_rules)
-  state, shardings = train_state.create_sharded(init, mesh, rules)
-  step_fn = train.jit_train_step(config, model, tx, mesh, rules, shardings)
+  builder = train_state.build(config, mesh, rules, task)
+  state = builder.create()
+  step_fn = train.jit_train_step(config, builder.model, builder.tx, mesh, rules, builder.shardings)
   batch = next(task.make_iterator(config)) if batch is None else batch
   losses, metrics = [], {}
   with sharding.activate(mesh, rules):

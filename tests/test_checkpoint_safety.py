@@ -50,11 +50,7 @@ def workdir(trained, tmp_path):
 def _abstract(config, mesh_config=None):
   mesh = sharding.make_mesh(mesh_config or config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
-  task = tasks.get(config)
-  model = task.build_model(config)
-  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
-  init = train_state.init_fn(model, task.dummy_inputs(config), tx, config.seed)
-  return train_state.abstract_state(init, mesh, rules)[0]
+  return train_state.build(config, mesh, rules, tasks.get(config)).abstract
 
 
 def _restore(workdir, config, data_iterator=None, **kw):

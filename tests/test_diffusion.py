@@ -7,7 +7,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   ).strip()
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -15,7 +14,7 @@ import pytest  # noqa: E402
 
 from tests import configs  # noqa: E402
 from tests.test_flow import gaussian_velocity, make_batch  # noqa: E402
-from vdit import models, train, train_state  # noqa: E402
+from vdit import models, sharding, tasks, train, train_state  # noqa: E402
 from vdit.diffusion import (  # noqa: E402
   conditioning,
   flow,
@@ -312,10 +311,10 @@ def test_cfg_interval_and_learned_variance_channels():
 # The objective through train_step.
 # ---------------------------------------------------------------------------------------------
 def _state_and_batch(config):
-  model = models.build(config)
-  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
-  init = train_state.init_fn(model, models.dummy_inputs(config), tx, 0)
-  state = jax.jit(lambda: nn.meta.unbox(init()))()
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  rules = sharding.rules_from_config(config.sharding_rules)
+  builder = train_state.build(config, mesh, rules, tasks.get(config))
+  model, tx, state = builder.model, builder.tx, builder.create()
   r = np.random.default_rng(0)
   length, k = config.input.tokens_per_row, config.input.max_examples_per_row
   grids = [(3, 2, 4), (1, 3, 3), (4, 2, 2)]  # 24 + 9 + 16 tokens, then padding

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests import configs
-from vdit import checkpointing, models, sharding, train, train_state
+from vdit import checkpointing, sharding, tasks, train, train_state
 
 TOTAL = 40  # steps of every run here; interrupted runs are stopped long before
 
@@ -104,10 +104,7 @@ def _state(workdir: str, config, mesh_config=None):
   """The latest checkpoint of `workdir`, restored on `mesh_config` (default: the config's)."""
   mesh = sharding.make_mesh(mesh_config or config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
-  model = models.build(config)
-  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
-  init = train_state.init_fn(model, models.dummy_inputs(config), tx, config.seed)
-  abstract, _ = train_state.abstract_state(init, mesh, rules)
+  abstract = train_state.build(config, mesh, rules, tasks.get(config)).abstract
   mngr = checkpointing.manager(workdir)
   step, state = checkpointing.restore(mngr, abstract, None)
   mngr.close()

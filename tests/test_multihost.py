@@ -17,7 +17,7 @@ import pytest
 
 from tests import configs
 from tests.test_fault_tolerance import Run
-from vdit import checkpointing, models, sharding, train, train_state
+from vdit import checkpointing, sharding, tasks, train, train_state
 from vdit.data import pipeline
 from vdit.tasks import base as tasks_base
 
@@ -73,12 +73,10 @@ def _single_process(config, steps):
   """The same steps in this process on 8 devices, on the 2 hosts' rows concatenated."""
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
-  model = models.build(config)
-  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
-  init = train_state.init_fn(model, models.dummy_inputs(config), tx, config.seed)
-  state, shardings = train_state.create_sharded(init, mesh, rules)
+  builder = train_state.build(config, mesh, rules, tasks.get(config))
+  state = builder.create()
   initial = jax.device_get(state.params)
-  step_fn = train.jit_train_step(config, model, tx, mesh, rules, shardings)
+  step_fn = train.jit_train_step(config, builder.model, builder.tx, mesh, rules, builder.shardings)
   host = tasks_base.host_input_config(config)
   host.rows_per_batch = config.input.rows_per_batch // 2
   iters = [
@@ -98,10 +96,7 @@ def _single_process(config, steps):
 def _restore(workdir, config, data_iterator=None):
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
-  model = models.build(config)
-  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
-  init = train_state.init_fn(model, models.dummy_inputs(config), tx, config.seed)
-  abstract, _ = train_state.abstract_state(init, mesh, rules)
+  abstract = train_state.build(config, mesh, rules, tasks.get(config)).abstract
   mngr = checkpointing.manager(workdir)
   step, state = checkpointing.restore(mngr, abstract, data_iterator)
   mngr.close()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests import configs
-from vdit import models, sharding, train, train_state
+from vdit import sharding, tasks, train, train_state
 
 # (data, fsdp, sequence, tensor) meshes over the 8 simulated devices; the first runs by default.
 MESHES = [
@@ -28,14 +28,12 @@ class Stepper:
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
     self.rules = sharding.rules_from_config(config.sharding_rules)
-    model = models.build(config)
-    tx = train_state.make_optimizer(config.optimizer, config.total_steps)
-    self.init = train_state.init_fn(model, models.dummy_inputs(config), tx, config.seed)
-    _, self.shardings = train_state.abstract_state(self.init, mesh, self.rules)
-    self.step_fn = train.jit_train_step(config, model, tx, mesh, self.rules, self.shardings)
+    self.builder = train_state.build(config, mesh, self.rules, tasks.get(config))
+    b = self.builder
+    self.step_fn = train.jit_train_step(config, b.model, b.tx, mesh, self.rules, b.shardings)
 
   def fresh(self):
-    return train_state.create_sharded(self.init, self.mesh, self.rules)[0]
+    return self.builder.create()
 
   def run(self, state, batches):
     """Applies one step per host-local batch; returns the final state and per-step metrics."""

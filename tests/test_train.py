@@ -10,16 +10,14 @@ import numpy as np
 import pytest
 
 from tests import configs
-from vdit import checkpointing, models, sharding, train, train_state
+from vdit import checkpointing, sharding, tasks, train, train_state
 
 
 def _one_step(config, mesh, batch_np):
   rules = sharding.rules_from_config(config.sharding_rules)
-  model = models.build(config)
-  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
-  init = train_state.init_fn(model, models.dummy_inputs(config), tx, config.seed)
-  state, shardings = train_state.create_sharded(init, mesh, rules)
-  step_fn = train.jit_train_step(config, model, tx, mesh, rules, shardings)
+  builder = train_state.build(config, mesh, rules, tasks.get(config))
+  state = builder.create()
+  step_fn = train.jit_train_step(config, builder.model, builder.tx, mesh, rules, builder.shardings)
   with sharding.activate(mesh, rules):
     batch = sharding.global_batch(batch_np, mesh, rules)
     state, metrics = step_fn(state, batch)
@@ -47,10 +45,7 @@ def test_mesh_invariance(data_dir):
 def _final_params(workdir, config):
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
-  model = models.build(config)
-  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
-  init = train_state.init_fn(model, models.dummy_inputs(config), tx, config.seed)
-  abstract, _ = train_state.abstract_state(init, mesh, rules)
+  abstract = train_state.build(config, mesh, rules, tasks.get(config)).abstract
   mngr = checkpointing.manager(workdir)
   step, state = checkpointing.restore(mngr, abstract, None)
   mngr.close()

@@ -214,16 +214,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> trai
 
   # --- Model and state ------------------------------------------------------------------------
   task = tasks.get(config)
-  model = task.build_model(config)
-  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
-  init = train_state.init_fn(model, task.dummy_inputs(config), tx, config.seed)
-  abstract, state_shardings = train_state.abstract_state(init, mesh, rules)
+  builder = train_state.build(config, mesh, rules, task)
   mngr = checkpointing.manager(workdir, max_to_keep=config.max_checkpoints)
   if mngr.latest_step() is not None:
     # Verified (finite, save-time checksum); damaged newer steps are skipped with a warning and
     # moved aside; if none is intact this raises and nothing has been written.
     try:
-      step, state = checkpointing.restore(mngr, abstract, data_iter, move_damaged=True)
+      step, state = checkpointing.restore(mngr, builder.abstract, data_iter, move_damaged=True)
     except BaseException:
       mngr.close()
       raise
@@ -231,7 +228,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> trai
     if is_main:
       print(f"resumed from checkpoint at step {step}", flush=True)
   else:
-    state, _ = train_state.create_sharded(init, mesh, rules)
+    state = builder.create()
   if is_main:  # after the restore: a refused resume leaves the workdir as it was
     checkpointing.write_config(workdir, config)
   start_step = int(state.step)
@@ -242,7 +239,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> trai
     writer.write_hparams(_flat_hparams(config))
 
   # --- The jitted step ------------------------------------------------------------------------
-  step_fn = jit_train_step(config, model, tx, mesh, rules, state_shardings)
+  step_fn = jit_train_step(config, builder.model, builder.tx, mesh, rules, builder.shardings)
   if start_step >= config.total_steps:
     logging.info("already at step %d ≥ total_steps=%d", start_step, config.total_steps)
 

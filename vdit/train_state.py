@@ -1,7 +1,8 @@
 """The train state, the optimizer, and creating the state sharded from `eval_shape`."""
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import flax
 import flax.linen as nn
@@ -95,7 +96,48 @@ def ema_decay(step: jax.Array, decay: float, warmup: bool = True) -> jax.Array:
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def init_fn(
+class ModelSource(Protocol):
+  """Where `build` gets the model and its init inputs: a `vdit.tasks.Task` passes itself."""
+
+  def build_model(self, config: ml_collections.ConfigDict) -> nn.Module: ...
+
+  def dummy_inputs(self, config: ml_collections.ConfigDict) -> tuple: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class StateBuilder:
+  """A config's model, optimizer and train state on a mesh: abstract, or created sharded."""
+
+  model: nn.Module
+  tx: optax.GradientTransformation
+  abstract: TrainState  # ShapeDtypeStructs with shardings: the target of a checkpoint restore
+  shardings: TrainState  # NamedSharding of every leaf: the train step's in/out shardings
+  mesh: Mesh
+  rules: Any  # logical -> mesh axis rules
+  init: Callable[[], TrainState] = dataclasses.field(repr=False)  # the boxed initial state
+
+  def create(self) -> TrainState:
+    """The initial state (params of `config.seed`), made directly in its sharded layout."""
+    with sharding.activate(self.mesh, self.rules):
+      return jax.jit(lambda: nn.meta.unbox(self.init()), out_shardings=self.shardings)()
+
+
+def build(config: ml_collections.ConfigDict, mesh: Mesh, rules, task: ModelSource) -> StateBuilder:
+  """The one state recipe: model → optimizer → init → eval_shape → shardings.
+
+  Used by the trainer, restore, aot, the benchmarks and the tests. The task passes itself
+  (`vdit.tasks.get(config)`) because tasks sit a layer above this one: looking it up here would
+  be an upward import, and taking a bare model would leave each caller to pair it with the right
+  init inputs (a classifier's clips, a VAE's frames).
+  """
+  model = task.build_model(config)
+  tx = make_optimizer(config.optimizer, config.total_steps)
+  init = _init_fn(model, task.dummy_inputs(config), tx, config.seed)
+  abstract, shardings = _abstract_state(init, mesh, rules)
+  return StateBuilder(model, tx, abstract, shardings, mesh, rules, init)
+
+
+def _init_fn(
   model: nn.Module, dummy_inputs: tuple, tx: optax.GradientTransformation, seed: int
 ) -> Callable[[], TrainState]:
   """A function creating the (boxed, logically partitioned) initial train state."""
@@ -116,20 +158,8 @@ def init_fn(
   return init
 
 
-def create_sharded(init: Callable[[], TrainState], mesh: Mesh, rules) -> tuple[TrainState, Any]:
-  """Creates the state directly in its sharded layout: eval_shape → specs → jit(out_shardings).
-
-  Returns the (unboxed) state and its shardings.
-  """
-  with sharding.activate(mesh, rules):
-    boxed = jax.eval_shape(init)
-    shardings = sharding.tree_shardings(mesh, rules, boxed)
-    state = jax.jit(lambda: nn.meta.unbox(init()), out_shardings=shardings)()
-  return state, shardings
-
-
-def abstract_state(init: Callable[[], TrainState], mesh: Mesh, rules) -> tuple[TrainState, Any]:
-  """Shape/dtype/sharding structs of the state (the target for restoring a checkpoint)."""
+def _abstract_state(init: Callable[[], TrainState], mesh: Mesh, rules) -> tuple[TrainState, Any]:
+  """Shape/dtype/sharding structs of the state, and its shardings (from eval_shape, no compute)."""
   with sharding.activate(mesh, rules):
     boxed = jax.eval_shape(init)
     shardings = sharding.tree_shardings(mesh, rules, boxed)

@@ -24,14 +24,10 @@ def ema_params(
         f"no checkpoint in {checkpointing.checkpoint_dir(workdir)}; train first with "
         f"`python -m vdit.main --config=... --workdir={workdir}`"
       )
-    task = tasks.get(config)
     mesh = sharding.make_mesh({"data": -1})
     rules = sharding.rules_from_config(config.sharding_rules)
-    model = task.build_model(config)
-    tx = train_state.make_optimizer(config.optimizer, config.total_steps)
-    init = train_state.init_fn(model, task.dummy_inputs(config), tx, config.seed)
-    abstract, _ = train_state.abstract_state(init, mesh, rules)
-    step, state = checkpointing.restore(mngr, abstract, None, step)
+    builder = train_state.build(config, mesh, rules, tasks.get(config))
+    step, state = checkpointing.restore(mngr, builder.abstract, None, step)
   finally:
     mngr.close()
   logging.info("restored EMA params of step %d from %s", step, workdir)

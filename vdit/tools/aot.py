@@ -49,7 +49,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from vdit import batch_spec, models, sharding, train, train_state  # noqa: E402
+from vdit import batch_spec, models, sharding, tasks, train, train_state  # noqa: E402
 from vdit.models import flops  # noqa: E402
 from vdit.tools import roofline  # noqa: E402
 from vdit.tools.roofline import CHIPS, COLLECTIVES, Chip, GiB  # noqa: E402
@@ -116,14 +116,11 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh, rules) -> dict[str, 
 # ---------------------------------------------------------------------------------------------
 def lower_train_step(config: ml_collections.ConfigDict, mesh):
   rules = sharding.rules_from_config(config.sharding_rules)
-  model = models.build(config)
-  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
-  init = train_state.init_fn(model, models.dummy_inputs(config), tx, config.seed)
-  abstract, shardings = train_state.abstract_state(init, mesh, rules)
-  step_fn = train.jit_train_step(config, model, tx, mesh, rules, shardings)
+  builder = train_state.build(config, mesh, rules, tasks.get(config))
+  step_fn = train.jit_train_step(config, builder.model, builder.tx, mesh, rules, builder.shardings)
   with sharding.activate(mesh, rules):
-    lowered = step_fn.lower(abstract, abstract_batch(config, mesh, rules))
-  return lowered, train_state.num_params(abstract.params)
+    lowered = step_fn.lower(builder.abstract, abstract_batch(config, mesh, rules))
+  return lowered, train_state.num_params(builder.abstract.params)
 
 
 def sample_rows(config: ml_collections.ConfigDict, mesh) -> int:
@@ -135,10 +132,7 @@ def sample_rows(config: ml_collections.ConfigDict, mesh) -> int:
 def lower_sampler_step(config: ml_collections.ConfigDict, mesh):
   """One Euler step of guided sampling: v = v_null + s·(v_cond − v_null), x ← x − Δt·v."""
   rules = sharding.rules_from_config(config.sharding_rules)
-  model = models.build(config)
-  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
-  init = train_state.init_fn(model, models.dummy_inputs(config), tx, config.seed)
-  abstract, shardings = train_state.abstract_state(init, mesh, rules)
+  builder = train_state.build(config, mesh, rules, tasks.get(config))
   s, p = config.sample, tuple(config.input.patch_size)
   length = (s.num_frames // p[0]) * (s.height // p[1]) * (s.width // p[2])
   n, m = sample_rows(config, mesh), config.input.max_caption_tokens
@@ -156,7 +150,7 @@ def lower_sampler_step(config: ml_collections.ConfigDict, mesh):
 
   def step(params, x, t, dt, rows):
     # x: [N, L, P]; t: [N, L] noise level of every token; rows: the 2N conditional+null rows.
-    v = model.apply(
+    v = builder.model.apply(
       {"params": params},
       jnp.concatenate([x, x]),
       jnp.concatenate([t, t]),
@@ -172,7 +166,7 @@ def lower_sampler_step(config: ml_collections.ConfigDict, mesh):
   fn = jax.jit(
     step,
     in_shardings=(
-      shardings.ema_params,
+      builder.shardings.ema_params,
       x_sharding,
       t_sharding,
       sharding.replicated(mesh),
@@ -181,7 +175,7 @@ def lower_sampler_step(config: ml_collections.ConfigDict, mesh):
     out_shardings=x_sharding,
   )
   args = (
-    abstract.ema_params,
+    builder.abstract.ema_params,
     jax.ShapeDtypeStruct((n, length, models.patch_dim(config)), jnp.float32, sharding=x_sharding),
     jax.ShapeDtypeStruct((n, length), jnp.float32, sharding=t_sharding),
     jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh)),

@@ -22,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from vdit import models, sharding, train, train_state
+from vdit import sharding, tasks, train, train_state
 
 CONFIG_FILE = os.path.join(
   os.path.dirname(__file__), "..", "..", "..", "configs", "vdit", "shapes.py"
@@ -93,11 +93,9 @@ def loader_alone(config, batches: int) -> tuple[dict, list]:
 def train_alone(config, batches: list, steps: int):
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
-  model = models.build(config)
-  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
-  init = train_state.init_fn(model, models.dummy_inputs(config), tx, config.seed)
-  state, state_shardings = train_state.create_sharded(init, mesh, rules)
-  step_fn = train.jit_train_step(config, model, tx, mesh, rules, state_shardings)
+  builder = train_state.build(config, mesh, rules, tasks.get(config))
+  state = builder.create()
+  step_fn = train.jit_train_step(config, builder.model, builder.tx, mesh, rules, builder.shardings)
   with sharding.activate(mesh, rules):
     start = time.perf_counter()
     state, metrics = step_fn(state, sharding.global_batch(batches[0], mesh, rules))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vdit import models, sharding, train, train_state
+from vdit import sharding, tasks, train, train_state
 from vdit.models import flops
 from vdit.tools import roofline
 from vdit.tools.bench import loader
@@ -47,38 +47,36 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
   return {"n": n, "best_s": round(min(times), 4), "flops_per_s": 2 * n**3 / min(times)}
 
 
-def _setup(config: ml_collections.ConfigDict):
+def _setup(config: ml_collections.ConfigDict) -> train_state.StateBuilder:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
-  model = models.build(config)
-  tx = train_state.make_optimizer(config.optimizer, config.total_steps)
-  init = train_state.init_fn(model, models.dummy_inputs(config), tx, config.seed)
-  return mesh, rules, model, tx, init
+  return train_state.build(config, mesh, rules, tasks.get(config))
 
 
 def step_flops(config: ml_collections.ConfigDict, batch: dict, xla: bool) -> dict:
   """Matmul FLOPs of one train step (traced) and, if `xla`, XLA's count of the unrolled step."""
-  mesh, rules, model, tx, init = _setup(config)
-  abstract, _ = train_state.abstract_state(init, mesh, rules)
-  fn = functools.partial(train.train_step, model=model, tx=tx, config=config)
-  with sharding.activate(mesh, rules):
-    out = {"dot_flops": float(flops.dot_flops(fn, abstract, batch))}
+  builder = _setup(config)
+  fn = functools.partial(train.train_step, model=builder.model, tx=builder.tx, config=config)
+  with sharding.activate(builder.mesh, builder.rules):
+    out = {"dot_flops": float(flops.dot_flops(fn, builder.abstract, batch))}
   if xla:
     unrolled = ml_collections.ConfigDict(config.to_dict())
     unrolled.model.scan_layers = False
-    mesh, rules, model, tx, init = _setup(unrolled)
-    abstract, shardings = train_state.abstract_state(init, mesh, rules)
-    step_fn = train.jit_train_step(unrolled, model, tx, mesh, rules, shardings)
+    builder = _setup(unrolled)
+    mesh, rules = builder.mesh, builder.rules
+    step_fn = train.jit_train_step(
+      unrolled, builder.model, builder.tx, mesh, rules, builder.shardings
+    )
     with sharding.activate(mesh, rules):
-      compiled = step_fn.lower(abstract, batch).compile()
+      compiled = step_fn.lower(builder.abstract, batch).compile()
     out["xla_flops_unrolled"] = float(roofline.compiled_costs(compiled)["flops"])
   return out
 
 
 def timed_steps(config: ml_collections.ConfigDict, batches: list, steps: int) -> dict:
-  mesh, rules, model, tx, init = _setup(config)
-  state, shardings = train_state.create_sharded(init, mesh, rules)
-  step_fn = train.jit_train_step(config, model, tx, mesh, rules, shardings)
+  builder = _setup(config)
+  mesh, rules, state = builder.mesh, builder.rules, builder.create()
+  step_fn = train.jit_train_step(config, builder.model, builder.tx, mesh, rules, builder.shardings)
   with sharding.activate(mesh, rules):
     glob = [train.to_global(b, config, mesh, rules) for b in batches]
     start = time.perf_counter()
@@ -110,9 +108,11 @@ def compare_steps(configs: dict, batches: list, steps: int) -> dict:
       it = train.make_data_iterator(config)
       batches = [next(it) for _ in range(len(batches))]
       it.close()
-    mesh, rules, model, tx, init = _setup(config)
-    state, shardings = train_state.create_sharded(init, mesh, rules)
-    step_fn = train.jit_train_step(config, model, tx, mesh, rules, shardings)
+    builder = _setup(config)
+    mesh, rules, state = builder.mesh, builder.rules, builder.create()
+    step_fn = train.jit_train_step(
+      config, builder.model, builder.tx, mesh, rules, builder.shardings
+    )
     with sharding.activate(mesh, rules):
       glob = [train.to_global(b, config, mesh, rules) for b in batches]
       state, metrics = step_fn(state, glob[0])  # compile
