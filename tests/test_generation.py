@@ -8,16 +8,19 @@ built by the dataset's own renderer, then samples with the real `Sampler`.
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tests import configs
+from tests.test_models import perturb
 from vdit import media, models, sampling
 from vdit.data import patchify, tokenizer
 from vdit.datasets import shapes
 from vdit.diffusion import flow, objectives
+from vdit.diffusion.guidance import cfg
 from vdit.tasks import video_diffusion
 
 FRAMES, SIZE = 8, 16  # videos of 8 × 16 × 16 px: a (4, 4, 4) grid of (2, 4, 4) patches
@@ -207,6 +210,44 @@ def test_tokens_read_each_other():
       own.append(float(jnp.linalg.norm(x0_hat(own_b)[0, token] - base)))
       other.append(float(jnp.linalg.norm(x0_hat(other_b)[0, token] - base)))
   assert np.mean(other) > 0.5 * np.mean(own), (np.mean(other), np.mean(own))
+
+
+def test_sampler_encodes_the_prompts_once():
+  """`objectives.sample_rows` encodes the prompts once (`encode_rows`) and calls only the
+  denoiser at each step: the same samples, to float rounding, as the whole model (text encoder
+  included) at every step, for the demo's recipe with one encoder block and self-conditioning,
+  with guidance. The two prompts share their noise, so only the text tells their samples apart."""
+  config = _config(**{"diffusion.self_condition": 0.5})
+  model = models.build(config)
+  init = jax.jit(lambda r: model.init(r, *models.dummy_inputs(config)))
+  params = perturb(nn.unbox(init(jax.random.key(0)))["params"], 1)
+  grid, n = (FRAMES // 2, SIZE // 4, SIZE // 4), config.input.max_caption_tokens
+  tok = tokenizer.Tokenizer(config.input.vocab_size)
+  cond, null = (sampling.prompt_rows(p, grid, tok, n) for p in ([RED, BLUE], ["", ""]))
+  rows = {k: jnp.concatenate([cond[k], null[k]]) for k in cond}
+  spec = objectives.Spec.from_config(config.diffusion)
+  shape = (1, int(np.prod(grid)), models.patch_dim(config))
+  noise = jnp.repeat(jax.random.normal(jax.random.key(1), shape), 2, axis=0)
+  zeros, given = jnp.zeros_like(noise), jnp.zeros(noise.shape[:2], bool)
+  options = dict(spec=spec, steps=4, sampler="euler", strength=1.0)
+  args = (rows, noise, zeros, given, zeros, jax.random.key(2), 3.0, (0.0, 1.0))
+  once = objectives.sample_rows(model, params, *args, **options)
+
+  @jax.jit
+  def every_step(params):
+    def model_fn(x, t, x0_prev):
+      xx, tt, prev = (jnp.concatenate([a, a]) for a in (x, t, x0_prev))
+      inputs = [rows[k] for k in ("positions", "segment_ids", "text_tokens", "text_segment_ids")]
+      out = model.apply({"params": params}, xx, tt, *inputs, rows["labels"], x0_prev=prev)
+      return cfg(out[:2], out[2:], 3.0, t, channels=x.shape[-1])
+
+    seg = rows["segment_ids"][:2]
+    return objectives.sample(
+      spec, model_fn, noise, 4, shapes=rows["shapes"][:2], segment_ids=seg, rng=args[5]
+    )
+
+  np.testing.assert_allclose(once, every_step(params), atol=1e-5, rtol=1e-5)
+  assert float(jnp.abs(once[0] - once[1]).max()) > 0.1  # the prompts matter
 
 
 def test_sampler_queries_only_trained_times():

@@ -384,6 +384,44 @@ def test_shared_conditioning_equals_per_token():
   assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
 
 
+def test_encode_text_then_denoise_is_the_model_call():
+  """`__call__` is `encode_text` then `denoise` (a sampler encodes its captions once): the same
+  output, and the two methods initialise disjoint parts of the one parameter tree with the same
+  names and values (checkpoints load either way). The second row has an example without
+  caption tokens (its pooled text is the MLP of zeros)."""
+  model = VideoDiT(**TINY, pooled_text=True, shared_conditioning=K)
+  uncaptioned = examples(1)
+  uncaptioned[1] = (*uncaptioned[1][:1], [], *uncaptioned[1][2:])
+  batch = packed_rows([examples(), uncaptioned])
+  x, t, positions, segment_ids, tokens, text_segment_ids, labels = batch.values()
+  key = jax.random.key(0)
+  full = jax.jit(lambda r: nn.unbox(model.init(r, *batch.values())))(key)
+  encode = lambda p, *a: model.apply(p, *a, method="encode_text")
+  text = jax.jit(encode)(full, tokens, text_segment_ids)
+  assert text.tokens.shape == (2, M, TINY["width"]) and text.pooled.shape == (2, M + 1, 32)
+  parts = jax.jit(
+    lambda r: [
+      model.init(r, tokens, text_segment_ids, method="encode_text"),
+      model.init(r, x, t, positions, segment_ids, text, labels, method="denoise"),
+    ]
+  )(key)
+  text_part, denoise_part = (nn.unbox(p)["params"] for p in parts)
+  assert set(text_part) == {"text", "text_proj", "text_pool_fc1", "text_pool_fc2"}
+  assert not set(text_part) & set(denoise_part)
+  assert jax.tree.structure(full["params"]) == jax.tree.structure({**text_part, **denoise_part})
+  jax.tree.map(np.testing.assert_array_equal, full["params"], {**text_part, **denoise_part})
+
+  @jax.jit
+  def both(p):
+    text = encode(p, tokens, text_segment_ids)
+    denoised = model.apply(p, x, t, positions, segment_ids, text, labels, method="denoise")
+    return denoised, apply(model, p, batch)
+
+  denoised, called = both(perturb(full, 6))
+  np.testing.assert_array_equal(denoised, called)
+  assert np.abs(np.asarray(called)).std() > 1e-2
+
+
 def test_caption_and_label_only_affect_their_own_example(tiny):
   model, params = tiny
   params = perturb(params, 2)

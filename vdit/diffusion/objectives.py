@@ -229,21 +229,61 @@ def sample(
   )
 
 
-def apply_rows(model, params, x: jax.Array, t: jax.Array, rows: dict, **kwargs) -> jax.Array:
+def encode_rows(model, params, rows: dict) -> Any:
+  """The captions of a row batch encoded once (`VideoDiT.encode_text`): what every denoising
+  step of these rows reads."""
+  return model.apply(
+    {"params": params},
+    rows["text_tokens"],
+    rows["text_segment_ids"],
+    rows.get("text_embeddings"),
+    method="encode_text",
+  )
+
+
+def apply_rows(
+  model, params, x: jax.Array, t: jax.Array, rows: dict, text: Any = None, **kwargs
+) -> jax.Array:
   """The VideoDiT call (as in `train_step`) on x [B, L, P] at t [B, L] with the rest of a row
-  batch from `rows`: positions, segment ids, text tokens (or embeddings), labels."""
+  batch from `rows`: positions, segment ids, labels, and the captions encoded by `encode_rows`
+  (`text`, or encoded here when None)."""
+  text = encode_rows(model, params, rows) if text is None else text
   return model.apply(
     {"params": params},
     x,
     t,
     rows["positions"],
     rows["segment_ids"],
-    rows["text_tokens"],
-    rows["text_segment_ids"],
+    text,
     rows["labels"],
-    rows.get("text_embeddings"),
+    method="denoise",
     **kwargs,
   )
+
+
+def guided_model(
+  model,
+  params: Any,
+  rows: dict,
+  scale: float,
+  interval: tuple[float, float],
+  text: Any = None,
+) -> Callable:
+  """The guided model function `model_fn(x, t, x0_prev=None)` of N videos x [N, L, P] over
+  `rows` [2N, ...], the N conditional rows then their N null rows (caption [NULL], label −1):
+  one `apply_rows` on both halves, then `guidance.cfg` with `scale` for t in `interval`.
+  `text`: the rows' captions from `encode_rows`; None encodes them at every call."""
+
+  def model_fn(x, t, x0_prev=None):
+    # The conditional and null rows see the same noisy video (and, for a self-conditioned
+    # model, the same previous guided estimate x0_prev).
+    n, p = x.shape[0], x.shape[-1]
+    prev = {} if x0_prev is None else {"x0_prev": jnp.concatenate([x0_prev, x0_prev])}
+    xx, tt = jnp.concatenate([x, x]), jnp.concatenate([t, t])
+    out = apply_rows(model, params, xx, tt, rows, text, **prev)
+    return guidance.cfg(out[:n], out[n:], scale, t, interval, channels=p)
+
+  return model_fn
 
 
 @functools.partial(jax.jit, static_argnames=("model", "spec", "steps", "sampler", "strength"))
@@ -266,22 +306,15 @@ def sample_rows(
 ) -> jax.Array:
   """The whole guided sampling loop of a packed-row model as one jitted function.
 
-  The model is called through `apply_rows` (the VideoDiT call, as in `train_step`). `rows`
-  [2N, ...] are the N conditional rows then their N null rows (caption [NULL], label −1);
-  noise, x_cond, x_init [N, L, P]; cond_mask [N, L]. Guidance `scale` applies for t in `interval`.
+  The captions are encoded once (`encode_rows`), then each step calls the denoiser through
+  `guided_model`. `rows` [2N, ...] are the N conditional rows then their N null rows; noise,
+  x_cond, x_init [N, L, P]; cond_mask [N, L]. Guidance `scale` applies for t in `interval`.
   """
-  n, p = noise.shape[0], noise.shape[-1]
-
-  def model_fn(x, t, x0_prev=None):
-    # x: [N, L, P]; the conditional and null rows see the same noisy video (and, for a
-    # self-conditioned model, the same previous guided estimate x0_prev).
-    prev = {} if x0_prev is None else {"x0_prev": jnp.concatenate([x0_prev, x0_prev])}
-    out = apply_rows(model, params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), rows, **prev)
-    return guidance.cfg(out[:n], out[n:], scale, t, interval, channels=p)
-
+  text = encode_rows(model, params, rows)
+  n = noise.shape[0]
   return sample(
     spec,
-    model_fn,
+    guided_model(model, params, rows, scale, interval, text),
     noise,
     steps,
     sampler=sampler,

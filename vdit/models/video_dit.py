@@ -9,9 +9,12 @@ Parameter layout with `scan_layers=True`: `params["blocks"]` holds every DiTBloc
 with a leading [depth] axis (logical name LAYERS); `scan_layers=False` names them
 `blocks_0 … blocks_{depth-1}`. `layers.unstack_layers` / `layers.stack_layers` convert.
 The text encoder's blocks (`params["text"]["blocks"]`) follow the same rule.
+
+`VideoDiT.__call__` is `encode_text` then `denoise`: a sampler encodes its prompts once per run
+(`EncodedText`) and calls only `denoise` at each step; the parameters are the same either way.
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -47,6 +50,25 @@ def modulation(adaln: nn.Module, c) -> jax.Array:
     table, index = c
     return jnp.take_along_axis(adaln(table), index[..., None], axis=1)
   return adaln(c)
+
+
+def caption_index(segment_ids: jax.Array, text_segment_ids: jax.Array) -> jax.Array:
+  """Index [B, L] of the first text token of each token's example (segment_ids [B, L]) among
+  text_segment_ids [B, M]; M where the example has no caption tokens."""
+  same = segment_ids[:, :, None] == text_segment_ids[:, None, :]  # [B, L, M]
+  first = jnp.argmax(same, axis=-1).astype(segment_ids.dtype)
+  return jnp.where(jnp.any(same, axis=-1), first, text_segment_ids.shape[1])
+
+
+class EncodedText(NamedTuple):
+  """Captions as the denoiser reads them (`VideoDiT.encode_text`); they do not change while a
+  video is denoised, so a sampler computes them once per run."""
+
+  tokens: jax.Array  # [B, M, D]: encoded, projected to the video width (cross-attention)
+  segment_ids: jax.Array  # [B, M]: caption of each text token (0 = padding)
+  # [B, M + 1, D]: the pooled-text vector of each text token's caption (`pooled_text`), the last
+  # row that of no caption; None without pooled text.
+  pooled: jax.Array | None = None
 
 
 class DiTBlock(nn.Module):
@@ -226,7 +248,6 @@ class VideoDiT(nn.Module):
     sizes.pop("patch_size")
     return cls(**{**sizes, **kwargs})
 
-  @nn.compact
   def __call__(
     self,
     x: jax.Array,
@@ -244,6 +265,53 @@ class VideoDiT(nn.Module):
     # text_tokens, text_segment_ids: [B, M]; labels: [B, K] or None; text_embeddings:
     # [B, M, E] (precomputed, `text_embed_dim` > 0) or None; x0_prev: [B, L, P] or None (with
     # `self_condition`). Returns [B, L, P].
+    text = self.encode_text(text_tokens, text_segment_ids, text_embeddings)
+    return self.denoise(x, t, positions, segment_ids, text, labels, x0_prev=x0_prev)
+
+  @nn.compact
+  def encode_text(
+    self,
+    text_tokens: jax.Array,
+    text_segment_ids: jax.Array,
+    text_embeddings: jax.Array | None = None,
+  ) -> EncodedText:
+    """The captions as every denoising step reads them: the text encoder, its projection to the
+    video width, and the pooled-text MLP. text_tokens, text_segment_ids: [B, M]; text_embeddings:
+    [B, M, E] (precomputed, `text_embed_dim` > 0) or None."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    text = TextEncoder(
+      self.vocab_size,
+      self.text_width,
+      self.text_depth,
+      self.text_heads,
+      mlp_ratio=self.mlp_ratio,
+      attention_backend=self.attention_backend,
+      scan_layers=self.scan_layers,
+      remat_policy=self.remat_policy,
+      embed_dim=self.text_embed_dim,
+      embed_std=self.text_embed_std,
+      name="text",
+      **kw,
+    )(text_tokens, text_segment_ids, text_embeddings)  # [B, M, Dt]
+    pooled = self.pool_text(text, text_segment_ids) if self.pooled_text else None
+    tokens = layers.dense(self.width, (MLP, EMBED), name="text_proj", **kw)(text)  # [B, M, D]
+    tokens = nn.with_logical_constraint(tokens, (BATCH, TEXT_LENGTH, EMBED))
+    return EncodedText(tokens, text_segment_ids, pooled)
+
+  @nn.compact
+  def denoise(
+    self,
+    x: jax.Array,
+    t: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    text: EncodedText,
+    labels: jax.Array | None = None,
+    *,
+    x0_prev: jax.Array | None = None,
+  ) -> jax.Array:
+    """The model on encoded captions (`encode_text`): as `__call__`, with `text` for the text
+    tokens, their segment ids and embeddings. Returns [B, L, P]."""
     if x.shape[-1] != self.patch_dim:
       raise ValueError(f"patches have P={x.shape[-1]}, expected patch_dim={self.patch_dim}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -270,22 +338,6 @@ class VideoDiT(nn.Module):
     h = h + layers.sincos_3d(positions, self.width).astype(h.dtype)
     h = nn.with_logical_constraint(h, (BATCH, LENGTH, EMBED))
 
-    # Text: encoder, then projection to the video width.
-    text = TextEncoder(
-      self.vocab_size,
-      self.text_width,
-      self.text_depth,
-      self.text_heads,
-      mlp_ratio=self.mlp_ratio,
-      attention_backend=self.attention_backend,
-      scan_layers=self.scan_layers,
-      remat_policy=self.remat_policy,
-      embed_dim=self.text_embed_dim,
-      embed_std=self.text_embed_std,
-      name="text",
-      **kw,
-    )(text_tokens, text_segment_ids, text_embeddings)  # [B, M, Dt]
-
     # Conditioning: diffusion time (+ class label, + pooled caption of the token's example),
     # per token [B, L, D] or as a shared (table [B, U, D], index [B, L]).
     if self.shared_conditioning:
@@ -306,7 +358,8 @@ class VideoDiT(nn.Module):
       label_ids = jnp.where(labels < 0, self.num_classes, labels)  # [B, K]
       c = c + table(segments.per_token(label_ids, seg_cond))
     if self.pooled_text:
-      c = c + self.pool_text(text, seg_cond, text_segment_ids)
+      caption = caption_index(seg_cond, text.segment_ids)  # [B, L] or [B, U]
+      c = c + jnp.take_along_axis(text.pooled, caption[..., None], axis=1)
     if self.position_conditioning:
       if index is not None:
         c, index = jnp.take_along_axis(c, index[..., None], axis=1), None
@@ -316,8 +369,6 @@ class VideoDiT(nn.Module):
       c = nn.with_logical_constraint(c, (BATCH, LENGTH, EMBED))
     else:
       c = (nn.with_logical_constraint(c, (BATCH, None, EMBED)), index)
-    text = layers.dense(self.width, (MLP, EMBED), name="text_proj", **kw)(text)  # [B, M, D]
-    text = nn.with_logical_constraint(text, (BATCH, TEXT_LENGTH, EMBED))
 
     stack = layers.stack_blocks(
       DiTBlock,
@@ -340,8 +391,8 @@ class VideoDiT(nn.Module):
       h,
       c,
       segment_ids,
-      text,
-      text_segment_ids,
+      text.tokens,
+      text.segment_ids,
       positions if self.rope or self.locality else None,
       neighbours(self.mlp_context),
       segments.place_ids(segment_ids, positions) if self.temporal_attention else None,
@@ -393,15 +444,13 @@ class VideoDiT(nn.Module):
     valid = jnp.all(((t == 0) | (t == own) | padding) & (segment_ids <= k), axis=1)
     return times, segs, index, valid
 
-  def pool_text(self, text, segment_ids, text_segment_ids):
-    """The mean encoded caption of each token's own example, through a SiLU MLP: [B, L, D].
-
-    text: [B, M, Dt]; segment_ids: [B, L]; text_segment_ids: [B, M]. A token whose example has
-    no caption tokens gets the MLP of zeros.
-    """
+  def pool_text(self, text, text_segment_ids):
+    """The pooled-text vector of each text token's caption: its mean encoded token through a SiLU
+    MLP, [B, M + 1, D]; the last row is the MLP of zeros, for tokens whose example has no
+    caption (`caption_index`). text: [B, M, Dt]; text_segment_ids: [B, M]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    same = (segment_ids[:, :, None] == text_segment_ids[:, None, :]).astype(text.dtype)  # [B,L,M]
-    count = jnp.maximum(jnp.sum(same, axis=-1, keepdims=True), 1.0)
-    pooled = jnp.einsum("blm,bmd->bld", same, text) / count  # [B, L, Dt]
+    same = (text_segment_ids[:, :, None] == text_segment_ids[:, None, :]).astype(text.dtype)
+    pooled = jnp.einsum("bnm,bmd->bnd", same, text) / jnp.sum(same, axis=-1, keepdims=True)
+    pooled = jnp.concatenate([pooled, jnp.zeros_like(pooled[:, :1])], axis=1)  # [B, M + 1, Dt]
     h = nn.silu(layers.dense(self.width, (None, MLP), name="text_pool_fc1", **kw)(pooled))
     return layers.dense(self.width, (MLP, EMBED), name="text_pool_fc2", **kw)(h)

@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, str] = {
   "autoencoder": "vdit.tools.bench.autoencoder:run",  # VAE throughput/memory, whole vs tiled
   "train_step": "vdit.tools.bench.train_step:run",  # tiny step tokens/s, FLOP/s vs matmul peak
   "sampling": "vdit.tools.bench.sampling_speed:run",  # seconds per video vs steps and vs size
+  "sampling_text": "vdit.tools.bench.sampling_speed:text_once",  # prompts encoded once vs per step
   "memory_mesh": "vdit.tools.bench.memory_mesh:run",  # compiled step memory per device vs mesh
 }
 
