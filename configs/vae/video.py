@@ -43,6 +43,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     time_compression=2 if tiny else 4,
     latent_channels=8 if tiny else 16,
     num_res_blocks=1 if tiny else 2,
+    temporal_kernel=3,
+    norm=True,
   )
   c.loss = dict(
     recon="l1",
