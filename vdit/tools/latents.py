@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from vdit import datasets, latent_codec, media
+from vdit.data import transforms
 from vdit.datasets import records
 from vdit.models import tiling
 
@@ -35,6 +36,19 @@ def fit_to_compression(video: np.ndarray, compression) -> np.ndarray:
     raise ValueError(f"a {h}×{w} frame is smaller than the spatial compression {fs}")
   y, x = (h - ch) // 2, (w - cw) // 2
   return video[:t, y : y + ch, x : x + cw]
+
+
+def shrink(video: np.ndarray, max_side: int | None, fs: int) -> np.ndarray:
+  """[T, H, W, 3] area-resized (keeping the aspect ratio, never upsampled) so that its longer side
+  is ≤ `max_side` pixels, both sides multiples of fs; unchanged if None or already small enough.
+  Done in pixels, before encoding: a smaller video's latents, where resizing latents would not
+  be (the token budget of a latent run then never has to shrink an example)."""
+  t, h, w, _ = video.shape
+  if not max_side or max(h, w) <= max_side:
+    return video
+  scale = max_side / max(h, w)
+  height, width = (max(fs, int(round(s * scale / fs)) * fs) for s in (h, w))
+  return transforms.area_resize(video, height, width)
 
 
 def time_bucket(latent_frames: int) -> int:
@@ -61,6 +75,7 @@ def encode_dataset(
   dataset_config: str | None = "tiny",
   data_dir: str | None = None,
   max_examples: int | None = None,
+  max_side: int | None = None,
   batch_size: int = 8,
   log_every_seconds: float = 10.0,
   **tiling_kwargs,
@@ -124,7 +139,8 @@ def encode_dataset(
     for i in range(n):
       try:
         ex = source[i]
-        video = fit_to_compression(np.asarray(ex["video"]), codec.compression)
+        video = np.asarray(ex["video"])
+        video = fit_to_compression(shrink(video, max_side, codec.compression[1]), codec.compression)
       except (ValueError, OSError) as e:  # an unreadable or too-small video: skipped, counted
         skipped[i] = f"{type(e).__name__}: {e}"
         progress.update(1)
@@ -155,6 +171,7 @@ def encode_dataset(
     skipped=len(skipped),
     skipped_examples={str(k): v for k, v in skipped.items()},
     shapes=dict(sorted(shapes.items())),
+    max_side=max_side,
     compilations=len(progress.compiled),
     seconds=round(progress.elapsed(), 1),
   )
@@ -201,6 +218,9 @@ def _define_flags() -> None:
   flags.DEFINE_string("split", "train", "split, or several (train,validation: each to out/<split>)")
   flags.DEFINE_string("out", None, "output directory", required=True)
   flags.DEFINE_integer("max_examples", None, "encode at most this many examples")
+  flags.DEFINE_integer(
+    "max_side", None, "shrink videos (pixels, keeping aspect) to this longer side"
+  )
   flags.DEFINE_integer("batch_size", 8, "examples of one size encoded per call")
   flags.DEFINE_integer("chunk", None, "latent frames per chunk (None: whole)")
   flags.DEFINE_integer("tile", None, "square tile in pixels (None: whole)")
@@ -217,7 +237,7 @@ def main(argv):
     out = f.out if len(splits) == 1 else os.path.join(f.out, split)
     meta = encode_dataset(
       codec, f.dataset, split, out, dataset_config=f.dataset_config,
-      max_examples=f.max_examples, batch_size=f.batch_size, chunk=f.chunk, tile=tile,
+      max_examples=f.max_examples, max_side=f.max_side, batch_size=f.batch_size, chunk=f.chunk, tile=tile,
       overlap=f.overlap,
     )  # fmt: skip
     meta.pop("skipped_examples")
