@@ -237,8 +237,8 @@ def main(argv):
     out = f.out if len(splits) == 1 else os.path.join(f.out, split)
     meta = encode_dataset(
       codec, f.dataset, split, out, dataset_config=f.dataset_config,
-      max_examples=f.max_examples, max_side=f.max_side, batch_size=f.batch_size, chunk=f.chunk, tile=tile,
-      overlap=f.overlap,
+      max_examples=f.max_examples, max_side=f.max_side, batch_size=f.batch_size,
+      chunk=f.chunk, tile=tile, overlap=f.overlap,
     )  # fmt: skip
     meta.pop("skipped_examples")
     print(json.dumps({"out": out, **meta}))
