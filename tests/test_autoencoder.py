@@ -346,3 +346,12 @@ def test_per_frame_codec_encodes_a_dataset_frames_at_a_time(data_dir, tmp_path):
     sizes.add(video.shape[1:3])
     np.testing.assert_allclose(r["latents"], codec.encode(video[None])[0], atol=1e-5)
   assert meta["compilations"] == len(sizes)
+
+
+def test_frames_config_is_the_per_frame_autoencoder():
+  """`:tiny,frames` (the latent demo's autoencoder) validates and builds a per-frame model."""
+  c = configs.load("tiny,frames", "configs/vae/video.py")
+  train.validate(c, num_devices=8, num_processes=1)
+  model = ae_task.AutoencoderTask().build_model(c)
+  assert model.compression == (1, 4, 4) and model.temporal_lookback()[0] == 0
+  assert c.input.mixture == (("shapes", "tiny", 1.0),)

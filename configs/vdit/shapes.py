@@ -258,6 +258,12 @@ def latent_space(c: ml_collections.ConfigDict, vae_workdir: str, latents_dir: st
   c.input.patch_size = (2 if ft == 1 else 1, 2, 2)
   c.input.max_frames = 8 if tiny else 16  # latent frames
   c.input.min_frames = 2
+  if tiny and ft == 1:
+    # The demo's latents are of videos shrunk to a longer side of 48 pixels (launch/
+    # latent_demo.sh): ≤ 4 × 6 × 6 tokens each, up to 16 examples per row.
+    c.input.max_tokens_per_example = 144
+    c.input.max_examples_per_row = 16
+    c.input.text_tokens_per_row = 192
   # Latents are not resized (area-averaged latents are not the latents of a smaller video):
   # a fixed budget and no shrinking to fill rows.
   c.input.min_tokens_per_example = c.input.max_tokens_per_example
