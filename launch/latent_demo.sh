@@ -1,28 +1,32 @@
 #!/usr/bin/env bash
-# The tiny text-to-video demo in latent space, on CPU: train the causal video VAE, encode the
-# `shapes` splits to latents once, train VideoDiT on the latents, sample (decoded to pixels).
+# The tiny text-to-video demo in latent space, on CPU (the README's first command runs it):
+# train a per-frame autoencoder, encode the `shapes` splits to latents once, train VideoDiT on
+# the latents, then sample and evaluate it (videos decoded to pixels).
 #
-#   bash launch/latent_demo.sh [RUNS_DIR=runs/latent_demo] [PYTHON=python]
+#   bash launch/latent_demo.sh [RUNS_DIR=runs/shapes] [PYTHON=python]
 #
-# Steps (docs/models.md, "Latent space"; measured times in BENCHMARKS.md, "latent demo"):
-#   1. VAE        configs/vae/video.py:tiny           → RUNS/vae (PSNR/SSIM in eval/, latent stats)
-#   2. latents    vdit.tools.latents, train + validation → RUNS/latents/{train,validation}
-#   3. VideoDiT   configs/vdit/shapes.py:tiny,latent=…,latents=… → RUNS/dit (samples/, eval/)
+# Steps (docs/recipe.md, "The latent demo"; docs/models.md, "Latent space"):
+#   1. autoencoder  configs/vae/video.py:tiny,frames        → RUNS/autoencoder (PSNR/SSIM, stats)
+#   2. latents      vdit.tools.latents, train + validation  → RUNS/latents/{train,validation}
+#   3. VideoDiT     configs/vdit/shapes.py:tiny,latent=…,latents=… → RUNS (samples/, eval/)
 # Each step is skipped when its output is complete (a finished run / a latents meta.json), so
-# an interrupted demo resumes where it stopped.
+# an interrupted demo resumes where it stopped. Extra arguments go to step 3 (config overrides);
+# $AUTOENCODER_ARGS and $LATENTS_ARGS to steps 1 and 2 (tests/test_latent_path.py shrinks all three).
 set -euo pipefail
-RUNS="${1:-runs/latent_demo}"
+RUNS="${1:-runs/shapes}"
+shift || true
 PY="${PYTHON:-python}"
 
-"$PY" -m vdit.main --config=configs/vae/video.py:tiny --workdir="$RUNS/vae"  # resumes if stopped
+"$PY" -m vdit.main --config=configs/vae/video.py:tiny,frames --workdir="$RUNS/autoencoder" \
+  ${AUTOENCODER_ARGS:-}
 
-for split in train validation; do
-  if [[ ! -f "$RUNS/latents/$split/meta.json" ]]; then
-    "$PY" -m vdit.tools.latents --autoencoder="$RUNS/vae" --dataset=shapes --dataset_config=tiny \
-      --split="$split" --out="$RUNS/latents/$split"
-  fi
-done
+if [[ ! -f "$RUNS/latents/validation/meta.json" ]]; then
+  # Videos are shrunk (in pixels) to a longer side of 48 before encoding: the demo's sizes.
+  "$PY" -m vdit.tools.latents --autoencoder="$RUNS/autoencoder" --dataset=shapes \
+    --dataset_config=tiny --split=train,validation --max_side=48 --out="$RUNS/latents" \
+    ${LATENTS_ARGS:-}
+fi
 
-"$PY" -m vdit.main --workdir="$RUNS/dit" \
-  --config="configs/vdit/shapes.py:tiny,latent=$RUNS/vae,latents=$RUNS/latents"
-echo "samples: $RUNS/dit/samples/  evaluations: $RUNS/dit/eval/"
+"$PY" -m vdit.main --workdir="$RUNS" \
+  --config="configs/vdit/shapes.py:tiny,latent=$RUNS/autoencoder,latents=$RUNS/latents" "$@"
+echo "samples: $RUNS/samples/  evaluations: $RUNS/eval/"

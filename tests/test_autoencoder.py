@@ -126,6 +126,37 @@ def test_chunked_coding_equals_whole():
   assert np.abs(short - whole).max() > 1e-3
 
 
+def test_per_frame_autoencoder_codes_each_frame_alone():
+  """temporal_kernel=1, time_compression=1, no norms: latent frame j is a function of frame j
+  only (and decoded frame j of latent j only), so a video's latents are its frames' latents as
+  images, and chunked coding needs no context."""
+  model = _model(time_compression=1, temporal_kernel=1, norm=False)
+  assert model.compression == (1, 2, 2)
+  assert model.temporal_lookback() == (0, 1)  # the decoder's 1: latent-group rounding only
+  params = _init(model, (1, 4, 16, 16, 3))
+  assert not any(
+    "LayerNorm" in "/".join(map(str, k)) for k in jax.tree_util.tree_flatten_with_path(params)[0]
+  )
+  video = _video((2, 6, 16, 16, 3))
+  mean, _ = model.apply(params, video, method=model.encode)
+  assert mean.shape == (2, 6, 8, 8, 4)
+  bumped = video.copy()
+  bumped[:, 3] += 0.5  # one frame changed: only its latent moves
+  m2, _ = model.apply(params, bumped, method=model.encode)
+  changed = np.abs(m2 - mean).max(axis=(0, 2, 3, 4))
+  assert changed[3] > 1e-4 and np.all(np.delete(changed, 3) == 0)
+  frames = model.apply(params, video.reshape(12, 1, 16, 16, 3), method=model.encode)[0]
+  np.testing.assert_allclose(frames.reshape(mean.shape), mean, atol=1e-5)
+  out = model.apply(params, mean, method=model.decode)
+  out2 = model.apply(params, mean.at[:, 2].add(0.5), method=model.decode)
+  moved = np.abs(out2 - out).max(axis=(0, 2, 3, 4))
+  assert moved[2] > 1e-4 and np.all(np.delete(moved, 2) == 0)
+  np.testing.assert_allclose(tiling.encode(model, params, video, chunk=2)[0], mean, atol=1e-5)
+  np.testing.assert_allclose(tiling.decode(model, params, mean, chunk=2), out, atol=1e-5)
+  with pytest.raises(ValueError, match="temporal_kernel=1 .* only with time_compression=1"):
+    _init(_model(time_compression=2, temporal_kernel=1), (1, 5, 16, 16, 3))
+
+
 @pytest.fixture(scope="module")
 def trained():
   """A tiny VAE fitted for 60 steps to 8 smooth synthetic clips through the task's loss."""
@@ -227,6 +258,7 @@ def _config(**overrides):
     ({"input.size": (5, 30, 32)}, "input.size H=30 is not a multiple of the spatial compression 4"),
     ({"model.time_compression": 8}, "time_compression=8 must be a power of two ≤"),
     ({"model.time_compression": 3}, "time_compression=3 must be a power of two"),
+    ({"model.temporal_kernel": 1}, "temporal_kernel=1 must be ≥ 1, and 1 .per-frame. only with"),
     ({"loss.recon": "l3"}, "loss.recon"),
     ({"loss.kl_weight": -1.0}, "loss.kl_weight=-1.0 must be >= 0"),
     ({"model.name": "vit"}, "model.name"),
@@ -294,3 +326,32 @@ def test_tiny_config_trains_through_main(data_dir, tmp_path):
     assert r["latents"].shape == (n, *(s // 4 for s in video.shape[1:3]), 8)
     np.testing.assert_allclose(r["latents"], codec.encode(video[None])[0], atol=2e-4)
   assert meta["compilations"] == len(groups)
+
+
+def test_per_frame_codec_encodes_a_dataset_frames_at_a_time(data_dir, tmp_path):
+  """A per-frame codec encodes frames of many videos in one call (one compilation per frame
+  size); each example still gets exactly its own video's latents."""
+  model = _model(time_compression=1, temporal_kernel=1, norm=False)
+  codec = latent_codec.Codec(model, _init(model, (1, 1, 16, 16, 3)), ae.LatentStats.identity(4))
+  assert latents.is_per_frame(codec) and not latents.is_per_frame(latent_codec.Codec.identity())
+  out = str(tmp_path / "latents")
+  meta = latents.encode_dataset(
+    codec, "shapes", "validation", out, data_dir=data_dir, max_examples=6, batch_size=1
+  )
+  assert meta["examples"] == 6 and meta["compression"] == [1, 2, 2]
+  source = datasets.data_source("shapes", "validation", data_dir=data_dir, config="tiny")
+  sizes = set()
+  for r in (records.Source(out, "latents")[i] for i in range(6)):
+    video = media.from_uint8(latents.fit_to_compression(source[r["index"]]["video"], (1, 2, 2)))
+    sizes.add(video.shape[1:3])
+    np.testing.assert_allclose(r["latents"], codec.encode(video[None])[0], atol=1e-5)
+  assert meta["compilations"] == len(sizes)
+
+
+def test_frames_config_is_the_per_frame_autoencoder():
+  """`:tiny,frames` (the latent demo's autoencoder) validates and builds a per-frame model."""
+  c = configs.load("tiny,frames", "configs/vae/video.py")
+  train.validate(c, num_devices=8, num_processes=1)
+  model = ae_task.AutoencoderTask().build_model(c)
+  assert model.compression == (1, 4, 4) and model.temporal_lookback()[0] == 0
+  assert c.input.mixture == (("shapes", "tiny", 1.0),)

@@ -4,6 +4,8 @@ tool, VideoDiT trained on the latents and a sample decoded back to pixels."""
 import copy
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -134,3 +136,49 @@ def test_float_video_is_not_rescaled_and_channels_set_patch_dim():
   from absl import flags  # noqa: PLC0415
 
   assert "autoencoder" not in flags.FLAGS and latents.encode_dataset
+
+
+@pytest.mark.slow
+def test_latent_demo_script_runs_end_to_end(data_dir, tmp_path):
+  """`launch/latent_demo.sh` as written (the README's first command), each step shrunk: the
+  per-frame autoencoder, the latents of both splits, VideoDiT on them with its evaluations;
+  rerunning it skips what is complete."""
+  runs = str(tmp_path / "demo")
+  env = {
+    **os.environ,
+    "VDIT_DATA_DIR": data_dir,
+    "PYTHON": sys.executable,
+    "AUTOENCODER_ARGS": "--config.total_steps=2 --config.log_every_steps=1 "
+    "--config.model.channels=(8,8,8) --config.input.size=(2,16,16)",
+    "LATENTS_ARGS": "--max_examples=8",
+  }
+  dit = [f for f in configs.TINY_CLI_FLAGS if not f.startswith("--config=")] + [
+    "--config.total_steps=2",
+    "--config.sample.steps=2",
+    "--config.evals.loss.num_batches=1",
+    "--config.evals.adherence.num_prompts=2",
+    "--config.evals.adherence.steps=2",
+    "--config.evals.adherence.sizes=((2,4,4),)",  # latent units: 2 frames of 16×16 pixels
+  ]
+
+  def run():
+    return subprocess.run(
+      ["bash", "launch/latent_demo.sh", runs, *dit],
+      capture_output=True, text=True, cwd=configs.REPO, env=env, timeout=1200,
+    )  # fmt: skip
+
+  out = run()
+  assert out.returncode == 0, out.stderr[-3000:]
+  ae_eval = json.load(open(os.path.join(runs, "autoencoder", "eval", "2.json")))["autoencoder"]
+  assert 0 < ae_eval["psnr"] < 100
+  for split in ("train", "validation"):
+    meta = json.load(open(os.path.join(runs, "latents", split, "meta.json")))
+    assert meta["examples"] == 8 and meta["compression"] == [1, 4, 4] and meta["max_side"] == 48
+    assert all(max(int(s) for s in k.split("x")[1:]) <= 12 for k in meta["shapes"])
+  evals = json.load(open(os.path.join(runs, "eval", "2.json")))
+  assert {"loss", "samples", "adherence"} <= set(evals)
+  stored = np.load(os.path.join(runs, "samples", "2", "a_red_circle_moving_right.npz"))
+  assert stored["frames"].shape == (8, 32, 48, 3)  # the config's pixel size, through the decoder
+  out = run()  # complete: the autoencoder and the latents are not redone
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "latents:" not in out.stderr

@@ -242,22 +242,41 @@ def latent_space(c: ml_collections.ConfigDict, vae_workdir: str, latents_dir: st
   from vdit import checkpointing  # noqa: PLC0415
 
   vae = checkpointing.read_config(vae_workdir).model
+  ft, fs = int(vae.time_compression), 2 ** (len(vae.channels) - 1)
+
+  def latent_size(size):  # (T, H, W) pixels → (T', H', W') latent units
+    t, h, w = size
+    return (1 + (t - 1) // ft, h // fs, w // fs)
+
   c.autoencoder = vae_workdir
   c.input.dataset = "latents"
   c.input.dataset_config = latents_dir
   c.input.mixture = ()
   c.input.channels = int(vae.latent_channels)
-  c.input.patch_size = (1, 2, 2)  # (pt, ph, pw) in latent frames / cells
+  # (pt, ph, pw) in latent frames / cells. A per-frame autoencoder (ft = 1) leaves time whole:
+  # tokens of two latent frames, as the pixel model's (docs/recipe.md, rows L).
+  c.input.patch_size = (2 if ft == 1 else 1, 2, 2)
   c.input.max_frames = 8 if tiny else 16  # latent frames
   c.input.min_frames = 2
+  if tiny and ft == 1:
+    # The demo's latents are of videos shrunk to a longer side of 48 pixels (launch/
+    # latent_demo.sh): ≤ 4 × 6 × 6 tokens each, up to 16 examples per row.
+    c.input.max_tokens_per_example = 144
+    c.input.max_examples_per_row = 16
+    c.input.text_tokens_per_row = 192
   # Latents are not resized (area-averaged latents are not the latents of a smaller video):
   # a fixed budget and no shrinking to fill rows.
   c.input.min_tokens_per_example = c.input.max_tokens_per_example
   c.input.shrink_to_fill = 0.0
   c.diffusion.flow_prediction = "velocity"  # latents are smooth enough for velocity prediction
-  c.sample.num_frames, c.sample.height, c.sample.width = 4, 8, 12  # latent units
+  # Sizes stay given in pixels above and are converted here (T' latent frames decode to
+  # 1 + ft·(T' − 1) frames, H'×W' cells to fs·H' × fs·W' pixels).
+  c.sample.num_frames, c.sample.height, c.sample.width = latent_size(
+    (c.sample.num_frames, c.sample.height, c.sample.width)
+  )
   c.sample.display_scale = 2 if tiny else 1
-  c.evals.samples.sizes = ((4, 8, 12),) if tiny else ((8, 16, 24),)
+  c.evals.samples.sizes = tuple(latent_size(s) for s in c.evals.samples.sizes)
   # The scorer reads the decoded pixels; its words come from the pixel dataset's variant.
-  c.evals.adherence.size = (4, 8, 8) if tiny else (5, 8, 8)  # latent units
+  c.evals.adherence.size = latent_size(c.evals.adherence.size)
+  c.evals.adherence.sizes = tuple(latent_size(s) for s in c.evals.adherence.sizes)
   c.evals.adherence.dataset_config = "tiny" if tiny else "default"

@@ -112,15 +112,23 @@ def channel_norm(name: str | None = None) -> nn.LayerNorm:
   )
 
 
+def identity(x: jax.Array) -> jax.Array:
+  return x
+
+
 class ResBlock(nn.Module):
   """norm → SiLU → conv → norm → SiLU → conv (zero-init: the block starts as identity) + skip."""
 
   features: int
+  temporal_kernel: int = 3
+  norm: bool = True
 
   @nn.compact
   def __call__(self, x):
-    h = CausalConv3d(self.features)(nn.silu(channel_norm()(x)))
-    h = CausalConv3d(self.features, zero_init=True)(nn.silu(channel_norm()(h)))
+    kernel = (self.temporal_kernel, 3, 3)
+    norm = channel_norm if self.norm else lambda: identity
+    h = CausalConv3d(self.features, kernel)(nn.silu(norm()(x)))
+    h = CausalConv3d(self.features, kernel, zero_init=True)(nn.silu(norm()(h)))
     if x.shape[-1] != self.features:
       x = CausalConv3d(self.features, kernel=(1, 1, 1))(x)
     return x + h
@@ -140,6 +148,10 @@ class VideoAutoencoder(nn.Module):
   time_compression: int = 4  # ft: a power of two, at most fs
   latent_channels: int = 16  # Z
   num_res_blocks: int = 2  # per level, in the encoder and the decoder
+  # kt of every conv. 1 with time_compression 1: a per-frame 2-D autoencoder (each latent frame
+  # codes its own frame; the demo's, which learns ~10 dB faster: docs/recipe.md, rows L).
+  temporal_kernel: int = 3
+  norm: bool = True  # per-position LayerNorms before the convolutions (off: the per-frame demo's)
 
   @property
   def spatial_compression(self) -> int:
@@ -157,23 +169,26 @@ class VideoAutoencoder(nn.Module):
     return [i >= stages - n for i in range(stages)]
 
   def setup(self):
-    check_compression(self.channels, self.time_compression)
+    check_compression(self.channels, self.time_compression, self.temporal_kernel)
     ch, z = self.channels, self.latent_channels
     time = self._time_stages()
+    k = (self.temporal_kernel, 3, 3)
+    res = lambda c: ResBlock(c, self.temporal_kernel, self.norm)  # noqa: E731
+    norm = channel_norm if self.norm else lambda: identity
     # Encoder.
-    self.enc_in = CausalConv3d(ch[0], axes=(None, None, None, None, MLP))
-    self.enc_blocks = [[ResBlock(c) for _ in range(self.num_res_blocks)] for c in ch]
-    self.enc_down = [CausalConv3d(c, strides=(2 if t else 1, 2, 2)) for c, t in zip(ch, time)]
-    self.enc_mid = ResBlock(ch[-1])
-    self.enc_norm = channel_norm()
-    self.enc_out = CausalConv3d(2 * z, axes=(None, None, None, EMBED, None))
+    self.enc_in = CausalConv3d(ch[0], k, axes=(None, None, None, None, MLP))
+    self.enc_blocks = [[res(c) for _ in range(self.num_res_blocks)] for c in ch]
+    self.enc_down = [CausalConv3d(c, k, strides=(2 if t else 1, 2, 2)) for c, t in zip(ch, time)]
+    self.enc_mid = res(ch[-1])
+    self.enc_norm = norm()
+    self.enc_out = CausalConv3d(2 * z, k, axes=(None, None, None, EMBED, None))
     # Decoder (mirror).
-    self.dec_in = CausalConv3d(ch[-1], axes=(None, None, None, None, MLP))
-    self.dec_mid = ResBlock(ch[-1])
-    self.dec_blocks = [[ResBlock(c) for _ in range(self.num_res_blocks)] for c in ch]
-    self.dec_up = [CausalConv3d(c) for c in ch[:-1]]
-    self.dec_norm = channel_norm()
-    self.dec_out = CausalConv3d(3, axes=(None, None, None, EMBED, None))
+    self.dec_in = CausalConv3d(ch[-1], k, axes=(None, None, None, None, MLP))
+    self.dec_mid = res(ch[-1])
+    self.dec_blocks = [[res(c) for _ in range(self.num_res_blocks)] for c in ch]
+    self.dec_up = [CausalConv3d(c, k) for c in ch[:-1]]
+    self.dec_norm = norm()
+    self.dec_out = CausalConv3d(3, k, axes=(None, None, None, EMBED, None))
 
   def encode(self, video: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Posterior (mean, logvar) [B, T', H', W', Z] of video [B, T, H, W, 3] (or images
@@ -218,7 +233,8 @@ class VideoAutoencoder(nn.Module):
   def temporal_lookback(self) -> tuple[int, int]:
     """(encoder look-back in input frames, decoder look-back in output frames): how far into
     the past a causal output can see, the context that makes chunked coding exact."""
-    ft, time, k = self.time_compression, self._time_stages(), 2  # kt − 1 of every 3×3×3 conv
+    # k = kt − 1: the frames of look-back of every conv (0 for a per-frame autoencoder).
+    ft, time, k = self.time_compression, self._time_stages(), self.temporal_kernel - 1
     enc, r = k, 1  # enc_in
     for level in range(len(self.channels)):
       enc += 2 * k * r * self.num_res_blocks
@@ -258,13 +274,18 @@ def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
   return 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
 
 
-def check_compression(channels, time_compression: int) -> None:
+def check_compression(channels, time_compression: int, temporal_kernel: int = 3) -> None:
   stages = len(channels) - 1
   ft = int(time_compression)
   if ft < 1 or ft & (ft - 1) or ft > 2**stages:
     raise ValueError(
       f"time_compression={ft} must be a power of two ≤ the spatial compression "
       f"2^(len(channels) − 1) = {2**stages} (time is strided in the spatial stages)"
+    )
+  if temporal_kernel < 1 or (temporal_kernel == 1 and ft != 1):
+    raise ValueError(
+      f"temporal_kernel={temporal_kernel} must be ≥ 1, and 1 (per-frame) only with "
+      f"time_compression=1 (got {ft}): frames are grouped only by temporal convolutions"
     )
 
 

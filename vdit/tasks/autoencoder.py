@@ -95,7 +95,7 @@ class AutoencoderTask(base.Task):
     ):
       config_checks.positive(f"model.{name}", value)
     try:
-      ae.check_compression(channels, m.time_compression)
+      ae.check_compression(channels, m.time_compression, m.get("temporal_kernel", 3))
     except ValueError as e:
       raise config_checks.ConfigError(f"model.{e}") from None
     ft, fs = int(m.time_compression), 2 ** (len(channels) - 1)

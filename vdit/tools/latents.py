@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from vdit import datasets, latent_codec, media
+from vdit.data import transforms
 from vdit.datasets import records
 from vdit.models import tiling
 
@@ -37,10 +38,32 @@ def fit_to_compression(video: np.ndarray, compression) -> np.ndarray:
   return video[:t, y : y + ch, x : x + cw]
 
 
+def shrink(video: np.ndarray, max_side: int | None, fs: int) -> np.ndarray:
+  """[T, H, W, 3] area-resized (keeping the aspect ratio, never upsampled) so that its longer side
+  is ≤ `max_side` pixels, both sides multiples of fs; unchanged if None or already small enough.
+  Done in pixels, before encoding: a smaller video's latents, where resizing latents would not
+  be (the token budget of a latent run then never has to shrink an example)."""
+  t, h, w, _ = video.shape
+  if not max_side or max(h, w) <= max_side:
+    return video
+  scale = max_side / max(h, w)
+  height, width = (max(fs, int(round(s * scale / fs)) * fs) for s in (h, w))
+  return transforms.area_resize(video, height, width)
+
+
 def time_bucket(latent_frames: int) -> int:
   """The latent length an example is encoded at: the next power of two (≤ 2× the work, a
   handful of lengths per dataset)."""
   return 1 << max(0, latent_frames - 1).bit_length()
+
+
+def is_per_frame(codec: latent_codec.Codec) -> bool:
+  """Whether each latent frame codes its own frame alone (a per-frame autoencoder: ft = 1 and no
+  temporal look-back), so frames of any number of videos can be encoded as one batch."""
+  model = codec.model
+  return (
+    codec.variables is not None and codec.compression[0] == 1 and model.temporal_lookback()[0] == 0
+  )
 
 
 def encode_dataset(
@@ -52,6 +75,7 @@ def encode_dataset(
   dataset_config: str | None = "tiny",
   data_dir: str | None = None,
   max_examples: int | None = None,
+  max_side: int | None = None,
   batch_size: int = 8,
   log_every_seconds: float = 10.0,
   **tiling_kwargs,
@@ -64,24 +88,42 @@ def encode_dataset(
   encoder makes exact (latent frame j never sees later frames), and the extra latent frames are
   dropped. Spatial padding would not be exact (a conv's border differs from real neighbours), so
   sizes are never mixed; a short group is filled up with repeats of its last example, so every
-  (H, W, bucket) compiles once. Returns the meta dict (also in meta.json).
+  (H, W, bucket) compiles once. A per-frame autoencoder (`is_per_frame`) groups by (H, W) only
+  and encodes 8 × `batch_size` frames per call, of any videos: one compilation per frame size.
+  Returns the meta dict (also in meta.json).
   """
   source = datasets.data_source(dataset, split, data_dir=data_dir, config=dataset_config)
   n = len(source) if max_examples is None else min(max_examples, len(source))
   ft = codec.compression[0]
-  groups = collections.defaultdict(list)  # (H, W, bucket) -> [(index, video, label, caption)]
+  per_frame = is_per_frame(codec)
+  frame_batch = batch_size * 8  # per-frame codecs: frames of one size encoded per call
+  groups = collections.defaultdict(list)  # size key -> [(index, video, label, caption)]
   shapes, skipped = collections.Counter(), {}
   progress = _Progress(n, log_every_seconds)
   with records.Writer(out, "latents") as writer:
 
-    def flush(key):
-      group, groups[key] = groups[key], []
+    def encode_group(key, group) -> list[np.ndarray]:
+      """The normalised latents [T', H', W', Z] of each video of one group."""
+      if per_frame:  # all the group's frames as 1-frame clips, `frame_batch` per call
+        frames = np.concatenate([v for _, v, _, _ in group])
+        pad = -len(frames) % frame_batch
+        frames = media.from_uint8(np.concatenate([frames, np.repeat(frames[-1:], pad, 0)]))
+        z = np.concatenate(
+          [
+            codec.encode(frames[i : i + frame_batch, None])
+            for i in range(0, len(frames), frame_batch)
+          ]
+        )[:, 0]
+        return np.split(z[: len(z) - pad], np.cumsum([len(v) for _, v, _, _ in group])[:-1])
       frames = 1 + ft * (key[2] - 1)
       videos = [tiling.pad_frames(media.from_uint8(v)[None], frames)[0] for _, v, _, _ in group]
       videos += [videos[-1]] * (batch_size - len(videos))
       z = codec.encode(np.stack(videos), **tiling_kwargs)
-      for (index, video, label, caption), zi in zip(group, z):
-        zi = zi[: 1 + (len(video) - 1) // ft]
+      return [zi[: 1 + (len(v) - 1) // ft] for (_, v, _, _), zi in zip(group, z)]
+
+    def flush(key):
+      group, groups[key] = groups[key], []
+      for (index, _, label, caption), zi in zip(group, encode_group(key, group)):
         if not np.all(np.isfinite(zi)):
           skipped[index] = "non-finite latents"
           continue
@@ -89,20 +131,30 @@ def encode_dataset(
         shapes["x".join(str(s) for s in zi.shape[:3])] += 1
       progress.update(len(group), compiled=key)
 
+    def full(key) -> bool:
+      if per_frame:
+        return sum(len(v) for _, v, _, _ in groups[key]) >= frame_batch
+      return len(groups[key]) == batch_size
+
     for i in range(n):
       try:
         ex = source[i]
-        video = fit_to_compression(np.asarray(ex["video"]), codec.compression)
+        video = np.asarray(ex["video"])
+        video = fit_to_compression(shrink(video, max_side, codec.compression[1]), codec.compression)
       except (ValueError, OSError) as e:  # an unreadable or too-small video: skipped, counted
         skipped[i] = f"{type(e).__name__}: {e}"
         progress.update(1)
         continue
       caption = ex.get("caption", b"")
       caption = caption.decode() if isinstance(caption, bytes) else str(caption)
-      key = (*video.shape[1:3], time_bucket(1 + (len(video) - 1) // ft))
+      key = (
+        video.shape[1:3]
+        if per_frame
+        else (*video.shape[1:3], time_bucket(1 + (len(video) - 1) // ft))
+      )
       # uint8 while waiting for the group to fill (a quarter of the host memory of float32).
       groups[key].append((i, video, int(ex.get("label", -1)), caption))
-      if len(groups[key]) == batch_size:
+      if full(key):
         flush(key)
     for key in [k for k, g in groups.items() if g]:
       flush(key)
@@ -119,6 +171,7 @@ def encode_dataset(
     skipped=len(skipped),
     skipped_examples={str(k): v for k, v in skipped.items()},
     shapes=dict(sorted(shapes.items())),
+    max_side=max_side,
     compilations=len(progress.compiled),
     seconds=round(progress.elapsed(), 1),
   )
@@ -162,9 +215,12 @@ def _define_flags() -> None:
   flags.DEFINE_string("autoencoder", None, "workdir of an autoencoder run", required=True)
   flags.DEFINE_string("dataset", "shapes", "dataset name (vdit.datasets.SOURCES)")
   flags.DEFINE_string("dataset_config", "tiny", "dataset config")
-  flags.DEFINE_string("split", "train", "split")
+  flags.DEFINE_string("split", "train", "split, or several (train,validation: each to out/<split>)")
   flags.DEFINE_string("out", None, "output directory", required=True)
   flags.DEFINE_integer("max_examples", None, "encode at most this many examples")
+  flags.DEFINE_integer(
+    "max_side", None, "shrink videos (pixels, keeping aspect) to this longer side"
+  )
   flags.DEFINE_integer("batch_size", 8, "examples of one size encoded per call")
   flags.DEFINE_integer("chunk", None, "latent frames per chunk (None: whole)")
   flags.DEFINE_integer("tile", None, "square tile in pixels (None: whole)")
@@ -176,13 +232,16 @@ def main(argv):
   f = flags.FLAGS
   codec = latent_codec.load(f.autoencoder)
   tile = (f.tile, f.tile) if f.tile else None
-  meta = encode_dataset(
-    codec, f.dataset, f.split, f.out, dataset_config=f.dataset_config,
-    max_examples=f.max_examples, batch_size=f.batch_size, chunk=f.chunk, tile=tile,
-    overlap=f.overlap,
-  )  # fmt: skip
-  meta.pop("skipped_examples")
-  print(json.dumps({"out": f.out, **meta}))
+  splits = f.split.split(",")
+  for split in splits:  # one process: the compilations are shared between splits
+    out = f.out if len(splits) == 1 else os.path.join(f.out, split)
+    meta = encode_dataset(
+      codec, f.dataset, split, out, dataset_config=f.dataset_config,
+      max_examples=f.max_examples, max_side=f.max_side, batch_size=f.batch_size,
+      chunk=f.chunk, tile=tile, overlap=f.overlap,
+    )  # fmt: skip
+    meta.pop("skipped_examples")
+    print(json.dumps({"out": out, **meta}))
 
 
 if __name__ == "__main__":
