@@ -110,7 +110,7 @@ def encode_dataset(
         frames = media.from_uint8(np.concatenate([frames, np.repeat(frames[-1:], pad, 0)]))
         z = np.concatenate(
           [
-            codec.encode(frames[i : i + frame_batch, None])
+            codec.encode(frames[i : i + frame_batch, None], **tiling_kwargs)
             for i in range(0, len(frames), frame_batch)
           ]
         )[:, 0]
