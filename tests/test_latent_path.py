@@ -14,7 +14,7 @@ from tests import configs
 from vdit import config_checks, datasets, latent_codec, media, models, sampling, train
 from vdit.data import pipeline
 from vdit.evaluators import frechet
-from vdit.tools import latents
+from vdit.tools import latents, probe
 
 
 def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
@@ -96,6 +96,8 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
   assert stored["frames"].shape == (7, 32, 48, 3) and stored["latents"].shape == (4, 8, 12, 8)
   sampler = sampling.load(workdir)
   assert sampler.codec is not None
+  # The probes extend clips only as far as training went: 8 latent frames → 1 + 2·7 frames.
+  assert probe.trained_frames(sampler) == 1 + 2 * (c.input.max_frames - 1) == 15
   videos = sampler.generate(["a blue square"], num_frames=2, height=4, width=6, steps=2)
   assert videos.shape == (1, 3, 16, 24, 3) and videos.dtype == np.uint8
   assert sampler.last_latents.shape == (1, 2, 4, 6, 8)
