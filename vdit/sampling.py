@@ -326,8 +326,8 @@ class Sampler:
 
 
 def _available_bytes() -> int | None:
-  """Free memory of the first device (accelerators report it), else the host's MemAvailable."""
-  stats = jax.devices()[0].memory_stats() or {}
+  """Free memory of this host's first device (accelerators report it), else MemAvailable."""
+  stats = jax.local_devices()[0].memory_stats() or {}  # this host's (others: not addressable)
   if "bytes_limit" in stats:
     return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
   try:
