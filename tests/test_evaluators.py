@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,10 +12,13 @@ import numpy as np
 import pytest
 
 from tests import configs
-from vdit import checkpointing, evaluators, train
+from vdit import checkpointing, evaluators, sharding, tasks, train
 from vdit.datasets import shapes
 from vdit.evaluators import adherence, classifier, frechet, shapes_scorer
 from vdit.tasks import base as tasks_base
+from vdit.tasks import restore
+
+MESH_2X2X2 = dict(data=2, fsdp=2, sequence=1, tensor=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,37 +175,39 @@ def test_run_writes_json_scalars_and_summaries(tmp_path):
   calls = []
 
   @evaluators.register("_fake")
-  def fake(config, params, workdir, step, *, scale=1.0):
-    calls.append((params, step, scale))
+  def fake(config, fns, params, workdir, step, *, scale=1.0):
+    calls.append((fns["predict"](params), step, scale))
     return {"value": 2.0 * scale, "count": 3, "images": {"grid": np.zeros((1, 4, 4, 3), np.uint8)}}
 
   c = _config(first=dict(type="_fake", every_steps=5, scale=3.0), second=dict(type="_fake"))
   workdir = str(tmp_path)
   tasks_base.write_eval_json(workdir, 5, "classification", {"top1": 0.5})  # kept (merged)
   writer = _Writer()
-  out = evaluators.run(c, "params", workdir, 5, names=["first"], writer=writer)
-  assert out == {"first": {"value": 6.0, "count": 3}} and calls == [("params", 5, 3.0)]
+  fns = {"predict": lambda params: f"predicted with {params}"}
+  out = evaluators.run(c, fns, "params", workdir, 5, names=["first"], writer=writer)
+  assert out == {"first": {"value": 6.0, "count": 3}}
+  assert calls == [("predicted with params", 5, 3.0)]  # the functions and params handed in
   saved = json.loads((tmp_path / "eval" / "5.json").read_text())
   assert saved == {"classification": {"top1": 0.5}, "first": {"value": 6.0, "count": 3}}
   assert writer.scalars == {(5, "eval/first/value"): 6.0, (5, "eval/first/count"): 3.0}
   assert (5, "eval/first/grid") in writer.images
   with pytest.raises(ValueError, match="not in config.evals"):
-    evaluators.run(c, None, workdir, 5, names=["third"])
+    evaluators.run(c, fns, None, workdir, 5, names=["third"])
   with pytest.raises(ValueError, match="unknown"):
-    evaluators.run(_config(x=dict(type="nope")), None, workdir, 5)
+    evaluators.run(_config(x=dict(type="nope")), fns, None, workdir, 5)
 
 
 def test_a_failing_eval_is_recorded_and_the_next_ones_run(tmp_path, monkeypatch):
-  def boom(config, params, workdir, step):
+  def boom(config, fns, params, workdir, step):
     raise RuntimeError("the scorer broke")
 
-  def fine(config, params, workdir, step):
+  def fine(config, fns, params, workdir, step):
     return {"value": 1.0}
 
   monkeypatch.setitem(evaluators.EVALUATORS, "_boom", boom)
   monkeypatch.setitem(evaluators.EVALUATORS, "_fine", fine)
   c = _config(a=dict(type="_boom"), b=dict(type="_fine"))
-  out = evaluators.run(c, None, str(tmp_path), 7)
+  out = evaluators.run(c, {}, None, str(tmp_path), 7)
   assert out == {"a": {"error": "RuntimeError: the scorer broke"}, "b": {"value": 1.0}}
   assert evaluators.failures(out) == {"a": "RuntimeError: the scorer broke"}
   assert json.loads((tmp_path / "eval" / "7.json").read_text()) == out
@@ -209,7 +215,7 @@ def test_a_failing_eval_is_recorded_and_the_next_ones_run(tmp_path, monkeypatch)
 
 
 def test_training_survives_a_failing_eval_and_reports_it(data_dir, tmp_path, monkeypatch):
-  def boom(config, params, workdir, step):
+  def boom(config, fns, params, workdir, step):
     raise RuntimeError("the scorer broke")
 
   monkeypatch.setitem(evaluators.EVALUATORS, "_boom", boom)
@@ -223,7 +229,15 @@ def test_adherence_does_not_apply_to_other_datasets():
   c = configs.load("tiny")
   c.input.dataset, c.input.dataset_config = "folder", "/some/folder"
   with pytest.raises(evaluators.NotApplicable, match=r"input.dataset='folder'"):
-    adherence.evaluate(c, None, "/nonexistent", 0)
+    adherence.evaluate(c, {}, None, "/nonexistent", 0)
+
+
+def test_an_evaluator_needing_a_function_the_task_lacks_is_skipped(tmp_path):
+  # A classifier's task gives no `sampler`: `samples` is skipped (recorded), not an error.
+  c = _config(samples=dict(type="samples"))
+  out = evaluators.run(c, {"batches": iter, "logits": None}, None, str(tmp_path), 3)
+  assert "needs the task's `sampler` function" in out["samples"]["skipped"]
+  assert evaluators.failures(out) == {} and evaluators.missing(c, str(tmp_path), 3, 3) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,16 +361,49 @@ def test_evaluate_end_to_end(data_dir, tmp_path):
   assert out.returncode != 0 and "not a vdit workdir" in out.stderr
 
 
-def test_vdit_evaluate_runs_in_process_on_a_classifier(vit_workdir):
+def test_vdit_evaluate_runs_in_process_on_a_classifier(vit_workdir, tmp_path):
   from vdit import evaluate  # noqa: PLC0415
 
+  # The run's own evals (configs/vit/digits.py: `classification`, type top1) on its checkpoint
+  # give what the trainer wrote at its last step: the same sharded state, the same functions.
+  trained = json.loads(open(os.path.join(vit_workdir, "eval", "2.json")).read())["classification"]
+  step, results = evaluate.evaluate(vit_workdir)
+  assert step == 2 and 0.0 <= results["classification"]["top1"] <= 1.0
+  assert results["classification"]["examples"] == trained["examples"] == 200
+  assert results["classification"]["top1"] == trained["top1"]
+  assert results["classification"]["loss"] == pytest.approx(trained["loss"], rel=1e-5)
+  # A workdir whose config has no `evals` takes them from the fallback config.
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(vit_workdir, workdir)
+  cfg = json.loads(open(os.path.join(workdir, "config.json")).read())
+  del cfg["evals"]
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(json.dumps(cfg))
   fallback = _config(top1=dict(type="top1", every_steps=1))
-  step, results = evaluate.evaluate(vit_workdir, fallback)
-  assert step == 2 and 0.0 <= results["top1"]["top1"] <= 1.0
-  assert results["top1"]["examples"] == 200
-  saved = json.loads(open(os.path.join(vit_workdir, "eval", "2.json")).read())
+  step, results = evaluate.evaluate(workdir, fallback)
+  assert step == 2 and results["top1"]["top1"] == trained["top1"]
+  saved = json.loads(open(os.path.join(workdir, "eval", "2.json")).read())
   assert saved["top1"]["top1"] == results["top1"]["top1"]
   assert jax.process_index() == 0
+
+
+def test_evaluators_run_on_sharded_params_as_on_replicated_ones(vit_workdir):
+  """No gather before an eval: the predict functions take the params as sharded over the
+  mesh (here split over fsdp and tensor) and give what replicated params give."""
+  out = {}
+  for name, mesh_config in [("replicated", {"data": -1}), ("sharded", MESH_2X2X2)]:
+    mesh = sharding.make_mesh(mesh_config)
+    rules = sharding.rules_from_config(checkpointing.read_config(vit_workdir).sharding_rules)
+    config, step, params = restore.ema_params(vit_workdir, mesh=mesh)
+    split = [not x.sharding.is_fully_replicated for x in jax.tree_util.tree_leaves(params)]
+    assert any(split) == (name == "sharded")  # as restored, and as handed to the evaluators
+    task = tasks.get(config)
+    fns = task.predict_fns(config, task.build_model(config), mesh, rules)
+    c = _config(top1=dict(type="top1"))
+    out[name] = evaluators.run(c, fns, params, vit_workdir, step)["top1"]
+  assert out["sharded"]["examples"] == out["replicated"]["examples"] == 200
+  assert out["sharded"]["top1"] == pytest.approx(out["replicated"]["top1"], abs=1 / 200)
+  assert out["sharded"]["loss"] == pytest.approx(out["replicated"]["loss"], rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,9 +418,12 @@ def video_workdir(data_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_generative_evaluators_in_process(video_workdir, vit_workdir):
-  from vdit.tasks import restore  # noqa: PLC0415
-
-  config, step, params = restore.ema_params(video_workdir)
+  config = checkpointing.read_config(video_workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  config, step, params = restore.ema_params(video_workdir, config=config, mesh=mesh)
+  task = tasks.get(config)
+  fns = task.predict_fns(config, task.build_model(config), mesh, rules)
   tiny = dict(steps=2, size=(4, 16, 16))
   config.evals = dict(
     loss=dict(type="loss", num_batches=1, repeats=2),
@@ -384,7 +434,8 @@ def test_generative_evaluators_in_process(video_workdir, vit_workdir):
     samples=dict(type="samples", prompts=("a red circle moving right",), sizes=((4, 16, 24),)),
   )
   writer = _Writer()
-  out = evaluators.run(config, params, video_workdir, step, writer=writer)
+  with sharding.activate(mesh, rules):
+    out = evaluators.run(config, fns, params, video_workdir, step, writer=writer)
   loss = out["loss"]
   assert loss == out["loss_again"]  # fixed rngs: reproducible
   assert loss["examples"] == sum(loss[f"count_t{i}"] for i in range(5)) > 0

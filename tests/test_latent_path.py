@@ -67,7 +67,8 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
     "adherence": dict(
       type="adherence", every_steps=2, num_prompts=2, size=(2, 4, 4), steps=2,
       dataset_config="tiny",
-    )
+    ),
+    "prompts": dict(type="prompts"),  # `sample.prompts` → samples/<step>/ (+ latents)
   }  # fmt: skip
   workdir_of_nothing = str(tmp_path / "nothing")
   assert c.autoencoder == vae_dir and c.input.dataset == "latents" and c.input.channels == 8

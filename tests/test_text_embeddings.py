@@ -78,7 +78,7 @@ def test_embedding_run_trains_samples_and_is_checked(data_dir, tmp_path):
   c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 2, 1, 2
   c.optimizer.warmup_steps = 1
   c.sample.prompts, c.sample.steps = ("a red circle moving right", "a purple zorblax"), 2
-  c.evals = {}
+  c.evals = {"prompts": dict(type="prompts")}  # the sample prompts, at the end
   train.validate(c)
   for packing in pipeline.PACKERS:
     inp = configs.override(copy.deepcopy(c.input), packing=packing)

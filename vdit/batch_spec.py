@@ -20,6 +20,7 @@ class Field:
   shape: tuple[str | int, ...]  # shape letters (above) or fixed sizes
   dtype: type  # numpy dtype of the host arrays
   axes: tuple[str | None, ...]  # logical axes, one per dimension
+  pad: int = 0  # the value of padding (rows, slots, tokens): 0 / False, −1 for a "no label"
 
 
 PACKED: dict[str, Field] = {
@@ -29,7 +30,7 @@ PACKED: dict[str, Field] = {
   "shapes": Field(("B", "K", 3), np.int32, (BATCH, None, None)),
   "text_tokens": Field(("B", "M"), np.int32, (BATCH, TEXT_LENGTH)),
   "text_segment_ids": Field(("B", "M"), np.int32, (BATCH, TEXT_LENGTH)),
-  "labels": Field(("B", "K"), np.int32, (BATCH, None)),
+  "labels": Field(("B", "K"), np.int32, (BATCH, None), pad=-1),
   "cond_mask": Field(("B", "L"), np.bool_, (BATCH, LENGTH)),
   "loss_mask": Field(("B", "L"), np.bool_, (BATCH, LENGTH)),
 }
@@ -41,7 +42,7 @@ TEXT_EMBEDDINGS = Field(("B", "M", "D"), np.float32, (BATCH, TEXT_LENGTH, None))
 # Fixed-size batches (`vdit.data.dense`): video [B, T, H, W, C].
 DENSE: dict[str, Field] = {
   "video": Field(("B", "T", "H", "W", "C"), np.float32, (BATCH, None, None, None, None)),
-  "label": Field(("B",), np.int32, (BATCH,)),
+  "label": Field(("B",), np.int32, (BATCH,), pad=-1),
   "valid": Field(("B",), np.bool_, (BATCH,)),
 }
 DENSE_KEYS = tuple(DENSE)
@@ -52,3 +53,8 @@ FIELDS: dict[str, Field] = {**PACKED, **DENSE, "text_embeddings": TEXT_EMBEDDING
 def shape(key: str, sizes: dict[str, int]) -> tuple[int, ...]:
   """The concrete shape of `key`, its letters looked up in `sizes` (e.g. {"B": 8, "L": 1024})."""
   return tuple(d if isinstance(d, int) else sizes[d] for d in FIELDS[key].shape)
+
+
+def padding_like(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A batch of `batch`'s shapes that is all padding: no example, no label, no loss token."""
+  return {k: np.full_like(v, FIELDS[k].pad) for k, v in batch.items()}

@@ -4,10 +4,11 @@ r"""Config-driven evaluation of a checkpoint: runs `config.evals` (vdit/evaluato
       [--step=N] [--evals=loss,adherence]
 
 Restores the EMA params of the latest (or `--step`) checkpoint with the model of the run's own
-config (the one written into the workdir, any task), runs the evaluators, prints the results and
-writes workdir/eval/<step>.json (and TensorBoard scalars/summaries into the workdir). The evals
-come from the workdir's config; if it has none, from `--config` (which is otherwise only a
-fallback and need not be given).
+config (the one written into the workdir, any task), sharded over the run's mesh as in training,
+hands them to the evaluators with the task's predict functions (as the trainer does), prints the
+results and writes workdir/eval/<step>.json (and TensorBoard scalars/summaries into the
+workdir). The evals come from the workdir's config; if it has none, from `--config` (which is
+otherwise only a fallback and need not be given).
 """
 
 import json
@@ -19,7 +20,7 @@ from absl import app, flags
 from clu import metric_writers
 from ml_collections import config_flags
 
-from vdit import checkpointing, config_lib, evaluators
+from vdit import checkpointing, config_lib, evaluators, sharding, tasks
 from vdit.tasks import restore
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with `evals` (fallback).")
@@ -45,10 +46,17 @@ def evaluate(
       )
     config.unlock()
     config.evals = fallback.evals
-  config, step, params = restore.ema_params(workdir, step, config)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  config, step, params = restore.ema_params(workdir, step, config, mesh)
+  task = tasks.get(config)
+  predict_fns = task.predict_fns(config, task.build_model(config), mesh, rules)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() != 0)
   try:
-    results = evaluators.run(config, params, workdir, step, names=names, writer=writer)
+    with sharding.activate(mesh, rules):
+      results = evaluators.run(
+        config, predict_fns, params, workdir, step, names=names, writer=writer
+      )
   finally:
     writer.close()
   return step, results

@@ -18,7 +18,6 @@ first latent frame summarises one frame, not ft (an approximation the forward mo
 """
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +26,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vdit import caption_embedders, checkpointing, latent_codec, media, models, tasks
+from vdit import caption_embedders, checkpointing, latent_codec, media, models, sharding, tasks
 from vdit.data import captions, patchify, tokenizer
 from vdit.diffusion import given_frames, objectives
 from vdit.diffusion.given_frames import InputError, fit_size, patch_frames
@@ -318,7 +317,7 @@ class Sampler:
       sampler=sampler,
       strength=float(strength),
     )
-    x0 = np.asarray(jax.device_get(x0))
+    x0 = sharding.to_host(x0)  # sharded params: the videos may span hosts
     videos = patchify.unpatchify(x0, grid, self.patch_size, self.channels)
     if self.codec is not None:
       self.last_latents = videos
@@ -327,8 +326,8 @@ class Sampler:
 
 
 def _available_bytes() -> int | None:
-  """Free memory of the first device (accelerators report it), else the host's MemAvailable."""
-  stats = jax.devices()[0].memory_stats() or {}
+  """Free memory of this host's first device (accelerators report it), else MemAvailable."""
+  stats = jax.local_devices()[0].memory_stats() or {}  # this host's (others: not addressable)
   if "bytes_limit" in stats:
     return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
   try:
@@ -355,27 +354,3 @@ def load(workdir: str, step: int | None = None) -> Sampler:
   config, step, params = restore.ema_params(workdir, step, config)
   logging.info("loaded step %d from %s", step, workdir)
   return Sampler(config=config, params=params, model=tasks.get(config).build_model(config))
-
-
-def write_config_samples(
-  config: ml_collections.ConfigDict, params: Any, workdir: str, step: int
-) -> list[str]:
-  """Writes the config's sample prompts as GIF and MP4 into workdir/samples/<step>/."""
-  s = config.sample
-  options = {k: s[k] for k in ("num_frames", "height", "width", "steps", "guidance", "seed")}
-  sampler = Sampler(config=config, params=params)
-  videos = sampler.generate(list(s.prompts), **options)
-  out_dir = os.path.join(workdir, "samples", str(step))
-  paths = []
-  for i, (prompt, video) in enumerate(zip(s.prompts, videos)):
-    name = "_".join(prompt.split())[:60]
-    for ext in (".gif", ".mp4"):
-      path = os.path.join(out_dir, name + ext)
-      media.write_video(path, video, scale=s.display_scale)
-      paths.append(path)
-    if sampler.last_latents is not None:  # latent space: the latents too, as NPZ
-      path = os.path.join(out_dir, name + ".npz")
-      latents = {"latents": sampler.last_latents[i]}
-      media.write_video(path, video, metadata=dict(prompt=prompt), extra_arrays=latents)
-      paths.append(path)
-  return paths

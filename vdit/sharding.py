@@ -12,7 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vdit import axes, batch_spec
@@ -140,3 +140,11 @@ def tree_shardings(mesh: Mesh, rules, abstract_boxed_tree: Any) -> Any:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole value of a global array on this host: gathered from the other processes only if
+  it spans them (outputs such as generated videos; never a model's params)."""
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -1,4 +1,4 @@
-"""`train_and_evaluate(config, workdir)`: mesh → data → state → loop → samples.
+"""`train_and_evaluate(config, workdir)`: mesh → data → state → loop (with `config.evals`).
 
 Reads top to bottom. Everything that touches files, devices or logs lives here (and in
 `checkpointing.py`); the math is in `vdit/diffusion` and `vdit/models`.
@@ -16,7 +16,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers
-from jax.experimental import multihost_utils
 
 from vdit import (
   checkpointing,
@@ -186,8 +185,8 @@ def validate(
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: Sequence[str] = ()
 ) -> train_state.TrainState:
-  """Trains (resuming from `workdir` if it has a checkpoint), then evaluates: sample videos or
-  images for generative tasks, validation accuracy for classifiers (`Task.evaluate`).
+  """Trains (resuming from `workdir` if it has a checkpoint), running `config.evals` on the way
+  and at the end (samples, validation loss or accuracy, ...: `vdit.evaluators`).
 
   Before any compute: the config is checked, the workdir locked against a second trainer, and a
   resume refused if the config differs from the checkpoints' in keys that must not change
@@ -238,8 +237,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> trai
   if start_step == 0:
     writer.write_hparams(_flat_hparams(config))
 
-  # --- The jitted step ------------------------------------------------------------------------
+  # --- The jitted step, and what the evaluators receive --------------------------------------
   step_fn = jit_train_step(config, builder.model, builder.tx, mesh, rules, builder.shardings)
+  # The task's predict functions over the sharded state (big_vision's predict_fns): built once,
+  # called with `state.ema_params` as they are sharded, never gathered to a host.
+  predict_fns = task.predict_fns(config, builder.model, mesh, rules)
   if start_step >= config.total_steps:
     logging.info("already at step %d ≥ total_steps=%d", start_step, config.total_steps)
 
@@ -288,7 +290,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> trai
           break
         if names := evaluators.due(config, done, total):  # `config.evals` (vdit/evaluators)
           results = evaluators.run(
-            config, _host_params(state), workdir, done, names=names, writer=writer
+            config, predict_fns, state.ema_params, workdir, done, names=names, writer=writer
           )
           eval_failures.update({(done, k): v for k, v in evaluators.failures(results).items()})
           t_last = time.time()  # evaluation time is not training time
@@ -302,18 +304,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> trai
       print(f"preempted: checkpoint saved at step {done}", flush=True)
     return state
 
-  # --- Evaluation: samples (generative tasks), validation accuracy (classifiers) ------------
-  if names := evaluators.missing(config, workdir, int(state.step), total):  # e.g. after a crash
+  # --- The final step's evals that have no results yet (a rerun after a crash or a resume) ---
+  if names := evaluators.missing(config, workdir, int(state.step), total):
     with sharding.activate(mesh, rules):
       results = evaluators.run(
-        config, _host_params(state), workdir, int(state.step), names, writer=writer
+        config, predict_fns, state.ema_params, workdir, int(state.step), names, writer=writer
       )
     eval_failures.update({(int(state.step), k): v for k, v in evaluators.failures(results).items()})
-  results = task.evaluate(config, _host_params(state), workdir, int(state.step))
-  scalars = {k: v for k, v in results.items() if isinstance(v, int | float)}
-  if scalars:
-    writer.write_scalars(int(state.step), {f"eval/{k}": v for k, v in scalars.items()})
-    writer.flush()
   if eval_failures:  # the training and its checkpoints are complete; the failures are not lost
     listed = "; ".join(
       f"{name} at step {step}: {msg}" for (step, name), msg in eval_failures.items()
@@ -323,13 +320,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> trai
       "the log has their tracebacks; rerunning the same command retries the final step's"
     )
   return state
-
-
-def _host_params(state: train_state.TrainState):
-  """The EMA params for evaluation; with several hosts gathered to each (a collective)."""
-  if jax.process_count() > 1:
-    return multihost_utils.process_allgather(state.ema_params, tiled=True)
-  return state.ema_params
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -64,4 +64,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     guidance_interval=(0.0, 1.0),
   )
   c.sample = dict(per_class=8, steps=50, guidance=2.0, seed=0, display_scale=2)
+  # Evaluators (vdit/evaluators, docs/evaluation.md): the `sample` class grid at the end.
+  c.evals = dict(class_samples=dict(type="class_samples"))
   return c

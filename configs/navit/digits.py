@@ -57,4 +57,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     remat_policy="none",
     dtype="float32",
   )
+  # Evaluators (vdit/evaluators, docs/evaluation.md): top-1 over the validation split at the end.
+  c.evals = dict(classification=dict(type="top1"))
   return c

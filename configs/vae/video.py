@@ -51,6 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     recon="l1",
     kl_weight=1e-4 if tiny else 1e-6,  # β; the KL is a mean per latent element
   )
+  # Evaluators (vdit/evaluators, docs/evaluation.md): at the end, PSNR/SSIM over the validation
+  # split and the latent statistics (workdir/latent_stats.json) that latent configs read.
+  c.evals = dict(autoencoder=dict(type="reconstruction"))
   if arg.frames:
     per_frame(c, tiny)
   return c

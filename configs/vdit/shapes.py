@@ -206,6 +206,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       sizes=((8, 32, 32), (8, 32, 48), (8, 48, 24)) if tiny else (),
       steps=16 if tiny else 32,
     ),
+    prompts=dict(type="prompts"),  # `sample.prompts` → workdir/samples/<step>/, at the end
   )
   if arg.small:
     small_budget(c)

@@ -1,22 +1,34 @@
 """Config-driven evaluators: `config.evals.<name> = dict(type=..., every_steps=..., **options)`.
 
-  loss       validation diffusion loss per noise-level bucket (video_diffusion)
-  samples    sample grids for fixed prompts and sizes → GIF/MP4 + TensorBoard images
-  adherence  analytic colour / shape / motion scoring of generated `shapes` videos
-  digits     digit accuracy of generated `moving_digits` videos by a trained classifier
-  frechet    Fréchet distance between real and generated frames in a feature space
-  top1       classifier top-1 on the validation split (`tasks.Classification.evaluate`)
+  loss            validation diffusion loss per noise-level bucket (video_diffusion)
+  samples         sample grids for fixed prompts and sizes → GIF/MP4 + TensorBoard images
+  prompts         the config's `sample.prompts` → workdir/samples/<step>/ (video_diffusion)
+  adherence       analytic colour / shape / motion scoring of generated `shapes` videos
+  digits          digit accuracy of generated `moving_digits` videos by a trained classifier
+  frechet         Fréchet distance between real and generated frames in a feature space
+  top1            top-1 and loss of a classifier on its validation split (classification)
+  reconstruction  PSNR, SSIM and latent statistics on the validation split (autoencoder)
+  class_samples   a PNG grid of generated images, one row per class (image_diffusion)
 
 An evaluator that does not apply to the run (e.g. `adherence` on a dataset other than `shapes`)
 raises `NotApplicable` and is skipped with a warning; one that fails is logged with its traceback
 and recorded as `{"error": ...}`, and the next evals and the training go on (the trainer reports
 the failures when it finishes, `EvalFailed`).
 
-Every evaluator is `fn(config, params, workdir, step, **options) -> dict`; the dict holds
-scalars (logged to TensorBoard as `eval/<name>/<key>` and written to workdir/eval/<step>.json
-under `<name>`), optionally `files` (paths written) and `images` / `videos` ({tag: uint8
-array}, TensorBoard only). Every process calls `run`; only process 0 writes files.
-docs/evaluation.md describes each evaluator and its options.
+Evaluators receive what they evaluate, as big_vision's do (`evaluators/common.py`): the
+trainer (or `vdit.evaluate`) asks the task for its predict functions over the sharded state
+once per run (`fns = tasks.get(config).predict_fns(config, model, mesh, rules)`: `batches`,
+`logits`, `validation_loss`, `sampler`, ...) and hands them in with the EMA params as the state
+holds them, sharded, never gathered to a host. Every evaluator is
+
+  fn(config, fns, params, workdir, step, **options) -> dict
+
+the dict holds scalars (logged to TensorBoard as `eval/<name>/<key>` and written to
+workdir/eval/<step>.json under `<name>`), optionally `files` (paths written) and `images` /
+`videos` ({tag: uint8 array}, TensorBoard only). An evaluator needing a function the task does
+not give (`predict_fn`) is `NotApplicable`. Every process calls `run` (the predict functions
+are collectives over the mesh); only process 0 writes files. docs/evaluation.md describes each
+evaluator and its options.
 """
 
 import importlib
@@ -39,10 +51,13 @@ Evaluator = Callable[..., dict[str, Any]]
 BUILTINS: dict[str, str] = {
   "loss": "vdit.evaluators.loss:evaluate",
   "samples": "vdit.evaluators.samples:evaluate",
+  "prompts": "vdit.evaluators.samples:prompts",
   "adherence": "vdit.evaluators.adherence:evaluate",
   "digits": "vdit.evaluators.classifier:digits",
   "frechet": "vdit.evaluators.frechet:evaluate",
-  "top1": "vdit.evaluators.classifier:top1",
+  "top1": "vdit.evaluators.top1:evaluate",
+  "reconstruction": "vdit.evaluators.reconstruction:evaluate",
+  "class_samples": "vdit.evaluators.class_samples:evaluate",
 }
 EVALUATORS: dict[str, Evaluator] = {}  # added by `register` (extensions, tests)
 RESERVED = ("type", "every_steps")  # keys of an eval entry that are not evaluator options
@@ -55,6 +70,15 @@ class NotApplicable(Exception):  # noqa: N818 (a reason to skip, not a failure)
 
 class EvalFailed(RuntimeError):
   """Evals raised during training; the training itself finished (the message lists them)."""
+
+
+def predict_fn(fns: tasks_base.PredictFns, name: str) -> Callable:
+  """The task's predict function `name`; `NotApplicable` if the task gives none."""
+  if name not in fns:
+    raise NotApplicable(
+      f"it needs the task's `{name}` function and the task gives {sorted(fns)} (Task.predict_fns)"
+    )
+  return fns[name]
 
 
 def failures(results: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -138,13 +162,15 @@ def missing(config: ml_collections.ConfigDict, workdir: str, step: int, total_st
 
 def run(
   config: ml_collections.ConfigDict,
+  fns: tasks_base.PredictFns,
   params: Any,
   workdir: str,
   step: int,
   names: Sequence[str] | None = None,
   writer=None,
 ) -> dict[str, dict[str, Any]]:
-  """Runs the named evals (default: all) → {name: results}; writes eval/<step>.json (process 0)
+  """Runs the named evals (default: all) with the task's predict functions `fns` on `params`
+  (the EMA params, sharded as trained) → {name: results}; writes eval/<step>.json (process 0)
   and, with a clu `writer`, scalars and image/video summaries."""
   evals = evals_of(config)
   names = list(evals) if names is None else list(names)
@@ -157,7 +183,7 @@ def run(
     options = {k: v for k, v in entry.items() if k not in RESERVED}
     fn = get(entry["type"])  # an unknown type is a config error, not a failed eval
     try:
-      out = fn(config, params, workdir, step, **options)
+      out = fn(config, fns, params, workdir, step, **options)
     except NotApplicable as e:
       logging.warning("eval %s (%s) skipped at step %d: %s", name, entry["type"], step, e)
       out = {"skipped": str(e)}

@@ -13,8 +13,8 @@ import os
 
 import numpy as np
 
-from vdit import media, sampling
-from vdit.evaluators import NotApplicable, shapes_scorer
+from vdit import media
+from vdit.evaluators import NotApplicable, predict_fn, shapes_scorer
 
 
 def prompts_for(vocab: shapes_scorer.Vocabulary, num_prompts: int, seed: int = 0) -> list[str]:
@@ -26,6 +26,7 @@ def prompts_for(vocab: shapes_scorer.Vocabulary, num_prompts: int, seed: int = 0
 
 def evaluate(
   config,
+  fns,
   params,
   workdir: str,
   step: int,
@@ -51,7 +52,7 @@ def evaluate(
     )
   vocab = shapes_scorer.Vocabulary.of_dataset(dataset_config or config.input.dataset_config)
   prompts = prompts_for(vocab, num_prompts, seed)
-  sampler = sampling.Sampler(config=config, params=params)
+  sampler = predict_fn(fns, "sampler")(params)
   all_videos, out = [], {}
   for t, h, w in [tuple(int(x) for x in s) for s in (sizes or (size,))]:
     videos = []

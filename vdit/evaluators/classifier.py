@@ -7,7 +7,6 @@
           `vdit.data.ink_crop`; ≈ 93% top-1 on held-out writers); `frame_accuracy` (frames
           classified as the prompt's digit), `video_accuracy` (majority vote over each video's
           frames), chance 0.1.
-  top1    the model's own validation top-1 (`tasks.Classification().evaluate`).
 
 `Classifier(workdir).logits(videos)` / `.features(videos)` take uint8 videos [N, T, H, W, 3] of
 any size and return per-frame outputs [N, T, ·] (ViT, NaViT) or per-clip [N, 1, ·] (ViViT).
@@ -23,8 +22,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from vdit import checkpointing, sampling, tasks
+from vdit import checkpointing, tasks
 from vdit.data import dense, patchify, transforms
+from vdit.evaluators import predict_fn
 from vdit.tasks import classification, restore
 
 
@@ -113,6 +113,7 @@ DIRECTIONS = ("left", "right", "up", "down")
 
 def digits(
   config,
+  fns,
   params,
   workdir: str,
   step: int,
@@ -126,12 +127,12 @@ def digits(
   seed: int = 0,
 ) -> dict:
   """Generates `videos_per_digit` videos of each digit 0-9 at `size` and classifies them."""
-  del workdir, step
+  del config, workdir, step
   clf = load(classifier_workdir, classifier_step)
   labels = [d for d in range(10) for _ in range(videos_per_digit)]
   prompts = [f"a handwritten {d} moving {DIRECTIONS[i % 4]}" for i, d in enumerate(labels)]
   t, h, w = (int(s) for s in size)
-  videos = sampling.Sampler(config=config, params=params).generate(
+  videos = predict_fn(fns, "sampler")(params).generate(
     prompts, num_frames=t, height=h, width=w, steps=steps, guidance=guidance, seed=seed
   )
   return digit_accuracy(clf, videos, np.asarray(labels))
@@ -147,8 +148,3 @@ def digit_accuracy(clf: Classifier, videos: np.ndarray, labels: np.ndarray) -> d
     "chance": 0.1,
     "num_videos": int(len(labels)),
   }
-
-
-def top1(config, params, workdir: str, step: int) -> dict:
-  """Validation top-1 and loss of the classifier being trained (`Classification.evaluate`)."""
-  return classification.Classification().evaluate(config, params, workdir, step)

@@ -21,7 +21,7 @@ Feature extractors (`extractor` option):
                docs/evaluation.md).
 
 Real videos come from the validation split of `dataset` (default: the run's dataset), the
-generated ones from the run's sampler on the real videos' captions at `size`.
+generated ones from the task's `sampler` on the real videos' captions at `size`.
 """
 
 from collections.abc import Callable
@@ -29,10 +29,10 @@ from collections.abc import Callable
 import numpy as np
 from scipy import linalg
 
-from vdit import datasets, sampling
+from vdit import datasets
 from vdit.data import transforms
 from vdit.datasets import latents
-from vdit.evaluators import classifier
+from vdit.evaluators import classifier, predict_fn
 from vdit.evaluators.extractors import i3d, inception
 
 Extractor = Callable[[np.ndarray], np.ndarray]  # uint8 videos [N, T, H, W, 3] -> [N, D]
@@ -134,6 +134,7 @@ def real_videos(config, num_videos: int, size, dataset: str | None, dataset_conf
 
 def evaluate(
   config,
+  fns,
   params,
   workdir: str,
   step: int,
@@ -154,7 +155,7 @@ def evaluate(
   if extractor not in EXTRACTORS:
     raise ValueError(f"extractor={extractor!r} is unknown; expected one of {sorted(EXTRACTORS)}")
   features_of = EXTRACTORS[extractor](**extractor_options)
-  sampler = sampling.Sampler(config=config, params=params)
+  sampler = predict_fn(fns, "sampler")(params)
   t, h, w = (int(s) for s in size)  # the model's units (latent units in latent space)
   pixels = sampler.pixel_size(t, h, w)
   real, captions = real_videos(config, num_videos, pixels, dataset, dataset_config)

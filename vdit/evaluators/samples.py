@@ -1,8 +1,12 @@
-"""`samples`: videos for fixed prompts and sizes → GIF/MP4 files and a TensorBoard summary.
+"""Sample videos with the task's `sampler` (video_diffusion).
 
-Writes workdir/eval_samples/<step>/<name>_<i>_<prompt>.{gif,mp4} per prompt and size, and
-returns `images` (one grid per size: the prompts' frames side by side, frames stacked down;
-TensorBoard image summary) and `videos` ([N, T, H, W, 3] per size) for the writer.
+samples  videos for fixed prompts and sizes: workdir/eval_samples/<step>/<name>_<i>_<prompt>
+         .{gif,mp4} per prompt and size; returns `images` (one grid per size: the prompts'
+         frames side by side, frames stacked down; TensorBoard image summary) and `videos`
+         ([N, T, H, W, 3] per size) for the writer.
+prompts  the config's `sample.prompts` at its `sample` size and settings (the run's
+         end-of-run samples): workdir/samples/<step>/<prompt>.{gif,mp4}, in latent space
+         also the latents (.npz).
 """
 
 import os
@@ -11,13 +15,15 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from vdit import media, sampling
+from vdit import media
+from vdit.evaluators import NotApplicable, predict_fn
 
 DEFAULT_PROMPTS = ("a red circle moving right", "a blue square moving left")
 
 
 def evaluate(
   config,
+  fns,
   params,
   workdir: str,
   step: int,
@@ -32,7 +38,8 @@ def evaluate(
   name: str = "samples",
 ) -> dict:
   """`sizes`: (num_frames, height, width) triples, multiples of the patch size."""
-  sampler = sampling.Sampler(config=config, params=params)
+  del config
+  sampler = predict_fn(fns, "sampler")(params)
   out_dir = os.path.join(workdir, "eval_samples", str(step))
   files, images, videos = [], {}, {}
   for num_frames, height, width in sizes:
@@ -62,6 +69,34 @@ def evaluate(
     "images": images,
     "videos": videos,
   }
+
+
+def prompts(config, fns, params, workdir: str, step: int) -> dict:
+  """Writes the config's sample prompts as GIF and MP4 into workdir/samples/<step>/ (and, in
+  latent space, their latents as NPZ); prints the paths."""
+  s = config.sample
+  if not s.get("prompts"):
+    raise NotApplicable("config.sample.prompts is empty")
+  options = {k: s[k] for k in ("num_frames", "height", "width", "steps", "guidance", "seed")}
+  sampler = predict_fn(fns, "sampler")(params)
+  videos = sampler.generate(list(s.prompts), **options)
+  if jax.process_index() != 0:
+    return {"num_videos": len(videos)}
+  out_dir = os.path.join(workdir, "samples", str(step))
+  paths = []
+  for i, (prompt, video) in enumerate(zip(s.prompts, videos)):
+    name = "_".join(prompt.split())[:60]
+    for ext in (".gif", ".mp4"):
+      path = os.path.join(out_dir, name + ext)
+      media.write_video(path, video, scale=s.display_scale)
+      paths.append(path)
+    if sampler.last_latents is not None:  # latent space: the latents too, as NPZ
+      path = os.path.join(out_dir, name + ".npz")
+      latents = {"latents": sampler.last_latents[i]}
+      media.write_video(path, video, metadata=dict(prompt=prompt), extra_arrays=latents)
+      paths.append(path)
+  print("samples written:\n  " + "\n  ".join(paths), flush=True)
+  return {"files": paths, "num_videos": len(videos)}
 
 
 def grid(clips: np.ndarray, pad: int = 1) -> np.ndarray:

@@ -1,8 +1,9 @@
 """What a run trains: `config.task` names a `Task` (default "video_diffusion").
 
 A task bundles what differs between the models trained by `vdit.train`: the model, the batches
-(packed rows or fixed-size clips), the loss, the config checks and the end-of-run evaluation.
-Everything else — mesh, sharding, optimizer, EMA, checkpoints, preemption, logging — is shared.
+(packed rows or fixed-size clips), the loss, the config checks and the predict functions that
+the evaluators of `config.evals` receive (`Task.predict_fns`). Everything else — mesh, sharding,
+optimizer, EMA, checkpoints, preemption, logging, evaluation — is shared.
 
   video_diffusion   VideoDiT text-to-video on packed spacetime patches (the Sora recipe)
   image_diffusion   DiT class-conditional on fixed-size frames (Peebles & Xie)

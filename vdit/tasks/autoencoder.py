@@ -7,23 +7,20 @@ reconstruction error (`loss.recon`: "l1" or "mse", the mean over pixels and chan
 posterior sample's decoding) + `loss.kl_weight` · KL(q(z|x) ‖ N(0, I)) averaged over latent
 elements, both averaged over the valid rows.
 
-`evaluate` codes the whole validation split with the posterior mean and reports PSNR (dB, on
+The `reconstruction` evaluator (`vdit/evaluators/reconstruction.py`, with `predict_fns`'
+`reconstruct`) codes the whole validation split with the posterior mean and reports PSNR (dB, on
 [0, 1] pixels, per clip, then averaged) and SSIM (`ssim` below, per frame, then averaged), and
 the per-channel mean/std of the latents, written to workdir/eval/<step>.json and, as the
-`LatentStats` that latent consumers normalise with, to workdir/latent_stats.json. A PNG of
-validation frames above their reconstructions goes to workdir/samples/<step>/reconstructions.png.
+`LatentStats` that latent consumers normalise with, to workdir/latent_stats.json (`STATS_FILE`).
 """
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
-from jax.experimental import multihost_utils
 
-from vdit import batch_spec, config_checks, media
+from vdit import batch_spec, config_checks
 from vdit.models import autoencoder as ae
 from vdit.tasks import base
 
@@ -142,19 +139,20 @@ class AutoencoderTask(base.Task):
     rec, kl = jnp.sum(rec * valid) / count, jnp.sum(kl * valid) / count
     return rec + config.loss.kl_weight * kl, {"recon": rec, "kl": kl}
 
-  def evaluate(self, config, params, workdir: str, step: int) -> dict[str, Any]:
-    """PSNR, SSIM and latent statistics over the whole validation split (each host its share)."""
-    model = self.build_model(config)
-    z = model.latent_channels
+  def predict_fns(self, config, model, mesh, rules) -> base.PredictFns:
+    """`reconstruct(params, batch)` → per clip of the global batch (the `reconstruction`
+    evaluator): PSNR and SSIM of the posterior mean's decoding on [0, 1] pixels, the sums of
+    the latents and their squares per channel, the MSE of the frames after the first and of
+    repeating frame 0 there, `valid`, and the decoding itself; `positions`: latent positions
+    per clip."""
 
-    @jax.jit
-    def code(params, video):
+    def reconstruct(params, batch):
+      video = batch["video"]
       mean, _ = model.apply({"params": params}, video, method=model.encode)
       recon = jnp.clip(model.apply({"params": params}, mean, method=model.decode), -1.0, 1.0)
       a, b = (video + 1) / 2, (recon + 1) / 2
       bsz, t = video.shape[:2]
       frames = ssim(a.reshape(bsz * t, *a.shape[2:]), b.reshape(bsz * t, *b.shape[2:]))
-      sums = jnp.sum(mean, axis=(1, 2, 3)), jnp.sum(jnp.square(mean), axis=(1, 2, 3))
       # Frames after the first: the reconstruction's error vs the error of repeating frame 0
       # (a VAE that ignores its later latents is no better than that copy).
       if t > 1:
@@ -162,61 +160,26 @@ class AutoencoderTask(base.Task):
         copy = jnp.mean(jnp.square(a[:, 1:] - a[:, :1]), axis=(1, 2, 3, 4))
       else:  # images: no later frames
         later = copy = jnp.zeros((bsz,))
-      return psnr(a, b), frames.reshape(bsz, t).mean(1), *sums, later, copy, recon
+      return {
+        "psnr": psnr(a, b),
+        "ssim": frames.reshape(bsz, t).mean(1),
+        "sum_z": jnp.sum(mean, axis=(1, 2, 3)),
+        "sum_z2": jnp.sum(jnp.square(mean), axis=(1, 2, 3)),
+        "mse_later": later,
+        "mse_copy": copy,
+        "valid": batch["valid"],
+        "recon": recon,
+        "positions": jnp.asarray(np.prod(mean.shape[1:-1]), jnp.int32),
+      }
 
-    totals = np.zeros(3 + 2 * z, np.float64)  # clips, Σ psnr, Σ ssim, Σ z, Σ z²
-    mse_later = np.zeros(2, np.float64)  # Σ MSE of frames ≥ 1: reconstruction, frame-0 copy
-    latent_per_clip = None
-    shown = None
-    for batch in self.make_iterator(config, train=False, split="validation"):
-      out = (np.asarray(x, np.float64) for x in code(params, batch["video"]))
-      p, s, s1, s2, later, copy, recon = out
-      v = batch["valid"].astype(np.float64)
-      totals += np.concatenate([[v.sum(), p @ v, s @ v], v @ s1, v @ s2])
-      mse_later += [later @ v, copy @ v]
-      if latent_per_clip is None:
-        shape = ae.latent_shape(batch["video"].shape[1:], model.compression, z)
-        latent_per_clip = int(np.prod(shape[:-1]))
-        shown = (batch["video"][:4], recon[:4])
-    if jax.process_count() > 1:
-      totals = np.sum(multihost_utils.process_allgather(totals), axis=0)
-      mse_later = np.sum(multihost_utils.process_allgather(mse_later), axis=0)
-    n = max(totals[0], 1.0)
-    to_db = lambda mse: float(10.0 * np.log10(1.0 / max(mse / n, 1e-10)))
-    stats = ae.LatentStats.from_moments(
-      totals[0] * latent_per_clip, totals[3 : 3 + z], totals[3 + z :]
-    )
-    results = {
-      "psnr": float(totals[1] / n),
-      "ssim": float(totals[2] / n),
-      "examples": int(totals[0]),
-      "latent_mean": stats.shift,
-      "latent_std": stats.scale,
+    keys = self.batch_keys(config)
+    return super().predict_fns(config, model, mesh, rules) | {
+      "reconstruct": base.on_global_batch(reconstruct, keys, mesh, rules)
     }
-    if config.input.size[0] > 1:
-      # PSNR of the frames after the first (from the mean MSE), and of repeating frame 0 there:
-      # the margin is what the later latents contribute (motion, new content).
-      results["psnr_later_frames"] = to_db(mse_later[0])
-      results["psnr_copy_first_frame"] = to_db(mse_later[1])
-    if jax.process_index() == 0:
-      path = base.write_eval_json(workdir, step, "autoencoder", results)
-      stats_path = epath.Path(workdir) / STATS_FILE
-      stats_path.write_text(stats.to_json())
-      png = f"{workdir}/samples/{step}/reconstructions.png"
-      original, recon = (media.to_uint8(x) for x in shown)
-      rows = np.concatenate([original, recon], axis=2)  # [N, T, 2H, W, 3]: frame over recon
-      media.write_image(png, media.grid(rows), scale=2)
-      results["files"] = [path, str(stats_path), png]
-      print(
-        f"validation PSNR {results['psnr']:.2f} dB  SSIM {results['ssim']:.4f} over "
-        f"{results['examples']} clips -> {path}\nlatent stats -> {stats_path}",
-        flush=True,
-      )
-    return results
 
 
 def load_stats(workdir: str) -> ae.LatentStats:
-  """The latent statistics an autoencoder run wrote (`evaluate`)."""
+  """The latent statistics an autoencoder run wrote (the `reconstruction` evaluator)."""
   path = epath.Path(workdir) / STATS_FILE
   if not path.exists():
     raise FileNotFoundError(f"{path} is missing: run the autoencoder's evaluation first")

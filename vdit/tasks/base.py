@@ -1,16 +1,21 @@
 """The `Task` interface (see `vdit/tasks/__init__.py`) and what tasks share."""
 
+import functools
 import json
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
-from vdit import batch_spec, models
+from vdit import batch_spec, models, sharding
 from vdit.data import dense, pipeline
+
+PredictFns = dict[str, Callable[..., Any]]  # what evaluators receive (`Task.predict_fns`)
 
 
 def host_input_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -55,13 +60,15 @@ class Task:
     """(scalar loss, scalar metrics) of one batch; traced inside the jitted train step."""
     raise NotImplementedError
 
-  def evaluate(
-    self, config: ml_collections.ConfigDict, params: Any, workdir: str, step: int
-  ) -> dict[str, Any]:
-    """End-of-run evaluation with the EMA `params` (every process calls it; only process 0
-    writes files). Returns scalar metrics (logged) and `files` (paths written)."""
-    del config, params, workdir, step
-    return {}
+  def predict_fns(self, config: ml_collections.ConfigDict, model, mesh, rules) -> PredictFns:
+    """The functions the evaluators of `config.evals` receive (big_vision's `predict_fns`),
+    built once per run. Each takes the params first: the EMA params as the train state holds
+    them, sharded over `mesh`, never gathered to a host. Functions of a batch take this host's
+    batch, make it global (the training batch sharding) and return global results, replicated
+    to every host. Every task gives `batches` (`eval_batches`: the validation split, one pass);
+    a task adds its own (`logits`, `reconstruct`, `generate`, `validation_loss`, `sampler`)."""
+    del model, mesh, rules
+    return {"batches": functools.partial(eval_batches, self, config)}
 
 
 def host_iterator(make_iterator, config: ml_collections.ConfigDict, *, train: bool, split=None):
@@ -81,6 +88,41 @@ def host_iterator(make_iterator, config: ml_collections.ConfigDict, *, train: bo
 def dense_iterator(config: ml_collections.ConfigDict, *, train: bool = True, split=None):
   """This host's checkpointable iterator of fixed-size clips (`vdit.data.dense`)."""
   return host_iterator(dense.make_iterator, config, train=train, split=split)
+
+
+def eval_batches(task: Task, config: ml_collections.ConfigDict, split: str = "validation"):
+  """This host's batches of `split` (the task's keys), one pass. With several hosts, a host
+  that is done early yields all-padding batches (`batch_spec.padding_like`) until every host
+  is: the jitted functions over the sharded state are collectives, called as often on each."""
+  keys = task.batch_keys(config)
+  batches: Iterator = iter(task.make_iterator(config, train=False, split=split))
+  last = None
+  while True:
+    batch = next(batches, None)
+    if jax.process_count() > 1:
+      more = multihost_utils.process_allgather(np.int32(batch is not None))
+      if not np.any(more):
+        return
+      if batch is None:
+        if last is None:
+          raise ValueError(f"host {jax.process_index()} has no {split!r} batch to pad after")
+        batch = batch_spec.padding_like(last)
+    elif batch is None:
+      return
+    last = {k: batch[k] for k in keys}
+    yield last
+
+
+def on_global_batch(fn: Callable, keys, mesh, rules) -> Callable:
+  """`fn(params, batch, *args)` as one jit over `mesh`: this host's `batch` (its `keys`) is made
+  global with the training batch sharding, the outputs are replicated to every host."""
+  jitted = jax.jit(fn, out_shardings=sharding.replicated(mesh))
+
+  def call(params, batch, *args):
+    with sharding.activate(mesh, rules):
+      return jitted(params, sharding.global_batch({k: batch[k] for k in keys}, mesh, rules), *args)
+
+  return call
 
 
 def write_eval_json(workdir: str, step: int, name: str, results: dict[str, Any]) -> str:

@@ -3,16 +3,13 @@
 `config.model.name` picks the model; the batches follow: NaViT reads the packed rows of
 `vdit.data.pipeline` (native aspect ratio and resolution, token dropping, labels [B, K]), ViT
 and ViViT the fixed-size clips of `vdit.data.dense` (`input.size`). The loss is softmax
-cross-entropy (`vit.classification_loss`); `evaluate` reports top-1 on the validation split.
+cross-entropy (`vit.classification_loss`); the `top1` evaluator reports top-1 on the validation
+split with `predict_fns()["logits"]`.
 """
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from jax.experimental import multihost_utils
 
 from vdit import batch_spec, config_checks, models
 from vdit.models import vit
@@ -86,37 +83,14 @@ class Classification(base.Task):
     loss, metrics = vit.classification_loss(logits, labels, valid)
     return loss, {"accuracy": metrics["accuracy"], "examples": metrics["count"]}
 
-  def evaluate(self, config, params, workdir: str, step: int) -> dict[str, Any]:
-    """Top-1 accuracy and loss over the whole validation split (each host its own share)."""
-    model = models.build(config)
-    fn = jax.jit(lambda p, b: self.logits(model, p, b, config))
-    correct = total = 0
-    nll = 0.0
-    for batch in self.make_iterator(config, train=False, split="validation"):
-      batch = {k: v for k, v in batch.items() if k in self.batch_keys(config)}
-      logits, labels, valid = (np.asarray(x) for x in fn(params, batch))
-      valid = valid & (labels >= 0)
-      logp = jax.nn.log_softmax(logits.astype(np.float32), axis=-1)
-      picked = np.take_along_axis(np.asarray(logp), np.maximum(labels, 0)[..., None], -1)[..., 0]
-      correct += int(np.sum((np.argmax(logits, -1) == labels) & valid))
-      total += int(np.sum(valid))
-      nll -= float(np.sum(np.where(valid, picked, 0.0)))
-    if jax.process_count() > 1:
-      sums = multihost_utils.process_allgather(np.array([correct, total, nll], np.float64))
-      correct, total, nll = (float(x) for x in np.sum(sums, axis=0))
-    results = {
-      "top1": correct / max(total, 1),
-      "loss": nll / max(total, 1),
-      "examples": int(total),
+  def predict_fns(self, config, model, mesh, rules) -> base.PredictFns:
+    """`logits(params, batch)` → (logits [..., C], labels [...], valid [...]), global (the
+    `top1` evaluator), and the base `batches`."""
+    logits = lambda params, batch: self.logits(model, params, batch, config)
+    keys = self.batch_keys(config)
+    return super().predict_fns(config, model, mesh, rules) | {
+      "logits": base.on_global_batch(logits, keys, mesh, rules)
     }
-    if jax.process_index() == 0:
-      path = base.write_eval_json(workdir, step, "classification", results)
-      print(
-        f"validation top-1 {results['top1']:.4f} over {results['examples']} examples "
-        f"(loss {results['loss']:.4f}) -> {path}",
-        flush=True,
-      )
-    return results
 
 
 def _video_shape(config) -> tuple[int, ...]:

@@ -5,17 +5,18 @@ The images are fixed-size frames (`vdit.data.dense`, `input.size = (1, I, I)`), 
 `vdit.diffusion.objectives.loss` (gaussian) — the ε-prediction / learned-σ hybrid loss VideoDiT
 uses with `diffusion.objective="gaussian"` — on a one-example-per-row view of the batch (every
 pixel a token), with label dropout (`diffusion.text_dropout`) for classifier-free guidance.
-`evaluate` writes a PNG grid: one row per class, guided by `sample.guidance`.
+The `class_samples` evaluator writes a PNG grid with `predict_fns`' `generate`: one row per class,
+guided by `sample.guidance`.
 """
 
-from typing import Any
+import functools
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vdit import batch_spec, config_checks, media, models
+from vdit import batch_spec, config_checks, models, sharding
 from vdit.diffusion import gaussian_samplers, guidance, objectives
 from vdit.tasks import base
 
@@ -104,7 +105,7 @@ class ImageDiffusion(base.Task):
     labels = jnp.asarray(labels, jnp.int32)
     null = jnp.full_like(labels, -1)
 
-    def model_fn(x, t):
+    def model_fn(params, x, t):
       both = jnp.concatenate([x, x]).reshape(2 * n, h, w, 3)
       out = model.apply(
         {"params": params}, both, jnp.concatenate([t, t])[:, 0], jnp.concatenate([labels, null])
@@ -113,11 +114,11 @@ class ImageDiffusion(base.Task):
       return guidance.cfg(out[:n], out[n:], guidance_scale, t, spec.guidance_interval, channels=3)
 
     @jax.jit
-    def run(rng):
+    def run(params, rng):  # the params an argument, not a constant: they stay as sharded
       noise_rng, sample_rng = jax.random.split(rng)
       x = jax.random.normal(noise_rng, (n, h * w, 3))
       return gaussian_samplers.sample(
-        model_fn,
+        functools.partial(model_fn, params),
         x,
         steps,
         schedule=spec.gaussian_schedule,
@@ -128,20 +129,12 @@ class ImageDiffusion(base.Task):
         rng=sample_rng,
       )
 
-    return np.asarray(run(jax.random.key(seed))).reshape(n, h, w, 3)
+    return sharding.to_host(run(params, jax.random.key(seed))).reshape(n, h, w, 3)
 
-  def evaluate(self, config, params, workdir: str, step: int) -> dict[str, Any]:
-    """A PNG grid in workdir/samples/<step>/: row c holds `sample.per_class` images of class c."""
-    if jax.process_index() != 0:
-      return {}
-    s, classes = config.sample, config.model.num_classes
-    labels = np.repeat(np.arange(classes), s.per_class)
-    images = self.generate(
-      config, params, labels, steps=s.steps, guidance_scale=s.guidance, seed=s.seed
-    )
-    _, h, w = config.input.size
-    tiles = media.to_uint8(images).reshape(classes, s.per_class, h, w, 3)
-    path = f"{workdir}/samples/{step}/classes.png"
-    media.write_image(path, media.grid(tiles), scale=s.display_scale)
-    print(f"samples written:\n  {path}", flush=True)
-    return {"files": [path]}
+  def predict_fns(self, config, model, mesh, rules) -> base.PredictFns:
+    """`generate(params, labels, *, steps, guidance_scale, seed)` → float images [N, H, W, 3]
+    (the `class_samples` evaluator), and the base `batches`."""
+    del model  # `generate` builds its own (the same) DiT
+    return super().predict_fns(config, None, mesh, rules) | {
+      "generate": functools.partial(self.generate, config)
+    }

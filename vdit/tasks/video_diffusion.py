@@ -1,11 +1,13 @@
 """VideoDiT text-to-video on packed spacetime patches: the Sora recipe (the default task)."""
 
-from typing import Any
+import dataclasses
+import functools
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
-from vdit import batch_spec, config_checks, sampling
+from vdit import batch_spec, config_checks, latent_codec, sampling
 from vdit.diffusion import conditioning, objectives
 from vdit.tasks import base
 
@@ -53,10 +55,38 @@ class VideoDiffusion(base.Task):
     loss, aux = objectives.loss(spec, packed_apply(model, params), batch, loss_rng)
     return loss, {"tokens": aux["num_tokens"], "cond_tokens": cond_metrics["cond_tokens"]}
 
-  def evaluate(self, config, params, workdir: str, step: int) -> dict[str, Any]:
-    """Sample videos for `config.sample.prompts` (GIF + MP4 under workdir/samples/<step>/)."""
-    if not config.sample.prompts or jax.process_index() != 0:
-      return {}
-    paths = sampling.write_config_samples(config, params, workdir, step)
-    print("samples written:\n  " + "\n  ".join(paths), flush=True)
-    return {"files": paths}
+  def predict_fns(self, config, model, mesh, rules) -> base.PredictFns:
+    """Besides the base `batches`:
+
+    `validation_loss(params, batch, rng)` → (per-example loss [B, K], its noise level t
+    [B, K], loss tokens per example [B, K]) of the global batch: the training objective with
+    uniform times, no caption dropout and no frame conditioning (plain text-to-video), so that
+    checkpoints compared on the same rng see the same noise (the `loss` evaluator).
+
+    `sampler(params)` → a `sampling.Sampler` of these params (their sharding kept), this model
+    and the run's codec (loaded once): `samples`, `prompts`, `adherence`, `digits`, `frechet`.
+    """
+    spec = dataclasses.replace(
+      objectives.Spec.from_config(config.diffusion), time_sampling="uniform", text_dropout=0.0
+    )
+
+    def validation_loss(params, batch, rng):
+      k = batch["shapes"].shape[1]
+      seg, mask = batch["segment_ids"], batch["loss_mask"] | batch["cond_mask"]
+      tokens = jnp.stack([jnp.sum((seg == i + 1) & mask, axis=1) for i in range(k)], axis=1)
+      batch = dict(batch, cond_mask=batch["cond_mask"] & False)
+      _, aux = objectives.loss(spec, packed_apply(model, params), batch, rng)
+      return aux["per_example_loss"], aux["t"], tokens
+
+    @functools.cache
+    def codec():
+      return latent_codec.load(config.autoencoder) if config.get("autoencoder") else None
+
+    def sampler(params) -> sampling.Sampler:
+      return sampling.Sampler(config=config, params=params, model=model, codec=codec())
+
+    keys = self.batch_keys(config)
+    return super().predict_fns(config, model, mesh, rules) | {
+      "validation_loss": base.on_global_batch(validation_loss, keys, mesh, rules),
+      "sampler": sampler,
+    }
