@@ -355,3 +355,4 @@ def test_frames_config_is_the_per_frame_autoencoder():
   model = ae_task.AutoencoderTask().build_model(c)
   assert model.compression == (1, 4, 4) and model.temporal_lookback()[0] == 0
   assert c.input.mixture == (("shapes", "tiny", 1.0),)
+  assert c.input.size == (4, 32, 32) and c.loss.kl_weight == 0 and c.total_steps == 800

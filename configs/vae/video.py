@@ -63,14 +63,18 @@ def per_frame(c: ml_collections.ConfigDict, tiny: bool) -> None:
   """`:tiny,frames`: the latent space of the text-to-video demo (launch/latent_demo.sh). A 2-D
   autoencoder applied to every frame alone (4× space, no time compression, 8 channels), on
   `shapes` only: no temporal convolutions and no per-position norms, which made it learn ~10 dB
-  faster than the causal 3-D VAE at the demo's budget (docs/recipe.md, "The latent demo")."""
+  faster than the causal 3-D VAE at the demo's budget (docs/recipe.md, "The latent demo").
+  Tiny: clips of 4 frames for 800 steps and no KL term (row A2: at the same frames seen as 8-frame
+  clips for 400 steps, 32.4 dB instead of 29.4, and its reconstructions keep 88% of the shapes
+  instead of 67%)."""
   c.input.mixture = (("shapes", "tiny" if tiny else "default", 1.0),)
-  c.input.size = (8, 32, 32) if tiny else (8, 256, 256)
+  c.input.size = (4, 32, 32) if tiny else (8, 256, 256)
   c.input.frame_stride = 1
   c.model.time_compression = 1
   c.model.temporal_kernel = 1
   c.model.norm = False
   c.model.channels = (32, 64, 64) if tiny else (128, 256, 512, 512)
   if tiny:
-    c.total_steps = 400
+    c.total_steps = 800
     c.checkpoint_every_steps = 400
+    c.loss.kl_weight = 0.0  # the latents are normalised by their statistics anyway
