@@ -12,14 +12,14 @@ is"), on the 48 `a {colour} {shape} moving {direction}` combinations of the tiny
 - **direction**: from pure noise at high t, the centroid of the prompted colour in the x̂0 of
   each prompt, fitted over the frames: its velocity along the prompted direction (px/frame,
   same noise for the four direction words). 0 = the direction word does not steer the motion.
-- **i2v**: a centred object as the first patch-frame, 8 frames generated after it, once per
-  direction word; the `adherence` scorer's accuracies on the generated frames (direction
-  chance: 25%).
-- **extend**: the first 4 frames of a real clip given, 8 more generated (4 for a model trained on
-  clips of at most 8 frames) (`Sampler.extend`,
-  prompt = the clip's caption); the `adherence` scorer's accuracies on the generated frames.
-  The context shows the object, its shape and its motion: a model that carries content along
-  time keeps all three without needing the words (real continuations score 100%).
+- **i2v**: a centred object as the first patch-frame, 8 frames generated after it (fewer where
+  training clips were shorter: 6 for the latent demo), once per direction word; the `adherence`
+  scorer's accuracies on the generated frames (direction chance: 25%).
+- **extend**: the first 4 frames of a real clip given, 8 more generated (`Sampler.extend`,
+  prompt = the clip's caption; 4 more for a model trained on clips of at most 8 frames); the
+  `adherence` scorer's accuracies on the generated frames. The context shows the object, its
+  shape and its motion: a model that carries content along time keeps all three without
+  needing the words (real continuations score 100%).
 - **words**: from one noise, how far x̂0 moves (mean |Δ| in [-1, 1]) when only the colour,
   the shape or the direction word of the prompt changes. A word whose change moves nothing is
   not read (docs/recipe.md: a text encoder that had erased every word but the colour).
