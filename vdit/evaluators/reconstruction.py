@@ -35,8 +35,8 @@ def evaluate(config, fns, params, workdir: str, step: int) -> dict:
     if totals is None:
       totals = np.zeros(3 + 2 * s1.shape[-1], np.float64)
       positions = int(out["positions"])
-      recon = np.asarray(out["recon"])
-      shown = (batch["video"][:4], recon[:4])  # this host's first clips (host 0: the global's)
+      recon = np.asarray(out["recon"])  # the global batch's first clips
+      shown = (batch["video"][: len(recon)], recon)  # this host's first (host 0: the global's)
     totals += np.concatenate([[v.sum(), p @ v, s @ v], v @ s1, v @ s2])
     mse_later += [later @ v, copy @ v]
   if totals is None:

@@ -24,6 +24,8 @@ from vdit import batch_spec, config_checks
 from vdit.models import autoencoder as ae
 from vdit.tasks import base
 
+SHOWN = 4  # validation clips the `reconstruction` evaluator draws above their reconstructions
+
 RECON_LOSSES = ("l1", "mse")
 STATS_FILE = "latent_stats.json"
 
@@ -143,8 +145,9 @@ class AutoencoderTask(base.Task):
     """`reconstruct(params, batch)` → per clip of the global batch (the `reconstruction`
     evaluator): PSNR and SSIM of the posterior mean's decoding on [0, 1] pixels, the sums of
     the latents and their squares per channel, the MSE of the frames after the first and of
-    repeating frame 0 there, `valid`, and the decoding itself; `positions`: latent positions
-    per clip."""
+    repeating frame 0 there, `valid`, the decoding of the first `SHOWN` clips (`recon`; not
+    the whole batch, which every host would receive at every batch); `positions`: latent
+    positions per clip."""
 
     def reconstruct(params, batch):
       video = batch["video"]
@@ -168,7 +171,7 @@ class AutoencoderTask(base.Task):
         "mse_later": later,
         "mse_copy": copy,
         "valid": batch["valid"],
-        "recon": recon,
+        "recon": recon[:SHOWN],
         "positions": jnp.asarray(np.prod(mean.shape[1:-1]), jnp.int32),
       }
 

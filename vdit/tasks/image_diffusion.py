@@ -96,45 +96,57 @@ class ImageDiffusion(base.Task):
     self, config, params, labels: np.ndarray, *, steps: int, guidance_scale: float, seed: int = 0
   ) -> np.ndarray:
     """Samples one image per label ([N] int, −1 = unconditional): float [N, H, W, 3]."""
-    spec = objectives.Spec.from_config(config.diffusion)
-    model = models.build(config)
-    _, h, w = config.input.size
-    n = len(labels)
-    sampler = spec.default_sampler
-    spec.check_request(steps, 1.0, sampler, spec.guidance_interval)
-    labels = jnp.asarray(labels, jnp.int32)
-    null = jnp.full_like(labels, -1)
-
-    def model_fn(params, x, t):
-      both = jnp.concatenate([x, x]).reshape(2 * n, h, w, 3)
-      out = model.apply(
-        {"params": params}, both, jnp.concatenate([t, t])[:, 0], jnp.concatenate([labels, null])
-      )
-      out = out.reshape(2 * n, h * w, -1)
-      return guidance.cfg(out[:n], out[n:], guidance_scale, t, spec.guidance_interval, channels=3)
-
-    @jax.jit
-    def run(params, rng):  # the params an argument, not a constant: they stay as sharded
-      noise_rng, sample_rng = jax.random.split(rng)
-      x = jax.random.normal(noise_rng, (n, h * w, 3))
-      return gaussian_samplers.sample(
-        functools.partial(model_fn, params),
-        x,
-        steps,
-        schedule=spec.gaussian_schedule,
-        prediction=spec.prediction,
-        learn_sigma=spec.learn_sigma,
-        method=sampler,
-        eta=spec.ddim_eta,
-        rng=sample_rng,
-      )
-
-    return sharding.to_host(run(params, jax.random.key(seed))).reshape(n, h, w, 3)
+    fn = sample_fn(config, models.build(config), len(labels), steps, guidance_scale)
+    return fn(params, labels, seed)
 
   def predict_fns(self, config, model, mesh, rules) -> base.PredictFns:
     """`generate(params, labels, *, steps, guidance_scale, seed)` → float images [N, H, W, 3]
-    (the `class_samples` evaluator), and the base `batches`."""
-    del model  # `generate` builds its own (the same) DiT
-    return super().predict_fns(config, None, mesh, rules) | {
-      "generate": functools.partial(self.generate, config)
-    }
+    (the `class_samples` evaluator; compiled once per number of labels, steps and guidance
+    scale), and the base `batches`."""
+    compiled = functools.cache(functools.partial(sample_fn, config, model))
+
+    def generate(params, labels, *, steps: int, guidance_scale: float, seed: int = 0):
+      return compiled(len(labels), steps, guidance_scale)(params, labels, seed)
+
+    return super().predict_fns(config, model, mesh, rules) | {"generate": generate}
+
+
+def sample_fn(config, model, n: int, steps: int, guidance_scale: float):
+  """`fn(params, labels [n], seed)` → float images [n, H, W, 3]: `steps` of the config's sampler
+  with classifier-free guidance, one jit (params and labels are arguments: the params stay as
+  sharded, and a new seed or label set does not recompile)."""
+  spec = objectives.Spec.from_config(config.diffusion)
+  _, h, w = config.input.size
+  sampler = spec.default_sampler
+  spec.check_request(steps, 1.0, sampler, spec.guidance_interval)
+
+  def model_fn(params, labels, x, t):
+    null = jnp.full_like(labels, -1)
+    both = jnp.concatenate([x, x]).reshape(2 * n, h, w, 3)
+    out = model.apply(
+      {"params": params}, both, jnp.concatenate([t, t])[:, 0], jnp.concatenate([labels, null])
+    )
+    out = out.reshape(2 * n, h * w, -1)
+    return guidance.cfg(out[:n], out[n:], guidance_scale, t, spec.guidance_interval, channels=3)
+
+  @jax.jit
+  def run(params, labels, rng):
+    noise_rng, sample_rng = jax.random.split(rng)
+    x = jax.random.normal(noise_rng, (n, h * w, 3))
+    return gaussian_samplers.sample(
+      functools.partial(model_fn, params, labels),
+      x,
+      steps,
+      schedule=spec.gaussian_schedule,
+      prediction=spec.prediction,
+      learn_sigma=spec.learn_sigma,
+      method=sampler,
+      eta=spec.ddim_eta,
+      rng=sample_rng,
+    )
+
+  def fn(params, labels, seed: int = 0) -> np.ndarray:
+    labels = jnp.asarray(labels, jnp.int32)
+    return sharding.to_host(run(params, labels, jax.random.key(seed))).reshape(n, h, w, 3)
+
+  return fn
