@@ -10,7 +10,8 @@ deleted when the next manager opens the workdir).
 
 Restoring works on any mesh and any number of hosts: the state is resharded to the shardings
 of the target `abstract_state`. The data iterator position is per host; with the same host
-count it is restored exactly, with a different one it is re-derived (`remap_data_state`).
+count it is restored exactly, with a different one this module reads every old host's position
+and the data pipeline re-derives this host's (`vdit.data.packing.remap_state`).
 
 What is restored is verified (`restore`): the step must restore, every array be finite and
 match its save-time checksum; a damaged checkpoint is skipped with a warning for the newest
@@ -19,7 +20,6 @@ against a second trainer and the config comparison on resume are in `vdit.workdi
 """
 
 import json
-import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,6 +34,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+
+from vdit.data import packing
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"  # where the trainer moves checkpoints that failed the check
@@ -132,7 +134,7 @@ def restore(
   and nothing is moved.
 
   If the checkpoint was written by a different number of processes, the iterator position is
-  re-derived from all hosts' saved positions (`remap_data_state`) instead of read directly.
+  re-derived from all hosts' saved positions (`packing.remap_state`) instead of read directly.
   """
   if step is not None:
     try:
@@ -195,14 +197,15 @@ def _restore_verified(mngr, step: int, abstract_state: Any, data_iterator: Any |
       data_items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     else:
       try:
-        remapped = remap_data_state(saved_data_states(data_dir), jax.process_index(), count)
+        states = saved_data_states(data_dir)
+        remapped = packing.remap_state(states, jax.process_index(), count)
       except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
         raise _Damaged(
           f"it was written by {saved_count} processes, this run has {count}: {_first_line(e)}"
         ) from None
       logging.warning(
         "checkpoint %d was written by %d processes, this run has %d: data position re-derived "
-        "(no example skipped; examples already seen by hosts that were ahead repeat)",
+        "(no example lost; examples that hosts ahead of the slowest had emitted repeat)",
         step,
         saved_count,
         count,
@@ -388,33 +391,6 @@ def saved_data_states(data_dir: epath.Path) -> list[dict]:
   if len(counts) != 1 or sorted(i for _, i in found) != list(range(next(iter(counts)))):
     raise ValueError(f"{data_dir} holds iterator states {sorted(found)}; expected one per process")
   return [found[k] for k in sorted(found)]
-
-
-def remap_data_state(states: Sequence[dict], process_index: int, process_count: int) -> dict:
-  """The iterator state for host `process_index` of `process_count`, from all old hosts' states.
-
-  The pipeline (`vdit/data/pipeline.py`) gives host i of n the global examples i, i+n, i+2n, ...
-  and grain's packer saves `parent.next_index`: the host-local index of the first example of
-  the packing window being emitted (everything before it was emitted). Host i has therefore
-  emitted every global example below i + n·next_index_i, and all hosts together every example
-  below g = min_i(i + n·next_index_i). The new host i' starts at its first example ≥ g, with a
-  fresh packing window. No example is skipped; examples ≥ g that some old host had already
-  emitted are seen again (at most the old hosts' lead over the slowest one plus one packing
-  window each). Only the plain packed pipeline (`input.workers=0`) has this state layout.
-  """
-  n = len(states)
-  starts = []
-  for i, state in enumerate(states):
-    if set(state) != {"parent", "next_row", "counter"} or set(state["parent"]) != {"next_index"}:
-      raise ValueError(
-        f"cannot re-derive the data position for {process_count} hosts from the {n} hosts' "
-        f"iterator states (layout {sorted(state)}; expected grain's packing state over a "
-        "MapDataset, i.e. input.workers=0). Resume with the same number of hosts."
-      )
-    starts.append(i + n * int(state["parent"]["next_index"]))
-  first_unseen = min(starts)
-  next_index = max(0, math.ceil((first_unseen - process_index) / process_count))
-  return {"parent": {"next_index": next_index}, "next_row": 0, "counter": 0}
 
 
 def latest_step(workdir: str) -> int | None:

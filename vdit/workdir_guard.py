@@ -22,6 +22,7 @@ from etils import epath
 
 from vdit import checkpointing
 from vdit.checkpointing import WorkdirError
+from vdit.data import pipeline
 
 LOCK_FILE = "vdit.lock"
 
@@ -104,6 +105,10 @@ SAFE_TO_CHANGE = (
   "model.remat_policy",
 )
 
+# Keys vdit no longer has -> the saved value that meant what vdit does now: a checkpoint written
+# with that value resumes (the key is dropped); any other saved value is a change, refused.
+REMOVED_KEYS = {f"input.{k}": v for k, v in pipeline.REMOVED_KEYS.items()}
+
 
 def check_config_unchanged(
   workdir: str, config: ml_collections.ConfigDict, allow: Sequence[str] = ()
@@ -125,7 +130,7 @@ def check_config_unchanged(
     )
     return
   new = _flatten(checkpointing.config_to_dict(config))
-  old = _flatten(saved)
+  old = {k: v for k, v in _flatten(saved).items() if REMOVED_KEYS.get(k, _ABSENT) != v}
   keys = sorted(k for k in old.keys() | new.keys() if old.get(k, _ABSENT) != new.get(k, _ABSENT))
   # A key the saved config lacks was added to vdit after it was written; new keys default to
   # the behaviour before them, so they are reported, not refused.

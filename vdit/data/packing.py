@@ -1,32 +1,29 @@
 """Packing examples into fixed rows of L tokens (NaViT "Patch n' Pack").
 
-Two packers produce the same rows (DESIGN.md "The packed batch", one row without the B axis):
+`PoolPackIterDataset` produces the rows (DESIGN.md "The packed batch", one row without the B axis)
+by online best fit over a pool of open rows. An example goes to the open row it fills best
+(least expected padding, then the tightest fit); if it fits in none, it may be shrunk (keeping
+its aspect ratio, at most `shrink_to_fill` of its tokens removed) to fill the largest gap exactly
+(NaViT-style resolution sampling, steered to the gap); otherwise it opens a new row, and only when
+the pool is full is one row emitted: the fullest. Rows that reach L tokens or K examples leave at
+once. Rows therefore leave nearly full; see BENCHMARKS.md for numbers (grain's first-fit and
+best-fit packers, which emit all their rows at once, were measured there and removed).
 
-  * grain's `FirstFitPackIterDataset` / `BestFitPackIterDataset` (packing="first_fit" /
-    "grain_best_fit"): fill `num_packing_bins` rows and emit *all* of them as soon as one
-    example fits in none, so every emitted row is left with a gap smaller than that example;
-    `GrainRowToRow` renames their output.
-  * `PoolPackIterDataset` (packing="best_fit", the default): online best fit over a pool of
-    open rows. An example goes to the open row it fills best (least expected padding, then the
-    tightest fit); if it fits in none, it may be shrunk (keeping its aspect ratio, at most
-    `shrink_to_fill` of its tokens removed) to fill the largest gap exactly (NaViT-style
-    resolution sampling, steered to the gap); otherwise it opens a new row, and only when the
-    pool is full is one row emitted: the fullest. Rows that reach L tokens or K examples leave
-    at once. Rows therefore leave nearly full; see BENCHMARKS.md for numbers.
-
-`PoolPackIterDataset` reads a `MapDataset` of packable examples (transforms.py) by index, with a
-thread pool for the per-example transforms. Its state is small and exact: the next index and,
-per open or finished-but-unsent row, the (index, grid) of its examples (one JSON string);
-`set_state` re-reads those examples by index. Example i of the stream is the same on every
-restore (grain seeds the per-example randomness by index), so a restored iterator yields the
-identical stream.
+The packer reads a `MapDataset` of packable examples (transforms.py), the *global* stream, by
+index: host i of n reads examples i, i+n, i+2n, ... (`shard`), with a thread pool for the
+per-example transforms. Its state is small and exact: the next index of the host's share and,
+per open or finished-but-unsent row, the (global index, grid) of its examples (one JSON string);
+`set_state` re-reads those examples by index. Example g of the stream is the same on every
+restore and any number of hosts (grain seeds the per-example randomness by index), so a restored
+iterator yields the identical stream, and `remap_state` can hand the rows of a run on n hosts to
+a run on m hosts without losing an example.
 """
 
 import collections
 import concurrent.futures
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grain
 import numpy as np
@@ -88,60 +85,11 @@ def single_threaded_blas() -> None:
   threadpoolctl.threadpool_limits(1, user_api="blas")
 
 
-class GrainRowToRow(grain.transforms.Map):
-  """A row of grain's packers (`x`, `x_segment_ids`, ...) -> the row format of `assemble_row`."""
-
-  def map(self, packed: dict) -> dict:
-    slots = packed["shapes_segment_ids"]  # [K]
-    k = slots.shape[0]
-    if not (
-      np.array_equal(packed["patches_segment_ids"], packed["positions_segment_ids"])
-      and np.array_equal(slots, np.where(slots > 0, np.arange(1, k + 1), 0))
-      and np.array_equal(slots, packed["labels_segment_ids"])
-    ):
-      raise RuntimeError("packing numbered positions, shapes or labels unlike the patches")
-    extra = {}
-    if "text_embeddings" in packed:
-      extra["text_embeddings"] = packed["text_embeddings"].astype(np.float32)
-    return extra | {
-      "patches": packed["patches"].astype(np.float32),
-      "positions": packed["positions"].astype(np.int32),
-      "segment_ids": packed["patches_segment_ids"].astype(np.int32),
-      "shapes": packed["shapes"].astype(np.int32),
-      "text_tokens": packed["text_tokens"].astype(np.int32),
-      "text_segment_ids": packed["text_tokens_segment_ids"].astype(np.int32),
-      "labels": packed["labels"].astype(np.int32),
-    }
-
-
-def grain_packer(ds: grain.IterDataset, kind: str, c, *, seed: int, train: bool):
-  """grain's first-fit / best-fit packer over materialized examples, as rows."""
-  cls = {
-    "first_fit": grain.experimental.FirstFitPackIterDataset,
-    "grain_best_fit": grain.experimental.BestFitPackIterDataset,
-  }[kind]
-  length, text, k = c.tokens_per_row, c.text_tokens_per_row, c.max_examples_per_row
-  lengths = dict(patches=length, positions=length, text_tokens=text, shapes=k, labels=k)
-  padding = dict(patches=0.0, positions=0, text_tokens=tokenizer.PAD_ID, shapes=0, labels=-1)
-  if c.get("text_embeddings"):  # precomputed caption embeddings ride along with the text tokens
-    lengths["text_embeddings"], padding["text_embeddings"] = text, 0.0
-  ds = cls(
-    ds,
-    length_struct=lengths,
-    padding_struct=padding,
-    num_packing_bins=c.num_packing_bins,
-    max_sequences_per_bin=k,
-    shuffle_bins=train,
-    seed=seed,
-  )
-  return ds.map(GrainRowToRow())
-
-
 # ---------------------------------------------------------------------------------------------
 # Best-fit over a pool of open rows.
 # ---------------------------------------------------------------------------------------------
 class _Bin:
-  """An open row: its examples as (index, grid) and its token / text / example counts."""
+  """An open row: its examples as (global index, grid) and its token / text / example counts."""
 
   def __init__(self, order: int):
     self.order = order  # creation order: ties go to the oldest row
@@ -150,7 +98,10 @@ class _Bin:
 
 
 class PoolPackIterDataset(grain.IterDataset):
-  """Rows packed online by best fit over a pool of `num_bins` open rows (see module docstring)."""
+  """Rows packed online by best fit over a pool of `num_bins` open rows (see module docstring).
+
+  `source` is the global stream; this host reads its examples `shard[0] + shard[1]·k`, k = 0, 1, …
+  """
 
   def __init__(
     self,
@@ -167,18 +118,28 @@ class PoolPackIterDataset(grain.IterDataset):
     shard: tuple[int, int] = (0, 1),  # (process_index, process_count), checked on restore
   ):
     super().__init__()
-    self.shard = tuple(shard)
+    index, count = (int(x) for x in shard)
+    if not 0 <= index < count:
+      raise ValueError(
+        f"shard={tuple(shard)} must be (process_index, process_count) with 0 <= index < count"
+      )
+    self.shard = (index, count)
     self.source = source
+    self.offset, self.stride = index, count  # local index k reads source[offset + stride·k]
     self.patch_size = tuple(int(p) for p in patch_size)
     self.length, self.text_length = tokens_per_row, text_tokens_per_row
     self.slots, self.num_bins, self.shrink = max_examples_per_row, num_bins, shrink_to_fill
     self.read_threads, self.read_buffer = read_threads, read_buffer
 
   def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
-    """grain's multiprocess prefetch gives each worker its slice of the examples."""
-    if sequential_slice:
-      raise ValueError("best_fit (pool) packing does not support sequential_slice=True")
-    self.source = self.source.slice(sl)
+    """grain's multiprocess prefetch gives each worker a strided slice of this host's share."""
+    if sequential_slice or sl.stop is not None:
+      raise ValueError(
+        f"the pool packer takes strided slices (start::step) of its examples, not {sl} "
+        f"(sequential_slice={sequential_slice})"
+      )
+    self.offset += self.stride * (sl.start or 0)
+    self.stride *= sl.step or 1
 
   def __iter__(self) -> "PoolPackIterator":
     return PoolPackIterator(self)
@@ -194,7 +155,7 @@ class PoolPackIterator(grain.DatasetIterator):
     super().__init__()
     single_threaded_blas()  # here too: this runs inside grain's worker processes
     self.ds = ds
-    self.size = len(ds.source)
+    self.size = len(range(ds.offset, len(ds.source), ds.stride))  # this host's examples
     self._executor = (
       concurrent.futures.ThreadPoolExecutor(ds.read_threads) if ds.read_threads > 0 else None
     )
@@ -202,11 +163,15 @@ class PoolPackIterator(grain.DatasetIterator):
     self.skipped = 0  # None elements (unreadable files) skipped
 
   # --- reading ---------------------------------------------------------------------------------
-  def _read(self, index: int):
-    return self.ds.source[index]
+  def _global(self, local: int) -> int:
+    """The global index of this host's `local`-th example."""
+    return self.ds.offset + self.ds.stride * local
+
+  def _read(self, local: int):
+    return self.ds.source[self._global(local)]
 
   def _next_element(self):
-    """(index, element) of the next readable example, or None at the end of the source."""
+    """(global index, element) of the next readable example, or None at the end of the source."""
     while self.next_index < self.size:
       index = self.next_index
       self.next_index += 1
@@ -218,8 +183,8 @@ class PoolPackIterator(grain.DatasetIterator):
           self._ahead += 1
         element = self._futures.popleft().result()
       if element is not None:
-        self._cache[index] = element
-        return index, element
+        self._cache[self._global(index)] = element
+        return self._global(index), element
       self.skipped += 1
       if self.skipped > 1000 and self.skipped > 0.5 * (index + 1):
         raise ValueError(
@@ -339,11 +304,16 @@ class PoolPackIterator(grain.DatasetIterator):
     for r in self.ready:
       for i, _ in r:
         self._fetch(i)
+    # More open rows than the pool holds (a state remapped from more hosts): the fullest leave
+    # first, as they would have when the pool overflowed.
+    while len(self.bins) > self.ds.num_bins:
+      self._finish(max(self.bins, key=lambda b: (b.tokens, -b.order)))
     self.rows = 0
 
   def _fetch(self, index: int) -> dict:
+    """The example of global `index` (a member of a restored row)."""
     if index not in self._cache:
-      self._cache[index] = self._read(index)
+      self._cache[index] = self.ds.source[index]
     return self._cache[index]
 
   def get_state(self) -> dict:
@@ -358,21 +328,97 @@ class PoolPackIterator(grain.DatasetIterator):
       "shard": list(self.ds.shard),
       "next_index": int(self.next_index),
       "rows": json.dumps(rows, separators=(",", ":")),
+      "version": STATE_VERSION,
     }
 
   def set_state(self, state: dict) -> None:
     if tuple(state.get("shard", self.ds.shard)) != self.ds.shard:
       raise ValueError(
         f"data iterator state of host {state['shard'][0]} of {state['shard'][1]} cannot resume "
-        f"host {self.ds.shard[0]} of {self.ds.shard[1]}: exact resume needs the same number of "
-        "hosts (docs/data.md, 'Changing the number of hosts')"
+        f"host {self.ds.shard[0]} of {self.ds.shard[1]}: a run on another number of hosts "
+        "resumes from `remap_state` of all hosts' states (docs/data.md, 'Changing the number "
+        "of hosts')"
       )
     for future in self._futures:
       future.cancel()
-    rows = json.loads(state["rows"])
+    rows = _global_rows(state, self.ds.offset, self.ds.stride)
     self._reset(int(state["next_index"]), rows["bins"], rows["ready"])
 
   def close(self) -> None:
     if self._executor is not None and not sys.is_finalizing():
       self._executor.shutdown(wait=False, cancel_futures=True)
     super().close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The packer's state on another number of hosts.
+# ---------------------------------------------------------------------------------------------
+STATE_VERSION = 2  # 2: rows hold global example indices; 1 (no "version"): the host's own
+_STATE_KEYS = {"shard", "next_index", "rows"}
+
+
+def _global_rows(state: Mapping, offset: int, stride: int) -> dict:
+  """A state's {"bins", "ready"} rows with global example indices. Version-1 states numbered the
+  examples within the reader's share: its k-th example is global offset + stride·k."""
+  rows = json.loads(state["rows"])
+  version = int(state.get("version", 1))
+  if version == STATE_VERSION:
+    return rows
+  if version != 1:
+    raise ValueError(f"pool packer state version {version}; expected 1 or {STATE_VERSION}")
+  to_global = lambda row: [[offset + stride * int(i), grid] for i, grid in row]
+  return {kind: [to_global(row) for row in rows[kind]] for kind in ("bins", "ready")}
+
+
+def _check_states(states: Sequence[Mapping], process_count: int) -> None:
+  n = len(states)
+  for i, state in enumerate(states):
+    layout = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+    shard = state.get("shard") if isinstance(state, Mapping) else None
+    if not (
+      isinstance(state, Mapping)
+      and _STATE_KEYS <= set(state) <= _STATE_KEYS | {"version"}
+      and [int(x) for x in shard] == [i, n]
+    ):
+      raise ValueError(
+        f"cannot re-derive the data position for {process_count} hosts: the state of host {i} "
+        f"of {n} has layout {layout} and shard {shard}; expected the pool packer's state "
+        f"{sorted(_STATE_KEYS)} with shard [{i}, {n}] (vdit.data.pipeline with input.workers=0). "
+        "Resume with the same number of hosts."
+      )
+
+
+def remap_state(states: Sequence[Mapping], process_index: int, process_count: int) -> dict:
+  """The packer state for host `process_index` of `process_count`, from the states that all n old
+  hosts saved at one step (in host order): how a run resumes on another number of hosts.
+
+  Old host i has read its share of the global stream below F_i = i + n·next_index_i, and every
+  example it read was emitted unless it is in one of its open or unsent rows. So each example
+  below G = min_i F_i was emitted or is in such a row, and none at or above G is needed from the
+  old rows. New host j starts its share at its first example ≥ G and takes the old rows j, j+m,
+  j+2m, … (all hosts' unsent rows, then all open rows; examples ≥ G removed from them, since the
+  new hosts read those again); more open rows than its pool holds leave first, fullest first.
+  No example is lost. The only repeats are examples ≥ G that an old host had emitted: at most
+  the old hosts' lead over the slowest one (Σ_i (F_i − G)/n examples).
+  """
+  m = process_count
+  if not 0 <= process_index < m:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={m})")
+  if not states:
+    raise ValueError("no saved data iterator states to re-derive the data position from")
+  _check_states(states, m)
+  n = len(states)
+  frontier = min(i + n * int(state["next_index"]) for i, state in enumerate(states))
+  rows = [_global_rows(state, i, n) for i, state in enumerate(states)]
+
+  def handed_on(kind: str) -> list:
+    kept = [[[g, grid] for g, grid in row if g < frontier] for r in rows for row in r[kind]]
+    return [row for row in kept if row][process_index::m]
+
+  mine = {"bins": handed_on("bins"), "ready": handed_on("ready")}
+  return {
+    "shard": [process_index, m],
+    "next_index": max(0, -(-(frontier - process_index) // m)),  # first g = j + m·k ≥ frontier
+    "rows": json.dumps(mine, separators=(",", ":")),
+    "version": STATE_VERSION,
+  }

@@ -4,8 +4,8 @@
     -> per source: shuffle (reshuffled every epoch) -> repeat           [train only]
     -> weighted mix (grain MapDataset.mix; labels offset per dataset)   [eval: concatenation]
     -> per-example transforms (transforms.py; randomness seeded by the global example index)
-    -> this host's share: ds[process_index::process_count]
-    -> packing into rows of L tokens, ≤ K examples each (packing.py)
+    -> this host's share (examples process_index + process_count·k), packed into rows of L
+       tokens, ≤ K examples each by the pool best-fit packer (packing.py)
     -> batch B rows -> the packed-batch contract (DESIGN.md "The packed batch")
     -> prefetch: a thread (workers = 0) or grain multiprocessing workers (workers > 0)
 
@@ -24,7 +24,10 @@ With token dropping an example has fewer tokens than T'·H'·W'; its positions a
 The per-example transforms run before the host split, so example i of the global stream gets
 the same clip whatever the number of hosts (the transforms are lazy: each host only computes its
 own examples). The iterator of `make_iterator` is checkpointable: `get_state()` / `set_state()`
-round-trip exactly (docs/data.md: what happens when the number of hosts changes).
+round-trip exactly. Its state is the packer's (batching and prefetching add nothing to it), so
+`packing.remap_state` turns the states of a run on n hosts into those of m hosts (docs/data.md,
+"Changing the number of hosts"; with `workers > 0` the state is grain's, per worker, and is not
+remapped).
 """
 
 import grain
@@ -38,7 +41,9 @@ from vdit.data import packing as packing_lib
 from vdit.data import tokenizer
 from vdit.data import transforms as transforms_lib
 
-PACKERS = ("best_fit", "first_fit", "grain_best_fit")
+# Keys the input config no longer has -> the value that meant what vdit does now. Configs saved
+# with that value (old workdirs' config.json) still resolve; any other value is an error.
+REMOVED_KEYS = {"packing": "best_fit"}  # one packer since issue 17: the pool (packing.py)
 
 
 def default_input_config() -> ml_collections.ConfigDict:
@@ -66,9 +71,8 @@ def default_input_config() -> ml_collections.ConfigDict:
       max_tokens_per_example=512,  # larger examples are resized down (keeping aspect)
       min_tokens_per_example=config_dict.placeholder(int),  # budget in [min, max]; None = max
       token_drop=(0.0, 0.0),  # (min, max) fraction of tokens dropped per example in training
-      packing="best_fit",  # "best_fit" (pool of open rows) | grain's "first_fit", "grain_best_fit"
-      num_packing_bins=16,  # rows packed at once (pool: open rows); more -> less padding
-      shrink_to_fill=0.0,  # best_fit: shrink an example by ≤ this fraction to fill a gap
+      num_packing_bins=16,  # open rows of the packer's pool; more -> less padding
+      shrink_to_fill=0.0,  # shrink an example by ≤ this fraction to fill a row's gap
       read_threads=2,  # threads running the per-example transforms
       read_buffer=32,  # examples prefetched by those threads
       prefetch_batches=2,  # batches prepared ahead in a background thread (workers = 0)
@@ -85,6 +89,12 @@ def resolve_input_config(input_config) -> ml_collections.ConfigDict:
   """The defaults overridden by `input_config`; keys the pipeline does not know are errors."""
   c = default_input_config()
   given = input_config.to_dict() if hasattr(input_config, "to_dict") else dict(input_config)
+  for key, meant in REMOVED_KEYS.items():
+    if key in given and given.pop(key) != meant:
+      raise ValueError(
+        f"input.{key}={input_config[key]!r} was removed: vdit packs with the pool best fit "
+        f"only (what {key}={meant!r} meant); delete the key"
+      )
   unknown = sorted(set(given) - set(c))
   if unknown:
     raise ValueError(f"unknown input config keys {unknown}; expected a subset of {sorted(c)}")
@@ -121,8 +131,6 @@ def check_input_config(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"input.patch_size={tuple(c.patch_size)} must be three positive ints")
   if c.channels < 1:
     raise ValueError(f"input.channels={c.channels} must be >= 1")
-  if c.packing not in PACKERS:
-    raise ValueError(f"input.packing={c.packing!r} is unknown; expected one of {list(PACKERS)}")
   for key in ("tokens_per_row", "rows_per_batch", "max_examples_per_row", "num_packing_bins"):
     if c[key] < 1:
       raise ValueError(f"input.{key}={c[key]} must be >= 1")
@@ -284,24 +292,18 @@ def make_dataset(
   packing_lib.single_threaded_blas()
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
-  ds = packable_examples(c, seed=seed, train=train)[process_index::process_count]
-  if c.packing == "best_fit":
-    ds = packing_lib.PoolPackIterDataset(
-      ds,
-      patch_size=c.patch_size,
-      tokens_per_row=c.tokens_per_row,
-      text_tokens_per_row=c.text_tokens_per_row,
-      max_examples_per_row=c.max_examples_per_row,
-      num_bins=c.num_packing_bins,
-      shrink_to_fill=c.shrink_to_fill if train else 0.0,
-      read_threads=c.read_threads,
-      read_buffer=c.read_buffer,
-      shard=(process_index, process_count),
-    )
-  else:
-    ds = ds.map(transforms_lib.Materialize(c.patch_size))
-    read = grain.ReadOptions(num_threads=c.read_threads, prefetch_buffer_size=c.read_buffer)
-    ds = packing_lib.grain_packer(ds.to_iter_dataset(read), c.packing, c, seed=seed, train=train)
+  ds = packing_lib.PoolPackIterDataset(  # reads this host's share: every process_count-th
+    packable_examples(c, seed=seed, train=train),
+    patch_size=c.patch_size,
+    tokens_per_row=c.tokens_per_row,
+    text_tokens_per_row=c.text_tokens_per_row,
+    max_examples_per_row=c.max_examples_per_row,
+    num_bins=c.num_packing_bins,
+    shrink_to_fill=c.shrink_to_fill if train else 0.0,
+    read_threads=c.read_threads,
+    read_buffer=c.read_buffer,
+    shard=(process_index, process_count),
+  )
   ds = ds.batch(c.rows_per_batch, drop_remainder=train)
   ds = ds.map(FinalizeBatch(c.rows_per_batch))
   if c.workers > 0:

@@ -280,16 +280,6 @@ def materialize(element: dict, patch_size: Sequence[int], grid=None) -> dict:
   return out
 
 
-class Materialize(grain.transforms.Map):
-  """`materialize` as a grain transform (the grain first-fit/best-fit packers' input)."""
-
-  def __init__(self, patch_size: Sequence[int]):
-    self.patch_size = tuple(int(p) for p in patch_size)
-
-  def map(self, element: dict) -> dict:
-    return materialize(element, self.patch_size)
-
-
 def example_transforms(input_config, *, train: bool) -> list:
   """The per-example chain for an input config (`vdit.data.pipeline.default_input_config`).
 
