@@ -10,7 +10,6 @@ import re
 import signal
 import sys
 
-import grain
 import jax
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import pytest
 from tests import configs
 from tests.test_fault_tolerance import Run
 from vdit import checkpointing, sharding, tasks, train, train_state
-from vdit.data import pipeline
+from vdit.data import packing, pipeline
 from vdit.tasks import base as tasks_base
 
 MESH = dict(data=2, fsdp=2, sequence=1, tensor=2)  # params split over both processes' devices
@@ -156,52 +155,31 @@ def test_sigterm_on_one_host_stops_all_at_the_same_step(data_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The data position when the number of hosts changes (grain's packers).
+# Resuming on another number of processes.
 # ---------------------------------------------------------------------------------------------
-def _toy_stream(process_index, process_count):
-  """The pipeline's structure on integers: global example g, host i of n reads g = i + n·k,
-  then grain's first-fit packing into rows (each example is its id repeated id % 5 + 1 times)."""
-  ds = grain.MapDataset.range(10_000).map(lambda g: np.full(g % 5 + 1, g, np.int32))
-  ds = ds[process_index::process_count].map(lambda x: {"ids": x}).to_iter_dataset()
-  return grain.experimental.FirstFitPackIterDataset(
-    ds, length_struct={"ids": 8}, num_packing_bins=3, shuffle_bins=False
-  )
+def test_two_processes_resume_on_one(data_dir, tmp_path):
+  """2 processes train 2 steps and checkpoint; the run resumes on 1 process (8 devices) to step
+  4. Its data position is re-derived from both processes' (`packing.remap_state`, which
+  test_data_packing checks loses no example): the position it saves at step 4 is that of an
+  iterator set to the remapped state and advanced 2 batches, and a process that ignored the
+  old positions or restored only one of them would save another."""
+  config = _config(data_dir, total_steps=2, **{"input.num_packing_bins": 4})
+  workdir, log_dir = str(tmp_path / "run"), str(tmp_path / "logs")
+  run = _launch(_config_file(tmp_path / "two", config), workdir, log_dir)
+  assert run.finish(timeout=1200) == 0, run.stderr + _logs(log_dir)
+  checkpoints = tmp_path / "run" / "checkpoints"
+  saved = checkpointing.saved_data_states(checkpoints / "2" / "data")
+  assert [s["shard"] for s in saved] == [[0, 2], [1, 2]]
 
+  config.total_steps = 4
+  run = Run(_config_file(tmp_path / "one", config), workdir)  # 1 process, this test's 8 devices
+  assert run.finish(timeout=1200) == 0, run.stderr
+  assert "resumed from checkpoint at step 2" in run.stdout
+  assert re.findall(r"^step (\d+)/4", run.stdout, re.M) == ["3", "4"], run.stdout
 
-def _take(it, rows):
-  seen = []
-  for _ in range(rows):
-    row = next(it)
-    seen.extend(int(g) for g in np.unique(row["ids"][row["ids_segment_ids"] > 0]))
-  return seen
-
-
-@pytest.mark.parametrize("old,new", [(2, 1), (2, 3), (3, 2), (1, 4)])
-def test_remap_data_state_skips_no_example(old, new):
-  """Hosts at different positions save; the run resumes on another host count: every global
-  example before the resume point was seen, none after it is missing (a few repeat)."""
-  iters = [iter(_toy_stream(i, old)) for i in range(old)]
-  seen = set()
-  for i, it in enumerate(iters):
-    seen.update(_take(it, 5 + 3 * i))  # hosts drift apart
-  states = [it.get_state() for it in iters]
-  resumed, horizon = [], []
-  for j in range(new):
-    it = iter(_toy_stream(j, new))
-    it.set_state(checkpointing.remap_data_state(states, j, new))
-    resumed.append(set(_take(it, 10)))
-    # Host j has emitted all its examples before its current packing window.
-    horizon.append(j + new * it.get_state()["parent"]["next_index"])
-  after, horizon = set().union(*resumed), min(horizon)
-  missing = [g for g in range(horizon) if g not in seen and g not in after]
-  assert not missing, missing
-  # Only examples at or after the resume point g (the first one some old host had not
-  # emitted) repeat: those the hosts that were ahead had already seen.
-  g = min(i + old * st["parent"]["next_index"] for i, st in enumerate(states))
-  assert min(after) >= g and all(x in after for x in range(g, horizon))
-  assert all(x >= g for x in seen & after)
-
-
-def test_remap_data_state_rejects_unknown_layouts():
-  with pytest.raises(ValueError, match="Resume with the same number of hosts"):
-    checkpointing.remap_data_state([{"next_index": 3, "rows": "[]"}] * 2, 0, 1)
+  it = tasks_base.host_iterator(pipeline.make_iterator, config, train=True)  # 1 host: all 8 rows
+  it.set_state(packing.remap_state(saved, 0, 1))
+  for _ in range(2):
+    next(it)
+  assert checkpointing.saved_data_states(checkpoints / "4" / "data") == [it.get_state()]
+  it.close()
