@@ -407,3 +407,14 @@ def test_resume_with_a_changed_config_names_every_key(workdir, data_dir):
   with pytest.raises(workdir_guard.ConfigChangedError) as e:
     workdir_guard.check_config_unchanged(str(workdir), _config(data_dir))
   assert "model.retired_option: 1 → (absent)" in str(e.value) and "locality" not in str(e.value)
+  # A key vdit removed (`workdir_guard.REMOVED_KEYS`) resumes when saved with the value that meant
+  # what vdit does now, and is refused with any other.
+  for packer, refused in (("best_fit", False), ("first_fit", True)):
+    saved_config = checkpointing.config_to_dict(_config(data_dir))
+    saved_config["input"]["packing"] = packer
+    (workdir / checkpointing.CONFIG_FILE).write_text(json.dumps(saved_config))
+    if refused:
+      with pytest.raises(workdir_guard.ConfigChangedError, match='input.packing: "first_fit" → '):
+        workdir_guard.check_config_unchanged(str(workdir), _config(data_dir))
+    else:
+      workdir_guard.check_config_unchanged(str(workdir), _config(data_dir))
