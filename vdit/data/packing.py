@@ -100,7 +100,8 @@ class _Bin:
 class PoolPackIterDataset(grain.IterDataset):
   """Rows packed online by best fit over a pool of `num_bins` open rows (see module docstring).
 
-  `source` is the global stream; this host reads its examples `shard[0] + shard[1]·k`, k = 0, 1, …
+  `source` is the global stream; this host reads its examples `shard[0] + shard[1]·k`, k = 0, 1,
+  … (a grain worker of it, every `workers`-th of those: `set_slice`).
   """
 
   def __init__(
@@ -378,7 +379,8 @@ def _check_states(states: Sequence[Mapping], process_count: int) -> None:
     if not (
       isinstance(state, Mapping)
       and _STATE_KEYS <= set(state) <= _STATE_KEYS | {"version"}
-      and [int(x) for x in shard] == [i, n]
+      and isinstance(shard, Sequence)
+      and list(shard) == [i, n]
     ):
       raise ValueError(
         f"cannot re-derive the data position for {process_count} hosts: the state of host {i} "
@@ -395,11 +397,11 @@ def remap_state(states: Sequence[Mapping], process_index: int, process_count: in
   Old host i has read its share of the global stream below F_i = i + n·next_index_i, and every
   example it read was emitted unless it is in one of its open or unsent rows. So each example
   below G = min_i F_i was emitted or is in such a row, and none at or above G is needed from the
-  old rows. New host j starts its share at its first example ≥ G and takes the old rows j, j+m,
-  j+2m, … (all hosts' unsent rows, then all open rows; examples ≥ G removed from them, since the
-  new hosts read those again); more open rows than its pool holds leave first, fullest first.
-  No example is lost. The only repeats are examples ≥ G that an old host had emitted: at most
-  the old hosts' lead over the slowest one (Σ_i (F_i − G)/n examples).
+  old rows. New host j starts its share at its first example ≥ G and takes every m-th of the old
+  hosts' unsent rows and every m-th of their open rows, from the j-th (in host order), without
+  their examples ≥ G (the new hosts read those again); given more open rows than its pool holds,
+  it emits the fullest first. No example is lost. The only repeats are examples ≥ G that an old
+  host had emitted: at most the old hosts' lead over the slowest one (Σ_i (F_i − G)/n examples).
   """
   m = process_count
   if not 0 <= process_index < m:
