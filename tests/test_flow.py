@@ -91,6 +91,32 @@ def test_time_is_per_example_and_cond_tokens_stay_clean():
   assert np.abs(np.asarray(seen["x_t"] - batch["patches"])[~cond & (seg > 0)]).min() > 0
 
 
+def test_mixed_noise_shares_a_fraction_of_each_place_along_time():
+  """`mixed_noise`: every element N(0, 1); two tokens of one example at the same (h, w) in
+  different patch-frames correlate by `correlation`, tokens elsewhere (another place, another
+  example, another row) do not; 0 is the plain draw of `jax.random.normal`."""
+  grid = np.stack(np.meshgrid(np.arange(4), np.arange(2), np.arange(2), indexing="ij"), -1)
+  one = grid.reshape(16, 3)  # example of (4, 2, 2) patches: 4 patch-frames of 4 places
+  positions = np.concatenate([one[:8], one[:8]])  # row: two examples of 2 patch-frames
+  seg = np.repeat(np.array([1, 2], np.int32), 8)
+  rows = 4096
+  shape = (rows, 16, 4)
+  pos = jnp.broadcast_to(jnp.asarray(positions), (rows, 16, 3))
+  ids = jnp.broadcast_to(jnp.asarray(seg), (rows, 16))
+  plain = flow.mixed_noise(jax.random.key(3), shape, ids, pos, 0.0)
+  np.testing.assert_array_equal(plain, jax.random.normal(jax.random.key(3), shape))
+  x = np.asarray(flow.mixed_noise(jax.random.key(3), shape, ids, pos, 0.6))
+  assert abs(x.std() - 1.0) < 0.01
+  corr = lambda a, b: float(np.mean(x[:, a] * x[:, b]))  # noqa: E731
+  assert abs(corr(0, 4) - 0.6) < 0.03  # example 1, place (0, 0), patch-frames 0 and 1
+  assert abs(corr(9, 13) - 0.6) < 0.03  # example 2, place (0, 1)
+  assert abs(corr(0, 1)) < 0.03  # another place
+  assert abs(corr(0, 8)) < 0.03  # the same place of another example
+  assert abs(float(np.mean(x[:-1, 0] * x[1:, 4]))) < 0.03  # the same place in another row
+  with pytest.raises(ValueError, match="correlation=1.0"):
+    flow.mixed_noise(jax.random.key(3), shape, ids, pos, 1.0)
+
+
 def test_loss_ignores_tokens_outside_loss_mask():
   batch = make_batch()
   tokenwise = lambda x, t, b: 0.5 * x + t[..., None]

@@ -78,6 +78,14 @@ def check_diffusion(d: ml_collections.ConfigDict) -> None:
       f"diffusion.self_condition={self_condition} needs diffusion.objective='rectified_flow', "
       f"not {d.objective!r}"
     )
+  correlation = d.get("noise_correlation", 0.0)
+  if not 0.0 <= correlation < 1.0:
+    raise ConfigError(f"diffusion.noise_correlation={correlation} must be in [0, 1)")
+  if correlation and d.objective != "rectified_flow":
+    raise ConfigError(
+      f"diffusion.noise_correlation={correlation} needs diffusion.objective='rectified_flow', "
+      f"not {d.objective!r}"
+    )
   if not d.get("flow_sigma_data", 0.5) > 0.0:
     raise ConfigError(f"diffusion.flow_sigma_data={d.flow_sigma_data} must be > 0")
   lo_hi = tuple(d.guidance_interval)

@@ -138,6 +138,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Rate of self-conditioned training batches: the model also reads its previous x̂0 (Chen
     # et al. 2023); the sampler feeds it at every step. 0 = off.
     self_condition=0.0,
+    # Share of each token's noise common to its place in every patch-frame (PYoCo mixed noise,
+    # `flow.mixed_noise`), in training and sampling; 0 = independent noise.
+    noise_correlation=0.0,
     text_dropout=0.1,  # classifier-free guidance: rate of null captions (and labels) in training
     # Frame-conditioning tasks drawn per example in training (relative weights).
     cond_probs=dict(

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vdit.diffusion import guidance, packed
-from vdit.segments import per_token
+from vdit.segments import per_token, place_ids
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 SAMPLERS = ("euler", "heun", "stochastic")
@@ -53,6 +53,41 @@ def resolution_shift(shapes: jax.Array, base_tokens: int) -> jax.Array:
   return jnp.where(tokens > 0, jnp.sqrt(tokens / base_tokens), 1.0)
 
 
+def mixed_noise(
+  rng: jax.Array,
+  shape: tuple[int, ...],
+  segment_ids: jax.Array,
+  positions: jax.Array,
+  correlation: float = 0.0,
+  dtype=jnp.float32,
+) -> jax.Array:
+  """Standard normal noise [B, L, P] for packed patches whose tokens at one place of one example
+  share a fraction `correlation` of their variance across patch-frames: PYoCo's mixed noise
+  (Ge et al. 2023, "Preserve Your Own Correlation", Eq. 4), ε = √c·ε_place + √(1 − c)·ε_token.
+
+  Every element stays N(0, 1); a token and the token at the same (h, w) in another patch-frame
+  of its example have correlation c, so a denoiser that decides content from its own noise
+  decides alike along time. 0 = independent noise (the same draw as `jax.random.normal(rng)`).
+  segment_ids: [B, L]; positions: [B, L, 3] (t, h, w) patch coordinates.
+  """
+  if not correlation:
+    return jax.random.normal(rng, shape, dtype)
+  if not 0.0 < correlation < 1.0:
+    raise ValueError(f"noise correlation={correlation} must be in [0, 1)")
+  own_rng, place_rng = jax.random.split(rng)
+  own = jax.random.normal(own_rng, shape, dtype)
+  places = place_ids(segment_ids, positions)  # [B, L]: one id per (example, h, w)
+
+  def place_noise(row, place):  # the same draw for every token of one place of one row
+    return jax.random.normal(
+      jax.random.fold_in(jax.random.fold_in(place_rng, row), place), shape[-1:], dtype
+    )
+
+  rows = jnp.broadcast_to(jnp.arange(shape[0])[:, None], places.shape)
+  shared = jax.vmap(jax.vmap(place_noise))(rows, places)
+  return jnp.sqrt(correlation) * shared + jnp.sqrt(1.0 - correlation) * own
+
+
 def interpolate(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
   """x_t = (1 − t)·x0 + t·ε; x0, noise: [B, L, P]; t: [B, L]."""
   t = t[..., None]
@@ -71,6 +106,7 @@ def loss(
   text_dropout: float = 0.1,
   t_min: float | None = None,
   self_condition: float = 0.0,
+  noise_correlation: float = 0.0,
 ) -> tuple[jax.Array, dict]:
   """Flow-matching loss ‖v_θ(x_t, t) − (ε − x0)‖² on a packed batch (SD3, Eq. 2 with v).
 
@@ -82,7 +118,8 @@ def loss(
   One time per example ([B, K]); with `shift_base_tokens` it is shifted by each example's own
   size, `resolution_shift(shapes)`, so two videos of different sizes packed in one row get
   different noise levels. Independent noise per token; `cond_mask` tokens stay clean
-  (x_t = x0, t = 0). With probability `text_dropout` an example's caption becomes [NULL] and
+  (x_t = x0, t = 0); with `noise_correlation` the noise is `mixed_noise` (positions from the
+  batch). With probability `text_dropout` an example's caption becomes [NULL] and
   its label −1 (null), for classifier-free guidance. The loss is the squared error averaged
   over P, then over `loss_mask` tokens.
 
@@ -104,7 +141,7 @@ def loss(
   if shift_base_tokens:
     t_ex = shift_time(t_ex, resolution_shift(batch["shapes"], shift_base_tokens))
   t_tok = jnp.where(cond, 0.0, per_token(t_ex, seg))  # [B, L]
-  noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+  noise = mixed_noise(noise_rng, x0.shape, seg, batch["positions"], noise_correlation, x0.dtype)
   x_t = jnp.where(cond[..., None], x0, interpolate(x0, noise, t_tok))
   if t_min is None:
     target = noise - x0
@@ -158,6 +195,7 @@ def sample(
   strength: float = 1.0,
   rng: jax.Array | None = None,
   eta: float = 1.0,
+  noise_fn: Callable[[jax.Array, tuple[int, ...]], jax.Array] | None = None,
   correct_at_zero: bool = True,
   self_condition: bool = False,
   t_min: float = 0.0,
@@ -175,10 +213,11 @@ def sample(
   that ends there is an Euler step, as in Alg. 1), or "stochastic"
   (DDIM with η on this path, Song et al. 2021, Eq. 12, one call per step: x̂0 and ε̂ from
   the velocity, then x_t' = (1 − t')·x̂0 + √(t'² − c²)·ε̂ + c·z with fresh z ~ N(0, I) from
-  `rng` and c = η·t'·s/t, s² = t² − ((1 − t)/(1 − t'))²·t'², the DDPM posterior's std at
-  η = `eta` = 1; η = 0 is the Euler step exactly. Fresh noise at every step keeps a
-  denoiser's error that follows each token's own noise
-  from being carried, unchanged, to t = 0, as the deterministic ODE does). Tokens in
+  `rng` (drawn by `noise_fn(rng, shape)` if given, e.g. `mixed_noise`) and c = η·t'·s/t,
+  s² = t² − ((1 − t)/(1 − t'))²·t'², the DDPM posterior's std at η = `eta` = 1; η = 0 is the
+  Euler step exactly. Fresh noise at every step keeps a denoiser's error that follows each
+  token's own noise from being carried, unchanged, to t = 0, as the deterministic ODE does).
+  Tokens in
   `cond_mask` [B, L] are held at `x_cond` [B, L, P] with t = 0 (image-to-video, extension,
   interpolation). With `self_condition`, `velocity_fn(x, t, x0_prev)` also receives the
   previous call's estimate x̂0 = `x0_estimate(x, v, t, t_min)` (zeros at the first call).
@@ -193,6 +232,7 @@ def sample(
   if method == "stochastic" and rng is None:
     raise ValueError("the stochastic flow sampler needs an rng")
   ones = jnp.ones(x_start.shape[:-1], jnp.float32)  # [B, L]
+  fresh = noise_fn or (lambda key, shape: jax.random.normal(key, shape, jnp.float32))
 
   def clamp(x, t):
     if cond_mask is None:
@@ -220,7 +260,7 @@ def sample(
       x0_hat, eps_hat = x - t * d, x + (1 - t) * d
       s2 = jnp.maximum(jnp.square(t) - jnp.square((1 - t) / (1 - t2) * t2), 0.0)
       c = eta * t2 * jnp.sqrt(s2) / t
-      z = jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
+      z = fresh(jax.random.fold_in(rng, i), x.shape)
       x = (1 - t2) * x0_hat + jnp.sqrt(jnp.maximum(t2**2 - c**2, 0.0)) * eps_hat + c * z
       return x, prev
     d2, prev2 = velocity(x + dt * d, t_next, prev)

@@ -41,6 +41,9 @@ class Spec:
   # rectified flow: the rate of self-conditioned training batches (the model also reads its
   # previous x̂0, `flow.loss`); > 0 makes the model self-conditioned, so the sampler feeds it.
   self_condition: float = 0.0
+  # rectified flow: the share of each token's noise that is common to its place (h, w) in every
+  # patch-frame of its example (`flow.mixed_noise`, PYoCo), in training and sampling; 0 = none.
+  noise_correlation: float = 0.0
   cond_probs: tuple[float, ...] = conditioning.task_probs(conditioning.DEFAULT_PROBS)
   schedule: str = "linear"  # gaussian: "linear" | "cosine"
   num_timesteps: int = 1000  # gaussian: N
@@ -121,6 +124,7 @@ def loss(
       text_dropout=spec.text_dropout,
       t_min=spec.flow_t_min if spec.predicts_x0 else None,
       self_condition=spec.self_condition,
+      noise_correlation=spec.noise_correlation,
     )
   if spec.objective == "gaussian":
     return gaussian.loss(
@@ -167,6 +171,17 @@ def token_shift(spec: Spec, shapes: jax.Array, segment_ids: jax.Array) -> jax.Ar
   return per_token(flow.resolution_shift(shapes, spec.shift_base_tokens), segment_ids)
 
 
+def fresh_noise(spec: Spec, segment_ids: jax.Array, positions: jax.Array | None):
+  """`noise_fn(rng, shape)` for the stochastic flow sampler: the training noise's correlation
+  along time (`flow.mixed_noise`) when the run has one and `positions` are given, else None
+  (independent noise)."""
+  if not spec.noise_correlation or positions is None:
+    return None
+  return lambda rng, shape: flow.mixed_noise(
+    rng, shape, segment_ids, positions, spec.noise_correlation
+  )
+
+
 def sample(
   spec: Spec,
   model_fn: Callable[[jax.Array, jax.Array], jax.Array],
@@ -176,6 +191,7 @@ def sample(
   sampler: str | None = None,
   shapes: jax.Array,
   segment_ids: jax.Array,
+  positions: jax.Array | None = None,
   cond_mask: jax.Array | None = None,
   x_cond: jax.Array | None = None,
   x_init: jax.Array | None = None,
@@ -185,7 +201,9 @@ def sample(
   """Generates x0 [B, L, P] from noise [B, L, P] with the objective's sampler.
 
   `model_fn(x, t) -> out` (guidance composed in). `shapes` [B, K, 3] and `segment_ids`
-  [B, L] give each example's resolution shift (the same as in training). SDEdit: `x_init`
+  [B, L] give each example's resolution shift (the same as in training); with `positions`
+  [B, L, 3], the stochastic sampler's fresh noise is correlated along time as the training noise
+  (`spec.noise_correlation`), else independent. SDEdit: `x_init`
   [B, L, P] is noised to `strength` ∈ (0, 1] and denoised from there (strength 1 ignores it).
   """
   sampler = spec.check_sampler(sampler or spec.default_sampler)
@@ -204,6 +222,7 @@ def sample(
       shift=shift,
       strength=strength,
       rng=rng,
+      noise_fn=fresh_noise(spec, segment_ids, positions),
       eta=spec.flow_eta,
       correct_at_zero=not spec.predicts_x0,
       self_condition=spec.self_condition > 0,
@@ -320,6 +339,7 @@ def sample_rows(
     sampler=sampler,
     shapes=rows["shapes"][:n],
     segment_ids=rows["segment_ids"][:n],
+    positions=rows["positions"][:n],
     cond_mask=cond_mask,
     x_cond=x_cond,
     x_init=x_init,

@@ -40,7 +40,7 @@ from absl import app, flags, logging
 from vdit import checkpointing, sampling
 from vdit.data import patchify
 from vdit.datasets import shapes
-from vdit.diffusion import objectives
+from vdit.diffusion import flow, objectives
 from vdit.evaluators import shapes_scorer
 
 SIZE = (8, 32, 32)  # (frames, height, width) of the probe clips
@@ -143,11 +143,24 @@ class Probe:
     )
     return {k: jnp.asarray(v) for k, v in rows.items()}
 
+  def noise(self, n: int, seed: int) -> np.ndarray:
+    """Pure-noise videos in patches at the probe size, [n, L, P], drawn as the run's training
+    noise is (`flow.mixed_noise`: correlated along time if the run's is)."""
+    length, dim = int(np.prod(self.grid)), int(np.prod(self.patch_size)) * 3
+    positions = jnp.broadcast_to(jnp.asarray(patchify.grid_positions(self.grid)), (n, length, 3))
+    noise = flow.mixed_noise(
+      jax.random.PRNGKey(seed),
+      (n, length, dim),
+      jnp.ones((n, length), jnp.int32),
+      positions,
+      self.sampler.spec.noise_correlation,
+    )
+    return np.asarray(noise)
+
   def shared_noise(self, n: int, seed: int) -> np.ndarray:
     """One pure-noise video in patches, the same for all `n` rows: [n, L, P]."""
-    length, dim = int(np.prod(self.grid)), int(np.prod(self.patch_size)) * 3
-    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), (1, length, dim)))
-    return np.broadcast_to(noise, (n, length, dim))
+    one = self.noise(1, seed)
+    return np.broadcast_to(one, (n, *one.shape[1:]))
 
   def x0(self, x: np.ndarray, t: float, rows: dict) -> np.ndarray:
     """x̂0 videos [N, T, H, W, 3] in [-1, 1] of noisy patches x [N, L, P] at time t."""
@@ -163,7 +176,7 @@ def fidelity(probe: Probe, combos, times: Sequence[float], seed: int = 0) -> lis
   mask = object_mask(clips)
   x0 = np.stack([patchify.patchify(v, probe.patch_size)[0] for v in target])
   rows = probe.rows([prompt(*c) for c in combos])
-  noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), x0.shape))
+  noise = probe.noise(len(x0), seed)
   results = []
   for t in times:
     x_t = (1 - t) * x0 + t * noise
