@@ -272,6 +272,12 @@ def latent_space(c: ml_collections.ConfigDict, vae_workdir: str, latents_dir: st
   c.input.min_tokens_per_example = c.input.max_tokens_per_example
   c.input.shrink_to_fill = 0.0
   c.diffusion.flow_prediction = "velocity"  # latents are smooth enough for velocity prediction
+  if tiny:
+    # Noise shared by each place along time (PYoCo) and fresh noise at every sampling step: the
+    # patch-frames of a sample agree on one object (temporal consistency 0.10 → 0.2 with Euler,
+    # ~0.45 with the stochastic sampler; docs/recipe.md, rows Y).
+    c.diffusion.noise_correlation = 0.8
+    c.diffusion.sampler = "stochastic"
   # Sizes stay given in pixels above and are converted here (T' latent frames decode to
   # 1 + ft·(T' − 1) frames, H'×W' cells to fs·H' × fs·W' pixels).
   c.sample.num_frames, c.sample.height, c.sample.width = latent_size(
