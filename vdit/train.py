@@ -54,9 +54,9 @@ def train_step(
   grad_norm = optax.tree.norm(optax.tree.cast(grads, jnp.float32))  # fp32 even for bf16 params
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
-  # EMA of the params: decay·ema + (1 − decay)·params (optax's first-moment update).
+  # EMA of the params (Polyak averaging): decay·ema + (1 − decay)·params.
   decay = train_state.ema_decay(state.step, config.optimizer.ema_decay)
-  new_ema = optax.tree.update_moment(new_params, state.ema_params, decay, order=1)
+  new_ema = optax.incremental_update(new_params, state.ema_params, step_size=1.0 - decay)
   # A non-finite loss or gradient skips the update (counted), it is never applied. Not
   # `optax.apply_if_finite`: that wraps the optimizer state (changing the checkpointed tree),
   # leaves the EMA to us and looks at the gradient only, not the loss.
