@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests import configs
-from vdit import config_checks, datasets, tasks, train
+from vdit import config_checks, datasets, sharding, tasks, train
 from vdit.data import dense
 from vdit.tasks import image_diffusion
 
@@ -77,7 +77,10 @@ def test_dit_task_loss_at_init(data_dir):
   batch = {k: jnp.asarray(v) for k, v in next(task.make_iterator(config)).items()}
   loss, metrics = task.loss(model, params, batch, jax.random.key(1), config)
   np.testing.assert_allclose(float(loss) - float(metrics["vlb"]), 1.0, atol=0.03)
-  images = task.generate(config, params, np.array([0, 3, -1]), steps=2, guidance_scale=2.0)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  generate = task.predict_fns(config, model, mesh, rules)["generate"]  # `class_samples`' function
+  images = generate(params, np.array([0, 3, -1]), steps=2, guidance_scale=2.0)
   assert images.shape == (3, 32, 32, 3) and np.all(np.isfinite(images))
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vdit import batch_spec, config_checks, models, sharding
+from vdit import batch_spec, config_checks, sharding
 from vdit.diffusion import gaussian_samplers, guidance, objectives
 from vdit.tasks import base
 
@@ -100,13 +100,6 @@ class ImageDiffusion(base.Task):
 
     loss, aux = objectives.loss(spec, apply_fn, rows, rng)
     return loss, {"vlb": aux["vlb"], "tokens": aux["num_tokens"]}
-
-  def generate(
-    self, config, params, labels: np.ndarray, *, steps: int, guidance_scale: float, seed: int = 0
-  ) -> np.ndarray:
-    """Samples one image per label ([N] int, −1 = unconditional): float [N, H, W, 3]."""
-    fn = sample_fn(config, models.build(config), len(labels), steps, guidance_scale)
-    return fn(params, labels, seed)
 
   def predict_fns(self, config, model, mesh, rules) -> base.PredictFns:
     """`generate(params, labels, *, steps, guidance_scale, seed)` → float images [N, H, W, 3]
