@@ -14,7 +14,7 @@ import pytest
 from tests import configs
 from vdit import checkpointing, evaluators, sharding, tasks, train
 from vdit.datasets import shapes
-from vdit.evaluators import adherence, classifier, frechet, shapes_scorer
+from vdit.evaluators import adherence, classifier, frechet, shapes_scorer, top1
 from vdit.tasks import base as tasks_base
 from vdit.tasks import restore
 
@@ -238,6 +238,40 @@ def test_an_evaluator_needing_a_function_the_task_lacks_is_skipped(tmp_path):
   out = evaluators.run(c, {"batches": iter, "logits": None}, None, str(tmp_path), 3)
   assert "needs the task's `sampler` function" in out["samples"]["skipped"]
   assert evaluators.failures(out) == {} and evaluators.missing(c, str(tmp_path), 3, 3) == []
+
+
+def test_top1_counts_labelled_valid_slots_over_all_batches(tmp_path):
+  """Known answer: two batches of packed slots [B, K, C]; unlabelled (−1) and invalid slots do
+  not count, in the accuracy nor in the mean cross-entropy; a split without a labelled slot
+  gives zeros."""
+  r = np.random.default_rng(0)
+  parts = [
+    (
+      r.normal(size=(2, 3, 5)),
+      np.array([[1, -1, 4], [0, 2, -1]]),
+      np.array([[1, 1, 0], [1, 1, 1]]),
+    ),
+    (r.normal(size=(1, 3, 5)), np.array([[3, 3, 0]]), np.array([[1, 0, 1]])),
+  ]
+  parts = [(x.astype(np.float32), y.astype(np.int32), v.astype(bool)) for x, y, v in parts]
+  fns = {"logits": lambda params, batch: batch, "batches": lambda: iter(parts)}
+  logits, labels, valid = (
+    np.concatenate([p[i].reshape(-1, *p[i].shape[2:]) for p in parts]) for i in range(3)
+  )
+  keep = valid & (labels >= 0)  # 5 slots
+  logp = logits - np.log(np.sum(np.exp(logits), -1, keepdims=True))
+  nll = -logp[np.arange(len(labels)), np.maximum(labels, 0)]
+  got = top1.evaluate(None, fns, None, str(tmp_path), 0)
+  assert got["examples"] == int(keep.sum()) == 5
+  assert got["top1"] == pytest.approx(np.mean(np.argmax(logits, -1)[keep] == labels[keep]))
+  assert got["loss"] == pytest.approx(np.mean(nll[keep]), rel=1e-6)
+  unlabelled = [(parts[0][0], np.full_like(parts[0][1], -1), parts[0][2])]
+  fns["batches"] = lambda: iter(unlabelled)
+  assert top1.evaluate(None, fns, None, str(tmp_path), 0) == {
+    "top1": 0.0,
+    "loss": 0.0,
+    "examples": 0,
+  }
 
 
 # ---------------------------------------------------------------------------------------------

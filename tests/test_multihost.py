@@ -11,6 +11,7 @@ import signal
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -76,7 +77,7 @@ def _single_process(config, steps):
   state = builder.create()
   initial = jax.device_get(state.params)
   step_fn = train.jit_train_step(config, builder.model, builder.tx, mesh, rules, builder.shardings)
-  host = tasks_base.host_input_config(config)
+  host = ml_collections.ConfigDict(config.input.to_dict())  # one process: half the rows
   host.rows_per_batch = config.input.rows_per_batch // 2
   iters = [
     pipeline.make_iterator(host, seed=config.seed, process_index=i, process_count=2)

@@ -105,6 +105,35 @@ def test_mesh_invariance(reference_state, shape):
   _assert_trees_close(state.opt_state, ref_state.opt_state, rtol=1e-3, atol=1e-7)
 
 
+def test_train_step_is_adamw_then_ema(reference_state):
+  """The second step of the reference run, redone by hand from its state and batch: the grad
+  norm is the fp64 global norm of the loss's gradient, the params move by the optimizer's
+  update, and the EMA is decay·ema + (1 − decay)·params at the warmed-up decay 2/11."""
+  config, batches, _, _ = reference_state
+  stepper = Stepper(config, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+  before, _ = stepper.run(stepper.fresh(), batches[:1])
+  host = jax.device_get(before)
+  after, (metrics,) = stepper.run(before, batches[1:])
+  after = jax.device_get(after)
+  task, model, tx = tasks.get(config), stepper.builder.model, stepper.builder.tx
+  batch = {k: jnp.asarray(batches[1][k]) for k in task.batch_keys(config)}
+  rng = jax.random.fold_in(host.rng, host.step)
+  with sharding.activate(stepper.mesh, stepper.rules):
+    grads = jax.jit(jax.grad(lambda p: task.loss(model, p, batch, rng, config)[0]))(host.params)
+    updates, _ = jax.jit(tx.update)(grads, host.opt_state, host.params)
+  f64 = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(tree))
+  grads, updates, params, ema = f64(grads), f64(updates), f64(host.params), f64(host.ema_params)
+  norm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
+  np.testing.assert_allclose(metrics["grad_norm"], norm, rtol=1e-5)
+  assert max(np.max(np.abs(u)) for u in jax.tree.leaves(updates)) > 1e-4  # a real update
+  want = jax.tree.map(np.add, params, updates)
+  _assert_trees_close(after.params, want, rtol=1e-5, atol=1e-7)
+  decay = min(config.optimizer.ema_decay, 2 / 11)  # warmup (1 + step) / (10 + step), step 1
+  ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, want)
+  _assert_trees_close(after.ema_params, ema, rtol=1e-5, atol=1e-7)
+  assert int(after.step) == 2 and int(after.skipped) == 0
+
+
 def test_nonfinite_batch_skips_the_update(reference_state):
   """NaN patches: loss and grads non-finite, params/optimizer/EMA untouched, update counted."""
   config, batches, _, _ = reference_state

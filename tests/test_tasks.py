@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests import configs
-from vdit import config_checks, datasets, tasks, train
+from vdit import config_checks, datasets, sharding, tasks, train
 from vdit.data import dense
 from vdit.tasks import image_diffusion
 
@@ -77,8 +77,36 @@ def test_dit_task_loss_at_init(data_dir):
   batch = {k: jnp.asarray(v) for k, v in next(task.make_iterator(config)).items()}
   loss, metrics = task.loss(model, params, batch, jax.random.key(1), config)
   np.testing.assert_allclose(float(loss) - float(metrics["vlb"]), 1.0, atol=0.03)
-  images = task.generate(config, params, np.array([0, 3, -1]), steps=2, guidance_scale=2.0)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  generate = task.predict_fns(config, model, mesh, rules)["generate"]  # `class_samples`' function
+  images = generate(params, np.array([0, 3, -1]), steps=2, guidance_scale=2.0)
   assert images.shape == (3, 32, 32, 3) and np.all(np.isfinite(images))
+
+
+def test_dit_task_drops_labels_in_the_loss(data_dir):
+  """Guidance dropout of the DiT task is the loss's (`diffusion.text_dropout`, as VideoDiT's):
+  dropping every label is training on null labels (−1); keeping them is not."""
+  config = _config("dit", data_dir)
+  task = tasks.get(config)
+  model = task.build_model(config)
+  params = model.init(jax.random.key(0), *task.dummy_inputs(config))["params"]
+  # Off the adaLN-Zero init (whose output is 0 whatever the label).
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  params = treedef.unflatten(
+    [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+  )
+  batch = {k: jnp.asarray(v[:4]) for k, v in next(task.make_iterator(config)).items()}
+  assert bool(jnp.all(batch["label"] >= 0))
+
+  def loss(rate, labels):
+    config = _config("dit", data_dir, **{"diffusion.text_dropout": rate})
+    return task.loss(model, params, dict(batch, label=labels), jax.random.key(1), config)[0]
+
+  dropped = loss(1.0, batch["label"])
+  np.testing.assert_array_equal(dropped, loss(0.0, jnp.full_like(batch["label"], -1)))
+  assert abs(float(loss(0.0, batch["label"]) - dropped)) > 1e-4
 
 
 def test_as_rows_is_one_example_per_row():
@@ -128,6 +156,7 @@ def test_dense_fit_crop_vs_squash():
     ("vivit", {"input.size": (8, 30, 32)}, "not a multiple of the model's patch"),
     ("dit", {"diffusion.objective": "rectified_flow"}, "needs diffusion.objective='gaussian'"),
     ("dit", {"input.size": (1, 32, 48)}, "must be (1, I, I)"),
+    ("dit", {"model.class_dropout_prob": 0.0}, "gives DiT no null-class row"),
     ("navit", {"model.name": "vit"}, "input.size=None must be"),
     ("vit", {"task": "segmentation"}, "task='segmentation' is unknown"),
     ("vit", {"input.fit": "stretch"}, "input.fit='stretch' is not supported"),

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from clu import metric_writers
 
@@ -50,21 +51,21 @@ def train_step(
     return task.loss(model, params, batch, rng, config)
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = _global_norm(grads)
+  grad_norm = optax.tree.norm(optax.tree.cast(grads, jnp.float32))  # fp32 even for bf16 params
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-  new_params = jax.tree_util.tree_map(jnp.add, state.params, updates)
+  new_params = optax.apply_updates(state.params, updates)
+  # EMA of the params (Polyak averaging): decay·ema + (1 − decay)·params.
   decay = train_state.ema_decay(state.step, config.optimizer.ema_decay)
-  new_ema = jax.tree_util.tree_map(
-    lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, new_params
-  )
-  # A non-finite loss or gradient skips the update (counted), it is never applied.
+  new_ema = optax.incremental_update(new_params, state.ema_params, step_size=1.0 - decay)
+  # A non-finite loss or gradient skips the update (counted), it is never applied. Not
+  # `optax.apply_if_finite`: that wraps the optimizer state (changing the checkpointed tree),
+  # leaves the EMA to us and looks at the gradient only, not the loss.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  pick = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_state = state.replace(
     step=state.step + 1,
-    params=pick(new_params, state.params),
-    opt_state=pick(new_opt_state, state.opt_state),
-    ema_params=pick(new_ema, state.ema_params),
+    params=optax.tree.where(finite, new_params, state.params),
+    opt_state=optax.tree.where(finite, new_opt_state, state.opt_state),
+    ema_params=optax.tree.where(finite, new_ema, state.ema_params),
     skipped=state.skipped + (~finite).astype(jnp.int32),
   )
   metrics = {
@@ -89,11 +90,6 @@ def jit_train_step(config, model, tx, mesh, rules, state_shardings):
     out_shardings=(state_shardings, sharding.replicated(mesh)),
     donate_argnums=(0,),
   )
-
-
-def _global_norm(tree: Any) -> jax.Array:
-  leaves = jax.tree_util.tree_leaves(tree)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +145,12 @@ class _Preemption:
 
 
 def _format_eta(seconds: float) -> str:
+  """Seconds as "1h02m03s" or "2m03s", for the printed progress line.
+
+  Not `clu.periodic_actions.ReportProgress`: it writes steps/s to the writer and logs the ETA
+  as the work unit's notes, but returns neither for the line printed here (`step N/T  loss L
+  x steps/s  ETA ...`), and it counts evaluation time as training time.
+  """
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
@@ -247,6 +249,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> trai
 
   # --- Loop -----------------------------------------------------------------------------------
   total = config.total_steps
+  # The step metrics since the last log line, averaged on the host (not `clu.metrics`: the
+  # keys are the task's, and plain float means of replicated scalars need no merging).
   accumulated: dict[str, list[float]] = {}
   nonfinite_in_a_row = 0
   t_last, step_last = time.time(), start_step

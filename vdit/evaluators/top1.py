@@ -2,29 +2,45 @@
 
 Every example of the split once (the task's `batches`), through the task's `logits` (global
 batches over the sharded state, results on every host); slots without a label (−1) and padded
-rows do not count. Results: `top1`, `loss` (mean cross-entropy), `examples`.
+rows do not count. Results: `top1`, `loss` (mean cross-entropy), `examples` (0 of each for a
+split without a labelled example).
 """
 
+import flax
 import jax
-import numpy as np
+import jax.numpy as jnp
+import optax
+from clu import metrics
 
 from vdit.evaluators import predict_fn
+
+
+@flax.struct.dataclass
+class Top1(metrics.Collection):
+  """Masked means over the split's labelled examples (clu's running totals and counts)."""
+
+  top1: metrics.Accuracy
+  loss: metrics.Average.from_output("loss")
 
 
 def evaluate(config, fns, params, workdir: str, step: int) -> dict:
   del config
   logits_fn, batches = predict_fn(fns, "logits"), predict_fn(fns, "batches")
-  correct = total = 0
-  nll = 0.0
+  totals = Top1.empty()
   for batch in batches():
-    logits, labels, valid = (np.asarray(x) for x in logits_fn(params, batch))
+    # logits: [B, C] or [B, K, C] (packed slots); labels, valid: [B] or [B, K]
+    logits, labels, valid = (jnp.asarray(x) for x in logits_fn(params, batch))
+    labels = labels.astype(jnp.int32)
     valid = valid & (labels >= 0)
-    logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float32), axis=-1))
-    picked = np.take_along_axis(logp, np.maximum(labels, 0)[..., None], -1)[..., 0]
-    correct += int(np.sum((np.argmax(logits, -1) == labels) & valid))
-    total += int(np.sum(valid))
-    nll -= float(np.sum(np.where(valid, picked, 0.0)))
-  results = {"top1": correct / max(total, 1), "loss": nll / max(total, 1), "examples": int(total)}
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), jnp.maximum(labels, 0)
+    )
+    totals = totals.merge(
+      Top1.single_from_model_output(logits=logits, labels=labels, loss=loss, mask=valid)
+    )
+  examples = int(totals.top1.count)
+  results = {k: float(v) if examples else 0.0 for k, v in totals.compute().items()}
+  results["examples"] = examples
   if jax.process_index() == 0:
     print(
       f"validation top-1 {results['top1']:.4f} over {results['examples']} examples "

@@ -300,13 +300,6 @@ def check_video_shape(shape, compression) -> None:
       raise ValueError(f"{name}={size} is not a multiple of the spatial compression {fs}")
 
 
-def latent_shape(video_shape, compression, channels: int) -> tuple[int, ...]:
-  """[.., T, H, W, 3] → [.., 1 + (T−1)/ft, H/fs, W/fs, Z]."""
-  *lead, t, h, w, _ = video_shape
-  ft, fs, _ = compression
-  return (*lead, 1 + (t - 1) // ft, h // fs, w // fs, channels)
-
-
 # ---------------------------------------------------------------------------------------------
 # Latent statistics: per-channel shift/scale so diffusion sees zero-mean, unit-variance latents.
 # ---------------------------------------------------------------------------------------------

@@ -4,9 +4,11 @@ As the paper (Sec. 3.2) and its code (facebookresearch/DiT `models.py`): the lat
 is cut into p×p patches (N = (I/p)² tokens), embedded linearly, given the fixed 2-D sin-cos
 code, and run through adaLN-Zero blocks conditioned on c = embed(t) + embed(y); a final adaLN
 layer maps each token to p·p·C' values (C' = 2C with learned σ: ε then the variance
-interpolation v, Sec. 3.1) and they are put back in place. Class labels are dropped to the null
-class with probability `class_dropout_prob` in training (classifier-free guidance, Sec. 3.1);
-label −1 (or `num_classes`) is the null class at sampling time.
+interpolation v, Sec. 3.1) and they are put back in place. Label −1 (or `num_classes`) is the
+null class of classifier-free guidance: its embedding is the extra row that
+`class_dropout_prob > 0` adds, as in the reference's `LabelEmbedder`. Dropping labels to it in
+training is the loss's job (`vdit.diffusion.guidance.drop_conditions`, at
+`diffusion.text_dropout`), as for VideoDiT; the model has no dropout of its own.
 
 Time t ∈ [0, 1) is DiT's integer step n / 1000 (`layers.TimestepEmbedding` scales it back by
 1000; its sin-cos layout is [sin, cos] where DiT's is [cos, sin] — `convert.py` permutes the
@@ -64,7 +66,7 @@ class DiT(nn.Module):
   num_heads: int
   in_channels: int = 4  # C of the latent (SD VAE)
   num_classes: int = 1000
-  class_dropout_prob: float = 0.1  # > 0 adds the null-class row (CFG)
+  class_dropout_prob: float = 0.1  # > 0 adds the null-class row (CFG); the loss drops labels
   learn_sigma: bool = True  # output 2C channels: ε, then the variance interpolation
   mlp_ratio: float = 4.0
   attention_backend: str = "xla"
@@ -88,11 +90,9 @@ class DiT(nn.Module):
     x: jax.Array,
     t: jax.Array,
     labels: jax.Array,
-    *,
-    deterministic: bool = True,
   ) -> jax.Array:
     # x: [B, I, I, C]; t: [B] in [0, 1); labels: [B] int (−1 or num_classes = null).
-    # deterministic=False drops labels (needs the "dropout" rng). Returns [B, I, I, C'].
+    # Returns [B, I, I, C'].
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if x.ndim != 4 or x.shape[-1] != self.in_channels:
       raise ValueError(
@@ -106,9 +106,6 @@ class DiT(nn.Module):
     c = layers.TimestepEmbedding(self.width, name="t_embed", **kw)(t)  # [B, D]
     null = self.num_classes
     labels = jnp.where((labels < 0) | (labels >= null), null, labels)
-    if not deterministic and self.class_dropout_prob > 0:
-      drop = jax.random.bernoulli(self.make_rng("dropout"), self.class_dropout_prob, labels.shape)
-      labels = jnp.where(drop, null, labels)
     rows = self.num_classes + int(self.class_dropout_prob > 0)
     table = nn.Embed(
       rows,

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from vdit.axes import BATCH, EMBED, LENGTH, PATCH
 from vdit.data.patchify import patchify
@@ -66,8 +67,10 @@ def classification_loss(
   valid = labels >= 0
   if mask is not None:
     valid = jnp.logical_and(valid, mask)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+  # Unlabelled slots read class 0 and are masked out below (optax's `where` masks classes).
+  nll = optax.softmax_cross_entropy_with_integer_labels(
+    logits.astype(jnp.float32), jnp.maximum(labels, 0)
+  )
   count = jnp.sum(valid)
   denom = jnp.maximum(count, 1).astype(jnp.float32)
   loss = jnp.sum(jnp.where(valid, nll, 0.0)) / denom

@@ -18,17 +18,6 @@ from vdit.data import dense, pipeline
 PredictFns = dict[str, Callable[..., Any]]  # what evaluators receive (`Task.predict_fns`)
 
 
-def host_input_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The input config for this host: `rows_per_batch` is global, each host loads its share."""
-  count = jax.process_count()
-  rows = config.input.rows_per_batch
-  if rows % count:
-    raise ValueError(f"input.rows_per_batch={rows} is not divisible by the {count} hosts")
-  host = ml_collections.ConfigDict(config.input.to_dict())
-  host.rows_per_batch = rows // count
-  return host
-
-
 class Task:
   """Defaults fit a model trained on packed rows (`vdit.data.pipeline`); override what differs.
 
@@ -72,8 +61,13 @@ class Task:
 
 
 def host_iterator(make_iterator, config: ml_collections.ConfigDict, *, train: bool, split=None):
-  """`make_iterator` (a pipeline's) over this host's share of `config.input`."""
-  host = host_input_config(config)
+  """`make_iterator` (a pipeline's) over this host's share of `config.input`: its
+  `rows_per_batch` is global, each host loads rows_per_batch / hosts of them."""
+  count, rows = jax.process_count(), config.input.rows_per_batch
+  if rows % count:
+    raise ValueError(f"input.rows_per_batch={rows} is not divisible by the {count} hosts")
+  host = ml_collections.ConfigDict(config.input.to_dict())
+  host.rows_per_batch = rows // count
   if split is not None:
     host.split = split
   return make_iterator(

@@ -4,7 +4,9 @@ The images are fixed-size frames (`vdit.data.dense`, `input.size = (1, I, I)`), 
 (`model.in_channels = 3`) until the autoencoder's latents are used. The loss is
 `vdit.diffusion.objectives.loss` (gaussian) — the ε-prediction / learned-σ hybrid loss VideoDiT
 uses with `diffusion.objective="gaussian"` — on a one-example-per-row view of the batch (every
-pixel a token), with label dropout (`diffusion.text_dropout`) for classifier-free guidance.
+pixel a token), with label dropout (`diffusion.text_dropout`, `guidance.drop_conditions`: labels
+to −1) for classifier-free guidance; the model's `class_dropout_prob > 0` only gives it the
+null-class row.
 The `class_samples` evaluator writes a PNG grid with `predict_fns`' `generate`: one row per class,
 guided by `sample.guidance`.
 """
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vdit import batch_spec, config_checks, models, sharding
+from vdit import batch_spec, config_checks, sharding
 from vdit.diffusion import gaussian_samplers, guidance, objectives
 from vdit.tasks import base
 
@@ -65,6 +67,13 @@ class ImageDiffusion(base.Task):
       )
     if m.in_channels != 3:
       raise config_checks.ConfigError(f"model.in_channels={m.in_channels}: pixels have 3")
+    if config.diffusion.text_dropout > 0 and not m.get("class_dropout_prob", 0.1) > 0:
+      # Without the row, a dropped label (−1) would read the last class's embedding.
+      raise config_checks.ConfigError(
+        f"model.class_dropout_prob={m.class_dropout_prob} gives DiT no null-class row, but "
+        f"diffusion.text_dropout={config.diffusion.text_dropout} drops labels to it: expected "
+        "class_dropout_prob > 0 (or text_dropout = 0)"
+      )
 
   def dummy_inputs(self, config):
     _, h, w = config.input.size
@@ -91,13 +100,6 @@ class ImageDiffusion(base.Task):
 
     loss, aux = objectives.loss(spec, apply_fn, rows, rng)
     return loss, {"vlb": aux["vlb"], "tokens": aux["num_tokens"]}
-
-  def generate(
-    self, config, params, labels: np.ndarray, *, steps: int, guidance_scale: float, seed: int = 0
-  ) -> np.ndarray:
-    """Samples one image per label ([N] int, −1 = unconditional): float [N, H, W, 3]."""
-    fn = sample_fn(config, models.build(config), len(labels), steps, guidance_scale)
-    return fn(params, labels, seed)
 
   def predict_fns(self, config, model, mesh, rules) -> base.PredictFns:
     """`generate(params, labels, *, steps, guidance_scale, seed)` → float images [N, H, W, 3]
