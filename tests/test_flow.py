@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from vdit import segments  # noqa: E402
-from vdit.diffusion import flow, guidance  # noqa: E402
+from vdit.diffusion import flow, guidance, objectives  # noqa: E402
 from vdit.models.text import TextEncoder  # noqa: E402
 
 B, L, P, M, K = 2, 16, 3, 10, 3
@@ -115,6 +115,33 @@ def test_mixed_noise_shares_a_fraction_of_each_place_along_time():
   assert abs(float(np.mean(x[:-1, 0] * x[1:, 4]))) < 0.03  # the same place in another row
   with pytest.raises(ValueError, match="correlation=1.0"):
     flow.mixed_noise(jax.random.key(3), shape, ids, pos, 1.0)
+
+
+def test_stochastic_sampler_draws_fresh_noise_correlated_as_in_training():
+  """`objectives.sample` with the stochastic sampler and `noise_correlation`: its fresh noise is
+  the run's (`objectives.noise_fn`). With a zero velocity and zero starting noise, two steps of
+  η = 1 return exactly the fresh noise of the first step times 0.5, so the same place in two
+  patch-frames correlates by the run's c, and other places do not."""
+  grid = np.stack(np.meshgrid(np.arange(2), np.arange(2), np.arange(2), indexing="ij"), -1)
+  rows = 4096
+  positions = jnp.broadcast_to(jnp.asarray(grid.reshape(8, 3)), (rows, 8, 3))
+  seg = jnp.ones((rows, 8), jnp.int32)
+  spec = objectives.Spec(noise_correlation=0.6, sampler="stochastic")
+  zeros = jnp.zeros((rows, 8, 4))
+  out = objectives.sample(
+    spec,
+    lambda x, t: jnp.zeros_like(x),
+    zeros,
+    2,
+    shapes=jnp.tile(jnp.array([[[2, 2, 2]]]), (rows, 1, 1)),
+    segment_ids=seg,
+    positions=positions,
+    rng=jax.random.key(4),
+  )
+  x = np.asarray(out) / 0.5
+  assert abs(x.std() - 1.0) < 0.02
+  assert abs(float(np.mean(x[:, 0] * x[:, 4])) - 0.6) < 0.03  # place (0, 0), patch-frames 0, 1
+  assert abs(float(np.mean(x[:, 0] * x[:, 1]))) < 0.03  # another place
 
 
 def test_loss_ignores_tokens_outside_loss_mask():

@@ -28,7 +28,7 @@ from absl import logging
 
 from vdit import caption_embedders, checkpointing, latent_codec, media, models, sharding, tasks
 from vdit.data import captions, patchify, tokenizer
-from vdit.diffusion import flow, given_frames, objectives
+from vdit.diffusion import given_frames, objectives
 from vdit.diffusion.given_frames import InputError, fit_size, patch_frames
 from vdit.tasks import restore
 
@@ -303,13 +303,8 @@ class Sampler:
     rows = {k: np.concatenate([cond[k], null[k]]) for k in cond}
     length, patch_dim = int(np.prod(grid)), int(np.prod(self.patch_size)) * self.channels
     rng, noise_rng = jax.random.split(jax.random.PRNGKey(seed))
-    noise = flow.mixed_noise(
-      noise_rng,
-      (n, length, patch_dim),
-      cond["segment_ids"],
-      cond["positions"],
-      self.spec.noise_correlation,
-    )
+    noise_fn = objectives.noise_fn(self.spec, cond["segment_ids"], cond["positions"])
+    noise = noise_fn(noise_rng, (n, length, patch_dim))
     x_cond, cond_mask = np.zeros((n, length, patch_dim), np.float32), np.zeros((n, length), bool)
     if given is not None:
       x_cond[:], cond_mask[:] = given.tokens(grid, self.patch_size)

@@ -171,12 +171,10 @@ def token_shift(spec: Spec, shapes: jax.Array, segment_ids: jax.Array) -> jax.Ar
   return per_token(flow.resolution_shift(shapes, spec.shift_base_tokens), segment_ids)
 
 
-def fresh_noise(spec: Spec, segment_ids: jax.Array, positions: jax.Array | None):
-  """`noise_fn(rng, shape)` for the stochastic flow sampler: the training noise's correlation
-  along time (`flow.mixed_noise`) when the run has one and `positions` are given, else None
-  (independent noise)."""
-  if not spec.noise_correlation or positions is None:
-    return None
+def noise_fn(spec: Spec, segment_ids: jax.Array, positions: jax.Array) -> Callable:
+  """`noise_fn(rng, shape)`: the run's diffusion noise for rows with these segment ids [B, L] and
+  positions [B, L, 3], correlated along time as in training (`flow.mixed_noise` with
+  `spec.noise_correlation`; 0 = independent). The samplers' starting and fresh noise."""
   return lambda rng, shape: flow.mixed_noise(
     rng, shape, segment_ids, positions, spec.noise_correlation
   )
@@ -222,7 +220,7 @@ def sample(
       shift=shift,
       strength=strength,
       rng=rng,
-      noise_fn=fresh_noise(spec, segment_ids, positions),
+      noise_fn=None if positions is None else noise_fn(spec, segment_ids, positions),
       eta=spec.flow_eta,
       correct_at_zero=not spec.predicts_x0,
       self_condition=spec.self_condition > 0,

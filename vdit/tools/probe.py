@@ -40,7 +40,7 @@ from absl import app, flags, logging
 from vdit import checkpointing, sampling
 from vdit.data import patchify
 from vdit.datasets import shapes
-from vdit.diffusion import flow, objectives
+from vdit.diffusion import objectives
 from vdit.evaluators import shapes_scorer
 
 SIZE = (8, 32, 32)  # (frames, height, width) of the probe clips
@@ -148,14 +148,9 @@ class Probe:
     noise is (`flow.mixed_noise`: correlated along time if the run's is)."""
     length, dim = int(np.prod(self.grid)), int(np.prod(self.patch_size)) * 3
     positions = jnp.broadcast_to(jnp.asarray(patchify.grid_positions(self.grid)), (n, length, 3))
-    noise = flow.mixed_noise(
-      jax.random.PRNGKey(seed),
-      (n, length, dim),
-      jnp.ones((n, length), jnp.int32),
-      positions,
-      self.sampler.spec.noise_correlation,
-    )
-    return np.asarray(noise)
+    segment_ids = jnp.ones((n, length), jnp.int32)
+    noise_fn = objectives.noise_fn(self.sampler.spec, segment_ids, positions)
+    return np.asarray(noise_fn(jax.random.PRNGKey(seed), (n, length, dim)))
 
   def shared_noise(self, n: int, seed: int) -> np.ndarray:
     """One pure-noise video in patches, the same for all `n` rows: [n, L, P]."""
