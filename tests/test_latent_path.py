@@ -142,10 +142,11 @@ def test_float_video_is_not_rescaled_and_channels_set_patch_dim():
 
 
 @pytest.mark.slow
-def test_latent_demo_script_runs_end_to_end(data_dir, tmp_path):
+def test_latent_demo_script_runs_end_to_end(data_dir, tmp_path, monkeypatch):
   """`launch/latent_demo.sh` as written (the README's first command), each step shrunk: the
   per-frame autoencoder, the latents of both splits, VideoDiT on them with its evaluations;
-  rerunning it skips what is complete."""
+  rerunning it skips what is complete. The runs directory is given relative to the working
+  directory, as in the README; the trained run samples from any other one."""
   runs = str(tmp_path / "demo")
   env = {
     **os.environ,
@@ -166,7 +167,7 @@ def test_latent_demo_script_runs_end_to_end(data_dir, tmp_path):
 
   def run():
     return subprocess.run(
-      ["bash", "launch/latent_demo.sh", runs, *dit],
+      ["bash", "launch/latent_demo.sh", os.path.relpath(runs, configs.REPO), *dit],
       capture_output=True, text=True, cwd=configs.REPO, env=env, timeout=1200,
     )  # fmt: skip
 
@@ -185,3 +186,9 @@ def test_latent_demo_script_runs_end_to_end(data_dir, tmp_path):
   out = run()  # complete: the autoencoder and the latents are not redone
   assert out.returncode == 0, out.stderr[-3000:]
   assert "latents:" not in out.stderr
+  monkeypatch.chdir(tmp_path)  # elsewhere: the run names its autoencoder and latents absolutely
+  sampler = sampling.load(runs)
+  assert sampler.config.autoencoder == os.path.join(runs, "autoencoder")
+  assert sampler.config.input.dataset_config == os.path.join(runs, "latents")
+  videos = sampler.generate(["a blue square"], num_frames=2, height=4, width=4, steps=1)
+  assert videos.shape == (1, 2, 16, 16, 3)

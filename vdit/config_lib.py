@@ -4,6 +4,7 @@ A config file is selected as `--config=configs/vdit/shapes.py:tiny,variant=S/2`;
 the colon is parsed by `parse_arg` into a `ConfigDict` of typed options with defaults.
 """
 
+import os
 from typing import Any
 
 import ml_collections
@@ -24,6 +25,12 @@ def _coerce(value: str, default: Any) -> Any:
   if isinstance(default, float):
     return float(value)
   return value
+
+
+def absolute_path(path: str | None) -> str | None:
+  """A local path made absolute, so that a config or meta.json that names it works from any
+  working directory; None and URLs (gs://...) are kept as they are."""
+  return path if not path or "://" in path else os.path.abspath(path)
 
 
 def check_choice(name: str, value: Any, choices) -> None:

@@ -18,8 +18,6 @@ through its decoder. `sample` and `evals.samples` sizes are then in latent units
 T' latent frames decode to 1 + ft·(T' − 1) frames, H'×W' cells to fs·H' × fs·W' pixels.
 """
 
-import os
-
 import ml_collections
 
 from vdit import config_lib
@@ -233,7 +231,7 @@ def precomputed_captions(c: ml_collections.ConfigDict, table: str):
   the model projects them (E → text_width) and its text blocks refine them."""
   from vdit.data import captions  # noqa: PLC0415
 
-  c.input.text_embeddings = os.path.abspath(table)
+  c.input.text_embeddings = config_lib.absolute_path(table)
   c.model.text_embed_dim = int(captions.read_meta(table)["dim"])
 
 
@@ -251,9 +249,11 @@ def latent_space(c: ml_collections.ConfigDict, vae_workdir: str, latents_dir: st
     t, h, w = size
     return (1 + (t - 1) // ft, h // fs, w // fs)
 
-  c.autoencoder = vae_workdir
+  # Absolute paths: the run's config is read again by vdit.sample, vdit.evaluate and the tools,
+  # from any working directory.
+  c.autoencoder = config_lib.absolute_path(vae_workdir)
   c.input.dataset = "latents"
-  c.input.dataset_config = latents_dir
+  c.input.dataset_config = config_lib.absolute_path(latents_dir)
   c.input.mixture = ()
   c.input.channels = int(vae.latent_channels)
   # (pt, ph, pw) in latent frames / cells. A per-frame autoencoder (ft = 1) leaves time whole:

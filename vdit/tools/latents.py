@@ -20,7 +20,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from vdit import datasets, latent_codec, media
+from vdit import config_lib, datasets, latent_codec, media
 from vdit.data import transforms
 from vdit.datasets import records
 from vdit.models import tiling
@@ -161,7 +161,7 @@ def encode_dataset(
   if skipped:
     logging.warning("latents: skipped %d of %d examples: %s", len(skipped), n, skipped)
   meta = dict(
-    autoencoder=_absolute(codec.workdir),
+    autoencoder=config_lib.absolute_path(codec.workdir),
     channels=codec.channels,
     compression=list(codec.compression),
     dataset=dataset,
@@ -177,11 +177,6 @@ def encode_dataset(
   )
   records.write_meta(out, meta)  # last: its presence marks a complete set
   return meta
-
-
-def _absolute(path: str | None) -> str | None:
-  """Local paths made absolute (meta.json is read from other working directories)."""
-  return path if path is None or "://" in path else os.path.abspath(path)
 
 
 class _Progress:
