@@ -29,7 +29,8 @@ CONFIG_FILE = os.path.join(
 )
 
 
-def _load_config(arg: str):
+def load_config(arg: str):
+  """configs/vdit/shapes.py with `arg` (what follows the colon of --config), e.g. "tiny"."""
   spec = importlib.util.spec_from_file_location("shapes_config", CONFIG_FILE)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -37,8 +38,8 @@ def _load_config(arg: str):
 
 
 def configs(options: dict) -> dict:
-  tiny = _load_config("tiny")
-  mid = _load_config("variant=S")
+  tiny = load_config("tiny")
+  mid = load_config("variant=S")
   mid.input.update(
     dict(
       dataset_config="tiny",

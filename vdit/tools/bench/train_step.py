@@ -3,6 +3,8 @@
   python -m vdit.tools.bench train_step --json [--quick] [--set steps=10]
   python -m vdit.tools.bench train_step --json \
       --set compare='{"per_token": {"model.shared_conditioning": False}}'   # interleaved
+  python -m vdit.tools.bench train_step --json \
+      --set config=tiny,latent=runs/shapes/autoencoder,latents=runs/shapes/latents  # the demo
 
 In one process, interleaved so that both see the same machine load:
 
@@ -137,7 +139,12 @@ def compare_steps(configs: dict, batches: list, steps: int) -> dict:
 def run(options: dict) -> dict:
   quick = bool(options.get("quick", False))
   steps = int(options.get("steps", 3 if quick else 10))
-  config = loader.configs(options)["tiny"]
+  # `config`: the argument of configs/vdit/shapes.py (default "tiny", the pixel-space model);
+  # the README demo's step is "tiny,latent=RUNS/autoencoder,latents=RUNS/latents".
+  arg = str(options.get("config", "tiny"))
+  config = loader.configs(options)["tiny"] if arg == "tiny" else loader.load_config(arg)
+  if options.get("data_dir"):
+    config.input.data_dir = options["data_dir"]
   n = int(options.get("matmul_n", 2048))
   it = train.make_data_iterator(config)
   batches = [next(it) for _ in range(4)]
@@ -154,7 +161,7 @@ def run(options: dict) -> dict:
         node[last] = value
       variants[name] = variant
     return {
-      "config": "configs/vdit/shapes.py:tiny",
+      "config": f"configs/vdit/shapes.py:{arg}",
       "compare": compare_steps(variants, batches, steps),
     }
   peak_before = matmul_peak(n)
@@ -170,7 +177,7 @@ def run(options: dict) -> dict:
   real = float(np.mean([b["loss_mask"].sum() for b in batches[1:]]))
   achieved = counted["dot_flops"] / step["step_s_median"]
   return {
-    "config": "configs/vdit/shapes.py:tiny",
+    "config": f"configs/vdit/shapes.py:{arg}",
     "devices": jax.device_count(),
     "rows_x_length": list(batches[0]["segment_ids"].shape),
     **step,
