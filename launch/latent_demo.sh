@@ -7,7 +7,7 @@
 #
 # Steps (docs/recipe.md, "The latent demo"; docs/models.md, "Latent space"):
 #   1. autoencoder  configs/vae/video.py:tiny,frames        → RUNS/autoencoder (PSNR/SSIM, stats)
-#   2. latents      vdit.tools.latents, train + validation  → RUNS/latents/{train,validation}
+#   2. latents      vdit.tools.encode_latents, both splits  → RUNS/latents/{train,validation}
 #   3. VideoDiT     configs/vdit/shapes.py:tiny,latent=…,latents=… → RUNS (samples/, eval/)
 # Each step is skipped when its output is complete (a finished run / a latents meta.json), so
 # an interrupted demo resumes where it stopped. Extra arguments go to step 3 (config overrides);
@@ -22,7 +22,7 @@ PY="${PYTHON:-python}"
 
 if [[ ! -f "$RUNS/latents/validation/meta.json" ]]; then
   # Videos are shrunk (in pixels) to a longer side of 48 before encoding: the demo's sizes.
-  "$PY" -m vdit.tools.latents --autoencoder="$RUNS/autoencoder" --dataset=shapes \
+  "$PY" -m vdit.tools.encode_latents --autoencoder="$RUNS/autoencoder" --dataset=shapes \
     --dataset_config=tiny --split=train,validation --max_side=48 --out="$RUNS/latents" \
     ${LATENTS_ARGS:-}
 fi

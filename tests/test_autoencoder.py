@@ -18,8 +18,8 @@ from vdit import config_checks, datasets, latent_codec, media, train
 from vdit.datasets import records
 from vdit.models import autoencoder as ae
 from vdit.models import tiling
-from vdit.tasks import autoencoder as ae_task
-from vdit.tools import latents
+from vdit.tasks import autoencoding as ae_task
+from vdit.tools import encode_latents
 
 TINY = dict(channels=(4, 8), time_compression=2, latent_channels=4, num_res_blocks=1)
 
@@ -310,7 +310,7 @@ def test_tiny_config_trains_through_main(data_dir, tmp_path):
   # A dataset encoded in groups (one size and time bucket per call, batches filled by repeats)
   # gives each example's own latents: the end padding in time is exact by causality.
   out = str(tmp_path / "latents")
-  meta = latents.encode_dataset(
+  meta = encode_latents.encode_dataset(
     codec, "shapes", "validation", out, data_dir=data_dir, max_examples=5, batch_size=2
   )
   assert meta["examples"] == 5 and meta["skipped"] == 0 and meta["channels"] == 8
@@ -319,9 +319,11 @@ def test_tiny_config_trains_through_main(data_dir, tmp_path):
   source = datasets.data_source("shapes", "validation", data_dir=data_dir, config="tiny")
   groups = set()
   for r in (records.Source(out, "latents")[i] for i in range(5)):
-    video = media.from_uint8(latents.fit_to_compression(source[r["index"]]["video"], (2, 4, 4)))
+    video = media.from_uint8(
+      encode_latents.fit_to_compression(source[r["index"]]["video"], (2, 4, 4))
+    )
     n = 1 + (len(video) - 1) // 2
-    groups.add((*video.shape[1:3], latents.time_bucket(n)))
+    groups.add((*video.shape[1:3], encode_latents.time_bucket(n)))
     assert r["latents"].shape == (n, *(s // 4 for s in video.shape[1:3]), 8)
     np.testing.assert_allclose(r["latents"], codec.encode(video[None])[0], atol=2e-4)
   assert meta["compilations"] == len(groups)
@@ -332,16 +334,20 @@ def test_per_frame_codec_encodes_a_dataset_frames_at_a_time(data_dir, tmp_path):
   size); each example still gets exactly its own video's latents."""
   model = _model(time_compression=1, temporal_kernel=1, norm=False)
   codec = latent_codec.Codec(model, _init(model, (1, 1, 16, 16, 3)), ae.LatentStats.identity(4))
-  assert latents.is_per_frame(codec) and not latents.is_per_frame(latent_codec.Codec.identity())
+  assert encode_latents.is_per_frame(codec) and not encode_latents.is_per_frame(
+    latent_codec.Codec.identity()
+  )
   out = str(tmp_path / "latents")
-  meta = latents.encode_dataset(
+  meta = encode_latents.encode_dataset(
     codec, "shapes", "validation", out, data_dir=data_dir, max_examples=6, batch_size=1
   )
   assert meta["examples"] == 6 and meta["compression"] == [1, 2, 2]
   source = datasets.data_source("shapes", "validation", data_dir=data_dir, config="tiny")
   sizes = set()
   for r in (records.Source(out, "latents")[i] for i in range(6)):
-    video = media.from_uint8(latents.fit_to_compression(source[r["index"]]["video"], (1, 2, 2)))
+    video = media.from_uint8(
+      encode_latents.fit_to_compression(source[r["index"]]["video"], (1, 2, 2))
+    )
     sizes.add(video.shape[1:3])
     np.testing.assert_allclose(r["latents"], codec.encode(video[None])[0], atol=1e-5)
   assert meta["compilations"] == len(sizes)

@@ -1,5 +1,5 @@
-"""The latent path end to end: a (tiny, briefly trained) VAE, a dataset encoded with the latents
-tool, VideoDiT trained on the latents and a sample decoded back to pixels."""
+"""The latent path end to end: a (tiny, briefly trained) VAE, a dataset encoded with
+`vdit.tools.encode_latents`, VideoDiT trained on the latents and a sample decoded back to pixels."""
 
 import copy
 import json
@@ -14,7 +14,7 @@ from tests import configs
 from vdit import config_checks, datasets, latent_codec, media, models, sampling, train
 from vdit.data import pipeline
 from vdit.evaluators import frechet
-from vdit.tools import latents, probe
+from vdit.tools import encode_latents, probe
 
 
 def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
@@ -40,7 +40,7 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
   codec = latent_codec.load(vae_dir)
   assert codec.compression == (2, 4, 4) and codec.channels == 8
   out = str(tmp_path / "latents")
-  meta = latents.encode_dataset(
+  meta = encode_latents.encode_dataset(
     codec, "shapes", "train", out, dataset_config="test", data_dir=data_dir, max_examples=8
   )
   assert meta["examples"] == 8 and meta["channels"] == 8
@@ -135,10 +135,10 @@ def test_float_video_is_not_rescaled_and_channels_set_patch_dim():
   assert models.patch_dim(c) == 2 * 4 * 4 * 3 and c.autoencoder is None
   c.input.channels = 8
   assert models.patch_dim(c) == 2 * 4 * 4 * 8
-  # Importing the latents tool (as this test does) must not define its flags (--out, ...).
+  # Importing the encode_latents tool (as this test does) must not define its flags (--out, ...).
   from absl import flags  # noqa: PLC0415
 
-  assert "autoencoder" not in flags.FLAGS and latents.encode_dataset
+  assert "autoencoder" not in flags.FLAGS and encode_latents.encode_dataset
 
 
 @pytest.mark.slow

@@ -11,17 +11,17 @@ import pytest
 
 from tests import configs
 from vdit import caption_embedders, config_checks, models, sampling, train
-from vdit.data import captions, pipeline, tokenizer, transforms
+from vdit.data import caption_table, pipeline, tokenizer, transforms
 from vdit.models.text import TextEncoder
-from vdit.tools import captions as captions_tool
+from vdit.tools import embed_captions
 
 
 def test_table_lookup_null_truncation_and_new_captions(tmp_path, caplog):
-  embed = captions.words_embedder(8, seed=3)
+  embed = caption_table.words_embedder(8, seed=3)
   texts = ["a red circle moving right", "a blue square"]
-  meta = captions.write_table(str(tmp_path), zip(texts, embed(texts)), "words:8:3")
+  meta = caption_table.write_table(str(tmp_path), zip(texts, embed(texts)), "words:8:3")
   assert meta["dim"] == 8 and meta["captions"] == 2
-  table = captions.CaptionEmbeddings(str(tmp_path), max_len=3)
+  table = caption_table.CaptionEmbeddings(str(tmp_path), max_len=3)
   # A stored caption: its sequence, [BOS] per position, truncated to max_len with one warning.
   with caplog.at_level(logging.WARNING):
     ids, emb = table(b"a red circle moving right")
@@ -36,12 +36,14 @@ def test_table_lookup_null_truncation_and_new_captions(tmp_path, caplog):
   # Unknown captions: an error naming the table, or (sampler) the table's embedder.
   with pytest.raises(KeyError, match="not in the caption-embedding table"):
     table("a green star")
-  new = captions.CaptionEmbeddings(
+  new = caption_table.CaptionEmbeddings(
     str(tmp_path), max_len=8, make_embedder=caption_embedders.from_spec
   )
   np.testing.assert_array_equal(new("a green star")[1], embed(["a green star"])[0])
   with pytest.raises(ValueError, match=r"shape \(3,\); expected \[n, 8\]"):
-    captions.write_table(str(tmp_path / "bad"), [("x", np.zeros((2, 8))), ("y", np.zeros(3))], "e")
+    caption_table.write_table(
+      str(tmp_path / "bad"), [("x", np.zeros((2, 8))), ("y", np.zeros(3))], "e"
+    )
 
 
 def test_text_encoder_projects_embeddings_and_nulls_them():
@@ -65,8 +67,8 @@ def test_embedding_run_trains_samples_and_is_checked(data_dir, tmp_path):
   c = configs.small(data_dir, total_steps=1, checkpoint_every_steps=1)
   train.train_and_evaluate(c, teacher)
   table = str(tmp_path / "captions")
-  texts = captions_tool.dataset_captions("shapes", ["validation"], "tiny", data_dir)
-  meta = captions_tool.embed_captions(texts + [""], f"run:{teacher}", table)
+  texts = embed_captions.dataset_captions("shapes", ["validation"], "tiny", data_dir)
+  meta = embed_captions.embed_captions(texts + [""], f"run:{teacher}", table)
   assert meta["dim"] == c.model.text_width and meta["captions"] == len(texts)
 
   # 2. The rows carry each example's embeddings where its caption tokens are, zeros elsewhere.
@@ -85,7 +87,7 @@ def test_embedding_run_trains_samples_and_is_checked(data_dir, tmp_path):
   assert emb.shape == (*seg.shape, meta["dim"])
   real = (seg > 0) & (tok != tokenizer.NULL_ID)
   assert np.abs(emb[real]).sum(-1).min() > 0 and not emb[~real].any()
-  lookup = captions.CaptionEmbeddings(table, c.input.max_caption_tokens)
+  lookup = caption_table.CaptionEmbeddings(table, c.input.max_caption_tokens)
   element = transforms.EmbedCaption(table, c.input.max_caption_tokens).map({"caption": texts[0]})
   np.testing.assert_array_equal(element["text_embeddings"], lookup(texts[0])[1])
 
@@ -94,7 +96,7 @@ def test_embedding_run_trains_samples_and_is_checked(data_dir, tmp_path):
   train.train_and_evaluate(c, workdir)
   assert os.path.exists(os.path.join(workdir, "samples", "2", "a_purple_zorblax.gif"))
   sampler = sampling.load(workdir)
-  assert isinstance(sampler.tokenizer, captions.CaptionEmbeddings)
+  assert isinstance(sampler.tokenizer, caption_table.CaptionEmbeddings)
   videos = sampler.generate(["a blue square"], num_frames=2, height=8, width=8, steps=2)
   assert videos.shape == (1, 2, 8, 8, 3)
   params = sampler.params

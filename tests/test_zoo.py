@@ -387,7 +387,7 @@ def test_dit_null_class_and_scan(tiny_dit):
 
 @pytest.mark.slow
 def test_analytic_flops_within_2_percent_of_xla_cost_analysis():
-  from vdit.tools.bench import flops as bench  # noqa: PLC0415
+  from vdit.tools.bench import flop_counts as bench  # noqa: PLC0415
 
   for row in bench.xla_agreement(quick=True):
     assert abs(row["ratio"] - 1) < 0.02, row

@@ -1,11 +1,11 @@
 """Caption embedders by spec (the `embedder` of a caption-embedding table's meta.json).
 
-  words:<E>[:<seed>]  a frozen random word embedding (`vdit.data.captions.words_embedder`)
+  words:<E>[:<seed>]  a frozen random word embedding (`vdit.data.caption_table.words_embedder`)
   run:<workdir>       the trained `TextEncoder` of a vdit text-to-video run (EMA params)
 
-`python -m vdit.tools.captions` embeds a dataset's captions with one; the sampler embeds the
-prompts a table does not hold with the table's own (`vdit.data.captions.CaptionEmbeddings`,
-`make_embedder`). The table itself (reading, writing) is `vdit.data.captions`.
+`python -m vdit.tools.embed_captions` embeds a dataset's captions with one; the sampler embeds the
+prompts a table does not hold with the table's own (`vdit.data.caption_table.CaptionEmbeddings`,
+`make_embedder`). The table itself (reading, writing) is `vdit.data.caption_table`.
 """
 
 from collections.abc import Sequence
@@ -14,13 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdit.data import captions
+from vdit.data import caption_table
 from vdit.data import tokenizer as tokenizer_lib
 from vdit.models.text import TextEncoder
 from vdit.tasks import restore
 
 
-def run_embedder(workdir: str) -> captions.Embedder:
+def run_embedder(workdir: str) -> caption_table.Embedder:
   """The TextEncoder of a trained vdit text-to-video run (EMA params), frozen."""
   config, _, params = restore.ema_params(workdir, None)
   if config.model.get("text_embed_dim", 0):
@@ -48,12 +48,12 @@ def run_embedder(workdir: str) -> captions.Embedder:
   return embed
 
 
-def from_spec(spec: str) -> captions.Embedder:
+def from_spec(spec: str) -> caption_table.Embedder:
   """The embedder named by `spec` (words:<dim>[:<seed>] or run:<workdir>)."""
   kind, _, arg = spec.partition(":")
   if kind == "words":
     dim, _, seed = arg.partition(":")
-    return captions.words_embedder(int(dim), int(seed or 0))
+    return caption_table.words_embedder(int(dim), int(seed or 0))
   if kind == "run":
     return run_embedder(arg)
   raise ValueError(f"embedder {spec!r} is unknown; expected words:<dim>[:<seed>] or run:<workdir>")

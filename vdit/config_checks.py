@@ -11,7 +11,7 @@ import jax
 import ml_collections
 
 from vdit import checkpointing, datasets, sharding
-from vdit.data import captions, pipeline
+from vdit.data import caption_table, pipeline
 from vdit.data import dense as dense_lib
 from vdit.datasets import latents
 from vdit.diffusion import conditioning, flow, gaussian, objectives
@@ -208,7 +208,7 @@ def _check_text_embeddings(config: ml_collections.ConfigDict) -> None:
       )
     return
   try:
-    meta = captions.read_meta(table)
+    meta = caption_table.read_meta(table)
   except FileNotFoundError as e:
     raise ConfigError(f"input.text_embeddings={table!r}: {e}") from e
   if meta["dim"] != dim:

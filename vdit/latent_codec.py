@@ -4,7 +4,7 @@
 the `LatentStats` its evaluation stored (workdir/latent_stats.json). `Codec.encode` maps video
 [B, T, H, W, 3] in [-1, 1] to *normalised* latents (posterior mean, (z − shift)/scale) and
 `Codec.decode` inverts it; `Codec.identity()` is pixel space. The sampler decodes with it
-(`vdit.sampling`); `python -m vdit.tools.latents` encodes a dataset once with it.
+(`vdit.sampling`); `python -m vdit.tools.encode_latents` encodes a dataset once with it.
 """
 
 import dataclasses
@@ -16,7 +16,7 @@ import numpy as np
 from vdit import checkpointing, tasks
 from vdit.models import autoencoder as ae
 from vdit.models import tiling
-from vdit.tasks import autoencoder as ae_task
+from vdit.tasks import autoencoding as ae_task
 from vdit.tasks import restore
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from vdit import caption_embedders, checkpointing, latent_codec, media, models, sharding, tasks
-from vdit.data import captions, patchify, tokenizer
+from vdit.data import caption_table, patchify, tokenizer
 from vdit.diffusion import given_frames, objectives
 from vdit.diffusion.given_frames import InputError, fit_size, patch_frames
 from vdit.tasks import restore
@@ -36,7 +36,7 @@ from vdit.tasks import restore
 def prompt_rows(
   prompts: Sequence[str],
   grid: tuple,
-  tok: tokenizer.Tokenizer | captions.CaptionEmbeddings,
+  tok: tokenizer.Tokenizer | caption_table.CaptionEmbeddings,
   max_tokens: int,
   labels=None,
 ) -> dict[str, np.ndarray]:
@@ -45,7 +45,7 @@ def prompt_rows(
   n, length = len(prompts), int(np.prod(grid))
   text = np.zeros((n, max_tokens), np.int32)
   text_seg = np.zeros((n, max_tokens), np.int32)
-  embedded = isinstance(tok, captions.CaptionEmbeddings)
+  embedded = isinstance(tok, caption_table.CaptionEmbeddings)
   extra = {"text_embeddings": np.zeros((n, max_tokens, tok.dim), np.float32)} if embedded else {}
   for i, prompt in enumerate(prompts):
     if embedded:
@@ -92,7 +92,7 @@ class Sampler:
     self.pt = self.patch_size[0]
     inp = self.config.input
     if inp.get("text_embeddings"):  # precomputed caption embeddings; new prompts via the embedder
-      self.tokenizer = captions.CaptionEmbeddings(
+      self.tokenizer = caption_table.CaptionEmbeddings(
         inp.text_embeddings, inp.max_caption_tokens, make_embedder=caption_embedders.from_spec
       )
     else:

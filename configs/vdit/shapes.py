@@ -12,7 +12,7 @@ Videos keep their native size, aspect ratio and duration: each is cut into (2, 4
 patches and many are packed into rows of `tokens_per_row` tokens (NaViT "Patch n' Pack").
 
 Latent space (docs/models.md "Latent space"): `:tiny,latent=runs/vae,latents=runs/vae/latents/
-shapes` trains on latents the VAE in runs/vae wrote with `python -m vdit.tools.latents`
+shapes` trains on latents the VAE in runs/vae wrote with `python -m vdit.tools.encode_latents`
 (input.dataset="latents", input.channels = its Z, (1, 2, 2) patches of latent cells) and samples
 through its decoder. `sample` and `evals.samples` sizes are then in latent units (T', H', W'):
 T' latent frames decode to 1 + ft·(T' − 1) frames, H'×W' cells to fs·H' × fs·W' pixels.
@@ -60,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     text_tokens_per_row=96 if tiny else 512,  # M
     max_caption_tokens=16 if tiny else 64,
     vocab_size=1024,
-    # A caption-embedding table (`python -m vdit.tools.captions`): precomputed embeddings of a
+    # A caption-embedding table (`python -m vdit.tools.embed_captions`): precomputed embeddings of a
     # frozen text model instead of token ids; "" = the built-in tokenizer + trainable encoder.
     text_embeddings="",
     max_frames=16 if tiny else 32,
@@ -227,17 +227,19 @@ def small_budget(c: ml_collections.ConfigDict):
 
 
 def precomputed_captions(c: ml_collections.ConfigDict, table: str):
-  """Conditions on the caption embeddings of `table` (`python -m vdit.tools.captions --out=…`):
-  the model projects them (E → text_width) and its text blocks refine them."""
-  from vdit.data import captions  # noqa: PLC0415
+  """Conditions on the caption embeddings of `table`
+  (`python -m vdit.tools.embed_captions --out=…`): the model projects them (E → text_width) and
+  its text blocks refine them."""
+  from vdit.data import caption_table  # noqa: PLC0415
 
   c.input.text_embeddings = config_lib.absolute_path(table)
-  c.model.text_embed_dim = int(captions.read_meta(table)["dim"])
+  c.model.text_embed_dim = int(caption_table.read_meta(table)["dim"])
 
 
 def latent_space(c: ml_collections.ConfigDict, vae_workdir: str, latents_dir: str, tiny: bool):
   """Switches `c` to the latent space of the autoencoder trained in `vae_workdir`, reading the
-  latents `python -m vdit.tools.latents --autoencoder=<vae_workdir> --out=<latents_dir>` wrote."""
+  latents `python -m vdit.tools.encode_latents --autoencoder=<vae_workdir> --out=<latents_dir>`
+  wrote."""
   if not (vae_workdir and latents_dir):
     raise ValueError("latent space needs both latent=<VAE workdir> and latents=<latents dir>")
   from vdit import checkpointing  # noqa: PLC0415

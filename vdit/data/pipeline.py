@@ -63,7 +63,7 @@ def default_input_config() -> ml_collections.ConfigDict:
       text_tokens_per_row=64,  # M
       max_caption_tokens=16,  # per example, including BOS
       vocab_size=1024,
-      text_embeddings="",  # a caption-embedding table (vdit.data.captions); "": token ids
+      text_embeddings="",  # a caption-embedding table (vdit.data.caption_table); "": token ids
       max_frames=16,  # per clip, after the stride
       min_frames=config_dict.placeholder(int),  # duration in [min, max_frames]; None = max
       frame_stride=1,

@@ -31,7 +31,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from vdit.data import captions as captions_lib
+from vdit.data import caption_table
 from vdit.data import patchify as patchify_lib
 from vdit.data import tokenizer as tokenizer_lib
 
@@ -202,7 +202,7 @@ class TokenizeCaption(grain.transforms.Map):
 
 class EmbedCaption(grain.transforms.Map):
   """caption -> text_tokens [n] and text_embeddings [n, E] from a caption-embedding table
-  (`vdit.data.captions`); an element's own `caption_embedding` [n, E] wins over the table."""
+  (`vdit.data.caption_table`); an element's own `caption_embedding` [n, E] wins over the table."""
 
   def __init__(self, table: str, max_len: int):
     self.table, self.max_len = table, max_len
@@ -210,7 +210,7 @@ class EmbedCaption(grain.transforms.Map):
 
   def map(self, element: dict) -> dict:
     if self._lookup is None:
-      self._lookup = captions_lib.CaptionEmbeddings(self.table, self.max_len)
+      self._lookup = caption_table.CaptionEmbeddings(self.table, self.max_len)
     own = element.get("caption_embedding")
     tokens, emb = self._lookup(element.get("caption", b""), own)
     return {**element, "text_tokens": tokens, "text_embeddings": emb}

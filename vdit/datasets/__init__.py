@@ -1,4 +1,6 @@
-"""TFDS builders of the bundled datasets (procedural or from files shipped with packages).
+"""Dataset builders and random-access sources (by name); `vdit.data` is the pipeline reading them.
+
+TFDS builders of the bundled datasets (procedural or from files shipped with packages).
 
 Each dataset module defines `build(data_dir, config)` (idempotent) and
 `data_source(split, data_dir, config)` (random access, ArrayRecord); `building.py` holds what
@@ -20,7 +22,7 @@ SOURCES = {
   "photo_pans": "vdit.datasets.photo_pans:data_source",
   "folder": "vdit.datasets.folder:data_source",  # dataset_config = the folder's path
   "folder_raw": "vdit.datasets.folder:raw_source",  # same, decoded on the fly (no TFDS)
-  "latents": "vdit.datasets.latents:data_source",  # dataset_config = the latents tool's --out
+  "latents": "vdit.datasets.latents:data_source",  # dataset_config = encode_latents' --out
 }
 DEFAULT_CONFIGS = {"folder": None, "folder_raw": None, "latents": None}  # others: "tiny"
 

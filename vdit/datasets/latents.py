@@ -1,12 +1,13 @@
-"""input.dataset="latents": videos pre-encoded by an autoencoder (`python -m vdit.tools.latents`).
+"""input.dataset="latents": videos pre-encoded by an autoencoder (`vdit.tools.encode_latents`).
 
-`dataset_config` is the directory the latents tool wrote (`--out`): `latents.array_record`, one
-msgpack record per example (`vdit.datasets.records`), and `meta.json` (channels, compression,
-the autoencoder's workdir, counts per latent shape). If it holds a sub-directory named like the
-split (`<dir>/train`, `<dir>/validation`), that is read; otherwise the directory itself, for any
-split. Records are read on demand (random access), not loaded into memory. Elements are
-{"video": float32 normalised latents [T', H', W', Z], "caption": bytes, "label": int32}; the
-per-example transforms pass float video through unscaled (`transforms.ToFloat`).
+`dataset_config` is the directory `python -m vdit.tools.encode_latents` wrote (`--out`):
+`latents.array_record`, one msgpack record per example (`vdit.datasets.records`), and
+`meta.json` (channels, compression, the autoencoder's workdir, counts per latent shape). If it
+holds a sub-directory named like the split (`<dir>/train`, `<dir>/validation`), that is read;
+otherwise the directory itself, for any split. Records are read on demand (random access), not
+loaded into memory. Elements are {"video": float32 normalised latents [T', H', W', Z],
+"caption": bytes, "label": int32}; the per-example transforms pass float video through unscaled
+(`transforms.ToFloat`).
 """
 
 import os
@@ -16,7 +17,7 @@ import numpy as np
 from vdit.datasets import records
 
 NUM_CLASSES = 0  # labels are kept as written (e.g. shapes' classes) but not counted here
-WRITER = "`python -m vdit.tools.latents --autoencoder=... --out=...`"
+WRITER = "`python -m vdit.tools.encode_latents --autoencoder=... --out=...`"
 
 
 def directory(path: str, split: str) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from vdit.diffusion import guidance, packed
+from vdit.diffusion import guidance, token_losses
 from vdit.segments import per_token, place_ids
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
@@ -166,7 +166,7 @@ def loss(
     raise ValueError(f"the model returned {v.shape}; rectified flow expects {x0.shape}")
 
   err = jnp.mean(jnp.square(v - target), axis=-1)  # [B, L]
-  value, per_example, num_tokens = packed.masked_mean(err, batch["loss_mask"], seg, k)
+  value, per_example, num_tokens = token_losses.masked_mean(err, batch["loss_mask"], seg, k)
   metrics = dict(per_example_loss=per_example, t=t_ex, dropped=dropped, num_tokens=num_tokens)
   return value, metrics
 

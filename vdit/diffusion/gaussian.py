@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdit.diffusion import guidance, packed
+from vdit.diffusion import guidance, token_losses
 from vdit.segments import per_token
 
 SCHEDULES = ("linear", "cosine")
@@ -233,8 +233,8 @@ def loss(
   if learn_sigma:
     x0_pred, _ = to_x0_eps(prediction, jax.lax.stop_gradient(pred), x_t, ab)
     vlb = vlb_terms(schedule, x0, x_t, n_tok, x0_pred, out[..., p:])
-  value, per_example, num_tokens = packed.masked_mean(err + vlb, batch["loss_mask"], seg, k)
-  vlb_mean = packed.masked_mean(vlb, batch["loss_mask"], seg, k)[0]
+  value, per_example, num_tokens = token_losses.masked_mean(err + vlb, batch["loss_mask"], seg, k)
+  vlb_mean = token_losses.masked_mean(vlb, batch["loss_mask"], seg, k)[0]
   metrics = dict(
     per_example_loss=per_example,
     t=n_ex / big_n,

@@ -17,7 +17,7 @@ from etils import epath
 from vdit import media
 from vdit.evaluators import predict_fn
 from vdit.models import autoencoder as ae
-from vdit.tasks import autoencoder as ae_task
+from vdit.tasks import autoencoding as ae_task
 
 
 def evaluate(config, fns, params, workdir: str, step: int) -> dict:

@@ -16,7 +16,7 @@ The design of the causal video VAEs (MAGVIT-v2, Yu et al. 2023, Sec. 3.1; CogVid
   norm before each output conv (as LDM's) mattered: without it the tiny run did not learn (L1
   stuck at 0.56 over 50 steps, against 0.29 with it).
 - A diagonal Gaussian posterior (Kingma & Welling 2014): `encode` gives (mean, logvar);
-  training samples it and adds β·KL (`vdit/tasks/autoencoder.py`); latent consumers use the
+  training samples it and adds β·KL (`vdit/tasks/autoencoding.py`); latent consumers use the
   mean, normalised by per-channel `LatentStats` computed from data.
 
 Shapes: video [B, T, H, W, 3] in [-1, 1]; latents [B, T', H', W', Z] with T' = 1 + (T−1)/ft,

@@ -3,7 +3,7 @@
 Convention: FLOPs = 2 × multiply-adds of the matrix products (dense layers and the two
 attention products QKᵀ and AV); elementwise work (norms, softmax, GELU) is not counted — it is
 ~1% at real sizes, which is what the 2% agreement with XLA's `cost_analysis` measures
-(`python -m vdit.tools.bench.flops`). DiT's paper reports "Gflops" as multiply-adds
+(`python -m vdit.tools.bench flop_counts`). DiT's paper reports "Gflops" as multiply-adds
 (Peebles & Xie 2023, Table 4: DiT-XL/2 = 118.6 at 256² → a 32×32×4 latent), i.e. FLOPs / 2:
 `dit(...) / 2`.
 

@@ -46,8 +46,8 @@ class TextEncoder(nn.Module):
   `depth` pre-LN blocks with segment-masked self-attention, then a final LayerNorm.
 
   With `embed_dim` = E > 0 the inputs are precomputed embeddings [B, M, E] (a frozen text model's
-  outputs, `vdit.data.captions`) instead: a linear projection E → Dt replaces the id table, and
-  tokens equal to NULL (the empty or dropped caption) take a learned null embedding. The token
+  outputs, `vdit.data.caption_table`) instead: a linear projection E → Dt replaces the id table,
+  and tokens equal to NULL (the empty or dropped caption) take a learned null embedding. The token
   ids then only mark NULL; `depth` may be 0 (projection and LayerNorm only).
   """
 

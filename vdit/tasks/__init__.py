@@ -23,7 +23,7 @@ TASKS: dict[str, tuple[str, str] | type[Task]] = {
   "video_diffusion": ("vdit.tasks.video_diffusion", "VideoDiffusion"),
   "image_diffusion": ("vdit.tasks.image_diffusion", "ImageDiffusion"),
   "classification": ("vdit.tasks.classification", "Classification"),
-  "autoencoder": ("vdit.tasks.autoencoder", "AutoencoderTask"),
+  "autoencoder": ("vdit.tasks.autoencoding", "AutoencoderTask"),
 }
 
 

@@ -13,7 +13,7 @@ BENCHMARKS: dict[str, str] = {
   "packing": "vdit.tools.bench.packing:run",  # real-token fraction, attention work, strategies
   "packing_png": "vdit.tools.bench.packing:write_png",  # docs/images/packing.png
   "loader": "vdit.tools.bench.loader:run",  # loader tokens/s vs train-step tokens/s
-  "flops": "vdit.tools.bench.flops:run",  # analytic FLOPs vs the DiT paper and XLA
+  "flop_counts": "vdit.tools.bench.flop_counts:run",  # analytic FLOPs vs the DiT paper and XLA
   "compile_time": "vdit.tools.bench.compile_time:run",  # scan vs unrolled, depth 4 vs 28
   "attention": "vdit.tools.bench.attention:run",  # splash block-sparse fraction vs ideal
   "autoencoder": "vdit.tools.bench.autoencoder:run",  # VAE throughput/memory, whole vs tiled

@@ -1,15 +1,16 @@
 r"""Embeds a dataset's captions once with a frozen text model: a caption-embedding table.
 
-  python -m vdit.tools.captions --dataset=shapes --dataset_config=tiny \
+  python -m vdit.tools.embed_captions --dataset=shapes --dataset_config=tiny \
       --splits=train,validation --embedder=words:64 --out=runs/captions/shapes
   python -m vdit.main --workdir=runs/shapes_t5 \
       --config=configs/vdit/shapes.py:tiny,captions=runs/captions/shapes
 
 `--embedder` is `words:<E>[:<seed>]` (a frozen random word embedding, offline) or
-`run:<workdir>` (the trained text encoder of a vdit text-to-video run); see `vdit.data.captions`
-for the table format. Embeddings of a model that cannot run here (e.g. T5-XXL) are written by
-`vdit.data.captions.write_table` from wherever that model runs (docs/models.md, "Text").
-Every distinct caption of the splits is embedded once (plus `--prompts`, one per line).
+`run:<workdir>` (the trained text encoder of a vdit text-to-video run); see
+`vdit.data.caption_table` for the table format. Embeddings of a model that cannot run here (e.g.
+T5-XXL) are written by `vdit.data.caption_table.write_table` from wherever that model runs
+(docs/models.md, "Text"). Every distinct caption of the splits is embedded once (plus
+`--prompts`, one per line).
 """
 
 import json
@@ -18,7 +19,7 @@ import time
 from absl import app, flags, logging
 
 from vdit import caption_embedders, datasets
-from vdit.data import captions, tokenizer
+from vdit.data import caption_table, tokenizer
 
 
 def dataset_captions(dataset: str, splits, dataset_config=None, data_dir=None) -> list[str]:
@@ -49,7 +50,7 @@ def embed_captions(
       rate = done / max(time.perf_counter() - start, 1e-9)
       logging.info("captions: %d/%d embedded (%.0f/s)", done, len(texts), rate)
 
-  return captions.write_table(out, pairs(), embedder, **meta)
+  return caption_table.write_table(out, pairs(), embedder, **meta)
 
 
 def main(argv):

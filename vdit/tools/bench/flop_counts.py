@@ -1,6 +1,6 @@
 """FLOPs benchmark: the DiT table against the paper, and the analytic formulas against XLA.
 
-  python -m vdit.tools.bench flops [--quick] --json
+  python -m vdit.tools.bench flop_counts [--quick] --json
 
 `dit_table`: for the twelve DiT variants at 256² (a 32×32×4 latent), trainable parameters
 (+ the fixed pos_embed buffer the official state dict also counts) and the analytic Gflops in

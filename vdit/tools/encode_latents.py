@@ -1,7 +1,8 @@
 r"""Latents of a trained autoencoder: encode a dataset once.
 
-  python -m vdit.tools.latents --autoencoder=runs/vae --dataset=shapes --dataset_config=tiny \
-      --split=train --out=runs/vae/latents/shapes_train [--max_examples=100] [--chunk=4 --tile=256]
+  python -m vdit.tools.encode_latents --autoencoder=runs/vae --dataset=shapes \
+      --dataset_config=tiny --split=train --out=runs/vae/latents/shapes_train \
+      [--max_examples=100] [--chunk=4 --tile=256]
 
 The autoencoder is loaded as a `vdit.latent_codec.Codec` (`Codec.encode`: video [B, T, H, W, 3]
 in [-1, 1] → *normalised* latents). `encode_dataset` writes

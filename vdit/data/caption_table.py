@@ -2,7 +2,7 @@
 
 Large video models condition on a big frozen text encoder (T5-XXL in Imagen/PixArt/Sora-era
 models) whose outputs are computed once, offline. vdit reads them from a *caption-embedding
-table*, written by `python -m vdit.tools.captions` (or by `write_table` from any program, e.g.
+table*, written by `python -m vdit.tools.embed_captions` (or by `write_table` from any program, e.g.
 one running T5 where its weights are):
 
   DIR/embeddings.array_record   one msgpack record per caption: {"caption": str,
@@ -36,7 +36,7 @@ import numpy as np
 from vdit.data import tokenizer as tokenizer_lib
 from vdit.datasets import records
 
-WRITER = "`python -m vdit.tools.captions` (or `vdit.data.captions.write_table`)"
+WRITER = "`python -m vdit.tools.embed_captions` (or `vdit.data.caption_table.write_table`)"
 Embedder = Callable[[Sequence[str]], list[np.ndarray]]  # captions -> [n_i, E] each
 
 
