@@ -1,18 +1,16 @@
 """Configs the tests run: the real config files, shrunk where a test needs speed."""
 
-import importlib.util
 import os
 
 import ml_collections
+
+from vdit import config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load(arg: str = "tiny", path: str = "configs/vdit/shapes.py") -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location("config_under_test", os.path.join(REPO, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load(f"{os.path.join(REPO, path)}:{arg}")
 
 
 def small(data_dir: str, **overrides) -> ml_collections.ConfigDict:

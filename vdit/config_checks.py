@@ -251,7 +251,7 @@ def _check_latent_space(config: ml_collections.ConfigDict) -> None:
         f"latents {path!r} need config.autoencoder (their VAE: {meta['autoencoder']!r}) to "
         "decode samples"
       )
-    if os.path.abspath(meta["autoencoder"]) != os.path.abspath(vae_dir):
+    if os.path.realpath(meta["autoencoder"]) != os.path.realpath(vae_dir):  # links resolved
       raise ConfigError(
         f"the latents in {path!r} were encoded by {meta['autoencoder']!r}, not by "
         f"config.autoencoder={vae_dir!r}"

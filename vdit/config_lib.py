@@ -4,6 +4,7 @@ A config file is selected as `--config=configs/vdit/shapes.py:tiny,variant=S/2`;
 the colon is parsed by `parse_arg` into a `ConfigDict` of typed options with defaults.
 """
 
+import importlib.util
 import os
 from typing import Any
 
@@ -103,18 +104,13 @@ def check_config_file(spec: str) -> str:
   argument and a `get_config` that raises are reported before absl's flag machinery wraps them
   in chained tracebacks.
   """
-  import importlib.util  # noqa: PLC0415
-  import os  # noqa: PLC0415
-
   path, sep, arg = spec.partition(":")
   if not path:
     return f"--config={spec!r} names no file; expected path/to/config.py[:arguments]"
   if not os.path.isfile(path):
     return f"config file {path!r} does not exist (--config={spec})"
   try:
-    module_spec = importlib.util.spec_from_file_location("vdit_config_check", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = load_module(path)
   except SyntaxError as e:
     return f"config file {path!r} line {e.lineno}: {e.msg}"
   except Exception as e:  # noqa: BLE001 (any import-time failure of a user's file)
@@ -166,14 +162,26 @@ def trainer_config(
   return c
 
 
-def load_sibling(config_file: str, name: str, arg: str | None) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of the config file `name` in the directory of `config_file` (loaded by
-  path, so config files never depend on the working directory or on being a package)."""
-  import importlib.util  # noqa: PLC0415
-  import os  # noqa: PLC0415
+def load_module(path: str):
+  """The config file at `path` as a module (loaded by path: config files never depend on the
+  working directory or on being a package)."""
+  name = "vdit_config_" + os.path.basename(path).removesuffix(".py")
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  if module_spec is None:
+    raise FileNotFoundError(f"config file {path!r} not found")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
 
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """`path/to/config.py[:arg]` → its `get_config(arg)`, as `--config=` loads it (the one loader
+  of the tools, the tests and the config files that build on another)."""
+  path, sep, arg = spec.partition(":")
+  return load_module(path).get_config(*([arg] if sep else []))
+
+
+def load_sibling(config_file: str, name: str, arg: str | None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the config file `name` in the directory of `config_file`."""
   path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
-  spec = importlib.util.spec_from_file_location(f"vdit_config_{name.removesuffix('.py')}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_module(path).get_config(arg)

@@ -49,7 +49,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from vdit import batch_spec, models, sharding, tasks, train, train_state  # noqa: E402
+from vdit import batch_spec, config_lib, models, sharding, tasks, train, train_state  # noqa: E402
 from vdit.models import flops  # noqa: E402
 from vdit.tools import roofline  # noqa: E402
 from vdit.tools.roofline import CHIPS, COLLECTIVES, Chip, GiB  # noqa: E402
@@ -78,17 +78,6 @@ def topology_devices(topology: str) -> tuple[Chip, list, int]:
   devices = topologies.get_topology_desc(topology, "tpu").devices
   chips = len({tuple(d.coords) for d in devices})
   return CHIPS[generation], list(devices), chips
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """`path.py:arg` -> the config (as `--config` would load it)."""
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("aot_config", path)
-  if module_spec is None:
-    raise FileNotFoundError(f"config file {path!r} not found")
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
 
 
 def abstract_batch(config: ml_collections.ConfigDict, mesh, rules) -> dict[str, Any]:
@@ -366,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
   )
   opts = parser.parse_args(argv)
   try:
-    config = load_config(opts.config)
+    config = config_lib.load(opts.config)
     for item in opts.set:
       key, _, value = item.partition("=")
       node = config

@@ -15,14 +15,13 @@ Headroom = loader tokens/s ÷ train-step tokens/s (goal ≥ 2). On this CPU the 
 the same loader's headroom on an accelerator is what matters: see BENCHMARKS.md.
 """
 
-import importlib.util
 import os
 import time
 
 import jax
 import numpy as np
 
-from vdit import sharding, tasks, train, train_state
+from vdit import config_lib, sharding, tasks, train, train_state
 
 CONFIG_FILE = os.path.join(
   os.path.dirname(__file__), "..", "..", "..", "configs", "vdit", "shapes.py"
@@ -31,10 +30,7 @@ CONFIG_FILE = os.path.join(
 
 def load_config(arg: str):
   """configs/vdit/shapes.py with `arg` (what follows the colon of --config), e.g. "tiny"."""
-  spec = importlib.util.spec_from_file_location("shapes_config", CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load(f"{CONFIG_FILE}:{arg}")
 
 
 def configs(options: dict) -> dict:
