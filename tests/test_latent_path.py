@@ -157,6 +157,7 @@ def test_latent_demo_script_runs_end_to_end(data_dir, tmp_path, monkeypatch):
     "LATENTS_ARGS": "--max_examples=8",
   }
   dit = [f for f in configs.TINY_CLI_FLAGS if not f.startswith("--config=")] + [
+    "--config.input.rows_per_batch=8",
     "--config.total_steps=2",
     "--config.sample.steps=2",
     "--config.evals.loss.num_batches=1",
