@@ -77,6 +77,25 @@ def test_vit_heads_shapes_and_scan():
     vit.ViT(7, 8, 32, 2, 4, pool="cls").init(jax.random.key(0), images)
 
 
+def test_resampled_position_table_runs_a_vit_at_another_resolution():
+  """A learned table trained at 16×16 pixels (2×2 patches of 8), resized for 32×32 (4×4): the
+  class token's row is kept, the grid rows are resized, and the bigger ViT takes the table."""
+  small, big = (jnp.zeros((1, s, s, 3)) for s in (16, 32))
+  for pool, extra in (("token", 1), ("gap", 0)):
+    model = vit.ViT(7, 8, 32, 2, 4, pool=pool)
+    params = nn.unbox(model.init(jax.random.key(0), small))["params"]
+    table = np.asarray(params["pos_embedding"])  # [1, extra + 4, 32]
+    resized = vit.resample_posemb(table, (4, 4))
+    assert resized.shape == (1, extra + 16, 32)
+    np.testing.assert_array_equal(resized[0, :extra], table[0, :extra])
+    # A constant table stays constant under the bilinear resize.
+    flat = vit.resample_posemb(np.ones_like(table), (4, 4))
+    np.testing.assert_allclose(flat, 1.0, atol=1e-6)
+    assert model.apply({"params": {**params, "pos_embedding": resized}}, big).shape == (1, 7)
+  with pytest.raises(ValueError, match="neither a square grid"):
+    vit.resample_posemb(np.zeros((1, 7, 4)), (2, 2))
+
+
 def test_classification_loss_masks_and_counts():
   logits = jnp.array([[[2.0, 0.0], [0.0, 1.0], [5.0, 0.0]]])  # [B=1, K=3, C=2]
   labels = jnp.array([[0, 0, -1]])  # the third slot is empty

@@ -177,13 +177,24 @@ def class_head(num_classes: int, dtype, param_dtype) -> layers.Dense:
 
 
 def resample_posemb(table: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-  """Bilinear resize of a learned [1, h·w, D] position table to `grid` (ViT, Sec. 3.2)."""
+  """Bilinear resize of a learned position table [1, e + h·w, D] to `grid` (ViT, Sec. 3.2).
+
+  A table of `ViT(pool="token")` starts with the class token's row (e = 1): it is kept as it
+  is, and only the h×w grid rows are resized. Returns [1, e + grid_h·grid_w, D].
+  """
   n, d = table.shape[1], table.shape[2]
-  side = int(round(np.sqrt(n)))
-  if side * side != n:
-    raise ValueError(f"position table of {n} rows is not a square grid")
-  resized = jax.image.resize(jnp.asarray(table).reshape(side, side, d), (*grid, d), "bilinear")
-  return np.asarray(resized).reshape(1, grid[0] * grid[1], d)
+  for extra in (0, 1):
+    side = int(round(np.sqrt(n - extra)))
+    if side * side == n - extra:
+      break
+  else:
+    raise ValueError(
+      f"position table of {n} rows is neither a square grid nor a class token and a square grid"
+    )
+  table = jnp.asarray(table)
+  grid_rows = table[0, extra:].reshape(side, side, d)
+  resized = jax.image.resize(grid_rows, (*grid, d), "bilinear").reshape(grid[0] * grid[1], d)
+  return np.asarray(jnp.concatenate([table[0, :extra], resized])[None])
 
 
 class ViT(nn.Module):
