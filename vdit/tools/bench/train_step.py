@@ -142,7 +142,7 @@ def run(options: dict) -> dict:
   # `config`: the argument of configs/vdit/shapes.py (default "tiny", the pixel-space model);
   # the README demo's step is "tiny,latent=RUNS/autoencoder,latents=RUNS/latents".
   arg = str(options.get("config", "tiny"))
-  config = loader.configs(options)["tiny"] if arg == "tiny" else loader.load_config(arg)
+  config = loader.load_config(arg)
   if options.get("data_dir"):
     config.input.data_dir = options["data_dir"]
   n = int(options.get("matmul_n", 2048))
