@@ -86,3 +86,8 @@ def test_probe_cli_on_a_trained_checkpoint(data_dir, tmp_path):
   assert set(result["extend"]) == set(result["i2v"])
   assert all(0 <= v <= 1 for v in result["extend"].values())
   assert all(0 <= v <= 1 for v in result["i2v"].values())
+  assert [r["strength"] for r in result["edit"]] == list(probe.EDIT_STRENGTHS)
+  for row in result["edit"]:
+    assert set(row) == {"strength"} | set(result["i2v"])
+    assert all(0 <= row[k] <= 1 for k in result["i2v"]), row
+  assert "edit real clips" in out.stdout

@@ -353,7 +353,7 @@ def test_dit_blocks_are_identity_and_output_zero_at_init(tiny_dit):
   x = jnp.asarray(r.normal(size=(2, 16, 32)), jnp.float32)
   c = jnp.asarray(r.normal(size=(2, 1, 32)), jnp.float32)
   ids = jnp.ones((2, 16), jnp.int32)
-  block_apply = jax.jit(lambda p: dit.DiTBlock(4).apply({"params": p}, x, c, ids)[0])
+  block_apply = jax.jit(lambda p: dit.DiTBlock(4, rope=False).apply({"params": p}, x, c, ids)[0])
   for i in range(2):
     layer = jax.tree.map(lambda a, i=i: a[i], params["params"]["blocks"])
     np.testing.assert_array_equal(block_apply(layer), x)
@@ -365,7 +365,7 @@ def test_dit_blocks_are_identity_and_output_zero_at_init(tiny_dit):
   # ... yet it learns: the final projection gets a gradient, the gated blocks not yet.
   g = jax.jit(jax.grad(lambda p: jnp.sum((model.apply(p, latents, t, labels) - 1.0) ** 2)))(params)
   assert np.abs(g["params"]["final"]["proj"]["kernel"]).max() > 0
-  np.testing.assert_array_equal(g["params"]["blocks"]["attn"]["query"]["kernel"], 0.0)
+  np.testing.assert_array_equal(g["params"]["blocks"]["self_attn"]["query"]["kernel"], 0.0)
   plain = dit.DiT(patch_size=2, width=32, depth=2, num_heads=4, learn_sigma=False)
   shape = jax.eval_shape(lambda: plain.init_with_output(jax.random.key(0), *dit_args(1, 8))[0])
   assert shape.shape == (1, 8, 8, 4)

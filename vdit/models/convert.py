@@ -218,7 +218,7 @@ def dit_from_reference(
   flat["t_embed/fc1/kernel"] = _time_fc1(flat["t_embed/fc1/kernel"])
 
   for i in range(depth):
-    ours = f"blocks_{i}/attn/"
+    ours = f"blocks_{i}/self_attn/"
     if j == 0:
       w, b = src.pop(f"blocks.{i}.attn.qkv.weight"), src.pop(f"blocks.{i}.attn.qkv.bias")
       qkv = list(zip(np.split(w, 3), np.split(b, 3)))
@@ -272,7 +272,7 @@ def dit_to_reference(
       out[f"{prefix}{names[j]}.bias"] = flat[f"{ours}/bias"]
     out[prefix + _DIT_LABELS[j]] = flat["label_embed/embedding"]
   for i in range(depth):
-    ours = f"blocks_{i}/attn/"
+    ours = f"blocks_{i}/self_attn/"
     qkv = [
       (flat[f"{ours}{n}/kernel"].reshape(d, d).T, flat[f"{ours}{n}/bias"].reshape(d))
       for n in ("query", "key", "value")

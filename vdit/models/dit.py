@@ -15,8 +15,10 @@ Time t ∈ [0, 1) is DiT's integer step n / 1000 (`layers.TimestepEmbedding` sca
 first time-MLP kernel accordingly). Sizes: `video_dit.VARIANTS` ("S/2" … "XL/8", Table 1).
 
 Parameter layout: `patch_embed`, `t_embed/{fc1, fc2}`, `label_embed`, `blocks/{adaln/proj,
-attn/{query,key,value,out}, mlp/{fc1,fc2}}` (scanned: leading [depth] axis), `final/{adaln/proj,
-proj}`. Every block is the identity at init (zero adaLN gates) and the output is 0.
+self_attn/{query,key,value,out}, mlp/{fc1,fc2}}` (scanned: leading [depth] axis),
+`final/{adaln/proj, proj}`. Every block is the identity at init (zero adaLN gates) and the
+output is 0. The blocks are VideoDiT's (`video_dit.DiTBlock`) without text, so without
+cross-attention.
 """
 
 from typing import Any
@@ -25,36 +27,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vdit.axes import BATCH, EMBED, LENGTH, PATCH, VOCAB
+from vdit.axes import EMBED, PATCH, VOCAB
 from vdit.data.patchify import patchify, unpatchify
 from vdit.models import layers, posemb
-from vdit.models.video_dit import FinalLayer, decode_variant
-
-
-class DiTBlock(nn.Module):
-  """adaLN-Zero block (DiT, Sec. 3.2, Fig. 3): x + α₁·MSA(γ₁·LN(x) + β₁), x + α₂·MLP(...)."""
-
-  num_heads: int
-  mlp_ratio: float = 4.0
-  attention_backend: str = "xla"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, c, segment_ids):
-    # x: [B, N, D]; c: [B, 1, D] per-example conditioning; segment_ids: [B, N].
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
-    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(
-      layers.AdaLNModulation(6, name="adaln", **kw)(c), 6, axis=-1
-    )  # each [B, 1, D], zero-init
-    h = layers.modulate(layers.layer_norm(affine=False, name="norm1", **kw)(x), shift1, scale1)
-    x = x + gate1 * layers.MultiHeadAttention(
-      self.num_heads, backend=self.attention_backend, name="attn", **kw
-    )(h, segment_ids)
-    h = layers.modulate(layers.layer_norm(affine=False, name="norm2", **kw)(x), shift2, scale2)
-    x = x + gate2 * layers.Mlp(self.mlp_ratio, name="mlp", **kw)(h)
-    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED)), None
+from vdit.models.video_dit import DiTBlock, FinalLayer, decode_variant
 
 
 class DiT(nn.Module):
@@ -119,7 +95,7 @@ class DiT(nn.Module):
     stack = layers.stack_blocks(
       DiTBlock,
       depth=self.depth,
-      num_broadcast_args=2,
+      num_broadcast_args=2,  # c, segment_ids; no text: no cross-attention
       scan=self.scan_layers,
       remat_policy=self.remat_policy,
     )
@@ -128,6 +104,7 @@ class DiT(nn.Module):
       "blocks",
       num_heads=self.num_heads,
       mlp_ratio=self.mlp_ratio,
+      rope=False,  # positions are the sin-cos code added to the patch embedding
       attention_backend=self.attention_backend,
       **kw,
     )(h, c, segment_ids)

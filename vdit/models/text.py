@@ -11,32 +11,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vdit.axes import BATCH, EMBED, TEXT_LENGTH, VOCAB
+from vdit.axes import EMBED, TEXT_LENGTH, VOCAB
 from vdit.data.tokenizer import NULL_ID
-from vdit.models import layers
-
-
-class TextBlock(nn.Module):
-  """Pre-LN transformer encoder block (Vaswani et al. 2017; pre-LN as in ViT, Sec. 3.1)."""
-
-  num_heads: int
-  mlp_ratio: float = 4.0
-  attention_backend: str = "xla"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, segment_ids):
-    # x: [B, M, Dt]; segment_ids: [B, M]. Returns (x, None) for nn.scan.
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = nn.with_logical_constraint(x, (BATCH, TEXT_LENGTH, EMBED))
-    h = layers.layer_norm(name="norm1", **kw)(x)
-    x = x + layers.MultiHeadAttention(
-      self.num_heads, backend=self.attention_backend, length_axis=TEXT_LENGTH, name="attn", **kw
-    )(h, segment_ids)
-    h = layers.layer_norm(name="norm2", **kw)(x)
-    x = x + layers.Mlp(self.mlp_ratio, length_axis=TEXT_LENGTH, name="mlp", **kw)(h)
-    return nn.with_logical_constraint(x, (BATCH, TEXT_LENGTH, EMBED)), None
+from vdit.models import layers, vit
 
 
 class TextEncoder(nn.Module):
@@ -96,23 +73,15 @@ class TextEncoder(nn.Module):
       )
       x = embed(tokens)  # [B, M, Dt]
     x = x + layers.sincos_1d(layers.positions_in_segment(segment_ids), self.width).astype(x.dtype)
-    if self.depth == 0:
-      return nn.with_logical_constraint(
-        layers.layer_norm(name="norm", **kw)(x), (BATCH, TEXT_LENGTH, EMBED)
-      )
-    stack = layers.stack_blocks(
-      TextBlock,
+    return vit.encoder_stack(  # the ViT encoder's blocks over each caption's tokens
+      x,
+      segment_ids,
       depth=self.depth,
-      num_broadcast_args=1,
-      scan=self.scan_layers,
-      remat_policy=self.remat_policy,
-    )
-    x, _ = stack(
-      "blocks",
       num_heads=self.num_heads,
       mlp_ratio=self.mlp_ratio,
       attention_backend=self.attention_backend,
+      scan_layers=self.scan_layers,
+      remat_policy=self.remat_policy,
+      length_axis=TEXT_LENGTH,
       **kw,
-    )(x, segment_ids)
-    x = layers.layer_norm(name="norm", **kw)(x)
-    return nn.with_logical_constraint(x, (BATCH, TEXT_LENGTH, EMBED))
+    )

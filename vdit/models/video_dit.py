@@ -75,7 +75,8 @@ class DiTBlock(nn.Module):
   """adaLN-Zero self-attention, cross-attention to text, adaLN-Zero MLP (DiT, Sec. 3.2).
 
   The cross-attention is pre-LN with a zero-initialized output projection, and the two
-  adaLN gates start at 0, so the block is exactly the identity at init.
+  adaLN gates start at 0, so the block is exactly the identity at init. Without text (`text`
+  None) there is no cross-attention: the class-conditional block of DiT (`models/dit.py`).
   """
 
   num_heads: int
@@ -94,14 +95,15 @@ class DiTBlock(nn.Module):
     x,
     c,
     segment_ids,
-    text,
-    text_segment_ids,
+    text=None,
+    text_segment_ids=None,
     rope_positions=None,
     neighbours=None,
     place_ids=None,
   ):
     # x: [B, L, D] tokens; c: [B, L, D] per-token conditioning (packed rows mix examples with
-    # different diffusion times); segment_ids: [B, L]; text: [B, M, D]; text ids: [B, M];
+    # different diffusion times; [B, 1, D] per example); segment_ids: [B, L]; text: [B, M, D]
+    # or None; text ids: [B, M];
     # rope_positions: [B, L, 3] ((t, h, w) for RoPE and/or the locality bias) or None;
     # neighbours: `layers.grid_neighbours` (index, valid) [B, L, N] of `mlp_context`, or None;
     # place_ids: `segments.place_ids` [B, L] for a temporal attention after the self-attention
@@ -124,10 +126,11 @@ class DiTBlock(nn.Module):
       x = x + gate_t * layers.MultiHeadAttention(**attn, **self_attn, name="temporal_attn", **kw)(
         h, place_ids, positions=rope_positions
       )
-    h = layers.layer_norm(name="norm_cross", **kw)(x)
-    x = x + layers.MultiHeadAttention(
-      **attn, zero_init_out=True, kv_length_axis=TEXT_LENGTH, name="cross_attn", **kw
-    )(h, segment_ids, text, text_segment_ids)
+    if text is not None:
+      h = layers.layer_norm(name="norm_cross", **kw)(x)
+      x = x + layers.MultiHeadAttention(
+        **attn, zero_init_out=True, kv_length_axis=TEXT_LENGTH, name="cross_attn", **kw
+      )(h, segment_ids, text, text_segment_ids)
     h = layers.modulate(layers.layer_norm(affine=False, name="norm2", **kw)(x), shift2, scale2)
     if neighbours is not None:  # Mix-FFN (Xie et al. 2021): a depthwise conv before the MLP
       h = h + layers.GridDepthwiseConv(name="mlp_conv", **kw)(h, neighbours)

@@ -80,11 +80,15 @@ def classification_loss(
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LN transformer encoder block: x + MSA(LN(x)), then x + MLP(LN(x)) (ViT, Eq. 2-3)."""
+  """Pre-LN transformer encoder block: x + MSA(LN(x)), then x + MLP(LN(x)) (ViT, Eq. 2-3).
+
+  `length_axis` is the logical axis of the sequence: LENGTH for patches, TEXT_LENGTH for the
+  captions of the text encoder (`models/text.py`)."""
 
   num_heads: int
   mlp_ratio: float = 4.0
   attention_backend: str = "xla"
+  length_axis: str = LENGTH
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -92,14 +96,54 @@ class EncoderBlock(nn.Module):
   def __call__(self, x, segment_ids):
     # x: [B, L, D]; segment_ids: [B, L]. Returns (x, None) for nn.scan.
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+    axes = (BATCH, self.length_axis, EMBED)
+    x = nn.with_logical_constraint(x, axes)
     h = layers.layer_norm(name="norm1", **kw)(x)
     x = x + layers.MultiHeadAttention(
-      self.num_heads, backend=self.attention_backend, name="attn", **kw
+      self.num_heads,
+      backend=self.attention_backend,
+      length_axis=self.length_axis,
+      name="attn",
+      **kw,
     )(h, segment_ids)
     h = layers.layer_norm(name="norm2", **kw)(x)
-    x = x + layers.Mlp(self.mlp_ratio, name="mlp", **kw)(h)
-    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED)), None
+    x = x + layers.Mlp(self.mlp_ratio, length_axis=self.length_axis, name="mlp", **kw)(h)
+    return nn.with_logical_constraint(x, axes), None
+
+
+def encoder_stack(
+  x: jax.Array,
+  segment_ids: jax.Array,
+  *,
+  depth: int,
+  num_heads: int,
+  mlp_ratio: float,
+  attention_backend: str,
+  scan_layers: bool,
+  remat_policy: str,
+  length_axis: str = LENGTH,
+  **kw,
+) -> jax.Array:
+  """`depth` EncoderBlocks (params "blocks", scanned or unrolled) and a final LayerNorm ("norm"),
+  built in the scope of the calling compact module: `Encoder` and the text encoder share it."""
+  if depth:
+    stack = layers.stack_blocks(
+      EncoderBlock,
+      depth=depth,
+      num_broadcast_args=1,
+      scan=scan_layers,
+      remat_policy=remat_policy,
+    )
+    x, _ = stack(
+      "blocks",
+      num_heads=num_heads,
+      mlp_ratio=mlp_ratio,
+      attention_backend=attention_backend,
+      length_axis=length_axis,
+      **kw,
+    )(x, segment_ids)
+  x = layers.layer_norm(name="norm", **kw)(x)
+  return nn.with_logical_constraint(x, (BATCH, length_axis, EMBED))
 
 
 class Encoder(nn.Module):
@@ -117,22 +161,18 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x, segment_ids):
     # x: [B, L, D]; segment_ids: [B, L] -> [B, L, D]
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    stack = layers.stack_blocks(
-      EncoderBlock,
+    return encoder_stack(
+      x,
+      segment_ids,
       depth=self.depth,
-      num_broadcast_args=1,
-      scan=self.scan_layers,
-      remat_policy=self.remat_policy,
-    )
-    x, _ = stack(
-      "blocks",
       num_heads=self.num_heads,
       mlp_ratio=self.mlp_ratio,
       attention_backend=self.attention_backend,
-      **kw,
-    )(x, segment_ids)
-    return layers.layer_norm(name="norm", **kw)(x)
+      scan_layers=self.scan_layers,
+      remat_policy=self.remat_policy,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+    )
 
 
 class MAPHead(nn.Module):

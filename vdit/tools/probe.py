@@ -2,7 +2,7 @@ r"""Probes of a trained `shapes` text-to-video model: where its generation fails
 
   python -m vdit.tools.probe --workdir=runs/shapes [--step=N]
 
-Five measurements, each on the model's own x̂0 or samples (docs/recipe.md, "Where the failure
+Six measurements, each on the model's own x̂0 or samples (docs/recipe.md, "Where the failure
 is"), on the 48 `a {colour} {shape} moving {direction}` combinations of the tiny variant:
 
 - **fidelity**: real 8×32×32 clips noised to t, the PSNR of the (unguided) x̂0 over the whole
@@ -20,12 +20,16 @@ is"), on the 48 `a {colour} {shape} moving {direction}` combinations of the tiny
   `adherence` scorer's accuracies on the generated frames. The context shows the object, its
   shape and its motion: a model that carries content along time keeps all three without
   needing the words (real continuations score 100%).
+- **edit**: real clips noised to a strength of the schedule and denoised with their own caption
+  (SDEdit, `Sampler.edit`); the `adherence` scorer's accuracies on the results. The object,
+  its shape and its motion are in the input: a sampler that keeps them at strength 0.1 and
+  loses them at 0.3 rounds the object off on its way down (docs/recipe.md, rows P).
 - **words**: from one noise, how far x̂0 moves (mean |Δ| in [-1, 1]) when only the colour,
   the shape or the direction word of the prompt changes. A word whose change moves nothing is
   not read (docs/recipe.md: a text encoder that had erased every word but the colour).
 
 Prints a table and writes workdir/probe/<step>.json. Rectified-flow models; fidelity, direction
-and words read x̂0 in pixel space, i2v and extend also score latent models.
+and words read x̂0 in pixel space, i2v, extend and edit also score latent models.
 """
 
 import json
@@ -46,7 +50,8 @@ from vdit.evaluators import shapes_scorer
 SIZE = (8, 32, 32)  # (frames, height, width) of the probe clips
 OBJECT_DISTANCE = 40.0  # RGB distance from the background colour above which a pixel is object
 DIRECTION_VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-ATTRIBUTES = ("colour", "shape", "direction")  # the words of a prompt, in `combinations` order
+ATTRIBUTES = ("colour", "shape", "direction")
+EDIT_STRENGTHS = (0.1, 0.3, 0.6)  # the words of a prompt, in `combinations` order
 
 
 def combinations(vocab: shapes_scorer.Vocabulary) -> list[tuple[str, str, str]]:
@@ -254,11 +259,14 @@ def extend_forward(sampler: sampling.Sampler, combos, steps: int = 16) -> dict:
   return _scores(videos, prompts, combos)
 
 
+_SCORE_KEYS = ("colour", "shape", "direction", "all", "temporal")
+
+
 def _scores(videos, prompts, combos) -> dict:
   """The adherence scorer's accuracies and temporal score of `videos` against `prompts`."""
   vocab = shapes_scorer.Vocabulary(*(tuple(dict.fromkeys(x)) for x in zip(*combos)))
   scores = shapes_scorer.score_many(videos, prompts, vocab)
-  return {k: float(scores[k]) for k in ("colour", "shape", "direction", "all", "temporal")}
+  return {k: float(scores[k]) for k in _SCORE_KEYS}
 
 
 def i2v_direction(sampler: sampling.Sampler, combos, steps: int = 16) -> dict:
@@ -277,6 +285,21 @@ def i2v_direction(sampler: sampling.Sampler, combos, steps: int = 16) -> dict:
   return _scores(videos, prompts, combos)
 
 
+def edit_strengths(sampler: sampling.Sampler, combos, strengths=EDIT_STRENGTHS, steps=16):
+  """Per strength: the adherence of each combination's real clip after SDEdit with its own
+  caption (the sampler's default sampler, guidance 3)."""
+  clips = real_clips(combos)
+  prompts = [prompt(*c) for c in combos]
+  results = []
+  for strength in strengths:
+    videos = [
+      sampler.edit([text], clip, strength=strength, steps=steps, seed=i)[0]
+      for i, (text, clip) in enumerate(zip(prompts, clips))
+    ]
+    results.append(dict(strength=strength, **_scores(videos, prompts, combos)))
+  return results
+
+
 def run(sampler: sampling.Sampler, *, vocab_config: str = "tiny") -> dict:
   """All five probes (a latent model: i2v and extend, which score decoded videos; the others
   read x̂0 as pixels); their rows and values as one JSON-able dict."""
@@ -292,7 +315,11 @@ def run(sampler: sampling.Sampler, *, vocab_config: str = "tiny") -> dict:
       direction=direction_effect(probe, combos, (0.95, 0.8, 0.6)),
       words=word_effect(probe, combos, (0.95, 0.6)),
     )
-  return result | dict(i2v=i2v_direction(sampler, combos), extend=extend_forward(sampler, combos))
+  return result | dict(
+    i2v=i2v_direction(sampler, combos),
+    extend=extend_forward(sampler, combos),
+    edit=edit_strengths(sampler, combos),
+  )
 
 
 def report(result: dict) -> str:
@@ -315,6 +342,11 @@ def report(result: dict) -> str:
   lines.append("i2v from a centred object: " + ", ".join(f"{k} {v:.2f}" for k, v in i2v.items()))
   ext = result["extend"]
   lines.append("extend 4 real frames: " + ", ".join(f"{k} {v:.2f}" for k, v in ext.items()))
+  lines.append("edit real clips with their caption (SDEdit):")
+  for r in result["edit"]:
+    lines.append(
+      f"  strength {r['strength']:.1f}  " + ", ".join(f"{k} {r[k]:.2f}" for k in _SCORE_KEYS)
+    )
   return "\n".join(lines)
 
 
