@@ -77,9 +77,10 @@ def test_probe_cli_on_a_trained_checkpoint(data_dir, tmp_path):
       known = 10 * np.log10(4 / (row["t"] / (1 - row["t"])) ** 2)
       assert known - 0.1 < row["input_psnr"] < known + 1.5, row
     assert np.isfinite(row["x0_psnr"]) and np.isfinite(row["x0_object_psnr"])
+    assert 0 <= row["x0_shape"] <= 1 and 0 <= row["input_shape"] <= 1
   assert [r["t"] for r in result["direction"]] == [0.95, 0.8, 0.6]
   assert all(np.isfinite(r["velocity_along_prompt"]) for r in result["direction"])
-  assert [r["t"] for r in result["words"]] == [0.95, 0.6]
+  assert [r["t"] for r in result["words"]] == [0.95, 0.6, 0.3]
   for row in result["words"]:  # after 2 steps the zero-initialised text paths are still ~shut
     assert all(0 <= row[a] < 1 for a in probe.ATTRIBUTES), row
   assert set(result["i2v"]) == {"colour", "shape", "direction", "all", "temporal"}

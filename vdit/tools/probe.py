@@ -8,7 +8,8 @@ is"), on the 48 `a {colour} {shape} moving {direction}` combinations of the tiny
 - **fidelity**: real 8×32×32 clips noised to t, the PSNR of the (unguided) x̂0 over the whole
   frame and over the object's pixels, beside the PSNR of the noisy input itself (x_t / (1 − t)).
   A denoiser that draws the object from what it sees gets better as t falls; an x̂0 that stays
-  flat while the input sharpens draws a template, not the object.
+  flat while the input sharpens draws a template, not the object. Beside them, the shape the
+  `adherence` scorer reads in x̂0 and in the input, with the clip's own caption.
 - **direction**: from pure noise at high t, the centroid of the prompted colour in the x̂0 of
   each prompt, fitted over the frames: its velocity along the prompted direction (px/frame,
   same noise for the four direction words). 0 = the direction word does not steer the motion.
@@ -28,8 +29,8 @@ is"), on the 48 `a {colour} {shape} moving {direction}` combinations of the tiny
   the shape or the direction word of the prompt changes. A word whose change moves nothing is
   not read (docs/recipe.md: a text encoder that had erased every word but the colour).
 
-Prints a table and writes workdir/probe/<step>.json. Rectified-flow models; fidelity, direction
-and words read x̂0 in pixel space, i2v, extend and edit also score latent models.
+Prints a table and writes workdir/probe/<step>.json. Rectified-flow models, in pixel or latent
+space (x̂0 decoded by the autoencoder: every measurement is in pixels).
 """
 
 import json
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from vdit import checkpointing, sampling
+from vdit import checkpointing, media, sampling
 from vdit.data import patchify
 from vdit.datasets import shapes
 from vdit.diffusion import objectives
@@ -119,18 +120,25 @@ def colour_velocity(video: np.ndarray, rgb: Sequence[float]) -> np.ndarray:
 
 
 class Probe:
-  """The model of a `sampling.Sampler` as x̂0 = x_t − t·v̂ (conditional, no guidance)."""
+  """The model of a `sampling.Sampler` as x̂0 = x_t − t·v̂ (conditional, no guidance), read in
+  pixels: a latent model's x̂0 is decoded by its autoencoder."""
 
   def __init__(self, sampler: sampling.Sampler):
     if sampler.spec.objective != "rectified_flow":
       raise ValueError(
         f"objective={sampler.spec.objective!r}: the probes read x̂0 of rectified-flow models"
       )
-    if sampler.codec is not None:
-      raise ValueError("the probes work on pixel-space models; this run has an autoencoder")
     self.sampler = sampler
-    self.grid = sampler.grid(*SIZE)
+    self.codec = sampler.codec
+    self.size = SIZE  # in the model's units: latent frames and cells in latent space
+    if self.codec is not None:
+      ft, fs, _ = self.codec.compression
+      if (SIZE[0] - 1) % ft or SIZE[1] % fs or SIZE[2] % fs:
+        raise ValueError(f"the probe size {SIZE} is not a whole latent size for {ft, fs, fs}")
+      self.size = (1 + (SIZE[0] - 1) // ft, SIZE[1] // fs, SIZE[2] // fs)
+    self.grid = sampler.grid(*self.size)
     self.patch_size = sampler.patch_size
+    self.channels = sampler.channels
 
     def apply(x, t, rows):
       return objectives.apply_rows(sampler.model, sampler.params, x, t, rows)
@@ -151,7 +159,7 @@ class Probe:
   def noise(self, n: int, seed: int) -> np.ndarray:
     """Pure-noise videos in patches at the probe size, [n, L, P], drawn as the run's training
     noise is (`flow.mixed_noise`: correlated along time if the run's is)."""
-    length, dim = int(np.prod(self.grid)), int(np.prod(self.patch_size)) * 3
+    length, dim = int(np.prod(self.grid)), int(np.prod(self.patch_size)) * self.channels
     positions = jnp.broadcast_to(jnp.asarray(patchify.grid_positions(self.grid)), (n, length, 3))
     segment_ids = jnp.ones((n, length), jnp.int32)
     noise_fn = objectives.noise_fn(self.sampler.spec, segment_ids, positions)
@@ -162,27 +170,41 @@ class Probe:
     one = self.noise(1, seed)
     return np.broadcast_to(one, (n, *one.shape[1:]))
 
+  def patches(self, clips: np.ndarray) -> np.ndarray:
+    """uint8 clips [N, T, H, W, 3] → the model's clean patches [N, L, P] (encoded in latent
+    space)."""
+    video = clips.astype(np.float32) / 127.5 - 1.0
+    if self.codec is not None:
+      video = self.codec.encode(video)
+    return np.stack([patchify.patchify(v, self.patch_size)[0] for v in video])
+
+  def pixels(self, x: np.ndarray) -> np.ndarray:
+    """Patches [N, L, P] → videos [N, T, H, W, 3] in [-1, 1] (decoded in latent space)."""
+    video = np.stack([patchify.unpatchify(v, self.grid, self.patch_size, self.channels) for v in x])
+    return video if self.codec is None else np.clip(self.codec.decode(video), -1.0, 1.0)
+
   def x0(self, x: np.ndarray, t: float, rows: dict) -> np.ndarray:
     """x̂0 videos [N, T, H, W, 3] in [-1, 1] of noisy patches x [N, L, P] at time t."""
     t_tok = jnp.full(x.shape[:2], t, jnp.float32)
-    out = np.asarray(self._x0(jnp.asarray(x), t_tok, rows))
-    return patchify.unpatchify(out, self.grid, self.patch_size, 3)
+    return self.pixels(np.asarray(self._x0(jnp.asarray(x), t_tok, rows)))
 
 
 def fidelity(probe: Probe, combos, times: Sequence[float], seed: int = 0) -> list[dict]:
-  """Per t: PSNR of x̂0 and of the rescaled noisy input, whole frame and object pixels."""
+  """Per t: PSNR of x̂0 and of the rescaled noisy input, whole frame and object pixels, and the
+  `adherence` scorer's shape accuracy of each (with the clip's own caption: the shape is in the
+  input, and the caption names it)."""
   clips = real_clips(combos)
+  prompts = [prompt(*c) for c in combos]
   target = clips.astype(np.float32) / 127.5 - 1.0
   mask = object_mask(clips)
-  x0 = np.stack([patchify.patchify(v, probe.patch_size)[0] for v in target])
-  rows = probe.rows([prompt(*c) for c in combos])
+  x0 = probe.patches(clips)
+  rows = probe.rows(prompts)
   noise = probe.noise(len(x0), seed)
   results = []
   for t in times:
     x_t = (1 - t) * x0 + t * noise
     estimate = probe.x0(x_t, t, rows)
-    given = np.stack([patchify.unpatchify(v, probe.grid, probe.patch_size, 3) for v in x_t])
-    given = given / (1 - t)
+    given = probe.pixels(x_t / (1 - t))
     results.append(
       dict(
         t=t,
@@ -190,6 +212,8 @@ def fidelity(probe: Probe, combos, times: Sequence[float], seed: int = 0) -> lis
         x0_object_psnr=psnr(estimate, target, mask),
         input_psnr=psnr(given, target),
         input_object_psnr=psnr(given, target, mask),
+        x0_shape=_scores(media.to_uint8(estimate), prompts, combos)["shape"],
+        input_shape=_scores(media.to_uint8(given), prompts, combos)["shape"],
       )
     )
   return results
@@ -307,15 +331,11 @@ def run(sampler: sampling.Sampler, *, vocab_config: str = "tiny") -> dict:
   if set(vocab.directions) - set(DIRECTION_VECTORS):
     raise ValueError(f"the probes know the directions {sorted(DIRECTION_VECTORS)}")
   combos = combinations(vocab)
-  result = {}
-  if sampler.codec is None:
-    probe = Probe(sampler)
-    result.update(
-      fidelity=fidelity(probe, combos, (0.02, 0.1, 0.2, 0.3, 0.5)),
-      direction=direction_effect(probe, combos, (0.95, 0.8, 0.6)),
-      words=word_effect(probe, combos, (0.95, 0.6)),
-    )
-  return result | dict(
+  probe = Probe(sampler)
+  return dict(
+    fidelity=fidelity(probe, combos, (0.02, 0.1, 0.2, 0.3, 0.5)),
+    direction=direction_effect(probe, combos, (0.95, 0.8, 0.6)),
+    words=word_effect(probe, combos, (0.95, 0.6, 0.3)),
     i2v=i2v_direction(sampler, combos),
     extend=extend_forward(sampler, combos),
     edit=edit_strengths(sampler, combos),
@@ -325,19 +345,21 @@ def run(sampler: sampling.Sampler, *, vocab_config: str = "tiny") -> dict:
 def report(result: dict) -> str:
   """The probes as a readable table."""
   lines = []
-  if "fidelity" in result:
-    lines.append("fidelity: PSNR (dB) of x̂0 / of the noisy input; whole frame, object pixels")
-    for r in result["fidelity"]:
-      lines.append(
-        f"  t={r['t']:.2f}  x̂0 {r['x0_psnr']:5.1f} / input {r['input_psnr']:5.1f}   "
-        f"object: x̂0 {r['x0_object_psnr']:5.1f} / input {r['input_object_psnr']:5.1f}"
-      )
-    lines.append("direction: velocity (px/frame) of the prompted colour along the prompted way")
-    for r in result["direction"]:
-      lines.append(f"  t={r['t']:.2f}  {r['velocity_along_prompt']:+.3f}")
-    lines.append("words: mean |Δx̂0| when one word of the prompt changes (same noise)")
-    for r in result["words"]:
-      lines.append(f"  t={r['t']:.2f}  " + "  ".join(f"{a} {r[a]:.4f}" for a in ATTRIBUTES))
+  lines.append(
+    "fidelity: PSNR (dB) of x̂0 / of the noisy input; whole frame, object pixels; shape read"
+  )
+  for r in result["fidelity"]:
+    lines.append(
+      f"  t={r['t']:.2f}  x̂0 {r['x0_psnr']:5.1f} / input {r['input_psnr']:5.1f}   "
+      f"object: x̂0 {r['x0_object_psnr']:5.1f} / input {r['input_object_psnr']:5.1f}   "
+      f"shape: x̂0 {r['x0_shape']:.2f} / input {r['input_shape']:.2f}"
+    )
+  lines.append("direction: velocity (px/frame) of the prompted colour along the prompted way")
+  for r in result["direction"]:
+    lines.append(f"  t={r['t']:.2f}  {r['velocity_along_prompt']:+.3f}")
+  lines.append("words: mean |Δx̂0| (pixels in [-1, 1]) when one word of the prompt changes")
+  for r in result["words"]:
+    lines.append(f"  t={r['t']:.2f}  " + "  ".join(f"{a} {r[a]:.4f}" for a in ATTRIBUTES))
   i2v = result["i2v"]
   lines.append("i2v from a centred object: " + ", ".join(f"{k} {v:.2f}" for k, v in i2v.items()))
   ext = result["extend"]
