@@ -13,7 +13,7 @@ import pytest
 from tests import configs
 from vdit import config_checks, datasets, latent_codec, media, models, sampling, train
 from vdit.data import pipeline
-from vdit.evaluators import frechet
+from vdit.evaluators import frechet, shapes_scorer
 from vdit.tools import encode_latents, probe
 
 
@@ -99,6 +99,14 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
   assert sampler.codec is not None
   # The probes extend clips only as far as training went: 8 latent frames → 1 + 2·7 frames.
   assert probe.trained_frames(sampler) == 1 + 2 * (c.input.max_frames - 1) == 15
+  # The x̂0 probes read a latent model's x̂0 decoded: 8×32×32 → 4×8×8 latents → 7×32×32 pixels.
+  reader = probe.Probe(sampler)
+  assert reader.size == (4, 8, 8) and reader.clip_size == (7, 32, 32)
+  combos = probe.combinations(shapes_scorer.Vocabulary.of_dataset("tiny"))[:2]
+  (row,) = probe.fidelity(reader, combos, (0.5,))
+  assert 0 <= row["x0_shape"] <= 1 and 0 <= row["input_shape"] <= 1
+  # At t = 0.5 the input x_t / (1 − t) carries unit noise: far below the autoencoder's PSNR.
+  assert np.isfinite(row["x0_psnr"]) and row["input_psnr"] < 20
   videos = sampler.generate(["a blue square"], num_frames=2, height=4, width=6, steps=2)
   assert videos.shape == (1, 3, 16, 24, 3) and videos.dtype == np.uint8
   assert sampler.last_latents.shape == (1, 2, 4, 6, 8)

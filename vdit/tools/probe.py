@@ -131,11 +131,10 @@ class Probe:
     self.sampler = sampler
     self.codec = sampler.codec
     self.size = SIZE  # in the model's units: latent frames and cells in latent space
-    if self.codec is not None:
+    if self.codec is not None:  # the latent size of SIZE (its frames rounded down to one)
       ft, fs, _ = self.codec.compression
-      if (SIZE[0] - 1) % ft or SIZE[1] % fs or SIZE[2] % fs:
-        raise ValueError(f"the probe size {SIZE} is not a whole latent size for {ft, fs, fs}")
       self.size = (1 + (SIZE[0] - 1) // ft, SIZE[1] // fs, SIZE[2] // fs)
+    self.clip_size = sampler.pixel_size(*self.size)  # (T, H, W) of the real clips, in pixels
     self.grid = sampler.grid(*self.size)
     self.patch_size = sampler.patch_size
     self.channels = sampler.channels
@@ -193,7 +192,7 @@ def fidelity(probe: Probe, combos, times: Sequence[float], seed: int = 0) -> lis
   """Per t: PSNR of x̂0 and of the rescaled noisy input, whole frame and object pixels, and the
   `adherence` scorer's shape accuracy of each (with the clip's own caption: the shape is in the
   input, and the caption names it)."""
-  clips = real_clips(combos)
+  clips = real_clips(combos, probe.clip_size)
   prompts = [prompt(*c) for c in combos]
   target = clips.astype(np.float32) / 127.5 - 1.0
   mask = object_mask(clips)
