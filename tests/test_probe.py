@@ -58,7 +58,7 @@ def test_probe_cli_on_a_trained_checkpoint(data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(configs.small(data_dir, total_steps=2), workdir)
   out = subprocess.run(
-    [sys.executable, "-m", "vdit.tools.probe", f"--workdir={workdir}"],
+    [sys.executable, "-m", "vdit.tools.probe", f"--workdir={workdir}", "--num_prompts=4"],
     capture_output=True,
     text=True,
     cwd=configs.REPO,

@@ -1,6 +1,6 @@
 r"""Probes of a trained `shapes` text-to-video model: where its generation fails.
 
-  python -m vdit.tools.probe --workdir=runs/shapes [--step=N]
+  python -m vdit.tools.probe --workdir=runs/shapes [--step=N] [--num_prompts=N]
 
 Six measurements, each on the model's own x̂0 or samples (docs/recipe.md, "Where the failure
 is"), on the 48 `a {colour} {shape} moving {direction}` combinations of the tiny variant:
@@ -323,13 +323,15 @@ def edit_strengths(sampler: sampling.Sampler, combos, strengths=EDIT_STRENGTHS, 
   return results
 
 
-def run(sampler: sampling.Sampler, *, vocab_config: str = "tiny") -> dict:
-  """All five probes (a latent model: i2v and extend, which score decoded videos; the others
-  read x̂0 as pixels); their rows and values as one JSON-able dict."""
+def run(
+  sampler: sampling.Sampler, *, vocab_config: str = "tiny", num_prompts: int | None = None
+) -> dict:
+  """All six probes on the first `num_prompts` combinations (None: all), read in pixels (a
+  latent model's x̂0 and samples decoded); their rows and values as one JSON-able dict."""
   vocab = shapes_scorer.Vocabulary.of_dataset(vocab_config)
   if set(vocab.directions) - set(DIRECTION_VECTORS):
     raise ValueError(f"the probes know the directions {sorted(DIRECTION_VECTORS)}")
-  combos = combinations(vocab)
+  combos = combinations(vocab)[:num_prompts]  # None: all of them
   probe = Probe(sampler)
   return dict(
     fidelity=fidelity(probe, combos, (0.02, 0.1, 0.2, 0.3, 0.5)),
@@ -376,6 +378,9 @@ def _define_flags() -> None:
   another entry point (one process, e.g. the tests) defines no flag twice."""
   flags.DEFINE_string("workdir", None, "Training workdir with checkpoints.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.DEFINE_integer(
+    "num_prompts", None, "Probe only the first N prompts (a quick look; default: all 48)."
+  )
   flags.mark_flag_as_required("workdir")
 
 
@@ -385,7 +390,10 @@ def main(argv):
   step = FLAGS.step if FLAGS.step is not None else checkpointing.latest_step(FLAGS.workdir)
   if step is None:
     raise app.UsageError(f"--workdir={FLAGS.workdir!r} has no checkpoint")
-  result = run(sampling.load(FLAGS.workdir, step)) | {"step": int(step)}
+  if FLAGS.num_prompts is not None and FLAGS.num_prompts < 1:
+    raise app.UsageError(f"--num_prompts={FLAGS.num_prompts}: expected at least 1")
+  sampler = sampling.load(FLAGS.workdir, step)
+  result = run(sampler, num_prompts=FLAGS.num_prompts) | {"step": int(step)}
   print(report(result))
   out = os.path.join(FLAGS.workdir, "probe", f"{result['step']}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
