@@ -92,3 +92,7 @@ def test_probe_cli_on_a_trained_checkpoint(data_dir, tmp_path):
     assert set(row) == {"strength"} | set(result["i2v"])
     assert all(0 <= row[k] <= 1 for k in result["i2v"]), row
   assert "edit real clips" in out.stdout
+  assert [r["t"] for r in result["shape_source"]] == [0.5, 0.7, 0.8, 0.9]
+  for row in result["shape_source"]:
+    # The first 4 prompts are all circles: no other shape to name, so word and clip agree.
+    assert 0 <= row["word"] <= 1 and row["word"] == row["clip"], row

@@ -2,7 +2,7 @@ r"""Probes of a trained `shapes` text-to-video model: where its generation fails
 
   python -m vdit.tools.probe --workdir=runs/shapes [--step=N] [--num_prompts=N]
 
-Six measurements, each on the model's own x̂0 or samples (docs/recipe.md, "Where the failure
+Seven measurements, each on the model's own x̂0 or samples (docs/recipe.md, "Where the failure
 is"), on the 48 `a {colour} {shape} moving {direction}` combinations of the tiny variant:
 
 - **fidelity**: real 8×32×32 clips noised to t, the PSNR of the (unguided) x̂0 over the whole
@@ -25,6 +25,9 @@ is"), on the 48 `a {colour} {shape} moving {direction}` combinations of the tiny
   (SDEdit, `Sampler.edit`); the `adherence` scorer's accuracies on the results. The object,
   its shape and its motion are in the input: a sampler that keeps them at strength 0.1 and
   loses them at 0.3 rounds the object off on its way down (docs/recipe.md, rows P).
+- **shape source**: real clips noised to t, x̂0 with the clip's caption but another shape word:
+  the shape read in x̂0 as the word's and as the clip's. Which one decides the shape (docs/
+  recipe.md, row F3: the clip's, even at t = 0.8).
 - **words**: from one noise, how far x̂0 moves (mean |Δ| in [-1, 1]) when only the colour,
   the shape or the direction word of the prompt changes. A word whose change moves nothing is
   not read (docs/recipe.md: a text encoder that had erased every word but the colour).
@@ -234,6 +237,30 @@ def direction_effect(probe: Probe, combos, times: Sequence[float], seed: int = 0
   return results
 
 
+def shape_source(probe: Probe, combos, times: Sequence[float], seed: int = 0) -> list[dict]:
+  """Per t: real clips noised to t, x̂0 with each clip's caption whose shape word is replaced by
+  the next shape; the `adherence` scorer's shape accuracy of x̂0 against the word (`word`) and
+  against the clip (`clip`). A model that draws the named shape scores high on `word`; one that
+  copies the shape it sees, on `clip`."""
+  shapes_ = list(dict.fromkeys(c[1] for c in combos))
+  swapped = [(c, shapes_[(shapes_.index(s) + 1) % len(shapes_)], d) for c, s, d in combos]
+  clips = real_clips(combos, probe.clip_size)
+  x0 = probe.patches(clips)
+  noise = probe.noise(len(x0), seed)
+  rows = probe.rows([prompt(*c) for c in swapped])
+  results = []
+  for t in times:
+    videos = media.to_uint8(probe.x0((1 - t) * x0 + t * noise, t, rows))
+    results.append(
+      dict(
+        t=t,
+        word=_scores(videos, [prompt(*c) for c in swapped], combos)["shape"],
+        clip=_scores(videos, [prompt(*c) for c in combos], combos)["shape"],
+      )
+    )
+  return results
+
+
 def word_effect(probe: Probe, combos, times: Sequence[float], seed: int = 0) -> list[dict]:
   """Per t: the mean |Δx̂0| when one attribute word (colour, shape, direction) of each prompt is
   replaced by the next word of its vocabulary, from pure noise shared by all the prompts."""
@@ -326,7 +353,7 @@ def edit_strengths(sampler: sampling.Sampler, combos, strengths=EDIT_STRENGTHS, 
 def run(
   sampler: sampling.Sampler, *, vocab_config: str = "tiny", num_prompts: int | None = None
 ) -> dict:
-  """All six probes on the first `num_prompts` combinations (None: all), read in pixels (a
+  """All seven probes on the first `num_prompts` combinations (None: all), read in pixels (a
   latent model's x̂0 and samples decoded); their rows and values as one JSON-able dict."""
   vocab = shapes_scorer.Vocabulary.of_dataset(vocab_config)
   if set(vocab.directions) - set(DIRECTION_VECTORS):
@@ -337,6 +364,7 @@ def run(
     fidelity=fidelity(probe, combos, (0.02, 0.1, 0.2, 0.3, 0.5)),
     direction=direction_effect(probe, combos, (0.95, 0.8, 0.6)),
     words=word_effect(probe, combos, (0.95, 0.6, 0.3)),
+    shape_source=shape_source(probe, combos, (0.5, 0.7, 0.8, 0.9)),
     i2v=i2v_direction(sampler, combos),
     extend=extend_forward(sampler, combos),
     edit=edit_strengths(sampler, combos),
@@ -361,6 +389,11 @@ def report(result: dict) -> str:
   lines.append("words: mean |Δx̂0| (pixels in [-1, 1]) when one word of the prompt changes")
   for r in result["words"]:
     lines.append(f"  t={r['t']:.2f}  " + "  ".join(f"{a} {r[a]:.4f}" for a in ATTRIBUTES))
+  lines.append(
+    "shape source: x̂0 of real clips with another shape word; shape read = the word's / the clip's"
+  )
+  for r in result["shape_source"]:
+    lines.append(f"  t={r['t']:.2f}  word {r['word']:.2f} / clip {r['clip']:.2f}")
   i2v = result["i2v"]
   lines.append("i2v from a centred object: " + ", ".join(f"{k} {v:.2f}" for k, v in i2v.items()))
   ext = result["extend"]
