@@ -54,8 +54,8 @@ from vdit.evaluators import shapes_scorer
 SIZE = (8, 32, 32)  # (frames, height, width) of the probe clips
 OBJECT_DISTANCE = 40.0  # RGB distance from the background colour above which a pixel is object
 DIRECTION_VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-ATTRIBUTES = ("colour", "shape", "direction")
-EDIT_STRENGTHS = (0.1, 0.3, 0.6)  # the words of a prompt, in `combinations` order
+ATTRIBUTES = ("colour", "shape", "direction")  # the words of a prompt, in `combinations` order
+EDIT_STRENGTHS = (0.1, 0.3, 0.6)  # SDEdit strengths of the `edit` probe
 
 
 def combinations(vocab: shapes_scorer.Vocabulary) -> list[tuple[str, str, str]]:
@@ -175,7 +175,7 @@ class Probe:
   def patches(self, clips: np.ndarray) -> np.ndarray:
     """uint8 clips [N, T, H, W, 3] → the model's clean patches [N, L, P] (encoded in latent
     space)."""
-    video = clips.astype(np.float32) / 127.5 - 1.0
+    video = media.from_uint8(clips)
     if self.codec is not None:
       video = self.codec.encode(video)
     return np.stack([patchify.patchify(v, self.patch_size)[0] for v in video])
