@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from vdit import segments  # noqa: E402
-from vdit.models import layers  # noqa: E402
+from vdit.models import layers, posemb  # noqa: E402
 from vdit.models.text import TextEncoder  # noqa: E402
 from vdit.models.video_dit import DiTBlock, VideoDiT, decode_variant  # noqa: E402
 
@@ -280,6 +280,29 @@ def test_place_ids_group_each_place_along_time():
     np.testing.assert_array_equal(ids[real] == ids[i], same)
   # The first example's grid is (2, 3, 4): 12 places of 2 patch-frames each.
   assert len(set(ids[seg == 1])) == 12
+
+
+def test_fractional_position_code_reads_the_canvas_and_keeps_packing_exact():
+  """`segments.extents` gives every token its own example's grid; `position_code="fractional"`
+  codes h and w as fractions of it (the middle of any canvas is scale/2), keeps t, and a packed
+  row still equals each example alone — and differs from the absolute code."""
+  ex = examples()
+  batch = packed_rows([ex])
+  seg, pos = np.asarray(batch["segment_ids"][0]), np.asarray(batch["positions"][0])
+  ext = np.asarray(segments.extents(batch["segment_ids"], batch["positions"]))[0]
+  for s, (shape, *_) in enumerate(ex, start=1):
+    np.testing.assert_array_equal(ext[seg == s], np.broadcast_to(shape, ((seg == s).sum(), 3)))
+  frac = np.asarray(posemb.fractional(pos, ext, scale=16.0))
+  np.testing.assert_array_equal(frac[seg > 0, 0], pos[seg > 0, 0])
+  # Example 1 is (2, 3, 4): its middle row h = 1 is 1.5/3 of the way down, w = 0 is 0.5/4 across.
+  first = (seg == 1) & (pos[:, 1] == 1) & (pos[:, 2] == 0)
+  np.testing.assert_allclose(frac[first, 1:], [[8.0, 2.0]] * int(first.sum()))
+  assert ((frac[seg > 0, 1:] > 0) & (frac[seg > 0, 1:] < 16)).all()
+  model = VideoDiT(**TINY, position_code="fractional")
+  params = jax.jit(lambda r: nn.unbox(model.init(r, *batch.values())))(jax.random.key(0))
+  assert_packed_equals_alone(model, perturb(params, 3), ex)
+  absolute = apply(VideoDiT(**TINY), perturb(params, 3), batch)
+  assert np.abs(np.asarray(apply(model, perturb(params, 3), batch) - absolute)).max() > 1e-3
 
 
 def test_temporal_attention_keeps_packing_exact_and_reads_along_time():

@@ -15,7 +15,7 @@ from vdit.data import caption_table, pipeline
 from vdit.data import dense as dense_lib
 from vdit.datasets import latents
 from vdit.diffusion import conditioning, flow, gaussian, objectives
-from vdit.models import layers
+from vdit.models import layers, posemb
 
 MODELS = ("video_dit",)
 DTYPES = ("float32", "bfloat16")
@@ -176,6 +176,7 @@ def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, in
       f"model.locality={locality} needs model.attention_backend='xla', not "
       f"{model.attention_backend!r} (the bias is added to dense attention logits)"
     )
+  choice("model.position_code", model.get("position_code", "absolute"), posemb.POSITION_CODES)
   skip = model.get("patch_skip", 0)
   if int(skip) != skip or skip < 0:
     raise ConfigError(

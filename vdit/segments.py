@@ -34,3 +34,16 @@ def place_ids(segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
   h, w = positions[..., 1], positions[..., 2]
   ids = (segment_ids * MAX_GRID_SIDE + h) * MAX_GRID_SIDE + w + 1
   return jnp.where(segment_ids > 0, ids, 0).astype(jnp.int32)
+
+
+def extents(segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
+  """The grid (T, H, W) of each token's example, in patches: [B, L, 3] int32 (the largest
+  position of its segment + 1; padding tokens get their own padding segment's). positions:
+  [B, L, 3]."""
+  length = segment_ids.shape[1]
+
+  def row(seg, pos):  # [L], [L, 3]
+    top = jax.ops.segment_max(pos, seg, num_segments=length + 1)  # [L + 1, 3]
+    return top[seg] + 1
+
+  return jax.vmap(row)(segment_ids, positions).astype(jnp.int32)

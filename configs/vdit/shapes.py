@@ -100,6 +100,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     pooled_text=tiny,  # the mean encoded caption also enters the adaLN conditioning
     temporal_attention=False,  # every block also attends along time at each place
     position_conditioning=False,  # the adaLN conditioning also reads each token's position
+    # The sin-cos code's (h, w): "absolute" (patches from the example's corner) or "fractional"
+    # (fractions of the example's grid, NaViT): "the middle" has one code on every canvas.
+    position_code="absolute",
     patch_skip=0,  # > 0: a learned per-t linear map of the own noisy patch joins the output
     # (kt, kh, kw): embed each token from its neighbours' patches too (a convolutional patch
     # embedding; tiny: docs/recipe.md rows H, H2, I).
@@ -290,6 +293,9 @@ def latent_space(
     # ~0.45 with the stochastic sampler; docs/recipe.md, rows Y).
     c.diffusion.noise_correlation = 0.8
     c.diffusion.sampler = "stochastic"
+    # Canvas-relative positions: one compact object that persists (temporal 0.59 → 0.77;
+    # docs/recipe.md, rows D).
+    c.model.position_code = "fractional"
   # Sizes stay given in pixels above and are converted here (T' latent frames decode to
   # 1 + ft·(T' − 1) frames, H'×W' cells to fs·H' × fs·W' pixels).
   c.sample.num_frames, c.sample.height, c.sample.width = latent_size(

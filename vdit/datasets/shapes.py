@@ -77,6 +77,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
   colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
   shapes: tuple[str, ...] = ("circle", "square", "triangle")
   directions: tuple[str, ...] = ("left", "right", "up", "down")
+  object_size: tuple[float, float] = (0.2, 0.3)  # half-size range, fraction of the short side
   two_object_rate: float = 0.0  # fraction of examples with a second object
   background_caption_rate: float = 0.25  # fraction of captions that name the background
   speed_rate: float = 0.3  # fraction of examples moving "slowly" or "quickly" (and saying so)
@@ -103,6 +104,7 @@ class ExampleSpec:
   caption_background: bool = False  # append "on a {background} background" to the caption
   speed: str = ""  # key of SPEEDS; "" = normal speed, not captioned
   prefix: str = ""  # "" or one of PREFIXES
+  object_size: tuple[float, float] = ShapesConfig.object_size  # half-size range (see there)
 
 
 def caption(spec: ExampleSpec) -> str:
@@ -150,6 +152,7 @@ def sample_spec(rng: np.random.Generator, config: ShapesConfig) -> ExampleSpec:
     caption_background=bool(rng.random() < config.background_caption_rate),
     speed=speed,
     prefix=prefix,
+    object_size=config.object_size,
   )
 
 
@@ -194,7 +197,7 @@ def make_example(rng: np.random.Generator, spec: ExampleSpec) -> dict:
   bg = np.asarray(BACKGROUNDS[spec.background], np.float32) * (1 + gain * ramp)[..., None]
   video = np.broadcast_to(bg, (t, h, w, 3)).copy()  # [T, H, W, 3] float
   for obj in spec.objects:
-    r = max(3.0, rng.uniform(0.12, 0.2) * min(h, w))  # px, half-size
+    r = max(3.0, rng.uniform(*spec.object_size) * min(h, w))  # px, half-size
     step_x, step_y = DIRECTIONS[obj.direction]
     cx = _trajectory(rng, w, r, step_x, t, spec.speed)[:, None, None]  # [T, 1, 1]
     cy = _trajectory(rng, h, r, step_y, t, spec.speed)[:, None, None]
@@ -224,10 +227,11 @@ def generate(config: ShapesConfig, split: str, index: int) -> dict:
 class Shapes(tfds.core.GeneratorBasedBuilder):
   """Captioned videos of coloured shapes moving over backgrounds (procedural, no downloads)."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {
     "1.0.0": "Initial release.",
     "1.1.0": "Wider sizes (to 3:1, 4-24 frames in tiny), speeds and lead-ins in captions.",
+    "1.2.0": "Larger objects: half-size 0.2-0.3 of the short side (was 0.12-0.2).",
   }
   BUILDER_CONFIGS = [
     ShapesConfig(name="tiny", description="16-80 px, aspect 1:3-3:1, 4-24 frames, 2000/200"),

@@ -61,6 +61,7 @@ def build(config: ml_collections.ConfigDict):
       pooled_text=m.get("pooled_text", False),
       temporal_attention=m.get("temporal_attention", False),
       position_conditioning=m.get("position_conditioning", False),
+      position_code=m.get("position_code", "absolute"),
       patch_skip=m.get("patch_skip", 0),
       self_condition=spec.self_condition > 0,
       patch_bottleneck=m.get("patch_bottleneck", 0),

@@ -22,6 +22,18 @@ def sincos_1d(positions: jax.Array, dim: int, max_period: float = 10_000.0) -> j
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
+# What VideoDiT's additive sin-cos code reads (`VideoDiT.position_code`).
+POSITION_CODES = ("absolute", "fractional")
+
+
+def fractional(positions: jax.Array, extents: jax.Array, scale: float = 16.0) -> jax.Array:
+  """(t, h, w) positions [..., 3] with h and w as fractions of their example's grid, times
+  `scale` (NaViT's fractional coordinates, Sec. 3.1): a place is the same fraction of the way
+  across every canvas, whatever its size and aspect. Time stays absolute (patch-frames)."""
+  centre = (positions[..., 1:].astype(jnp.float32) + 0.5) / extents[..., 1:].astype(jnp.float32)
+  return jnp.concatenate([positions[..., :1].astype(jnp.float32), scale * centre], axis=-1)
+
+
 def sincos_2d(positions: jax.Array, dim: int) -> jax.Array:
   """2-D sin-cos encoding of (h, w) positions: [..., 2] -> [..., dim] (MAE/DiT).
 

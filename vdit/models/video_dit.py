@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from vdit import segments
 from vdit.axes import BATCH, EMBED, LENGTH, MLP, PATCH, TEXT_LENGTH, VOCAB
-from vdit.models import layers
+from vdit.models import layers, posemb
 from vdit.models.text import TextEncoder
 
 # DiT sizes (Peebles & Xie 2023, Table 1); "/p" is the spatial patch size of the latent.
@@ -235,6 +235,10 @@ class VideoDiT(nn.Module):
   # the adaLN's SiLU, not only through attention. Conditioning is then per token (the
   # `shared_conditioning` table is gathered to the tokens first). docs/recipe.md, row X1.
   position_conditioning: bool = False
+  # "absolute": the sin-cos code reads (t, h, w) in patches from the example's corner;
+  # "fractional": h and w as fractions of the example's grid (NaViT), so that "the left edge"
+  # or "the middle" has one code on every canvas size.
+  position_code: str = "absolute"
   attention_backend: str = "xla"  # see layers.ATTENTION_BACKENDS
   scan_layers: bool = True
   remat_policy: str = "none"  # see layers.REMAT_NAMES
@@ -338,7 +342,14 @@ class VideoDiT(nn.Module):
       h = layers.dense(self.width, (None, PATCH, EMBED), axis=(-2, -1), name="patch_conv", **kw)(x)
     else:
       h = layers.dense(self.width, (PATCH, EMBED), name="patch_embed", **kw)(x)
-    h = h + layers.sincos_3d(positions, self.width).astype(h.dtype)
+    code_positions = positions
+    if self.position_code == "fractional":
+      code_positions = posemb.fractional(positions, segments.extents(segment_ids, positions))
+    elif self.position_code not in posemb.POSITION_CODES:
+      raise ValueError(
+        f"position_code={self.position_code!r}: expected one of {posemb.POSITION_CODES}"
+      )
+    h = h + layers.sincos_3d(code_positions, self.width).astype(h.dtype)
     h = nn.with_logical_constraint(h, (BATCH, LENGTH, EMBED))
 
     # Conditioning: diffusion time (+ class label, + pooled caption of the token's example),

@@ -85,7 +85,7 @@ def real_clips(combos, size=SIZE) -> np.ndarray:
 def centred_object(colour: str, shape: str, height: int, width: int) -> np.ndarray:
   """A still of the object in the middle of a contrasting plain background: uint8 [H, W, 3]."""
   ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
-  radius = 0.16 * min(height, width)  # the middle of the dataset's 0.12–0.2 of the short side
+  radius = sum(shapes.ShapesConfig.object_size) / 2 * min(height, width)  # the dataset's mean
   alpha = np.clip(
     0.5 - shapes.signed_distance(shape, xs - width / 2, ys - height / 2, radius), 0, 1
   )
