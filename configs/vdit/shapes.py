@@ -296,6 +296,10 @@ def latent_space(
     # Canvas-relative positions: one compact object that persists (temporal 0.59 → 0.77;
     # docs/recipe.md, rows D).
     c.model.position_code = "fractional"
+    # 80% plain text-to-video (was half): temporal 0.77 → 0.87 (docs/recipe.md, row D6).
+    c.diffusion.cond_probs = dict(
+      none=0.8, image_to_video=0.05, extend_forward=0.05, extend_backward=0.05, interpolate=0.05
+    )
   # Sizes stay given in pixels above and are converted here (T' latent frames decode to
   # 1 + ft·(T' − 1) frames, H'×W' cells to fs·H' × fs·W' pixels).
   c.sample.num_frames, c.sample.height, c.sample.width = latent_size(
