@@ -39,6 +39,17 @@ def test_real_continuations_score_fully():
   assert scores == dict(colour=1.0, shape=1.0, direction=1.0, all=1.0, temporal=1.0)
 
 
+def test_swap_word_replaces_one_attribute_by_the_next_word():
+  """The words and shape-source probes change exactly one word of every prompt, to the next
+  word of that attribute (wrapping round)."""
+  combos = probe.combinations(shapes_scorer.Vocabulary.of_dataset("tiny"))
+  for i, attribute in enumerate(probe.ATTRIBUTES):
+    words = list(dict.fromkeys(c[i] for c in combos))
+    for old, new in zip(combos, probe.swap_word(combos, attribute), strict=True):
+      assert [j for j in range(3) if old[j] != new[j]] == [i]
+      assert words.index(new[i]) == (words.index(old[i]) + 1) % len(words)
+
+
 def test_object_mask_and_psnr():
   combos = probe.combinations(shapes_scorer.Vocabulary.of_dataset("tiny"))[:4]
   clips = probe.real_clips(combos)

@@ -63,6 +63,17 @@ def combinations(vocab: shapes_scorer.Vocabulary) -> list[tuple[str, str, str]]:
   return [(c, s, d) for c in vocab.colours for s in vocab.shapes for d in vocab.directions]
 
 
+def swap_word(combos, attribute: str) -> list[tuple[str, str, str]]:
+  """`combos` with the word of one of ATTRIBUTES replaced by the next word of that attribute
+  (in the order the combinations use, wrapping around)."""
+  i = ATTRIBUTES.index(attribute)
+  words = list(dict.fromkeys(c[i] for c in combos))
+  return [
+    tuple(words[(words.index(w) + 1) % len(words)] if j == i else w for j, w in enumerate(c))
+    for c in combos
+  ]
+
+
 def prompt(colour: str, shape: str, direction: str) -> str:
   return f"a {colour} {shape} moving {direction}"
 
@@ -197,7 +208,7 @@ def fidelity(probe: Probe, combos, times: Sequence[float], seed: int = 0) -> lis
   input, and the caption names it)."""
   clips = real_clips(combos, probe.clip_size)
   prompts = [prompt(*c) for c in combos]
-  target = clips.astype(np.float32) / 127.5 - 1.0
+  target = media.from_uint8(clips)
   mask = object_mask(clips)
   x0 = probe.patches(clips)
   rows = probe.rows(prompts)
@@ -242,36 +253,23 @@ def shape_source(probe: Probe, combos, times: Sequence[float], seed: int = 0) ->
   the next shape; the `adherence` scorer's shape accuracy of x̂0 against the word (`word`) and
   against the clip (`clip`). A model that draws the named shape scores high on `word`; one that
   copies the shape it sees, on `clip`."""
-  shapes_ = list(dict.fromkeys(c[1] for c in combos))
-  swapped = [(c, shapes_[(shapes_.index(s) + 1) % len(shapes_)], d) for c, s, d in combos]
-  clips = real_clips(combos, probe.clip_size)
-  x0 = probe.patches(clips)
+  word_prompts = [prompt(*c) for c in swap_word(combos, "shape")]
+  clip_prompts = [prompt(*c) for c in combos]
+  x0 = probe.patches(real_clips(combos, probe.clip_size))
   noise = probe.noise(len(x0), seed)
-  rows = probe.rows([prompt(*c) for c in swapped])
+  rows = probe.rows(word_prompts)
   results = []
   for t in times:
     videos = media.to_uint8(probe.x0((1 - t) * x0 + t * noise, t, rows))
-    results.append(
-      dict(
-        t=t,
-        word=_scores(videos, [prompt(*c) for c in swapped], combos)["shape"],
-        clip=_scores(videos, [prompt(*c) for c in combos], combos)["shape"],
-      )
-    )
+    word = _scores(videos, word_prompts, combos)["shape"]
+    results.append(dict(t=t, word=word, clip=_scores(videos, clip_prompts, combos)["shape"]))
   return results
 
 
 def word_effect(probe: Probe, combos, times: Sequence[float], seed: int = 0) -> list[dict]:
   """Per t: the mean |Δx̂0| when one attribute word (colour, shape, direction) of each prompt is
   replaced by the next word of its vocabulary, from pure noise shared by all the prompts."""
-  values = [list(dict.fromkeys(x)) for x in zip(*combos)]  # words per attribute, in order
-  swapped = {  # attribute -> the combos with that word replaced
-    name: [
-      tuple(v[(v.index(c[i]) + 1) % len(v)] if j == i else c[j] for j, v in enumerate(values))
-      for c in combos
-    ]
-    for i, name in enumerate(ATTRIBUTES)
-  }
+  swapped = {name: swap_word(combos, name) for name in ATTRIBUTES}
   base_rows = probe.rows([prompt(*c) for c in combos])
   other_rows = {name: probe.rows([prompt(*c) for c in cs]) for name, cs in swapped.items()}
   noise = probe.shared_noise(len(combos), seed)
