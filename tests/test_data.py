@@ -285,6 +285,18 @@ def test_speed_words_are_honoured():
   assert moved["quickly"] > 1.8 * moved["slowly"] > 0, moved
 
 
+def test_object_size_is_a_fraction_of_the_short_side():
+  """`object_size` sets the half-size r as a fraction of the canvas's short side: a circle's
+  area is π r² (up to its anti-aliased edge), on any canvas."""
+  rng = np.random.default_rng(4)
+  obj = (shapes.ObjectSpec("red", "circle", "right"),)
+  for (h, w), fraction in (((32, 48), 0.2), ((48, 32), 0.3), ((40, 40), 0.25)):
+    spec = shapes.ExampleSpec(obj, "black", 6, h, w, object_size=(fraction, fraction))
+    mask = _object_mask(shapes.make_example(rng, spec)["video"], "black")
+    r = fraction * min(h, w)
+    np.testing.assert_allclose(mask.sum((1, 2)).mean(), np.pi * r**2, rtol=0.1)
+
+
 def test_build_is_idempotent(test_data_dir):
   version = str(shapes.Shapes.VERSION)
   info = os.path.join(test_data_dir, "shapes", "test", version, "dataset_info.json")
