@@ -10,6 +10,7 @@ Every dataset stores at least `video` uint8 [T, H, W, 3] (an image is a 1-frame 
 (text) and `label` (int, -1 = none), so a pipeline can mix them.
 """
 
+import abc
 import contextlib
 import fcntl
 import os
@@ -30,6 +31,40 @@ def video_feature() -> tfds.features.Tensor:
 
 def int_feature() -> tfds.features.Scalar:
   return tfds.features.Scalar(dtype=np.int32)
+
+
+def info(builder, description: str, label, **features) -> tfds.core.DatasetInfo:
+  """The DatasetInfo of a bundled builder: `video`, `caption`, `label` (its feature) and the
+  builder's own `features`, in that order."""
+  return tfds.core.DatasetInfo(
+    builder=builder,
+    description=description,
+    features=tfds.features.FeaturesDict(
+      {"video": video_feature(), "caption": tfds.features.Text(), "label": label, **features}
+    ),
+  )
+
+
+class ProceduralBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A builder whose examples are made from (config, split, index) alone, nothing downloaded:
+  the subclass's `_example(split, index)`, for `index` below its config's `train_size` /
+  `validation_size`, keyed by index."""
+
+  @abc.abstractmethod
+  def _example(self, split: str, index: int) -> dict:
+    """Example `index` of `split`, exactly as stored."""
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # procedural: nothing to download
+    cfg = self.builder_config
+    return {
+      "train": self._generate_examples("train", cfg.train_size),
+      "validation": self._generate_examples("validation", cfg.validation_size),
+    }
+
+  def _generate_examples(self, split: str, size: int):
+    for index in range(size):
+      yield index, self._example(split, index)
 
 
 def make_builder(builder_cls, data_dir: str | None, config):

@@ -276,18 +276,7 @@ class Folder(tfds.core.GeneratorBasedBuilder):
   code_path = epath.Path(__file__)  # see shapes.py: avoids the importlib_resources backport
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=__doc__,
-      features=tfds.features.FeaturesDict(
-        {
-          "video": building.video_feature(),
-          "caption": tfds.features.Text(),
-          "label": building.int_feature(),
-          "file": tfds.features.Text(),
-        }
-      ),
-    )
+    return building.info(self, __doc__, label=building.int_feature(), file=tfds.features.Text())
 
   def _split_generators(self, dl_manager):
     del dl_manager

@@ -183,7 +183,7 @@ def generate(config: MovingDigitsConfig, split: str, index: int) -> dict:
   return make_example(building.split_rng(config.seed, split, index), config, split)
 
 
-class MovingDigits(tfds.core.GeneratorBasedBuilder):
+class MovingDigits(building.ProceduralBuilder):
   """Handwritten 8×8 scikit-learn digits moving/bouncing on canvases of varying size."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -207,32 +207,17 @@ class MovingDigits(tfds.core.GeneratorBasedBuilder):
   code_path = epath.Path(__file__)  # see shapes.py: avoids the importlib_resources backport
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=__doc__,
-      features=tfds.features.FeaturesDict(
-        {
-          "video": building.video_feature(),
-          "caption": tfds.features.Text(),
-          "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-          "digits": tfds.features.Tensor(shape=(2,), dtype=np.int32),  # -1: no second digit
-          "scans": tfds.features.Tensor(shape=(2,), dtype=np.int32),  # index in load_digits
-          "bounce": building.int_feature(),
-        }
-      ),
+    return building.info(
+      self,
+      __doc__,
+      label=tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+      digits=tfds.features.Tensor(shape=(2,), dtype=np.int32),  # -1: no second digit
+      scans=tfds.features.Tensor(shape=(2,), dtype=np.int32),  # index in load_digits
+      bounce=building.int_feature(),
     )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager  # the scans ship with scikit-learn: nothing to download
-    cfg = self.builder_config
-    return {
-      "train": self._generate_examples("train", cfg.train_size),
-      "validation": self._generate_examples("validation", cfg.validation_size),
-    }
-
-  def _generate_examples(self, split: str, size: int):
-    for index in range(size):
-      yield index, generate(self.builder_config, split, index)
+  def _example(self, split: str, index: int) -> dict:
+    return generate(self.builder_config, split, index)
 
 
 CONFIG_NAMES = tuple(c.name for c in MovingDigits.BUILDER_CONFIGS)  # valid `dataset_config`s

@@ -179,7 +179,7 @@ def generate(config: PhotoPansConfig, split: str, index: int) -> dict:
   return make_example(building.split_rng(config.seed, split, index), config)
 
 
-class PhotoPans(tfds.core.GeneratorBasedBuilder):
+class PhotoPans(building.ProceduralBuilder):
   """Pans, zooms and stills over the photographs shipped with scikit-image."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -202,31 +202,16 @@ class PhotoPans(tfds.core.GeneratorBasedBuilder):
   code_path = epath.Path(__file__)  # see shapes.py: avoids the importlib_resources backport
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=__doc__,
-      features=tfds.features.FeaturesDict(
-        {
-          "video": building.video_feature(),
-          "caption": tfds.features.Text(),
-          "label": tfds.features.ClassLabel(names=PHOTO_NAMES),
-          "motion": tfds.features.ClassLabel(names=MOTIONS),
-          "direction": building.int_feature(),  # index in DIRECTIONS for pans, else -1
-        }
-      ),
+    return building.info(
+      self,
+      __doc__,
+      label=tfds.features.ClassLabel(names=PHOTO_NAMES),
+      motion=tfds.features.ClassLabel(names=MOTIONS),
+      direction=building.int_feature(),  # index in DIRECTIONS for pans, else -1
     )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager  # the photographs ship with scikit-image: nothing to download
-    cfg = self.builder_config
-    return {
-      "train": self._generate_examples("train", cfg.train_size),
-      "validation": self._generate_examples("validation", cfg.validation_size),
-    }
-
-  def _generate_examples(self, split: str, size: int):
-    for index in range(size):
-      yield index, generate(self.builder_config, split, index)
+  def _example(self, split: str, index: int) -> dict:
+    return generate(self.builder_config, split, index)
 
 
 CONFIG_NAMES = tuple(c.name for c in PhotoPans.BUILDER_CONFIGS)  # valid `dataset_config`s

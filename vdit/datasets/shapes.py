@@ -224,7 +224,7 @@ def generate(config: ShapesConfig, split: str, index: int) -> dict:
   return make_example(rng, sample_spec(rng, config))
 
 
-class Shapes(tfds.core.GeneratorBasedBuilder):
+class Shapes(building.ProceduralBuilder):
   """Captioned videos of coloured shapes moving over backgrounds (procedural, no downloads)."""
 
   VERSION = tfds.core.Version("1.2.0")
@@ -261,35 +261,15 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     scalar = building.int_feature
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=__doc__,
-      features=tfds.features.FeaturesDict(
-        {
-          "video": building.video_feature(),
-          "caption": tfds.features.Text(),
-          "label": tfds.features.ClassLabel(names=SHAPES),
-          "colour": scalar(),
-          "shape": scalar(),
-          "direction": scalar(),
-          "background": scalar(),
-          "num_objects": scalar(),
-        }
-      ),
-      supervised_keys=None,
+    return building.info(
+      self,
+      __doc__,
+      label=tfds.features.ClassLabel(names=SHAPES),
+      **{k: scalar() for k in ("colour", "shape", "direction", "background", "num_objects")},
     )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager  # procedural: nothing to download
-    cfg = self.builder_config
-    return {
-      "train": self._generate_examples("train", cfg.train_size),
-      "validation": self._generate_examples("validation", cfg.validation_size),
-    }
-
-  def _generate_examples(self, split: str, size: int):
-    for index in range(size):
-      yield index, generate(self.builder_config, split, index)
+  def _example(self, split: str, index: int) -> dict:
+    return generate(self.builder_config, split, index)
 
 
 NUM_CLASSES = len(SHAPES)  # `label` is the shape of the first object
