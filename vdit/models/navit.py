@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from vdit import segments
 from vdit.axes import BATCH, EMBED, LENGTH, PATCH
-from vdit.models import layers
+from vdit.models import layers, vit
 from vdit.models.vit import VARIANTS, Encoder, MAPHead, class_head, classification_loss
 
 __all__ = ["NaViT", "FactorizedPositionEmbedding", "drop_tokens", "classification_loss"]
@@ -129,17 +129,8 @@ class NaViT(nn.Module):
       self.posemb_size, self.posemb_kind, self.param_dtype, name="posemb"
     )(positions[..., 1:], grid, self.width)
     x = nn.with_logical_constraint(x + pos.astype(x.dtype), (BATCH, LENGTH, EMBED))
-    x = Encoder(
-      self.depth,
-      self.num_heads,
-      self.mlp_ratio,
-      self.attention_backend,
-      self.scan_layers,
-      self.remat_policy,
-      name="encoder",
-      **kw,
-    )(x, segment_ids)
-    pooled = MAPHead(self.num_heads, self.mlp_ratio, self.attention_backend, name="map_head", **kw)(
+    x = Encoder(self.depth, name="encoder", **vit.options(self, vit.ENCODER_FIELDS))(x, segment_ids)
+    pooled = MAPHead(name="map_head", **vit.options(self, vit.BLOCK_FIELDS))(
       x, segment_ids, num_queries=shapes.shape[1]
     )  # [B, K, D]
     if self.num_classes <= 0:

@@ -73,15 +73,6 @@ class TextEncoder(nn.Module):
       )
       x = embed(tokens)  # [B, M, Dt]
     x = x + layers.sincos_1d(layers.positions_in_segment(segment_ids), self.width).astype(x.dtype)
-    return vit.encoder_stack(  # the ViT encoder's blocks over each caption's tokens
-      x,
-      segment_ids,
-      depth=self.depth,
-      num_heads=self.num_heads,
-      mlp_ratio=self.mlp_ratio,
-      attention_backend=self.attention_backend,
-      scan_layers=self.scan_layers,
-      remat_policy=self.remat_policy,
-      length_axis=TEXT_LENGTH,
-      **kw,
-    )
+    # The ViT encoder's blocks over each caption's tokens.
+    fields = vit.options(self, vit.ENCODER_FIELDS)
+    return vit.encoder_stack(x, segment_ids, depth=self.depth, length_axis=TEXT_LENGTH, **fields)

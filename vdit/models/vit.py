@@ -37,6 +37,10 @@ VARIANTS = {
 }
 POOLS = ("token", "gap", "map")
 POSEMBS = ("learn", "sincos2d")
+# The fields a model of the ViT family (ViT, NaViT, ViViT, the text encoder) hands its blocks
+# (`Block`) and its encoder (`Encoder`, `encoder_stack`; besides `depth`), by the same names.
+BLOCK_FIELDS = ("num_heads", "mlp_ratio", "attention_backend", "dtype", "param_dtype")
+ENCODER_FIELDS = (*BLOCK_FIELDS, "scan_layers", "remat_policy")
 
 
 def decode_variant(variant: str) -> dict:
@@ -77,6 +81,21 @@ def classification_loss(
   correct = jnp.logical_and(valid, jnp.argmax(logits, axis=-1) == labels)
   accuracy = jnp.sum(correct) / denom
   return loss, {"loss": loss, "accuracy": accuracy, "count": count}
+
+
+def options(model: nn.Module, fields: tuple[str, ...]) -> dict[str, Any]:
+  """{field: value} of `model` for `fields` (BLOCK_FIELDS or ENCODER_FIELDS)."""
+  return {f: getattr(model, f) for f in fields}
+
+
+class Block(nn.Module):
+  """The fields of a transformer block or attention head (BLOCK_FIELDS), for subclasses."""
+
+  num_heads: int
+  mlp_ratio: float = 4.0
+  attention_backend: str = "xla"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
 
 class EncoderBlock(nn.Module):
@@ -161,33 +180,16 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x, segment_ids):
     # x: [B, L, D]; segment_ids: [B, L] -> [B, L, D]
-    return encoder_stack(
-      x,
-      segment_ids,
-      depth=self.depth,
-      num_heads=self.num_heads,
-      mlp_ratio=self.mlp_ratio,
-      attention_backend=self.attention_backend,
-      scan_layers=self.scan_layers,
-      remat_policy=self.remat_policy,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-    )
+    return encoder_stack(x, segment_ids, depth=self.depth, **options(self, ENCODER_FIELDS))
 
 
-class MAPHead(nn.Module):
+class MAPHead(Block):
   """Multihead attention pooling (Zhai et al. 2022, Sec. 3.2; big_vision `MAPHead`), per segment.
 
   K learned-probe queries, query k attending only to the tokens of segment k (NaViT, Sec. 3.1:
   pooling per example of a packed row), then x + MLP(LN(x)). An empty slot (no tokens) pools
   to a finite constant.
   """
-
-  num_heads: int
-  mlp_ratio: float = 4.0
-  attention_backend: str = "xla"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, segment_ids, num_queries: int = 1):
@@ -290,24 +292,13 @@ class ViT(nn.Module):
       x = x + table.astype(x.dtype)
     x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
     segment_ids = jnp.ones(x.shape[:2], jnp.int32)
-    x = Encoder(
-      self.depth,
-      self.num_heads,
-      self.mlp_ratio,
-      self.attention_backend,
-      self.scan_layers,
-      self.remat_policy,
-      name="encoder",
-      **kw,
-    )(x, segment_ids)
+    x = Encoder(self.depth, name="encoder", **options(self, ENCODER_FIELDS))(x, segment_ids)
     if self.pool == "token":
       x = x[:, 0]
     elif self.pool == "gap":
       x = jnp.mean(x, axis=1)
     else:
-      x = MAPHead(self.num_heads, self.mlp_ratio, self.attention_backend, name="map_head", **kw)(
-        x, segment_ids
-      )[:, 0]
+      x = MAPHead(name="map_head", **options(self, BLOCK_FIELDS))(x, segment_ids)[:, 0]
     if self.num_classes <= 0:
       return x
     return class_head(self.num_classes, **kw)(x)

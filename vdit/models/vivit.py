@@ -24,7 +24,7 @@ import numpy as np
 
 from vdit.axes import BATCH, EMBED, HEADS, KV, LENGTH, PATCH
 from vdit.data.patchify import patchify
-from vdit.models import layers
+from vdit.models import layers, vit
 from vdit.models.vit import VARIANTS, Encoder, class_head, classification_loss
 
 __all__ = ["ViViT", "inflate_patch_embedding", "classification_loss", "VIVIT_VARIANTS"]
@@ -69,14 +69,8 @@ def _learned_table(module: nn.Module, name: str, rows: int, width: int, dtype) -
   return module.param(name, init, (1, rows, width), dtype)
 
 
-class FactorisedSelfAttentionBlock(nn.Module):
+class FactorisedSelfAttentionBlock(vit.Block):
   """Model 3 block: y = x + MSA_s(LN(x)); z = y + MSA_t(LN(y)); out = z + MLP(LN(z))."""
-
-  num_heads: int
-  mlp_ratio: float = 4.0
-  attention_backend: str = "xla"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -95,18 +89,12 @@ class FactorisedSelfAttentionBlock(nn.Module):
     return x + layers.Mlp(self.mlp_ratio, name="mlp", **kw)(h), None
 
 
-class FactorisedDotProductBlock(nn.Module):
+class FactorisedDotProductBlock(vit.Block):
   """Model 4 block: x + W_o[heads_s(LN x) ‖ heads_t(LN x)], then x + MLP(LN(x)) (Sec. 3.3).
 
   Half of the heads attend among the tokens of the same frame, the other half among the tokens
   of the same spatial location; their outputs are concatenated before the output projection.
   """
-
-  num_heads: int
-  mlp_ratio: float = 4.0
-  attention_backend: str = "xla"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -168,17 +156,7 @@ class ViViT(nn.Module):
     return cls(num_classes=num_classes, variant=variant, **{**VARIANTS[size], **kwargs})
 
   def _encoder(self, depth: int, name: str) -> Encoder:
-    return Encoder(
-      depth,
-      self.num_heads,
-      self.mlp_ratio,
-      self.attention_backend,
-      self.scan_layers,
-      self.remat_policy,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name=name,
-    )
+    return Encoder(depth, name=name, **vit.options(self, vit.ENCODER_FIELDS))
 
   def _with_cls(self, x: jax.Array, name: str) -> jax.Array:
     # x: [B', N, D] -> [B', 1 + N, D] with a learned class token first.
@@ -228,13 +206,7 @@ class ViViT(nn.Module):
         scan=self.scan_layers,
         remat_policy=self.remat_policy,
       )
-      x, _ = stack(
-        "blocks",
-        num_heads=self.num_heads,
-        mlp_ratio=self.mlp_ratio,
-        attention_backend=self.attention_backend,
-        **kw,
-      )(x.reshape(b, nt, ns, d))
+      x, _ = stack("blocks", **vit.options(self, vit.BLOCK_FIELDS))(x.reshape(b, nt, ns, d))
       x = layers.layer_norm(name="norm", **kw)(x)
       pooled = jnp.mean(x, axis=(1, 2))
     if self.num_classes <= 0:
