@@ -127,6 +127,11 @@ def check_config_file(spec: str) -> str:
   return ""
 
 
+# How a transformer config runs rather than what it computes: XLA attention, scanned blocks, no
+# rematerialization, float32. A run overrides them: --config.model.attention_backend=splash, ...
+RUNTIME = dict(attention_backend="xla", scan_layers=True, remat_policy="none", dtype="float32")
+
+
 def trainer_config(
   *,
   tiny: bool,

@@ -42,10 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     num_classes=10,
     class_dropout_prob=0.1,  # adds the null-class embedding row (dropout is done by the task)
     learn_sigma=True,
-    attention_backend="xla",
-    scan_layers=True,
-    remat_policy="none",
-    dtype="float32",
+    **config_lib.RUNTIME,
   )
   c.diffusion = dict(
     objective="gaussian",

@@ -52,10 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     num_heads=heads,
     posemb_kind="fractional",
     posemb_size=32,
-    attention_backend="xla",
-    scan_layers=True,
-    remat_policy="none",
-    dtype="float32",
+    **config_lib.RUNTIME,
   )
   # Evaluators (vdit/evaluators, docs/evaluation.md): top-1 over the validation split at the end.
   c.evals = dict(classification=dict(type="top1"))

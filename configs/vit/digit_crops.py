@@ -41,10 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     depth=4 if tiny else 6,
     num_heads=4 if tiny else 3,
     pool="gap",
-    attention_backend="xla",
-    scan_layers=True,
-    remat_policy="none",
-    dtype="float32",
+    **config_lib.RUNTIME,
   )
   # Evaluators (vdit/evaluators, docs/evaluation.md): top-1 over the validation split at the end.
   c.evals = dict(classification=dict(type="top1"))

@@ -37,10 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     depth=4 if tiny else 12,
     num_heads=4 if tiny else 12,
     pool="gap" if tiny else "token",
-    attention_backend="xla",
-    scan_layers=True,
-    remat_policy="none",
-    dtype="float32",
+    **config_lib.RUNTIME,
   )
   # Evaluators (vdit/evaluators, docs/evaluation.md): top-1 over the validation split at the end.
   c.evals = dict(classification=dict(type="top1"))

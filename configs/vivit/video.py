@@ -42,10 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     depth=3 if tiny else 12,  # the spatial depth for factorised_encoder
     temporal_depth=1 if tiny else 4,
     num_heads=4 if tiny else 12,
-    attention_backend="xla",
-    scan_layers=True,
-    remat_policy="none",
-    dtype="float32",
+    **config_lib.RUNTIME,
   )
   # Evaluators (vdit/evaluators, docs/evaluation.md): top-1 over the validation split at the end.
   c.evals = dict(classification=dict(type="top1"))
