@@ -315,16 +315,7 @@ def make_dataset(
   return ds
 
 
-def make_iterator(
-  input_config: ml_collections.ConfigDict,
-  *,
-  seed: int,
-  process_index: int = 0,
-  process_count: int = 1,
-  train: bool = True,
-) -> grain.DatasetIterator:
-  """A checkpointable iterator over `make_dataset(...)` (see `get_state` / `set_state`)."""
-  ds = make_dataset(
-    input_config, seed=seed, process_index=process_index, process_count=process_count, train=train
-  )
-  return iter(ds)
+def make_iterator(input_config: ml_collections.ConfigDict, **kwargs) -> grain.DatasetIterator:
+  """A checkpointable iterator over `make_dataset(input_config, **kwargs)` (see `get_state` /
+  `set_state`)."""
+  return iter(make_dataset(input_config, **kwargs))
