@@ -1,10 +1,13 @@
 """Configs the tests run: the real config files, shrunk where a test needs speed."""
 
 import os
+import subprocess
+import sys
 
+import jax
 import ml_collections
 
-from vdit import config_lib
+from vdit import checkpointing, config_lib, sharding, tasks, train, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,8 +73,6 @@ def fit_one_batch(
   """`steps` jitted train steps of `config`'s task on `batch` (default: the task's first batch;
   the real sharded step over the config's mesh of `devices`, default all) → (the losses, the
   last step's metrics, the final train state)."""
-  from vdit import sharding, tasks, train, train_state  # noqa: PLC0415
-
   task = tasks.get(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_from_config(config.sharding_rules)
@@ -88,3 +89,40 @@ def fit_one_batch(
       # devices of 2 cores (an XLA CPU rendezvous timeout).
       losses.append(float(metrics["loss"]))
   return losses, metrics, state
+
+
+def config_file(tmp_path, config: ml_collections.ConfigDict) -> str:
+  """A config file for `--config=` that returns exactly `config` (via its resolved JSON)."""
+  folder = tmp_path / "config"
+  checkpointing.write_config(str(folder), config)
+  path = folder / "cfg.py"
+  path.write_text(
+    "from vdit import checkpointing\n\n\n"
+    f"def get_config(arg=None):\n  return checkpointing.read_config({str(folder)!r})\n"
+  )
+  return str(path)
+
+
+def restored(workdir: str, config: ml_collections.ConfigDict, data_iterator=None):
+  """(step, state) of the latest checkpoint in `workdir`, restored as `config`'s train state on
+  its mesh (and `data_iterator`'s position, if given), the state gathered to this host."""
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  abstract = train_state.build(config, mesh, rules, tasks.get(config)).abstract
+  mngr = checkpointing.manager(workdir)
+  step, state = checkpointing.restore(mngr, abstract, data_iterator)
+  mngr.close()
+  return step, jax.device_get(state)
+
+
+def run_module(module: str, *args: str, timeout: float = 900, **env: str):
+  """`python -m module *args` in the repo, output captured as text, with this process's
+  environment plus `env`."""
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=timeout,
+    env={**os.environ, **env},
+  )

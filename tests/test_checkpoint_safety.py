@@ -21,7 +21,6 @@ import orbax.checkpoint as ocp  # (only to forge a damaged checkpoint)
 import pytest
 
 from tests import configs
-from tests.test_fault_tolerance import _config_file
 from vdit import checkpointing, sharding, tasks, train, train_state, workdir_guard
 
 TOTAL = 4  # the module's run saves checkpoints 2 and 4
@@ -244,7 +243,7 @@ def test_no_intact_checkpoint_is_one_error_and_writes_nothing(workdir, data_dir,
   _zero(workdir / "checkpoints" / "4")
   _garbage_data(workdir / "checkpoints" / "2")
   before = _snapshot(workdir)
-  out = _cli(_config_file(tmp_path, _config(data_dir)), workdir)
+  out = _cli(configs.config_file(tmp_path, _config(data_dir)), workdir)
   _assert_error(
     rf"error: no intact checkpoint in {re.escape(str(workdir))}/checkpoints: tried steps 4, 2 — "
     rf"4: {RESTORE_FAILED}; 2: {RESTORE_FAILED}\. Nothing was written; restore the checkpoints "
@@ -323,7 +322,7 @@ def test_second_trainer_on_a_workdir_is_refused(workdir, data_dir, tmp_path):
   try:
     assert holder.stdout.readline().strip() == "locked"
     before = _snapshot(workdir)
-    out = _cli(_config_file(tmp_path, _config(data_dir)), workdir)
+    out = _cli(configs.config_file(tmp_path, _config(data_dir)), workdir)
   finally:
     holder.kill()  # SIGKILL: no cleanup runs in the holder
     holder.wait()

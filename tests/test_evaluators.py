@@ -3,8 +3,6 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import ml_collections
@@ -336,15 +334,7 @@ TINY_FLAGS = [
 
 
 def _run(module, *args, timeout=900):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run(
-    [sys.executable, "-m", module, *args],
-    capture_output=True,
-    text=True,
-    cwd=configs.REPO,
-    timeout=timeout,
-    env=env,
-  )
+  return configs.run_module(module, *args, timeout=timeout, JAX_PLATFORMS="cpu")
 
 
 @pytest.mark.slow

@@ -33,18 +33,6 @@ def _small(data_dir, **overrides):
   return configs.small(data_dir, **{**kw, **overrides})
 
 
-def _config_file(tmp_path, config) -> str:
-  """A config file for `--config=` that returns exactly `config` (via its resolved JSON)."""
-  folder = tmp_path / "config"
-  checkpointing.write_config(str(folder), config)
-  path = folder / "cfg.py"
-  path.write_text(
-    "from vdit import checkpointing\n\n\n"
-    f"def get_config(arg=None):\n  return checkpointing.read_config({str(folder)!r})\n"
-  )
-  return str(path)
-
-
 class Run:
   """`python -m vdit.main` (or `argv`) in a subprocess, its stdout read line by line."""
 
@@ -121,7 +109,7 @@ def uninterrupted(data_dir, tmp_path_factory):
   """The config file and final state of an uninterrupted TOTAL-step run (in this process)."""
   tmp = tmp_path_factory.mktemp("uninterrupted")
   config = _small(data_dir)
-  path = _config_file(tmp, config)
+  path = configs.config_file(tmp, config)
   train.train_and_evaluate(checkpointing.read_config(os.path.dirname(path)), str(tmp / "run"))
   step, state = _state(str(tmp / "run"), config)
   assert step == TOTAL
@@ -159,7 +147,7 @@ def test_kill9_resumes_from_the_last_complete_checkpoint(uninterrupted, tmp_path
   path, expected = uninterrupted
   config = checkpointing.read_config(os.path.dirname(path))
   config.checkpoint_every_steps = 2
-  path = _config_file(tmp_path, config)
+  path = configs.config_file(tmp_path, config)
   workdir = str(tmp_path / "run")
   seed = random.randrange(10**6)
   rng = random.Random(seed)

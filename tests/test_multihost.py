@@ -37,17 +37,6 @@ def _config(data_dir, **overrides):
   return configs.small(data_dir, **{**kw, **overrides})
 
 
-def _config_file(tmp_path, config) -> str:
-  folder = tmp_path / "config"
-  checkpointing.write_config(str(folder), config)
-  path = folder / "cfg.py"
-  path.write_text(
-    "from vdit import checkpointing\n\n\n"
-    f"def get_config(arg=None):\n  return checkpointing.read_config({str(folder)!r})\n"
-  )
-  return str(path)
-
-
 def _launch(config_path, workdir, log_dir, processes=2) -> Run:
   launcher = [
     sys.executable,
@@ -93,22 +82,12 @@ def _single_process(config, steps):
   return losses, jax.device_get(state), initial
 
 
-def _restore(workdir, config, data_iterator=None):
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config.sharding_rules)
-  abstract = train_state.build(config, mesh, rules, tasks.get(config)).abstract
-  mngr = checkpointing.manager(workdir)
-  step, state = checkpointing.restore(mngr, abstract, data_iterator)
-  mngr.close()
-  return step, jax.device_get(state)
-
-
 def test_two_processes_match_one(data_dir, tmp_path):
   """2 processes × 4 devices = 1 process × 8 devices: same losses, same checkpointed state;
   only process 0 writes TensorBoard events; each process saved its own data position."""
   config = _config(data_dir)
   workdir, log_dir = str(tmp_path / "run"), str(tmp_path / "logs")
-  run = _launch(_config_file(tmp_path, config), workdir, log_dir)
+  run = _launch(configs.config_file(tmp_path, config), workdir, log_dir)
   assert run.finish(timeout=1200) == 0, run.stderr + _logs(log_dir)
   assert "JAX process 1/2" in _logs(log_dir, tail=None)
   printed = [float(x) for x in re.findall(r"^step \d+/3  loss ([\d.]+)", run.stdout, re.M)]
@@ -116,7 +95,7 @@ def test_two_processes_match_one(data_dir, tmp_path):
 
   losses, expected, initial = _single_process(config, 3)
   np.testing.assert_allclose(printed, losses, atol=2e-4)  # printed with 4 decimals
-  step, state = _restore(workdir, config)
+  step, state = configs.restored(workdir, config)
   assert step == 3
   # Adam turns reduction-order noise in tiny gradients into ≤ 1% of a step (lr = 1e-3).
   for x, y in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(expected)):
@@ -140,7 +119,7 @@ def test_sigterm_on_one_host_stops_all_at_the_same_step(data_dir, tmp_path):
   step through JAX's coordination service, save one checkpoint together and exit 0."""
   config = _config(data_dir, total_steps=10_000)
   workdir, log_dir = str(tmp_path / "run"), str(tmp_path / "logs")
-  run = _launch(_config_file(tmp_path, config), workdir, log_dir)
+  run = _launch(configs.config_file(tmp_path, config), workdir, log_dir)
   run.wait_for(r"^step 2/", timeout=1200)
   with open(os.path.join(log_dir, "process_1.pid")) as f:
     os.kill(int(f.read()), signal.SIGTERM)
@@ -166,14 +145,15 @@ def test_two_processes_resume_on_one(data_dir, tmp_path):
   old positions or restored only one of them would save another."""
   config = _config(data_dir, total_steps=2, **{"input.num_packing_bins": 4})
   workdir, log_dir = str(tmp_path / "run"), str(tmp_path / "logs")
-  run = _launch(_config_file(tmp_path / "two", config), workdir, log_dir)
+  run = _launch(configs.config_file(tmp_path / "two", config), workdir, log_dir)
   assert run.finish(timeout=1200) == 0, run.stderr + _logs(log_dir)
   checkpoints = tmp_path / "run" / "checkpoints"
   saved = checkpointing.saved_data_states(checkpoints / "2" / "data")
   assert [s["shard"] for s in saved] == [[0, 2], [1, 2]]
 
   config.total_steps = 4
-  run = Run(_config_file(tmp_path / "one", config), workdir)  # 1 process, this test's 8 devices
+  # 1 process, this test's 8 devices.
+  run = Run(configs.config_file(tmp_path / "one", config), workdir)
   assert run.finish(timeout=1200) == 0, run.stderr
   assert "resumed from checkpoint at step 2" in run.stdout
   assert re.findall(r"^step (\d+)/4", run.stdout, re.M) == ["3", "4"], run.stdout

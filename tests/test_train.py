@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -42,16 +40,6 @@ def test_mesh_invariance(data_dir):
   )
 
 
-def _final_params(workdir, config):
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config.sharding_rules)
-  abstract = train_state.build(config, mesh, rules, tasks.get(config)).abstract
-  mngr = checkpointing.manager(workdir)
-  step, state = checkpointing.restore(mngr, abstract, None)
-  mngr.close()
-  return step, jax.device_get(state)
-
-
 def test_resume_equals_uninterrupted(data_dir, tmp_path):
   """N steps straight vs N/2, stop, resume to N: same params, EMA, RNG and data order."""
   kw = {"optimizer.schedule_steps": 6, "total_steps": 6, "checkpoint_every_steps": 3}
@@ -61,24 +49,14 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path):
   train.train_and_evaluate(configs.small(data_dir, **{**kw, "total_steps": 3}), resumed)
   assert checkpointing.latest_step(resumed) == 3
   train.train_and_evaluate(configs.small(data_dir, **kw), resumed)
-  step_a, a = _final_params(straight, configs.small(data_dir, **kw))
-  step_b, b = _final_params(resumed, configs.small(data_dir, **kw))
+  step_a, a = configs.restored(straight, configs.small(data_dir, **kw))
+  step_b, b = configs.restored(resumed, configs.small(data_dir, **kw))
   assert step_a == step_b == 6
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   # The data iterator positions were saved and match, too.
   for name in ("straight", "resumed"):
     assert os.listdir(tmp_path / name / "checkpoints" / "6" / "data")
-
-
-def _run(module, *args, timeout=900):
-  return subprocess.run(
-    [sys.executable, "-m", module, *args],
-    capture_output=True,
-    text=True,
-    cwd=configs.REPO,
-    timeout=timeout,
-  )
 
 
 TINY_FLAGS = [
@@ -94,7 +72,7 @@ TINY_FLAGS = [
 def test_entry_points_train_resume_sample(data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   common = [*TINY_FLAGS, f"--workdir={workdir}", f"--config.input.data_dir={data_dir}"]
-  out = _run("vdit.main", *common, "--config.total_steps=2")
+  out = configs.run_module("vdit.main", *common, "--config.total_steps=2")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "step 2/2" in out.stdout and "steps/s" in out.stdout and "ETA" in out.stdout
   assert "samples written" in out.stdout
@@ -104,13 +82,13 @@ def test_entry_points_train_resume_sample(data_dir, tmp_path):
   with open(os.path.join(workdir, "eval", "2.json")) as f:  # config.evals ran at the last step
     assert {"loss", "samples", "adherence"} <= set(json.load(f))
 
-  out = _run("vdit.main", *common, "--config.total_steps=4")
+  out = configs.run_module("vdit.main", *common, "--config.total_steps=4")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "step 3/4" in out.stdout and "step 1/4" not in out.stdout  # resumed at 2
   assert checkpointing.latest_step(workdir) == 4
 
   gif = str(tmp_path / "x.gif")
-  out = _run(
+  out = configs.run_module(
     "vdit.sample",
     f"--workdir={workdir}",
     "--prompt=a red circle moving right",
@@ -127,7 +105,7 @@ def test_entry_points_train_resume_sample(data_dir, tmp_path):
   assert frames.shape == (4, 24, 40, 3)
 
   npz = str(tmp_path / "x.npz")
-  out = _run(
+  out = configs.run_module(
     "vdit.sample",
     f"--workdir={workdir}",
     "--prompt=a blue square moving left",
@@ -141,14 +119,18 @@ def test_entry_points_train_resume_sample(data_dir, tmp_path):
   assert media.read_video(npz).shape == (2, 16, 16, 3)
 
   # A size that is not a patch multiple: one clear error, no traceback.
-  out = _run("vdit.sample", f"--workdir={workdir}", "--prompt=x", "--height=30", f"--out={gif}")
+  out = configs.run_module(
+    "vdit.sample", f"--workdir={workdir}", "--prompt=x", "--height=30", f"--out={gif}"
+  )
   assert out.returncode != 0
   assert "height=30 is not a multiple of the patch size 4" in out.stderr
   assert "Traceback" not in out.stderr
 
 
 def test_sample_without_checkpoint_is_a_clear_error(tmp_path):
-  out = _run("vdit.sample", f"--workdir={tmp_path}", "--prompt=x", f"--out={tmp_path}/x.gif")
+  out = configs.run_module(
+    "vdit.sample", f"--workdir={tmp_path}", "--prompt=x", f"--out={tmp_path}/x.gif"
+  )
   assert out.returncode != 0
   assert "not a vdit workdir" in out.stderr or "no checkpoint" in out.stderr
   assert "Traceback" not in out.stderr
