@@ -9,7 +9,7 @@ import pytest
 
 from tests.configs import REPO
 from tests.configs import load as load_config
-from vdit import config_checks, config_lib, sharding, train
+from vdit import config_checks, config_lib, models, sharding, train
 
 
 def test_parse_arg_types_and_unknown():
@@ -155,3 +155,20 @@ def test_cli_missing_config_file_is_one_line(tmp_path):
     "error: config file 'configs/vdit/nope.py' does not exist (--config=configs/vdit/nope.py:tiny)"
   )
   assert "Traceback" not in out.stderr
+
+
+def test_video_dit_is_built_from_its_own_fields():
+  """`models.build`: VideoDiT takes `config.model`'s keys as its dataclass fields (absent ones
+  keep the module's defaults); a misspelt key or one the data decides is one clear error."""
+  config = load_config("tiny")
+  model = models.build(config)
+  assert (model.width, model.depth, model.rope) == (config.model.width, config.model.depth, True)
+  assert model.patch_context == tuple(config.model.patch_context)
+  assert model.shared_conditioning == config.input.max_examples_per_row
+  assert model.patch_dim == models.patch_dim(config) and model.qk_norm is False  # a default
+  for key in ("widht", "patch_dim"):
+    bad = load_config("tiny")
+    with bad.unlocked():
+      bad.model[key] = 3
+    with pytest.raises(ValueError, match=f"model keys \\['{key}'\\] are not settable fields"):
+      models.build(bad)

@@ -1,6 +1,7 @@
 """Models looked up by name (`config.model.name`), built from the config.
 
-video_dit                  VideoDiT (the text-to-video model; its own keys, below)
+video_dit                  VideoDiT (the text-to-video model): its dataclass fields, the rest
+                           derived from the data and the objective (`build_video_dit`)
 vit, navit, vivit, dit,    the zoo: `config.model` holds the module's fields (width, depth,
                            num_heads, patch_size, ...), or a `variant` name ("B/16", "S/2";
                            each module's table; ViViT: `size`, as its `variant` field is the
@@ -35,47 +36,47 @@ def build(config: ml_collections.ConfigDict):
   """The Flax module named by `config.model.name`."""
   m = config.model
   if m.name == "video_dit":
-    spec = objectives.Spec.from_config(config.diffusion)
-    return VideoDiT(
-      patch_dim=patch_dim(config),
-      out_dim=spec.output_dim(patch_dim(config)),
-      width=m.width,
-      depth=m.depth,
-      num_heads=m.num_heads,
-      mlp_ratio=m.mlp_ratio,
-      text_width=m.text_width,
-      text_depth=m.text_depth,
-      text_heads=m.text_heads,
-      vocab_size=config.input.vocab_size,
-      num_classes=m.num_classes,
-      text_embed_dim=m.get("text_embed_dim", 0),
-      rope=m.get("rope", False),
-      rope_max_period=m.get("rope_max_period", 10_000.0),
-      locality=m.get("locality", 0.0),
-      patch_context=tuple(m.get("patch_context", ())),
-      mlp_context=tuple(m.get("mlp_context", ())),
-      output_context=tuple(m.get("output_context", ())),
-      shared_conditioning=config.input.max_examples_per_row
-      if m.get("shared_conditioning", False)
-      else 0,
-      pooled_text=m.get("pooled_text", False),
-      temporal_attention=m.get("temporal_attention", False),
-      position_conditioning=m.get("position_conditioning", False),
-      position_code=m.get("position_code", "absolute"),
-      patch_skip=m.get("patch_skip", 0),
-      self_condition=spec.self_condition > 0,
-      patch_bottleneck=m.get("patch_bottleneck", 0),
-      text_embed_std=m.get("text_embed_std", 0.02),
-      attention_backend=m.attention_backend,
-      scan_layers=m.scan_layers,
-      remat_policy=m.remat_policy,
-      dtype=jnp.dtype(m.dtype),
-    )
+    return build_video_dit(config)
   if m.name in ZOO:
     return build_zoo(m)
   raise ValueError(
     f"model.name={m.name!r} is not a known model; expected one of {['video_dit', *ZOO]}"
   )
+
+
+# VideoDiT fields the rest of the config decides (sizes of the data, the objective).
+DERIVED = ("patch_dim", "out_dim", "vocab_size", "self_condition")
+
+
+def build_video_dit(config: ml_collections.ConfigDict) -> VideoDiT:
+  """VideoDiT from `config.model`: its dataclass fields (absent ones keep the module's
+  defaults), with `DERIVED` taken from the input and diffusion sections and
+  `shared_conditioning` a switch (on: one conditioning slot per example of a row)."""
+  given = {k: v for k, v in config.model.to_dict().items() if k != "name"}
+  unknown = sorted(set(given) - _fields(VideoDiT) | set(given) & set(DERIVED))
+  if unknown:
+    raise ValueError(
+      f"model keys {unknown} are not settable fields of VideoDiT; expected one of "
+      f"{sorted(_fields(VideoDiT) - set(DERIVED))}"
+    )
+  kwargs = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in given.items()}
+  for key in ("dtype", "param_dtype"):
+    if key in kwargs:
+      kwargs[key] = jnp.dtype(kwargs[key])
+  if kwargs.get("shared_conditioning"):
+    kwargs["shared_conditioning"] = config.input.max_examples_per_row
+  spec = objectives.Spec.from_config(config.diffusion)
+  return VideoDiT(
+    patch_dim=patch_dim(config),
+    out_dim=spec.output_dim(patch_dim(config)),
+    vocab_size=config.input.vocab_size,
+    self_condition=spec.self_condition > 0,
+    **kwargs,
+  )
+
+
+def _fields(cls) -> set[str]:
+  return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
 
 
 # name -> (module path, class name).
@@ -92,7 +93,7 @@ def build_zoo(m: ml_collections.ConfigDict):
   """A zoo module from `config.model`: its dataclass fields, over its `variant` if one is named."""
   module, name = ZOO[m.name]
   cls = getattr(importlib.import_module(module), name)
-  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  fields = _fields(cls)
   given = m.to_dict()
   # ViViT's `variant` field is its kind ("factorised_encoder", ...); its size table is `size`.
   table_key = "size" if m.name == "vivit" else "variant"
