@@ -173,8 +173,8 @@ def test_run_writes_json_scalars_and_summaries(tmp_path):
   calls = []
 
   @evaluators.register("_fake")
-  def fake(config, fns, params, workdir, step, *, scale=1.0):
-    calls.append((fns["predict"](params), step, scale))
+  def fake(ctx, *, scale=1.0):
+    calls.append((ctx.fns["predict"](ctx.params), ctx.step, scale))
     return {"value": 2.0 * scale, "count": 3, "images": {"grid": np.zeros((1, 4, 4, 3), np.uint8)}}
 
   c = _config(first=dict(type="_fake", every_steps=5, scale=3.0), second=dict(type="_fake"))
@@ -196,10 +196,10 @@ def test_run_writes_json_scalars_and_summaries(tmp_path):
 
 
 def test_a_failing_eval_is_recorded_and_the_next_ones_run(tmp_path, monkeypatch):
-  def boom(config, fns, params, workdir, step):
+  def boom(ctx):
     raise RuntimeError("the scorer broke")
 
-  def fine(config, fns, params, workdir, step):
+  def fine(ctx):
     return {"value": 1.0}
 
   monkeypatch.setitem(evaluators.EVALUATORS, "_boom", boom)
@@ -213,7 +213,7 @@ def test_a_failing_eval_is_recorded_and_the_next_ones_run(tmp_path, monkeypatch)
 
 
 def test_training_survives_a_failing_eval_and_reports_it(data_dir, tmp_path, monkeypatch):
-  def boom(config, fns, params, workdir, step):
+  def boom(ctx):
     raise RuntimeError("the scorer broke")
 
   monkeypatch.setitem(evaluators.EVALUATORS, "_boom", boom)
@@ -227,7 +227,7 @@ def test_adherence_does_not_apply_to_other_datasets():
   c = configs.load("tiny")
   c.input.dataset, c.input.dataset_config = "folder", "/some/folder"
   with pytest.raises(evaluators.NotApplicable, match=r"input.dataset='folder'"):
-    adherence.evaluate(c, {}, None, "/nonexistent", 0)
+    adherence.evaluate(evaluators.Context(c, {}, None, "/nonexistent", 0))
 
 
 def test_an_evaluator_needing_a_function_the_task_lacks_is_skipped(tmp_path):
@@ -259,13 +259,13 @@ def test_top1_counts_labelled_valid_slots_over_all_batches(tmp_path):
   keep = valid & (labels >= 0)  # 5 slots
   logp = logits - np.log(np.sum(np.exp(logits), -1, keepdims=True))
   nll = -logp[np.arange(len(labels)), np.maximum(labels, 0)]
-  got = top1.evaluate(None, fns, None, str(tmp_path), 0)
+  got = top1.evaluate(evaluators.Context(None, fns, None, str(tmp_path), 0))
   assert got["examples"] == int(keep.sum()) == 5
   assert got["top1"] == pytest.approx(np.mean(np.argmax(logits, -1)[keep] == labels[keep]))
   assert got["loss"] == pytest.approx(np.mean(nll[keep]), rel=1e-6)
   unlabelled = [(parts[0][0], np.full_like(parts[0][1], -1), parts[0][2])]
   fns["batches"] = lambda: iter(unlabelled)
-  assert top1.evaluate(None, fns, None, str(tmp_path), 0) == {
+  assert top1.evaluate(evaluators.Context(None, fns, None, str(tmp_path), 0)) == {
     "top1": 0.0,
     "loss": 0.0,
     "examples": 0,

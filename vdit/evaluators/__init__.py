@@ -21,9 +21,10 @@ once per run (`fns = tasks.get(config).predict_fns(config, model, mesh, rules)`:
 `logits`, `validation_loss`, `sampler`, ...) and hands them in with the EMA params as the state
 holds them, sharded, never gathered to a host. Every evaluator is
 
-  fn(config, fns, params, workdir, step, **options) -> dict
+  fn(ctx: Context, **options) -> dict
 
-the dict holds scalars (logged to TensorBoard as `eval/<name>/<key>` and written to
+with `ctx` the run's config, those functions, the params, the workdir and the step; the dict
+holds scalars (logged to TensorBoard as `eval/<name>/<key>` and written to
 workdir/eval/<step>.json under `<name>`), optionally `files` (paths written) and `images` /
 `videos` ({tag: uint8 array}, TensorBoard only). An evaluator needing a function the task does
 not give (`predict_fn`) is `NotApplicable`. Every process calls `run` (the predict functions
@@ -34,7 +35,7 @@ evaluator and its options.
 import importlib
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -46,6 +47,19 @@ from vdit import config_checks
 from vdit.tasks import base as tasks_base
 
 Evaluator = Callable[..., dict[str, Any]]
+
+
+class Context(NamedTuple):
+  """What every evaluator receives: the run's config, the task's predict functions, the EMA
+  params (sharded as trained), the workdir to write into and the step evaluated."""
+
+  config: ml_collections.ConfigDict
+  fns: tasks_base.PredictFns
+  params: Any
+  workdir: str
+  step: int
+
+
 # type -> "module:function" of the built-in evaluators, imported by name when used (as
 # big_vision's evaluators are): they import the sampler and models, this registry none of them.
 BUILTINS: dict[str, str] = {
@@ -183,7 +197,7 @@ def run(
     options = {k: v for k, v in entry.items() if k not in RESERVED}
     fn = get(entry["type"])  # an unknown type is a config error, not a failed eval
     try:
-      out = fn(config, fns, params, workdir, step, **options)
+      out = fn(Context(config, fns, params, workdir, step), **options)
     except NotApplicable as e:
       logging.warning("eval %s (%s) skipped at step %d: %s", name, entry["type"], step, e)
       out = {"skipped": str(e)}

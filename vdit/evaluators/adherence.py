@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from vdit import media
-from vdit.evaluators import NotApplicable, predict_fn, shapes_scorer
+from vdit.evaluators import Context, NotApplicable, predict_fn, shapes_scorer
 
 
 def prompts_for(vocab: shapes_scorer.Vocabulary, num_prompts: int, seed: int = 0) -> list[str]:
@@ -25,11 +25,7 @@ def prompts_for(vocab: shapes_scorer.Vocabulary, num_prompts: int, seed: int = 0
 
 
 def evaluate(
-  config,
-  fns,
-  params,
-  workdir: str,
-  step: int,
+  ctx: Context,
   *,
   num_prompts: int = 12,
   size: tuple[int, int, int] = (8, 32, 32),
@@ -45,6 +41,7 @@ def evaluate(
   are reported as `{T}x{H}x{W}_{score}`. `dataset_config` (default: the run's
   `input.dataset_config`) picks the candidate words. The videos of each size are written as
   one grid GIF, `workdir/samples/<step>/adherence_{T}x{H}x{W}.gif` (prompt order, row-major)."""
+  config, fns, params, workdir, step = ctx
   if dataset_config is None and config.input.dataset != "shapes":
     raise NotApplicable(
       f"it scores `shapes` prompts, and input.dataset={config.input.dataset!r}; set "

@@ -8,15 +8,11 @@ import jax
 import numpy as np
 
 from vdit import media
-from vdit.evaluators import predict_fn
+from vdit.evaluators import Context, predict_fn
 
 
 def evaluate(
-  config,
-  fns,
-  params,
-  workdir: str,
-  step: int,
+  ctx: Context,
   *,
   per_class: int | None = None,
   steps: int | None = None,
@@ -24,6 +20,7 @@ def evaluate(
   seed: int | None = None,
   display_scale: int | None = None,
 ) -> dict:
+  config, fns, params, workdir, step = ctx
   s = config.sample
   per_class = s.per_class if per_class is None else per_class
   classes = config.model.num_classes

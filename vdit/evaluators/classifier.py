@@ -24,7 +24,7 @@ import numpy as np
 
 from vdit import checkpointing, tasks
 from vdit.data import dense, patchify, transforms
-from vdit.evaluators import predict_fn
+from vdit.evaluators import Context, predict_fn
 from vdit.tasks import classification, restore
 
 
@@ -112,11 +112,7 @@ DIRECTIONS = ("left", "right", "up", "down")
 
 
 def digits(
-  config,
-  fns,
-  params,
-  workdir: str,
-  step: int,
+  ctx: Context,
   *,
   classifier_workdir: str,
   classifier_step: int | None = None,
@@ -127,7 +123,7 @@ def digits(
   seed: int = 0,
 ) -> dict:
   """Generates `videos_per_digit` videos of each digit 0-9 at `size` and classifies them."""
-  del config, workdir, step
+  fns, params = ctx.fns, ctx.params
   clf = load(classifier_workdir, classifier_step)
   labels = [d for d in range(10) for _ in range(videos_per_digit)]
   prompts = [f"a handwritten {d} moving {DIRECTIONS[i % 4]}" for i, d in enumerate(labels)]

@@ -32,7 +32,7 @@ from scipy import linalg
 from vdit import datasets
 from vdit.data import transforms
 from vdit.datasets import latents
-from vdit.evaluators import classifier, predict_fn
+from vdit.evaluators import Context, classifier, predict_fn
 from vdit.evaluators.extractors import i3d, inception
 
 Extractor = Callable[[np.ndarray], np.ndarray]  # uint8 videos [N, T, H, W, 3] -> [N, D]
@@ -133,11 +133,7 @@ def real_videos(config, num_videos: int, size, dataset: str | None, dataset_conf
 
 
 def evaluate(
-  config,
-  fns,
-  params,
-  workdir: str,
-  step: int,
+  ctx: Context,
   *,
   extractor: str = "classifier",
   num_videos: int = 32,
@@ -151,7 +147,7 @@ def evaluate(
   **extractor_options,
 ) -> dict:
   """FD between `num_videos` validation videos and videos generated from their captions."""
-  del workdir, step
+  config, fns, params = ctx.config, ctx.fns, ctx.params
   if extractor not in EXTRACTORS:
     raise ValueError(f"extractor={extractor!r} is unknown; expected one of {sorted(EXTRACTORS)}")
   features_of = EXTRACTORS[extractor](**extractor_options)

@@ -11,15 +11,11 @@ the token-weighted mean over everything, `loss_t<i>` the mean of bucket i over i
 import jax
 import numpy as np
 
-from vdit.evaluators import predict_fn
+from vdit.evaluators import Context, predict_fn
 
 
 def evaluate(
-  config,
-  fns,
-  params,
-  workdir: str,
-  step: int,
+  ctx: Context,
   *,
   num_batches: int = 4,
   num_buckets: int = 5,
@@ -28,7 +24,7 @@ def evaluate(
 ) -> dict:
   """`repeats` noise draws per batch (fold_in(seed, batch·repeats + r)); ≤ `num_batches`
   (per host: each batch is global, every host's rows)."""
-  del config, workdir, step
+  fns, params = ctx.fns, ctx.params
   loss_fn, batches = predict_fn(fns, "validation_loss"), predict_fn(fns, "batches")
   edges = np.linspace(0.0, 1.0, num_buckets + 1)
   sums, counts = np.zeros(num_buckets), np.zeros(num_buckets)

@@ -15,12 +15,13 @@ import numpy as np
 from etils import epath
 
 from vdit import media
-from vdit.evaluators import predict_fn
+from vdit.evaluators import Context, predict_fn
 from vdit.models import autoencoder as ae
 from vdit.tasks import autoencoding as ae_task
 
 
-def evaluate(config, fns, params, workdir: str, step: int) -> dict:
+def evaluate(ctx: Context) -> dict:
+  config, fns, params, workdir, step = ctx
   reconstruct, batches = predict_fn(fns, "reconstruct"), predict_fn(fns, "batches")
   totals = None  # clips, Σ psnr, Σ ssim, Σ z, Σ z² (over the global batches)
   mse_later = np.zeros(2, np.float64)  # Σ MSE of frames ≥ 1: reconstruction, frame-0 copy

@@ -16,17 +16,13 @@ import jax
 import numpy as np
 
 from vdit import media
-from vdit.evaluators import NotApplicable, predict_fn
+from vdit.evaluators import Context, NotApplicable, predict_fn
 
 DEFAULT_PROMPTS = ("a red circle moving right", "a blue square moving left")
 
 
 def evaluate(
-  config,
-  fns,
-  params,
-  workdir: str,
-  step: int,
+  ctx: Context,
   *,
   prompts: Sequence[str] = DEFAULT_PROMPTS,
   sizes: Sequence[Sequence[int]] = ((8, 32, 32),),
@@ -38,7 +34,7 @@ def evaluate(
   name: str = "samples",
 ) -> dict:
   """`sizes`: (num_frames, height, width) triples, multiples of the patch size."""
-  del config
+  fns, params, workdir, step = ctx.fns, ctx.params, ctx.workdir, ctx.step
   sampler = predict_fn(fns, "sampler")(params)
   out_dir = os.path.join(workdir, "eval_samples", str(step))
   files, images, videos = [], {}, {}
@@ -71,9 +67,10 @@ def evaluate(
   }
 
 
-def prompts(config, fns, params, workdir: str, step: int) -> dict:
+def prompts(ctx: Context) -> dict:
   """Writes the config's sample prompts as GIF and MP4 into workdir/samples/<step>/ (and, in
   latent space, their latents as NPZ); prints the paths."""
+  config, fns, params, workdir, step = ctx
   s = config.sample
   if not s.get("prompts"):
     raise NotApplicable("config.sample.prompts is empty")

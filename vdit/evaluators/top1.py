@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from clu import metrics
 
-from vdit.evaluators import predict_fn
+from vdit.evaluators import Context, predict_fn
 
 
 @flax.struct.dataclass
@@ -23,8 +23,8 @@ class Top1(metrics.Collection):
   loss: metrics.Average.from_output("loss")
 
 
-def evaluate(config, fns, params, workdir: str, step: int) -> dict:
-  del config
+def evaluate(ctx: Context) -> dict:
+  _, fns, params, workdir, step = ctx
   logits_fn, batches = predict_fn(fns, "logits"), predict_fn(fns, "batches")
   totals = Top1.empty()
   for batch in batches():
