@@ -21,8 +21,6 @@ output is 0. The blocks are VideoDiT's (`video_dit.DiTBlock`) without text, so w
 cross-attention.
 """
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,7 +31,7 @@ from vdit.models import layers, posemb
 from vdit.models.video_dit import DiTBlock, FinalLayer, decode_variant
 
 
-class DiT(nn.Module):
+class DiT(layers.Runtime):
   """Noisy latents [B, I, I, C], t [B], labels [B] -> ε (and v) [B, I, I, C or 2C]."""
 
   patch_size: int
@@ -45,11 +43,6 @@ class DiT(nn.Module):
   class_dropout_prob: float = 0.1  # > 0 adds the null-class row (CFG); the loss drops labels
   learn_sigma: bool = True  # output 2C channels: ε, then the variance interpolation
   mlp_ratio: float = 4.0
-  attention_backend: str = "xla"
-  scan_layers: bool = True
-  remat_policy: str = "none"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @classmethod
   def from_variant(cls, variant: str, **kwargs) -> "DiT":

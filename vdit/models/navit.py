@@ -84,7 +84,7 @@ def drop_tokens(
   return (gather(segment_ids), *(gather(a) for a in arrays), keep)
 
 
-class NaViT(nn.Module):
+class NaViT(layers.Runtime):
   """Packed patches -> per-example logits [B, K, classes] (features [B, K, D] if classes=0)."""
 
   num_classes: int
@@ -94,11 +94,6 @@ class NaViT(nn.Module):
   mlp_ratio: float = 4.0
   posemb_kind: str = "fractional"  # see POSEMB_KINDS
   posemb_size: int = 64  # table rows per axis (max grid side, or fractional buckets)
-  attention_backend: str = "xla"
-  scan_layers: bool = True
-  remat_policy: str = "none"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @classmethod
   def from_variant(cls, variant: str, num_classes: int, **kwargs) -> "NaViT":

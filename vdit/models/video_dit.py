@@ -163,7 +163,7 @@ class FinalLayer(nn.Module):
     return out
 
 
-class VideoDiT(nn.Module):
+class VideoDiT(layers.Runtime):
   """Predicts the flow velocity [B, L, P] of packed noisy spacetime patches.
 
   `labels` (optional, `num_classes > 0`) are per example [B, K] with −1 = null class (for
@@ -239,11 +239,6 @@ class VideoDiT(nn.Module):
   # "fractional": h and w as fractions of the example's grid (NaViT), so that "the left edge"
   # or "the middle" has one code on every canvas size.
   position_code: str = "absolute"
-  attention_backend: str = "xla"  # see layers.ATTENTION_BACKENDS
-  scan_layers: bool = True
-  remat_policy: str = "none"  # see layers.REMAT_NAMES
-  dtype: Any = jnp.float32  # activations
-  param_dtype: Any = jnp.float32
 
   @classmethod
   def from_variant(cls, variant: str, **kwargs) -> "VideoDiT":

@@ -239,7 +239,7 @@ def resample_posemb(table: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
   return np.asarray(jnp.concatenate([table[0, :extra], resized])[None])
 
 
-class ViT(nn.Module):
+class ViT(layers.Runtime):
   """Images [B, H, W, C] -> logits [B, classes] (or pooled features [B, D] if num_classes=0)."""
 
   num_classes: int
@@ -250,11 +250,6 @@ class ViT(nn.Module):
   mlp_ratio: float = 4.0
   pool: str = "token"  # see POOLS
   posemb: str = "learn"  # see POSEMBS
-  attention_backend: str = "xla"
-  scan_layers: bool = True
-  remat_policy: str = "none"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @classmethod
   def from_variant(cls, variant: str, num_classes: int, **kwargs) -> "ViT":

@@ -15,8 +15,6 @@ initialization (Sec. 3.4): zero except the middle time slice, which holds a 2-D 
 Models 3 and 4 have no CLS token (the paper avoids it "when reshaping") and pool by mean.
 """
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -130,7 +128,7 @@ class FactorisedDotProductBlock(vit.Block):
     return x + layers.Mlp(self.mlp_ratio, name="mlp", **kw)(h), None
 
 
-class ViViT(nn.Module):
+class ViViT(layers.Runtime):
   """Video [B, T, H, W, C] -> logits [B, classes] (pooled features [B, D] if classes=0)."""
 
   num_classes: int
@@ -141,11 +139,6 @@ class ViViT(nn.Module):
   tubelet: tuple[int, int, int] = (2, 16, 16)  # (pt, ph, pw)
   temporal_depth: int = 4  # "factorised_encoder" only
   mlp_ratio: float = 4.0
-  attention_backend: str = "xla"
-  scan_layers: bool = True
-  remat_policy: str = "none"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @classmethod
   def from_variant(cls, size_patch: str, variant: str, num_classes: int, **kwargs) -> "ViViT":
