@@ -278,8 +278,18 @@ def latent_space(
     c.input.rows_per_batch = 32
     c.input.max_examples_per_row = 4
     c.input.text_tokens_per_row = 64
-    if not small:  # the demo: the faster steps buy 500 steps in the time 400 took
-      c.total_steps = 500
+    if not small:
+      # The demo: 4 rows per step. A step's time here is mostly its rows (32 rows: 1.3 steps/s,
+      # 8: 5.4, 4: 9.6 on 2 cores), so small batches buy many more steps in the same minutes,
+      # and steps are what the motion needs: direction at chance with 32 × 500, 52% with
+      # 4 × 4,000 (docs/recipe.md, rows M). 3,600 keeps the demo within 15 minutes.
+      c.input.rows_per_batch = 4
+      c.total_steps = 3_600
+      c.log_every_steps = 200
+      c.checkpoint_every_steps = 1_200
+      # Clips read at a frame stride of 1–3 (latent frames are per-frame codes): up to 3× the
+      # motion within the 8 frames a sample has (direction 35% → 42% at 8 × 2,000, rows M).
+      c.input.max_frame_stride = 3
       for name in ("loss", "samples", "adherence"):
         c.evals[name].every_steps = c.total_steps
   # Latents are not resized (area-averaged latents are not the latents of a smaller video):
