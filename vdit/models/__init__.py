@@ -63,8 +63,10 @@ def build_video_dit(config: ml_collections.ConfigDict) -> VideoDiT:
   for key in ("dtype", "param_dtype"):
     if key in kwargs:
       kwargs[key] = jnp.dtype(kwargs[key])
-  if kwargs.get("shared_conditioning"):
-    kwargs["shared_conditioning"] = config.input.max_examples_per_row
+  if "shared_conditioning" in kwargs:  # a switch in the config, K slots in the module
+    kwargs["shared_conditioning"] = (
+      config.input.max_examples_per_row if kwargs["shared_conditioning"] else 0
+    )
   spec = objectives.Spec.from_config(config.diffusion)
   return VideoDiT(
     patch_dim=patch_dim(config),
