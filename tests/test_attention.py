@@ -13,17 +13,12 @@ from jax.sharding import Mesh
 
 from vdit import sharding
 from vdit.models import layers, posemb, splash
+from vdit.tools.bench import attention as bench_attention
 
 
 def packed_ids(lengths_per_row, total):
   """[B, total] segment ids: row b holds examples of the given lengths, then padding (0)."""
-  ids = np.zeros((len(lengths_per_row), total), np.int32)
-  for b, lengths in enumerate(lengths_per_row):
-    start = 0
-    for k, n in enumerate(lengths):
-      ids[b, start : start + n] = k + 1
-      start += n
-  return jnp.asarray(ids)
+  return jnp.asarray(bench_attention.packed_ids(lengths_per_row, total))
 
 
 def qkv(b, lq, lk, heads=2, dh=16, seed=0):

@@ -15,6 +15,7 @@ from vdit import models
 from vdit.data import packing, pipeline
 from vdit.data import transforms as transforms_lib
 from vdit.datasets import moving_digits, photo_pans, shapes
+from vdit.tools.bench import packing as bench_packing
 
 PATCH = (2, 4, 4)
 
@@ -219,11 +220,7 @@ def _mixture_config(data_dir, **overrides):
   c = pipeline.default_input_config()
   c.update(
     dict(
-      mixture=(
-        ("shapes", "test", 2.0),
-        ("moving_digits", "test", 1.0),
-        ("photo_pans", "test", 1.0),
-      ),
+      mixture=bench_packing.bundled_mixture("test"),
       data_dir=data_dir,
       tokens_per_row=384,
       rows_per_batch=2,

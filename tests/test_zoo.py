@@ -385,22 +385,15 @@ def test_dit_null_class_and_scan(tiny_dit):
   for labels in ([3, 4], [9, 0]):
     assert np.abs(np.asarray(apply(params, latents, t, jnp.array(labels)) - null)).max() > 1e-4
 
+  kw = dict(patch_size=2, width=32, depth=2, num_heads=4, num_classes=10)
+
   def label_rows(class_dropout_prob):
-    kw = dict(patch_size=2, width=32, depth=2, num_heads=4, num_classes=10)
     m = dit.DiT(**kw, class_dropout_prob=class_dropout_prob)
     shapes = jax.eval_shape(lambda: nn.unbox(m.init(jax.random.key(0), *dit_args(1, 8))))
     return shapes["params"]["label_embed"]["embedding"].shape[0]
 
   assert label_rows(0.1) == 11 and label_rows(0.0) == 10
-  make = lambda scan, remat: dit.DiT(  # noqa: E731
-    patch_size=2,
-    width=32,
-    depth=2,
-    num_heads=4,
-    num_classes=10,
-    scan_layers=scan,
-    remat_policy=remat,
-  )
+  make = lambda scan, remat: dit.DiT(**kw, scan_layers=scan, remat_policy=remat)  # noqa: E731
   assert_scan_equals_unrolled(make, (latents, t, jnp.array([3, -1])), depth=2)
 
 

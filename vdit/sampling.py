@@ -114,27 +114,13 @@ class Sampler:
     ft, fs, _ = self.codec.compression
     return 1 + ft * (num_frames - 1), fs * height, fs * width
 
-  def generate(
-    self,
-    prompts: Sequence[str],
-    *,
-    num_frames: int,
-    height: int | None = None,
-    width: int | None = None,
-    steps: int = 32,
-    guidance: float = 3.0,
-    seed: int = 0,
-    sampler: str | None = None,
-    guidance_interval: tuple[float, float] | None = None,
-    labels: Sequence[int] | None = None,
-  ) -> np.ndarray:
-    """Text-to-video: uint8 [N, T, H, W, 3] for N prompts. `sampler` and `guidance_interval`
-    (guide only for noise levels lo ≤ t ≤ hi) default to the config's `diffusion` ones; an
-    unset `height`/`width` is the config's `sample` size."""
-    options = dict(steps=steps, guidance=guidance, seed=seed, sampler=sampler, labels=labels)
-    height, width, _ = self._size(dict(height=height, width=width))
-    grid = self.grid(num_frames, height, width)
-    return self._run(prompts, grid, guidance_interval=guidance_interval, **options)
+  def generate(self, prompts: Sequence[str], *, num_frames: int, **options) -> np.ndarray:
+    """Text-to-video: uint8 [N, T, H, W, 3] for N prompts. `options`, those of every mode:
+    `height`, `width` (unset: the config's `sample` size), `steps` (32), `guidance` (3.0),
+    `seed` (0), `sampler` and `guidance_interval` (guide only for noise levels lo ≤ t ≤ hi;
+    both default to the config's `diffusion` ones), `labels` (one per prompt; see `_run`)."""
+    h, w, options = self._size(options)
+    return self._run(prompts, self.grid(num_frames, h, w), **options)
 
   def text_to_image(self, prompts, **options) -> np.ndarray:
     """Images as 1-frame videos [N, 1, H, W, 3]: one patch-frame, its first frame kept."""

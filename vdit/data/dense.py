@@ -102,8 +102,7 @@ def make_dataset(
   c = pipeline.resolve_input_config(input_config)
   size = check_size(c)
   packing_lib.single_threaded_blas()
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+  packing_lib.check_process(process_index, process_count)
   ds = pipeline.example_stream(c, seed=seed, train=train)
   if c.fit == "ink":
     ds = ds.filter(one_object)

@@ -75,6 +75,12 @@ def assemble_row(examples: Sequence[dict], length: int, text_length: int, slots:
   return row
 
 
+def check_process(process_index: int, process_count: int) -> None:
+  """ValueError unless `process_index` names one of `process_count` hosts."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+
+
 def single_threaded_blas() -> None:
   """Limits numpy's BLAS to one thread in this process, for good.
 
@@ -403,9 +409,8 @@ def remap_state(states: Sequence[Mapping], process_index: int, process_count: in
   it emits the fullest first. No example is lost. The only repeats are examples ≥ G that an old
   host had emitted: at most the old hosts' lead over the slowest one (Σ_i (F_i − G)/n examples).
   """
+  check_process(process_index, process_count)
   m = process_count
-  if not 0 <= process_index < m:
-    raise ValueError(f"process_index={process_index} must be in [0, process_count={m})")
   if not states:
     raise ValueError("no saved data iterator states to re-derive the data position from")
   _check_states(states, m)

@@ -290,8 +290,7 @@ def make_dataset(
   c = resolve_input_config(input_config)
   check_input_config(c)
   packing_lib.single_threaded_blas()
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+  packing_lib.check_process(process_index, process_count)
   ds = packing_lib.PoolPackIterDataset(  # reads this host's share: every process_count-th
     packable_examples(c, seed=seed, train=train),
     patch_size=c.patch_size,

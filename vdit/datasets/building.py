@@ -2,7 +2,10 @@
 `build`, random-access `data_source`.
 
 A builder module (shapes.py, moving_digits.py, ...) defines a `tfds.core.GeneratorBasedBuilder`
-with `BUILDER_CONFIGS` and calls these helpers from its own `build` / `data_source`. Examples are
+with `BUILDER_CONFIGS` (a procedural one: a `ProceduralBuilder` over its `generate` function) and
+its module interface from these helpers: `CONFIG_NAMES = config_names(Builder)`,
+`build = functools.partial(build, Builder)`, `data_source = functools.partial(data_source,
+Builder)`. Examples are
 written once as ArrayRecord under `data_dir` and read with random access (`as_data_source`, what
 `tfds.data_source` returns): no TensorFlow in the reader.
 
@@ -10,16 +13,29 @@ Every dataset stores at least `video` uint8 [T, H, W, 3] (an image is a 1-frame 
 (text) and `label` (int, -1 = none), so a pipeline can mix them.
 """
 
-import abc
 import contextlib
 import fcntl
 import os
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
 import threadpoolctl
 
 from vdit import datasets
+
+# The eight compass motions of the procedural datasets: name -> unit (dx, dy) in image coordinates
+# (y grows downwards). Generators draw from this order and store indices into it: append only.
+DIRECTIONS = {
+  "left": (-1, 0),
+  "right": (1, 0),
+  "up": (0, -1),
+  "down": (0, 1),
+  "up-left": (-1, -1),
+  "up-right": (1, -1),
+  "down-left": (-1, 1),
+  "down-right": (1, 1),
+}
 
 
 def video_feature() -> tfds.features.Tensor:
@@ -47,12 +63,11 @@ def info(builder, description: str, label, **features) -> tfds.core.DatasetInfo:
 
 class ProceduralBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A builder whose examples are made from (config, split, index) alone, nothing downloaded:
-  the subclass's `_example(split, index)`, for `index` below its config's `train_size` /
+  the subclass's `generate(config, split, index)` (the module's function, set as
+  `generate = staticmethod(generate)`), for `index` below its config's `train_size` /
   `validation_size`, keyed by index."""
 
-  @abc.abstractmethod
-  def _example(self, split: str, index: int) -> dict:
-    """Example `index` of `split`, exactly as stored."""
+  generate: Callable[..., dict]  # (builder config, split, index) -> the example as stored
 
   def _split_generators(self, dl_manager):
     del dl_manager  # procedural: nothing to download
@@ -64,13 +79,18 @@ class ProceduralBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
   def _generate_examples(self, split: str, size: int):
     for index in range(size):
-      yield index, self._example(split, index)
+      yield index, self.generate(self.builder_config, split, index)
+
+
+def config_names(builder_cls) -> tuple[str, ...]:
+  """The names of `builder_cls.BUILDER_CONFIGS`: a dataset module's valid `dataset_config`s."""
+  return tuple(c.name for c in builder_cls.BUILDER_CONFIGS)
 
 
 def make_builder(builder_cls, data_dir: str | None, config):
   """`builder_cls` for `config` (a name in BUILDER_CONFIGS, or a BuilderConfig instance)."""
   if isinstance(config, str):
-    names = [c.name for c in builder_cls.BUILDER_CONFIGS]
+    names = list(config_names(builder_cls))
     if config not in names:
       raise ValueError(f"{builder_cls.name} config={config!r} is unknown; expected one of {names}")
   data_dir = data_dir or datasets.default_data_dir()
@@ -89,7 +109,7 @@ def lock(data_dir: str, name: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def build(builder_cls, data_dir: str | None, config) -> None:
+def build(builder_cls, data_dir: str | None = None, config="tiny") -> None:
   """Generates and writes the dataset unless it is already there (cheap to call again)."""
   data_dir = data_dir or datasets.default_data_dir()
   if make_builder(builder_cls, data_dir, config).is_prepared():
@@ -102,7 +122,7 @@ def build(builder_cls, data_dir: str | None, config) -> None:
         builder.download_and_prepare()
 
 
-def data_source(builder_cls, split: str, data_dir: str | None, config):
+def data_source(builder_cls, split: str, data_dir: str | None = None, config="tiny"):
   """Random-access source of one split (built first if needed); `len()` and `[i]` work."""
   splits = ("train", "validation")
   if split not in splits:

@@ -27,16 +27,7 @@ from vdit.datasets import building
 NUM_CLASSES = 10
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 VALIDATION_SCANS = 297  # the last scans of load_digits are held out for validation
-DIRECTIONS = {  # name -> unit (dx, dy), y grows downwards
-  "left": (-1, 0),
-  "right": (1, 0),
-  "up": (0, -1),
-  "down": (0, 1),
-  "up-left": (-1, -1),
-  "up-right": (1, -1),
-  "down-left": (-1, 1),
-  "down-right": (1, 1),
-}
+DIRECTIONS = building.DIRECTIONS  # name -> unit (dx, dy), y grows downwards
 INKS = {
   "white": (240, 240, 240),
   "red": (230, 50, 50),
@@ -205,6 +196,7 @@ class MovingDigits(building.ProceduralBuilder):
   ]
   DEFAULT_CONFIG_NAME = "tiny"
   code_path = epath.Path(__file__)  # see shapes.py: avoids the importlib_resources backport
+  generate = staticmethod(generate)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return building.info(
@@ -216,16 +208,9 @@ class MovingDigits(building.ProceduralBuilder):
       bounce=building.int_feature(),
     )
 
-  def _example(self, split: str, index: int) -> dict:
-    return generate(self.builder_config, split, index)
 
-
-CONFIG_NAMES = tuple(c.name for c in MovingDigits.BUILDER_CONFIGS)  # valid `dataset_config`s
-
-
-def build(data_dir: str | None = None, config: str = "tiny") -> None:
-  building.build(MovingDigits, data_dir, config)
-
-
-def data_source(split: str, data_dir: str | None = None, config: str = "tiny"):
-  return building.data_source(MovingDigits, split, data_dir, config)
+# What `vdit.datasets` looks up: the valid `dataset_config`s, `build(data_dir=None, config="tiny")`
+# (idempotent) and `data_source(split, data_dir=None, config="tiny")` (built first if needed).
+CONFIG_NAMES = building.config_names(MovingDigits)
+build = functools.partial(building.build, MovingDigits)
+data_source = functools.partial(building.data_source, MovingDigits)

@@ -46,16 +46,7 @@ PHOTOS = {
 }
 PHOTO_NAMES = tuple(PHOTOS)
 NUM_CLASSES = len(PHOTOS)
-DIRECTIONS = {  # camera (window) motion, unit (dx, dy) with y down
-  "left": (-1, 0),
-  "right": (1, 0),
-  "up": (0, -1),
-  "down": (0, 1),
-  "up-left": (-1, -1),
-  "up-right": (1, -1),
-  "down-left": (-1, 1),
-  "down-right": (1, 1),
-}
+DIRECTIONS = building.DIRECTIONS  # camera (window) motion, unit (dx, dy) with y down
 MOTIONS = ("still", "pan", "zoom_in", "zoom_out")
 
 
@@ -200,6 +191,7 @@ class PhotoPans(building.ProceduralBuilder):
   ]
   DEFAULT_CONFIG_NAME = "tiny"
   code_path = epath.Path(__file__)  # see shapes.py: avoids the importlib_resources backport
+  generate = staticmethod(generate)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return building.info(
@@ -210,16 +202,9 @@ class PhotoPans(building.ProceduralBuilder):
       direction=building.int_feature(),  # index in DIRECTIONS for pans, else -1
     )
 
-  def _example(self, split: str, index: int) -> dict:
-    return generate(self.builder_config, split, index)
 
-
-CONFIG_NAMES = tuple(c.name for c in PhotoPans.BUILDER_CONFIGS)  # valid `dataset_config`s
-
-
-def build(data_dir: str | None = None, config: str = "tiny") -> None:
-  building.build(PhotoPans, data_dir, config)
-
-
-def data_source(split: str, data_dir: str | None = None, config: str = "tiny"):
-  return building.data_source(PhotoPans, split, data_dir, config)
+# What `vdit.datasets` looks up: the valid `dataset_config`s, `build(data_dir=None, config="tiny")`
+# (idempotent) and `data_source(split, data_dir=None, config="tiny")` (built first if needed).
+CONFIG_NAMES = building.config_names(PhotoPans)
+build = functools.partial(building.build, PhotoPans)
+data_source = functools.partial(building.data_source, PhotoPans)

@@ -17,6 +17,7 @@ TensorFlow in the reader).
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -42,16 +43,7 @@ BACKGROUNDS = {  # background colours (RGB); muted so objects stand out
   "brown": (110, 75, 45),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
-DIRECTIONS = {  # name -> (dx, dy) in image coordinates (y grows downwards)
-  "left": (-1, 0),
-  "right": (1, 0),
-  "up": (0, -1),
-  "down": (0, 1),
-  "up-left": (-1, -1),
-  "up-right": (1, -1),
-  "down-left": (-1, 1),
-  "down-right": (1, 1),
-}
+DIRECTIONS = building.DIRECTIONS  # name -> (dx, dy) in image coordinates (y grows downwards)
 COLOUR_NAMES = tuple(COLOURS)
 BACKGROUND_NAMES = tuple(BACKGROUNDS)
 DIRECTION_NAMES = tuple(DIRECTIONS)
@@ -258,6 +250,7 @@ class Shapes(building.ProceduralBuilder):
   # TFDS derives this from package resources, which needs the `importlib_resources` backport
   # for packages installed in development mode; the plain file path is all it is used for.
   code_path = epath.Path(__file__)
+  generate = staticmethod(generate)
 
   def _info(self) -> tfds.core.DatasetInfo:
     scalar = building.int_feature
@@ -268,21 +261,12 @@ class Shapes(building.ProceduralBuilder):
       **{k: scalar() for k in ("colour", "shape", "direction", "background", "num_objects")},
     )
 
-  def _example(self, split: str, index: int) -> dict:
-    return generate(self.builder_config, split, index)
-
 
 NUM_CLASSES = len(SHAPES)  # `label` is the shape of the first object
 
 
-CONFIG_NAMES = tuple(c.name for c in Shapes.BUILDER_CONFIGS)  # valid `dataset_config`s
-
-
-def build(data_dir: str | None = None, config: str = "tiny") -> None:
-  """Generates and writes the dataset unless it is already there (cheap to call again)."""
-  building.build(Shapes, data_dir, config)
-
-
-def data_source(split: str, data_dir: str | None = None, config: str = "tiny"):
-  """Random-access source of one split (builds it first if needed); `len()` and `[i]` work."""
-  return building.data_source(Shapes, split, data_dir, config)
+# What `vdit.datasets` looks up: the valid `dataset_config`s, `build(data_dir=None, config="tiny")`
+# (idempotent) and `data_source(split, data_dir=None, config="tiny")` (built first if needed).
+CONFIG_NAMES = building.config_names(Shapes)
+build = functools.partial(building.build, Shapes)
+data_source = functools.partial(building.data_source, Shapes)

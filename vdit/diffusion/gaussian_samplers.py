@@ -63,10 +63,12 @@ def timesteps(
   return np.maximum(ts, np.arange(steps - 1, -1, -1)).astype(np.int32)
 
 
-def levels(schedule: gaussian.Schedule, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """ᾱ at each visited timestep and at the level each step lands on (1 after the last)."""
+def levels(schedule: gaussian.Schedule, ts: np.ndarray) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per step of `ts`, float32: ᾱ at the visited timestep, ᾱ of the level the step lands on (1
+  after the last), and the model's time input n/N."""
   ab = schedule.alphas_cumprod[ts]
-  return ab, np.append(ab[1:], 1.0)
+  ab_next = np.append(ab[1:], 1.0)
+  return tuple(jnp.asarray(a, jnp.float32) for a in (ab, ab_next, ts / schedule.num_timesteps))
 
 
 def noised(schedule, x0: jax.Array, noise: jax.Array, strength: float) -> jax.Array:
@@ -102,11 +104,9 @@ def sample(
   if stochastic and rng is None:
     raise ValueError(f"sampler {method!r} (eta={eta}) draws noise: pass rng")
   rng = jax.random.key(0) if rng is None else rng
-  big_n, p = schedule.num_timesteps, x_start.shape[-1]
+  p = x_start.shape[-1]
   ts = timesteps(schedule, steps, strength, SPACING[method])
-  ab_np, ab_next_np = levels(schedule, ts)
-  ab_all, ab_next_all = jnp.asarray(ab_np, jnp.float32), jnp.asarray(ab_next_np, jnp.float32)
-  t_all = jnp.asarray(ts / big_n, jnp.float32)
+  ab_all, ab_next_all, t_all = levels(schedule, ts)
   ones = jnp.ones(x_start.shape[:-1], jnp.float32)  # [B, L]
 
   def clamp(x, t):
@@ -169,11 +169,8 @@ def ddim_invert(
   2021, Sec. 4.3 / Eq. 14), so `sample(..., method="ddim", eta=0)` maps the result back to
   x0 up to O(1/steps).
   """
-  big_n, p = schedule.num_timesteps, x0.shape[-1]
-  ts = timesteps(schedule, steps, strength)
-  ab_np, ab_next_np = levels(schedule, ts)
-  ab_all, ab_next_all = jnp.asarray(ab_np, jnp.float32), jnp.asarray(ab_next_np, jnp.float32)
-  t_all = jnp.asarray(ts / big_n, jnp.float32)
+  p = x0.shape[-1]
+  ab_all, ab_next_all, t_all = levels(schedule, timesteps(schedule, steps, strength))
   ones = jnp.ones(x0.shape[:-1], jnp.float32)
 
   def body(j, x):

@@ -85,13 +85,8 @@ class DiT(layers.Runtime):
     )
     c = (c + table(jnp.minimum(labels, rows - 1)))[:, None, :]  # [B, 1, D]
 
-    stack = layers.stack_blocks(
-      DiTBlock,
-      depth=self.depth,
-      num_broadcast_args=2,  # c, segment_ids; no text: no cross-attention
-      scan=self.scan_layers,
-      remat_policy=self.remat_policy,
-    )
+    # Broadcast to every block: c, segment_ids (no text: no cross-attention).
+    stack = self.block_stack(DiTBlock, self.depth, num_broadcast_args=2)
     segment_ids = jnp.ones(h.shape[:2], jnp.int32)
     h, _ = stack(
       "blocks",

@@ -441,6 +441,17 @@ class Runtime(nn.Module, kw_only=True):
   dtype: Any = jnp.float32  # activations
   param_dtype: Any = jnp.float32
 
+  @nn.nowrap
+  def block_stack(self, block_cls: type[nn.Module], depth: int, num_broadcast_args: int):
+    """`stack_blocks(block_cls, ...)` scanned and rematerialised as this model's fields say."""
+    return stack_blocks(
+      block_cls,
+      depth=depth,
+      num_broadcast_args=num_broadcast_args,
+      scan=self.scan_layers,
+      remat_policy=self.remat_policy,
+    )
+
 
 def stack_blocks(
   block_cls: type[nn.Module],

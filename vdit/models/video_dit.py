@@ -379,13 +379,7 @@ class VideoDiT(layers.Runtime):
     else:
       c = (nn.with_logical_constraint(c, (BATCH, None, EMBED)), index)
 
-    stack = layers.stack_blocks(
-      DiTBlock,
-      depth=self.depth,
-      num_broadcast_args=7,
-      scan=self.scan_layers,
-      remat_policy=self.remat_policy,
-    )
+    stack = self.block_stack(DiTBlock, self.depth, num_broadcast_args=7)
     h, _ = stack(
       "blocks",
       num_heads=self.num_heads,

@@ -192,13 +192,7 @@ class ViViT(layers.Runtime):
         if self.variant == "factorised_self_attention"
         else FactorisedDotProductBlock
       )
-      stack = layers.stack_blocks(
-        block,
-        depth=self.depth,
-        num_broadcast_args=0,
-        scan=self.scan_layers,
-        remat_policy=self.remat_policy,
-      )
+      stack = self.block_stack(block, self.depth, num_broadcast_args=0)
       x, _ = stack("blocks", **vit.options(self, vit.BLOCK_FIELDS))(x.reshape(b, nt, ns, d))
       x = layers.layer_norm(name="norm", **kw)(x)
       pooled = jnp.mean(x, axis=(1, 2))

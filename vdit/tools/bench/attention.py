@@ -35,7 +35,9 @@ def _pack(sizes: list[int], length: int) -> list[list[int]]:
   return rows
 
 
-def _ids(rows: list[list[int]], length: int) -> np.ndarray:
+def packed_ids(rows: list[list[int]], length: int) -> np.ndarray:
+  """[B, length] int32 segment ids: row b holds examples of the lengths `rows[b]`, then padding
+  (0). (The attention tests use it too.)"""
   ids = np.zeros((len(rows), length), np.int32)
   for b, row in enumerate(rows):
     start = 0
@@ -71,9 +73,9 @@ def row_sets(quick: bool, seed: int = 0) -> dict[str, np.ndarray]:
   images = [max(1, int(s * np.sqrt(a))) * max(1, int(s / np.sqrt(a))) for s, a in zip(side, aspect)]
   clips = list(r.integers(1024, 8192, 3 * n_rows))
   return {
-    "design": _ids(design, 1024),
-    "navit": _ids(_pack(images, 4096)[:n_rows], 4096),
-    "video": _ids(_pack(clips, 16384)[:n_rows], 16384),
+    "design": packed_ids(design, 1024),
+    "navit": packed_ids(_pack(images, 4096)[:n_rows], 4096),
+    "video": packed_ids(_pack(clips, 16384)[:n_rows], 16384),
   }
 
 
@@ -83,7 +85,7 @@ def run(options: dict) -> dict:
   out = {name: _summary(ids, block) for name, ids in row_sets(quick).items()}
   out["block"] = block
   # Correctness of the same metadata on one row (interpret mode off TPU).
-  ids = jnp.asarray(_ids([[300, 200, 180, 150, 100, 60]], 1024))
+  ids = jnp.asarray(packed_ids([[300, 200, 180, 150, 100, 60]], 1024))
   r = np.random.default_rng(1)
   q, k, v = (jnp.asarray(r.normal(size=(1, 1024, 2, 64)), jnp.float32) for _ in range(3))
   got = jax.jit(lambda q, k, v: layers.attention(q, k, v, ids, ids, backend="splash"))(q, k, v)

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from vdit import config_lib, sharding, tasks, train, train_state
+from vdit.tools.bench import packing as bench_packing
 
 CONFIG_FILE = os.path.join(
   os.path.dirname(__file__), "..", "..", "..", "configs", "vdit", "shapes.py"
@@ -39,11 +40,7 @@ def configs(options: dict) -> dict:
   mid.input.update(
     dict(
       dataset_config="tiny",
-      mixture=(
-        ("shapes", "tiny", 2.0),
-        ("moving_digits", "tiny", 1.0),
-        ("photo_pans", "tiny", 1.0),
-      ),
+      mixture=bench_packing.bundled_mixture(),
       tokens_per_row=1024,
       rows_per_batch=4,
       max_examples_per_row=16,

@@ -39,15 +39,18 @@ Example = collections.namedtuple("Example", "grid drop text")  # (T', H', W'), r
 # ---------------------------------------------------------------------------------------------
 # The examples.
 # ---------------------------------------------------------------------------------------------
+def bundled_mixture(dataset_config: str = "tiny") -> tuple[tuple[str, str, float], ...]:
+  """`input.mixture` of the three bundled datasets, shapes 2 : moving_digits 1 : photo_pans 1
+  (also the loader benchmark's and the packing tests')."""
+  weights = {"shapes": 2.0, "moving_digits": 1.0, "photo_pans": 1.0}
+  return tuple((name, dataset_config, weight) for name, weight in weights.items())
+
+
 def bundled_config(data_dir=None, min_tokens: int = 48) -> ml_collections.ConfigDict:
   c = pipeline.default_input_config()
   c.update(
     dict(
-      mixture=(
-        ("shapes", "tiny", 2.0),
-        ("moving_digits", "tiny", 1.0),
-        ("photo_pans", "tiny", 1.0),
-      ),
+      mixture=bundled_mixture(),
       data_dir=data_dir,
       tokens_per_row=512,
       max_examples_per_row=8,
