@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from tests import configs
-from vdit import media, tasks, train
+from vdit import media, sharding, tasks, train
 from vdit.data import dense, ink_crop, transforms
 from vdit.datasets import moving_digits as md
 from vdit.evaluators import classifier
+from vdit.tasks import restore
 
 CONFIG = "configs/vit/digit_crops.py"
 E2E_STEPS = 150
@@ -218,3 +219,30 @@ def test_digit_accuracy_on_known_videos(crops_workdir):
   noise = np.random.default_rng(0).integers(0, 256, (10, 4, 32, 32, 3), dtype=np.uint8)
   res = classifier.digit_accuracy(clf, noise, labels)
   assert 0.0 <= res["frame_accuracy"] <= 1.0 and res["num_videos"] == 10
+
+
+def test_digits_scores_a_class_conditional_dit(crops_workdir, data_dir, tmp_path):
+  """`digits` on a class-conditional image model (`configs/dit/digits.py`, task `generate`):
+  `videos_per_digit` images of each class, scored as 1-frame videos exactly as `digit_accuracy`
+  scores the same images drawn directly (same seed); the config's `classifier=` option adds
+  the eval."""
+  config = configs.load(f"tiny,classifier={crops_workdir}", "configs/dit/digits.py")
+  assert config.evals.digits.classifier_workdir == crops_workdir
+  config.input.data_dir = data_dir
+  config.total_steps, config.optimizer.warmup_steps = 2, 1
+  config.evals = dict(digits=dict(config.evals.digits, videos_per_digit=2, steps=3))
+  workdir = str(tmp_path / "dit")
+  train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "eval", "2.json")) as f:
+    got = json.load(f)["digits"]
+  assert got["num_videos"] == 20 and got["chance"] == 0.1
+  mesh = sharding.make_mesh(config.mesh)
+  _, _, params = restore.ema_params(workdir, mesh=mesh)
+  task = tasks.get(config)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  generate = task.predict_fns(config, task.build_model(config), mesh, rules)["generate"]
+  labels = np.repeat(np.arange(10), 2)
+  images = generate(params, labels, steps=3, guidance_scale=config.sample.guidance, seed=0)
+  clf = classifier.Classifier(crops_workdir)
+  want = classifier.digit_accuracy(clf, media.to_uint8(images)[:, None], labels)
+  assert got == want

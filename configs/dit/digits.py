@@ -5,7 +5,9 @@ r"""DiT class-conditional diffusion on `moving_digits` frames (Peebles & Xie 202
 Frames squashed to 32×32 RGB; DiT with adaLN-Zero, ε-prediction with learned σ (hybrid loss),
 linear schedule, N = 1000, label dropout 0.1 for classifier-free guidance, exactly the paper's
 recipe; `:variant=XL/2` gives the paper's model (on 32×32 latents of a 256 px autoencoder).
-The run ends with a PNG grid of generated digits, one row per class.
+The run ends with a PNG grid of generated digits, one row per class; with
+`:tiny,classifier=runs/vit_digit_crops` (a `configs/vit/digit_crops.py:tiny` run) the `digits`
+evaluator also classifies 10 samples of each class.
 """
 
 import ml_collections
@@ -14,7 +16,7 @@ from vdit import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = config_lib.parse_arg(arg, tiny=False, variant="S/2")
+  arg = config_lib.parse_arg(arg, tiny=False, variant="S/2", classifier="")
   tiny = arg.tiny
   c = config_lib.trainer_config(
     tiny=tiny,
@@ -63,4 +65,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sample = dict(per_class=8, steps=50, guidance=2.0, seed=0, display_scale=2)
   # Evaluators (vdit/evaluators, docs/evaluation.md): the `sample` class grid at the end.
   c.evals = dict(class_samples=dict(type="class_samples"))
+  if arg.classifier:
+    # `classifier=<workdir>` of a `configs/vit/digit_crops.py` run: the `digits` evaluator scores
+    # `videos_per_digit` samples of each class (docs/evaluation.md).
+    c.evals.digits = dict(
+      type="digits",
+      classifier_workdir=config_lib.absolute_path(arg.classifier),
+      videos_per_digit=10,
+      steps=c.sample.steps,
+      guidance=c.sample.guidance,
+    )
   return c

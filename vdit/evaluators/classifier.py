@@ -6,7 +6,8 @@
           `python -m vdit.main`: a ViT on the box around each frame's ink, `input.fit="ink"`,
           `vdit.data.ink_crop`; ≈ 93% top-1 on held-out writers); `frame_accuracy` (frames
           classified as the prompt's digit), `video_accuracy` (majority vote over each video's
-          frames), chance 0.1.
+          frames), chance 0.1. A class-conditional image model (`configs/dit/digits.py`) is
+          scored the same way on its images of each class.
 
 `Classifier(workdir).logits(videos)` / `.features(videos)` take uint8 videos [N, T, H, W, 3] of
 any size and return per-frame outputs [N, T, ·] (ViT, NaViT) or per-clip [N, 1, ·] (ViViT).
@@ -22,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vdit import checkpointing, tasks
+from vdit import checkpointing, media, tasks
 from vdit.data import dense, patchify, transforms
 from vdit.evaluators import Context, predict_fn
 from vdit.tasks import classification, restore
@@ -122,16 +123,22 @@ def digits(
   guidance: float = 3.0,
   seed: int = 0,
 ) -> dict:
-  """Generates `videos_per_digit` videos of each digit 0-9 at `size` and classifies them."""
+  """Generates `videos_per_digit` videos of each digit 0-9 at `size` and classifies them.
+
+  A class-conditional image model (a task with `generate`, e.g. `configs/dit/digits.py`) draws
+  `videos_per_digit` images of each class instead, at its own size, scored as 1-frame videos."""
   fns, params = ctx.fns, ctx.params
   clf = load(classifier_workdir, classifier_step)
-  labels = [d for d in range(10) for _ in range(videos_per_digit)]
+  labels = np.asarray([d for d in range(10) for _ in range(videos_per_digit)])
+  if "generate" in fns:  # class-conditional: the label is the digit
+    images = fns["generate"](params, labels, steps=steps, guidance_scale=guidance, seed=seed)
+    return digit_accuracy(clf, media.to_uint8(images)[:, None], labels)
   prompts = [f"a handwritten {d} moving {DIRECTIONS[i % 4]}" for i, d in enumerate(labels)]
   t, h, w = (int(s) for s in size)
   videos = predict_fn(fns, "sampler")(params).generate(
     prompts, num_frames=t, height=h, width=w, steps=steps, guidance=guidance, seed=seed
   )
-  return digit_accuracy(clf, videos, np.asarray(labels))
+  return digit_accuracy(clf, videos, labels)
 
 
 def digit_accuracy(clf: Classifier, videos: np.ndarray, labels: np.ndarray) -> dict:
