@@ -4,15 +4,15 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from tests import configs
-from vdit import media, sharding, tasks, train
+from vdit import evaluators, media, sharding, tasks, train
 from vdit.data import dense, ink_crop, transforms
 from vdit.datasets import moving_digits as md
 from vdit.evaluators import classifier
-from vdit.tasks import restore
 
 CONFIG = "configs/vit/digit_crops.py"
 E2E_STEPS = 150
@@ -221,28 +221,38 @@ def test_digit_accuracy_on_known_videos(crops_workdir):
   assert 0.0 <= res["frame_accuracy"] <= 1.0 and res["num_videos"] == 10
 
 
-def test_digits_scores_a_class_conditional_dit(crops_workdir, data_dir, tmp_path):
+def test_digits_scores_a_class_conditional_dit(data_dir, tmp_path):
   """`digits` on a class-conditional image model (`configs/dit/digits.py`, task `generate`):
   `videos_per_digit` images of each class, scored as 1-frame videos exactly as `digit_accuracy`
   scores the same images drawn directly (same seed); the config's `classifier=` option adds
-  the eval."""
-  config = configs.load(f"tiny,classifier={crops_workdir}", "configs/dit/digits.py")
-  assert config.evals.digits.classifier_workdir == crops_workdir
+  the eval. (A 3-step classifier: the wiring, not the accuracy, is under test.)"""
+  crops = str(tmp_path / "crops")
+  train.train_and_evaluate(
+    _config(data_dir, total_steps=3, log_every_steps=1, **{"optimizer.warmup_steps": 1}), crops
+  )
+  config = configs.load(f"tiny,classifier={crops}", "configs/dit/digits.py")
+  assert config.evals.digits.type == "digits" and config.evals.digits.classifier_workdir == crops
   config.input.data_dir = data_dir
-  config.total_steps, config.optimizer.warmup_steps = 2, 1
   config.evals = dict(digits=dict(config.evals.digits, videos_per_digit=2, steps=3))
-  workdir = str(tmp_path / "dit")
-  train.train_and_evaluate(config, workdir)
-  with open(os.path.join(workdir, "eval", "2.json")) as f:
-    got = json.load(f)["digits"]
-  assert got["num_videos"] == 20 and got["chance"] == 0.1
-  mesh = sharding.make_mesh(config.mesh)
-  _, _, params = restore.ema_params(workdir, mesh=mesh)
   task = tasks.get(config)
+  model = task.build_model(config)
+  params = model.init(jax.random.key(0), *task.dummy_inputs(config))["params"]
+  # Off the adaLN-Zero init (whose output is the same whatever the label).
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = treedef.unflatten(
+    [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+  )
+  mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
-  generate = task.predict_fns(config, task.build_model(config), mesh, rules)["generate"]
+  fns = task.predict_fns(config, model, mesh, rules)
+  with sharding.activate(mesh, rules):
+    got = evaluators.run(config, fns, params, str(tmp_path), 0)["digits"]
+  assert got["num_videos"] == 20 and got["chance"] == 0.1
   labels = np.repeat(np.arange(10), 2)
-  images = generate(params, labels, steps=3, guidance_scale=config.sample.guidance, seed=0)
-  clf = classifier.Classifier(crops_workdir)
-  want = classifier.digit_accuracy(clf, media.to_uint8(images)[:, None], labels)
+  images = fns["generate"](params, labels, steps=3, guidance_scale=config.sample.guidance, seed=0)
+  assert len({media.to_uint8(x).tobytes() for x in images[::2]}) == 10  # the label is used
+  want = classifier.digit_accuracy(
+    classifier.Classifier(crops), media.to_uint8(images)[:, None], labels
+  )
   assert got == want
