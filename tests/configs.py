@@ -126,3 +126,13 @@ def run_module(module: str, *args: str, timeout: float = 900, **env: str):
     timeout=timeout,
     env={**os.environ, **env},
   )
+
+
+def off_zero_init(params, seed: int = 2, scale: float = 0.05):
+  """`params` + `scale`·N(0, 1) noise: off an adaLN-Zero init, whose output is the same
+  whatever the conditioning (label or caption)."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten(
+    [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+  )

@@ -237,12 +237,7 @@ def test_digits_scores_a_class_conditional_dit(data_dir, tmp_path):
   task = tasks.get(config)
   model = task.build_model(config)
   params = model.init(jax.random.key(0), *task.dummy_inputs(config))["params"]
-  # Off the adaLN-Zero init (whose output is the same whatever the label).
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = treedef.unflatten(
-    [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
-  )
+  params = configs.off_zero_init(params, seed=1)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
   fns = task.predict_fns(config, model, mesh, rules)

@@ -92,12 +92,7 @@ def test_dit_task_drops_labels_in_the_loss(data_dir):
   task = tasks.get(config)
   model = task.build_model(config)
   params = model.init(jax.random.key(0), *task.dummy_inputs(config))["params"]
-  # Off the adaLN-Zero init (whose output is 0 whatever the label).
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(2), len(leaves))
-  params = treedef.unflatten(
-    [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
-  )
+  params = configs.off_zero_init(params)
   batch = {k: jnp.asarray(v[:4]) for k, v in next(task.make_iterator(config)).items()}
   assert bool(jnp.all(batch["label"] >= 0))
 
