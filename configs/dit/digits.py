@@ -30,7 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     warmup_steps=50 if tiny else 0,
     ema_decay=0.995 if tiny else 0.9999,
   )
-  c.log_every_steps = 250 if tiny else c.log_every_steps
+  if tiny:
+    c.log_every_steps = 250
   c.task = "image_diffusion"
   c.input = dict(
     dataset="moving_digits",
