@@ -100,8 +100,12 @@ def test_mesh_invariance(reference_state, shape):
     )
   )
   assert moved > 1e-4  # the comparison below is not vacuous
-  _assert_trees_close(state.params, ref_state.params, rtol=1e-4, atol=2e-6)
-  _assert_trees_close(state.ema_params, ref_state.ema_params, rtol=1e-4, atol=2e-6)
+  # Params: Adam moves an element by lr·g/(|g| + ε); where |g| is far below ε = 1e-8 (adaLN-Zero
+  # kernels at their second step: g ~ 3e-10) the step follows g's fp32 rounding, which differs
+  # between meshes by a few percent. Measured: 2.1e-6 (0.2% of one lr = 1e-3 step) on one of
+  # 6,144 such elements. The moments below carry the gradients themselves, at rtol 1e-3.
+  _assert_trees_close(state.params, ref_state.params, rtol=1e-4, atol=5e-6)
+  _assert_trees_close(state.ema_params, ref_state.ema_params, rtol=1e-4, atol=5e-6)
   _assert_trees_close(state.opt_state, ref_state.opt_state, rtol=1e-3, atol=1e-7)
 
 

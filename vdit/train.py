@@ -52,20 +52,29 @@ def train_step(
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = optax.tree.norm(optax.tree.cast(grads, jnp.float32))  # fp32 even for bf16 params
-  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-  # EMA of the params (Polyak averaging): decay·ema + (1 − decay)·params.
-  decay = train_state.ema_decay(state.step, config.optimizer.ema_decay)
-  new_ema = optax.incremental_update(new_params, state.ema_params, step_size=1.0 - decay)
   # A non-finite loss or gradient skips the update (counted), it is never applied. Not
   # `optax.apply_if_finite`: that wraps the optimizer state (changing the checkpointed tree),
-  # leaves the EMA to us and looks at the gradient only, not the loss.
+  # leaves the EMA to us and looks at the gradient only, not the loss. A `lax.cond`, not a
+  # `where` of new and old: the donated state is then updated in place; a `where` keeps every
+  # old buffer alive to the end and XLA copies params, moments and EMA each step (on the CPU
+  # demo, ~13% of the step: docs/recipe.md, rows S).
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  def update(_):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # EMA of the params (Polyak averaging): decay·ema + (1 − decay)·params.
+    decay = train_state.ema_decay(state.step, config.optimizer.ema_decay)
+    return params, opt_state, optax.incremental_update(params, state.ema_params, 1.0 - decay)
+
+  params, opt_state, ema_params = jax.lax.cond(
+    finite, update, lambda _: (state.params, state.opt_state, state.ema_params), None
+  )
   new_state = state.replace(
     step=state.step + 1,
-    params=optax.tree.where(finite, new_params, state.params),
-    opt_state=optax.tree.where(finite, new_opt_state, state.opt_state),
-    ema_params=optax.tree.where(finite, new_ema, state.ema_params),
+    params=params,
+    opt_state=opt_state,
+    ema_params=ema_params,
     skipped=state.skipped + (~finite).astype(jnp.int32),
   )
   metrics = {

@@ -114,7 +114,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     patch_bottleneck=0,  # > 0: low-rank patch embedding P → this → width (JiT)
     num_classes=0,
     attention_backend="xla",
-    scan_layers=True,
+    # tiny: the 4 blocks unrolled. On CPU a scanned stack stacks each block's activations for
+    # the backward into fresh buffers every step: 1.13–1.17× slower (BENCHMARKS.md).
+    scan_layers=not tiny,
     remat_policy="none" if tiny else "dots_saveable",
     dtype="float32" if tiny else "bfloat16",
   )
