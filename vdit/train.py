@@ -56,8 +56,8 @@ def train_step(
   # `optax.apply_if_finite`: that wraps the optimizer state (changing the checkpointed tree),
   # leaves the EMA to us and looks at the gradient only, not the loss. A `lax.cond`, not a
   # `where` of new and old: the donated state is then updated in place; a `where` keeps every
-  # old buffer alive to the end and XLA copies params, moments and EMA each step (on the CPU
-  # demo, ~13% of the step: docs/recipe.md, rows S).
+  # old buffer alive to the end and XLA copies params, moments and EMA each step (the CPU
+  # demo's step: 86 → 77 ms; BENCHMARKS.md, "train_step").
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   def update(_):
