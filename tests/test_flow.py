@@ -91,6 +91,30 @@ def test_time_is_per_example_and_cond_tokens_stay_clean():
   assert np.abs(np.asarray(seen["x_t"] - batch["patches"])[~cond & (seg > 0)]).min() > 0
 
 
+def test_input_perturbation_moves_the_input_and_keeps_the_target():
+  batch = make_batch()
+  x0, cond = batch["patches"], np.asarray(batch["cond_mask"])
+  plain_fn, plain = recording(lambda x, t, b: 0 * x)
+  perturbed_fn, perturbed = recording(lambda x, t, b: 0 * x)
+  rng = jax.random.key(3)
+  value, _ = flow.loss(plain_fn, batch, rng, text_dropout=0.0)
+  value_p, _ = flow.loss(perturbed_fn, batch, rng, text_dropout=0.0, input_perturbation=0.5)
+  t = np.asarray(plain["t"])[..., None]
+  moved = np.asarray(perturbed["x_t"] - plain["x_t"]) / np.maximum(t, 1e-6)  # γ·ξ
+  live = (np.asarray(batch["segment_ids"]) > 0) & ~cond
+  assert 0.4 < moved[live].std() < 0.6  # ξ ~ N(0, 1), scaled by γ = 0.5
+  np.testing.assert_array_equal(np.asarray(perturbed["x_t"])[cond], np.asarray(x0)[cond])
+  np.testing.assert_array_equal(perturbed["t"], plain["t"])
+  # A zero prediction's loss is the mean target norm: the target did not move.
+  np.testing.assert_allclose(value_p, value, rtol=1e-6)
+  # The model that is exact on unperturbed inputs is not exact on perturbed ones.
+  eps_x0 = (plain["x_t"] - x0) / jnp.maximum(plain["t"], 1e-6)[..., None]
+  exact, _ = flow.loss(lambda x, t, b: eps_x0, batch, rng, text_dropout=0.0)
+  assert float(exact) < 1e-8
+  naive = lambda x, t, b: (x - x0) / jnp.maximum(t, 1e-6)[..., None]
+  assert float(flow.loss(naive, batch, rng, text_dropout=0.0, input_perturbation=0.5)[0]) > 0.1
+
+
 def test_mixed_noise_shares_a_fraction_of_each_place_along_time():
   """`mixed_noise`: every element N(0, 1); two tokens of one example at the same (h, w) in
   different patch-frames correlate by `correlation`, tokens elsewhere (another place, another

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from tests import configs
@@ -232,3 +233,34 @@ def test_sora_tiny_on_a_4d_mesh(data_dir):
   assert max(moved) > 1e-4
   for p in jax.tree_util.tree_leaves(end.params):
     assert p.dtype == jnp.float32  # master params stay fp32 under bf16 compute
+
+
+def test_muon_orthogonalises_the_2d_kernels_and_adams_the_rest():
+  """`optimizer.name="muon"`: a 2-D kernel's first update is the orthogonalised gradient (all
+  its singular values alike, Newton-Schulz), scaled to AdamW's RMS; a bias, an embedding table
+  and a rank-3 kernel get (Nesterov) AdamW's update."""
+  opt = configs.load().optimizer
+  opt.name, opt.lr, opt.warmup_steps, opt.grad_clip, opt.weight_decay = "muon", 0.1, 0, 1e9, 0.0
+  tx = train_state.make_optimizer(opt, 100)
+  rng = np.random.default_rng(0)
+  params = {
+    "mlp": {"kernel": jnp.zeros((16, 8)), "bias": jnp.zeros(8)},
+    "attn": {"kernel": jnp.zeros((16, 2, 4))},
+    "table": {"embedding": jnp.zeros((10, 16))},
+  }
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  lr = float(train_state.learning_rate_schedule(opt, 100)(0))
+  sv = np.linalg.svd(np.asarray(updates["mlp"]["kernel"]), compute_uv=False)
+  raw = np.linalg.svd(np.asarray(grads["mlp"]["kernel"]), compute_uv=False)
+  assert raw.max() / raw.min() > 3  # a Gaussian 16×8 matrix
+  # Orthogonalised: Newton-Schulz's quintic leaves singular values in ~[0.7, 1.2], not all 1.
+  assert sv.max() / sv.min() < 2
+  rms = float(jnp.sqrt(jnp.mean(jnp.square(updates["mlp"]["kernel"]))))
+  np.testing.assert_allclose(rms, 0.2 * lr, rtol=0.35)  # consistent RMS: 0.2·lr
+  nadam = optax.adamw(lr, b1=opt.b1, b2=opt.b2, nesterov=True)
+  for leaf in ("mlp/bias", "attn/kernel", "table/embedding"):
+    a, b = leaf.split("/")
+    want, _ = nadam.update(grads[a][b], nadam.init(params[a][b]), params[a][b])
+    np.testing.assert_allclose(updates[a][b], want, rtol=1e-5)
+    np.testing.assert_array_equal(np.sign(updates[a][b]), -np.sign(grads[a][b]))

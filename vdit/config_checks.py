@@ -10,7 +10,7 @@ import os
 import jax
 import ml_collections
 
-from vdit import checkpointing, datasets, sharding
+from vdit import checkpointing, datasets, sharding, train_state
 from vdit.data import caption_table, pipeline
 from vdit.data import dense as dense_lib
 from vdit.datasets import latents
@@ -73,19 +73,17 @@ def check_diffusion(d: ml_collections.ConfigDict) -> None:
   self_condition = d.get("self_condition", 0.0)
   if not 0.0 <= self_condition <= 1.0:
     raise ConfigError(f"diffusion.self_condition={self_condition} must be a rate in [0, 1]")
-  if self_condition and d.objective != "rectified_flow":
-    raise ConfigError(
-      f"diffusion.self_condition={self_condition} needs diffusion.objective='rectified_flow', "
-      f"not {d.objective!r}"
-    )
   correlation = d.get("noise_correlation", 0.0)
   if not 0.0 <= correlation < 1.0:
     raise ConfigError(f"diffusion.noise_correlation={correlation} must be in [0, 1)")
-  if correlation and d.objective != "rectified_flow":
-    raise ConfigError(
-      f"diffusion.noise_correlation={correlation} needs diffusion.objective='rectified_flow', "
-      f"not {d.objective!r}"
-    )
+  if not d.get("input_perturbation", 0.0) >= 0.0:
+    raise ConfigError(f"diffusion.input_perturbation={d.input_perturbation} must be >= 0")
+  for name in ("self_condition", "noise_correlation", "input_perturbation"):
+    if d.get(name, 0.0) and d.objective != "rectified_flow":
+      raise ConfigError(
+        f"diffusion.{name}={d[name]} needs diffusion.objective='rectified_flow', "
+        f"not {d.objective!r}"
+      )
   if not d.get("flow_sigma_data", 0.5) > 0.0:
     raise ConfigError(f"diffusion.flow_sigma_data={d.flow_sigma_data} must be > 0")
   lo_hi = tuple(d.guidance_interval)
@@ -269,6 +267,12 @@ def check_optimizer(opt: ml_collections.ConfigDict) -> None:
   """The `optimizer` section (`vdit.train_state.make_optimizer`)."""
   if not (math.isfinite(opt.lr) and opt.lr > 0):
     raise ConfigError(f"optimizer.lr={opt.lr} must be a finite number > 0")
+  name = opt.get("name", "adamw")
+  if name not in train_state.OPTIMIZERS:
+    raise ConfigError(f"optimizer.name={name!r} is not one of {train_state.OPTIMIZERS}")
+  if name == "muon" and opt.get("weight_decay", 0.0):
+    # optax's muon decays every parameter of its AdamW part: biases and norms too.
+    raise ConfigError(f"optimizer.name='muon' takes no weight_decay (got {opt.weight_decay})")
   for key in ("b1", "b2"):
     if key in opt and not 0.0 <= opt[key] < 1.0:
       raise ConfigError(f"optimizer.{key}={opt[key]} must be in [0, 1)")

@@ -151,6 +151,7 @@ def trainer_config(
   c.max_checkpoints = 3
   c.max_nonfinite_in_a_row = 20  # abort after this many skipped (non-finite) updates in a row
   c.optimizer = dict(
+    name="adamw",  # or "muon" (2-D kernels; vdit.train_state.make_optimizer)
     lr=lr,
     warmup_steps=warmup_steps,
     final_lr_fraction=0.1,

@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -132,9 +133,18 @@ def global_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict[str
 def tree_shardings(mesh: Mesh, rules, abstract_boxed_tree: Any) -> Any:
   """Shardings for a tree whose leaves carry logical `nn.Partitioned` metadata.
 
-  Leaves without metadata (step counters, rng keys, scalar optimizer state) are replicated.
+  Leaves without metadata (step counters, rng keys, scalar optimizer state) are replicated. A
+  box around optax's `MaskedNode` (the state a partitioned optimizer such as muon keeps for the
+  parameters another part updates) holds no array and stays a `MaskedNode`.
   """
-  specs = nn.get_partition_spec(abstract_boxed_tree)
+  tree = jax.tree_util.tree_map(
+    lambda x: (
+      x.value if isinstance(x, nn.Partitioned) and isinstance(x.value, optax.MaskedNode) else x
+    ),
+    abstract_boxed_tree,
+    is_leaf=lambda x: isinstance(x, nn.Partitioned),
+  )
+  specs = nn.get_partition_spec(tree)
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 

@@ -57,32 +57,61 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
   return lambda step: base((step // k) * k)
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
 def make_optimizer(
   opt: ml_collections.ConfigDict, total_steps: int
 ) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping; no weight decay on biases, norms and embeddings' scales.
+  """AdamW (or Muon) with global-norm clipping; no weight decay on biases, norms and embeddings'
+  scales.
+
+  `opt.name = "muon"`: `optax.contrib.muon` on the 2-D dense kernels (Newton-Schulz
+  orthogonalised momentum, Jordan et al. 2024), with its update RMS matched to AdamW's
+  (`consistent_rms=0.2`, Liu et al. 2025 "Muon is Scalable for LLM Training"), so the same
+  learning rate serves both; AdamW (`b1`, `b2`, with Nesterov momentum as optax's muon applies
+  it) on every other parameter (embedding tables, biases, norms, kernels of rank ≠ 2).
 
   `opt.grad_accum_steps = k > 1` wraps it in `optax.MultiSteps`: each train step adds one
   microbatch's gradient to an accumulator (sharded like the params) and every k-th step
-  applies AdamW to the mean (clipping the mean, not the parts); the other steps return zero
-  updates. The global batch of one update is then k × `input.rows_per_batch` rows.
+  applies the optimizer to the mean (clipping the mean, not the parts); the other steps return
+  zero updates. The global batch of one update is then k × `input.rows_per_batch` rows.
   """
   base, k = _base_schedule(opt, total_steps), accumulation_steps(opt)
+  # The inner count is the number of applied updates u; update u uses train step u·k.
+  lr = base if k == 1 else (lambda u: base(u * k))
 
   def decay_mask(params):
     return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
 
-  tx = optax.chain(
-    optax.clip_by_global_norm(opt.grad_clip),
-    optax.adamw(
-      # The inner count is the number of applied updates u; update u uses train step u·k.
-      learning_rate=base if k == 1 else (lambda u: base(u * k)),
-      b1=opt.b1,
-      b2=opt.b2,
+  name = opt.get("name", "adamw")
+  if name == "adamw":
+    inner = optax.adamw(
+      learning_rate=lr, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay, mask=decay_mask
+    )
+  elif name == "muon":
+
+    def muon_dims(params):  # the 2-D kernels; None = AdamW. Params may be boxed (logical axes).
+      def dims(path, p):
+        is_kernel = getattr(path[-1], "key", None) == "kernel"
+        ndim = (p.value if isinstance(p, nn.Partitioned) else p).ndim
+        return optax.contrib.MuonDimensionNumbers() if is_kernel and ndim == 2 else None
+
+      boxed = lambda x: isinstance(x, nn.Partitioned)
+      return jax.tree_util.tree_map_with_path(dims, params, is_leaf=boxed)
+
+    inner = optax.contrib.muon(
+      learning_rate=lr,
       weight_decay=opt.weight_decay,
-      mask=decay_mask,
-    ),
-  )
+      consistent_rms=0.2,
+      adam_b1=opt.b1,
+      adam_b2=opt.b2,
+      adam_weight_decay=opt.weight_decay,
+      muon_weight_dimension_numbers=muon_dims,
+    )
+  else:
+    raise ValueError(f"optimizer.name={name!r} is not one of {OPTIMIZERS}")
+  tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), inner)
   if k == 1:
     return tx
   return optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()

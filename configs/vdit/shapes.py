@@ -144,6 +144,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Share of each token's noise common to its place in every patch-frame (PYoCo mixed noise,
     # `flow.mixed_noise`), in training and sampling; 0 = independent noise.
     noise_correlation=0.0,
+    # γ of input perturbation (Ning et al. 2023): the model reads x_t built from noise + γ·ξ, the
+    # target stays the unperturbed one, against the sampler's exposure bias; 0 = off.
+    input_perturbation=0.0,
     text_dropout=0.1,  # classifier-free guidance: rate of null captions (and labels) in training
     # Frame-conditioning tasks drawn per example in training (relative weights).
     cond_probs=dict(
@@ -159,6 +162,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
 
   c.optimizer = dict(
+    name="adamw",  # or "muon" (2-D kernels; vdit.train_state.make_optimizer)
     lr=2e-3 if tiny else 1e-4,  # tiny: docs/recipe.md rows D, H2, I
     warmup_steps=50 if tiny else 5_000,
     final_lr_fraction=0.1,

@@ -107,6 +107,7 @@ def loss(
   t_min: float | None = None,
   self_condition: float = 0.0,
   noise_correlation: float = 0.0,
+  input_perturbation: float = 0.0,
 ) -> tuple[jax.Array, dict]:
   """Flow-matching loss ‖v_θ(x_t, t) − (ε − x0)‖² on a packed batch (SD3, Eq. 2 with v).
 
@@ -128,6 +129,11 @@ def loss(
   `self_condition` per batch the model first runs with x0_prev = 0 and its estimate (gradient
   stopped) is fed to the pass that is trained; otherwise x0_prev = 0 (the sampler's first step).
 
+  Input perturbation (`input_perturbation` = γ > 0, Ning et al. 2023 "Input Perturbation Reduces
+  Exposure Bias in Diffusion Models"): the model reads x_t built from noise + γ·ξ (ξ another
+  draw of the same kind) while the target stays that of the unperturbed x_t, so it learns not
+  to trust its input more than the sampler's own (imperfect) inputs deserve.
+
   Returns (loss, metrics) with metrics `per_example_loss` [B, K] (0 for empty examples),
   `t` [B, K], `dropped` [B, K] and `num_tokens`.
   """
@@ -147,6 +153,11 @@ def loss(
     target = noise - x0
   else:
     target = (x_t - x0) / jnp.maximum(t_tok, t_min)[..., None]
+  if input_perturbation:  # its own stream (fold_in): the other draws keep their numbers
+    extra = mixed_noise(
+      jax.random.fold_in(rng, 4), x0.shape, seg, batch["positions"], noise_correlation, x0.dtype
+    )
+    x_t = jnp.where(cond[..., None], x0, x_t + input_perturbation * t_tok[..., None] * extra)
 
   model_batch, dropped = guidance.drop_conditions(drop_rng, batch, text_dropout)
   if self_condition:

@@ -44,6 +44,9 @@ class Spec:
   # rectified flow: the share of each token's noise that is common to its place (h, w) in every
   # patch-frame of its example (`flow.mixed_noise`, PYoCo), in training and sampling; 0 = none.
   noise_correlation: float = 0.0
+  # rectified flow: γ of input perturbation (`flow.loss`): the model reads x_t built from
+  # noise + γ·ξ, the target stays that of the unperturbed x_t; 0 = off.
+  input_perturbation: float = 0.0
   cond_probs: tuple[float, ...] = conditioning.task_probs(conditioning.DEFAULT_PROBS)
   schedule: str = "linear"  # gaussian: "linear" | "cosine"
   num_timesteps: int = 1000  # gaussian: N
@@ -125,6 +128,7 @@ def loss(
       t_min=spec.flow_t_min if spec.predicts_x0 else None,
       self_condition=spec.self_condition,
       noise_correlation=spec.noise_correlation,
+      input_perturbation=spec.input_perturbation,
     )
   if spec.objective == "gaussian":
     return gaussian.loss(
