@@ -168,6 +168,20 @@ def trainer_config(
   return c
 
 
+def classifier_config(
+  *, tiny: bool, total_steps: int, lr: float, warmup_steps: int
+) -> ml_collections.ConfigDict:
+  """`trainer_config` for the classification task (ViT, NaViT, ViViT): AdamW with weight decay
+  1e-4, and top-1 over the validation split at the end (vdit/evaluators, docs/evaluation.md). A
+  config file adds `input` and `model`."""
+  c = trainer_config(
+    tiny=tiny, total_steps=total_steps, lr=lr, warmup_steps=warmup_steps, weight_decay=1e-4
+  )
+  c.task = "classification"
+  c.evals = dict(classification=dict(type="top1"))
+  return c
+
+
 def load_module(path: str):
   """The config file at `path` as a module (loaded by path: config files never depend on the
   working directory or on being a package)."""

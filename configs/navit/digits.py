@@ -17,17 +17,11 @@ SIZES = {True: (64, 4, 4), False: (768, 12, 12)}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = config_lib.parse_arg(arg, tiny=False)
-  tiny = arg.tiny
+  tiny = config_lib.parse_arg(arg, tiny=False).tiny
   width, depth, heads = SIZES[tiny]
-  c = config_lib.trainer_config(
-    tiny=tiny,
-    total_steps=600 if tiny else 100_000,
-    lr=1e-3 if tiny else 3e-4,
-    warmup_steps=50 if tiny else 10_000,
-    weight_decay=1e-4,
-  )
-  c.task = "classification"
+  # The run of the ViT baseline (schedule, optimizer, top-1 evaluation), so that the two compare
+  # at equal training; the input and the model are NaViT's.
+  c = config_lib.load_sibling(__file__, "../vit/digits.py", "tiny" if tiny else None)
   c.input = dict(
     dataset="moving_digits",
     dataset_config="tiny" if tiny else "default",
@@ -54,6 +48,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     posemb_size=32,
     **config_lib.RUNTIME,
   )
-  # Evaluators (vdit/evaluators, docs/evaluation.md): top-1 over the validation split at the end.
-  c.evals = dict(classification=dict(type="top1"))
   return c

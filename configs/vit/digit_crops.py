@@ -17,14 +17,12 @@ from vdit import config_lib
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, tiny=False)
   tiny = arg.tiny
-  c = config_lib.trainer_config(
+  c = config_lib.classifier_config(
     tiny=tiny,
     total_steps=1500 if tiny else 20_000,
     lr=1e-3,
     warmup_steps=100 if tiny else 1_000,
-    weight_decay=1e-4,
   )
-  c.task = "classification"
   c.input = dict(
     dataset="moving_digits",
     dataset_config="tiny" if tiny else "default",
@@ -43,6 +41,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     pool="gap",
     **config_lib.RUNTIME,
   )
-  # Evaluators (vdit/evaluators, docs/evaluation.md): top-1 over the validation split at the end.
-  c.evals = dict(classification=dict(type="top1"))
   return c

@@ -13,14 +13,12 @@ from vdit import config_lib
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, tiny=False, variant="B/16")
   tiny = arg.tiny
-  c = config_lib.trainer_config(
+  c = config_lib.classifier_config(
     tiny=tiny,
     total_steps=600 if tiny else 100_000,
     lr=1e-3 if tiny else 3e-4,
     warmup_steps=50 if tiny else 10_000,
-    weight_decay=1e-4,
   )
-  c.task = "classification"
   c.input = dict(
     dataset="moving_digits",
     dataset_config="tiny" if tiny else "default",
@@ -39,6 +37,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     pool="gap" if tiny else "token",
     **config_lib.RUNTIME,
   )
-  # Evaluators (vdit/evaluators, docs/evaluation.md): top-1 over the validation split at the end.
-  c.evals = dict(classification=dict(type="top1"))
   return c

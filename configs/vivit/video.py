@@ -17,14 +17,12 @@ from vdit import config_lib, datasets
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, tiny=False, variant="factorised_encoder", dataset="photo_pans")
   tiny = arg.tiny
-  c = config_lib.trainer_config(
+  c = config_lib.classifier_config(
     tiny=tiny,
     total_steps=400 if tiny else 30_000,
     lr=1e-3 if tiny else 1e-4,
     warmup_steps=50 if tiny else 2_500,
-    weight_decay=1e-4,
   )
-  c.task = "classification"
   c.input = dict(
     dataset=arg.dataset,
     dataset_config="tiny" if tiny else "default",
@@ -44,6 +42,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     num_heads=4 if tiny else 12,
     **config_lib.RUNTIME,
   )
-  # Evaluators (vdit/evaluators, docs/evaluation.md): top-1 over the validation split at the end.
-  c.evals = dict(classification=dict(type="top1"))
   return c

@@ -1,13 +1,12 @@
 """What every bundled TFDS builder shares: features, an inter-process build lock, idempotent
 `build`, random-access `data_source`.
 
-A builder module (shapes.py, moving_digits.py, ...) defines a `tfds.core.GeneratorBasedBuilder`
-with `BUILDER_CONFIGS` (a procedural one: a `ProceduralBuilder` over its `generate` function) and
-its module interface from these helpers: `CONFIG_NAMES = config_names(Builder)`,
-`build = functools.partial(build, Builder)`, `data_source = functools.partial(data_source,
-Builder)`. Examples are
-written once as ArrayRecord under `data_dir` and read with random access (`as_data_source`, what
-`tfds.data_source` returns): no TensorFlow in the reader.
+A builder module (shapes.py, moving_digits.py, ...) defines a `Builder` (a TFDS
+`GeneratorBasedBuilder`) with `BUILDER_CONFIGS` (a procedural one: a `ProceduralBuilder` over its
+`generate` function) and its module interface from these helpers: `CONFIG_NAMES, build,
+data_source = interface(Builder)`. Examples are written once as ArrayRecord under `data_dir` and
+read with random access (`as_data_source`, what `tfds.data_source` returns): no TensorFlow in the
+reader.
 
 Every dataset stores at least `video` uint8 [T, H, W, 3] (an image is a 1-frame video), `caption`
 (text) and `label` (int, -1 = none), so a pipeline can mix them.
@@ -15,12 +14,15 @@ Every dataset stores at least `video` uint8 [T, H, W, 3] (an image is a 1-frame 
 
 import contextlib
 import fcntl
+import functools
+import inspect
 import os
 from collections.abc import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
 import threadpoolctl
+from etils import epath
 
 from vdit import datasets
 
@@ -61,13 +63,25 @@ def info(builder, description: str, label, **features) -> tfds.core.DatasetInfo:
   )
 
 
-class ProceduralBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A bundled builder: its `code_path` is its own file."""
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    # TFDS derives `code_path` from package resources, which needs the `importlib_resources`
+    # backport for packages installed in development mode; the builder's own file is all it is
+    # used for.
+    cls.code_path = epath.Path(inspect.getfile(cls))
+
+
+class ProceduralBuilder(Builder, skip_registration=True):
   """A builder whose examples are made from (config, split, index) alone, nothing downloaded:
   the subclass's `generate(config, split, index)` (the module's function, set as
   `generate = staticmethod(generate)`), for `index` below its config's `train_size` /
   `validation_size`, keyed by index."""
 
   generate: Callable[..., dict]  # (builder config, split, index) -> the example as stored
+  DEFAULT_CONFIG_NAME = "tiny"
 
   def _split_generators(self, dl_manager):
     del dl_manager  # procedural: nothing to download
@@ -129,6 +143,27 @@ def data_source(builder_cls, split: str, data_dir: str | None = None, config="ti
     raise ValueError(f"split={split!r} is unknown; expected one of {splits}")
   build(builder_cls, data_dir, config)
   return make_builder(builder_cls, data_dir, config).as_data_source(split)
+
+
+def interface(builder_cls) -> tuple[tuple[str, ...], Callable[..., None], Callable]:
+  """What `vdit.datasets` looks up in a builder module: the valid `dataset_config`s,
+  `build(data_dir=None, config="tiny")` (idempotent) and `data_source(split, data_dir=None,
+  config="tiny")` (built first if needed)."""
+  return (
+    config_names(builder_cls),
+    functools.partial(build, builder_cls),
+    functools.partial(data_source, builder_cls),
+  )
+
+
+def canvas_size(rng: np.random.Generator, config) -> tuple[int, int]:
+  """(height, width) in px: sides from `config.min_size` to `max_size` in steps of
+  `size_multiple`, aspect ratio within [1/max_aspect, max_aspect]."""
+  sides = np.arange(config.min_size, config.max_size + 1, config.size_multiple)
+  while True:  # rejection sampling keeps the aspect distribution symmetric
+    height, width = (int(s) for s in rng.choice(sides, size=2))
+    if max(height / width, width / height) <= config.max_aspect:
+      return height, width
 
 
 def split_rng(seed: int, split: str, index: int) -> np.random.Generator:

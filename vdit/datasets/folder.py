@@ -35,7 +35,6 @@ import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from vdit.datasets import building
 
@@ -267,13 +266,12 @@ def folder_config(path: str) -> FolderConfig:
   return FolderConfig(name=f"{base}_{fingerprint(path)}", path=os.path.abspath(path))
 
 
-class Folder(tfds.core.GeneratorBasedBuilder):
+class Folder(building.Builder):
   """A folder of videos/images + captions.jsonl, decoded once (see `vdit.datasets.folder`)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = []  # one config per folder, made by folder_config(path)
-  code_path = epath.Path(__file__)  # see shapes.py: avoids the importlib_resources backport
 
   def _info(self) -> tfds.core.DatasetInfo:
     return building.info(self, __doc__, label=building.int_feature(), file=tfds.features.Text())

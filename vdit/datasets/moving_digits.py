@@ -20,7 +20,6 @@ import functools
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from vdit.datasets import building
 
@@ -99,11 +98,7 @@ def _axis(rng, span: int, velocity: float, num_frames: int, bounce: bool) -> np.
 
 
 def _canvas(rng, config) -> tuple[int, int, int]:
-  sides = np.arange(config.min_size, config.max_size + 1, config.size_multiple)
-  while True:  # rejection sampling keeps the aspect distribution symmetric
-    height, width = (int(s) for s in rng.choice(sides, size=2))
-    if max(height / width, width / height) <= config.max_aspect:
-      break
+  height, width = building.canvas_size(rng, config)
   return int(rng.integers(config.min_frames, config.max_frames + 1)), height, width
 
 
@@ -194,8 +189,6 @@ class MovingDigits(building.ProceduralBuilder):
     ),
     MovingDigitsConfig(name="test", description="32/8 examples", train_size=32, validation_size=8),
   ]
-  DEFAULT_CONFIG_NAME = "tiny"
-  code_path = epath.Path(__file__)  # see shapes.py: avoids the importlib_resources backport
   generate = staticmethod(generate)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -209,8 +202,4 @@ class MovingDigits(building.ProceduralBuilder):
     )
 
 
-# What `vdit.datasets` looks up: the valid `dataset_config`s, `build(data_dir=None, config="tiny")`
-# (idempotent) and `data_source(split, data_dir=None, config="tiny")` (built first if needed).
-CONFIG_NAMES = building.config_names(MovingDigits)
-build = functools.partial(building.build, MovingDigits)
-data_source = functools.partial(building.data_source, MovingDigits)
+CONFIG_NAMES, build, data_source = building.interface(MovingDigits)  # for `vdit.datasets`

@@ -19,7 +19,6 @@ import functools
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from vdit.datasets import building
 
@@ -142,11 +141,7 @@ def caption(rng, noun: str, motion: str, direction: str) -> str:
 
 
 def make_example(rng: np.random.Generator, config: PhotoPansConfig) -> dict:
-  sides = np.arange(config.min_size, config.max_size + 1, config.size_multiple)
-  while True:  # rejection sampling keeps the aspect distribution symmetric
-    height, width = (int(s) for s in rng.choice(sides, size=2))
-    if max(height / width, width / height) <= config.max_aspect:
-      break
+  height, width = building.canvas_size(rng, config)
   photo = int(rng.integers(len(PHOTO_NAMES)))
   name = PHOTO_NAMES[photo]
   if rng.random() < config.still_rate:
@@ -189,8 +184,6 @@ class PhotoPans(building.ProceduralBuilder):
     ),
     PhotoPansConfig(name="test", description="32/8 examples", train_size=32, validation_size=8),
   ]
-  DEFAULT_CONFIG_NAME = "tiny"
-  code_path = epath.Path(__file__)  # see shapes.py: avoids the importlib_resources backport
   generate = staticmethod(generate)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -203,8 +196,4 @@ class PhotoPans(building.ProceduralBuilder):
     )
 
 
-# What `vdit.datasets` looks up: the valid `dataset_config`s, `build(data_dir=None, config="tiny")`
-# (idempotent) and `data_source(split, data_dir=None, config="tiny")` (built first if needed).
-CONFIG_NAMES = building.config_names(PhotoPans)
-build = functools.partial(building.build, PhotoPans)
-data_source = functools.partial(building.data_source, PhotoPans)
+CONFIG_NAMES, build, data_source = building.interface(PhotoPans)  # for `vdit.datasets`

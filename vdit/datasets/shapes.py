@@ -17,11 +17,9 @@ TensorFlow in the reader).
 """
 
 import dataclasses
-import functools
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from vdit.datasets import building
 
@@ -120,11 +118,7 @@ def contrasting_backgrounds(colours: list[str]) -> list[str]:
 
 def sample_spec(rng: np.random.Generator, config: ShapesConfig) -> ExampleSpec:
   """Draws the content (objects, background) and the canvas of one example."""
-  sides = np.arange(config.min_size, config.max_size + 1, config.size_multiple)
-  while True:  # rejection sampling keeps the aspect distribution symmetric
-    height, width = (int(s) for s in rng.choice(sides, size=2))
-    if max(height / width, width / height) <= config.max_aspect:
-      break
+  height, width = building.canvas_size(rng, config)
   num_frames = int(rng.integers(config.min_frames, config.max_frames + 1))
   num_objects = 2 if rng.random() < config.two_object_rate else 1
   colours = [str(c) for c in rng.choice(config.colours, size=num_objects, replace=False)]
@@ -246,10 +240,6 @@ class Shapes(building.ProceduralBuilder):
       name="test", description="tiny content, 32/8 examples", train_size=32, validation_size=8
     ),
   ]
-  DEFAULT_CONFIG_NAME = "tiny"
-  # TFDS derives this from package resources, which needs the `importlib_resources` backport
-  # for packages installed in development mode; the plain file path is all it is used for.
-  code_path = epath.Path(__file__)
   generate = staticmethod(generate)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -265,8 +255,4 @@ class Shapes(building.ProceduralBuilder):
 NUM_CLASSES = len(SHAPES)  # `label` is the shape of the first object
 
 
-# What `vdit.datasets` looks up: the valid `dataset_config`s, `build(data_dir=None, config="tiny")`
-# (idempotent) and `data_source(split, data_dir=None, config="tiny")` (built first if needed).
-CONFIG_NAMES = building.config_names(Shapes)
-build = functools.partial(building.build, Shapes)
-data_source = functools.partial(building.data_source, Shapes)
+CONFIG_NAMES, build, data_source = building.interface(Shapes)  # for `vdit.datasets`

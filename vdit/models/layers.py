@@ -448,7 +448,8 @@ REMAT_NAMES = ("none", *REMAT_POLICIES)  # "none": no jax.checkpoint at all
 
 class Runtime(nn.Module, kw_only=True):
   """How a whole model runs, not what it computes: the keyword-only fields every top-level
-  model (ViT, NaViT, ViViT, DiT, VideoDiT) shares. None of them changes the parameter tree."""
+  model (ViT, NaViT, ViViT, DiT, VideoDiT) and stack of blocks (`vit.Encoder`, `TextEncoder`)
+  shares. None of them changes the parameter tree."""
 
   attention_backend: str = "xla"  # see ATTENTION_BACKENDS
   scan_layers: bool = True  # the blocks as one `nn.scan` (compile once) or unrolled

@@ -5,8 +5,6 @@ caption is [NULL]). Captions of different examples share a row and never attend 
 (`text_segment_ids`, 0 = padding), so each caption's encoding is independent of its neighbours.
 """
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,7 +14,7 @@ from vdit.data.tokenizer import NULL_ID
 from vdit.models import layers, vit
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(layers.Runtime):
   """Token ids [B, M] -> contextual embeddings [B, M, Dt] (per-caption, packed).
 
   Embedding (VOCAB, EMBED) + 1-D sin-cos position of each token inside its own caption, then
@@ -33,15 +31,10 @@ class TextEncoder(nn.Module):
   depth: int
   num_heads: int
   mlp_ratio: float = 4.0
-  attention_backend: str = "xla"
-  scan_layers: bool = True
-  remat_policy: str = "none"  # see layers.REMAT_NAMES
   embed_dim: int = 0  # E of precomputed embeddings; 0: token ids through the id table
   # Init std of the id table. The 1-D sin-cos position code has norm √(Dt/2) (8 at Dt = 128):
   # BERT's 0.02 makes each word a ~3% perturbation of its position; 1.0 (T5) makes them equal.
   embed_std: float = 0.02
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(

@@ -165,17 +165,12 @@ def encoder_stack(
   return nn.with_logical_constraint(x, (BATCH, length_axis, EMBED))
 
 
-class Encoder(nn.Module):
+class Encoder(layers.Runtime):
   """`depth` EncoderBlocks (scanned or unrolled) and a final LayerNorm."""
 
   depth: int
   num_heads: int
   mlp_ratio: float = 4.0
-  attention_backend: str = "xla"
-  scan_layers: bool = True
-  remat_policy: str = "none"  # see layers.REMAT_NAMES
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, segment_ids):

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from vdit import batch_spec, config_checks
+from vdit import config_checks
 from vdit.models import autoencoder as ae
 from vdit.tasks import base
 
@@ -77,10 +77,7 @@ def psnr(a: jax.Array, b: jax.Array, data_range: float = 1.0) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # The task.
 # ---------------------------------------------------------------------------------------------
-class AutoencoderTask(base.Task):
-  def batch_keys(self, config) -> tuple[str, ...]:
-    return batch_spec.DENSE_KEYS
-
+class AutoencoderTask(base.DenseTask):
   def check_config(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
     m = config.model
     config_checks.choice("model.name (task autoencoder)", m.name, ("vae",))
@@ -125,9 +122,6 @@ class AutoencoderTask(base.Task):
   def dummy_inputs(self, config):
     t, h, w = (int(s) for s in config.input.size)
     return (jnp.zeros((1, t, h, w, 3), jnp.float32),)
-
-  def make_iterator(self, config, *, train: bool = True, split=None):
-    return base.dense_iterator(config, train=train, split=split)
 
   def loss(self, model, params, batch, rng, config):
     video, valid = batch["video"], batch["valid"].astype(jnp.float32)  # [B, T, H, W, 3], [B]

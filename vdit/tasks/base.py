@@ -84,6 +84,18 @@ def dense_iterator(config: ml_collections.ConfigDict, *, train: bool = True, spl
   return host_iterator(dense.make_iterator, config, train=train, split=split)
 
 
+class DenseTask(Task):
+  """A task trained on fixed-size clips (`vdit.data.dense`, `batch_spec.DENSE_KEYS`) instead of
+  packed rows."""
+
+  def batch_keys(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    del config
+    return batch_spec.DENSE_KEYS
+
+  def make_iterator(self, config: ml_collections.ConfigDict, *, train: bool = True, split=None):
+    return dense_iterator(config, train=train, split=split)
+
+
 def eval_batches(task: Task, config: ml_collections.ConfigDict, split: str = "validation"):
   """This host's batches of `split` (the task's keys), one pass. With several hosts, a host
   that is done early yields all-padding batches (`batch_spec.padding_like`) until every host

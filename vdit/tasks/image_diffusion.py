@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vdit import batch_spec, config_checks, sharding
+from vdit import config_checks, sharding
 from vdit.diffusion import gaussian_samplers, guidance, objectives
 from vdit.tasks import base
 
@@ -40,10 +40,7 @@ def as_rows(images: jax.Array, labels: jax.Array, valid: jax.Array) -> dict[str,
   }
 
 
-class ImageDiffusion(base.Task):
-  def batch_keys(self, config) -> tuple[str, ...]:
-    return batch_spec.DENSE_KEYS
-
+class ImageDiffusion(base.DenseTask):
   def check_config(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
     m = config.model
     config_checks.choice("model.name (task image_diffusion)", m.name, ("dit",))
@@ -82,9 +79,6 @@ class ImageDiffusion(base.Task):
       jnp.zeros((1,), jnp.float32),
       jnp.zeros((1,), jnp.int32),
     )
-
-  def make_iterator(self, config, *, train: bool = True, split=None):
-    return base.dense_iterator(config, train=train, split=split)
 
   def loss(self, model, params, batch, rng, config):
     spec = objectives.Spec.from_config(config.diffusion)
