@@ -31,7 +31,7 @@ def evaluate(
   size: tuple[int, int, int] = (8, 32, 32),
   sizes: tuple[tuple[int, int, int], ...] = (),
   steps: int = 16,
-  guidance: float = 3.0,
+  guidance: float | None = None,
   seed: int = 0,
   dataset_config: str | None = None,
   batch_size: int = 8,
@@ -39,7 +39,8 @@ def evaluate(
   """`size` = (num_frames, height, width), or several `sizes` (then `size` is ignored): the
   same prompts at each; the top-level scores are over all videos, and each size's own scores
   are reported as `{T}x{H}x{W}_{score}`. `dataset_config` (default: the run's
-  `input.dataset_config`) picks the candidate words. The videos of each size are written as
+  `input.dataset_config`) picks the candidate words; `guidance` defaults to the config's
+  `sample.guidance` (as the CLI's), the guidance interval is `diffusion.guidance_interval`. The videos of each size are written as
   one grid GIF, `workdir/samples/<step>/adherence_{T}x{H}x{W}.gif` (prompt order, row-major)."""
   config, fns, params, workdir, step = ctx
   if dataset_config is None and config.input.dataset != "shapes":
@@ -47,6 +48,8 @@ def evaluate(
       f"it scores `shapes` prompts, and input.dataset={config.input.dataset!r}; set "
       "evals.adherence.dataset_config to a shapes variant to score them anyway"
     )
+  if guidance is None:
+    guidance = config.sample.guidance
   vocab = shapes_scorer.Vocabulary.of_dataset(dataset_config or config.input.dataset_config)
   prompts = prompts_for(vocab, num_prompts, seed)
   sampler = predict_fn(fns, "sampler")(params)

@@ -27,14 +27,17 @@ def evaluate(
   prompts: Sequence[str] = DEFAULT_PROMPTS,
   sizes: Sequence[Sequence[int]] = ((8, 32, 32),),
   steps: int = 16,
-  guidance: float = 3.0,
+  guidance: float | None = None,
   seed: int = 0,
   display_scale: int = 2,
   fps: float = 8.0,
   name: str = "samples",
 ) -> dict:
-  """`sizes`: (num_frames, height, width) triples, multiples of the patch size."""
+  """`sizes`: (num_frames, height, width) triples, multiples of the patch size; `guidance`
+  defaults to the config's `sample.guidance` (as the CLI's)."""
   fns, params, workdir, step = ctx.fns, ctx.params, ctx.workdir, ctx.step
+  if guidance is None:
+    guidance = ctx.config.sample.guidance
   sampler = predict_fn(fns, "sampler")(params)
   out_dir = os.path.join(workdir, "eval_samples", str(step))
   files, images, videos = [], {}, {}
