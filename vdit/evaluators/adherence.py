@@ -40,8 +40,9 @@ def evaluate(
   same prompts at each; the top-level scores are over all videos, and each size's own scores
   are reported as `{T}x{H}x{W}_{score}`. `dataset_config` (default: the run's
   `input.dataset_config`) picks the candidate words; `guidance` defaults to the config's
-  `sample.guidance` (as the CLI's), the guidance interval is `diffusion.guidance_interval`. The videos of each size are written as
-  one grid GIF, `workdir/samples/<step>/adherence_{T}x{H}x{W}.gif` (prompt order, row-major)."""
+  `sample.guidance` (as the CLI's), the guidance interval is `diffusion.guidance_interval`.
+  The videos of each size are written as one grid GIF,
+  `workdir/samples/<step>/adherence_{T}x{H}x{W}.gif` (prompt order, row-major)."""
   config, fns, params, workdir, step = ctx
   if dataset_config is None and config.input.dataset != "shapes":
     raise NotApplicable(
