@@ -12,7 +12,7 @@ import pytest
 from tests import configs
 from vdit import checkpointing, evaluators, sharding, tasks, train
 from vdit.datasets import shapes
-from vdit.evaluators import adherence, classifier, frechet, shapes_scorer, top1
+from vdit.evaluators import adherence, classifier, frechet, samples, shapes_scorer, top1
 from vdit.tasks import base as tasks_base
 from vdit.tasks import restore
 
@@ -472,3 +472,25 @@ def test_generative_evaluators_in_process(video_workdir, vit_workdir):
   assert writer.videos[(step, "eval/samples/4x16x24")].shape == (1, 4, 16, 24, 3)
   saved = json.loads(open(os.path.join(video_workdir, "eval", f"{step}.json")).read())
   assert set(saved) >= set(config.evals)
+
+
+def test_samples_and_adherence_guide_as_the_config_samples_unless_told(tmp_path):
+  """Both evals pass the config's `sample.guidance` to the sampler (the CLI's default), or their
+  own `guidance` when the eval sets one."""
+  seen = []
+
+  class Recording:  # the sampler contract: generate(prompts, **options) -> uint8 videos
+    def generate(self, prompts, *, num_frames, height, width, guidance, **options):
+      seen.append(guidance)
+      return np.zeros((len(prompts), num_frames, height, width, 3), np.uint8)
+
+  c = configs.load("tiny")
+  c.sample.guidance = 4.5
+  fns = {"sampler": lambda params: Recording()}
+  ctx = evaluators.Context(c, fns, None, str(tmp_path), 0)
+  samples.evaluate(ctx, sizes=((2, 8, 8),))
+  adherence.evaluate(ctx, num_prompts=2, size=(2, 8, 8))
+  assert seen == [4.5, 4.5]
+  samples.evaluate(ctx, sizes=((2, 8, 8),), guidance=2.0)
+  adherence.evaluate(ctx, num_prompts=2, size=(2, 8, 8), guidance=7.0)
+  assert seen[2:] == [2.0, 7.0]

@@ -49,11 +49,11 @@ def evaluate(
       f"it scores `shapes` prompts, and input.dataset={config.input.dataset!r}; set "
       "evals.adherence.dataset_config to a shapes variant to score them anyway"
     )
-  if guidance is None:
-    guidance = config.sample.guidance
   vocab = shapes_scorer.Vocabulary.of_dataset(dataset_config or config.input.dataset_config)
   prompts = prompts_for(vocab, num_prompts, seed)
   sampler = predict_fn(fns, "sampler")(params)
+  if guidance is None:
+    guidance = config.sample.guidance
   all_videos, out = [], {}
   for t, h, w in [tuple(int(x) for x in s) for s in (sizes or (size,))]:
     videos = []

@@ -36,9 +36,9 @@ def evaluate(
   """`sizes`: (num_frames, height, width) triples, multiples of the patch size; `guidance`
   defaults to the config's `sample.guidance` (as the CLI's)."""
   fns, params, workdir, step = ctx.fns, ctx.params, ctx.workdir, ctx.step
+  sampler = predict_fn(fns, "sampler")(params)
   if guidance is None:
     guidance = ctx.config.sample.guidance
-  sampler = predict_fn(fns, "sampler")(params)
   out_dir = os.path.join(workdir, "eval_samples", str(step))
   files, images, videos = [], {}, {}
   for num_frames, height, width in sizes:
