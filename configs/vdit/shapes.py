@@ -287,17 +287,18 @@ def latent_space(
     # 4: 9.6 on 2 cores), so small batches buy many more steps in the same minutes, and steps
     # are what the motion and the shape need: direction at chance with 32 × 500, 52% with
     # 4 × 4,000; shape off chance only after ~12,000 steps (docs/recipe.md, rows M and N).
-    # The demo: 3,600 steps (within 15 minutes); `:small`: 16,000 (~30 minutes alone, row N10).
+    # The demo: 3,600 steps (within 15 minutes); `:small`: 32,000 (58 minutes with its evals on
+    # a slow day, row SM32: all three 41.7% at 16,000 steps, 61.1% at 32,000).
     c.input.rows_per_batch = 4
-    c.total_steps = 16_000 if small else 3_600
+    c.total_steps = 32_000 if small else 3_600
     c.log_every_steps = 500 if small else 200
-    c.checkpoint_every_steps = 4_000 if small else 1_200
+    c.checkpoint_every_steps = 8_000 if small else 1_200
     # Clips read at a frame stride of 1–3 (latent frames are per-frame codes): up to 3× the
     # motion within the 8 frames a sample has (direction 35% → 42% at 8 × 2,000, rows M).
     c.input.max_frame_stride = 3
     c.evals.samples.every_steps = c.total_steps
-    for name in ("loss", "adherence"):  # `:small`: the curve at 4,000, 8,000, 12,000, 16,000
-      c.evals[name].every_steps = 4_000 if small else c.total_steps
+    for name in ("loss", "adherence"):  # `:small`: the curve at 8,000, 16,000, 24,000, 32,000
+      c.evals[name].every_steps = 8_000 if small else c.total_steps
   # Latents are not resized (area-averaged latents are not the latents of a smaller video):
   # a fixed budget and no shrinking to fill rows.
   c.input.min_tokens_per_example = c.input.max_tokens_per_example
