@@ -1,5 +1,6 @@
 """Scale: the same step on every mesh, gradient accumulation, non-finite updates skipped."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -264,3 +265,26 @@ def test_muon_orthogonalises_the_2d_kernels_and_adams_the_rest():
     want, _ = nadam.update(grads[a][b], nadam.init(params[a][b]), params[a][b])
     np.testing.assert_allclose(updates[a][b], want, rtol=1e-5)
     np.testing.assert_array_equal(np.sign(updates[a][b]), -np.sign(grads[a][b]))
+
+
+def test_muon_state_of_boxed_params_gets_shardings():
+  """The state builder initialises the optimizer on boxed (logically partitioned) params: muon
+  must still find the 2-D kernels through the boxes, and the shardings of its state (with
+  optax's MaskedNode where the other part owns a parameter) must match the state's structure."""
+  opt = configs.load().optimizer
+  opt.name = "muon"
+  tx = train_state.make_optimizer(opt, 10)
+  params = {
+    "mlp": {
+      "kernel": nn.Partitioned(jnp.zeros((8, 16)), ("embed", "mlp")),
+      "bias": nn.Partitioned(jnp.zeros(16), ("mlp",)),
+    }
+  }
+  boxed = jax.eval_shape(lambda: tx.init(params))
+  mesh = sharding.make_mesh({"data": -1})
+  shardings = sharding.tree_shardings(mesh, sharding.DEFAULT_RULES, boxed)
+  unboxed = nn.meta.unbox(boxed)
+  assert jax.tree.structure(shardings) == jax.tree.structure(unboxed)
+  muon_mu = unboxed[1].inner_states["muon"].inner_state[0].mu
+  assert isinstance(muon_mu["mlp"]["bias"], optax.MaskedNode)
+  assert muon_mu["mlp"]["kernel"].shape == (8, 16)  # the kernel is muon's

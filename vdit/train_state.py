@@ -100,13 +100,12 @@ def make_optimizer(
       boxed = lambda x: isinstance(x, nn.Partitioned)
       return jax.tree_util.tree_map_with_path(dims, params, is_leaf=boxed)
 
+    # No weight decay (config_checks): optax's muon has no decay mask for its AdamW part.
     inner = optax.contrib.muon(
       learning_rate=lr,
-      weight_decay=opt.weight_decay,
       consistent_rms=0.2,
       adam_b1=opt.b1,
       adam_b2=opt.b2,
-      adam_weight_decay=opt.weight_decay,
       muon_weight_dimension_numbers=muon_dims,
     )
   else:
