@@ -12,7 +12,7 @@ import pytest
 from tests import configs
 from vdit import checkpointing, evaluators, sharding, tasks, train
 from vdit.datasets import shapes
-from vdit.evaluators import adherence, classifier, frechet, samples, shapes_scorer, top1
+from vdit.evaluators import adherence, classifier, frechet, modes, samples, shapes_scorer, top1
 from vdit.tasks import base as tasks_base
 from vdit.tasks import restore
 
@@ -82,6 +82,50 @@ def test_adherence_on_the_default_variant_two_objects_and_diagonals():
     [e["video"] for e in picked], [e["caption"] for e in picked], vocab
   )
   assert res["all"] == 1.0, res
+
+
+class _Source(list):  # a data source of the validation examples
+  pass
+
+
+def test_modes_scores_are_right_on_the_real_clips_and_wrong_on_still_or_unedited_ones(validation):
+  """`modes` scoring on known answers: the clip itself is a perfect output of every
+  frame-conditioning mode; holding the given frames still loses the motion; an edit that does
+  not recolour fails on colour; a palindrome loops, the clip does not."""
+  videos, captions = validation
+  vocab = shapes_scorer.Vocabulary.of_dataset("tiny")
+  data = _Source({"video": v, "caption": c} for v, c in zip(videos, captions))
+  clips, caps = modes.clips(data, 12, (8, 32, 32), vocab)
+  assert clips.shape == (12, 8, 32, 32, 3) and len(caps) == 12
+  for mode in ("i2v", "extend_fwd", "extend_bwd", "interpolate"):
+    got = [modes.score(mode, c, c, p, vocab, pt=2) for c, p in zip(clips, caps)]
+    assert all(g["given_psnr"] == g["new_psnr"] == 99.0 for g in got), mode
+    assert np.mean([g["all"] for g in got]) >= 0.9, mode
+    assert max(g["hold_psnr"] for g in got) < 99.0
+    given, new = modes.frames(mode, 8, 2)
+    still = [modes.held(c, given) for c in clips]
+    held = [modes.score(mode, s, c, p, vocab, pt=2) for s, c, p in zip(still, clips, caps)]
+    assert all(h["given_psnr"] == 99.0 and h["new_psnr"] < 99.0 for h in held), mode
+    assert np.mean([g["new_direction"] for g in got]) >= 0.9, mode
+    if mode != "interpolate":  # (held from both ends, the middle jumps the right way)
+      assert np.mean([h["new_direction"] for h in held]) <= 0.5, mode  # a still: no direction
+  assert modes.frames("i2v", 8, 2)[1].tolist() == [False] * 2 + [True] * 6
+  assert modes.frames("interpolate", 8, 2)[0].tolist() == [True] * 2 + [False] * 4 + [True] * 2
+  # Edit: the unedited clip keeps its colour (wrong) and its track (0 px).
+  edits = [modes.score("edit", c, c, p, vocab, pt=2) for c, p in zip(clips, caps)]
+  assert all(e["colour"] == 0.0 for e in edits)
+  assert np.mean([e["track"] for e in edits]) >= 5.0  # the new colour is nowhere
+  (obj,) = shapes_scorer.parse_caption(caps[0])
+  assert modes.track(clips[0], obj.colour, clips[0], obj.colour) == 0.0
+  assert modes.recoloured("a red circle moving up on a gray background", vocab).startswith(
+    f"a {vocab.colours[(vocab.colours.index('red') + 1) % len(vocab.colours)]} circle moving up"
+  )
+  # Loop: a palindrome (forward, then back) comes back to its start, the clip does not.
+  loops = [np.concatenate([c[:5], c[4:0:-1]]) for c in clips]
+  assert np.median([modes.seam(v) for v in loops]) <= 1.5
+  assert np.median([modes.seam(c) for c in clips]) >= 3.0
+  with pytest.raises(ValueError, match="only .* validation clips"):
+    modes.clips(data, 10_000, (8, 32, 32), vocab)
 
 
 def test_prompts_for_are_distinct_and_in_the_vocabulary():
@@ -456,6 +500,7 @@ def test_generative_evaluators_in_process(video_workdir, vit_workdir):
     digits=dict(type="digits", classifier_workdir=vit_workdir, **tiny),
     fd=dict(type="frechet", classifier_workdir=vit_workdir, num_videos=4, **tiny),
     samples=dict(type="samples", prompts=("a red circle moving right",), sizes=((4, 16, 24),)),
+    modes=dict(type="modes", num_videos=2, steps=2, size=(6, 16, 16)),
   )
   writer = _Writer()
   with sharding.activate(mesh, rules):
@@ -466,6 +511,12 @@ def test_generative_evaluators_in_process(video_workdir, vit_workdir):
   assert loss["examples"] % 2 == 0  # every example once per repeat
   assert out["adherence"]["count"] == 3 and out["digits"]["num_videos"] == 10
   assert np.isfinite(out["fd"]["fd"]) and out["fd"]["fd"] >= 0.0
+  # Pixel space: every mode's given frames come back exactly; a GIF per mode.
+  assert out["modes"]["count"] == 2, out["modes"]
+  for mode in ("i2v", "extend_fwd", "extend_bwd", "interpolate", "loop"):
+    assert out["modes"][f"{mode}_given_psnr"] == 99.0, (mode, out["modes"])
+  for mode in (*modes.MODES, "real"):
+    assert os.path.exists(os.path.join(video_workdir, "samples", str(step), f"modes_{mode}.gif"))
   (gif,) = [p for p in out["samples"]["files"] if p.endswith(".gif")]
   assert os.path.exists(gif) and "samples" in gif
   assert writer.images[(step, "eval/samples/4x16x24")].shape == (1, 4 * 17, 1 * 25, 3)

@@ -13,7 +13,7 @@ import pytest
 from tests import configs
 from vdit import config_checks, datasets, latent_codec, media, models, sampling, train
 from vdit.data import pipeline
-from vdit.evaluators import frechet, shapes_scorer
+from vdit.evaluators import shapes_scorer, validation
 from vdit.tools import encode_latents, probe
 
 
@@ -113,7 +113,7 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
   # Fréchet's real videos of a latent run: the pixel dataset the latents came from, at the
   # decoded size.
   assert sampler.pixel_size(2, 4, 6) == (3, 16, 24)
-  real, captions = frechet.real_videos(c, 2, sampler.pixel_size(2, 4, 6), None, None)
+  real, captions = validation.real_videos(c, 2, sampler.pixel_size(2, 4, 6), None, None)
   assert real.shape == (2, 3, 16, 24, 3) and real.dtype == np.uint8 and len(captions) == 2
 
   # 5. Given frames are pixels, encoded by the VAE: they come back as clean latent tokens.

@@ -9,6 +9,7 @@
   top1            top-1 and loss of a classifier on its validation split (classification)
   reconstruction  PSNR, SSIM and latent statistics on the validation split (autoencoder)
   class_samples   a PNG grid of generated images, one row per class (image_diffusion)
+  modes           every frame-conditioning mode on real `shapes` clips (given frames, motion)
 
 An evaluator that does not apply to the run (e.g. `adherence` on a dataset other than `shapes`)
 raises `NotApplicable` and is skipped with a warning; one that fails is logged with its traceback
@@ -72,6 +73,7 @@ BUILTINS: dict[str, str] = {
   "top1": "vdit.evaluators.top1:evaluate",
   "reconstruction": "vdit.evaluators.reconstruction:evaluate",
   "class_samples": "vdit.evaluators.class_samples:evaluate",
+  "modes": "vdit.evaluators.modes:evaluate",
 }
 EVALUATORS: dict[str, Evaluator] = {}  # added by `register` (extensions, tests)
 RESERVED = ("type", "every_steps")  # keys of an eval entry that are not evaluator options

@@ -29,11 +29,9 @@ from collections.abc import Callable
 import numpy as np
 from scipy import linalg
 
-from vdit import datasets
-from vdit.data import transforms
-from vdit.datasets import latents
 from vdit.evaluators import Context, classifier, predict_fn
 from vdit.evaluators.extractors import i3d, inception
+from vdit.evaluators.validation import real_videos
 
 Extractor = Callable[[np.ndarray], np.ndarray]  # uint8 videos [N, T, H, W, 3] -> [N, D]
 EXTRACTORS: dict[str, Callable[..., Extractor]] = {}
@@ -106,30 +104,6 @@ def _i3d_extractor(**options):
 register_extractor("classifier", _classifier_extractor)
 register_extractor("inception", _inception_extractor)
 register_extractor("i3d", _i3d_extractor)
-
-
-def real_videos(config, num_videos: int, size, dataset: str | None, dataset_config: str | None):
-  """(uint8 videos [N, T, H, W, 3] resized to `size` pixels, captions) from the validation
-  split. A latent-space run's real videos are the pixel dataset its latents were encoded from."""
-  inp = config.input
-  dataset_config = dataset_config or (None if dataset else inp.get("dataset_config"))
-  dataset = dataset or inp.dataset
-  if dataset == "latents":
-    meta = latents.meta(dataset_config, "validation")
-    dataset, dataset_config = meta["dataset"], meta["dataset_config"]
-  source = datasets.data_source(
-    dataset, "validation", data_dir=inp.get("data_dir"), config=dataset_config
-  )
-  t, h, w = (int(s) for s in size)
-  videos, captions = [], []
-  for i in range(min(num_videos, len(source))):
-    ex = source[i]
-    video = np.asarray(ex["video"], np.float32)[:t]
-    video = np.concatenate([video, np.repeat(video[-1:], t - len(video), 0)])
-    videos.append(np.round(transforms.area_resize(video, h, w)).astype(np.uint8))
-    caption = ex["caption"]
-    captions.append(caption.decode() if isinstance(caption, bytes) else str(caption))
-  return np.stack(videos), captions
 
 
 def evaluate(

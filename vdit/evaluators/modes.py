@@ -1,0 +1,230 @@
+"""`modes`: does every frame-conditioning mode do what it says, on real `shapes` clips?
+
+Each of `num_videos` real validation clips (one object, at least the requested number of frames,
+the aspect ratios nearest the requested size's, resized to it) drives every mode of the task's
+sampler (`vdit.sampling.Sampler`) with its own caption:
+
+  i2v          the clip's first frame → a video: the frame comes back and the object moves as
+               the caption says.
+  extend_fwd   the clip's first half given, the second half generated.
+  extend_bwd   the clip's second half given, the first half generated.
+  interpolate  the clip's first and last quarter given, the middle generated.
+  loop         a loop from the clip's first frame: the last frame leads back to the first.
+  edit         SDEdit at `strength` with the caption's colour word changed to the next colour of
+               the vocabulary: the object takes the new colour and keeps its shape and motion.
+
+Scores, `{mode}_{score}`, means over the clips:
+  colour, shape, direction, all, temporal   `shapes_scorer` against the prompt (for `edit` the
+               new colour with the clip's shape and direction; for `loop` only colour, shape and
+               temporal: a loop's object comes back, it has no one direction);
+  given_psnr   dB between the given frames and the same frames of the output (pixel space:
+               exact, reported as 99; latent space: within the VAE's round trip);
+  new_psnr     dB between the generated frames and the clip's own frames there (the objects
+               move at constant speed: the clip is the answer), and `hold_psnr`, that of the
+               nearest given frame held still: a model that does not continue the motion;
+  new_direction  the direction scored on the generated frames alone;
+  seam         loop: the mean |last − first| frame difference over the mean difference of
+               consecutive frames (≈ 1: seamless; ≫ 1: a jump);
+  track        edit: mean distance (px) between the object's centroid in the output and in the
+               clip.
+`real_*` are the scorer's results on the chosen clips (the ceiling). The outputs of each mode
+are written as one grid GIF, `workdir/samples/<step>/modes_<mode>.gif` (the clips: `modes_real`).
+"""
+
+import os
+
+import numpy as np
+
+from vdit.data import transforms
+from vdit.evaluators import Context, NotApplicable, predict_fn, shapes_scorer, validation
+from vdit.evaluators.adherence import write_grid
+
+MODES = ("i2v", "extend_fwd", "extend_bwd", "interpolate", "loop", "edit")
+SCORES = ("colour", "shape", "direction", "all", "temporal")
+
+
+def clips(data, num_videos: int, size: tuple[int, int, int], vocab: shapes_scorer.Vocabulary):
+  """(uint8 clips [N, T, H, W, 3], captions) from a `shapes` split: the `num_videos` clips with
+  one object of the vocabulary and ≥ T frames whose aspect ratio is nearest H:W (ties in split
+  order), their first T frames resized to H × W. ValueError if fewer qualify."""
+  t, h, w = size
+  found = []
+  for i in range(len(data)):
+    ex = data[i]
+    objects = shapes_scorer.parse_caption(validation.caption_of(ex))
+    if len(objects) == 1 and objects[0].colour in vocab.colours and len(ex["video"]) >= t:
+      found.append((abs(np.log(ex["video"].shape[1] / ex["video"].shape[2] * w / h)), i))
+  if len(found) < num_videos:
+    raise ValueError(
+      f"num_videos={num_videos}: only {len(found)} validation clips have one object and ≥ {t} "
+      "frames"
+    )
+  videos, captions = [], []
+  for _, i in sorted(found)[:num_videos]:
+    video = np.asarray(data[i]["video"][:t], np.float32)
+    videos.append(np.round(transforms.area_resize(video, h, w)).astype(np.uint8))
+    captions.append(validation.caption_of(data[i]))
+  return np.stack(videos), captions
+
+
+def recoloured(caption: str, vocab: shapes_scorer.Vocabulary) -> str:
+  """The caption with its object's colour word replaced by the next colour of `vocab`."""
+  (obj,) = shapes_scorer.parse_caption(caption)
+  new = vocab.colours[(vocab.colours.index(obj.colour) + 1) % len(vocab.colours)]
+  return caption.replace(f"a {obj.colour} {obj.shape}", f"a {new} {obj.shape}", 1)
+
+
+def frames(mode: str, t: int, pt: int) -> tuple[np.ndarray, np.ndarray] | None:
+  """(given, generated) frame masks [T] of a T-frame video in a frame-conditioning mode (None
+  for loop and edit); given spans are whole patch-frames of `pt` frames. In i2v the image fills
+  the first patch-frame as a still: only its frame 0 is the clip's, and the rest is generated."""
+  half, quarter = max(pt, t // 2 // pt * pt), max(pt, t // 4 // pt * pt)
+  index = np.arange(t)
+  given = {
+    "i2v": index < 1,
+    "extend_fwd": index < half,
+    "extend_bwd": index >= t - half,
+    "interpolate": (index < quarter) | (index >= t - quarter),
+  }.get(mode)
+  if given is None:
+    return None
+  return given, ~given & ~((mode == "i2v") & (index < pt))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+  """dB between uint8 arrays; identical arrays give 99."""
+  mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+  return 99.0 if mse == 0 else float(min(99.0, 10 * np.log10(255.0**2 / mse)))
+
+
+def held(clip: np.ndarray, given: np.ndarray) -> np.ndarray:
+  """The clip with every frame replaced by its nearest given frame (a still continuation)."""
+  at = np.flatnonzero(given)
+  nearest = at[np.argmin(np.abs(np.arange(len(clip))[:, None] - at[None]), axis=1)]
+  return clip[nearest]
+
+
+def seam(video: np.ndarray) -> float:
+  """Loop seam: mean |last − first| over the mean |consecutive difference| of a video."""
+  v = np.asarray(video, np.float32)
+  return float(np.abs(v[-1] - v[0]).mean() / max(np.abs(np.diff(v, axis=0)).mean(), 1e-3))
+
+
+def track(video: np.ndarray, colour: str, clip: np.ndarray, clip_colour: str) -> float:
+  """Mean distance (px) between the centroids of the `colour` object in `video` and of the
+  `clip_colour` one in `clip`, over the frames where both are present (the frame's diagonal if
+  there are none)."""
+  found = []
+  for v, c in ((video, colour), (clip, clip_colour)):
+    label, alpha = shapes_scorer.segment(np.asarray(v), (c,))
+    found.append(shapes_scorer.centroids(alpha * (label == 0)))
+  (a, area_a), (b, area_b) = found
+  both = (area_a >= shapes_scorer.MIN_AREA) & (area_b >= shapes_scorer.MIN_AREA)
+  if not both.any():
+    return float(np.hypot(*np.shape(video)[1:3]))
+  return float(np.linalg.norm(a[both] - b[both], axis=-1).mean())
+
+
+def score(mode: str, video, clip, caption: str, vocab, pt: int) -> dict[str, float]:
+  """The scores (module doc) of one output `video` of `mode` for the real `clip` and its
+  `caption` (the edit prompt is `recoloured(caption)`)."""
+  prompt = recoloured(caption, vocab) if mode == "edit" else caption
+  s = shapes_scorer.score(video, prompt, vocab)
+  out = {k: s[f"{k}_ok"] for k in SCORES[:4]} | {"temporal": s["temporal"]}
+  masks = frames(mode, len(clip), pt)
+  if masks is not None:
+    given, new = masks
+    out["given_psnr"] = psnr(video[given], clip[given])
+    out["new_psnr"] = psnr(video[new], clip[new])
+    out["hold_psnr"] = psnr(held(clip, given)[new], clip[new])
+    out["new_direction"] = shapes_scorer.score(video[new], prompt, vocab)["direction_ok"]
+  if mode == "loop":
+    out = {k: out[k] for k in ("colour", "shape", "temporal")}
+    out |= {"given_psnr": psnr(video[:1], clip[:1]), "seam": seam(video)}
+  if mode == "edit":
+    new, (old,) = shapes_scorer.parse_caption(prompt)[0], shapes_scorer.parse_caption(caption)
+    out["track"] = track(video, new.colour, clip, old.colour)
+  return out
+
+
+def generate(sampler, mode: str, clip: np.ndarray, caption: str, vocab, **options) -> np.ndarray:
+  """One output [T, H, W, 3] of `mode` for a real clip [T, H, W, 3] (pixels) and its caption;
+  `options`: height and width (the model's units), strength (edit) and the sampling options."""
+  t, pt = len(clip), sampler.pt
+  strength = options.pop("strength")
+  masks = frames(mode, t, pt)
+  if mode == "i2v":
+    out = sampler.image_to_video([caption], clip[0], num_frames=t, **options)
+  elif mode in ("extend_fwd", "extend_bwd"):
+    direction = "forward" if mode == "extend_fwd" else "backward"
+    out = sampler.extend([caption], clip[masks[0]], direction=direction, num_frames=t, **options)
+  elif mode == "interpolate":
+    q = int(np.argmin(masks[0]))  # the first generated frame = the length of each given end
+    out = sampler.interpolate([caption], clip[:q], clip[t - q :], num_frames=t, **options)
+  elif mode == "loop":
+    out = sampler.loop([caption], image=clip[0], num_frames=t, **options)
+  elif mode == "edit":
+    out = sampler.edit([recoloured(caption, vocab)], clip, strength=strength, **options)
+  else:
+    raise ValueError(f"mode={mode!r} is unknown; expected one of {MODES}")
+  return out[0]
+
+
+def evaluate(
+  ctx: Context,
+  *,
+  num_videos: int = 24,
+  size: tuple[int, int, int] | None = None,
+  modes: tuple[str, ...] = MODES,
+  steps: int = 16,
+  guidance: float | None = None,
+  strength: float = 0.6,
+  seed: int = 0,
+  dataset_config: str | None = None,
+) -> dict:
+  """`size` = (num_frames, height, width) in the model's units (default: the config's `sample`
+  size); `dataset_config` (default: the run's) picks the `shapes` variant whose validation clips
+  and words are used; `guidance` defaults to the config's `sample.guidance`."""
+  config, fns, params, workdir, step = ctx
+  unknown = set(modes) - set(MODES)
+  if unknown:
+    raise ValueError(f"modes={sorted(unknown)} are unknown; expected some of {MODES}")
+  sampler = predict_fn(fns, "sampler")(params)
+  s = config.sample
+  t, h, w = (int(x) for x in (size or (s.num_frames, s.height, s.width)))
+  if t < 3 * sampler.pt:
+    raise ValueError(
+      f"size={(t, h, w)}: interpolation needs ≥ 3 patch-frames of {sampler.pt}, ≥ {3 * sampler.pt} "
+      "frames"
+    )
+  if sampler.codec is not None and sampler.codec.compression[0] != 1:
+    raise NotApplicable(
+      f"the autoencoder compresses time ×{sampler.codec.compression[0]}; given frames are "
+      "compared frame by frame, which needs a per-frame autoencoder"
+    )
+  dataset, variant = validation.pixel_dataset(config)
+  if dataset != "shapes":
+    raise NotApplicable(f"it scores `shapes` clips, and the run's videos are {dataset!r}")
+  variant = dataset_config or variant
+  data = validation.source(config, dataset, variant)
+  vocab = shapes_scorer.Vocabulary.of_dataset(variant)
+  real, captions = clips(data, num_videos, sampler.pixel_size(t, h, w), vocab)
+  options = dict(height=h, width=w, steps=steps, strength=strength)
+  options["guidance"] = config.sample.guidance if guidance is None else guidance
+  ceiling = _mean([score("t2v", c, c, p, vocab, sampler.pt) for c, p in zip(real, captions)])
+  out = {f"real_{k}": v for k, v in ceiling.items()}
+  grid_dir = os.path.join(workdir, "samples", str(step))
+  write_grid(os.path.join(grid_dir, "modes_real.gif"), list(real))
+  for mode in modes:
+    videos, scores = [], []
+    for i, (clip, caption) in enumerate(zip(real, captions)):
+      video = generate(sampler, mode, clip, caption, vocab, seed=seed + i, **options)
+      videos.append(video)
+      scores.append(score(mode, video, clip, caption, vocab, sampler.pt))
+    write_grid(os.path.join(grid_dir, f"modes_{mode}.gif"), videos)
+    out.update({f"{mode}_{k}": v for k, v in _mean(scores).items()})
+  return out | {"count": len(real)}
+
+
+def _mean(scores: list[dict[str, float]]) -> dict[str, float]:
+  return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}

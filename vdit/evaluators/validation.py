@@ -1,0 +1,49 @@
+"""The real validation videos a generative run is compared with (`frechet`, `modes`).
+
+A latent-space run's real videos are the pixel dataset its latents were encoded from.
+"""
+
+import numpy as np
+
+from vdit import datasets
+from vdit.data import transforms
+from vdit.datasets import latents
+
+
+def pixel_dataset(config, dataset: str | None = None, dataset_config: str | None = None):
+  """(dataset, dataset_config) of the real videos: `dataset` (default: the run's
+  `input.dataset`), or the pixel dataset a latent-space run's latents were encoded from."""
+  dataset_config = dataset_config or (None if dataset else config.input.get("dataset_config"))
+  dataset = dataset or config.input.dataset
+  if dataset == "latents":
+    meta = latents.meta(dataset_config, "validation")
+    dataset, dataset_config = meta["dataset"], meta["dataset_config"]
+  return dataset, dataset_config
+
+
+def source(config, dataset: str | None = None, dataset_config: str | None = None):
+  """The validation split (a data source of {"video", "caption", ...}) of `pixel_dataset`."""
+  dataset, dataset_config = pixel_dataset(config, dataset, dataset_config)
+  return datasets.data_source(
+    dataset, "validation", data_dir=config.input.get("data_dir"), config=dataset_config
+  )
+
+
+def caption_of(example) -> str:
+  caption = example["caption"]
+  return caption.decode() if isinstance(caption, bytes) else str(caption)
+
+
+def real_videos(config, num_videos: int, size, dataset: str | None, dataset_config: str | None):
+  """(uint8 videos [N, T, H, W, 3] resized to `size` pixels, captions): the first `num_videos`
+  of the validation split, short clips padded with their last frame."""
+  data = source(config, dataset, dataset_config)
+  t, h, w = (int(s) for s in size)
+  videos, captions = [], []
+  for i in range(min(num_videos, len(data))):
+    ex = data[i]
+    video = np.asarray(ex["video"], np.float32)[:t]
+    video = np.concatenate([video, np.repeat(video[-1:], t - len(video), 0)])
+    videos.append(np.round(transforms.area_resize(video, h, w)).astype(np.uint8))
+    captions.append(caption_of(ex))
+  return np.stack(videos), captions
