@@ -45,23 +45,11 @@ def input_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
   datasets' `test` configs in `data_dir`, read in the caller's thread (no workers, no prefetch);
   not yet resolved (`pipeline.resolve_input_config`), so tests can check what resolving does."""
   c = pipeline.default_input_config()
-  c.update(
-    dict(
-      dataset_config="test",
-      data_dir=data_dir,
-      tokens_per_row=512,
-      rows_per_batch=3,
-      max_examples_per_row=4,
-      text_tokens_per_row=40,
-      max_tokens_per_example=256,
-      min_tokens_per_example=256,
-      max_frames=16,
-      min_frames=16,
-      num_packing_bins=4,
-      read_threads=0,
-      prefetch_batches=0,
-    )
-  )
+  c.update(dataset_config="test", data_dir=data_dir, read_threads=0, prefetch_batches=0)
+  # Small rows (L, B, K, M) and packer pool; every example the same size.
+  c.update(tokens_per_row=512, rows_per_batch=3, max_examples_per_row=4, text_tokens_per_row=40)
+  c.num_packing_bins = 4
+  c.update(max_tokens_per_example=256, min_tokens_per_example=256, max_frames=16, min_frames=16)
   c.update(overrides)
   return c
 
