@@ -8,6 +8,7 @@ import jax
 import ml_collections
 
 from vdit import checkpointing, config_lib, sharding, tasks, train, train_state
+from vdit.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,6 +38,20 @@ def small(data_dir: str, **overrides) -> ml_collections.ConfigDict:
   c.sample.prompts = ()
   c.evals = {}
   return override(c, **overrides)
+
+
+def input_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
+  """The tests' small input pipeline: one fixed size (256 tokens, 16 frames) of the bundled
+  datasets' `test` configs in `data_dir`, read in the caller's thread (no workers, no prefetch);
+  not yet resolved (`pipeline.resolve_input_config`), so tests can check what resolving does."""
+  c = pipeline.default_input_config()
+  c.update(dataset_config="test", data_dir=data_dir, read_threads=0, prefetch_batches=0)
+  # Small rows (L, B, K, M) and packer pool; every example the same size.
+  c.update(tokens_per_row=512, rows_per_batch=3, max_examples_per_row=4, text_tokens_per_row=40)
+  c.num_packing_bins = 4
+  c.update(max_tokens_per_example=256, min_tokens_per_example=256, max_frames=16, min_frames=16)
+  c.update(overrides)
+  return c
 
 
 def override(c: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:

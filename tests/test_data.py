@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import configs
 from vdit.data import patchify as patchify_lib
 from vdit.data import pipeline
 from vdit.data import tokenizer as tokenizer_lib
@@ -385,29 +386,6 @@ def test_token_drop_keeps_positions():
 # ---------------------------------------------------------------------------------------------
 # pipeline: packed batches
 # ---------------------------------------------------------------------------------------------
-def _input_config(data_dir, **overrides):
-  c = pipeline.default_input_config()
-  c.update(
-    dict(
-      dataset_config="test",
-      data_dir=data_dir,
-      tokens_per_row=512,
-      rows_per_batch=3,
-      max_examples_per_row=4,
-      text_tokens_per_row=40,
-      max_tokens_per_example=256,
-      min_tokens_per_example=256,
-      max_frames=16,
-      min_frames=16,
-      num_packing_bins=4,
-      read_threads=0,
-      prefetch_batches=0,
-    )
-  )
-  c.update(overrides)
-  return c
-
-
 def _candidates(c, split, data_dir, train):
   """(text tokens, grid) -> every packable version of every raw example (all clip starts).
 
@@ -484,7 +462,7 @@ def _match(segment, candidates, batch=None):
 
 
 def test_train_batches_follow_the_contract(test_data_dir):
-  c = _input_config(test_data_dir)
+  c = configs.input_config(test_data_dir)
   candidates = _candidates(c, "train", test_data_dir, train=True)
   it = pipeline.make_iterator(c, seed=7)
   seen = collections.Counter()
@@ -496,7 +474,7 @@ def test_train_batches_follow_the_contract(test_data_dir):
 
 
 def test_eval_pass_yields_every_example_once(test_data_dir):
-  c = _input_config(test_data_dir, split="validation")
+  c = configs.input_config(test_data_dir, split="validation")
   candidates = _candidates(c, "validation", test_data_dir, train=False)
   batches = list(pipeline.make_dataset(c, seed=0, train=False))
   seen = collections.Counter(
@@ -516,7 +494,7 @@ def test_eval_pass_yields_every_example_once(test_data_dir):
 
 
 def test_iterator_state_round_trip(test_data_dir):
-  c = _input_config(test_data_dir, prefetch_batches=2, read_threads=2)
+  c = configs.input_config(test_data_dir, prefetch_batches=2, read_threads=2)
   it = pipeline.make_iterator(c, seed=3)
   for _ in range(3):
     next(it)
@@ -554,16 +532,18 @@ def test_config_errors_name_the_value(test_data_dir):
     (dict(dataset="nope"), "dataset='nope' is unknown"),
   ]:
     with pytest.raises(ValueError, match=re.escape(message)):
-      pipeline.make_dataset(_input_config(test_data_dir, **overrides), seed=0)
+      pipeline.make_dataset(configs.input_config(test_data_dir, **overrides), seed=0)
   with pytest.raises(ValueError, match=re.escape("unknown input config keys ['tokens_per_rows']")):
-    pipeline.make_dataset(dict(_input_config(test_data_dir).to_dict(), tokens_per_rows=3), seed=0)
+    pipeline.make_dataset(
+      dict(configs.input_config(test_data_dir).to_dict(), tokens_per_rows=3), seed=0
+    )
   # A config saved before the key was removed, with the value that meant today's packer, resolves.
   assert "packing" not in pipeline.resolve_input_config(dict(packing="best_fit"))
 
 
 def test_missing_new_keys_get_defaults(test_data_dir):
   """A config written before a key existed still works: absent keys take the defaults."""
-  old = _input_config(test_data_dir).to_dict()
+  old = configs.input_config(test_data_dir).to_dict()
   for key in (
     "mixture",
     "min_frames",
@@ -584,7 +564,7 @@ def test_missing_new_keys_get_defaults(test_data_dir):
 
 def test_multiprocess_workers_resume_exactly(test_data_dir):
   """workers > 0: grain worker processes each pack their slice; the state still round-trips."""
-  c = _input_config(test_data_dir, workers=2, min_tokens_per_example=64, shrink_to_fill=0.5)
+  c = configs.input_config(test_data_dir, workers=2, min_tokens_per_example=64, shrink_to_fill=0.5)
   it = pipeline.make_iterator(c, seed=0)
   first = next(it)
   _check_contract(first, c)
@@ -596,5 +576,5 @@ def test_multiprocess_workers_resume_exactly(test_data_dir):
     for key in CONTRACT:
       np.testing.assert_array_equal(got[key], want[key])
   it.close()
-  single = next(pipeline.make_iterator(_input_config(test_data_dir), seed=0))
+  single = next(pipeline.make_iterator(configs.input_config(test_data_dir), seed=0))
   assert not np.array_equal(single["patches"], first["patches"])  # workers split the stream

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import threadpoolctl
 
+from tests import configs
 from vdit import datasets
 from vdit.data import pipeline, transforms
 from vdit.datasets import folder, moving_digits, photo_pans
@@ -253,22 +254,7 @@ def test_folder_tfds_conversion_and_pipeline(media_dir, data_dir):
   assert folder.folder_config(media_dir).name == config
   # Both ways into the pipeline give packed batches (the raw one skipping the corrupt file).
   for name in ("folder", "folder_raw"):
-    c = pipeline.default_input_config()
-    c.update(
-      dict(
-        dataset=name,
-        dataset_config=media_dir,
-        data_dir=data_dir,
-        tokens_per_row=256,
-        max_tokens_per_example=128,
-        min_tokens_per_example=32,
-        max_frames=8,
-        rows_per_batch=2,
-        num_packing_bins=2,
-        read_threads=0,
-        prefetch_batches=0,
-      )
-    )
+    c = configs.input_config(data_dir, dataset=name, dataset_config=media_dir)
     batch = next(pipeline.make_iterator(c, seed=0))
     assert batch["loss_mask"].sum() > 0 and (batch["shapes"][..., 0] > 0).sum() >= 2
   with pytest.raises(ValueError, match="needs dataset_config=<path of the folder>"):

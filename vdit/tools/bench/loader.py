@@ -15,28 +15,18 @@ Headroom = loader tokens/s ÷ train-step tokens/s (goal ≥ 2). On this CPU the 
 the same loader's headroom on an accelerator is what matters: see BENCHMARKS.md.
 """
 
-import os
 import time
 
 import jax
 import numpy as np
 
-from vdit import config_lib, sharding, tasks, train, train_state
+from vdit import sharding, tasks, train, train_state
 from vdit.tools.bench import packing as bench_packing
-
-CONFIG_FILE = os.path.join(
-  os.path.dirname(__file__), "..", "..", "..", "configs", "vdit", "shapes.py"
-)
-
-
-def load_config(arg: str):
-  """configs/vdit/shapes.py with `arg` (what follows the colon of --config), e.g. "tiny"."""
-  return config_lib.load(f"{CONFIG_FILE}:{arg}")
 
 
 def configs(options: dict) -> dict:
-  tiny = load_config("tiny")
-  mid = load_config("variant=S")
+  tiny = bench_packing.load_config("tiny")
+  mid = bench_packing.load_config("variant=S")
   mid.input.update(
     dict(
       dataset_config="tiny",

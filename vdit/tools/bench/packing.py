@@ -25,15 +25,21 @@ discard some), `examples_per_row`, and for bucketing the number of distinct batc
 
 import collections
 import math
+import os
 
 import grain
 import ml_collections
 import numpy as np
 
+from vdit import config_lib
 from vdit.data import packing, pipeline
 from vdit.data import transforms as transforms_lib
 
 Example = collections.namedtuple("Example", "grid drop text")  # (T', H', W'), rate, caption len
+# The tiny demo's config (also the loader and train-step benchmarks').
+CONFIG_FILE = os.path.join(
+  os.path.dirname(__file__), "..", "..", "..", "configs", "vdit", "shapes.py"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,21 +52,16 @@ def bundled_mixture(dataset_config: str = "tiny") -> tuple[tuple[str, str, float
   return tuple((name, dataset_config, weight) for name, weight in weights.items())
 
 
+def load_config(arg: str) -> ml_collections.ConfigDict:
+  """configs/vdit/shapes.py with `arg` (what follows the colon of --config), e.g. "tiny"."""
+  return config_lib.load(f"{CONFIG_FILE}:{arg}")
+
+
 def bundled_config(data_dir=None, min_tokens: int = 48) -> ml_collections.ConfigDict:
-  c = pipeline.default_input_config()
-  c.update(
-    dict(
-      mixture=bundled_mixture(),
-      data_dir=data_dir,
-      tokens_per_row=512,
-      max_examples_per_row=8,
-      text_tokens_per_row=96,
-      max_frames=16,
-      min_frames=4,
-      max_tokens_per_example=384,
-      min_tokens_per_example=min_tokens,
-    )
-  )
+  """The tiny demo's input settings (configs/vdit/shapes.py:tiny) over the bundled mixture, with
+  per-example token budgets in [min_tokens, the demo's max]."""
+  c = load_config("tiny").input
+  c.update(dict(mixture=bundled_mixture(), data_dir=data_dir, min_tokens_per_example=min_tokens))
   return pipeline.resolve_input_config(c)
 
 

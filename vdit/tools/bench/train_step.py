@@ -32,7 +32,7 @@ import numpy as np
 from vdit import sharding, tasks, train, train_state
 from vdit.models import flops
 from vdit.tools import roofline
-from vdit.tools.bench import loader
+from vdit.tools.bench import packing as bench_packing
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
@@ -142,7 +142,7 @@ def run(options: dict) -> dict:
   # `config`: the argument of configs/vdit/shapes.py (default "tiny", the pixel-space model);
   # the README demo's step is "tiny,latent=RUNS/autoencoder,latents=RUNS/latents".
   arg = str(options.get("config", "tiny"))
-  config = loader.load_config(arg)
+  config = bench_packing.load_config(arg)
   if options.get("data_dir"):
     config.input.data_dir = options["data_dir"]
   n = int(options.get("matmul_n", 2048))
