@@ -452,6 +452,13 @@ def test_vdit_evaluate_runs_in_process_on_a_classifier(vit_workdir, tmp_path):
   assert step == 2 and results["top1"]["top1"] == trained["top1"]
   saved = json.loads(open(os.path.join(workdir, "eval", "2.json")).read())
   assert saved["top1"]["top1"] == results["top1"]["top1"]
+  # An eval the run's config lacks is added from --config; the run's own ones stay its own.
+  fallback = _config(
+    classification=dict(type="top1", no_such_option=1), again=dict(type="top1", every_steps=1)
+  )
+  step, results = evaluate.evaluate(vit_workdir, fallback, names=["classification", "again"])
+  assert results["again"]["top1"] == trained["top1"]
+  assert results["classification"]["top1"] == trained["top1"]  # not the fallback's (an error)
   assert jax.process_index() == 0
 
 
@@ -511,6 +518,8 @@ def test_generative_evaluators_in_process(video_workdir, vit_workdir):
   assert loss["examples"] % 2 == 0  # every example once per repeat
   assert out["adherence"]["count"] == 3 and out["digits"]["num_videos"] == 10
   assert np.isfinite(out["fd"]["fd"]) and out["fd"]["fd"] >= 0.0
+  assert out["fd"]["fd_ratio"] == pytest.approx(out["fd"]["fd"] / out["fd"]["fd_real"])
+  assert out["fd"]["fd"] > out["fd"]["fd_real"] > 0.0  # 2 training steps: far from real
   # Pixel space: every mode's given frames come back exactly; a GIF per mode.
   assert out["modes"]["count"] == 2, out["modes"]
   for mode in ("i2v", "extend_fwd", "extend_bwd", "interpolate", "loop"):

@@ -7,8 +7,8 @@ Restores the EMA params of the latest (or `--step`) checkpoint with the model of
 config (the one written into the workdir, any task), sharded over the run's mesh as in training,
 hands them to the evaluators with the task's predict functions (as the trainer does), prints the
 results and writes workdir/eval/<step>.json (and TensorBoard scalars/summaries into the
-workdir). The evals come from the workdir's config; if it has none, from `--config` (which is
-otherwise only a fallback and need not be given).
+workdir). The evals are the workdir's config's, and those of `--config` that it lacks (an eval
+added to the config file after the run; `--config` need not be given).
 """
 
 import json
@@ -38,14 +38,14 @@ def evaluate(
 ) -> tuple[int, dict]:
   """(step, {name: results}) of the evals of `workdir`'s checkpoint."""
   config = checkpointing.read_config(workdir)
-  if not evaluators.evals_of(config):
-    if fallback is None or not evaluators.evals_of(fallback):
-      raise ValueError(
-        f"the config in {workdir!r} has no `evals` and --config gives none either "
-        "(see docs/evaluation.md)"
-      )
-    config.unlock()
-    config.evals = fallback.evals
+  extra = evaluators.evals_of(fallback) if fallback is not None else {}
+  if not evaluators.evals_of(config) and not extra:
+    raise ValueError(
+      f"the config in {workdir!r} has no `evals` and --config gives none either "
+      "(see docs/evaluation.md)"
+    )
+  config.unlock()  # evals the run's config lacks come from --config (added to a finished run)
+  config.evals = extra | evaluators.evals_of(config)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
   config, step, params = restore.ema_params(workdir, step, config, mesh)

@@ -215,6 +215,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       sizes=((8, 32, 32), (8, 32, 48), (8, 48, 24)) if tiny else (),
       steps=16 if tiny else 32,
     ),
+    # Every frame-conditioning mode on real validation clips (docs/sampling.md, "Measured").
+    modes=dict(
+      type="modes",
+      every_steps=every,
+      num_videos=24 if tiny else 48,
+      size=(8, 32, 32) if tiny else (16, 64, 64),
+      steps=16 if tiny else 32,
+    ),
     prompts=dict(type="prompts"),  # `sample.prompts` → workdir/samples/<step>/, at the end
   )
   if arg.small:
@@ -233,6 +241,7 @@ def small_budget(c: ml_collections.ConfigDict):
   c.checkpoint_every_steps = 350
   c.evals.loss.every_steps = 350
   c.evals.samples.every_steps = c.evals.adherence.every_steps = 1_400
+  c.evals.modes.every_steps = c.total_steps
 
 
 def precomputed_captions(c: ml_collections.ConfigDict, table: str):
@@ -296,7 +305,7 @@ def latent_space(
     # Clips read at a frame stride of 1–3 (latent frames are per-frame codes): up to 3× the
     # motion within the 8 frames a sample has (direction 35% → 42% at 8 × 2,000, rows M).
     c.input.max_frame_stride = 3
-    c.evals.samples.every_steps = c.total_steps
+    c.evals.samples.every_steps = c.evals.modes.every_steps = c.total_steps
     for name in ("loss", "adherence"):  # `:small`: the curve at 8,000, 16,000, 24,000, 32,000
       c.evals[name].every_steps = 8_000 if small else c.total_steps
   # Latents are not resized (area-averaged latents are not the latents of a smaller video):
@@ -335,3 +344,4 @@ def latent_space(
   c.evals.adherence.size = latent_size(c.evals.adherence.size)
   c.evals.adherence.sizes = tuple(latent_size(s) for s in c.evals.adherence.sizes)
   c.evals.adherence.dataset_config = "tiny" if tiny else "default"
+  c.evals.modes.size = latent_size(c.evals.modes.size)

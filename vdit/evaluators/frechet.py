@@ -113,28 +113,39 @@ def evaluate(
   num_videos: int = 32,
   size: tuple[int, int, int] = (8, 32, 32),
   steps: int = 16,
-  guidance: float = 3.0,
+  guidance: float | None = None,
   seed: int = 0,
   dataset: str | None = None,
   dataset_config: str | None = None,
   batch_size: int = 16,
   **extractor_options,
 ) -> dict:
-  """FD between `num_videos` validation videos and videos generated from their captions."""
+  """FD between `num_videos` validation videos and videos generated from their captions
+  (`guidance` defaults to the config's `sample.guidance`). When the split has twice as many
+  videos, `fd_real` is the FD between the first `num_videos` and the next ones — the distance
+  two real sets of this size keep — and `fd_ratio` = fd / fd_real."""
   config, fns, params = ctx.config, ctx.fns, ctx.params
   if extractor not in EXTRACTORS:
     raise ValueError(f"extractor={extractor!r} is unknown; expected one of {sorted(EXTRACTORS)}")
   features_of = EXTRACTORS[extractor](**extractor_options)
   sampler = predict_fn(fns, "sampler")(params)
+  if guidance is None:
+    guidance = config.sample.guidance
   t, h, w = (int(s) for s in size)  # the model's units (latent units in latent space)
   pixels = sampler.pixel_size(t, h, w)
-  real, captions = real_videos(config, num_videos, pixels, dataset, dataset_config)
+  real, captions = real_videos(config, 2 * num_videos, pixels, dataset, dataset_config)
+  others, real, captions = real[num_videos:], real[:num_videos], captions[:num_videos]
   fake = []
   for i in range(0, len(captions), batch_size):
     opts = dict(num_frames=t, height=h, width=w, steps=steps, guidance=guidance, seed=seed + i)
     fake.extend(sampler.generate(captions[i : i + batch_size], **opts))
-  return {
-    "fd": frechet_of_features(features_of(real), features_of(np.stack(fake))),
+  real_features = features_of(real)
+  out = {
+    "fd": frechet_of_features(real_features, features_of(np.stack(fake))),
     "num_videos": len(captions),
     "extractor": extractor,
   }
+  if len(others) == len(real):
+    out["fd_real"] = frechet_of_features(real_features, features_of(others))
+    out["fd_ratio"] = out["fd"] / max(out["fd_real"], 1e-12)
+  return out
