@@ -34,7 +34,7 @@ def test_tiny_config_is_valid():
     ("input.max_tokens_per_example", 10_000, "exceeds input.tokens_per_row"),
     ("model.num_heads", 3, "model.width=128 is not divisible by model.num_heads=3"),
     ("model.attention_backend", "flash", "attention_backend='flash' is not supported"),
-    ("sample.height", 30, r"sample.height=30 is not a multiple of the patch size 4"),
+    ("sample.height", 0, r"sample.height=0 must be an integer ≥ 1"),
     ("input.rows_per_batch", 6, r"rows_per_batch=6 is not divisible by data×fsdp=8"),
     ("diffusion.time_sampling", "beta", "time_sampling='beta' is not supported"),
     ("diffusion.self_condition", 1.5, r"self_condition=1.5 must be a rate in \[0, 1\]"),
@@ -97,10 +97,10 @@ def test_cli_unknown_config_key_is_one_clear_error(tmp_path):
 
 def test_cli_invalid_value_fails_before_compute(tmp_path):
   out = _run_main(
-    "--config=configs/vdit/shapes.py:tiny", f"--workdir={tmp_path}", "--config.sample.width=50"
+    "--config=configs/vdit/shapes.py:tiny", f"--workdir={tmp_path}", "--config.sample.width=-4"
   )
   assert out.returncode != 0
-  assert "sample.width=50 is not a multiple of the patch size 4" in out.stderr
+  assert "sample.width=-4 must be an integer ≥ 1" in out.stderr
   assert "Traceback" not in out.stderr
   assert not os.path.exists(tmp_path / "checkpoints")
 

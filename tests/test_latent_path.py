@@ -110,6 +110,11 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
   videos = sampler.generate(["a blue square"], num_frames=2, height=4, width=6, steps=2)
   assert videos.shape == (1, 3, 16, 24, 3) and videos.dtype == np.uint8
   assert sampler.last_latents.shape == (1, 2, 4, 6, 8)
+  # Any size: 3×5 latent cells (not whole (1, 2, 2) patches) are the 4×6 canvas's, cropped.
+  canvas = sampler.last_latents
+  odd = sampler.generate(["a blue square"], num_frames=2, height=3, width=5, steps=2)
+  assert odd.shape == (1, 3, 12, 20, 3)
+  np.testing.assert_array_equal(sampler.last_latents, canvas[:, :, :3, :5])
   # Fréchet's real videos of a latent run: the pixel dataset the latents came from, at the
   # decoded size.
   assert sampler.pixel_size(2, 4, 6) == (3, 16, 24)

@@ -92,20 +92,20 @@ def test_cli_modes_write_the_requested_files(data_dir, tmp_path):
   check_ok(out, mp4)
   assert media.read_video(mp4).shape == (1, 16, 8, 3)
 
-  # edit (SDEdit) as NPZ: the video's length (5 → 4 whole patch-frames), the requested size,
+  # edit (SDEdit) as NPZ: the video's length (all 5 frames, on a canvas of 6), the requested size,
   # and at a low strength the (resized) input survives: a sample ignoring it would be ~N(0, 1)
   # noise clipped to [−1, 1], ~95 uint8 levels from this uniform-random input on average.
   npz = str(tmp_path / "edit.npz")
   flags = f"--mode=edit --video={tmp_path}/in.npz --strength=0.15 --height=16 --width=24"
   out = run_sample(workdir, "--prompt=a green circle", *flags.split(), f"--out={npz}")
   check_ok(out, npz)
-  assert "resized to 16x24" in out.stderr and "5 frames cut to 4" in out.stderr
+  assert "resized to 16x24" in out.stderr and "frames cut to" not in out.stderr
   frames, meta = read_npz(npz)
-  assert frames.shape == (4, 16, 24, 3)
+  assert frames.shape == (5, 16, 24, 3)
   assert meta["mode"] == "edit" and meta["strength"] == 0.15 and meta["sampler"] == "euler"
   from vdit.diffusion import given_frames  # noqa: PLC0415
 
-  given = media.to_uint8(given_frames.fit_size(video[:4], 16, 24, "video"))
+  given = media.to_uint8(given_frames.fit_size(video, 16, 24, "video"))
   assert np.abs(frames.astype(float) - given).mean() < 40
 
   # loop with a keyframe: the first patch-frame is the image, num_frames frames in all.

@@ -4,13 +4,15 @@
 import json
 import re
 
+import flax.linen as nn
 import imageio.v3 as iio
+import jax
 import numpy as np
 import pytest
 from absl import flags
 
 from tests import configs
-from vdit import checkpointing, sample, sampling
+from vdit import checkpointing, models, sample, sampling
 
 
 def _request(tmp_path, *args):
@@ -130,7 +132,54 @@ def _message(sampler, length):
 def test_media_modes_keep_the_given_size():
   sampler = sampling.Sampler(config=configs.load("tiny"), params=None)
   clip = np.zeros((4, 22, 37, 3), np.uint8)
-  assert sampler._size({}, like=clip)[:2] == (20, 36)  # noqa: SLF001 (whole 4-px patches)
-  assert sampler._size({"height": 16}, like=clip)[:2] == (16, 36)  # noqa: SLF001
+  assert sampler._size({}, like=clip)[:2] == (22, 37)  # noqa: SLF001 (any size)
+  assert sampler._size({"height": 16}, like=clip)[:2] == (16, 37)  # noqa: SLF001
   s = sampler.config.sample
   assert sampler._size({})[:2] == (s.height, s.width)  # noqa: SLF001 (t2v: the config's)
+
+
+@pytest.fixture(scope="module")
+def untrained():
+  """A small pixel-space sampler with random (off adaLN-Zero) params: patches (2, 4, 4)."""
+  c = configs.load("tiny")
+  narrow = dict(width=32, depth=1, num_heads=2, text_width=32, text_heads=2)
+  configs.override(c, **{f"model.{k}": v for k, v in narrow.items()})
+  model = models.build(c)
+  params = nn.unbox(jax.jit(lambda r: model.init(r, *models.dummy_inputs(c)))(jax.random.key(0)))
+  return sampling.Sampler(config=c, params=configs.off_zero_init(params["params"]), model=model)
+
+
+def test_any_size_is_generated_on_a_canvas_of_whole_patches_and_cropped(untrained):
+  """7 frames of 10×13 with (2, 4, 4) patches: every mode generates on the 8×12×16 canvas and
+  returns exactly the requested size, the given frames bit for bit where they were placed."""
+  s, prompt = untrained, ["a red circle moving right"]
+  opts = dict(height=10, width=13, steps=2)
+  clip = np.random.default_rng(0).integers(0, 256, (5, 10, 13, 3), np.uint8)
+  assert s.canvas(7, 10, 13) == (8, 12, 16) and s.grid(7, 10, 13) == (4, 3, 4)
+  # Text to video: the canvas sample, cropped (same noise, same rows).
+  t2v = s.generate(prompt, num_frames=7, **opts)
+  whole = s.generate(prompt, num_frames=8, height=12, width=16, steps=2)
+  assert t2v.shape == (1, 7, 10, 13, 3)
+  np.testing.assert_array_equal(t2v, whole[:, :7, :10, :13])
+  assert s.text_to_image(prompt, **opts).shape == (1, 1, 10, 13, 3)
+  i2v = s.image_to_video(prompt, clip[0], num_frames=7, **opts)
+  assert i2v.shape == (1, 7, 10, 13, 3)
+  np.testing.assert_array_equal(i2v[0, :2], clip[[0, 0]])  # the image, a still patch-frame
+  fwd = s.extend(prompt, clip[:4], num_frames=7, **opts)
+  np.testing.assert_array_equal(fwd[0, :4], clip[:4])  # given first, the canvas's 8th dropped
+  bwd = s.extend(prompt, clip[:4], direction="backward", num_frames=7, **opts)
+  np.testing.assert_array_equal(bwd[0, 3:], clip[:4])  # given last, the canvas's 1st dropped
+  mid = s.interpolate(prompt, clip[:2], clip[2:4], num_frames=7, **opts)
+  np.testing.assert_array_equal(mid[0, :2], clip[:2])
+  np.testing.assert_array_equal(mid[0, 5:], clip[2:4])  # a generated frame dropped before it
+  loop = s.loop(prompt, image=clip[0], num_frames=7, **opts)
+  assert loop.shape == (1, 7, 10, 13, 3)
+  np.testing.assert_array_equal(loop[0, :2], clip[[0, 0]])
+  edit = s.edit(prompt, clip, strength=0.5, **opts)
+  assert edit.shape == (1, 5, 10, 13, 3)  # all 5 frames: padded in time, not cut
+  for video in (t2v, i2v, fwd, bwd, mid, loop, edit):
+    assert video.dtype == np.uint8
+  with pytest.raises(sampling.InputError, match=r"num_frames=4 leaves nothing to generate"):
+    s.extend(prompt, clip[:4], num_frames=4, **opts)
+  with pytest.raises(sampling.InputError, match=r"num_frames=0 must be ≥ 1"):
+    s.generate(prompt, num_frames=0, **opts)

@@ -142,7 +142,6 @@ def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, in
   """The `video_diffusion` task: packed input, VideoDiT, diffusion and sample settings."""
   inp, model = config.input, config.model
   check_input(config)
-  patch = tuple(inp.patch_size)
   for name in ("text_tokens_per_row", "max_caption_tokens", "vocab_size"):
     positive(f"input.{name}", inp[name])
   if inp.max_caption_tokens > inp.text_tokens_per_row:
@@ -188,13 +187,9 @@ def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, in
   _check_latent_space(config)
   _check_text_embeddings(config)
   s = config.sample
-  for dim, p in zip(("num_frames", "height", "width"), patch):
-    if s[dim] % p:
-      raise ConfigError(
-        f"sample.{dim}={s[dim]} is not a multiple of the patch size {p} (input.patch_size={patch})"
-      )
-  if math.prod(s[d] // p for d, p in zip(("num_frames", "height", "width"), patch)) == 0:
-    raise ConfigError(f"sample size {s.num_frames}x{s.height}x{s.width} is empty")
+  for dim in ("num_frames", "height", "width"):  # any size (cropped from whole patches)
+    if not (isinstance(s[dim], int) and s[dim] >= 1):
+      raise ConfigError(f"sample.{dim}={s[dim]!r} must be an integer ≥ 1")
 
 
 def _check_text_embeddings(config: ml_collections.ConfigDict) -> None:

@@ -2,11 +2,12 @@ r"""The sampler library: a trained VideoDiT generates videos in every mode of on
 
 `load(workdir)` → `Sampler` (the EMA params of a checkpoint), with `generate` (text-to-video) and
 one method per mode: t2v, t2i, i2v, extend, interpolate, edit (SDEdit), loop — docs/sampling.md
-shows each; `python -m vdit.sample` is its CLI. Any size that is a multiple of the patch size
-works (the model sees packed spacetime patches with their positions, not a fixed grid). Given
-frames are trained conditioning (`vdit.diffusion.conditioning`) and come out unchanged; inputs
-of another size are cropped and resized with a warning (`vdit.diffusion.given_frames`);
-impossible requests raise `InputError`.
+shows each; `python -m vdit.sample` is its CLI. Any size works: the model sees packed
+spacetime patches with their positions, not a fixed grid, and a size that is not a multiple of
+the patch size is generated on the smallest canvas of whole patches that holds it and cropped
+to it (`Sampler.canvas`). Given frames are trained conditioning (`vdit.diffusion.conditioning`)
+and come out unchanged; inputs of another size are cropped and resized with a warning
+(`vdit.diffusion.given_frames`); impossible requests raise `InputError`.
 
 Latent space: with `config.autoencoder` (the workdir of a trained VAE) the model denoises
 normalised latents and the sampler decodes them to pixels (`vdit.latent_codec.Codec`); sizes
@@ -99,12 +100,19 @@ class Sampler:
       self.tokenizer = tokenizer.Tokenizer(inp.vocab_size)
     self.spec = objectives.Spec.from_config(self.config.diffusion)
 
+  def canvas(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """The smallest size of whole patches holding (num_frames, height, width): what is
+    generated before the crop to the requested size."""
+    size = (num_frames, height, width)
+    for name, n in zip(("num_frames", "height", "width"), size):
+      if int(n) < 1:
+        raise InputError(f"{name}={n} must be ≥ 1")
+    return tuple(-(-int(n) // p) * p for n, p in zip(size, self.patch_size))
+
   def grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-    try:
-      patchify.check_divisible(num_frames, height, width, self.patch_size)
-    except ValueError as e:
-      raise InputError(str(e)) from None
-    return tuple(n // p for n, p in zip((num_frames, height, width), self.patch_size))
+    """The patch grid (T/pt, H/ph, W/pw) of the canvas of a requested size."""
+    canvas = self.canvas(num_frames, height, width)
+    return tuple(n // p for n, p in zip(canvas, self.patch_size))
 
   def pixel_size(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
     """The (T, H, W) in pixels of a video sampled at this size (in latent units in latent space:
@@ -120,12 +128,12 @@ class Sampler:
     `seed` (0), `sampler` and `guidance_interval` (guide only for noise levels lo ≤ t ≤ hi;
     both default to the config's `diffusion` ones), `labels` (one per prompt; see `_run`)."""
     h, w, options = self._size(options)
-    return self._run(prompts, self.grid(num_frames, h, w), **options)
+    return self._run(prompts, (num_frames, h, w), **options)
 
   def text_to_image(self, prompts, **options) -> np.ndarray:
     """Images as 1-frame videos [N, 1, H, W, 3]: one patch-frame, its first frame kept."""
     h, w, options = self._size(options)
-    return self._run(prompts, self.grid(self.pt, h, w), **options)[:, :1]
+    return self._run(prompts, (self.pt, h, w), **options)[:, :1]
 
   def image_to_video(self, prompts, image, *, num_frames=None, **options) -> np.ndarray:
     """The image [H, W, 3] (or the first frame of [F, H, W, 3]) fills the first patch-frame,
@@ -135,7 +143,8 @@ class Sampler:
     if frames.ndim == 4 and frames.shape[0] > 1:
       logging.warning("image: %d frames given, using the first", frames.shape[0])
     still = self._frames(frames[:1] if frames.ndim == 4 else frames, h, w, "image", "first")
-    return self._given(prompts, num_frames or self.config.sample.num_frames, [still], [], options)
+    num_frames = num_frames or self.config.sample.num_frames
+    return self._given(prompts, num_frames, h, w, [still], [], options)
 
   def extend(self, prompts, video, *, direction="forward", num_frames=None, **options):
     """`num_frames` in all (default: the clip's + the config's) with the clip at the start
@@ -147,7 +156,7 @@ class Sampler:
     clip = self._frames(video, h, w, "video", keep)
     num_frames = num_frames or len(clip) + self.config.sample.num_frames
     head, tail = ([clip], []) if direction == "forward" else ([], [clip])
-    return self._given(prompts, num_frames, head, tail, options)
+    return self._given(prompts, num_frames, h, w, head, tail, options)
 
   def interpolate(self, prompts, video, video2, *, num_frames=None, **options) -> np.ndarray:
     """Connects two clips: `video` at the start, `video2` at the end, `num_frames` in all
@@ -156,19 +165,22 @@ class Sampler:
     a = self._frames(video, h, w, "video", "last")
     b = self._frames(video2, h, w, "video2", "first")
     num_frames = num_frames or len(a) + len(b) + self.config.sample.num_frames
-    return self._given(prompts, num_frames, [a], [b], options)
+    return self._given(prompts, num_frames, h, w, [a], [b], options)
 
   def edit(self, prompts, video, *, strength=0.6, num_frames=None, **options) -> np.ndarray:
     """SDEdit (Meng et al. 2022, Sec. 3.2): noise the video to `strength` ∈ (0, 1] of the
     schedule, denoise it with the new prompts. Keeps the first `num_frames` frames (default:
-    all, in whole patch-frames)."""
+    all)."""
     h, w, options = self._size(options, like=video)
-    clip = self._frames(video, h, w, "video", "first")
+    clip = self._fit(video, h, w, "video", "first")
     num_frames = num_frames or len(clip)
     if num_frames > len(clip):
       raise InputError(f"num_frames={num_frames} exceeds the video's {len(clip)} frames")
-    grid = self.grid(num_frames, h, w)
-    return self._run(prompts, grid, init=clip[None, :num_frames], strength=strength, **options)
+    t = self.canvas(num_frames, h, w)[0]
+    init = np.concatenate(
+      [clip[:num_frames], np.repeat(clip[num_frames - 1 : num_frames], t - num_frames, 0)]
+    )
+    return self._run(prompts, (num_frames, h, w), init=init[None], strength=strength, **options)
 
   def loop(self, prompts, *, image=None, num_frames=None, **options) -> np.ndarray:
     """A seamless loop of `num_frames` frames: frame `num_frames` would be frame 0 again.
@@ -186,7 +198,7 @@ class Sampler:
       key = self._frames(np.asarray(image)[:1] if np.ndim(image) == 4 else image, h, w, "image")
       key = key[:1]
     key = np.repeat(key, self.pt, axis=-4)  # [(N,) pt, H, W, C]
-    return self._given(prompts, num_frames + self.pt, [key], [key], options)[:, :num_frames]
+    return self._given(prompts, num_frames + self.pt, h, w, [key], [key], options)[:, :num_frames]
 
   def memory_estimate(self, rows: int, length: int) -> int:
     """Bytes a sampling step of `rows` rows of `length` tokens needs at its peak, roughly: the
@@ -224,47 +236,77 @@ class Sampler:
     )
 
   def _frames(self, frames, h: int, w: int, name: str, keep: str = "first") -> np.ndarray:
-    """Given uint8 frames [F, H, W, 3] (or an image) in the model's space, whole patch-frames:
-    resized to h × w pixels, or in latent space resized to fs·h × fs·w, cut to 1 + ft·k frames
-    (`keep` says which survive) and encoded to [1 + k, h, w, Z] (the first latent frame
-    summarises frame 0 alone, so an image is one latent frame, as the VAE was trained)."""
+    """Given uint8 frames [F, H, W, 3] (or an image) as whole patch-frames of the model's space
+    on the canvas of a (h, w) request (`_fit`); `keep` says which frames survive a cut."""
+    return patch_frames(self._fit(frames, h, w, name, keep), self.pt, keep, name)
+
+  def _fit(self, frames, h: int, w: int, name: str, keep: str = "first") -> np.ndarray:
+    """Given uint8 frames [F, H, W, 3] (or an image) in the model's space: resized to h × w
+    pixels, or in latent space resized to fs·h × fs·w, cut to 1 + ft·k frames (`keep` says
+    which survive) and encoded to [1 + k, h, w, Z] (the first latent frame summarises frame 0
+    alone, so an image is one latent frame, as the VAE was trained); then padded at the bottom
+    and right, repeating the edge, to the canvas of whole patches (`canvas`), which the output
+    is cropped back from."""
     if self.codec is None:
-      return patch_frames(fit_size(frames, h, w, name), self.pt, keep, name)
-    ft, fs, _ = self.codec.compression
-    pixels = fit_size(frames, h * fs, w * fs, name)
-    usable = 1 + (len(pixels) - 1) // ft * ft
-    if usable < len(pixels):
-      logging.warning(
-        "%s: %d frames cut to %d (1 + %d·k for the VAE)", name, len(pixels), usable, ft
-      )
-      pixels = pixels[-usable:] if keep == "last" else pixels[:usable]
-    return patch_frames(self.codec.encode(pixels[None])[0], self.pt, keep, name)
+      video = fit_size(frames, h, w, name)
+    else:
+      ft, fs, _ = self.codec.compression
+      pixels = fit_size(frames, h * fs, w * fs, name)
+      usable = 1 + (len(pixels) - 1) // ft * ft
+      if usable < len(pixels):
+        logging.warning(
+          "%s: %d frames cut to %d (1 + %d·k for the VAE)", name, len(pixels), usable, ft
+        )
+        pixels = pixels[-usable:] if keep == "last" else pixels[:usable]
+      video = self.codec.encode(pixels[None])[0]
+    _, hc, wc = self.canvas(1, h, w)
+    return np.pad(video, ((0, 0), (0, hc - h), (0, wc - w), (0, 0)), mode="edge")
 
   def _size(self, options: dict, like=None) -> tuple[int, int, dict]:
     """(height, width, the other options): the requested size, else that of `like` (the given
-    image or video, [..., H, W, 3]) in whole patches (in latent units in latent space), else
-    the config's sample size."""
+    image or video, [..., H, W, 3]; in latent units in latent space), else the config's
+    sample size."""
     s = self.config.sample
     options = dict(options)
     h, w = options.pop("height", None), options.pop("width", None)
     if like is not None:
       fs = self.codec.compression[1] if self.codec is not None else 1
-      (ph, pw), (H, W) = self.patch_size[1:], np.shape(like)[-3:-1]
-      h, w = h or H // fs // ph * ph or None, w or W // fs // pw * pw or None
+      H, W = np.shape(like)[-3:-1]
+      h, w = h or H // fs or None, w or W // fs or None
     return h or s.height, w or s.width, options
 
-  def _given(self, prompts, num_frames, head, tail, options) -> np.ndarray:
-    given = given_frames.place(head, tail, num_frames, self.pt)
-    grid = self.grid(num_frames, *given.video.shape[2:4])
-    return self._run(prompts, grid, given=given, **options)
+  def _given(self, prompts, num_frames, h, w, head, tail, options) -> np.ndarray:
+    """Clips at the start (`head`) and the end (`tail`) of a `num_frames`-frame video, the
+    rest generated. On a longer canvas (`num_frames` not whole patch-frames) the frames past
+    the request are dropped after the generation: the last ones without a tail, the first ones
+    without a head, else the last generated frames before the tail (one step of the motion is
+    then a double one)."""
+    given_count = sum(len(c) if c.ndim == 4 else c.shape[1] for c in head + tail)
+    if num_frames <= given_count:
+      raise InputError(
+        f"num_frames={num_frames} leaves nothing to generate after the {given_count} given "
+        f"frames; expected more than {given_count}"
+      )
+    t = self.canvas(num_frames, h, w)[0]
+    given = given_frames.place(head, tail, t, self.pt)
+    keep, extra = np.arange(t), t - num_frames
+    if extra and not tail:
+      keep = keep[:num_frames]
+    elif extra and not head:
+      keep = keep[extra:]
+    elif extra:
+      end = t - given.last * self.pt  # the first frame of the tail
+      keep = np.delete(keep, np.arange(end - extra, end))
+    return self._run(prompts, (num_frames, h, w), given=given, frames=keep, **options)
 
   def _run(
     self,
     prompts: Sequence[str],
-    grid: tuple[int, int, int],
+    size: tuple[int, int, int],
     *,
     given: given_frames.Given | None = None,
     init: np.ndarray | None = None,
+    frames: np.ndarray | None = None,
     strength: float = 1.0,
     steps: int = 32,
     guidance: float = 3.0,
@@ -273,8 +315,11 @@ class Sampler:
     guidance_interval: tuple[float, float] | None = None,
     labels: Sequence[int] | None = None,
   ) -> np.ndarray:
-    """Denoises one row per prompt (plus its null row for guidance) → uint8 videos."""
+    """Denoises one row per prompt (plus its null row for guidance) on the canvas of `size`
+    (T, H, W) and crops it to `size`: its first T frames, or the canvas frames `frames`
+    → uint8 videos."""
     prompts, sampler = list(prompts), sampler or self.spec.default_sampler
+    grid, (t, h, w) = self.grid(*size), size
     interval = tuple(float(x) for x in (guidance_interval or self.spec.guidance_interval))
     try:
       self.spec.check_request(steps, strength, sampler, interval)
@@ -306,6 +351,7 @@ class Sampler:
     )
     x0 = sharding.to_host(x0)  # sharded params: the videos may span hosts
     videos = patchify.unpatchify(x0, grid, self.patch_size, self.channels)
+    videos = videos[:, np.arange(t) if frames is None else frames, :h, :w]
     if self.codec is not None:
       self.last_latents = videos
       videos = np.clip(self.codec.decode(videos), -1.0, 1.0)
