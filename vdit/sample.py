@@ -5,7 +5,8 @@ r"""Generating videos from a trained checkpoint: the command line of `vdit.sampl
   python -m vdit.sample --workdir=runs/shapes --mode=i2v --image=first.png --prompt=... --out=x.mp4
 
 Modes: t2v, t2i, i2v, extend, interpolate, edit (SDEdit), loop — docs/sampling.md shows each.
-Any size that is a multiple of the patch size works; impossible requests fail with one line
+Any size works (one that is not a patch multiple is cropped from a canvas of whole patches);
+impossible requests fail with one line
 naming the bad flag before any compute (`InputError`). In latent space (`config.autoencoder`)
 sizes are in latent units and the videos are decoded to pixels (`vdit.sampling`); `.npz`
 outputs keep the latents too.

@@ -33,7 +33,7 @@ def evaluate(
   fps: float = 8.0,
   name: str = "samples",
 ) -> dict:
-  """`sizes`: (num_frames, height, width) triples, multiples of the patch size; `guidance`
+  """`sizes`: (num_frames, height, width) triples (any size, `Sampler.canvas`); `guidance`
   defaults to the config's `sample.guidance` (as the CLI's)."""
   fns, params, workdir, step = ctx.fns, ctx.params, ctx.workdir, ctx.step
   sampler = predict_fn(fns, "sampler")(params)
