@@ -245,8 +245,8 @@ def test_given_frames_fit_the_request(caplog):
 
 @pytest.mark.slow
 def test_cli_given_frames_come_out_unchanged(data_dir, tmp_path):
-  """i2v, extend (both ways) and interpolate from a trained checkpoint: the given frames are
-  in the output bit for bit (pixel space, NPZ), the rest is generated."""
+  """i2v, extend (both ways), interpolate and keyframes from a trained checkpoint: the given
+  frames are in the output bit for bit (pixel space, NPZ), the rest is generated."""
   workdir = train_tiny(str(tmp_path / "run"), data_dir)
   size = ("--height=16", "--width=24")
   image = random_frames((16, 24, 3), seed=1)
@@ -278,3 +278,8 @@ def test_cli_given_frames_come_out_unchanged(data_dir, tmp_path):
   assert len(mid) == 14  # the default: both clips + the config's 8 frames
   np.testing.assert_array_equal(mid[:4], clip)
   np.testing.assert_array_equal(mid[-2:], clip2)
+  kf = f"{tmp_path}/image.npz@0,{tmp_path}/a.npz@6,{tmp_path}/image.npz@13"
+  keys = run("keys", f"--mode=keyframes --keyframes={kf}")
+  assert len(keys) == 14  # the default: the end of the last keyframe's patch-frame
+  np.testing.assert_array_equal(keys[[0, 1, 12, 13]], np.broadcast_to(image, (4, 16, 24, 3)))
+  np.testing.assert_array_equal(keys[6:10], clip)
