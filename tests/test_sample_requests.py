@@ -12,7 +12,7 @@ import pytest
 from absl import flags
 
 from tests import configs
-from vdit import checkpointing, models, sample, sampling
+from vdit import checkpointing, media, models, sample, sampling
 
 
 def _request(tmp_path, *args):
@@ -252,3 +252,37 @@ def test_keyframes_flag_is_parsed_and_checked_before_sampling(tmp_path):
     _request(tmp_path, "--prompt=a", "--mode=keyframes")
   with pytest.raises(sample.InputError, match=r"--keyframes is not used by --mode=t2v"):
     _request(tmp_path, "--prompt=a", good)
+
+
+class _SubsampleCodec:
+  """A per-frame stand-in autoencoder: latents are every 2nd pixel of every 2nd row (fs = 2),
+  decoded by repeating them; `ft` frames per latent frame (after the first)."""
+
+  def __init__(self, ft=1):
+    self.compression = (ft, 2, 2)
+
+  def encode(self, video):  # [N, F, H, W, 3] in [−1, 1] → [N, 1 + (F − 1)/ft, H/2, W/2, 3]
+    ft = self.compression[0]
+    return np.concatenate([video[:, :1], video[:, 1::ft]], axis=1)[:, :, ::2, ::2]
+
+  def decode(self, latents):
+    return latents.repeat(2, axis=-3).repeat(2, axis=-2)
+
+
+def test_keyframes_in_latent_space_are_latent_frames(untrained):
+  s = sampling.Sampler(untrained.config, untrained.params, untrained.model, _SubsampleCodec())
+  rng = np.random.default_rng(2)
+  image, clip = (
+    rng.integers(0, 256, (10, 14, 3), np.uint8),
+    rng.integers(0, 256, (2, 10, 14, 3), np.uint8),
+  )
+  out = s.keyframes(["a"], [(image, 5), (clip, 2)], num_frames=7, steps=2)  # 5 × 7 latent cells
+  assert out.shape == (1, 7, 10, 14, 3) and s.last_latents.shape == (1, 7, 5, 7, 3)
+  latents = s.last_latents[0]
+  np.testing.assert_array_equal(
+    latents[[4, 5]], media.from_uint8(image)[None, ::2, ::2].repeat(2, 0)
+  )
+  np.testing.assert_array_equal(latents[2:4], media.from_uint8(clip)[:, ::2, ::2])
+  s.codec = _SubsampleCodec(ft=4)
+  with pytest.raises(sampling.InputError, match=r"per-frame autoencoder .* compresses time 4×"):
+    s.keyframes(["a"], [(image, 0)], num_frames=7, steps=2)
