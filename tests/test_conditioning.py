@@ -8,6 +8,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   ).strip()
 
+import hashlib  # noqa: E402
 import logging  # noqa: E402
 
 import jax  # noqa: E402
@@ -58,7 +59,7 @@ def test_sampled_tasks_always_leave_frames_to_generate():
   assert np.all(task[:, :2] == TASK["none"])  # empty slots and images: never conditioned
   assert not np.any(task[:, 2] == TASK["interpolate"])  # T' = 2 cannot be interpolated
   # On T' = 8 the tasks follow the configured probabilities, with their frame counts.
-  freq = np.bincount(task[:, 4], minlength=5) / len(task)
+  freq = np.bincount(task[:, 4], minlength=len(probs)) / len(task)
   np.testing.assert_allclose(freq, probs, atol=0.03)
   t8, f8, l8 = task[:, 4], first[:, 4], last[:, 4]
   np.testing.assert_array_equal(f8[t8 == TASK["image_to_video"]], 1)
@@ -100,7 +101,64 @@ def test_condition_batch_marks_each_examples_own_frames():
     np.testing.assert_array_equal(out["patches"][0][~still], BATCH["patches"][0][~still])
     if still.any():
       assert not np.array_equal(out["patches"][0][still], BATCH["patches"][0][still])
-  assert seen == set(TASK.values())
+  assert seen == set(TASK.values()) - {TASK["keyframes"]}  # weight 0 by default
+
+
+def _digest(*arrays) -> str:
+  h = hashlib.sha256()
+  for a in arrays:
+    h.update(np.ascontiguousarray(np.asarray(a)).tobytes())
+  return h.hexdigest()[:16]
+
+
+def test_keyframes_weight_zero_leaves_the_draws_as_they_were():
+  """Digests of the default tasks' draws recorded before the keyframes task existed (commit
+  baeb434): with its weight 0 (the default), training draws exactly what it drew."""
+  probs = conditioning.task_probs(conditioning.DEFAULT_PROBS)
+  assert probs[TASK["keyframes"]] == 0
+  shapes = jnp.asarray([[[0, 0, 0], [1, 4, 4], [2, 1, 1], [3, 1, 1], [8, 1, 1]]] * 500)
+  assert _digest(*conditioning.sample_tasks(jax.random.key(0), shapes, probs)) == "2dee0d099512c67c"
+  outs = [conditioning.condition_batch(jax.random.key(i), BATCH, probs, PT) for i in range(8)]
+  keys = ("patches", "cond_mask", "loss_mask")
+  got = _digest(*[o[0][k] for o in outs for k in keys], *[o[1]["task"] for o in outs])
+  assert got == "decf0d7c8556eed2"
+
+
+def test_keyframes_task_gives_a_random_subset_of_each_examples_own_frames():
+  # A row of four videos and an image, with some tokens of the last video dropped (NaViT): the
+  # given set is any subset, whole patch-frames of the example, ≥ 1 given and ≥ 1 generated.
+  grids = [(2, 1, 2), (3, 2, 1), (6, 1, 2), (1, 2, 2), (8, 1, 1)]
+  batch = packed_row(grids, 40)
+  seg, t_index = np.asarray(batch["segment_ids"][0]), np.asarray(batch["positions"][0, :, 0])
+  drop = np.flatnonzero(seg == 5)[[1, 4]]  # patch-frames 1 and 4 of the T' = 8 video dropped
+  batch["segment_ids"] = batch["segment_ids"].at[0, drop].set(0)
+  batch["loss_mask"] = batch["segment_ids"] > 0
+  seg = np.asarray(batch["segment_ids"][0])
+  probs = conditioning.task_probs({"keyframes": 1.0})
+  run = jax.jit(lambda r, b: conditioning.condition_batch(r, b, probs, PT))
+  subsets, still_seen = {k: set() for k in (1, 2, 3, 5)}, set()
+  for i in range(60):
+    out, metrics = run(jax.random.key(i), batch)
+    task, cond = np.asarray(metrics["task"][0]), np.asarray(out["cond_mask"][0])
+    kf, none = TASK["keyframes"], TASK["none"]
+    np.testing.assert_array_equal(task, [kf, kf, kf, none, kf, none])  # the image, the empty slot
+    assert not cond[seg == 0].any() and not cond[seg == 4].any()  # padding, the image
+    np.testing.assert_array_equal(out["loss_mask"][0], (seg > 0) & ~cond)
+    for k in (1, 2, 3, 5):
+      mine = seg == k
+      frames = {int(t): set(cond[mine & (t_index == t)]) for t in np.unique(t_index[mine])}
+      assert all(len(v) == 1 for v in frames.values())  # whole patch-frames
+      given = frozenset(t for t, v in frames.items() if True in v)
+      assert 1 <= len(given) < len(frames), (k, given)
+      subsets[k].add(given)
+      patches = np.asarray(out["patches"][0][mine & cond]).reshape(-1, PT, P // PT)
+      if not np.array_equal(patches.ravel(), np.asarray(batch["patches"][0][mine & cond]).ravel()):
+        np.testing.assert_array_equal(patches, np.repeat(patches[:, :1], PT, axis=1))  # a still
+        still_seen.add(k)
+    np.testing.assert_array_equal(out["patches"][0][~cond], batch["patches"][0][~cond])
+  assert len(subsets[3]) > 20 and len(subsets[5]) > 20  # many subsets of T' = 6 and 8
+  assert {frozenset({0}), frozenset({1})} == subsets[1]  # T' = 2: one of two
+  assert still_seen  # some examples' keyframes are stills (images as keyframes)
 
 
 @pytest.mark.parametrize("objective", ["rectified_flow", "gaussian"])
@@ -187,8 +245,8 @@ def test_given_frames_fit_the_request(caplog):
 
 @pytest.mark.slow
 def test_cli_given_frames_come_out_unchanged(data_dir, tmp_path):
-  """i2v, extend (both ways) and interpolate from a trained checkpoint: the given frames are
-  in the output bit for bit (pixel space, NPZ), the rest is generated."""
+  """i2v, extend (both ways), interpolate and keyframes from a trained checkpoint: the given
+  frames are in the output bit for bit (pixel space, NPZ), the rest is generated."""
   workdir = train_tiny(str(tmp_path / "run"), data_dir)
   size = ("--height=16", "--width=24")
   image = random_frames((16, 24, 3), seed=1)
@@ -220,3 +278,8 @@ def test_cli_given_frames_come_out_unchanged(data_dir, tmp_path):
   assert len(mid) == 14  # the default: both clips + the config's 8 frames
   np.testing.assert_array_equal(mid[:4], clip)
   np.testing.assert_array_equal(mid[-2:], clip2)
+  kf = f"{tmp_path}/image.npz@0,{tmp_path}/a.npz@6,{tmp_path}/image.npz@13"
+  keys = run("keys", f"--mode=keyframes --keyframes={kf}")
+  assert len(keys) == 14  # the default: the end of the last keyframe's patch-frame
+  np.testing.assert_array_equal(keys[[0, 1, 12, 13]], np.broadcast_to(image, (4, 16, 24, 3)))
+  np.testing.assert_array_equal(keys[6:10], clip)

@@ -12,7 +12,7 @@ import pytest
 from absl import flags
 
 from tests import configs
-from vdit import checkpointing, models, sample, sampling
+from vdit import checkpointing, media, models, sample, sampling
 
 
 def _request(tmp_path, *args):
@@ -60,7 +60,7 @@ def test_a_good_request_passes(tmp_path):
   prompts_file.write_text("a red circle moving right\n\na blue square moving left\n")
   prompts, inputs = _request(tmp_path, f"--prompts_file={prompts_file}", "--steps=4")
   assert prompts == ["a red circle moving right", "a blue square moving left"]
-  assert inputs == {"image": None, "video": None, "video2": None}
+  assert inputs == {"image": None, "video": None, "video2": None, "keyframes": None}
 
 
 def test_output_paths_are_checked_before_sampling(tmp_path):
@@ -183,3 +183,106 @@ def test_any_size_is_generated_on_a_canvas_of_whole_patches_and_cropped(untraine
     s.extend(prompt, clip[:4], num_frames=4, **opts)
   with pytest.raises(sampling.InputError, match=r"num_frames=0 must be ≥ 1"):
     s.generate(prompt, num_frames=0, **opts)
+
+
+def test_keyframes_come_back_bit_for_bit_where_they_were_placed(untrained):
+  """Keyframes anywhere, at a size off the patch grid (15 frames of 10×13, patches (2, 4, 4),
+  canvas 16×12×16): an image at 0, a clip at 6, an image at an odd index (13: it fills the
+  patch-frame 12–13 as a still); the frames between are generated."""
+  s, prompt = untrained, ["a red circle moving right"]
+  opts = dict(height=10, width=13, steps=2)
+  rng = np.random.default_rng(1)
+  img0, img2 = rng.integers(0, 256, (2, 10, 13, 3), np.uint8)
+  clip = rng.integers(0, 256, (4, 10, 13, 3), np.uint8)
+  out = s.keyframes(prompt, [(clip, 6), (img0, 0), (img2[None], 13)], num_frames=15, **opts)
+  assert out.shape == (1, 15, 10, 13, 3) and out.dtype == np.uint8
+  np.testing.assert_array_equal(out[0, :2], img0[None].repeat(2, 0))  # a still patch-frame
+  np.testing.assert_array_equal(out[0, 6:10], clip)
+  np.testing.assert_array_equal(out[0, 12:14], img2[None].repeat(2, 0))
+  # The keyframes condition the generated frames (the same seed without them differs there).
+  t2v = s.generate(prompt, num_frames=15, **opts)
+  assert not np.array_equal(out[0, [2, 3, 4, 5, 10, 11, 14]], t2v[0, [2, 3, 4, 5, 10, 11, 14]])
+  # The default length ends with the last keyframe's patch-frame (at least the config's 8).
+  assert s.keyframes(prompt, [(img0, 0), (img2, 23)], **opts).shape[1] == 24
+  assert s.keyframes(prompt, [(img0, 0)], **opts).shape[1] == s.config.sample.num_frames
+
+
+@pytest.mark.parametrize(
+  "keyframes,num_frames,message",
+  [
+    ([], 8, r"keyframes: none given"),
+    ([("img", 0), ("img", 1)], 8, r"keyframe 2 \(@1\) .*overlaps keyframe 1 \(@0\) in frames 0–1"),
+    ([("clip", 0), ("img", 2)], 8, r"keyframe 2 \(@2\) .*overlaps keyframe 1 \(@0\) in frames 2–3"),
+    ([("clip", 3)], 8, r"keyframe 1 \(@3\): a clip must start at a patch-frame boundary \(a "
+     r"multiple of 2\); index 3 is not, the nearest valid are 2 and 4"),
+    ([("img", 8)], 8, r"keyframe 1 \(@8\): index 8 is out of range; expected 0 … 7"),
+    ([("img", -1)], 8, r"keyframe 1 \(@-1\): the index must be a frame number ≥ 0"),
+    ([("clip", 6)], 8, r"4 frames at index 6 run past the last frame 7 .*expected index ≤ 4"),
+    ([("clip", 0), ("img", 5)], 6, r"fill all 3 patch-frames of num_frames=6, leaving nothing"),
+  ],
+)  # fmt: skip
+def test_bad_keyframes_are_refused_before_sampling(
+  untrained, monkeypatch, keyframes, num_frames, message
+):
+  monkeypatch.setattr(untrained, "_run", lambda *a, **k: pytest.fail("sampled a bad request"))
+  inputs = dict(img=np.zeros((10, 13, 3), np.uint8), clip=np.zeros((4, 10, 13, 3), np.uint8))
+  keyframes = [(inputs[kind], index) for kind, index in keyframes]
+  with pytest.raises(sampling.InputError, match=message):
+    untrained.keyframes(["a"], keyframes, num_frames=num_frames, height=10, width=13, steps=2)
+
+
+def test_keyframes_flag_is_parsed_and_checked_before_sampling(tmp_path):
+  image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), np.uint8)
+  iio.imwrite(tmp_path / "a@b.png", image)  # an "@" in the path: the index is after the last
+  np.savez(tmp_path / "clip.npz", frames=np.zeros((4, 8, 8, 3), np.uint8))
+  good = f"--keyframes={tmp_path}/a@b.png@0,{tmp_path}/clip.npz@4"
+  _, inputs = _request(tmp_path, "--prompt=a", "--mode=keyframes", good)
+  (first, i), (clip, j) = inputs["keyframes"]
+  np.testing.assert_array_equal(first, image[None])
+  assert (i, j, clip.shape) == (0, 4, (4, 8, 8, 3))
+  for flag, message in [
+    (f"--keyframes={tmp_path}/a@b.png", r"index 'b.png' is not a frame number"),
+    ("--keyframes=@3", r"'@3' is not path@index \(e.g. first.png@0\)"),
+    (f"--keyframes={tmp_path}/clip.npz@-2", r"index -2 must be ≥ 0"),
+    (f"--keyframes={tmp_path}/missing.png@0", r"missing.png' cannot be read"),
+  ]:
+    with pytest.raises(sample.InputError, match=message):
+      _request(tmp_path, "--prompt=a", "--mode=keyframes", flag)
+  with pytest.raises(sample.InputError, match=r"--mode=keyframes needs --keyframes=path@index"):
+    _request(tmp_path, "--prompt=a", "--mode=keyframes")
+  with pytest.raises(sample.InputError, match=r"--keyframes is not used by --mode=t2v"):
+    _request(tmp_path, "--prompt=a", good)
+
+
+class _SubsampleCodec:
+  """A per-frame stand-in autoencoder: latents are every 2nd pixel of every 2nd row (fs = 2),
+  decoded by repeating them; `ft` frames per latent frame (after the first)."""
+
+  def __init__(self, ft=1):
+    self.compression = (ft, 2, 2)
+
+  def encode(self, video):  # [N, F, H, W, 3] in [−1, 1] → [N, 1 + (F − 1)/ft, H/2, W/2, 3]
+    ft = self.compression[0]
+    return np.concatenate([video[:, :1], video[:, 1::ft]], axis=1)[:, :, ::2, ::2]
+
+  def decode(self, latents):
+    return latents.repeat(2, axis=-3).repeat(2, axis=-2)
+
+
+def test_keyframes_in_latent_space_are_latent_frames(untrained):
+  s = sampling.Sampler(untrained.config, untrained.params, untrained.model, _SubsampleCodec())
+  rng = np.random.default_rng(2)
+  image, clip = (
+    rng.integers(0, 256, (10, 14, 3), np.uint8),
+    rng.integers(0, 256, (2, 10, 14, 3), np.uint8),
+  )
+  out = s.keyframes(["a"], [(image, 5), (clip, 2)], num_frames=7, steps=2)  # 5 × 7 latent cells
+  assert out.shape == (1, 7, 10, 14, 3) and s.last_latents.shape == (1, 7, 5, 7, 3)
+  latents = s.last_latents[0]
+  np.testing.assert_array_equal(
+    latents[[4, 5]], media.from_uint8(image)[None, ::2, ::2].repeat(2, 0)
+  )
+  np.testing.assert_array_equal(latents[2:4], media.from_uint8(clip)[:, ::2, ::2])
+  s.codec = _SubsampleCodec(ft=4)
+  with pytest.raises(sampling.InputError, match=r"per-frame autoencoder .* compresses time 4×"):
+    s.keyframes(["a"], [(image, 0)], num_frames=7, steps=2)

@@ -4,9 +4,12 @@ r"""Generating videos from a trained checkpoint: the command line of `vdit.sampl
       --num_frames=8 --height=32 --width=48 --out=x.gif
   python -m vdit.sample --workdir=runs/shapes --mode=i2v --image=first.png --prompt=... --out=x.mp4
 
-Modes: t2v, t2i, i2v, extend, interpolate, edit (SDEdit), loop — docs/sampling.md shows each.
-Any size works (one that is not a patch multiple is cropped from a canvas of whole patches);
-impossible requests fail with one line
+  python -m vdit.sample --workdir=runs/shapes --mode=keyframes \
+      --keyframes=img0.png@0,img1.png@12,img2.png@23 --prompt=... --out=x.gif
+
+Modes: t2v, t2i, i2v, extend, interpolate, keyframes, edit (SDEdit), loop — docs/sampling.md
+shows each. Any size works (one that is not a patch multiple is cropped from a canvas of whole
+patches); impossible requests fail with one line
 naming the bad flag before any compute (`InputError`). In latent space (`config.autoencoder`)
 sizes are in latent units and the videos are decoded to pixels (`vdit.sampling`); `.npz`
 outputs keep the latents too.
@@ -28,6 +31,7 @@ MODES = {  # --mode: (Sampler method, required inputs, optional inputs)
   "i2v": ("image_to_video", ("image",), ()),
   "extend": ("extend", ("video",), ()),
   "interpolate": ("interpolate", ("video", "video2"), ()),
+  "keyframes": ("keyframes", ("keyframes",), ()),
   "edit": ("edit", ("video",), ()),
   "loop": ("loop", (), ("image",)),
 }
@@ -46,6 +50,9 @@ def _define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("image", None, "i2v: the first frame; loop: the keyframe (optional).", **fv)
   flags.DEFINE_string("video", None, "extend/edit: the clip; interpolate: the start clip.", **fv)
   flags.DEFINE_string("video2", None, "interpolate: the end clip.", **fv)
+  flags.DEFINE_list(
+    "keyframes", None, "keyframes: path@index,… (an image or a clip at each frame index).", **fv
+  )
   flags.DEFINE_enum("direction", "forward", ("forward", "backward"), "extend: which way.", **fv)
   flags.DEFINE_float("strength", 0.6, "edit: noise level to start from, (0, 1]; 1: no input.", **fv)
   flags.DEFINE_integer("num_frames", None, "Frames (default: the config's; see the modes).", **fv)
@@ -110,9 +117,35 @@ def _request(f) -> tuple[list[str], dict]:
       inputs[name] = media.read_video(path) if path is not None else None
     except (OSError, ValueError) as e:
       raise InputError(f"--{name}={path!r} cannot be read: {e}") from None
+  if f.mode == "keyframes" and not f.keyframes:
+    raise InputError("--mode=keyframes needs --keyframes=path@index,… (e.g. first.png@0)")
+  if f.keyframes and f.mode != "keyframes":
+    raise InputError(f"--keyframes is not used by --mode={f.mode}")
+  inputs["keyframes"] = _keyframes(f.keyframes) if f.keyframes else None
   if f.mode == "t2i" and f.num_frames is not None:
     raise InputError("--num_frames is not used by --mode=t2i (an image is one frame)")
   return prompts, inputs
+
+
+def _keyframes(items: list[str]) -> list[tuple[np.ndarray, int]]:
+  """`path@index` items → (frames [F, H, W, 3], index); bad syntax, a negative index or an
+  unreadable file → InputError. Overlaps and the range are the sampler's checks."""
+  keyframes = []
+  for item in items:
+    path, at, index = item.rpartition("@")
+    if not at or not path:
+      raise InputError(f"--keyframes: {item!r} is not path@index (e.g. first.png@0)")
+    try:
+      index = int(index)
+    except ValueError:
+      raise InputError(f"--keyframes: {item!r}: index {index!r} is not a frame number") from None
+    if index < 0:
+      raise InputError(f"--keyframes: {item!r}: index {index} must be ≥ 0 (a frame number)")
+    try:
+      keyframes.append((media.read_video(path), index))
+    except (OSError, ValueError) as e:
+      raise InputError(f"--keyframes: {path!r} cannot be read: {e}") from None
+  return keyframes
 
 
 def _generate(
@@ -171,6 +204,7 @@ def main(argv):
     meta.update(used)
     meta.update(zip(("num_frames", "height", "width"), video.shape[:3]))
     meta.update({k: f[k].value for k in ("image", "video", "video2", "label") if f[k].value})
+    meta.update({"keyframes": ",".join(f.keyframes)} if f.keyframes else {})
     latent = sampler.last_latents is not None and path.endswith(".npz")
     extra = {"latents": sampler.last_latents[i]} if latent else None  # latent space: keep them
     media.write_video(

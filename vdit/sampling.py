@@ -1,13 +1,13 @@
 r"""The sampler library: a trained VideoDiT generates videos in every mode of one model.
 
 `load(workdir)` → `Sampler` (the EMA params of a checkpoint), with `generate` (text-to-video) and
-one method per mode: t2v, t2i, i2v, extend, interpolate, edit (SDEdit), loop — docs/sampling.md
-shows each; `python -m vdit.sample` is its CLI. Any size works: the model sees packed
-spacetime patches with their positions, not a fixed grid, and a size that is not a multiple of
-the patch size is generated on the smallest canvas of whole patches that holds it and cropped
-to it (`Sampler.canvas`). Given frames are trained conditioning (`vdit.diffusion.conditioning`)
-and come out unchanged; inputs of another size are cropped and resized with a warning
-(`vdit.diffusion.given_frames`); impossible requests raise `InputError`.
+one method per mode: t2v, t2i, i2v, extend, interpolate, keyframes, edit (SDEdit), loop —
+docs/sampling.md shows each; `python -m vdit.sample` is its CLI. Any size works: the model sees
+packed spacetime patches with their positions, not a fixed grid, and a size that is not a
+multiple of the patch size is generated on the smallest canvas of whole patches that holds it
+and cropped to it (`Sampler.canvas`). Given frames are trained conditioning
+(`vdit.diffusion.conditioning`) and come out unchanged; inputs of another size are cropped and
+resized with a warning (`vdit.diffusion.given_frames`); impossible requests raise `InputError`.
 
 Latent space: with `config.autoencoder` (the workdir of a trained VAE) the model denoises
 normalised latents and the sampler decodes them to pixels (`vdit.latent_codec.Codec`); sizes
@@ -166,6 +166,43 @@ class Sampler:
     b = self._frames(video2, h, w, "video2", "first")
     num_frames = num_frames or len(a) + len(b) + self.config.sample.num_frames
     return self._given(prompts, num_frames, h, w, [a], [b], options)
+
+  def keyframes(self, prompts, keyframes, *, num_frames=None, **options) -> np.ndarray:
+    """A video through keyframes: `keyframes` is a list of (frames [F, H, W, 3] or an image
+    [H, W, 3], frame index), in any order; the patch-frames between them are generated.
+
+    An image (or a 1-frame clip) fills the patch-frame holding its index as a still (pt equal
+    frames, as image-to-video), so the frame at the index is the image; a clip must start at a
+    multiple of pt (`given_frames.keyframe_start`) and is cut to whole patch-frames. Keyframes
+    that overlap or lie outside 0 … num_frames − 1 → InputError. `num_frames` defaults to the
+    end of the last keyframe's patch-frames, at least the config's `sample.num_frames`. In
+    latent space indices are latent frames, which needs a per-frame autoencoder (ft = 1).
+    """
+    if not keyframes:
+      raise InputError("keyframes: none given; expected a list of (frames, index)")
+    if self.codec is not None and self.codec.compression[0] != 1:
+      raise InputError(
+        f"keyframes need a per-frame autoencoder (time compression 1); this one compresses "
+        f"time {self.codec.compression[0]}×, so a frame index has no latent frame of its own"
+      )
+    h, w, options = self._size(options, like=keyframes[0][0])
+    fitted = []  # (clip [F, ...] of whole patch-frames, index, still, name)
+    for i, (frames, index) in enumerate(keyframes):
+      name = f"keyframe {i + 1} (@{index})"
+      if not isinstance(index, (int, np.integer)) or index < 0:
+        raise InputError(f"{name}: the index must be a frame number ≥ 0")
+      frames = np.asarray(frames)
+      still = frames.ndim == 3 or len(frames) == 1
+      fitted.append((self._frames(frames, h, w, name, "first"), int(index), still, name))
+    ends = [i - i % self.pt + self.pt if still else i + len(c) for c, i, still, _ in fitted]
+    num_frames = num_frames or max(*ends, self.config.sample.num_frames)
+    t = self.canvas(num_frames, h, w)[0]
+    clips = [
+      (clip, given_frames.keyframe_start(i, len(clip), still, num_frames, self.pt, name), name)
+      for clip, i, still, name in fitted
+    ]
+    given = given_frames.place_at(clips, t, self.pt)
+    return self._run(prompts, (num_frames, h, w), given=given, **options)
 
   def edit(self, prompts, video, *, strength=0.6, num_frames=None, **options) -> np.ndarray:
     """SDEdit (Meng et al. 2022, Sec. 3.2): noise the video to `strength` ∈ (0, 1] of the

@@ -1,8 +1,9 @@
 """Frames given to the sampler (image-to-video, extension, interpolation, looping), in numpy.
 
 The inference side of `conditioning`: user inputs become clean conditioning tokens exactly
-as the model saw them in training — whole patch-frames at the start and/or end of a video,
-marked by `conditioning.frames_mask`, the rest generated.
+as the model saw them in training — whole patch-frames at the start and/or end of a video
+(`place`, marked by `conditioning.frames_mask`) or anywhere (keyframes, `place_at`), the rest
+generated.
 
 Policy for inputs that do not fit (decided here, documented in docs/sampling.md):
   * another height/width → centre-cropped to the requested aspect ratio, then area-resized
@@ -11,7 +12,10 @@ Policy for inputs that do not fit (decided here, documented in docs/sampling.md)
     still, as the pipeline pads short videos and as image-to-video is trained);
   * a frame count that is not a multiple of pt → cut to whole patch-frames, keeping the
     frames next to the generated ones, with a warning;
-  * unreadable / non-RGB inputs, or given frames that leave nothing to generate → InputError.
+  * keyframes: an image fills the patch-frame holding its index (any index); a clip must start
+    at a multiple of pt (`keyframe_start`);
+  * unreadable / non-RGB inputs, keyframes that overlap or lie out of range, or given frames
+    that leave nothing to generate → InputError.
 """
 
 import dataclasses
@@ -67,18 +71,33 @@ def patch_frames(video: np.ndarray, pt: int, keep: str, name: str) -> np.ndarray
 
 @dataclasses.dataclass
 class Given:
-  """`video` [1 or N, T, H, W, 3] float (zeros where not given); the first `first` and the
-  last `last` patch-frames are given."""
+  """`video` [1 or N, T, H, W, 3] float (zeros where not given) and `frames` [T/pt] bool: which
+  patch-frames are given (any set: a head and a tail, or keyframes anywhere)."""
 
   video: np.ndarray
-  first: int
-  last: int
+  frames: np.ndarray
+
+  @property
+  def first(self) -> int:
+    """The number of leading given patch-frames."""
+    return len(self.frames) if self.frames.all() else int(np.argmin(self.frames))
+
+  @property
+  def last(self) -> int:
+    """The number of trailing given patch-frames."""
+    return Given(self.video, self.frames[::-1]).first
 
   def tokens(self, grid, patch_size) -> tuple[np.ndarray, np.ndarray]:
     """(x_cond [1 or N, L, P], cond_mask [L]) for a video of patch grid `grid`."""
     x_cond, positions, _ = patchify.patchify(self.video, patch_size)
-    mask = conditioning.frames_mask(positions[:, 0], grid[0], self.first, self.last)
-    return x_cond, mask
+    return x_cond, self.frames[positions[:, 0]]
+
+
+def _nothing_to_generate(num_frames: int, given: int) -> InputError:
+  return InputError(
+    f"num_frames={num_frames} leaves nothing to generate after the {given} given frames; "
+    f"expected more than {given}"
+  )
 
 
 def place(head: list, tail: list, num_frames: int, pt: int) -> Given:
@@ -87,10 +106,7 @@ def place(head: list, tail: list, num_frames: int, pt: int) -> Given:
   clips = [c if c.ndim == 5 else c[None] for c in head + tail]
   given = sum(c.shape[1] for c in clips)
   if given >= num_frames:
-    raise InputError(
-      f"num_frames={num_frames} leaves nothing to generate after the {given} given frames; "
-      f"expected more than {given}"
-    )
+    raise _nothing_to_generate(num_frames, given)
   n = max(c.shape[0] for c in clips)
   video = np.zeros((n, num_frames, *clips[0].shape[2:]), np.float32)
   start, end = 0, num_frames
@@ -100,4 +116,58 @@ def place(head: list, tail: list, num_frames: int, pt: int) -> Given:
   for c in clips[len(head) :][::-1]:
     video[:, end - c.shape[1] : end] = c
     end -= c.shape[1]
-  return Given(video, start // pt, (num_frames - end) // pt)
+  t = num_frames // pt
+  frames = conditioning.frames_mask(np.arange(t), t, start // pt, (num_frames - end) // pt)
+  return Given(video, frames)
+
+
+def keyframe_start(index: int, frames: int, still: bool, num_frames: int, pt: int, name: str):
+  """The first frame of a keyframe given at frame `index` of a `num_frames`-frame video.
+
+  An image (`still`: one patch-frame of `pt` equal frames) fills the patch-frame that holds
+  frame `index`, so that frame is the image whatever the index; a clip of `frames` frames
+  (whole patch-frames) must start on a patch-frame boundary (a multiple of `pt`) and end by
+  the last frame. Anything else → InputError naming the index and the valid ones.
+  """
+  if not 0 <= index < num_frames:
+    raise InputError(f"{name}: index {index} is out of range; expected 0 … {num_frames - 1}")
+  if still:
+    return index - index % pt
+  if index % pt:
+    lo = index - index % pt
+    raise InputError(
+      f"{name}: a clip must start at a patch-frame boundary (a multiple of {pt}); index {index} "
+      f"is not, the nearest valid are {lo} and {lo + pt} (an image may be at any index)"
+    )
+  if index + frames > num_frames:
+    raise InputError(
+      f"{name}: {frames} frames at index {index} run past the last frame {num_frames - 1} "
+      f"(num_frames={num_frames}); expected index ≤ {num_frames - frames}"
+    )
+  return index
+
+
+def place_at(clips: list, num_frames: int, pt: int) -> Given:
+  """Clips (each (frames [F, H, W, 3] of whole patch-frames, start frame, name), starts multiples
+  of `pt`, in any order) in a `num_frames`-frame video (whole patch-frames); the patch-frames
+  between them are generated. Overlapping clips, or no frame left to generate → InputError."""
+  video = np.zeros((1, num_frames, *clips[0][0].shape[1:]), np.float32)
+  frames = np.zeros(num_frames // pt, bool)
+  owner = {}
+  for clip, start, name in sorted(clips, key=lambda c: c[1]):
+    end = start + len(clip)
+    for t in range(start // pt, end // pt):
+      if t in owner:
+        raise InputError(
+          f"{name} (frames {start}–{end - 1}) overlaps {owner[t]} in frames {t * pt}–"
+          f"{t * pt + pt - 1}; keyframes need patch-frames of their own ({pt} frames each)"
+        )
+      owner[t] = name
+    video[0, start:end] = clip
+    frames[start // pt : end // pt] = True
+  if frames.all():
+    raise InputError(
+      f"the keyframes fill all {len(frames)} patch-frames of num_frames={num_frames}, leaving "
+      "nothing to generate; expected more frames or fewer keyframes"
+    )
+  return Given(video, frames)
