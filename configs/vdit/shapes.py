@@ -148,9 +148,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # target stays the unperturbed one, against the sampler's exposure bias; 0 = off.
     input_perturbation=0.0,
     text_dropout=0.1,  # classifier-free guidance: rate of null captions (and labels) in training
-    # Frame-conditioning tasks drawn per example in training (relative weights).
+    # Frame-conditioning tasks drawn per example in training (relative weights; `keyframes` at 0
+    # draws nothing, so the others' draws are as before it existed: docs/sampling.md).
     cond_probs=dict(
-      none=0.5, image_to_video=0.2, extend_forward=0.1, extend_backward=0.1, interpolate=0.1
+      none=0.5,
+      image_to_video=0.2,
+      extend_forward=0.1,
+      extend_backward=0.1,
+      interpolate=0.1,
+      keyframes=0.0,
     ),
     schedule="linear",  # gaussian: "linear" | "cosine"
     num_timesteps=1000,  # gaussian: N
@@ -324,7 +330,12 @@ def latent_space(
     c.model.position_code = "fractional"
     # 80% plain text-to-video (was half): temporal 0.77 → 0.87 (docs/recipe.md, row D6).
     c.diffusion.cond_probs = dict(
-      none=0.8, image_to_video=0.05, extend_forward=0.05, extend_backward=0.05, interpolate=0.05
+      none=0.8,
+      image_to_video=0.05,
+      extend_forward=0.05,
+      extend_backward=0.05,
+      interpolate=0.05,
+      keyframes=0.0,
     )
     if small:
       # Guidance 6 while t ≥ 0.3 (the CLI's and the evals' default): all three 25.7% → 41.7% at
