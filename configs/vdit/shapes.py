@@ -203,32 +203,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Evaluators (vdit/evaluators, docs/evaluation.md): run every `every_steps` and at the end;
   # `python -m vdit.evaluate --config=... --workdir=...` runs them on a checkpoint.
   every = c.total_steps if tiny else 20_000
+  generated = dict(every_steps=every, steps=16 if tiny else 32)  # the evals that sample
+  square = (8, 32, 32) if tiny else (16, 64, 64)
   c.evals = dict(
     loss=dict(type="loss", every_steps=every, num_batches=2 if tiny else 16, num_buckets=5),
     samples=dict(
       type="samples",
-      every_steps=every,
       prompts=c.sample.prompts[:2] if tiny else c.sample.prompts,
       sizes=((8, 32, 48),) if tiny else ((16, 64, 96), (16, 96, 64)),
-      steps=16 if tiny else 32,
+      **generated,
     ),
+    # tiny: all 48 colour × shape × direction prompts, square, landscape and portrait.
     adherence=dict(
       type="adherence",
-      every_steps=every,
-      # tiny: all 48 colour × shape × direction prompts, square, landscape and portrait.
       num_prompts=48 if tiny else 96,
-      size=(8, 32, 32) if tiny else (16, 64, 64),
+      size=square,
       sizes=((8, 32, 32), (8, 32, 48), (8, 48, 24)) if tiny else (),
-      steps=16 if tiny else 32,
+      **generated,
     ),
     # Every frame-conditioning mode on real validation clips (docs/sampling.md, "Measured").
-    modes=dict(
-      type="modes",
-      every_steps=every,
-      num_videos=24 if tiny else 48,
-      size=(8, 32, 32) if tiny else (16, 64, 64),
-      steps=16 if tiny else 32,
-    ),
+    modes=dict(type="modes", num_videos=24 if tiny else 48, size=square, **generated),
     prompts=dict(type="prompts"),  # `sample.prompts` → workdir/samples/<step>/, at the end
   )
   if arg.small:
