@@ -79,6 +79,8 @@ TINY_CLI_FLAGS = [
   "--config.model.text_heads=2",
   "--config.log_every_steps=1",
   "--config.checkpoint_every_steps=2",
+  "--config.evals.modes.num_videos=2",  # every mode on 2 clips, 2 steps (24 × 16 by default)
+  "--config.evals.modes.steps=2",
 ]
 
 
