@@ -84,17 +84,13 @@ def test_adherence_on_the_default_variant_two_objects_and_diagonals():
   assert res["all"] == 1.0, res
 
 
-class _Source(list):  # a data source of the validation examples
-  pass
-
-
 def test_modes_scores_are_right_on_the_real_clips_and_wrong_on_still_or_unedited_ones(validation):
   """`modes` scoring on known answers: the clip itself is a perfect output of every
   frame-conditioning mode; holding the given frames still loses the motion; an edit that does
   not recolour fails on colour; a palindrome loops, the clip does not."""
   videos, captions = validation
   vocab = shapes_scorer.Vocabulary.of_dataset("tiny")
-  data = _Source({"video": v, "caption": c} for v, c in zip(videos, captions))
+  data = [{"video": v, "caption": c} for v, c in zip(videos, captions)]  # a data source
   clips, caps = modes.clips(data, 12, (8, 32, 32), vocab)
   assert clips.shape == (12, 8, 32, 32, 3) and len(caps) == 12
   for mode in ("i2v", "extend_fwd", "extend_bwd", "interpolate"):

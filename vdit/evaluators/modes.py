@@ -48,23 +48,21 @@ def clips(data, num_videos: int, size: tuple[int, int, int], vocab: shapes_score
   one object of the vocabulary and ≥ T frames whose aspect ratio is nearest H:W (ties in split
   order), their first T frames resized to H × W. ValueError if fewer qualify."""
   t, h, w = size
-  found = []
+  found = []  # (aspect-ratio distance, split index, video, caption), each example read once
   for i in range(len(data)):
     ex = data[i]
-    objects = shapes_scorer.parse_caption(validation.caption_of(ex))
-    if len(objects) == 1 and objects[0].colour in vocab.colours and len(ex["video"]) >= t:
-      found.append((abs(np.log(ex["video"].shape[1] / ex["video"].shape[2] * w / h)), i))
+    video, caption = ex["video"], validation.caption_of(ex)
+    objects = shapes_scorer.parse_caption(caption)
+    if len(objects) == 1 and objects[0].colour in vocab.colours and len(video) >= t:
+      found.append((abs(np.log(video.shape[1] / video.shape[2] * w / h)), i, video, caption))
   if len(found) < num_videos:
     raise ValueError(
       f"num_videos={num_videos}: only {len(found)} validation clips have one object and ≥ {t} "
       "frames"
     )
-  videos, captions = [], []
-  for _, i in sorted(found)[:num_videos]:
-    video = np.asarray(data[i]["video"][:t], np.float32)
-    videos.append(np.round(transforms.area_resize(video, h, w)).astype(np.uint8))
-    captions.append(validation.caption_of(data[i]))
-  return np.stack(videos), captions
+  nearest = sorted(found, key=lambda f: f[:2])[:num_videos]
+  videos = [transforms.area_resize(np.asarray(v[:t], np.float32), h, w) for _, _, v, _ in nearest]
+  return np.round(np.stack(videos)).astype(np.uint8), [c for *_, c in nearest]
 
 
 def recoloured(caption: str, vocab: shapes_scorer.Vocabulary) -> str:
