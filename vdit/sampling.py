@@ -388,6 +388,11 @@ class Sampler:
         f"{name}: nothing to regenerate in the first {num_frames} frames; expected a region "
         "to generate"
       )
+    if not tokens.any():
+      raise InputError(
+        f"{name}: nothing to keep, every patch {self.patch_size} holds a pixel to regenerate; "
+        "expected a region to keep (to generate everything: text-to-video)"
+      )
     whole = tokens.repeat(self.pt, 0).repeat(self.patch_size[1], 1).repeat(self.patch_size[2], 2)
     widened = int((cells & ~whole)[:num_frames, :h, :w].sum())
     if widened:
