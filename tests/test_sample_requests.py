@@ -434,3 +434,32 @@ def test_retake_inpaint_outpaint_flags_are_parsed_and_checked_before_sampling(tm
   ]:  # fmt: skip
     with pytest.raises(sample.InputError, match=message):
       _request(tmp_path, "--prompt=a", *args)
+
+
+def test_retake_inpaint_outpaint_through_the_cli_flags(untrained, tmp_path):
+  """The real flags and `_generate` on the untrained sampler: each mode reaches its method with
+  its inputs (the given pixels come back) and records them in the metadata it returns."""
+  clip = np.random.default_rng(5).integers(0, 256, (6, 8, 12, 3), np.uint8)
+  np.savez(tmp_path / "clip.npz", frames=clip)
+  mask = np.zeros((8, 12), np.uint8)
+  mask[5, 9] = 255  # patch row 1, column 2
+  iio.imwrite(tmp_path / "mask.png", mask)
+  video = f"--video={tmp_path}/clip.npz"
+
+  def run(*args):
+    fv = flags.FlagValues()
+    sample._define_flags(fv)  # noqa: SLF001
+    fv(["sample", f"--workdir={tmp_path}", f"--out={tmp_path / 'o.npz'}", "--prompt=a", *args])
+    prompts, inputs = sample._request(fv)  # noqa: SLF001
+    return sample._generate(untrained, fv, prompts, inputs)  # noqa: SLF001
+
+  videos, used = run("--mode=retake", video, "--frames=2:4", "--steps=2")
+  np.testing.assert_array_equal(videos[0, [0, 1, 4, 5]], clip[[0, 1, 4, 5]])
+  assert not np.array_equal(videos[0, 2:4], clip[2:4]) and "frames" not in used
+  videos, _ = run("--mode=inpaint", video, f"--mask={tmp_path}/mask.png", "--steps=2")
+  np.testing.assert_array_equal(videos[0, :, :4], clip[:, :4])
+  np.testing.assert_array_equal(videos[0, :, :, :8], clip[:, :, :8])
+  assert not np.array_equal(videos[0, :, 4:, 8:], clip[:, 4:, 8:])
+  videos, used = run("--mode=outpaint", video, "--width=20", "--steps=2")
+  assert videos.shape == (1, 6, 8, 20, 3) and used["width"] == 20
+  np.testing.assert_array_equal(videos[0, :, :, 4:16], clip)  # centred, whole patches
