@@ -249,7 +249,7 @@ class Sampler:
     or no larger in either direction → InputError."""
     clip = given_frames.rgb_frames(video, "video")
     fs = self.codec.compression[1] if self.codec is not None else 1
-    unit = "latent cells" if fs > 1 else "pixels"
+    unit = "latent cells" if self.codec is not None else "pixels"
     size = []
     for name, n, given in (("height", height, clip.shape[1]), ("width", width, clip.shape[2])):
       least = -(-given // fs)

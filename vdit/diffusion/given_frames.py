@@ -155,7 +155,7 @@ def latent_cells(kept: np.ndarray, compression: tuple[int, int, int]) -> np.ndar
 
 @dataclasses.dataclass
 class Given:
-  """`video` [1 or N, T, H, W, 3] float (zeros where not given) and `frames` [T/pt] bool: which
+  """`video` [1 or N, T, H, W, 3] float (only given tokens are read) and `frames` [T/pt] bool: which
   patch-frames are given (any set: a head and a tail, or keyframes anywhere); with `cells`,
   only those tokens of them (a region: retake, inpaint, outpaint)."""
 
