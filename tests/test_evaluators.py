@@ -166,16 +166,10 @@ def test_modes_region_scores_are_right_on_the_real_clips_and_wrong_on_filled_or_
   box = np.zeros((32, 32), bool)
   box[8:24, 8:24] = True  # the middle half of the height and width: whole 4-pixel patches
   assert (modes.region("inpaint", (8, 32, 32), PATCH) == box).all()
-  assert np.flatnonzero(modes.region("outpaint", (8, 32, 32), PATCH)[0, 0]).tolist() == [
-    *range(8),
-    *range(24, 32),
-  ]
-  assert np.flatnonzero(modes.region("retake", (8, 32, 32), PATCH)[:, 0, 0]).tolist() == [
-    2,
-    3,
-    4,
-    5,
-  ]
+  border = modes.region("outpaint", (8, 32, 32), PATCH)[0, 0]
+  assert np.flatnonzero(border).tolist() == [*range(8), *range(24, 32)]
+  middle = modes.region("retake", (8, 32, 32), PATCH)[:, 0, 0]
+  assert np.flatnonzero(middle).tolist() == [2, 3, 4, 5]
   # Off the patch grid the regenerated part widens to whole patches (as the sampler's tokens).
   regen = modes.region("inpaint", (8, 18, 18), PATCH)
   assert np.flatnonzero(regen[0, :, 9]).tolist() == list(range(4, 14))
