@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import types
 
 import jax
 import ml_collections
@@ -127,13 +128,14 @@ def test_modes_scores_are_right_on_the_real_clips_and_wrong_on_still_or_unedited
 
 
 class _BlackRegions:
-  """A stand-in pixel-space sampler (patch `PATCH`) whose retake, inpaint and outpaint return
-  exactly the pixels they were asked to keep and paint the rest black; records each request."""
+  """A stand-in sampler whose retake, inpaint and outpaint return exactly the pixels they were
+  asked to keep and paint the rest black; records each request. `fs` > 1: a latent-space one
+  (sizes in latent cells of fs × fs pixels, per-frame codes)."""
 
-  pt, patch_size, codec = PATCH[0], PATCH, None
-
-  def __init__(self):
-    self.requests = {}
+  def __init__(self, patch_size=PATCH, fs=1):
+    self.pt, self.patch_size, self.requests = patch_size[0], patch_size, {}
+    self.codec = types.SimpleNamespace(compression=(1, fs, fs)) if fs > 1 else None
+    self.fs = fs
 
   def retake(self, prompts, video, *, frames, **options):
     self.requests["retake"] = frames
@@ -147,8 +149,8 @@ class _BlackRegions:
 
   def outpaint(self, prompts, video, *, height, width, **options):
     self.requests["outpaint"] = (video.shape, height, width)
-    out = np.zeros((len(video), height, width, 3), np.uint8)
-    left = (width - video.shape[2]) // 2
+    out = np.zeros((len(video), self.fs * height, self.fs * width, 3), np.uint8)
+    left = (self.fs * width - video.shape[2]) // 2
     out[:, :, left : left + video.shape[2]] = video
     return out[None]
 
@@ -198,6 +200,13 @@ def test_modes_region_scores_are_right_on_the_real_clips_and_wrong_on_filled_or_
   assert fake.requests["retake"] == (2, 6)
   assert (fake.requests["inpaint"] == box).all()
   assert fake.requests["outpaint"] == ((8, 32, 16, 3), 32, 32)  # the centre half, back to 32
+  # Latent space: sizes in latent cells; a patch of 2 × 2 cells of 4 × 4 pixels is 8 × 8 pixels.
+  latent = _BlackRegions(patch_size=(2, 2, 2), fs=4)
+  assert modes.pixel_patch(latent) == (2, 8, 8)
+  options = dict(height=8, width=8, steps=1, strength=0.6)
+  out = modes.generate(latent, "outpaint", clips[0], caps[0], vocab, **options)
+  assert latent.requests["outpaint"] == ((8, 32, 16, 3), 8, 8) and out.shape == clips[0].shape
+  assert modes.score("outpaint", out, clips[0], caps[0], vocab, (2, 8, 8))["given_psnr"] == 99.0
   # Outpaint's input unchanged (the crop's edge repeated, as the sampler's canvas): not the clip.
   edged = [np.pad(c[:, :, 8:24], ((0, 0), (0, 0), (8, 8), (0, 0)), mode="edge") for c in clips]
   got = [modes.score("outpaint", e, c, p, vocab, PATCH) for e, c, p in zip(edged, clips, caps)]

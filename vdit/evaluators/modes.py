@@ -1,4 +1,4 @@
-"""`modes`: does every frame-conditioning mode do what it says, on real `shapes` clips?
+"""`modes`: does every conditioning mode of the sampler do what it says, on real `shapes` clips?
 
 Each of `num_videos` real validation clips (one object, at least the requested number of frames,
 the aspect ratios nearest the requested size's, resized to it) drives every mode of the task's
