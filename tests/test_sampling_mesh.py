@@ -1,6 +1,9 @@
 """One video on many devices: sampling with its tokens over `sequence` (heads over `tensor`)
 equals sampling on one device, and the arrays really are split."""
 
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -96,3 +99,18 @@ def test_bad_mesh_requests_are_one_clear_error(untrained):
   sampler = sampler_on(untrained, "data:2,sequence:4")
   with pytest.raises(InputError, match="1 video.s. cannot be split over the mesh's 2 row shards"):
     sampler.generate(PROMPTS[:1], steps=1, **SIZE)
+
+
+def test_cli_mesh_error_is_one_line(tmp_path):
+  """`python -m vdit.sample --mesh=…` fails before reading the checkpoint."""
+  out = subprocess.run(
+    [sys.executable, "-m", "vdit.sample", f"--workdir={tmp_path}", "--prompt=x"]
+    + [f"--out={tmp_path}/x.gif", "--mesh=sequence:3"],
+    capture_output=True,
+    text=True,
+    cwd=configs.REPO,
+    timeout=300,
+  )
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  error = "error: sampling mesh: mesh {'data': 1, 'fsdp': 1, 'sequence': 3, 'tensor': 1} needs 3"
+  assert f"{error} devices, but 8 are available" in out.stderr.splitlines(), out.stderr
