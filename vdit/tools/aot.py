@@ -3,13 +3,17 @@ r"""Plan a TPU run from a laptop: compile the real train step for a TPU topology
   python -m vdit.tools.aot --config=configs/vdit/sora.py:size=8B --topology=v6e:16x16
   python -m vdit.tools.aot --config=configs/vdit/sora.py:size=1B      # the config's aot_topology
   python -m vdit.tools.aot --config=configs/vdit/shapes.py:tiny --topology=v5e:2x2 --nosampler
+  python -m vdit.tools.aot --config=configs/vdit/sora.py:size=3B --topology=v5p:4x4x8 --notrain \
+      --sampler_mesh=sequence:64,tensor:2 --sampler_video=240x1080x1920   # one 10 s 1080p video
 
 Needs the `libtpu` wheel (`pip install -c constraints.txt -e '.[tpu]'`), but no TPU: XLA's TPU
 compiler runs on this CPU against compile-only devices of the topology
 (`jax.experimental.topologies`). The train step is `vdit.train.jit_train_step` — the same
 jitted, sharded, donated step as a real run, with the config's mesh, logical rules, dtype,
 remat policy and gradient accumulation; the sampler step is one classifier-free-guided
-velocity evaluation (model on the conditional + null rows) of the config's sample size.
+velocity evaluation (model on the conditional + null rows) of the config's sample size, or of
+`--sampler_video`, on the train mesh or on `--sampler_mesh` (one video's tokens over `sequence`,
+placed as `vdit.sampling_mesh` places them).
 
 Reported per device (a chip, or a TensorCore where a chip has two devices):
   memory   XLA's buffer assignment: arguments (state + batch), outputs, aliased (donated
