@@ -86,7 +86,7 @@ def test_cli_modes_write_the_requested_files(data_dir, tmp_path):
   assert media.read_video(gif).shape == (6, 8, 12, 3)
 
   # The same t2v with the video's 24 tokens split over 8 devices (`--mesh`): the same video.
-  size = "--prompt=a red circle --num_frames=6 --height=8 --width=12".split()
+  size = ["--prompt=a red circle", *"--num_frames=6 --height=8 --width=12".split()]
   one, seq8 = str(tmp_path / "one.npz"), str(tmp_path / "seq8.npz")
   check_ok(run_sample(workdir, *size, f"--out={one}"), one)
   check_ok(run_sample(workdir, *size, "--mesh=sequence:8", f"--out={seq8}"), seq8)
