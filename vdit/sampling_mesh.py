@@ -93,6 +93,36 @@ def _pad(x: np.ndarray, length: int) -> np.ndarray:
   return np.pad(x, pad)
 
 
+def place(
+  mesh: Mesh,
+  rules,
+  rows: dict,
+  noise: np.ndarray,
+  x_cond: np.ndarray,
+  cond_mask: np.ndarray,
+  x_init: np.ndarray,
+  rng: jax.Array,
+) -> tuple:
+  """The sampler's arrays on `mesh` by the rules, the tokens padded to their `sequence` shards:
+  (rows, noise, x_cond, cond_mask, x_init, rng) as `objectives.sample_rows` takes them."""
+  n, length = noise.shape[:2]
+  row_shards = shards(mesh, rules, axes.BATCH)
+  if n % row_shards:
+    raise InputError(
+      f"{n} video(s) cannot be split over the mesh's {row_shards} row shards "
+      f"(data × fsdp = {dict(mesh.shape)}); give a multiple of {row_shards} prompts, or put "
+      "the devices on sequence/tensor"
+    )
+  padded = padded_length(length, mesh, rules)
+  tokens = lambda key: sharding.BATCH_AXES[key][1:2] == (axes.LENGTH,)  # [B, L, ...] arrays
+  rows = {k: _pad(v, padded) if tokens(k) else np.asarray(v) for k, v in rows.items()}
+  rows = jax.device_put(rows, sharding.batch_shardings(mesh, rules, rows))
+  per_token = sharding.batch_shardings(mesh, rules, {"patches": 0, "cond_mask": 0})
+  x = [jax.device_put(_pad(a, padded), per_token["patches"]) for a in (noise, x_cond, x_init)]
+  mask = jax.device_put(_pad(cond_mask, padded), per_token["cond_mask"])
+  return rows, x[0], x[1], mask, x[2], jax.device_put(rng, sharding.replicated(mesh))
+
+
 def sample_rows(
   model: nn.Module,
   params: Any,
@@ -111,27 +141,9 @@ def sample_rows(
   """`objectives.sample_rows` (same arguments; `options`: spec, steps, sampler, strength) on
   `mesh`: x0 [N, L', P], tokens sharded over `sequence`, L' the length padded to its shards
   (the first L tokens are the video's). Without a mesh, the plain call (L' = L)."""
+  arrays = (rows, noise, x_cond, cond_mask, x_init, rng)
   if mesh is None:
-    return objectives.sample_rows(
-      model, params, rows, noise, x_cond, cond_mask, x_init, rng, scale, interval, **options
-    )
-  n, length = noise.shape[:2]
-  row_shards = shards(mesh, rules, axes.BATCH)
-  if n % row_shards:
-    raise InputError(
-      f"{n} video(s) cannot be split over the mesh's {row_shards} row shards "
-      f"(data × fsdp = {dict(mesh.shape)}); give a multiple of {row_shards} prompts, or put "
-      "the devices on sequence/tensor"
-    )
-  padded = padded_length(length, mesh, rules)
-  tokens = lambda key: sharding.BATCH_AXES[key][1:2] == (axes.LENGTH,)  # [B, L, ...] arrays
-  rows = {k: _pad(v, padded) if tokens(k) else np.asarray(v) for k, v in rows.items()}
-  rows = jax.device_put(rows, sharding.batch_shardings(mesh, rules, rows))
-  per_token = sharding.batch_shardings(mesh, rules, {"patches": 0, "cond_mask": 0})
-  x = [jax.device_put(_pad(a, padded), per_token["patches"]) for a in (noise, x_cond, x_init)]
-  mask = jax.device_put(_pad(cond_mask, padded), per_token["cond_mask"])
-  rng = jax.device_put(rng, sharding.replicated(mesh))
+    return objectives.sample_rows(model, params, *arrays, scale, interval, **options)
+  arrays = place(mesh, rules, *arrays)
   with sharding.activate(mesh, rules):
-    return objectives.sample_rows(
-      model, params, rows, x[0], x[1], mask, x[2], rng, scale, interval, **options
-    )
+    return objectives.sample_rows(model, params, *arrays, scale, interval, **options)
