@@ -102,7 +102,7 @@ class Sampler:
     self.mesh = sampling_mesh.make(self.mesh)
     self.rules = sharding.rules_from_config(self.config.sharding_rules)
     if self.mesh is not None:  # a no-op for params restored on this mesh (`load`)
-      dummy = tasks.get(self.config).dummy_inputs(self.config)
+      dummy = lambda: tasks.get(self.config).dummy_inputs(self.config)
       shardings = sampling_mesh.param_shardings(self.model, dummy, self.mesh, self.rules)
       self.params = jax.device_put(self.params, shardings)
     self.channels = models.channels(self.config)

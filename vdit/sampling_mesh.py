@@ -16,7 +16,7 @@ padded shape, so those differ by the draw).
 """
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -79,9 +79,10 @@ def padded_length(length: int, mesh: Mesh | None, rules) -> int:
   return -(-length // s) * s
 
 
-def param_shardings(model: nn.Module, dummy_inputs: tuple, mesh: Mesh, rules) -> Any:
-  """The params' shardings on `mesh` by the rules (from `eval_shape` of `init`: no compute)."""
-  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy_inputs))
+def param_shardings(model: nn.Module, dummy_inputs: Callable[[], tuple], mesh: Mesh, rules) -> Any:
+  """The params' shardings on `mesh` by the rules, from `eval_shape` of `init` on
+  `dummy_inputs()` (shapes only: nothing is allocated or computed)."""
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy_inputs()))
   return sharding.tree_shardings(mesh, rules, boxed["params"])
 
 
