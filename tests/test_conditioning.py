@@ -101,7 +101,8 @@ def test_condition_batch_marks_each_examples_own_frames():
     np.testing.assert_array_equal(out["patches"][0][~still], BATCH["patches"][0][~still])
     if still.any():
       assert not np.array_equal(out["patches"][0][still], BATCH["patches"][0][still])
-  assert seen == set(TASK.values()) - {TASK["keyframes"]}  # weight 0 by default
+  later = {TASK[n] for n in ("keyframes", "retake", "inpaint", "outpaint")}
+  assert seen == set(TASK.values()) - later  # weight 0 by default
 
 
 def _digest(*arrays) -> str:
@@ -122,6 +123,88 @@ def test_keyframes_weight_zero_leaves_the_draws_as_they_were():
   keys = ("patches", "cond_mask", "loss_mask")
   got = _digest(*[o[0][k] for o in outs for k in keys], *[o[1]["task"] for o in outs])
   assert got == "decf0d7c8556eed2"
+
+
+@pytest.mark.parametrize("later", [{}, dict(retake=0.0, inpaint=0.0, outpaint=0.0)])
+def test_later_tasks_at_weight_zero_leave_the_keyframes_draws_as_they_were(later):
+  """Digests of a run with keyframes on, recorded before retake/inpaint/outpaint existed
+  (commit a0796e5): with their weights 0 (named or left out) it draws exactly what it drew."""
+  probs = conditioning.task_probs(dict(conditioning.DEFAULT_PROBS, keyframes=0.1, **later))
+  shapes = jnp.asarray([[[0, 0, 0], [1, 4, 4], [2, 1, 1], [3, 1, 1], [8, 1, 1]]] * 500)
+  assert _digest(*conditioning.sample_tasks(jax.random.key(0), shapes, probs)) == "d7fcbaa59cc0b944"
+  outs = [conditioning.condition_batch(jax.random.key(i), BATCH, probs, PT) for i in range(8)]
+  keys = ("patches", "cond_mask", "loss_mask")
+  got = _digest(*[o[0][k] for o in outs for k in keys], *[o[1]["task"] for o in outs])
+  assert got == "d653a0532ff70a32"
+
+
+def _given_sets(name, grids, draws=60):
+  """For each draw and example of a row of `grids`: the tokens' (t, h, w) places, given and
+  not; checks the task's bookkeeping (task ids, loss mask, patches untouched) on the way."""
+  batch = packed_row(grids, sum(int(np.prod(g)) for g in grids) + 3)
+  seg, pos = np.asarray(batch["segment_ids"][0]), np.asarray(batch["positions"][0])
+  probs = conditioning.task_probs({name: 1.0})
+  run = jax.jit(lambda r, b: conditioning.condition_batch(r, b, probs, PT))
+  for i in range(draws):
+    out, metrics = run(jax.random.key(i), batch)
+    cond = np.asarray(out["cond_mask"][0])
+    assert not cond[seg == 0].any()
+    np.testing.assert_array_equal(out["loss_mask"][0], (seg > 0) & ~cond)
+    np.testing.assert_array_equal(out["patches"], batch["patches"])  # no stills
+    task = np.asarray(metrics["task"][0])
+    sets = []
+    for k in range(len(grids)):
+      mine = seg == k + 1
+      places = {tuple(p) for p in pos[mine]}
+      given = {tuple(p) for p in pos[mine & cond]}
+      sets.append((task[k], places, given))
+    yield sets
+
+
+def test_retake_task_generates_a_contiguous_range_of_patch_frames():
+  grids = [(1, 2, 2), (2, 1, 3), (3, 2, 1), (6, 1, 2)]  # an image, then T' = 2, 3, 6
+  ranges = {k: set() for k in range(1, 4)}
+  for sets in _given_sets("retake", grids):
+    task, _, given = sets[0]
+    assert task == TASK["none"] and not given  # an image has no frames to keep
+    for k in range(1, 4):
+      task, places, given = sets[k]
+      assert task == TASK["retake"]
+      frames = grids[k][0]
+      free = sorted({p[0] for p in places - given})
+      assert {p[0] for p in given}.isdisjoint(free)  # whole patch-frames
+      assert 1 <= len(free) < frames and free == list(range(free[0], free[-1] + 1))
+      ranges[k].add((free[0], free[-1] + 1))
+  assert ranges[1] == {(0, 1), (1, 2)}  # T' = 2: one of the two
+  assert ranges[2] == {(0, 1), (1, 2), (2, 3), (0, 2), (1, 3)}  # every range of T' = 3
+  assert len(ranges[3]) > 10 and any(0 < a and b < 6 for a, b in ranges[3])  # middles too
+
+
+@pytest.mark.parametrize("name", ["inpaint", "outpaint"])
+def test_inpaint_and_outpaint_tasks_generate_a_box_or_its_border_across_time(name):
+  """inpaint: a box of the patch grid generated in every patch-frame, the rest given; outpaint:
+  the box given, the border around it generated. Images too; a 1-token frame cannot."""
+  grids = [(1, 2, 2), (2, 1, 3), (3, 3, 4), (2, 1, 1)]
+  boxes = {k: set() for k in range(3)}
+  for sets in _given_sets(name, grids):
+    task, _, given = sets[3]
+    assert task == TASK["none"] and not given  # H'·W' = 1: no box leaves a token
+    for k in range(3):
+      task, places, given = sets[k]
+      assert task == TASK[name]
+      t, rows, cols = grids[k]
+      cells = {(h, w) for _, h, w in given}
+      assert given == {(i, h, w) for i in range(t) for h, w in cells}  # the same every frame
+      box = (
+        cells if name == "outpaint" else {(h, w) for h in range(rows) for w in range(cols)} - cells
+      )
+      assert 1 <= len(box) < rows * cols
+      hs, ws = sorted({h for h, _ in box}), sorted({w for _, w in box})
+      assert box == {(h, w) for h in range(hs[0], hs[-1] + 1) for w in range(ws[0], ws[-1] + 1)}
+      boxes[k].add((hs[0], hs[-1] + 1, ws[0], ws[-1] + 1))
+  assert len(boxes[2]) > 20  # many boxes of a 3 × 4 grid
+  assert any(b[:2] == (0, 3) for b in boxes[2]) and any(b[2:] == (0, 4) for b in boxes[2])
+  assert boxes[1] == {(0, 1, a, b) for a in range(3) for b in range(a + 1, 4)} - {(0, 1, 0, 3)}
 
 
 def test_keyframes_task_gives_a_random_subset_of_each_examples_own_frames():

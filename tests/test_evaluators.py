@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import types
 
 import jax
 import ml_collections
@@ -17,6 +18,7 @@ from vdit.tasks import base as tasks_base
 from vdit.tasks import restore
 
 MESH_2X2X2 = dict(data=2, fsdp=2, sequence=1, tensor=2)
+PATCH = (2, 4, 4)  # the shapes configs' patch (pt, ph, pw), in pixels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,29 +88,30 @@ def test_adherence_on_the_default_variant_two_objects_and_diagonals():
 
 def test_modes_scores_are_right_on_the_real_clips_and_wrong_on_still_or_unedited_ones(validation):
   """`modes` scoring on known answers: the clip itself is a perfect output of every
-  frame-conditioning mode; holding the given frames still loses the motion; an edit that does
-  not recolour fails on colour; a palindrome loops, the clip does not."""
+  frame-conditioning mode and of retake; holding the given frames still loses the motion; an
+  edit that does not recolour fails on colour; a palindrome loops, the clip does not."""
   videos, captions = validation
   vocab = shapes_scorer.Vocabulary.of_dataset("tiny")
   data = [{"video": v, "caption": c} for v, c in zip(videos, captions)]  # a data source
   clips, caps = modes.clips(data, 12, (8, 32, 32), vocab)
   assert clips.shape == (12, 8, 32, 32, 3) and len(caps) == 12
-  for mode in ("i2v", "extend_fwd", "extend_bwd", "interpolate"):
-    got = [modes.score(mode, c, c, p, vocab, pt=2) for c, p in zip(clips, caps)]
+  for mode in ("i2v", "extend_fwd", "extend_bwd", "interpolate", "retake"):
+    got = [modes.score(mode, c, c, p, vocab, PATCH) for c, p in zip(clips, caps)]
     assert all(g["given_psnr"] == g["new_psnr"] == 99.0 for g in got), mode
     assert np.mean([g["all"] for g in got]) >= 0.9, mode
     assert max(g["hold_psnr"] for g in got) < 99.0
     given, new = modes.frames(mode, 8, 2)
     still = [modes.held(c, given) for c in clips]
-    held = [modes.score(mode, s, c, p, vocab, pt=2) for s, c, p in zip(still, clips, caps)]
+    held = [modes.score(mode, s, c, p, vocab, PATCH) for s, c, p in zip(still, clips, caps)]
     assert all(h["given_psnr"] == 99.0 and h["new_psnr"] < 99.0 for h in held), mode
     assert np.mean([g["new_direction"] for g in got]) >= 0.9, mode
-    if mode != "interpolate":  # (held from both ends, the middle jumps the right way)
+    if mode not in ("interpolate", "retake"):  # (held from both ends, the middle jumps)
       assert np.mean([h["new_direction"] for h in held]) <= 0.5, mode  # a still: no direction
   assert modes.frames("i2v", 8, 2)[1].tolist() == [False] * 2 + [True] * 6
   assert modes.frames("interpolate", 8, 2)[0].tolist() == [True] * 2 + [False] * 4 + [True] * 2
+  assert modes.frames("retake", 8, 2)[1].tolist() == [False] * 2 + [True] * 4 + [False] * 2
   # Edit: the unedited clip keeps its colour (wrong) and its track (0 px).
-  edits = [modes.score("edit", c, c, p, vocab, pt=2) for c, p in zip(clips, caps)]
+  edits = [modes.score("edit", c, c, p, vocab, PATCH) for c, p in zip(clips, caps)]
   assert all(e["colour"] == 0.0 for e in edits)
   assert np.mean([e["track"] for e in edits]) >= 5.0  # the new colour is nowhere
   (obj,) = shapes_scorer.parse_caption(caps[0])
@@ -122,6 +125,92 @@ def test_modes_scores_are_right_on_the_real_clips_and_wrong_on_still_or_unedited
   assert np.median([modes.seam(c) for c in clips]) >= 3.0
   with pytest.raises(ValueError, match="only .* validation clips"):
     modes.clips(data, 10_000, (8, 32, 32), vocab)
+
+
+class _BlackRegions:
+  """A stand-in sampler whose retake, inpaint and outpaint return exactly the pixels they were
+  asked to keep and paint the rest black; records each request. `fs` > 1: a latent-space one
+  (sizes in latent cells of fs × fs pixels, per-frame codes)."""
+
+  def __init__(self, patch_size=PATCH, fs=1):
+    self.pt, self.patch_size, self.requests = patch_size[0], patch_size, {}
+    self.codec = types.SimpleNamespace(compression=(1, fs, fs)) if fs > 1 else None
+    self.fs = fs
+
+  def retake(self, prompts, video, *, frames, **options):
+    self.requests["retake"] = frames
+    out = video.copy()
+    out[frames[0] : frames[1]] = 0
+    return out[None]
+
+  def inpaint(self, prompts, video, mask, **options):
+    self.requests["inpaint"] = mask
+    return np.where(mask[None, :, :, None], 0, video)[None].astype(np.uint8)
+
+  def outpaint(self, prompts, video, *, height, width, **options):
+    self.requests["outpaint"] = (video.shape, height, width)
+    out = np.zeros((len(video), self.fs * height, self.fs * width, 3), np.uint8)
+    left = (self.fs * width - video.shape[2]) // 2
+    out[:, :, left : left + video.shape[2]] = video
+    return out[None]
+
+
+def test_modes_region_scores_are_right_on_the_real_clips_and_wrong_on_filled_or_black_ones(
+  validation,
+):
+  """retake, inpaint and outpaint on known answers: the clip is a perfect output; the region
+  painted the background (`fill`) or black keeps the kept pixels (99 dB) and is far from the
+  clip where it was generated; `generate` asks for exactly the pixels `score` reads as kept."""
+  videos, captions = validation
+  vocab = shapes_scorer.Vocabulary.of_dataset("tiny")
+  data = [{"video": v, "caption": c} for v, c in zip(videos, captions)]
+  clips, caps = modes.clips(data, 12, (8, 32, 32), vocab)
+  box = np.zeros((32, 32), bool)
+  box[8:24, 8:24] = True  # the middle half of the height and width: whole 4-pixel patches
+  assert (modes.region("inpaint", (8, 32, 32), PATCH) == box).all()
+  border = modes.region("outpaint", (8, 32, 32), PATCH)[0, 0]
+  assert np.flatnonzero(border).tolist() == [*range(8), *range(24, 32)]
+  middle = modes.region("retake", (8, 32, 32), PATCH)[:, 0, 0]
+  assert np.flatnonzero(middle).tolist() == [2, 3, 4, 5]
+  # Off the patch grid the regenerated part widens to whole patches (as the sampler's tokens).
+  regen = modes.region("inpaint", (8, 18, 18), PATCH)
+  assert np.flatnonzero(regen[0, :, 9]).tolist() == list(range(4, 14))
+  assert np.flatnonzero(~modes.kept(regen, PATCH)[0, :, 9]).tolist() == list(range(4, 16))
+  with pytest.raises(ValueError, match="inpaint: the height .* needs ≥ 3"):
+    modes.region("inpaint", (8, 8, 32), PATCH)
+  modes.region("outpaint", (8, 8, 32), PATCH)  # outpaint halves the width only
+  for mode in ("inpaint", "outpaint"):
+    keep = modes.kept(modes.region(mode, (8, 32, 32), PATCH), PATCH)
+    got = [modes.score(mode, c, c, p, vocab, PATCH) for c, p in zip(clips, caps)]
+    assert all(g["given_psnr"] == g["new_psnr"] == 99.0 for g in got), mode
+    assert np.mean([g["all"] for g in got]) >= 0.9, mode
+    assert np.mean([g["fill_psnr"] for g in got]) < 99.0, mode
+    fills = [modes.filled(c, keep) for c in clips]
+    assert all((f[keep] == c[keep]).all() for f, c in zip(fills, clips)), mode
+    fill = [modes.score(mode, f, c, p, vocab, PATCH) for f, c, p in zip(fills, clips, caps)]
+    assert all(f["given_psnr"] == 99.0 and f["new_psnr"] == f["fill_psnr"] for f in fill), mode
+  # Through `generate`: the kept pixels come back exactly, black is worse than the baselines.
+  fake, options = _BlackRegions(), dict(height=32, width=32, steps=1, strength=0.6)
+  for mode in modes.REGIONS:
+    out = [modes.generate(fake, mode, c, p, vocab, **options) for c, p in zip(clips, caps)]
+    assert all(o.shape == c.shape for o, c in zip(out, clips)), mode
+    got = [modes.score(mode, o, c, p, vocab, PATCH) for o, c, p in zip(out, clips, caps)]
+    baseline = "hold_psnr" if mode == "retake" else "fill_psnr"
+    assert all(g["given_psnr"] == 99.0 and g["new_psnr"] < g[baseline] for g in got), mode
+  assert fake.requests["retake"] == (2, 6)
+  assert (fake.requests["inpaint"] == box).all()
+  assert fake.requests["outpaint"] == ((8, 32, 16, 3), 32, 32)  # the centre half, back to 32
+  # Latent space: sizes in latent cells; a patch of 2 × 2 cells of 4 × 4 pixels is 8 × 8 pixels.
+  latent = _BlackRegions(patch_size=(2, 2, 2), fs=4)
+  assert modes.pixel_patch(latent) == (2, 8, 8)
+  options = dict(height=8, width=8, steps=1, strength=0.6)
+  out = modes.generate(latent, "outpaint", clips[0], caps[0], vocab, **options)
+  assert latent.requests["outpaint"] == ((8, 32, 16, 3), 8, 8) and out.shape == clips[0].shape
+  assert modes.score("outpaint", out, clips[0], caps[0], vocab, (2, 8, 8))["given_psnr"] == 99.0
+  # Outpaint's input unchanged (the crop's edge repeated, as the sampler's canvas): not the clip.
+  edged = [np.pad(c[:, :, 8:24], ((0, 0), (0, 0), (8, 8), (0, 0)), mode="edge") for c in clips]
+  got = [modes.score("outpaint", e, c, p, vocab, PATCH) for e, c, p in zip(edged, clips, caps)]
+  assert all(g["given_psnr"] == 99.0 and g["new_psnr"] < 99.0 for g in got)
 
 
 def test_prompts_for_are_distinct_and_in_the_vocabulary():
@@ -518,7 +607,7 @@ def test_generative_evaluators_in_process(video_workdir, vit_workdir):
   assert out["fd"]["fd"] > out["fd"]["fd_real"] > 0.0  # 2 training steps: far from real
   # Pixel space: every mode's given frames come back exactly; a GIF per mode.
   assert out["modes"]["count"] == 2, out["modes"]
-  for mode in ("i2v", "extend_fwd", "extend_bwd", "interpolate", "loop"):
+  for mode in ("i2v", "extend_fwd", "extend_bwd", "interpolate", "loop", *modes.REGIONS):
     assert out["modes"][f"{mode}_given_psnr"] == 99.0, (mode, out["modes"])
   for mode in (*modes.MODES, "real"):
     assert os.path.exists(os.path.join(video_workdir, "samples", str(step), f"modes_{mode}.gif"))

@@ -195,8 +195,11 @@ def test_latent_demo_script_runs_end_to_end(data_dir, tmp_path, monkeypatch):
     assert all(max(int(s) for s in k.split("x")[1:]) <= 12 for k in meta["shapes"])
   evals = json.load(open(os.path.join(runs, "eval", "2.json")))
   assert {"loss", "samples", "adherence", "modes"} <= set(evals)
-  # The modes' given frames: back within the 2-step autoencoder's round trip, not exactly.
-  assert evals["modes"]["count"] == 2 and 0 < evals["modes"]["i2v_given_psnr"] < 99
+  # The modes' given frames (pixels, for the region modes): back within the 2-step autoencoder's
+  # round trip, not exactly.
+  assert evals["modes"]["count"] == 2, evals["modes"]
+  for mode in ("i2v", "retake", "inpaint", "outpaint"):
+    assert 0 < evals["modes"][f"{mode}_given_psnr"] < 99, (mode, evals["modes"])
   stored = np.load(os.path.join(runs, "samples", "2", "a_red_circle_moving_right.npz"))
   assert stored["frames"].shape == (8, 32, 48, 3)  # the config's pixel size, through the decoder
   out = run()  # complete: the autoencoder and the latents are not redone

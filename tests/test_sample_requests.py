@@ -60,7 +60,9 @@ def test_a_good_request_passes(tmp_path):
   prompts_file.write_text("a red circle moving right\n\na blue square moving left\n")
   prompts, inputs = _request(tmp_path, f"--prompts_file={prompts_file}", "--steps=4")
   assert prompts == ["a red circle moving right", "a blue square moving left"]
-  assert inputs == {"image": None, "video": None, "video2": None, "keyframes": None}
+  assert inputs == {
+    **dict(image=None, video=None, video2=None, keyframes=None, frames=None, mask=None)
+  }
 
 
 def test_output_paths_are_checked_before_sampling(tmp_path):
@@ -286,3 +288,178 @@ def test_keyframes_in_latent_space_are_latent_frames(untrained):
   s.codec = _SubsampleCodec(ft=4)
   with pytest.raises(sampling.InputError, match=r"per-frame autoencoder .* compresses time 4×"):
     s.keyframes(["a"], [(image, 0)], num_frames=7, steps=2)
+
+
+def test_retake_inpaint_outpaint_keep_the_given_pixels_bit_for_bit(untrained, caplog):
+  """7 frames of 10×13 (patches (2, 4, 4), canvas 8×12×16): the pixels of every token that
+  covers only pixels to keep come back bit for bit; those of the others are generated. Patch
+  rows are pixels 0–3, 4–7, 8–9 (+ 2 canvas rows), columns 0–3, 4–7, 8–11, 12 (+ 3)."""
+  s, prompt = untrained, ["a red circle moving right"]
+  clip = np.random.default_rng(3).integers(0, 256, (7, 10, 13, 3), np.uint8)
+
+  def check(out, regen):  # regen: [T, H, W] bool, the pixels expected to be generated
+    assert out.shape == (1, 7, 10, 13, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[0][~regen], clip[~regen])
+    changed = (out[0] != clip).any(-1)
+    assert changed[regen].mean() > 0.9  # generated: (almost) every pixel differs from the input
+
+  # Retake frames 3–4: patch-frames 1 (2–3) and 2 (4–5) are generated, frames 0, 1, 6 kept.
+  with caplog.at_level("WARNING"):
+    retake = s.retake(prompt, clip, frames=(3, 5), steps=2)
+  assert "frames=3:5: 260 pixels to keep (over all frames) share a patch" in caplog.text
+  regen = np.zeros((7, 10, 13), bool)
+  regen[2:6] = True
+  check(retake, regen)
+  # Inpaint a box of rows 3–6, columns 5–9 in every frame: patch rows 0–1, columns 1–2.
+  mask = np.zeros((10, 13), bool)
+  mask[3:7, 5:10] = True
+  regen = np.zeros((7, 10, 13), bool)
+  regen[:, :8, 4:12] = True
+  check(s.inpaint(prompt, clip, mask, steps=2), regen)
+  # A per-frame 0/1 mask with one pixel, in the last frame's bottom-right corner: the token on
+  # the canvas's edge (frame 6 and the canvas frame 7, rows 8–11, columns 12–15) is generated.
+  one = np.zeros((7, 10, 13), np.float32)
+  one[6, 9, 12] = 1.0
+  regen = np.zeros((7, 10, 13), bool)
+  regen[6, 8:, 12:] = True
+  check(s.inpaint(prompt, clip, one, steps=2), regen)
+  # Outpaint 6×9 to 10×13: placed at row 2, column 2; the patches wholly inside it are the
+  # rows 4–7, columns 4–7 of the canvas (the video's rows and columns 2–5); the rest generated.
+  small = clip[:, :6, :9]
+  out = s.outpaint(prompt, small, height=10, width=13, steps=2)
+  assert out.shape == (1, 7, 10, 13, 3)
+  np.testing.assert_array_equal(out[0, :, 4:8, 4:8], small[:, 2:6, 2:6])
+  border = np.ones((10, 13), bool)
+  border[4:8, 4:8] = False
+  placed = np.pad(small, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="edge")
+  assert (out[0] != placed).any(-1)[:, border].mean() > 0.9
+
+
+@pytest.mark.parametrize(
+  "mode,args,message",
+  [
+    ("retake", dict(frames=(4, 4)), r"frames=4:4 is empty; expected a < b"),
+    ("retake", dict(frames=(5, 3)), r"frames=5:3 is empty"),
+    ("retake", dict(frames=(-1, 3)), r"frames=-1:3 lies outside the video's 7 frames; expected "
+     r"0 ≤ a < b ≤ 7"),
+    ("retake", dict(frames=(2, 8)), r"frames=2:8 lies outside the video's 7 frames"),
+    ("retake", dict(frames=(1, 2, 3)), r"frames=\(1, 2, 3\) is not a pair \(a, b\)"),
+    ("retake", dict(frames=(0.5, 2)), r"is not a pair \(a, b\) of frame numbers"),
+    ("retake", dict(frames=(0, 7)), r"frames=0:7: nothing to keep"),
+    ("retake", dict(frames=(0, 2), num_frames=9), r"num_frames=9 exceeds the video's 7 frames"),
+    ("inpaint", dict(mask=np.ones((10, 12), bool)), r"mask: shape \(10, 12\) does not fit the "
+     r"video's 7 frames of 10×13; expected \(10, 13\) for every frame or \(7, 10, 13\)"),
+    ("inpaint", dict(mask=np.ones((6, 10, 13), bool)), r"shape \(6, 10, 13\) does not fit"),
+    ("inpaint", dict(mask=np.full((10, 13), 255)), r"mask: values 255 … 255; expected booleans "
+     r"or numbers in \[0, 1\]"),
+    ("inpaint", dict(mask=np.zeros((10, 13))), r"mask: nothing to regenerate in the first 7 "
+     r"frames"),
+    ("outpaint", dict(width=12), r"outpaint: width=12 pixels is smaller than the video's 13 "
+     r"pixels; expected ≥ 13"),
+    ("outpaint", dict(height=9, width=20), r"height=9 pixels is smaller than the video's 10"),
+    ("outpaint", dict(height=10, width=13), r"height=10, width=13 is the video's own size, "
+     r"nothing to generate"),
+    ("outpaint", {}, r"is the video's own size"),
+  ],
+)  # fmt: skip
+def test_bad_retake_inpaint_outpaint_requests_are_refused_before_any_compute(
+  untrained, monkeypatch, mode, args, message
+):
+  for name in ("_run", "_fit"):  # neither sampled nor encoded
+    monkeypatch.setattr(untrained, name, lambda *a, **k: pytest.fail("computed a bad request"))
+  clip = np.zeros((7, 10, 13, 3), np.uint8)
+  args = dict(args)
+  positional = [args.pop("mask")] if mode == "inpaint" else []
+  with pytest.raises(sampling.InputError, match=message):
+    getattr(untrained, mode)(["a"], clip, *positional, steps=2, **args)
+
+
+def test_regions_in_latent_space_are_mapped_to_latent_cells_conservatively(untrained):
+  """A per-frame stand-in VAE (fs = 2): one masked pixel regenerates its latent cell's token,
+  every other token's latents are the encoded video's exactly. With ft = 2, retaking pixel
+  frame 3 regenerates latent frame 2 (pixel frames 3–4) and so patch-frame 1 (latent 2–3)."""
+  s = sampling.Sampler(untrained.config, untrained.params, untrained.model, _SubsampleCodec())
+  video = np.random.default_rng(4).integers(0, 256, (6, 12, 16, 3), np.uint8)
+  latents = media.from_uint8(video)[:, ::2, ::2]  # [6, 6, 8, 3]: canvas 6 × 8 × 8
+  mask = np.zeros((12, 16), bool)
+  mask[9, 9] = True  # latent cell (4, 4): patch row 1 (cells 4–7), column 1 (4–7)
+  out = s.inpaint(["a"], video, mask, steps=2)
+  assert out.shape == (1, 6, 12, 16, 3)
+  got = s.last_latents[0]
+  kept = np.ones((6, 8), bool)
+  kept[4:, 4:] = False
+  np.testing.assert_array_equal(got[:, kept], latents[:, kept])
+  assert not np.array_equal(got[:, 4:, 4:], latents[:, 4:, 4:])
+  s.codec = _SubsampleCodec(ft=2)
+  video = video[:1].repeat(7, 0)  # 1 + 2·3 frames: latent frames 0, 1–2, 3–4, 5–6
+  s.retake(["a"], video, frames=(3, 4), steps=2)
+  encoded = s.codec.encode(media.from_uint8(video)[None])[0]
+  np.testing.assert_array_equal(s.last_latents[0][:2], encoded[:2])
+  assert not np.array_equal(s.last_latents[0][2:], encoded[2:])
+
+
+def test_retake_inpaint_outpaint_flags_are_parsed_and_checked_before_sampling(tmp_path):
+  np.savez(tmp_path / "clip.npz", frames=np.zeros((6, 8, 10, 3), np.uint8))
+  video = f"--video={tmp_path}/clip.npz"
+  png = np.zeros((8, 10, 3), np.uint8)
+  png[2:4, 3:5, 1] = 200
+  iio.imwrite(tmp_path / "mask.png", png)
+  np.save(tmp_path / "mask.npy", np.ones((5, 8, 10), bool))
+  np.save(tmp_path / "small.npy", np.ones((8, 8), bool))
+  _, inputs = _request(tmp_path, "--prompt=a", "--mode=retake", video, "--frames=2:4")
+  assert inputs["frames"] == (2, 4) and inputs["mask"] is None
+  _, inputs = _request(
+    tmp_path, "--prompt=a", "--mode=inpaint", video, f"--mask={tmp_path}/mask.png"
+  )
+  want = np.zeros((6, 8, 10), bool)
+  want[:, 2:4, 3:5] = True
+  np.testing.assert_array_equal(inputs["mask"], want)  # nonzero pixels, in every frame
+  _, inputs = _request(tmp_path, "--prompt=a", "--mode=outpaint", video, "--width=16")
+  assert inputs["video"].shape == (6, 8, 10, 3)
+  for args, message in [
+    (["--mode=retake", video], r"--mode=retake needs --frames=4:8"),
+    (["--mode=retake", video, "--frames=3"], r"--frames=3 is not a:b \(e.g. 4:8"),
+    (["--mode=retake", video, "--frames=a:4"], r"--frames=a:4 is not a:b"),
+    (["--mode=retake", video, "--frames=2:9"], r"--frames=2:9 lies outside the video's 6 frames"),
+    (["--mode=retake", video, "--frames=4:2"], r"--frames=4:2 is empty"),
+    (["--mode=t2v", "--frames=2:4"], r"--frames is not used by --mode=t2v"),
+    (["--mode=inpaint", video], r"--mode=inpaint needs --mask=PATH"),
+    (["--mode=inpaint", video, f"--mask={tmp_path}/mask.npy"], r"mask.npy'.*shape \(5, 8, 10\) "
+     r"does not fit the video's 6 frames of 8×10; expected \(8, 10\) for every frame"),
+    (["--mode=inpaint", video, f"--mask={tmp_path}/small.npy"], r"shape \(8, 8\) does not fit"),
+    (["--mode=inpaint", video, f"--mask={tmp_path}/none.png"], r"none.png' cannot be read"),
+    (["--mode=edit", video, f"--mask={tmp_path}/mask.png"], r"--mask is not used by --mode=edit"),
+    (["--mode=outpaint", video], r"--mode=outpaint needs --width and/or --height"),
+    (["--mode=outpaint"], r"--mode=outpaint needs --video"),
+  ]:  # fmt: skip
+    with pytest.raises(sample.InputError, match=message):
+      _request(tmp_path, "--prompt=a", *args)
+
+
+def test_retake_inpaint_outpaint_through_the_cli_flags(untrained, tmp_path):
+  """The real flags and `_generate` on the untrained sampler: each mode reaches its method with
+  its inputs (the given pixels come back) and records them in the metadata it returns."""
+  clip = np.random.default_rng(5).integers(0, 256, (6, 8, 12, 3), np.uint8)
+  np.savez(tmp_path / "clip.npz", frames=clip)
+  mask = np.zeros((8, 12), np.uint8)
+  mask[5, 9] = 255  # patch row 1, column 2
+  iio.imwrite(tmp_path / "mask.png", mask)
+  video = f"--video={tmp_path}/clip.npz"
+
+  def run(*args):
+    fv = flags.FlagValues()
+    sample._define_flags(fv)  # noqa: SLF001
+    fv(["sample", f"--workdir={tmp_path}", f"--out={tmp_path / 'o.npz'}", "--prompt=a", *args])
+    prompts, inputs = sample._request(fv)  # noqa: SLF001
+    return sample._generate(untrained, fv, prompts, inputs)  # noqa: SLF001
+
+  videos, used = run("--mode=retake", video, "--frames=2:4", "--steps=2")
+  np.testing.assert_array_equal(videos[0, [0, 1, 4, 5]], clip[[0, 1, 4, 5]])
+  assert not np.array_equal(videos[0, 2:4], clip[2:4]) and "frames" not in used
+  videos, _ = run("--mode=inpaint", video, f"--mask={tmp_path}/mask.png", "--steps=2")
+  np.testing.assert_array_equal(videos[0, :, :4], clip[:, :4])
+  np.testing.assert_array_equal(videos[0, :, :, :8], clip[:, :, :8])
+  assert not np.array_equal(videos[0, :, 4:, 8:], clip[:, 4:, 8:])
+  videos, used = run("--mode=outpaint", video, "--width=20", "--steps=2")
+  assert videos.shape == (1, 6, 8, 20, 3) and used["width"] == 20
+  np.testing.assert_array_equal(videos[0, :, :, 4:16], clip)  # centred, whole patches

@@ -123,6 +123,31 @@ def read_video(path: str) -> np.ndarray:
   return frames.astype(np.uint8)
 
 
+def read_mask(path: str) -> np.ndarray:
+  """A pixel mask: a `.npy` array as stored ([H, W] or [T, H, W]; the sampler checks its values),
+  else an image (PNG, …) as bool [H, W], True where any colour channel is nonzero (alpha is
+  ignored)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no such mask: {path!r}")
+  if path.lower().endswith(".npy"):
+    try:
+      return np.load(path, allow_pickle=False)
+    except ValueError as e:
+      raise ValueError(f"{path!r} is not a readable .npy array ({e})") from None
+  import imageio.v3 as iio  # noqa: PLC0415
+
+  try:
+    image = np.asarray(iio.imread(path))
+  except Exception as e:  # noqa: BLE001 (imageio raises many types, with install hints)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f"{path!r} is not a readable image ({first})") from None
+  if image.ndim == 3:  # [H, W, C]: grey + alpha, RGB or RGBA
+    return (image[..., : 3 if image.shape[-1] >= 3 else 1] > 0).any(axis=-1)
+  if image.ndim != 2:
+    raise ValueError(f"{path!r}: expected one image [H, W] as a mask, got shape {image.shape}")
+  return image > 0
+
+
 def grid(images: np.ndarray, pad: int = 1) -> np.ndarray:
   """uint8 images [R, C, H, W, 3] → one image [R·(H+pad)+pad, C·(W+pad)+pad, 3] (white lines)."""
   r, c, h, w, ch = images.shape

@@ -6,12 +6,14 @@ r"""Generating videos from a trained checkpoint: the command line of `vdit.sampl
 
   python -m vdit.sample --workdir=runs/shapes --mode=keyframes \
       --keyframes=img0.png@0,img1.png@12,img2.png@23 --prompt=... --out=x.gif
+  python -m vdit.sample --workdir=runs/shapes --mode=retake --video=clip.mp4 --frames=4:8 \
+      --prompt=... --out=x.gif
   python -m vdit.sample --workdir=runs/sora --mesh=sequence:8 --prompt=... --out=x.mp4
 
-Modes: t2v, t2i, i2v, extend, interpolate, keyframes, edit (SDEdit), loop — docs/sampling.md
-shows each. Any size works (one that is not a patch multiple is cropped from a canvas of whole
-patches); impossible requests fail with one line
-naming the bad flag before any compute (`InputError`). In latent space (`config.autoencoder`)
+Modes: t2v, t2i, i2v, extend, interpolate, keyframes, edit (SDEdit), loop, retake, inpaint,
+outpaint — docs/sampling.md shows each. Any size works (one that is not a patch multiple is
+cropped from a canvas of whole patches); impossible requests fail with one line naming the bad
+flag before any compute (`InputError`). In latent space (`config.autoencoder`)
 sizes are in latent units and the videos are decoded to pixels (`vdit.sampling`); `.npz`
 outputs keep the latents too. `--mesh=sequence:8` samples one video on 8 devices, its tokens
 split over them (`vdit.sampling_mesh`).
@@ -25,6 +27,7 @@ import numpy as np
 from absl import app, flags
 
 from vdit import checkpointing, media, sampling
+from vdit.diffusion import given_frames
 from vdit.diffusion.given_frames import InputError
 
 MODES = {  # --mode: (Sampler method, required inputs, optional inputs)
@@ -36,6 +39,9 @@ MODES = {  # --mode: (Sampler method, required inputs, optional inputs)
   "keyframes": ("keyframes", ("keyframes",), ()),
   "edit": ("edit", ("video",), ()),
   "loop": ("loop", (), ("image",)),
+  "retake": ("retake", ("video",), ()),
+  "inpaint": ("inpaint", ("video", "mask"), ()),
+  "outpaint": ("outpaint", ("video",), ()),
 }
 
 
@@ -50,16 +56,22 @@ def _define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("prompt", None, "Text prompt.", **fv)
   flags.DEFINE_string("prompts_file", None, "File with one prompt per line.", **fv)
   flags.DEFINE_string("image", None, "i2v: the first frame; loop: the keyframe (optional).", **fv)
-  flags.DEFINE_string("video", None, "extend/edit: the clip; interpolate: the start clip.", **fv)
+  flags.DEFINE_string(
+    "video", None, "extend/edit/retake/inpaint/outpaint: the clip; interpolate: the start.", **fv
+  )
   flags.DEFINE_string("video2", None, "interpolate: the end clip.", **fv)
   flags.DEFINE_list(
     "keyframes", None, "keyframes: path@index,… (an image or a clip at each frame index).", **fv
   )
+  flags.DEFINE_string("frames", None, "retake: a:b, the frames a … b − 1 to regenerate.", **fv)
+  flags.DEFINE_string(
+    "mask", None, "inpaint: PNG (nonzero = regenerate) or NPY [H, W] / [T, H, W] mask.", **fv
+  )
   flags.DEFINE_enum("direction", "forward", ("forward", "backward"), "extend: which way.", **fv)
   flags.DEFINE_float("strength", 0.6, "edit: noise level to start from, (0, 1]; 1: no input.", **fv)
   flags.DEFINE_integer("num_frames", None, "Frames (default: the config's; see the modes).", **fv)
-  flags.DEFINE_integer("height", None, "Height in pixels (default: the config's).", **fv)
-  flags.DEFINE_integer("width", None, "Width in pixels (default: the config's).", **fv)
+  flags.DEFINE_integer("height", None, "Height in pixels (outpaint: the canvas's).", **fv)
+  flags.DEFINE_integer("width", None, "Width in pixels (outpaint: the canvas's).", **fv)
   flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's).", **fv)
   flags.DEFINE_string("sampler", None, "euler|heun (flow), ddpm|ddim|dpmpp_2m (gaussian).", **fv)
   flags.DEFINE_float("guidance", None, "Classifier-free guidance (default: the config's).", **fv)
@@ -131,6 +143,9 @@ def _request(f) -> tuple[list[str], dict]:
   if f.keyframes and f.mode != "keyframes":
     raise InputError(f"--keyframes is not used by --mode={f.mode}")
   inputs["keyframes"] = _keyframes(f.keyframes) if f.keyframes else None
+  inputs["frames"], inputs["mask"] = _region(f, inputs["video"])
+  if f.mode == "outpaint" and f.height is None and f.width is None:
+    raise InputError("--mode=outpaint needs --width and/or --height (the larger canvas)")
   if f.mode == "t2i" and f.num_frames is not None:
     raise InputError("--num_frames is not used by --mode=t2i (an image is one frame)")
   return prompts, inputs
@@ -155,6 +170,34 @@ def _keyframes(items: list[str]) -> list[tuple[np.ndarray, int]]:
     except (OSError, ValueError) as e:
       raise InputError(f"--keyframes: {path!r} cannot be read: {e}") from None
   return keyframes
+
+
+def _region(f, video: np.ndarray | None) -> tuple[tuple[int, int] | None, np.ndarray | None]:
+  """retake's (a, b) from `--frames=a:b` and inpaint's bool mask [F, H, W] from `--mask`,
+  checked against the video: bad syntax, a range outside it or a mask of another size →
+  InputError (the sampler checks again; here it is before the checkpoint is loaded)."""
+  for name, mode, example in (("frames", "retake", "4:8"), ("mask", "inpaint", "PATH")):
+    if f.mode == mode and f[name].value is None:
+      raise InputError(f"--mode={mode} needs --{name}={example}")
+    if f[name].value is not None and f.mode != mode:
+      raise InputError(f"--{name} is not used by --mode={f.mode}")
+  frames = mask = None
+  if f.frames is not None:
+    a, colon, b = f.frames.partition(":")
+    try:
+      frames = (int(a), int(b)) if colon else None
+    except ValueError:
+      pass
+    if frames is None:
+      raise InputError(f"--frames={f.frames} is not a:b (e.g. 4:8: frames 4 … 7 regenerated)")
+    frames = given_frames.frame_range(frames, len(video), "--frames")
+  if f.mask is not None:
+    try:
+      mask = media.read_mask(f.mask)
+    except (OSError, ValueError) as e:
+      raise InputError(f"--mask={f.mask!r} cannot be read: {e}") from None
+    mask = given_frames.region_mask(mask, video.shape[:3], f"--mask={f.mask!r}")
+  return frames, mask
 
 
 def _generate(
@@ -183,9 +226,10 @@ def _generate(
     options["num_frames"] = f.num_frames or (s.num_frames if f.mode == "t2v" else None)
   extra = dict(direction=f.direction) if f.mode == "extend" else {}
   extra = dict(strength=f.strength) if f.mode == "edit" else extra
+  extra = dict(frames=inputs["frames"]) if f.mode == "retake" else extra
   options |= dict(image=inputs["image"]) if f.mode == "loop" else extra
   videos = getattr(sampler, method)(prompts, *[inputs[name] for name in required], **options)
-  return videos, {k: v for k, v in options.items() if k not in ("image", "labels")}
+  return videos, {k: v for k, v in options.items() if k not in ("image", "labels", "frames")}
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -212,8 +256,8 @@ def main(argv):
     meta = dict(mode=f.mode, prompt=prompt, workdir=f.workdir, step=f.step)
     meta.update(used)
     meta.update(zip(("num_frames", "height", "width"), video.shape[:3]))
-    given = ("image", "video", "video2", "label", "mesh")
-    meta.update({k: f[k].value for k in given if f[k].value})
+    names = ("image", "video", "video2", "label", "frames", "mask", "mesh")
+    meta.update({k: f[k].value for k in names if f[k].value})
     meta.update({"keyframes": ",".join(f.keyframes)} if f.keyframes else {})
     latent = sampler.last_latents is not None and path.endswith(".npz")
     extra = {"latents": sampler.last_latents[i]} if latent else None  # latent space: keep them

@@ -1,11 +1,11 @@
 r"""The sampler library: a trained VideoDiT generates videos in every mode of one model.
 
 `load(workdir)` → `Sampler` (the EMA params of a checkpoint), with `generate` (text-to-video) and
-one method per mode: t2v, t2i, i2v, extend, interpolate, keyframes, edit (SDEdit), loop —
-docs/sampling.md shows each; `python -m vdit.sample` is its CLI. Any size works: the model sees
-packed spacetime patches with their positions, not a fixed grid, and a size that is not a
-multiple of the patch size is generated on the smallest canvas of whole patches that holds it
-and cropped to it (`Sampler.canvas`). Given frames are trained conditioning
+one method per mode: t2v, t2i, i2v, extend, interpolate, keyframes, edit (SDEdit), loop, retake,
+inpaint, outpaint — docs/sampling.md shows each; `python -m vdit.sample` is its CLI. Any size
+works: the model sees packed spacetime patches with their positions, not a fixed grid, and a
+size that is not a multiple of the patch size is generated on the smallest canvas of whole
+patches that holds it and cropped to it (`Sampler.canvas`). Given frames are trained conditioning
 (`vdit.diffusion.conditioning`) and come out unchanged; inputs of another size are cropped and
 resized with a warning (`vdit.diffusion.given_frames`); impossible requests raise `InputError`.
 
@@ -16,6 +16,8 @@ video of T' latent frames decodes to 1 + ft·(T' − 1) frames of fs·H' × fs·
 frames (i2v, extend, interpolate, edit, loop) are pixels, resized to fs·H' × fs·W' and encoded
 with the VAE first (`Sampler._frames`); a clip given at the end is encoded on its own, so its
 first latent frame summarises one frame, not ft (an approximation the forward modes avoid).
+Retake/inpaint/outpaint masks are pixels too, mapped to latent cells conservatively (a cell is
+kept only if every pixel it encodes is: `given_frames.latent_cells`).
 """
 
 import dataclasses
@@ -239,6 +241,59 @@ class Sampler:
     )
     return self._run(prompts, (num_frames, h, w), init=init[None], strength=strength, **options)
 
+  def retake(self, prompts, video, *, frames, num_frames=None, **options) -> np.ndarray:
+    """Regenerates frames a … b − 1 (`frames` = (a, b)) of `video` [F, H, W, 3] with the prompts
+    and keeps the others (the `retake` training task). The range widens to whole patch-frames
+    (a patch-frame is kept only if all its frames are; `_regenerate`); `num_frames`: the
+    video's first frames (model units, as `edit`; default all)."""
+    clip = given_frames.rgb_frames(video, "video")
+    a, b = given_frames.frame_range(frames, len(clip))
+    regen = np.zeros(clip.shape[:3], bool)
+    regen[a:b] = True
+    return self._regenerate(prompts, clip, regen, num_frames, options, f"frames={a}:{b}")
+
+  def inpaint(self, prompts, video, mask, *, num_frames=None, **options) -> np.ndarray:
+    """Regenerates the pixels of `video` [F, H, W, 3] where `mask` ([H, W], the same in every
+    frame, or [F, H, W]; booleans or 0…1, nonzero = regenerate) is set, keeping the rest (the
+    `inpaint` training task, trained on boxes). The region widens to whole patches."""
+    clip = given_frames.rgb_frames(video, "video")
+    regen = given_frames.region_mask(mask, clip.shape[:3])
+    return self._regenerate(prompts, clip, regen, num_frames, options, "mask")
+
+  def outpaint(
+    self, prompts, video, *, height=None, width=None, num_frames=None, **options
+  ) -> np.ndarray:
+    """`video` [F, H, W, 3] centred on a larger canvas of `height` × `width` (the model's units:
+    pixels, latent cells in latent space; each defaults to the video's), the border generated
+    (the `outpaint` training task). The given video is never resized; a canvas smaller than it,
+    or no larger in either direction → InputError."""
+    clip = given_frames.rgb_frames(video, "video")
+    fs = self.codec.compression[1] if self.codec is not None else 1
+    unit = "latent cells" if self.codec is not None else "pixels"
+    size = []
+    for name, n, given in (("height", height, clip.shape[1]), ("width", width, clip.shape[2])):
+      least = -(-given // fs)
+      n = least if n is None else n
+      if n < least:
+        raise InputError(
+          f"outpaint: {name}={n} {unit} is smaller than the video's {given} pixels; expected "
+          f"≥ {least} (the video is placed centred on the larger canvas)"
+        )
+      size.append(int(n))
+    (h, w), (_, hv, wv, _) = size, clip.shape
+    if (fs * h, fs * w) == (hv, wv):
+      raise InputError(
+        f"outpaint: height={h}, width={w} is the video's own size, nothing to generate; expected "
+        "a larger height or width"
+      )
+    top, left = (fs * h - hv) // 2, (fs * w - wv) // 2
+    pad = ((0, 0), (top, fs * h - hv - top), (left, fs * w - wv - left), (0, 0))
+    canvas = np.pad(clip, pad, mode="edge")  # the border's pixels are generated, not kept
+    regen = np.ones(canvas.shape[:3], bool)
+    regen[:, top : top + hv, left : left + wv] = False
+    options = dict(options, height=h, width=w)
+    return self._regenerate(prompts, canvas, regen, num_frames, options, "outpaint")
+
   def loop(self, prompts, *, image=None, num_frames=None, **options) -> np.ndarray:
     """A seamless loop of `num_frames` frames: frame `num_frames` would be frame 0 again.
 
@@ -335,6 +390,45 @@ class Sampler:
       H, W = np.shape(like)[-3:-1]
       h, w = h or H // fs or None, w or W // fs or None
     return h or s.height, w or s.width, options
+
+  def _regenerate(self, prompts, video, regen, num_frames, options, name: str) -> np.ndarray:
+    """`video` uint8 [F, H, W, 3] with its pixels where `regen` [F, H, W] is True generated anew
+    and the rest kept as clean tokens (retake, inpaint, outpaint). A token is kept only if every
+    pixel it covers is (in latent space: every latent cell, each kept only if every pixel it
+    encodes is); the canvas of whole patches repeats the edge cells (the crop drops them).
+    `num_frames` (model units): the video's first (default: all). All checks before encoding."""
+    h, w, options = self._size(options, like=video)
+    ft, fs, _ = self.codec.compression if self.codec is not None else (1, 1, 1)
+    kept = ~given_frames.fit_mask(regen, fs * h, fs * w)[: 1 + (len(regen) - 1) // ft * ft]
+    cells = given_frames.latent_cells(kept, (ft, fs, fs)) if self.codec is not None else kept
+    num_frames = num_frames or len(cells)
+    if num_frames > len(cells):
+      raise InputError(f"num_frames={num_frames} exceeds the video's {len(cells)} frames")
+    t, hc, wc = self.canvas(num_frames, h, w)
+    cells = np.pad(cells[:num_frames], ((0, t - num_frames), (0, hc - h), (0, wc - w)), "edge")
+    tokens = given_frames.pool_all(cells, self.patch_size)
+    if tokens.all():
+      raise InputError(
+        f"{name}: nothing to regenerate in the first {num_frames} frames; expected a region "
+        "to generate"
+      )
+    if not tokens.any():
+      raise InputError(
+        f"{name}: nothing to keep, every patch {self.patch_size} holds a pixel to regenerate; "
+        "expected a region to keep (to generate everything: text-to-video)"
+      )
+    whole = tokens.repeat(self.pt, 0).repeat(self.patch_size[1], 1).repeat(self.patch_size[2], 2)
+    widened = int((cells & ~whole)[:num_frames, :h, :w].sum())
+    if widened:
+      logging.warning(
+        "%s: %d %s to keep (over all frames) share a patch %s with ones to regenerate and are "
+        "regenerated too",
+        *(name, widened, "latent cells" if self.codec else "pixels", self.patch_size),
+      )
+    clip = self._fit(video, h, w, "video", "first")[:num_frames]
+    clip = np.pad(clip, ((0, t - num_frames), (0, 0), (0, 0), (0, 0)), mode="edge")
+    given = given_frames.Given.region(clip[None], tokens)
+    return self._run(prompts, (num_frames, h, w), given=given, **options)
 
   def _given(self, prompts, num_frames, h, w, head, tail, options) -> np.ndarray:
     """Clips at the start (`head`) and the end (`tail`) of a `num_frames`-frame video, the

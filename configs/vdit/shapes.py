@@ -148,8 +148,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # target stays the unperturbed one, against the sampler's exposure bias; 0 = off.
     input_perturbation=0.0,
     text_dropout=0.1,  # classifier-free guidance: rate of null captions (and labels) in training
-    # Frame-conditioning tasks drawn per example in training (relative weights; `keyframes` at 0
-    # draws nothing, so the others' draws are as before it existed: docs/sampling.md).
+    # Conditioning tasks drawn per example in training (relative weights; the later ones —
+    # keyframes, retake, inpaint, outpaint — at 0 draw nothing, so the others' draws are as
+    # before they existed: docs/sampling.md).
     cond_probs=dict(
       none=0.5,
       image_to_video=0.2,
@@ -157,6 +158,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       extend_backward=0.1,
       interpolate=0.1,
       keyframes=0.0,
+      retake=0.0,
+      inpaint=0.0,
+      outpaint=0.0,
     ),
     schedule="linear",  # gaussian: "linear" | "cosine"
     num_timesteps=1000,  # gaussian: N
@@ -330,6 +334,9 @@ def latent_space(
       extend_backward=0.05,
       interpolate=0.05,
       keyframes=0.0,
+      retake=0.0,
+      inpaint=0.0,
+      outpaint=0.0,
     )
     if small:
       # Guidance 6 while t ≥ 0.3 (the CLI's and the evals' default): all three 25.7% → 41.7% at

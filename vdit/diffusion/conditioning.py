@@ -16,15 +16,25 @@ clean (t = 0, see `flow.loss` / `gaussian.loss`) and carry no loss:
   keyframes        any subset of the patch-frames, at least one given and one not: each given
                    with a rate r ~ U(0, 1) drawn per example; half of these examples have their
                    given patch-frames made stills (an image as a keyframe, as sampling builds it)
+  retake           a contiguous range of n ~ U{1 … T'−1} patch-frames generated (anywhere), the
+                   rest given: regenerating a stretch of a video (`retake_frames`)
+  inpaint          a box of the patch grid, the same in every patch-frame, generated, the rest
+                   given (`box`): regenerating a region across time
+  outpaint         the complement: the box given, the band around it (any widths, one side or
+                   more) generated — a video on a larger canvas
 
-Every task leaves at least one patch-frame to generate: a task that cannot (T' = 1 images for
-all tasks, T' = 2 for interpolation) falls back to `none`. Pure, jit-able functions of the
-packed batch (DESIGN.md, "The packed batch"): per example [B, K], gathered with segment ids,
-frames read from `positions[..., 0]` (patch-time index) and `shapes[..., 0]` (T').
+Every task leaves at least one token to generate: a task that cannot (T' = 1 images for the
+frame tasks, T' = 2 for interpolation, a 1-token frame H'·W' = 1 for inpaint/outpaint) falls
+back to `none`; images can be inpainted and outpainted. Pure, jit-able functions of the packed
+batch (DESIGN.md, "The packed batch"): per example [B, K], gathered with segment ids, places
+read from `positions` (the (t, h, w) patch index, kept through token dropping) and `shapes`
+(T', H', W').
 
-`keyframes` comes last in `TASKS` and is drawn only when its weight is > 0 (a static decision on
-the Python probabilities): with weight 0 the draws are those of the five tasks before it, bit for
-bit, so configs that do not use it train exactly as before it existed.
+The tasks from `keyframes` on were added later. The categorical draw runs over the tasks up to
+the last one with a weight > 0 (at least the first five; a static decision on the Python
+probabilities), and each later task draws its own randomness from `fold_in(rng, its index)`
+only when its weight is > 0: with their weights 0 the draws are those of the tasks before them,
+bit for bit, so configs that do not use them train exactly as before they existed.
 """
 
 from collections.abc import Mapping
@@ -34,8 +44,11 @@ import jax.numpy as jnp
 
 from vdit.segments import per_token
 
-TASKS = ("none", "image_to_video", "extend_forward", "extend_backward", "interpolate", "keyframes")
-KEYFRAMES = TASKS.index("keyframes")  # last: see the module docstring
+TASKS = (
+  *("none", "image_to_video", "extend_forward", "extend_backward", "interpolate"),
+  *("keyframes", "retake", "inpaint", "outpaint"),  # added later: see the module docstring
+)
+KEYFRAMES, RETAKE, INPAINT, OUTPAINT = (TASKS.index(n) for n in TASKS[-4:])
 # Half plain generation (the capability every other one builds on), half conditioned tasks.
 DEFAULT_PROBS = dict(
   none=0.5, image_to_video=0.2, extend_forward=0.1, extend_backward=0.1, interpolate=0.1
@@ -60,6 +73,13 @@ def frames_mask(t_index, num_frames, first, last):
   return (t_index < first) | (t_index >= num_frames - last)
 
 
+def _randint(key: jax.Array, lo, hi) -> jax.Array:
+  """Uniform integers in [lo, hi] per element of the broadcast shape (lo where hi < lo)."""
+  lo, hi = jnp.asarray(lo), jnp.asarray(hi)
+  u = jax.random.uniform(key, jnp.broadcast_shapes(lo.shape, hi.shape))
+  return lo + jnp.floor(u * jnp.maximum(hi - lo + 1, 0)).astype(jnp.int32)
+
+
 def sample_tasks(
   rng: jax.Array, shapes: jax.Array, probs: tuple[float, ...]
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -68,30 +88,50 @@ def sample_tasks(
   shapes: [B, K, 3] patch grids (T' = shapes[..., 0]; 0 for empty slots); probs in `TASKS`
   order. Returns (task [B, K] int32 index into TASKS, first [B, K], last [B, K]) where
   `first`/`last` count given leading/trailing patch-frames; always first + last < T'.
-  `keyframes` examples (T' ≥ 2) have first = last = 0: their frames are `keyframes_mask`'s.
+  The later tasks (`keyframes` on) have first = last = 0: their tokens are `condition_batch`'s.
   """
   task_rng, k_rng, a_rng, b_rng = jax.random.split(rng, 4)
   frames = shapes[..., 0]  # [B, K]
-  drawn = probs if probs[KEYFRAMES] > 0 else probs[:KEYFRAMES]  # weight 0: the old draws exactly
+  used = 1 + max(i for i, p in enumerate(probs) if p > 0)
+  drawn = probs[: max(used, KEYFRAMES)]  # later tasks at weight 0: the old draws exactly
   logits = jnp.log(jnp.asarray(drawn, jnp.float32))
   task = jax.random.categorical(task_rng, logits, shape=frames.shape).astype(jnp.int32)
-
-  def draw(key, count):  # uniform integer in [1, count] (1 when count < 1)
-    u = jax.random.uniform(key, frames.shape)
-    return 1 + jnp.floor(u * jnp.maximum(count, 0)).astype(jnp.int32)
-
-  k = draw(k_rng, frames - 1)  # extension: 1 … T'−1
-  a = draw(a_rng, frames - 2)  # interpolation: a ∈ 1 … T'−2, b ∈ 1 … T'−1−a
-  b = draw(b_rng, frames - 1 - a)
+  k = _randint(k_rng, 1, frames - 1)  # extension: 1 … T'−1
+  a = _randint(a_rng, 1, frames - 2)  # interpolation: a ∈ 1 … T'−2, b ∈ 1 … T'−1−a
+  b = _randint(b_rng, 1, frames - 1 - a)
   name = lambda n: task == TASKS.index(n)
   first = jnp.select(
     [name("image_to_video"), name("extend_forward"), name("interpolate")], [1, k, a], 0
   )
   last = jnp.select([name("extend_backward"), name("interpolate")], [k, b], 0)
   valid = first + last < frames  # at least one patch-frame left to generate
-  valid &= (task != KEYFRAMES) | (frames >= 2)  # and one given
+  valid &= ((task != KEYFRAMES) & (task != RETAKE)) | (frames >= 2)  # and one given
+  cells = shapes[..., 1] * shapes[..., 2]  # H'·W'
+  valid &= ((task != INPAINT) & (task != OUTPAINT)) | (cells >= 2)
   task = jnp.where(valid, task, TASKS.index("none"))
   return task, jnp.where(valid, first, 0), jnp.where(valid, last, 0)
+
+
+def retake_frames(rng: jax.Array, shapes: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The `retake` task's generated patch-frames [start, stop) per example [B, K]: n ~ U{1 …
+  T'−1} of them from start ~ U{0 … T'−n}; the patch-frames before and after are given."""
+  n_rng, start_rng = jax.random.split(rng)
+  frames = shapes[..., 0]
+  n = _randint(n_rng, 1, frames - 1)
+  start = _randint(start_rng, 0, frames - n)
+  return start, start + n
+
+
+def box(rng: jax.Array, shapes: jax.Array) -> tuple[jax.Array, ...]:
+  """The `inpaint`/`outpaint` tasks' box per example [B, K]: patch rows [top, bottom) and columns
+  [left, right), the same in every patch-frame. Its height is U{1 … H'}, its width U{1 … W'}
+  (U{1 … W'−1} at full height: never the whole frame, when H'·W' ≥ 2), its place uniform."""
+  h_rng, w_rng, top_rng, left_rng = jax.random.split(rng, 4)
+  rows, cols = shapes[..., 1], shapes[..., 2]
+  height = _randint(h_rng, 1, rows)
+  width = _randint(w_rng, 1, cols - (height == rows))
+  top, left = _randint(top_rng, 0, rows - height), _randint(left_rng, 0, cols - width)
+  return top, top + height, left, left + width
 
 
 def keyframes_mask(
@@ -148,19 +188,34 @@ def condition_batch(
   loss_mask becomes loss_mask & ~cond_mask. Returns (batch, metrics) with metrics `task`
   [B, K] and `cond_tokens` (the number of conditioning tokens).
   """
-  seg = batch["segment_ids"]  # [B, L]
-  task, first, last = sample_tasks(rng, batch["shapes"], probs)
-  t_index = batch["positions"][..., 0]  # [B, L]
-  num_frames = per_token(batch["shapes"][..., 0], seg)
+  seg, shapes = batch["segment_ids"], batch["shapes"]  # [B, L], [B, K, 3]
+  task, first, last = sample_tasks(rng, shapes, probs)
+  t_index, h_index, w_index = (batch["positions"][..., i] for i in range(3))  # [B, L] each
+  num_frames = per_token(shapes[..., 0], seg)
   given = frames_mask(t_index, num_frames, per_token(first, seg), per_token(last, seg))
   given = given & (seg > 0)
-  still = given & (per_token(task, seg) == TASKS.index("image_to_video"))
-  if probs[KEYFRAMES] > 0:  # static: with weight 0 nothing is drawn (see the module docstring)
-    kf_rng = jax.random.fold_in(rng, KEYFRAMES)  # the tasks' own keys stay as they were
-    kf_given, kf_stills = keyframes_mask(kf_rng, seg, t_index, batch["shapes"].shape[1])
-    kf_given &= per_token(task, seg) == KEYFRAMES
+  token_task = per_token(task, seg)
+  still = given & (token_task == TASKS.index("image_to_video"))
+  # The later tasks: static on the weights (with 0 nothing is drawn, see the module docstring),
+  # each from its own fold_in key (the earlier tasks' keys stay as they were).
+  if probs[KEYFRAMES] > 0:
+    kf_given, kf_stills = keyframes_mask(
+      jax.random.fold_in(rng, KEYFRAMES), seg, t_index, shapes.shape[1]
+    )
+    kf_given &= token_task == KEYFRAMES
     given |= kf_given
     still |= kf_given & per_token(kf_stills, seg)
+  if probs[RETAKE] > 0:
+    start, stop = retake_frames(jax.random.fold_in(rng, RETAKE), shapes)
+    free = (t_index >= per_token(start, seg)) & (t_index < per_token(stop, seg))
+    given |= (token_task == RETAKE) & ~free & (seg > 0)
+  if probs[INPAINT] > 0 or probs[OUTPAINT] > 0:
+    top, bottom, left, right = (
+      per_token(x, seg) for x in box(jax.random.fold_in(rng, INPAINT), shapes)
+    )
+    inside = (h_index >= top) & (h_index < bottom) & (w_index >= left) & (w_index < right)
+    painted = ((token_task == INPAINT) & ~inside) | ((token_task == OUTPAINT) & inside)
+    given |= painted & (seg > 0)
   cond = batch["cond_mask"] | given
   out = dict(
     batch,

@@ -1,9 +1,10 @@
-"""Frames given to the sampler (image-to-video, extension, interpolation, looping), in numpy.
+"""Frames and regions given to the sampler (image-to-video, extension, interpolation, looping,
+keyframes, retake, inpaint, outpaint), in numpy.
 
 The inference side of `conditioning`: user inputs become clean conditioning tokens exactly
 as the model saw them in training — whole patch-frames at the start and/or end of a video
-(`place`, marked by `conditioning.frames_mask`) or anywhere (keyframes, `place_at`), the rest
-generated.
+(`place`, marked by `conditioning.frames_mask`) or anywhere (keyframes, `place_at`), or any
+set of tokens (retake, inpaint, outpaint: `Given.cells`), the rest generated.
 
 Policy for inputs that do not fit (decided here, documented in docs/sampling.md):
   * another height/width → centre-cropped to the requested aspect ratio, then area-resized
@@ -14,8 +15,13 @@ Policy for inputs that do not fit (decided here, documented in docs/sampling.md)
     frames next to the generated ones, with a warning;
   * keyframes: an image fills the patch-frame holding its index (any index); a clip must start
     at a multiple of pt (`keyframe_start`);
-  * unreadable / non-RGB inputs, keyframes that overlap or lie out of range, or given frames
-    that leave nothing to generate → InputError.
+  * a pixel mask (retake's frame range, inpaint's mask, outpaint's border) → tokens: a token
+    is kept only if every pixel it covers is (`pool_all`; in latent space first every latent
+    cell, `latent_cells`), so the regenerated part widens to whole patches; a mask is fitted
+    to a resized video as the video is, any pixel to regenerate winning (`fit_mask`);
+  * unreadable / non-RGB inputs, keyframes that overlap or lie out of range, a frame range that
+    is empty or outside the video, a mask of another size than the video, or given frames that
+    leave nothing to generate → InputError.
 """
 
 import dataclasses
@@ -32,23 +38,33 @@ class InputError(ValueError):
   """A request the sampler cannot serve; the message names the value and what was expected."""
 
 
-def fit_size(frames: np.ndarray, height: int, width: int, name: str) -> np.ndarray:
-  """uint8 [F, h, w, 3] (or an image [h, w, 3]) → float [F, height, width, 3] in [−1, 1]."""
+def rgb_frames(frames, name: str) -> np.ndarray:
+  """uint8 frames [F, H, W, 3] (an image [H, W, 3] is one frame); other shapes → InputError."""
   frames = np.asarray(frames)
   if frames.ndim == 3:
     frames = frames[None]
   if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
     raise InputError(f"{name}: expected RGB frames [F, H, W, 3], got shape {frames.shape}")
-  video = media.from_uint8(frames)
+  return frames
+
+
+def _centre_crop(h: int, w: int, height: int, width: int) -> tuple[slice, slice]:
+  """The rows and columns of an h × w frame kept when cropping it to height : width."""
+  if h * width > w * height:  # taller than the target aspect: crop rows
+    crop = round(w * height / width)
+    return slice((h - crop) // 2, (h - crop) // 2 + crop), slice(None)
+  crop = round(h * width / height)
+  return slice(None), slice((w - crop) // 2, (w - crop) // 2 + crop)
+
+
+def fit_size(frames: np.ndarray, height: int, width: int, name: str) -> np.ndarray:
+  """uint8 [F, h, w, 3] (or an image [h, w, 3]) → float [F, height, width, 3] in [−1, 1]."""
+  video = media.from_uint8(rgb_frames(frames, name))
   _, h, w, _ = video.shape
   if (h, w) == (height, width):
     return video
-  if h * width > w * height:  # taller than the target aspect: crop rows
-    crop = round(w * height / width)
-    video = video[:, (h - crop) // 2 : (h - crop) // 2 + crop]
-  else:
-    crop = round(h * width / height)
-    video = video[:, :, (w - crop) // 2 : (w - crop) // 2 + crop]
+  rows, cols = _centre_crop(h, w, height, width)
+  video = video[:, rows, cols]
   logging.warning(
     "%s: %dx%d resized to %dx%d (centre crop to the aspect ratio, then area resize)",
     *(name, h, w, height, width),
@@ -69,13 +85,88 @@ def patch_frames(video: np.ndarray, pt: int, keep: str, name: str) -> np.ndarray
   return video
 
 
+def fit_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+  """A bool mask [F, h, w] of pixels to regenerate fitted to [F, height, width] as `fit_size`
+  fits its video (centre crop, area resize): True wherever a True pixel contributes, so a pixel
+  to regenerate is never kept."""
+  _, h, w = mask.shape
+  if (h, w) == (height, width):
+    return mask
+  rows, cols = _centre_crop(h, w, height, width)
+  area = transforms.area_resize(mask[:, rows, cols, None].astype(np.float32), height, width)
+  return area[..., 0] > 0
+
+
+def region_mask(mask, shape: tuple[int, int, int], name: str = "mask") -> np.ndarray:
+  """The pixels to regenerate of a video of `shape` (F, H, W), as bool [F, H, W], from `mask`
+  [H, W] (every frame) or [F, H, W]: booleans or numbers in [0, 1], nonzero = regenerate.
+  Another size, or other values → InputError."""
+  mask, (f, h, w) = np.asarray(mask), shape
+  if mask.shape not in ((h, w), (f, h, w)):
+    raise InputError(
+      f"{name}: shape {mask.shape} does not fit the video's {f} frames of {h}×{w}; expected "
+      f"({h}, {w}) for every frame or ({f}, {h}, {w})"
+    )
+  if mask.dtype != bool:
+    numeric = np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating)
+    if not numeric or not (np.isfinite(mask).all() and 0 <= mask.min() and mask.max() <= 1):
+      values = f"{mask.min()} … {mask.max()}" if numeric else f"dtype {mask.dtype}"
+      raise InputError(
+        f"{name}: values {values}; expected booleans or numbers in [0, 1] (nonzero = regenerate)"
+      )
+  return np.broadcast_to(mask > 0, shape).copy()
+
+
+def frame_range(frames, num_frames: int, name: str = "frames") -> tuple[int, int]:
+  """(a, b) from `frames` = (a, b): regenerate frames a … b − 1 of a `num_frames`-frame video.
+  Not a pair of frame numbers, empty, or outside 0 … num_frames → InputError."""
+  try:
+    a, b = frames
+  except (TypeError, ValueError):
+    raise InputError(f"{name}={frames!r} is not a pair (a, b) of frame numbers") from None
+  if not all(isinstance(x, (int, np.integer)) for x in (a, b)):
+    raise InputError(f"{name}={frames!r} is not a pair (a, b) of frame numbers")
+  if a >= b:
+    raise InputError(f"{name}={a}:{b} is empty; expected a < b (frames a … b − 1 are regenerated)")
+  if a < 0 or b > num_frames:
+    raise InputError(
+      f"{name}={a}:{b} lies outside the video's {num_frames} frames; expected 0 ≤ a < b ≤ "
+      f"{num_frames}"
+    )
+  return int(a), int(b)
+
+
+def pool_all(mask: np.ndarray, block: tuple[int, int, int]) -> np.ndarray:
+  """bool [T, H, W] (multiples of `block`) → [T/bt, H/bh, W/bw]: True where the whole block is
+  (a token, or a latent cell, is kept only if everything it covers is)."""
+  t, h, w = mask.shape
+  bt, bh, bw = block
+  return mask.reshape(t // bt, bt, h // bh, bh, w // bw, bw).all(axis=(1, 3, 5))
+
+
+def latent_cells(kept: np.ndarray, compression: tuple[int, int, int]) -> np.ndarray:
+  """Kept pixels [1 + ft·k, fs·H', fs·W'] → kept latent cells [1 + k, H', W'] of a causal VAE
+  compressing (ft, fs, fs): frame 0 is latent frame 0 alone, then ft frames per latent frame;
+  a cell is kept only if every pixel of its footprint is (the encoder also sees its
+  neighbours, so kept cells next to regenerated pixels are approximate; docs/sampling.md)."""
+  ft, fs, _ = compression
+  return pool_all(np.concatenate([np.repeat(kept[:1], ft - 1, axis=0), kept]), (ft, fs, fs))
+
+
 @dataclasses.dataclass
 class Given:
-  """`video` [1 or N, T, H, W, 3] float (zeros where not given) and `frames` [T/pt] bool: which
-  patch-frames are given (any set: a head and a tail, or keyframes anywhere)."""
+  """`video` [1 or N, T, H, W, 3] float (only given tokens are read) and `frames` [T/pt] bool: which
+  patch-frames are given (any set: a head and a tail, or keyframes anywhere); with `cells`,
+  only those tokens of them (a region: retake, inpaint, outpaint)."""
 
   video: np.ndarray
   frames: np.ndarray
+  cells: np.ndarray | None = None  # [T/pt, H/ph, W/pw] bool given tokens; None: whole frames
+
+  @classmethod
+  def region(cls, video: np.ndarray, cells: np.ndarray) -> "Given":
+    """`video` with the tokens where `cells` [T/pt, H/ph, W/pw] is True given."""
+    return cls(video, cells.any(axis=(1, 2)), cells)
 
   @property
   def first(self) -> int:
@@ -90,6 +181,8 @@ class Given:
   def tokens(self, grid, patch_size) -> tuple[np.ndarray, np.ndarray]:
     """(x_cond [1 or N, L, P], cond_mask [L]) for a video of patch grid `grid`."""
     x_cond, positions, _ = patchify.patchify(self.video, patch_size)
+    if self.cells is not None:
+      return x_cond, self.cells[tuple(positions.T)]
     return x_cond, self.frames[positions[:, 0]]
 
 

@@ -9,7 +9,7 @@
   top1            top-1 and loss of a classifier on its validation split (classification)
   reconstruction  PSNR, SSIM and latent statistics on the validation split (autoencoder)
   class_samples   a PNG grid of generated images, one row per class (image_diffusion)
-  modes           every frame-conditioning mode on real `shapes` clips (given frames, motion)
+  modes           every conditioning mode (frames; retake, inpaint, outpaint) on real `shapes` clips
 
 An evaluator that does not apply to the run (e.g. `adherence` on a dataset other than `shapes`)
 raises `NotApplicable` and is skipped with a warning; one that fails is logged with its traceback

@@ -1,4 +1,4 @@
-"""`modes`: does every frame-conditioning mode do what it says, on real `shapes` clips?
+"""`modes`: does every conditioning mode of the sampler do what it says, on real `shapes` clips?
 
 Each of `num_videos` real validation clips (one object, at least the requested number of frames,
 the aspect ratios nearest the requested size's, resized to it) drives every mode of the task's
@@ -12,17 +12,29 @@ sampler (`vdit.sampling.Sampler`) with its own caption:
   loop         a loop from the clip's first frame: the last frame leads back to the first.
   edit         SDEdit at `strength` with the caption's colour word changed to the next colour of
                the vocabulary: the object takes the new colour and keeps its shape and motion.
+  retake       the middle half of the frames regenerated, the others given.
+  inpaint      a centred box of half the height and width regenerated in every frame.
+  outpaint     the clip's centre strip of half its width given, on a canvas of the full width:
+               the border generated.
+The regions of the last three are whole patches (`region`; a margin of a quarter of the
+patches, rounded, on either side), in the output's pixels: a latent run's patches of latent
+cells cover fs × fs pixels each, and its `size` is in latent units.
 
 Scores, `{mode}_{score}`, means over the clips:
   colour, shape, direction, all, temporal   `shapes_scorer` against the prompt (for `edit` the
                new colour with the clip's shape and direction; for `loop` only colour, shape and
                temporal: a loop's object comes back, it has no one direction);
   given_psnr   dB between the given frames and the same frames of the output (pixel space:
-               exact, reported as 99; latent space: within the VAE's round trip);
+               exact, reported as 99; latent space: within the VAE's round trip); inpaint and
+               outpaint: over the kept pixels;
   new_psnr     dB between the generated frames and the clip's own frames there (the objects
                move at constant speed: the clip is the answer), and `hold_psnr`, that of the
                nearest given frame held still: a model that does not continue the motion;
-  new_direction  the direction scored on the generated frames alone;
+               inpaint and outpaint: over the generated pixels, beside `fill_psnr`, that of
+               those pixels painted each frame's median kept colour (the background without
+               the object: a model that only extends the background);
+  new_direction  the direction scored on the generated frames alone (not for inpaint and
+               outpaint, whose generated pixels are a region of every frame);
   seam         loop: the mean |last − first| frame difference over the mean difference of
                consecutive frames (≈ 1: seamless; ≫ 1: a jump);
   track        edit: mean distance (px) between the object's centroid in the output and in the
@@ -36,10 +48,15 @@ import os
 import numpy as np
 
 from vdit.data import transforms
+from vdit.diffusion import given_frames
 from vdit.evaluators import Context, NotApplicable, predict_fn, shapes_scorer, validation
 from vdit.evaluators.adherence import write_grid
 
-MODES = ("i2v", "extend_fwd", "extend_bwd", "interpolate", "loop", "edit")
+MODES = (
+  *("i2v", "extend_fwd", "extend_bwd", "interpolate", "loop", "edit"),
+  *("retake", "inpaint", "outpaint"),
+)
+REGIONS = {"retake": (0,), "inpaint": (1, 2), "outpaint": (2,)}  # the axes each halves
 SCORES = ("colour", "shape", "direction", "all", "temporal")
 
 
@@ -73,9 +90,13 @@ def recoloured(caption: str, vocab: shapes_scorer.Vocabulary) -> str:
 
 
 def frames(mode: str, t: int, pt: int) -> tuple[np.ndarray, np.ndarray] | None:
-  """(given, generated) frame masks [T] of a T-frame video in a frame-conditioning mode (None
-  for loop and edit); given spans are whole patch-frames of `pt` frames. In i2v the image fills
-  the first patch-frame as a still: only its frame 0 is the clip's, and the rest is generated."""
+  """(given, generated) frame masks [T] of a T-frame video in a frame-conditioning mode or
+  retake (None for the others); given spans are whole patch-frames of `pt` frames. In i2v the
+  image fills the first patch-frame as a still: only its frame 0 is the clip's, and the rest is
+  generated."""
+  if mode == "retake":
+    given = kept(region(mode, (t, 1, 1), (pt, 1, 1)), (pt, 1, 1))[:, 0, 0]
+    return given, ~given
   half, quarter = max(pt, t // 2 // pt * pt), max(pt, t // 4 // pt * pt)
   index = np.arange(t)
   given = {
@@ -87,6 +108,58 @@ def frames(mode: str, t: int, pt: int) -> tuple[np.ndarray, np.ndarray] | None:
   if given is None:
     return None
   return given, ~given & ~((mode == "i2v") & (index < pt))
+
+
+def region(mode: str, shape: tuple[int, int, int], patch: tuple[int, int, int]) -> np.ndarray:
+  """The pixels [T, H, W] a region mode asks to regenerate in a clip of `shape` (T, H, W):
+  retake the middle half of the frames, inpaint a centred box of half the height and width in
+  every frame, outpaint all but a centred strip of half the width (the crop that is given).
+  Each middle half leaves a margin of whole patches (`patch` = (pt, ph, pw) pixels, counted
+  from the top-left as the sampler's canvas) on either side: a quarter of the patches, rounded,
+  ≥ 1. Fewer than 3 patches along an axis the mode halves → ValueError."""
+  middle = np.ones(shape, bool)
+  for axis in REGIONS[mode]:
+    n, p = shape[axis], patch[axis]
+    count = -(-n // p)
+    if count < 3:
+      name = ("frames", "height", "width")[axis]
+      raise ValueError(
+        f"{mode}: the {name} ({n}) span {count} patch(es) of {p}; a centred region with a "
+        "margin kept on either side needs ≥ 3"
+      )
+    lo = max(1, (count + 2) // 4) * p
+    span = (np.arange(n) >= lo) & (np.arange(n) < n - lo)
+    middle &= np.expand_dims(span, [a for a in range(3) if a != axis])
+  return ~middle if mode == "outpaint" else middle
+
+
+def kept(regen: np.ndarray, patch: tuple[int, int, int]) -> np.ndarray:
+  """The pixels [T, H, W] the sampler keeps when asked to regenerate `regen` [T, H, W]: a patch
+  (`patch` pixels on the canvas of whole patches from the top-left, its extra pixels repeating
+  the edge) is kept only if all its pixels are; the others are generated."""
+  pad = [(0, -n % p) for n, p in zip(regen.shape, patch)]
+  cells = given_frames.pool_all(~np.pad(regen, pad, mode="edge"), patch)
+  for axis, p in enumerate(patch):
+    cells = cells.repeat(p, axis)
+  return cells[tuple(slice(n) for n in regen.shape)]
+
+
+def filled(clip: np.ndarray, keep: np.ndarray) -> np.ndarray:
+  """The clip with its pixels outside `keep` [T, H, W] painted, frame by frame, the per-channel
+  median of the frame's kept pixels: the background without the object (the inpaint and
+  outpaint baseline)."""
+  out = clip.copy()
+  for frame, k in zip(out, keep):
+    frame[~k] = np.round(np.median(frame[k], axis=0)).astype(np.uint8)
+  return out
+
+
+def pixel_patch(sampler) -> tuple[int, int, int]:
+  """A token's footprint (frames, rows, columns) in the sampler's output pixels (latent space:
+  its latent cells are fs × fs pixels each; time compression 1, as `evaluate` requires)."""
+  fs = sampler.codec.compression[1] if sampler.codec is not None else 1
+  pt, ph, pw = sampler.patch_size
+  return pt, fs * ph, fs * pw
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -123,13 +196,14 @@ def track(video: np.ndarray, colour: str, clip: np.ndarray, clip_colour: str) ->
   return float(np.linalg.norm(a[both] - b[both], axis=-1).mean())
 
 
-def score(mode: str, video, clip, caption: str, vocab, pt: int) -> dict[str, float]:
+def score(mode: str, video, clip, caption: str, vocab, patch) -> dict[str, float]:
   """The scores (module doc) of one output `video` of `mode` for the real `clip` and its
-  `caption` (the edit prompt is `recoloured(caption)`)."""
+  `caption` (the edit prompt is `recoloured(caption)`); `patch`: a token's pixels (pt, ph, pw,
+  `pixel_patch`)."""
   prompt = recoloured(caption, vocab) if mode == "edit" else caption
   s = shapes_scorer.score(video, prompt, vocab)
   out = {k: s[f"{k}_ok"] for k in SCORES[:4]} | {"temporal": s["temporal"]}
-  masks = frames(mode, len(clip), pt)
+  masks = frames(mode, len(clip), patch[0])
   if masks is not None:
     given, new = masks
     out["given_psnr"] = psnr(video[given], clip[given])
@@ -142,15 +216,20 @@ def score(mode: str, video, clip, caption: str, vocab, pt: int) -> dict[str, flo
   if mode == "edit":
     new, (old,) = shapes_scorer.parse_caption(prompt)[0], shapes_scorer.parse_caption(caption)
     out["track"] = track(video, new.colour, clip, old.colour)
+  if mode in ("inpaint", "outpaint"):
+    keep = kept(region(mode, clip.shape[:3], patch), patch)
+    out["given_psnr"] = psnr(video[keep], clip[keep])
+    out["new_psnr"] = psnr(video[~keep], clip[~keep])
+    out["fill_psnr"] = psnr(filled(clip, keep)[~keep], clip[~keep])
   return out
 
 
 def generate(sampler, mode: str, clip: np.ndarray, caption: str, vocab, **options) -> np.ndarray:
   """One output [T, H, W, 3] of `mode` for a real clip [T, H, W, 3] (pixels) and its caption;
   `options`: height and width (the model's units), strength (edit) and the sampling options."""
-  t, pt = len(clip), sampler.pt
+  t, patch = len(clip), pixel_patch(sampler)
   strength = options.pop("strength")
-  masks = frames(mode, t, pt)
+  masks = frames(mode, t, patch[0])
   if mode == "i2v":
     out = sampler.image_to_video([caption], clip[0], num_frames=t, **options)
   elif mode in ("extend_fwd", "extend_bwd"):
@@ -163,6 +242,14 @@ def generate(sampler, mode: str, clip: np.ndarray, caption: str, vocab, **option
     out = sampler.loop([caption], image=clip[0], num_frames=t, **options)
   elif mode == "edit":
     out = sampler.edit([recoloured(caption, vocab)], clip, strength=strength, **options)
+  elif mode == "retake":
+    new = np.flatnonzero(masks[1])
+    out = sampler.retake([caption], clip, frames=(int(new[0]), int(new[-1]) + 1), **options)
+  elif mode == "inpaint":
+    out = sampler.inpaint([caption], clip, region(mode, clip.shape[:3], patch)[0], **options)
+  elif mode == "outpaint":  # the centre strip given, the canvas of the clip's width (options)
+    given = np.flatnonzero(~region(mode, clip.shape[:3], patch)[0, 0])
+    out = sampler.outpaint([caption], clip[:, :, given[0] : given[-1] + 1], **options)
   else:
     raise ValueError(f"mode={mode!r} is unknown; expected one of {MODES}")
   return out[0]
@@ -200,16 +287,19 @@ def evaluate(
       f"the autoencoder compresses time ×{sampler.codec.compression[0]}; given frames are "
       "compared frame by frame, which needs a per-frame autoencoder"
     )
+  pixels, patch = sampler.pixel_size(t, h, w), pixel_patch(sampler)
+  for mode in [m for m in modes if m in REGIONS]:
+    region(mode, pixels, patch)  # too small: ValueError before any sampling
   dataset, variant = validation.pixel_dataset(config)
   if dataset != "shapes":
     raise NotApplicable(f"it scores `shapes` clips, and the run's videos are {dataset!r}")
   variant = dataset_config or variant
   data = validation.source(config, dataset, variant)
   vocab = shapes_scorer.Vocabulary.of_dataset(variant)
-  real, captions = clips(data, num_videos, sampler.pixel_size(t, h, w), vocab)
+  real, captions = clips(data, num_videos, pixels, vocab)
   options = dict(height=h, width=w, steps=steps, strength=strength)
   options["guidance"] = config.sample.guidance if guidance is None else guidance
-  ceiling = _mean([score("t2v", c, c, p, vocab, sampler.pt) for c, p in zip(real, captions)])
+  ceiling = _mean([score("t2v", c, c, p, vocab, patch) for c, p in zip(real, captions)])
   out = {f"real_{k}": v for k, v in ceiling.items()}
   grid_dir = os.path.join(workdir, "samples", str(step))
   write_grid(os.path.join(grid_dir, "modes_real.gif"), list(real))
@@ -218,7 +308,7 @@ def evaluate(
     for i, (clip, caption) in enumerate(zip(real, captions)):
       video = generate(sampler, mode, clip, caption, vocab, seed=seed + i, **options)
       videos.append(video)
-      scores.append(score(mode, video, clip, caption, vocab, sampler.pt))
+      scores.append(score(mode, video, clip, caption, vocab, patch))
     write_grid(os.path.join(grid_dir, f"modes_{mode}.gif"), videos)
     out.update({f"{mode}_{k}": v for k, v in _mean(scores).items()})
   return out | {"count": len(real)}
