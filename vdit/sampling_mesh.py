@@ -11,8 +11,8 @@ too long for one device's memory is thus sampled on many.
 A row is padded to a multiple of its `sequence` shards with padding tokens (segment id 0 and
 position 0, as the packer pads): attention never crosses segment ids, so they change nothing
 for the video's tokens and are cut off after sampling. The video equals the unsharded one up
-to float reduction order (the samplers' fresh noise, "stochastic" and "ddpm", is drawn at the
-padded shape, so those differ by the draw).
+to float reduction order (the fresh noise of "stochastic", "ddpm" and "ddim" with η > 0 is
+drawn at the padded shape, so those differ by the draw).
 """
 
 import math
