@@ -127,3 +127,31 @@ def test_tiny_config_compiles_for_a_v5e_slice(tmp_path):
   assert 0 < roof["mfu_upper_bound"] <= 1
   sampler = report["sampler_step"]
   assert sampler["memory_per_device"]["fits"] and sampler["tokens_per_video"] == 4 * 8 * 12
+
+
+@pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu not installed: pip install -e '.[tpu]'")
+@pytest.mark.slow
+def test_one_video_sampler_step_splits_its_tokens_over_sequence(tmp_path):
+  """`--sampler_mesh=sequence:4 --sampler_video=…`: one video of 765 tokens, padded to 768 and
+  split over 4 chips; each chip computes a quarter of the step (XLA's FLOPs per device ≈ the
+  model's forward / 4; a replicated video would cost each chip the whole forward)."""
+  out = tmp_path / "report.json"
+  proc = subprocess.run(
+    [sys.executable, "-m", "vdit.tools.aot", "--config=configs/vdit/sora.py:tiny"]
+    + ["--topology=v5e:2x2", "--notrain", "--sampler_mesh=sequence:4"]
+    + ["--sampler_video=6x60x68", f"--out={out}"],
+    capture_output=True,
+    text=True,
+    cwd=configs.REPO,
+    timeout=1800,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert "train_step" not in report
+  sampler = report["sampler_step"]
+  assert sampler["videos"] == 1 and sampler["mesh"]["sequence"] == 4
+  assert sampler["tokens_per_video"] == 3 * 15 * 17 and sampler["padded_tokens_per_video"] == 768
+  assert sampler["memory_per_device"]["fits"]
+  ratio = sampler["flops_per_device"] / sampler["model_flops_per_device"]
+  assert 1.0 <= ratio < 1.5, ratio
+  assert sampler["collectives_gib_per_device"]["all-gather"] > 0  # the keys and values

@@ -4,6 +4,8 @@
 TPU, so these tests catch upstream changes of the (private) splash internals.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from vdit import sharding
+from vdit import axes, sharding
 from vdit.models import layers, posemb, splash
 from vdit.tools.bench import attention as bench_attention
 
@@ -122,14 +124,26 @@ def test_block_metadata_skips_blocks_across_examples():
   assert splash.ideal_fraction(row) <= fraction == visible.mean() < 0.5
 
 
-def test_splash_under_a_mesh_matches_xla():
-  devices = np.asarray(jax.devices()[:8]).reshape(2, 2, 1, 2)
-  mesh = Mesh(devices, sharding.MESH_AXES)
+@pytest.mark.parametrize(
+  "shape", [(2, 2, 1, 2), (1, 1, 4, 2)], ids=["data2-fsdp2-tensor2", "seq4-tensor2"]
+)
+def test_splash_under_a_mesh_matches_xla(shape):
+  """Rows, heads and (with a `sequence` axis) the queries split over the mesh: values and the
+  gradients of q, k and v (summed over the query shards) equal the unsharded `xla` ones."""
+  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(shape), sharding.MESH_AXES)
   ids = packed_ids([[100, 28], [128], [64, 64], [50]], 128)
   q, k, v = qkv(4, 128, 128, heads=2, seed=2)
+  split = dict(backend="splash", length_axis=axes.LENGTH)
+
+  def loss(q, k, v, **kw):
+    return jnp.sum(jnp.sin(layers.attention(q, k, v, ids, ids, **kw)))
+
   with sharding.activate(mesh, sharding.DEFAULT_RULES):
-    out = jax.jit(lambda q, k, v: layers.attention(q, k, v, ids, ids, backend="splash"))(q, k, v)
+    out = jax.jit(lambda q, k, v: layers.attention(q, k, v, ids, ids, **split))(q, k, v)
+    grads = jax.jit(jax.grad(functools.partial(loss, **split), argnums=(0, 1, 2)))(q, k, v)
   np.testing.assert_allclose(out, layers.attention(q, k, v, ids, ids), atol=1e-5)
+  for got, want in zip(grads, jax.grad(loss, argnums=(0, 1, 2))(q, k, v), strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_cudnn_backend_errors_clearly_off_gpu():

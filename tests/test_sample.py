@@ -85,6 +85,15 @@ def test_cli_modes_write_the_requested_files(data_dir, tmp_path):
   check_ok(out, gif)
   assert media.read_video(gif).shape == (6, 8, 12, 3)
 
+  # The same t2v with the video's 24 tokens split over 8 devices (`--mesh`): the same video.
+  size = ["--prompt=a red circle", *"--num_frames=6 --height=8 --width=12".split()]
+  one, seq8 = str(tmp_path / "one.npz"), str(tmp_path / "seq8.npz")
+  check_ok(run_sample(workdir, *size, f"--out={one}"), one)
+  check_ok(run_sample(workdir, *size, "--mesh=sequence:8", f"--out={seq8}"), seq8)
+  (frames_one, _), (frames_seq8, meta) = read_npz(one), read_npz(seq8)
+  assert meta["mesh"] == "sequence:8" and frames_seq8.shape == (6, 8, 12, 3)
+  assert np.abs(frames_seq8.astype(int) - frames_one).max() <= 1
+
   # t2i as MP4: one frame; the heun sampler and a guidance interval are accepted.
   mp4 = str(tmp_path / "t2i.mp4")
   flags = "--mode=t2i --height=16 --width=8 --sampler=heun --guidance_interval=0.1,0.9"

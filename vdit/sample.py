@@ -8,13 +8,15 @@ r"""Generating videos from a trained checkpoint: the command line of `vdit.sampl
       --keyframes=img0.png@0,img1.png@12,img2.png@23 --prompt=... --out=x.gif
   python -m vdit.sample --workdir=runs/shapes --mode=retake --video=clip.mp4 --frames=4:8 \
       --prompt=... --out=x.gif
+  python -m vdit.sample --workdir=runs/sora --mesh=sequence:8 --prompt=... --out=x.mp4
 
 Modes: t2v, t2i, i2v, extend, interpolate, keyframes, edit (SDEdit), loop, retake, inpaint,
 outpaint — docs/sampling.md shows each. Any size works (one that is not a patch multiple is
 cropped from a canvas of whole patches); impossible requests fail with one line naming the bad
 flag before any compute (`InputError`). In latent space (`config.autoencoder`)
 sizes are in latent units and the videos are decoded to pixels (`vdit.sampling`); `.npz`
-outputs keep the latents too.
+outputs keep the latents too. `--mesh=sequence:8` samples one video on 8 devices, its tokens
+split over them (`vdit.sampling_mesh`).
 """
 
 import math
@@ -77,6 +79,13 @@ def _define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("label", None, "Class label (class-conditional models).", **fv)
   flags.DEFINE_integer("seed", 0, "Noise seed.", **fv)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).", **fv)
+  flags.DEFINE_string(
+    "mesh",
+    None,
+    "Devices to sample on, e.g. sequence:8 (one video's tokens split over 8 devices) or "
+    "sequence:4,tensor:2; sizes multiply to the device count, one may be -1 (default: none).",
+    **fv,
+  )
   flags.DEFINE_integer("display_scale", 1, "Nearest-neighbour upscaling of GIF/MP4 output.", **fv)
   flags.DEFINE_float("fps", 8.0, "Frames per second of GIF/MP4 output.", **fv)
   flags.DEFINE_string("out", None, "Output file: .gif, .mp4 or .npz.", **fv)
@@ -237,7 +246,7 @@ def main(argv):
   f = flags.FLAGS
   try:
     prompts, inputs = _request(f)
-    sampler = sampling.load(f.workdir, f.step)
+    sampler = sampling.load(f.workdir, f.step, mesh=f.mesh)
     videos, used = _generate(sampler, f, prompts, inputs)
   except (InputError, checkpointing.NoCheckpointError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
@@ -247,7 +256,7 @@ def main(argv):
     meta = dict(mode=f.mode, prompt=prompt, workdir=f.workdir, step=f.step)
     meta.update(used)
     meta.update(zip(("num_frames", "height", "width"), video.shape[:3]))
-    names = ("image", "video", "video2", "label", "frames", "mask")
+    names = ("image", "video", "video2", "label", "frames", "mask", "mesh")
     meta.update({k: f[k].value for k in names if f[k].value})
     meta.update({"keyframes": ",".join(f.keyframes)} if f.keyframes else {})
     latent = sampler.last_latents is not None and path.endswith(".npz")

@@ -29,7 +29,17 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vdit import caption_embedders, checkpointing, latent_codec, media, models, sharding, tasks
+from vdit import (
+  caption_embedders,
+  checkpointing,
+  latent_codec,
+  media,
+  models,
+  sampling_mesh,
+  sharding,
+  tasks,
+)
+from vdit.axes import BATCH, HEADS, LENGTH
 from vdit.data import caption_table, patchify, tokenizer
 from vdit.diffusion import given_frames, objectives
 from vdit.diffusion.given_frames import InputError, fit_size, patch_frames
@@ -84,9 +94,19 @@ class Sampler:
   params: Any
   model: Any = None
   codec: Any = None  # latents → pixels (`latent_codec.Codec`); None: config.autoencoder
+  # The mesh to sample on (`sampling_mesh.make`: a Mesh, {"sequence": 8} or "sequence:8"): one
+  # video's tokens over `sequence`, heads over `tensor`, params as the run's rules say. None:
+  # the params' own placement.
+  mesh: Any = None
 
   def __post_init__(self):
     self.model = self.model or models.build(self.config)
+    self.mesh = sampling_mesh.make(self.mesh)
+    self.rules = sharding.rules_from_config(self.config.sharding_rules)
+    if self.mesh is not None:  # a no-op for params restored on this mesh (`load`)
+      dummy = lambda: tasks.get(self.config).dummy_inputs(self.config)
+      shardings = sampling_mesh.param_shardings(self.model, dummy, self.mesh, self.rules)
+      self.params = jax.device_put(self.params, shardings)
     self.channels = models.channels(self.config)
     if self.codec is None and self.config.get("autoencoder"):
       self.codec = latent_codec.load(self.config.autoencoder)
@@ -296,13 +316,17 @@ class Sampler:
     """Bytes a sampling step of `rows` rows of `length` tokens needs at its peak, roughly: the
     attention logits and probabilities of one block ([rows, heads, L, L] float32 each with
     the dense `xla` backend; the kernels keep O(L)), one block's live activations, and the
-    sampler's per-token arrays (noise, given frames, state, velocities, neighbour windows)."""
+    sampler's per-token arrays (noise, given frames, state, velocities, neighbour windows).
+    On a mesh, per device: rows over `data` × `fsdp`, tokens over `sequence`, the logits'
+    heads over `tensor`."""
     m = self.config.model
+    b, s, t = (sampling_mesh.shards(self.mesh, self.rules, a) for a in (BATCH, LENGTH, HEADS))
+    rows, local = -(-rows // b), -(-length // s)
     patch_dim = int(np.prod(self.patch_size)) * self.channels
     window = int(np.prod(m.get("patch_context", ()) or (1,)))
     per_token = 4 * (m.width * (6 + 2 * m.mlp_ratio) + patch_dim * (8 + window))
-    attention = 8 * m.num_heads * length if m.attention_backend == "xla" else 0
-    return rows * length * (per_token + attention)
+    attention = 8 * -(-m.num_heads // t) * local * s if m.attention_backend == "xla" else 0
+    return rows * local * (per_token + attention)
 
   def check_memory(self, rows: int, length: int) -> None:
     """InputError, before any allocation, if `memory_estimate` exceeds the memory available
@@ -471,8 +495,9 @@ class Sampler:
     if given is not None:
       x_cond[:], cond_mask[:] = given.tokens(grid, self.patch_size)
     x_init = x_cond * 0 + (0 if init is None else patchify.patchify(init, self.patch_size)[0])
-    x0 = objectives.sample_rows(
-      *(self.model, self.params, rows, noise, x_cond, cond_mask, x_init, rng),
+    x0 = sampling_mesh.sample_rows(
+      *(self.model, self.params, self.mesh, self.rules),
+      *(rows, noise, x_cond, cond_mask, x_init, rng),
       float(guidance),
       interval,
       spec=self.spec,
@@ -480,7 +505,7 @@ class Sampler:
       sampler=sampler,
       strength=float(strength),
     )
-    x0 = sharding.to_host(x0)  # sharded params: the videos may span hosts
+    x0 = sharding.to_host(x0)[:, :length]  # the videos may span hosts; padding cut off
     videos = patchify.unpatchify(x0, grid, self.patch_size, self.channels)
     videos = videos[:, np.arange(t) if frames is None else frames, :h, :w]
     if self.codec is not None:
@@ -507,14 +532,17 @@ def _available_bytes() -> int | None:
 # ---------------------------------------------------------------------------------------------
 # Loading from a workdir.
 # ---------------------------------------------------------------------------------------------
-def load(workdir: str, step: int | None = None) -> Sampler:
-  """The EMA params of the latest (or given) checkpoint in `workdir`, replicated locally."""
+def load(workdir: str, step: int | None = None, mesh: Any = None) -> Sampler:
+  """The EMA params of the latest (or given) checkpoint in `workdir`: replicated locally, or
+  restored sharded on `mesh` (`Sampler.mesh`) and sampled there."""
+  mesh = sampling_mesh.make(mesh)
   config = checkpointing.read_config(workdir)
   if tasks.name_of(config) != "video_diffusion":
     raise InputError(
       f"{workdir!r} holds a task={tasks.name_of(config)!r} run; vdit.sample generates from "
       "video_diffusion runs (configs/vdit/*.py)"
     )
-  config, step, params = restore.ema_params(workdir, step, config)
+  config, step, params = restore.ema_params(workdir, step, config, mesh)
   logging.info("loaded step %d from %s", step, workdir)
-  return Sampler(config=config, params=params, model=tasks.get(config).build_model(config))
+  model = tasks.get(config).build_model(config)
+  return Sampler(config=config, params=params, model=model, mesh=mesh)

@@ -122,6 +122,7 @@ def attention(
   *,
   backend: str = "xla",
   bias: jax.Array | None = None,
+  length_axis: str | None = None,
 ) -> jax.Array:
   """Scaled dot-product attention that never crosses segments (NaViT "Patch n' Pack").
 
@@ -131,6 +132,8 @@ def attention(
   returns 0, with zero gradient, never NaN. Returns [B, Lq, H, Dh]. Every backend computes the
   same function (Lq != Lk included); `splash` skips the blocks that cross examples.
   `bias` ([B, H, Lq, Lk], added to the logits; `locality_bias`) needs the "xla" backend.
+  `length_axis`: the queries' logical length axis; under a mesh `splash` splits the queries
+  over its mesh axes (the `xla` backend follows the constraints around it).
   """
   if backend not in ATTENTION_BACKENDS:
     raise ValueError(
@@ -139,9 +142,8 @@ def attention(
   if bias is not None and backend != "xla":
     raise ValueError(f"an attention bias (locality) needs backend='xla', not {backend!r}")
   if backend == "splash":
-    return splash.sharded_splash_attention(
-      q, k, v, q_segment_ids, kv_segment_ids, batch_axis=BATCH, heads_axis=HEADS
-    )
+    names = dict(batch_axis=BATCH, heads_axis=HEADS, length_axis=length_axis)
+    return splash.sharded_splash_attention(q, k, v, q_segment_ids, kv_segment_ids, **names)
   mask = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, Lq, Lk]
   if backend == "xla":
     return masked_attention(q, k, v, mask, bias)
@@ -361,7 +363,8 @@ class MultiHeadAttention(nn.Module):
     q = nn.with_logical_constraint(q, (BATCH, self.length_axis, HEADS, KV))
     k = nn.with_logical_constraint(k, (BATCH, kv_axis, HEADS, KV))
     v = nn.with_logical_constraint(v, (BATCH, kv_axis, HEADS, KV))
-    out = attention(q, k, v, segment_ids, context_segment_ids, backend=self.backend, bias=bias)
+    ids = (segment_ids, context_segment_ids)
+    out = attention(q, k, v, *ids, backend=self.backend, bias=bias, length_axis=self.length_axis)
     out = nn.with_logical_constraint(out, (BATCH, self.length_axis, HEADS, KV))
     out = dense(
       width, (HEADS, KV, EMBED), axis=(-2, -1), zero_init=self.zero_init_out, name="out", **kw

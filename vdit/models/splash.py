@@ -184,14 +184,25 @@ def splash_attention(
 
 
 def sharded_splash_attention(
-  q, k, v, q_segment_ids, kv_segment_ids, *, batch_axis: str, heads_axis: str
+  q,
+  k,
+  v,
+  q_segment_ids,
+  kv_segment_ids,
+  *,
+  batch_axis: str,
+  heads_axis: str,
+  length_axis: str | None = None,
 ) -> jax.Array:
   """`splash_attention` per device: rows over the mesh axes of the logical `batch_axis`, heads
-  over those of `heads_axis` (the logical rules in context, as `nn.logical_axis_rules`).
+  over those of `heads_axis`, queries over those of `length_axis` (the logical rules in
+  context, as `nn.logical_axis_rules`).
 
   A Pallas kernel is opaque to the SPMD partitioner, so under a mesh (`jax.set_mesh`) it runs in
-  `shard_map`; the lengths are gathered (no sequence-parallel attention), and a dimension the
-  mesh axes do not divide is replicated. Without a mesh it is `splash_attention`.
+  `shard_map`. The keys and values are gathered and each device attends its share of the
+  queries to the whole row: all-gather sequence parallelism, as the `xla` backend's (the
+  gradients of the keys and values are summed over the query shards). A dimension the mesh
+  axes do not divide is replicated. Without a mesh it is `splash_attention`.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
@@ -204,13 +215,16 @@ def sharded_splash_attention(
     return axes if names and size % n == 0 else None
 
   rows, heads = mesh_axes(batch_axis, q.shape[0]), mesh_axes(heads_axis, q.shape[2])
-  qkv = PartitionSpec(rows, None, heads, None)
-  ids = PartitionSpec(rows, None)
+  length = mesh_axes(length_axis, q.shape[1]) if length_axis else None
+  names = lambda a: set() if a is None else {a} if isinstance(a, str) else set(a)
+  if names(length) & (names(rows) | names(heads)):  # a mesh axis can split one dimension only
+    length = None
+  q_spec, kv_spec = PartitionSpec(rows, length, heads, None), PartitionSpec(rows, None, heads, None)
   return jax.shard_map(
     splash_attention,
     mesh=mesh,
-    in_specs=(qkv, qkv, qkv, ids, ids),
-    out_specs=qkv,
+    in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(rows, length), PartitionSpec(rows, None)),
+    out_specs=q_spec,
     check_vma=False,
   )(q, k, v, q_segment_ids, kv_segment_ids)
 

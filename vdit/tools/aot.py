@@ -3,13 +3,17 @@ r"""Plan a TPU run from a laptop: compile the real train step for a TPU topology
   python -m vdit.tools.aot --config=configs/vdit/sora.py:size=8B --topology=v6e:16x16
   python -m vdit.tools.aot --config=configs/vdit/sora.py:size=1B      # the config's aot_topology
   python -m vdit.tools.aot --config=configs/vdit/shapes.py:tiny --topology=v5e:2x2 --nosampler
+  python -m vdit.tools.aot --config=configs/vdit/sora.py:size=3B --topology=v5p:4x4x8 --notrain \
+      --sampler_mesh=sequence:64,tensor:2 --sampler_video=240x1080x1920   # one 10 s 1080p video
 
 Needs the `libtpu` wheel (`pip install -c constraints.txt -e '.[tpu]'`), but no TPU: XLA's TPU
 compiler runs on this CPU against compile-only devices of the topology
 (`jax.experimental.topologies`). The train step is `vdit.train.jit_train_step` — the same
 jitted, sharded, donated step as a real run, with the config's mesh, logical rules, dtype,
 remat policy and gradient accumulation; the sampler step is one classifier-free-guided
-velocity evaluation (model on the conditional + null rows) of the config's sample size.
+velocity evaluation (model on the conditional + null rows) of the config's sample size, or of
+`--sampler_video`, on the train mesh or on `--sampler_mesh` (one video's tokens over `sequence`,
+placed as `vdit.sampling_mesh` places them).
 
 Reported per device (a chip, or a TensorCore where a chip has two devices):
   memory   XLA's buffer assignment: arguments (state + batch), outputs, aliased (donated
@@ -32,8 +36,10 @@ Reported per device (a chip, or a TensorCore where a chip has two devices):
            bound, not a forecast.
 """
 
+import functools
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -49,7 +55,17 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from vdit import batch_spec, config_lib, models, sharding, tasks, train, train_state  # noqa: E402
+from vdit import (  # noqa: E402
+  axes,
+  batch_spec,
+  config_lib,
+  models,
+  sampling_mesh,
+  sharding,
+  tasks,
+  train,
+  train_state,
+)
 from vdit.models import flops  # noqa: E402
 from vdit.tools import roofline  # noqa: E402
 from vdit.tools.roofline import CHIPS, COLLECTIVES, Chip, GiB  # noqa: E402
@@ -112,22 +128,35 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh):
   return lowered, train_state.num_params(builder.abstract.params)
 
 
-def sample_rows(config: ml_collections.ConfigDict, mesh) -> int:
-  """Videos per sampler step: one per batch shard (each as a conditional and a null row)."""
-  shape = dict(mesh.shape)
-  return shape["data"] * shape["fsdp"]
+def sampler_tokens(
+  config: ml_collections.ConfigDict, size: tuple[int, int, int] | None = None
+) -> int:
+  """Tokens of one video of `size` (frames, height, width; default: the config's `sample` size)
+  on the canvas of whole patches the sampler generates it on (`Sampler.canvas`)."""
+  s = config.sample
+  size = size or (s.num_frames, s.height, s.width)
+  return math.prod(-(-int(n) // p) for n, p in zip(size, config.input.patch_size))
 
 
-def lower_sampler_step(config: ml_collections.ConfigDict, mesh):
-  """One Euler step of guided sampling: v = v_null + s·(v_cond − v_null), x ← x − Δt·v."""
+def lower_sampler_step(
+  config: ml_collections.ConfigDict, mesh, size: tuple[int, int, int] | None = None
+):
+  """One Euler step of guided sampling: v = v_null + s·(v_cond − v_null), x ← x − Δt·v.
+
+  Videos of `size` (default: the config's `sample` size), one per row shard of `mesh`
+  (data × fsdp), each as a conditional and a null row; placed as `vdit.sampling_mesh` places
+  them: tokens over `sequence`, padded to its shards, params as the rules say. Returns the
+  lowered step, the videos, the tokens per video and the padded length.
+  """
   rules = sharding.rules_from_config(config.sharding_rules)
   builder = train_state.build(config, mesh, rules, tasks.get(config))
-  s, p = config.sample, tuple(config.input.patch_size)
-  length = (s.num_frames // p[0]) * (s.height // p[1]) * (s.width // p[2])
-  n, m = sample_rows(config, mesh), config.input.max_caption_tokens
+  s = config.sample
+  length = sampler_tokens(config, size)
+  n, m = sampling_mesh.shards(mesh, rules, axes.BATCH), config.input.max_caption_tokens
+  padded = sampling_mesh.padded_length(length, mesh, rules)
   rows = {
-    "positions": ((2 * n, length, 3), jnp.int32),
-    "segment_ids": ((2 * n, length), jnp.int32),
+    "positions": ((2 * n, padded, 3), jnp.int32),
+    "segment_ids": ((2 * n, padded), jnp.int32),
     "text_tokens": ((2 * n, m), jnp.int32),
     "text_segment_ids": ((2 * n, m), jnp.int32),
     "labels": ((2 * n, 1), jnp.int32),
@@ -165,8 +194,8 @@ def lower_sampler_step(config: ml_collections.ConfigDict, mesh):
   )
   args = (
     builder.abstract.ema_params,
-    jax.ShapeDtypeStruct((n, length, models.patch_dim(config)), jnp.float32, sharding=x_sharding),
-    jax.ShapeDtypeStruct((n, length), jnp.float32, sharding=t_sharding),
+    jax.ShapeDtypeStruct((n, padded, models.patch_dim(config)), jnp.float32, sharding=x_sharding),
+    jax.ShapeDtypeStruct((n, padded), jnp.float32, sharding=t_sharding),
     jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh)),
     {
       k: jax.ShapeDtypeStruct(shape, dtype, sharding=row_shardings[k])
@@ -174,7 +203,7 @@ def lower_sampler_step(config: ml_collections.ConfigDict, mesh):
     },
   )
   with sharding.activate(mesh, rules):
-    return fn.lower(*args), n, length
+    return fn.lower(*args), n, length, padded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,12 +287,17 @@ def report(
   config: ml_collections.ConfigDict,
   topology: str,
   *,
+  train_step: bool = True,
   sampler: bool = True,
   costs: bool = True,
+  sampler_mesh: sampling_mesh.MeshRequest = None,
+  sampler_video: tuple[int, int, int] | None = None,
 ) -> dict[str, Any]:
   """Compiles the train (and sampler) step of `config` for `topology`; returns the report.
 
   `costs=False` skips the FLOPs / bytes / roofline part (three extra compiles per program).
+  The sampler step runs on `sampler_mesh` ("sequence:64,tensor:2"; default: the train mesh)
+  and generates videos of `sampler_video` (frames, height, width; default: `config.sample`).
   """
   chip, devices, chips = topology_devices(topology)
   per_chip = len(devices) // chips
@@ -275,11 +309,16 @@ def report(
   accum = train_state.accumulation_steps(config.optimizer)
 
   _log(f"{topology}: {len(devices)} devices, {hosts} hosts, mesh {dict(mesh.shape)}")
-  train_report, (n_params,) = _compile(
-    "train step", lambda: lower_train_step(config, mesh), capacity
-  )
   tokens = inp.rows_per_batch * inp.tokens_per_row
-  if costs:
+  if train_step:
+    train_report, (n_params,) = _compile(
+      "train step", lambda: lower_train_step(config, mesh), capacity
+    )
+  else:
+    model, dummy = models.build(config), models.dummy_inputs(config)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy))["params"]
+    n_params = train_state.num_params(params)
+  if train_step and costs:
     _log("  FLOPs, bytes and collectives from unrolled 1-/2-layer compiles")
     shape = (inp.rows_per_batch, inp.tokens_per_row, inp.text_tokens_per_row)
     useful = 3 * model_flops(config, *shape) / len(devices)
@@ -314,24 +353,32 @@ def report(
       "hbm_gbps_per_chip": chip.hbm_bandwidth / 1e9,
       "ici_gbps_per_chip": chip.ici_bandwidth / 1e9,
     },
-    "train_step": train_report,
   }
+  if train_step:
+    out["train_step"] = train_report
   if sampler:
-    sampler_report, (n, length) = _compile(
-      "sampler step", lambda: lower_sampler_step(config, mesh), capacity
-    )
+    smesh = sampling_mesh.make(sampler_mesh, devices) or mesh
+    lower = functools.partial(lower_sampler_step, size=sampler_video)
     s = config.sample
+    video = sampler_video or (s.num_frames, s.height, s.width)
+    _log(f"  sampler step: {'x'.join(map(str, video))} videos, mesh {dict(smesh.shape)}")
+    sampler_report, (n, length, padded) = _compile(
+      "sampler step", lambda: lower(config, smesh), capacity
+    )
     out["sampler_step"] = {
       "videos": n,
-      "video": f"{s.num_frames}x{s.height}x{s.width}",
+      "video": "x".join(map(str, video)),
       "tokens_per_video": length,
+      "padded_tokens_per_video": padded,
+      "mesh": dict(smesh.shape),
       **sampler_report,
     }
     if costs:
-      shape = (2 * n, length, config.input.max_caption_tokens)
+      # With splash the padding's blocks are skipped; counted dense over the padded row here.
+      shape = (2 * n, padded, config.input.max_caption_tokens)
       useful = model_flops(config, *shape) / len(devices)
       kernel = kernel_flops(config, *shape) / len(devices)
-      measured = roofline.extrapolated_costs(lower_sampler_step, config, mesh, _log)
+      measured = roofline.extrapolated_costs(lower, config, smesh, _log)
       _add_costs(out["sampler_step"], measured, useful, kernel, chip, per_chip)
   return out
 
@@ -346,6 +393,17 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--config", required=True, help="path.py[:arg]")
   parser.add_argument("--topology", default=None, help="e.g. v5p:4x4x4; default: aot_topology")
   parser.add_argument("--nosampler", action="store_true", help="skip the sampler step")
+  parser.add_argument("--notrain", action="store_true", help="skip the train step")
+  parser.add_argument(
+    "--sampler_mesh",
+    default=None,
+    help="the sampler step's mesh, e.g. sequence:64,tensor:2 (default: the train mesh)",
+  )
+  parser.add_argument(
+    "--sampler_video",
+    default=None,
+    help="FRAMESxHEIGHTxWIDTH of the sampled videos (default: the config's sample size)",
+  )
   parser.add_argument(
     "--memory_only", action="store_true", help="skip FLOPs/roofline (3 compiles per program)"
   )
@@ -366,7 +424,18 @@ def main(argv: list[str] | None = None) -> int:
     topology = opts.topology or config.get("aot_topology")
     if not topology:
       parser.error(f"--topology is required: {opts.config} has no aot_topology")
-    result = report(config, topology, sampler=not opts.nosampler, costs=not opts.memory_only)
+    video = opts.sampler_video and tuple(int(n) for n in opts.sampler_video.split("x"))
+    if video is not None and len(video) != 3:
+      raise ValueError(f"--sampler_video={opts.sampler_video!r} is not FRAMESxHEIGHTxWIDTH")
+    result = report(
+      config,
+      topology,
+      train_step=not opts.notrain,
+      sampler=not opts.nosampler,
+      costs=not opts.memory_only,
+      sampler_mesh=opts.sampler_mesh,
+      sampler_video=video,
+    )
   except ModuleNotFoundError as e:
     if "libtpu" in str(e):
       print(f"error: {e}", file=sys.stderr)
