@@ -4,10 +4,11 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import ml_collections
 
-from vdit import checkpointing, config_lib, sharding, tasks, train, train_state
+from vdit import checkpointing, config_lib, models, sharding, tasks, train, train_state
 from vdit.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,3 +154,14 @@ def off_zero_init(params, seed: int = 2, scale: float = 0.05):
   return treedef.unflatten(
     [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
   )
+
+
+def untrained_narrow():
+  """(config, model, params) of the pixel-space `:tiny` narrowed to one 32-wide block, with
+  random params off the adaLN-Zero init: a cheap sampler whose output follows its inputs."""
+  c = load("tiny")
+  narrow = dict(width=32, depth=1, num_heads=2, text_width=32, text_heads=2)
+  override(c, **{f"model.{k}": v for k, v in narrow.items()})
+  model = models.build(c)
+  params = nn.unbox(jax.jit(lambda r: model.init(r, *models.dummy_inputs(c)))(jax.random.key(0)))
+  return c, model, off_zero_init(params["params"])

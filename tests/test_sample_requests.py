@@ -4,15 +4,13 @@
 import json
 import re
 
-import flax.linen as nn
 import imageio.v3 as iio
-import jax
 import numpy as np
 import pytest
 from absl import flags
 
 from tests import configs
-from vdit import checkpointing, media, models, sample, sampling
+from vdit import checkpointing, media, sample, sampling
 
 
 def _request(tmp_path, *args):
@@ -143,12 +141,8 @@ def test_media_modes_keep_the_given_size():
 @pytest.fixture(scope="module")
 def untrained():
   """A small pixel-space sampler with random (off adaLN-Zero) params: patches (2, 4, 4)."""
-  c = configs.load("tiny")
-  narrow = dict(width=32, depth=1, num_heads=2, text_width=32, text_heads=2)
-  configs.override(c, **{f"model.{k}": v for k, v in narrow.items()})
-  model = models.build(c)
-  params = nn.unbox(jax.jit(lambda r: model.init(r, *models.dummy_inputs(c)))(jax.random.key(0)))
-  return sampling.Sampler(config=c, params=configs.off_zero_init(params["params"]), model=model)
+  c, model, params = configs.untrained_narrow()
+  return sampling.Sampler(config=c, params=params, model=model)
 
 
 def test_any_size_is_generated_on_a_canvas_of_whole_patches_and_cropped(untrained):

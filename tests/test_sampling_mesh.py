@@ -5,13 +5,12 @@ import re
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from tests import configs
-from vdit import models, sampling, sampling_mesh, sharding
+from vdit import sampling, sampling_mesh, sharding
 from vdit.diffusion import objectives
 from vdit.diffusion.given_frames import InputError
 
@@ -25,12 +24,7 @@ TOKENS = 45
 @pytest.fixture(scope="module")
 def untrained():
   """A small pixel-space config and random (off adaLN-Zero) params."""
-  c = configs.load("tiny")
-  narrow = dict(width=32, depth=1, num_heads=2, text_width=32, text_heads=2)
-  configs.override(c, **{f"model.{k}": v for k, v in narrow.items()})
-  model = models.build(c)
-  params = nn.unbox(jax.jit(lambda r: model.init(r, *models.dummy_inputs(c)))(jax.random.key(0)))
-  return c, model, configs.off_zero_init(params["params"])
+  return configs.untrained_narrow()
 
 
 def sampler_on(untrained, mesh) -> sampling.Sampler:
