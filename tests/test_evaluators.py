@@ -14,6 +14,7 @@ from tests import configs
 from vdit import checkpointing, evaluators, sharding, tasks, train
 from vdit.datasets import shapes
 from vdit.evaluators import adherence, classifier, frechet, modes, samples, shapes_scorer, top1
+from vdit.evaluators import validation as validation_lib
 from vdit.tasks import base as tasks_base
 from vdit.tasks import restore
 
@@ -240,6 +241,23 @@ def test_frechet_known_answers():
   assert got == pytest.approx(want, rel=1e-9)
   # Rank-deficient covariances (fewer samples than dimensions) stay finite and ≥ 0.
   assert frechet.frechet_of_features(x[:4], x[4:8]) >= 0.0
+
+
+def test_real_videos_max_aspect_keeps_clips_of_the_sizes_aspect(data_dir, validation):
+  """`max_aspect` skips the clips a resize to `size` would stretch by more than that factor (in
+  split order); without it, the first clips of the split whatever their aspect."""
+  config = ml_collections.ConfigDict(
+    dict(input=dict(dataset="shapes", dataset_config="tiny", data_dir=data_dir))
+  )
+  videos, captions = validation
+  stretch = [validation_lib.stretch(v.shape[1:3], (32, 32)) for v in videos]
+  kept = [i for i, s in enumerate(stretch) if s <= 1.3][:6]
+  assert len(kept) == 6 and kept != list(range(6))  # some clips are wider / taller than 1.3
+  got, got_captions = validation_lib.real_videos(config, 6, (4, 32, 32), None, None, 1.3)
+  assert got.shape == (6, 4, 32, 32, 3) and got_captions == [captions[i] for i in kept]
+  _, first = validation_lib.real_videos(config, 6, (4, 32, 32), None, None)
+  assert first == captions[:6]
+  assert validation_lib.stretch((16, 48), (32, 32)) == validation_lib.stretch((48, 16), (8, 8)) == 3
 
 
 def test_frechet_weights_extractor_is_a_clear_error():

@@ -145,6 +145,30 @@ def test_dense_fit_crop_vs_squash():
   np.testing.assert_array_equal(crop["video"][2], crop["video"][1])  # last frame repeated
 
 
+def test_one_object_skips_second_objects_of_either_dataset():
+  assert dense.one_object({}) and dense.one_object({"num_objects": np.int64(1)})
+  assert dense.one_object({"digits": np.array([3, -1])})
+  assert not dense.one_object({"num_objects": np.int64(2)})  # shapes
+  assert not dense.one_object({"digits": np.array([3, 4])})  # moving_digits
+
+
+def test_vivit_shapes_reads_ink_crops(data_dir):
+  """`dataset=shapes` switches the ViViT to the object's colour-free crop at 16×16; the
+  photo_pans default keeps the whole squashed frame."""
+  default = configs.load("tiny", ZOO["vivit"])
+  assert default.input.fit == "squash" and tuple(default.input.size) == (8, 32, 32)
+  config = configs.load("tiny,dataset=shapes", ZOO["vivit"])
+  config.input.data_dir = data_dir
+  assert config.input.fit == "ink" and tuple(config.input.size) == (8, 16, 16)
+  task = tasks.get(config)
+  task.check_config(config, {"data": 1, "fsdp": 1, "sequence": 1, "tensor": 1})
+  batch = next(iter(task.make_iterator(config, train=False, split="validation")))
+  video = batch["video"][batch["valid"]]
+  assert video.shape[1:] == (8, 16, 16, 3) and len(video)
+  np.testing.assert_array_equal(video[..., 0], video[..., 2])  # an opacity map: no colour
+  assert video.max() > 0.5 and video.min() == -1.0  # object on paper
+
+
 @pytest.mark.parametrize(
   ("name", "overrides", "message"),
   [

@@ -14,9 +14,9 @@ Every batch is a dict of numpy arrays:
   valid [B] bool                             False for the padding rows of the last eval batch
 
 `input.size = (T, H, W)`. With fit="ink" the examples a dataset marks as holding two objects (a
-`digits` field with a second digit ≥ 0: `moving_digits`) are skipped, in training and evaluation:
-one box would hold both digits and the label names only the first. The iterator is
-checkpointable like `pipeline.make_iterator`'s.
+`digits` field with a second digit ≥ 0: `moving_digits`; `num_objects` > 1: `shapes`) are
+skipped, in training and evaluation: one box would hold both objects and the label names only
+the first. The iterator is checkpointable like `pipeline.make_iterator`'s.
 """
 
 import grain
@@ -62,9 +62,12 @@ class FixedSize(grain.transforms.Map):
 
 
 def one_object(element: dict) -> bool:
-  """False for an example with a second object (`digits[1] >= 0`), which fit="ink" skips."""
+  """False for an example with a second object (`digits[1] >= 0`, `num_objects > 1`), which
+  fit="ink" skips."""
   digits = element.get("digits")
-  return digits is None or int(np.sum(np.asarray(digits) >= 0)) <= 1
+  if digits is not None and int(np.sum(np.asarray(digits) >= 0)) > 1:
+    return False
+  return int(element.get("num_objects", 1)) <= 1
 
 
 class _PadBatch(grain.transforms.Map):

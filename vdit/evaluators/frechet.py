@@ -118,12 +118,15 @@ def evaluate(
   dataset: str | None = None,
   dataset_config: str | None = None,
   batch_size: int = 16,
+  max_aspect: float | None = None,
   **extractor_options,
 ) -> dict:
   """FD between `num_videos` validation videos and videos generated from their captions
   (`guidance` defaults to the config's `sample.guidance`). When the split has twice as many
   videos, `fd_real` is the FD between the first `num_videos` and the next ones — the distance
-  two real sets of this size keep — and `fd_ratio` = fd / fd_real."""
+  two real sets of this size keep — and `fd_ratio` = fd / fd_real. `max_aspect` keeps only real
+  clips whose aspect ratio is within that factor of `size`'s (a clip of another aspect is
+  squashed to `size`, distorting its content; the generated videos are not)."""
   config, fns, params = ctx.config, ctx.fns, ctx.params
   if extractor not in EXTRACTORS:
     raise ValueError(f"extractor={extractor!r} is unknown; expected one of {sorted(EXTRACTORS)}")
@@ -133,7 +136,7 @@ def evaluate(
     guidance = config.sample.guidance
   t, h, w = (int(s) for s in size)  # the model's units (latent units in latent space)
   pixels = sampler.pixel_size(t, h, w)
-  real, captions = real_videos(config, 2 * num_videos, pixels, dataset, dataset_config)
+  real, captions = real_videos(config, 2 * num_videos, pixels, dataset, dataset_config, max_aspect)
   others, real, captions = real[num_videos:], real[:num_videos], captions[:num_videos]
   fake = []
   for i in range(0, len(captions), batch_size):

@@ -34,16 +34,35 @@ def caption_of(example) -> str:
   return caption.decode() if isinstance(caption, bytes) else str(caption)
 
 
-def real_videos(config, num_videos: int, size, dataset: str | None, dataset_config: str | None):
+def real_videos(
+  config,
+  num_videos: int,
+  size,
+  dataset: str | None,
+  dataset_config: str | None,
+  max_aspect: float | None = None,
+):
   """(uint8 videos [N, T, H, W, 3] resized to `size` pixels, captions): the first `num_videos`
-  of the validation split, short clips padded with their last frame."""
+  of the validation split, short clips padded with their last frame. With `max_aspect`, only
+  clips whose aspect ratio is within that factor of H:W (the resize stretches their content by
+  at most `max_aspect`)."""
   data = source(config, dataset, dataset_config)
   t, h, w = (int(s) for s in size)
   videos, captions = [], []
-  for i in range(min(num_videos, len(data))):
+  for i in range(len(data)):
+    if len(videos) == num_videos:
+      break
     ex = data[i]
+    if max_aspect is not None and stretch(ex["video"].shape[1:3], (h, w)) > max_aspect:
+      continue
     video = np.asarray(ex["video"], np.float32)[:t]
     video = np.concatenate([video, np.repeat(video[-1:], t - len(video), 0)])
     videos.append(np.round(transforms.area_resize(video, h, w)).astype(np.uint8))
     captions.append(caption_of(ex))
   return np.stack(videos), captions
+
+
+def stretch(shape, size) -> float:
+  """How much resizing an (h, w) frame to `size` (H, W) distorts it: ≥ 1, 1 = same aspect."""
+  ratio = (shape[1] / shape[0]) / (size[1] / size[0])
+  return max(ratio, 1 / ratio)
