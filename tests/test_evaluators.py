@@ -253,11 +253,20 @@ def test_real_videos_max_aspect_keeps_clips_of_the_sizes_aspect(data_dir, valida
   stretch = [validation_lib.stretch(v.shape[1:3], (32, 32)) for v in videos]
   kept = [i for i, s in enumerate(stretch) if s <= 1.3][:6]
   assert len(kept) == 6 and kept != list(range(6))  # some clips are wider / taller than 1.3
-  got, got_captions = validation_lib.real_videos(config, 6, (4, 32, 32), None, None, 1.3)
-  assert got.shape == (6, 4, 32, 32, 3) and got_captions == [captions[i] for i in kept]
-  _, first = validation_lib.real_videos(config, 6, (4, 32, 32), None, None)
+  got, got_captions, picked = validation_lib.real_videos(config, 6, [(4, 32, 32)], None, None, 1.3)
+  assert np.stack(got).shape == (6, 4, 32, 32, 3) and got_captions == [captions[i] for i in kept]
+  assert picked == [0] * 6
+  _, first, _ = validation_lib.real_videos(config, 6, [(4, 32, 32)], None, None)
   assert first == captions[:6]
   assert validation_lib.stretch((16, 48), (32, 32)) == validation_lib.stretch((48, 16), (8, 8)) == 3
+  # Several sizes: every clip (none left out) at the size that stretches it least.
+  sizes = [(4, 32, 32), (4, 16, 48), (4, 48, 16), (4, 24, 40)]
+  got, got_captions, picked = validation_lib.real_videos(config, 12, sizes, None, None)
+  assert got_captions == captions[:12] and len(set(picked)) > 1
+  for video, source, k in zip(got, videos[:12], picked):
+    assert video.shape == (4, *sizes[k][1:], 3)
+    best = min(validation_lib.stretch(source.shape[1:3], s[1:]) for s in sizes)
+    assert validation_lib.stretch(source.shape[1:3], sizes[k][1:]) == best
 
 
 def test_frechet_weights_extractor_is_a_clear_error():
@@ -609,6 +618,13 @@ def test_generative_evaluators_in_process(video_workdir, vit_workdir):
     adherence=dict(type="adherence", num_prompts=3, **tiny),
     digits=dict(type="digits", classifier_workdir=vit_workdir, **tiny),
     fd=dict(type="frechet", classifier_workdir=vit_workdir, num_videos=4, **tiny),
+    fd_sizes=dict(
+      type="frechet",
+      classifier_workdir=vit_workdir,
+      num_videos=4,
+      steps=2,
+      sizes=((4, 16, 16), (4, 8, 24), (4, 24, 8)),
+    ),
     samples=dict(type="samples", prompts=("a red circle moving right",), sizes=((4, 16, 24),)),
     modes=dict(type="modes", num_videos=2, steps=2, size=(6, 16, 16)),
   )
@@ -623,6 +639,9 @@ def test_generative_evaluators_in_process(video_workdir, vit_workdir):
   assert np.isfinite(out["fd"]["fd"]) and out["fd"]["fd"] >= 0.0
   assert out["fd"]["fd_ratio"] == pytest.approx(out["fd"]["fd"] / out["fd"]["fd_real"])
   assert out["fd"]["fd"] > out["fd"]["fd_real"] > 0.0  # 2 training steps: far from real
+  # Each real clip and its generated video at the size nearest the clip's aspect.
+  assert sum(out["fd_sizes"]["per_size"]) == 4 and out["fd_sizes"]["fd"] > 0.0
+  assert out["fd"]["per_size"] == [4]
   # Pixel space: every mode's given frames come back exactly; a GIF per mode.
   assert out["modes"]["count"] == 2, out["modes"]
   for mode in ("i2v", "extend_fwd", "extend_bwd", "interpolate", "loop", *modes.REGIONS):

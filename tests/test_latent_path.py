@@ -118,7 +118,8 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
   # Fréchet's real videos of a latent run: the pixel dataset the latents came from, at the
   # decoded size.
   assert sampler.pixel_size(2, 4, 6) == (3, 16, 24)
-  real, captions = validation.real_videos(c, 2, sampler.pixel_size(2, 4, 6), None, None)
+  real, captions, _ = validation.real_videos(c, 2, [sampler.pixel_size(2, 4, 6)], None, None)
+  real = np.stack(real)
   assert real.shape == (2, 3, 16, 24, 3) and real.dtype == np.uint8 and len(captions) == 2
 
   # 5. Given frames are pixels, encoded by the VAE: they come back as clean latent tokens.

@@ -119,6 +119,7 @@ def evaluate(
   dataset_config: str | None = None,
   batch_size: int = 16,
   max_aspect: float | None = None,
+  sizes: tuple[tuple[int, int, int], ...] = (),
   **extractor_options,
 ) -> dict:
   """FD between `num_videos` validation videos and videos generated from their captions
@@ -126,7 +127,11 @@ def evaluate(
   videos, `fd_real` is the FD between the first `num_videos` and the next ones — the distance
   two real sets of this size keep — and `fd_ratio` = fd / fd_real. `max_aspect` keeps only real
   clips whose aspect ratio is within that factor of `size`'s (a clip of another aspect is
-  squashed to `size`, distorting its content; the generated videos are not)."""
+  squashed to `size`, distorting its content; the generated videos are not). With `sizes`
+  (instead of `size`), every real clip is resized to the one of `sizes` nearest its own aspect
+  and its caption generated at that size: no clip is left out, none stretched by more than the
+  sizes' aspect steps (the features must then not depend on the frame size, as the ink-crop
+  classifier's do not)."""
   config, fns, params = ctx.config, ctx.fns, ctx.params
   if extractor not in EXTRACTORS:
     raise ValueError(f"extractor={extractor!r} is unknown; expected one of {sorted(EXTRACTORS)}")
@@ -134,21 +139,37 @@ def evaluate(
   sampler = predict_fn(fns, "sampler")(params)
   if guidance is None:
     guidance = config.sample.guidance
-  t, h, w = (int(s) for s in size)  # the model's units (latent units in latent space)
-  pixels = sampler.pixel_size(t, h, w)
-  real, captions = real_videos(config, 2 * num_videos, pixels, dataset, dataset_config, max_aspect)
-  others, real, captions = real[num_videos:], real[:num_videos], captions[:num_videos]
-  fake = []
-  for i in range(0, len(captions), batch_size):
-    opts = dict(num_frames=t, height=h, width=w, steps=steps, guidance=guidance, seed=seed + i)
-    fake.extend(sampler.generate(captions[i : i + batch_size], **opts))
-  real_features = features_of(real)
+  sizes = [tuple(int(x) for x in s) for s in (sizes or (size,))]  # the model's units
+  pixels = [sampler.pixel_size(*s) for s in sizes]
+  videos, captions, picked = real_videos(
+    config, 2 * num_videos, pixels, dataset, dataset_config, max_aspect
+  )
+  n = min(num_videos, len(videos))
+  fake = [None] * n
+  for k, (t, h, w) in enumerate(sizes):
+    idx = [i for i in range(n) if picked[i] == k]
+    for j in range(0, len(idx), batch_size):
+      chunk = idx[j : j + batch_size]
+      opts = dict(num_frames=t, height=h, width=w, steps=steps, guidance=guidance, seed=seed + j)
+      for i, video in zip(chunk, sampler.generate([captions[i] for i in chunk], **opts)):
+        fake[i] = video
+
+  def features(vids, which) -> np.ndarray:  # one extraction per size, in clip order
+    out = [None] * len(which)
+    for k in sorted(set(which)):
+      idx = [i for i, p in enumerate(which) if p == k]
+      for i, f in zip(idx, features_of(np.stack([vids[i] for i in idx]))):
+        out[i] = f
+    return np.stack(out)
+
+  real_features = features(videos[:n], picked[:n])
   out = {
-    "fd": frechet_of_features(real_features, features_of(np.stack(fake))),
-    "num_videos": len(captions),
+    "fd": frechet_of_features(real_features, features(fake, picked[:n])),
+    "num_videos": n,
     "extractor": extractor,
+    "per_size": [picked[:n].count(k) for k in range(len(sizes))],
   }
-  if len(others) == len(real):
-    out["fd_real"] = frechet_of_features(real_features, features_of(others))
+  if len(videos) - n == n:
+    out["fd_real"] = frechet_of_features(real_features, features(videos[n:], picked[n:]))
     out["fd_ratio"] = out["fd"] / max(out["fd_real"], 1e-12)
   return out

@@ -37,29 +37,33 @@ def caption_of(example) -> str:
 def real_videos(
   config,
   num_videos: int,
-  size,
+  sizes,
   dataset: str | None,
   dataset_config: str | None,
   max_aspect: float | None = None,
-):
-  """(uint8 videos [N, T, H, W, 3] resized to `size` pixels, captions): the first `num_videos`
-  of the validation split, short clips padded with their last frame. With `max_aspect`, only
-  clips whose aspect ratio is within that factor of H:W (the resize stretches their content by
-  at most `max_aspect`)."""
+) -> tuple[list[np.ndarray], list[str], list[int]]:
+  """(uint8 videos, captions, size index per video): the first `num_videos` of the validation
+  split, each resized to the one of `sizes` (T, H, W pixels) that stretches it least (ties: the
+  first), short clips padded with their last frame. With `max_aspect`, only clips that size
+  stretches by at most that factor."""
   data = source(config, dataset, dataset_config)
-  t, h, w = (int(s) for s in size)
-  videos, captions = [], []
+  sizes = [tuple(int(x) for x in s) for s in sizes]
+  videos, captions, picked = [], [], []
   for i in range(len(data)):
     if len(videos) == num_videos:
       break
     ex = data[i]
-    if max_aspect is not None and stretch(ex["video"].shape[1:3], (h, w)) > max_aspect:
+    stretches = [stretch(ex["video"].shape[1:3], s[1:]) for s in sizes]
+    k = int(np.argmin(stretches))
+    if max_aspect is not None and stretches[k] > max_aspect:
       continue
+    t, h, w = sizes[k]
     video = np.asarray(ex["video"], np.float32)[:t]
     video = np.concatenate([video, np.repeat(video[-1:], t - len(video), 0)])
     videos.append(np.round(transforms.area_resize(video, h, w)).astype(np.uint8))
     captions.append(caption_of(ex))
-  return np.stack(videos), captions
+    picked.append(k)
+  return videos, captions, picked
 
 
 def stretch(shape, size) -> float:
