@@ -90,6 +90,18 @@ def write_video(
   return path
 
 
+def _imread(path: str, what: str, **options) -> np.ndarray:
+  """`imageio.v3.imread(path, **options)`, its many error types as one ValueError naming `what`
+  the file should have been."""
+  import imageio.v3 as iio  # noqa: PLC0415
+
+  try:
+    return np.asarray(iio.imread(path, **options))
+  except Exception as e:  # noqa: BLE001 (imageio raises many types, with install hints)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f"{path!r} is not a readable {what} ({first})") from None
+
+
 def read_video(path: str) -> np.ndarray:
   """Reads a video (GIF/MP4/NPZ) or an image as uint8 frames [T, H, W, 3]."""
   if not os.path.exists(path):
@@ -97,13 +109,7 @@ def read_video(path: str) -> np.ndarray:
   if path.lower().endswith(".npz"):
     with np.load(path) as f:
       return np.asarray(f["frames"])
-  import imageio.v3 as iio  # noqa: PLC0415
-
-  try:
-    frames = np.asarray(iio.imread(path, index=None))
-  except Exception as e:  # noqa: BLE001 (imageio raises many types, with install hints)
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ValueError(f"{path!r} is not a readable image or video ({first})") from None
+  frames = _imread(path, "image or video", index=None)
   if frames.ndim == 3 and frames.shape[-1] in (3, 4):  # a still image (or a one-frame gif)
     frames = frames[None]
   elif frames.ndim == 3:  # a greyscale video [T, H, W] or image [H, W]
@@ -134,13 +140,7 @@ def read_mask(path: str) -> np.ndarray:
       return np.load(path, allow_pickle=False)
     except ValueError as e:
       raise ValueError(f"{path!r} is not a readable .npy array ({e})") from None
-  import imageio.v3 as iio  # noqa: PLC0415
-
-  try:
-    image = np.asarray(iio.imread(path))
-  except Exception as e:  # noqa: BLE001 (imageio raises many types, with install hints)
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ValueError(f"{path!r} is not a readable image ({first})") from None
+  image = _imread(path, "image")
   if image.ndim == 3:  # [H, W, C]: grey + alpha, RGB or RGBA
     return (image[..., : 3 if image.shape[-1] >= 3 else 1] > 0).any(axis=-1)
   if image.ndim != 2:
