@@ -139,15 +139,37 @@ def test_config_file_problems_are_one_line(tmp_path, text, arg, message):
 @pytest.mark.parametrize(
   "arg,message",
   [
-    ("tinny", r"unknown config argument 'tinny'.*expected one of \['captions'"),
+    ("tinny", r"unknown config argument 'tinny'.*expected one of \['caption_dim'"),
     ("variant=XL", r"variant='XL' is not one of \['B', 'L', 'S'\]"),
     ("tiny,small", r"choose one of tiny and small"),
+    ("tiny,captions=/x", r"captions='/x',caption_dim=0: .* need both"),
+    ("tiny,latent=/x", r"latent space needs both"),
   ],
 )
 def test_config_arguments_are_checked(arg, message):
   assert re.search(message, config_lib.check_config_file(f"{REPO}/configs/vdit/shapes.py:{arg}"))
   for good in ("tiny", "small"):
     assert config_lib.check_config_file(f"{REPO}/configs/vdit/shapes.py:{good}") == ""
+
+
+def test_config_files_read_no_files(tmp_path, monkeypatch):
+  """A config names other runs' files; the run reads and checks them, the config file does not
+  (it builds the same with the files absent and the process in an empty directory)."""
+  monkeypatch.chdir(tmp_path)
+  missing = str(tmp_path / "absent")
+  c = config_lib.load(
+    f"{REPO}/configs/vdit/shapes.py:tiny,latent={missing},latents={missing},"
+    f"captions={missing},caption_dim=64"
+  )
+  assert c.autoencoder == missing and c.latent_compression == (1, 4) and c.input.channels == 8
+  assert c.input.text_embeddings == missing and c.model.text_embed_dim == 64
+  # `vae=` names the autoencoder's config variant: the causal 3-D VAE compresses time by 2.
+  c = config_lib.load(
+    f"{REPO}/configs/vdit/shapes.py:tiny,latent={missing},latents={missing},vae=tiny"
+  )
+  assert c.latent_compression == (2, 4) and c.input.patch_size == (1, 2, 2)
+  with pytest.raises(config_checks.ConfigError, match=f"{missing}' is not a directory"):
+    train.validate(c)  # the run reads them, before any compute
 
 
 def test_cli_missing_config_file_is_one_line(tmp_path):

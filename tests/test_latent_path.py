@@ -51,7 +51,7 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
   assert isinstance(ex["caption"], bytes) and ex["caption"]
 
   # 3. VideoDiT on the latents: the shapes config's latent option, shrunk.
-  c = configs.load(f"tiny,latent={vae_dir},latents={out}")
+  c = configs.load(f"tiny,latent={vae_dir},latents={out},vae=tiny")
   small = configs.small(data_dir)
   for key in ("width", "depth", "num_heads", "text_width", "text_depth", "text_heads"):
     c.model[key] = small.model[key]
@@ -77,6 +77,7 @@ def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
   # Latent space is checked before any compute: channels, the VAE that encoded, the meta file.
   for overrides, message in [
     ({"input.channels": 4}, "input.channels=4 but the autoencoder"),
+    ({"latent_compression": (1, 4)}, r"latent_compression=\(1, 4\) .* compresses by \(2, 4\)"),
     ({"autoencoder": workdir_of_nothing}, "is not a run directory"),
     ({"autoencoder": None}, "need config.autoencoder"),
     ({"input.dataset_config": str(tmp_path)}, "holds no meta.json"),

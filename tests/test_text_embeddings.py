@@ -72,7 +72,7 @@ def test_embedding_run_trains_samples_and_is_checked(data_dir, tmp_path):
   assert meta["dim"] == c.model.text_width and meta["captions"] == len(texts)
 
   # 2. The rows carry each example's embeddings where its caption tokens are, zeros elsewhere.
-  c = configs.load(f"tiny,captions={table}")
+  c = configs.load(f"tiny,captions={table},caption_dim={meta['dim']}")
   small = configs.small(data_dir)
   c.input, c.model = small.input, small.model
   c.input.split = "validation"

@@ -225,7 +225,17 @@ def _check_latent_space(config: ml_collections.ConfigDict) -> None:
     if vae.model.latent_channels != inp.channels:
       raise ConfigError(
         f"input.channels={inp.channels} but the autoencoder {vae_dir!r} has "
-        f"{vae.model.latent_channels} latent channels"
+        f"{vae.model.latent_channels} latent channels (configs/vdit/shapes.py: pass "
+        "vae=<the configs/vae/video.py variant it was trained with>)"
+      )
+    expected = config.get("latent_compression")
+    actual = (int(vae.model.time_compression), 2 ** (len(vae.model.channels) - 1))
+    if expected is not None and tuple(expected) != actual:
+      raise ConfigError(
+        f"latent_compression={tuple(expected)} (time, space) but the autoencoder {vae_dir!r} "
+        f"compresses by {actual}: the config's latent sizes are for another autoencoder "
+        "(configs/vdit/shapes.py: pass vae=<the configs/vae/video.py variant it was trained "
+        "with>)"
       )
   sources = [(inp.dataset, inp.get("dataset_config"))] if inp.dataset else []
   sources += [(m[0], m[1]) for m in inp.get("mixture") or ()]

@@ -18,6 +18,8 @@ through its decoder. `sample` and `evals.samples` sizes are then in latent units
 T' latent frames decode to 1 + ft·(T' − 1) frames, H'×W' cells to fs·H' × fs·W' pixels.
 """
 
+import os
+
 import ml_collections
 
 from vdit import config_lib
@@ -29,7 +31,15 @@ VARIANTS = {"tiny": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (10
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(
-    arg, variant="S", tiny=False, small=False, latent="", latents="", captions=""
+    arg,
+    variant="S",
+    tiny=False,
+    small=False,
+    latent="",
+    latents="",
+    vae="tiny,frames",
+    captions="",
+    caption_dim=0,
   )
   if arg.tiny and arg.small:
     raise ValueError("choose one of tiny and small, not both")
@@ -46,6 +56,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Workdir of a trained autoencoder (configs/vae/video.py): the model works in its latent space
   # and samples are decoded with it. None = pixel space.
   c.autoencoder = ml_collections.config_dict.placeholder(str)
+  # (ft, fs) of that autoencoder, which the latent sizes below were converted with; checked
+  # against the run in `autoencoder` before any compute.
+  c.latent_compression = ml_collections.config_dict.placeholder(tuple)
 
   c.input = dict(
     dataset="shapes",
@@ -232,9 +245,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg.small:
     small_budget(c)
   if arg.latent or arg.latents:
-    latent_space(c, arg.latent, arg.latents, tiny, arg.small)
-  if arg.captions:
-    precomputed_captions(c, arg.captions)
+    latent_space(c, arg.latent, arg.latents, arg.vae, tiny, arg.small)
+  if arg.captions or arg.caption_dim:
+    precomputed_captions(c, arg.captions, arg.caption_dim)
   return c
 
 
@@ -248,27 +261,39 @@ def small_budget(c: ml_collections.ConfigDict):
   c.evals.modes.every_steps = c.total_steps
 
 
-def precomputed_captions(c: ml_collections.ConfigDict, table: str):
+def precomputed_captions(c: ml_collections.ConfigDict, table: str, dim: int):
   """Conditions on the caption embeddings of `table`
-  (`python -m vdit.tools.embed_captions --out=…`): the model projects them (E → text_width) and
-  its text blocks refine them."""
-  from vdit.data import caption_table  # noqa: PLC0415
-
+  (`python -m vdit.tools.embed_captions --out=…`, which prints its `caption_dim`): the model
+  projects them (E → text_width) and its text blocks refine them. The table is not read here
+  (config files read no files); the run checks that it holds E-channel embeddings before any
+  compute."""
+  if not (table and dim > 0):
+    raise ValueError(
+      f"captions={table!r},caption_dim={dim}: precomputed captions need both the table "
+      "(captions=DIR) and its embedding width (caption_dim=E, the table's meta.json 'dim')"
+    )
   c.input.text_embeddings = config_lib.absolute_path(table)
-  c.model.text_embed_dim = int(caption_table.read_meta(table)["dim"])
+  c.model.text_embed_dim = dim
 
 
 def latent_space(
-  c: ml_collections.ConfigDict, vae_workdir: str, latents_dir: str, tiny: bool, small: bool
+  c: ml_collections.ConfigDict,
+  vae_workdir: str,
+  latents_dir: str,
+  vae_arg: str,
+  tiny: bool,
+  small: bool,
 ):
-  """Switches `c` to the latent space of the autoencoder trained in `vae_workdir`, reading the
-  latents `python -m vdit.tools.encode_latents --autoencoder=<vae_workdir> --out=<latents_dir>`
-  wrote."""
+  """Switches `c` to the latent space of the autoencoder trained in `vae_workdir` with
+  `configs/vae/video.py:<vae_arg>`, reading the latents
+  `python -m vdit.tools.encode_latents --autoencoder=<vae_workdir> --out=<latents_dir>` wrote.
+
+  The compression and the latent channels come from that config file (code), not from the run
+  (config files read no files); the run checks before any compute that the autoencoder in
+  `vae_workdir` has them (`config_checks`: `latent_compression`, `input.channels`)."""
   if not (vae_workdir and latents_dir):
     raise ValueError("latent space needs both latent=<VAE workdir> and latents=<latents dir>")
-  from vdit import checkpointing  # noqa: PLC0415
-
-  vae = checkpointing.read_config(vae_workdir).model
+  vae = config_lib.load_sibling(__file__, os.path.join("..", "vae", "video.py"), vae_arg).model
   ft, fs = int(vae.time_compression), 2 ** (len(vae.channels) - 1)
 
   def latent_size(size):  # (T, H, W) pixels → (T', H', W') latent units
@@ -278,6 +303,7 @@ def latent_space(
   # Absolute paths: the run's config is read again by vdit.sample, vdit.evaluate and the tools,
   # from any working directory.
   c.autoencoder = config_lib.absolute_path(vae_workdir)
+  c.latent_compression = (ft, fs)  # what the sizes below were converted with (checked)
   c.input.dataset = "latents"
   c.input.dataset_config = config_lib.absolute_path(latents_dir)
   c.input.mixture = ()

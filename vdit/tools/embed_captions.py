@@ -3,7 +3,7 @@ r"""Embeds a dataset's captions once with a frozen text model: a caption-embeddi
   python -m vdit.tools.embed_captions --dataset=shapes --dataset_config=tiny \
       --splits=train,validation --embedder=words:64 --out=runs/captions/shapes
   python -m vdit.main --workdir=runs/shapes_t5 \
-      --config=configs/vdit/shapes.py:tiny,captions=runs/captions/shapes
+      --config=configs/vdit/shapes.py:tiny,captions=runs/captions/shapes,caption_dim=64
 
 `--embedder` is `words:<E>[:<seed>]` (a frozen random word embedding, offline) or
 `run:<workdir>` (the trained text encoder of a vdit text-to-video run); see
@@ -65,6 +65,8 @@ def main(argv):
     splits=list(f.splits),
   )  # fmt: skip
   print(json.dumps({"out": f.out, **meta}))
+  print(f"train on it with --config=configs/vdit/shapes.py:tiny,captions={f.out},"
+        f"caption_dim={meta['dim']}")  # fmt: skip
 
 
 if __name__ == "__main__":
