@@ -84,8 +84,14 @@ def _single_process(config, steps):
 
 def test_two_processes_match_one(data_dir, tmp_path):
   """2 processes × 4 devices = 1 process × 8 devices: same losses, same checkpointed state;
-  only process 0 writes TensorBoard events; each process saved its own data position."""
+  only process 0 writes TensorBoard events; each process saved its own data position. The final
+  evals run once on both and the processes exit: process 0 writes the sample files and the eval
+  JSON while process 1 goes on, so a host deciding alone which evals are still missing from that
+  JSON would run one alone and hang."""
   config = _config(data_dir)
+  config.sample.prompts, config.sample.steps = ("a red circle moving right",), 2
+  config.sample.num_frames, config.sample.height, config.sample.width = 2, 8, 8
+  config.evals = {"prompts": dict(type="prompts")}
   workdir, log_dir = str(tmp_path / "run"), str(tmp_path / "logs")
   run = _launch(configs.config_file(tmp_path, config), workdir, log_dir)
   assert run.finish(timeout=1200) == 0, run.stderr + _logs(log_dir)
@@ -111,6 +117,7 @@ def test_two_processes_match_one(data_dir, tmp_path):
     f for f in os.listdir(os.path.join(workdir, "checkpoints", "3", "data")) if "of" in f
   )
   assert data == ["process_0-of-2.json", "process_1-of-2.json"]
+  assert os.listdir(os.path.join(workdir, "samples", "3"))  # the final eval ran
 
 
 @pytest.mark.slow

@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from vdit import config_checks
 from vdit.tasks import base as tasks_base
@@ -169,11 +170,22 @@ def due(config: ml_collections.ConfigDict, step: int, total_steps: int) -> list[
 
 def missing(config: ml_collections.ConfigDict, workdir: str, step: int, total_steps: int):
   """Names of the evals due at `step` without results in workdir/eval/<step>.json (a run that
-  stopped, or crashed, before or during them): rerunning a finished run completes them."""
-  path = epath.Path(workdir) / "eval" / f"{step}.json"
-  written = json.loads(path.read_text()) if path.exists() else {}
-  done = {name for name, out in written.items() if "error" not in out}  # failed ones: again
-  return [name for name in due(config, step, total_steps) if name not in done]
+  stopped, or crashed, before or during them): rerunning a finished run completes them.
+
+  Process 0 reads the file (it is the one that writes it) and every process follows its answer:
+  evals are collective, and a host that read the file before process 0 had written an eval's
+  results would run that eval alone and wait forever for the others."""
+  names = due(config, step, total_steps)
+  if jax.process_index() == 0:
+    path = epath.Path(workdir) / "eval" / f"{step}.json"
+    written = json.loads(path.read_text()) if path.exists() else {}
+    done = {name for name, out in written.items() if "error" not in out}  # failed ones: again
+    todo = np.array([name not in done for name in names], bool)
+  else:
+    todo = np.zeros(len(names), bool)
+  if jax.process_count() > 1:
+    todo = np.asarray(multihost_utils.broadcast_one_to_all(todo))
+  return [name for name, run_it in zip(names, todo) if run_it]
 
 
 def run(
