@@ -149,8 +149,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     input_perturbation=0.0,
     text_dropout=0.1,  # classifier-free guidance: rate of null captions (and labels) in training
     # Conditioning tasks drawn per example in training (relative weights; the later ones —
-    # keyframes, retake, inpaint, outpaint — at 0 draw nothing, so the others' draws are as
-    # before they existed: docs/sampling.md).
+    # keyframes, retake, inpaint, outpaint, forcing (diffusion forcing: a noise level per
+    # patch-frame; needs model.shared_conditioning=False) — at 0 draw nothing, so the others'
+    # draws are as before they existed: docs/sampling.md).
     cond_probs=dict(
       none=0.5,
       image_to_video=0.2,
@@ -161,6 +162,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       retake=0.0,
       inpaint=0.0,
       outpaint=0.0,
+      forcing=0.0,
     ),
     schedule="linear",  # gaussian: "linear" | "cosine"
     num_timesteps=1000,  # gaussian: N
@@ -337,6 +339,7 @@ def latent_space(
       retake=0.0,
       inpaint=0.0,
       outpaint=0.0,
+      forcing=0.0,
     )
     if small:
       # Guidance 6 while t ≥ 0.3 (the CLI's and the evals' default): all three 25.7% → 41.7% at
