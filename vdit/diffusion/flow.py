@@ -133,7 +133,8 @@ def loss(
   One time per example ([B, K]); with `shift_base_tokens` it is shifted by each example's own
   size, `resolution_shift(shapes)`, so two videos of different sizes packed in one row get
   different noise levels. Diffusion forcing (`conditioning`, key `FRAME_UNIFORM` in the batch):
-  its tokens take their patch-frame's time instead, the same distribution and shift. Independent noise per token; `cond_mask` tokens stay clean
+  its tokens take their patch-frame's time instead, the same distribution and shift.
+  Independent noise per token; `cond_mask` tokens stay clean
   (x_t = x0, t = 0); with `noise_correlation` the noise is `mixed_noise` (positions from the
   batch). With probability `text_dropout` an example's caption becomes [NULL] and
   its label −1 (null), for classifier-free guidance. The loss is the squared error averaged
