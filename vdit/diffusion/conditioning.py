@@ -32,12 +32,11 @@ clean (t = 0, see `flow.loss` / `gaussian.loss`) and carry no loss:
                    conditioning (not `model.shared_conditioning`, whose one time per example
                    cannot hold it; `config_checks`)
 
-Every task leaves at least one token to generate: a task that cannot (T' = 1 images for the
-frame tasks and forcing, T' = 2 for interpolation, a 1-token frame H'·W' = 1 for
-inpaint/outpaint) falls back to `none`; images can be inpainted and outpainted. Pure, jit-able
-functions of the packed batch (DESIGN.md, "The packed batch"): per example [B, K], gathered with segment ids, places
-read from `positions` (the (t, h, w) patch index, kept through token dropping) and `shapes`
-(T', H', W').
+Every task leaves at least one token to generate: a task that cannot (T' = 1 images for the frame
+tasks and forcing, T' = 2 for interpolation, a 1-token frame H'·W' = 1 for inpaint/outpaint) falls
+back to `none`; images can be inpainted and outpainted. Pure, jit-able functions of the packed batch
+(DESIGN.md, "The packed batch"): per example [B, K], gathered with segment ids, places read from
+`positions` (the (t, h, w) patch index, kept through token dropping) and `shapes` (T', H', W').
 
 The tasks from `keyframes` on were added later. The categorical draw runs over the tasks up to
 the last one with a weight > 0 (at least the first five; a static decision on the Python
