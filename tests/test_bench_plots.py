@@ -68,7 +68,8 @@ def _sampling_results() -> dict:
 def _long_memory_results() -> dict:
   rows = [
     {"frames": 8 * k, "long_step_bytes": 5 * 2**20, "one_window_step_bytes": k * k * 2**20 + 4e6,
-     "host_peak_rss_bytes": 900 * 2**20, "live_device_bytes": 2**20}
+     "host_peak_rss_bytes": 900 * 2**20, "host_rss_max_window_bytes": 850 * 2**20,
+     "live_device_bytes": 2**20}
     for k in (1, 2, 4, 8)
   ]  # fmt: skip
   return {"window": 8, "context": 4, "rows": rows}

@@ -12,8 +12,11 @@ half of it) at the config's sample height and width, one prompt, `steps` steps:
     grows with N (attention over all N frames' tokens);
   * generating the N frames with `long`, each N in a fresh process: the peak bytes of the live
     device arrays at the end of each window, the number of compilations of the sampling loop
-    (its jit cache entries) and the process's peak host RSS (`ru_maxrss`; on CPU the device's
-    buffers are host memory too), which holds only one window plus the uint8 video.
+    (its jit cache entries), the host's resident set (VmRSS) after the first window and its
+    largest after any window, and the process's peak RSS (`ru_maxrss`, compilation included;
+    on CPU the device's buffers are host memory too). The host holds one window plus the
+    uint8 video; the peak RSS also varies by some tens of MiB between otherwise equal runs
+    (allocator arenas of XLA's threads).
 
 `workdir`: a trained run (the latent demo: its latents are decoded window by window); without
 one, the pixel-space `configs/vdit/shapes.py:tiny` model with random params (what is measured,
@@ -83,7 +86,12 @@ def generate_once(options: dict) -> dict:
   sampling loop's compilations, peak host RSS."""
   s = _sampler(options)
   window, context = _window(s)
-  peak = []
+  live, rss = [], []
+
+  def measure(*_):
+    live.append(sum(a.nbytes for a in jax.live_arrays()))
+    rss.append(_rss_bytes())
+
   before = objectives.sample_rows._cache_size()  # noqa: SLF001
   video = s.long(
     PROMPT,
@@ -91,16 +99,24 @@ def generate_once(options: dict) -> dict:
     window=window,
     context=context,
     steps=int(options.get("steps", 4)),
-    on_chunk=lambda *_: peak.append(sum(a.nbytes for a in jax.live_arrays())),
+    on_chunk=measure,
   )
   return {
     "frames": int(options["frames"]),
-    "windows": len(peak),
+    "windows": len(live),
     "compilations": objectives.sample_rows._cache_size() - before,  # noqa: SLF001
-    "live_device_bytes": max(peak),
+    "live_device_bytes": max(live),
+    "host_rss_first_window_bytes": rss[0],
+    "host_rss_max_window_bytes": max(rss),
     "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     "video_bytes": int(video.nbytes),
   }
+
+
+def _rss_bytes() -> int:
+  """The process's resident set now (VmRSS), bytes."""
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def _in_subprocess(options: dict, frames: int) -> dict:
@@ -156,6 +172,9 @@ def write_png(path: str, results: dict) -> str:
   left.set_xticks(n, [str(x) for x in n])
   left.legend(fontsize=8)
   right.plot(n, [r["host_peak_rss_bytes"] / MiB for r in rows], "o-", label="host peak RSS")
+  right.plot(
+    n, [r["host_rss_max_window_bytes"] / MiB for r in rows], "^-", label="host RSS, windows"
+  )
   right.plot(n, [r["live_device_bytes"] / MiB for r in rows], "s-", label="live device arrays")
   right.set(xlabel="frames N", ylabel="MiB (long, measured)", xscale="log")
   right.set_xticks(n, [str(x) for x in n])
