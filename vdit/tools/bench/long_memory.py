@@ -13,8 +13,9 @@ half of it) at the config's sample height and width, one prompt, `steps` steps:
   * generating the N frames with `long`, each N in a fresh process: the peak bytes of the live
     device arrays at the end of each window, the number of compilations of the sampling loop
     (its jit cache entries), the host's resident set (VmRSS) after the first window and its
-    largest after any window, and the process's peak RSS (`ru_maxrss`, compilation included;
-    on CPU the device's buffers are host memory too). The host holds one window plus the
+    largest after any window, and the process's peak RSS after the first window (VmHWM:
+    loading and compilation included) and at the end (`ru_maxrss`; on CPU the device's buffers
+    are host memory too). The host holds one window plus the
     uint8 video; the peak RSS also varies by some tens of MiB between otherwise equal runs
     (allocator arenas of XLA's threads).
 
@@ -90,7 +91,7 @@ def generate_once(options: dict) -> dict:
 
   def measure(*_):
     live.append(sum(a.nbytes for a in jax.live_arrays()))
-    rss.append(_rss_bytes())
+    rss.append((_status_bytes("VmRSS"), _status_bytes("VmHWM")))
 
   before = objectives.sample_rows._cache_size()  # noqa: SLF001
   video = s.long(
@@ -106,17 +107,18 @@ def generate_once(options: dict) -> dict:
     "windows": len(live),
     "compilations": objectives.sample_rows._cache_size() - before,  # noqa: SLF001
     "live_device_bytes": max(live),
-    "host_rss_first_window_bytes": rss[0],
-    "host_rss_max_window_bytes": max(rss),
+    "host_rss_first_window_bytes": rss[0][0],
+    "host_rss_max_window_bytes": max(r for r, _ in rss),
+    "host_peak_rss_first_window_bytes": rss[0][1],
     "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     "video_bytes": int(video.nbytes),
   }
 
 
-def _rss_bytes() -> int:
-  """The process's resident set now (VmRSS), bytes."""
+def _status_bytes(key: str) -> int:
+  """The process's resident set now (`VmRSS`) or its peak so far (`VmHWM`), bytes."""
   with open("/proc/self/status") as f:
-    return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    return next(int(line.split()[1]) * 1024 for line in f if line.startswith(f"{key}:"))
 
 
 def _in_subprocess(options: dict, frames: int) -> dict:
