@@ -13,11 +13,10 @@ half of it) at the config's sample height and width, one prompt, `steps` steps:
   * generating the N frames with `long`, each N in a fresh process: the peak bytes of the live
     device arrays at the end of each window, the number of compilations of the sampling loop
     (its jit cache entries), the host's resident set (VmRSS) after the first window and its
-    largest after any window, and the process's peak RSS after the first window (VmHWM:
-    loading and compilation included) and at the end (`ru_maxrss`; on CPU the device's buffers
-    are host memory too). The host holds one window plus the
-    uint8 video; the peak RSS also varies by some tens of MiB between otherwise equal runs
-    (allocator arenas of XLA's threads).
+    largest after any window, and the process's peak RSS (VmHWM: loading and compilation
+    included; on CPU the device's buffers are host memory too) after the first window and at
+    the end. The host holds one window plus the uint8 video. (Not `ru_maxrss`: Linux carries
+    it through `exec`, so a subprocess would report the parent's RSS at the fork if larger.)
 
 `workdir`: a trained run (the latent demo: its latents are decoded window by window); without
 one, the pixel-space `configs/vdit/shapes.py:tiny` model with random params (what is measured,
@@ -26,7 +25,6 @@ memory, does not depend on the weights).
 
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -110,7 +108,7 @@ def generate_once(options: dict) -> dict:
     "host_rss_first_window_bytes": rss[0][0],
     "host_rss_max_window_bytes": max(r for r, _ in rss),
     "host_peak_rss_first_window_bytes": rss[0][1],
-    "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    "host_peak_rss_bytes": _status_bytes("VmHWM"),
     "video_bytes": int(video.nbytes),
   }
 
