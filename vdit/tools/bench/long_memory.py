@@ -168,7 +168,8 @@ def write_png(path: str, results: dict) -> str:
   left.plot(
     n, [r["one_window_step_bytes"] / MiB for r in rows], "s--", label="all N frames at once"
   )
-  left.set(xlabel="frames N", ylabel="MiB (compiled step)", xscale="log", yscale="log")
+  left.set(xlabel="frames N", ylabel="MiB (compiled sampling loop)", xscale="log", ylim=(0, None))
+  left.minorticks_off()
   left.set_xticks(n, [str(x) for x in n])
   left.legend(fontsize=8)
   right.plot(n, [r["host_peak_rss_bytes"] / MiB for r in rows], "o-", label="host peak RSS")
@@ -177,6 +178,7 @@ def write_png(path: str, results: dict) -> str:
   )
   right.plot(n, [r["live_device_bytes"] / MiB for r in rows], "s-", label="live device arrays")
   right.set(xlabel="frames N", ylabel="MiB (long, measured)", xscale="log")
+  right.minorticks_off()
   right.set_xticks(n, [str(x) for x in n])
   right.set_ylim(bottom=0)
   right.legend(fontsize=8)
