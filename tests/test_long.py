@@ -7,7 +7,7 @@ import pytest
 from absl import flags
 
 from tests import configs
-from vdit import models, sample, sampling
+from vdit import config_checks, models, sample, sampling, train
 from vdit.diffusion import objectives, sliding_window
 
 PROMPT = ["a red circle moving right"]
@@ -122,3 +122,13 @@ def _request(tmp_path, *args):
 def test_long_flags_are_checked_before_loading(tmp_path, args, message):
   with pytest.raises(sample.InputError, match=message):
     _request(tmp_path, *args)
+
+
+def test_diffusion_forcing_needs_rectified_flow_and_per_token_time():
+  c = configs.load("tiny")
+  c.diffusion.cond_probs.forcing = 0.1
+  c.model.shared_conditioning = False
+  train.validate(c)  # fine: a time per token
+  c.diffusion.objective = "gaussian"
+  with pytest.raises(config_checks.ConfigError, match=r"forcing=0.1 .* needs .*'rectified_flow'"):
+    train.validate(c)
