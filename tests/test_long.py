@@ -132,3 +132,17 @@ def test_diffusion_forcing_needs_rectified_flow_and_per_token_time():
   c.diffusion.objective = "gaussian"
   with pytest.raises(config_checks.ConfigError, match=r"forcing=0.1 .* needs .*'rectified_flow'"):
     train.validate(c)
+
+
+def test_long_through_the_cli_flags(untrained, tmp_path):
+  """The real flags and `_generate`: --mode=long reaches `Sampler.long` with its window and
+  context, and records them in the metadata it returns."""
+  fv = flags.FlagValues()
+  sample._define_flags(fv)  # noqa: SLF001
+  args = ["--mode=long", "--num_frames=9", "--window=6", "--context=2", "--height=8", "--width=8"]
+  args += ["--steps=2"]
+  fv(["sample", f"--workdir={tmp_path}", f"--out={tmp_path / 'o.npz'}", "--prompt=a", *args])
+  prompts, inputs = sample._request(fv)  # noqa: SLF001
+  videos, used = sample._generate(untrained, fv, prompts, inputs)  # noqa: SLF001
+  assert videos.shape == (1, 9, 8, 8, 3)
+  assert used["window"] == 6 and used["context"] == 2 and used["num_frames"] == 9
