@@ -7,7 +7,8 @@ import pytest
 from absl import flags
 
 from tests import configs
-from vdit import config_checks, models, sample, sampling, train
+from tests.test_sample_requests import _SubsampleCodec
+from vdit import config_checks, media, models, sample, sampling, train
 from vdit.diffusion import objectives, sliding_window
 
 PROMPT = ["a red circle moving right"]
@@ -146,3 +147,20 @@ def test_long_through_the_cli_flags(untrained, tmp_path):
   videos, used = sample._generate(untrained, fv, prompts, inputs)  # noqa: SLF001
   assert videos.shape == (1, 9, 8, 8, 3)
   assert used["window"] == 6 and used["context"] == 2 and used["num_frames"] == 9
+
+
+def test_long_in_latent_space_gives_the_latents_as_context(untrained):
+  """With a (stand-in, per-frame) autoencoder the windows are latent frames: each window's
+  context is the previous window's latents, exactly, and `last_latents` is the whole video's; a
+  time-compressing autoencoder is refused before any compute."""
+  s = sampling.Sampler(untrained.config, untrained.params, untrained.model, _SubsampleCodec())
+  seen = []
+  out = s.long(PROMPT, num_frames=9, window=4, context=2, height=4, width=4, steps=1,
+               on_chunk=lambda *chunk: seen.append(chunk))  # fmt: skip
+  assert out.shape == (1, 9, 8, 8, 3) and s.last_latents.shape == (1, 9, 4, 4, 3)
+  np.testing.assert_array_equal(out, media.to_uint8(s.codec.decode(s.last_latents)))
+  for _, start, frames in seen[1:]:
+    np.testing.assert_array_equal(frames[:, :2], out[:, start : start + 2])
+  s.codec = _SubsampleCodec(ft=4)
+  with pytest.raises(sampling.InputError, match=r"per-frame autoencoder .* compresses time 4×"):
+    s.long(PROMPT, num_frames=9, window=4, context=2)

@@ -357,7 +357,7 @@ class Sampler:
       )
     h, w, options = self._size(options)
     seed = int(options.pop("seed", 0))
-    out = tail = None  # the video, uint8 [N, num_frames, H, W, 3]; the context, on the host
+    out = latents = tail = None  # the video (uint8), its latents, the context: on the host
     for i, chunk in enumerate(chunks):
       given = None
       if tail is not None:  # the last `context` frames, in the model's space, on the canvas
@@ -378,10 +378,16 @@ class Sampler:
       tail = self._canvas_pad(space[:, window - context :], h, w)
       if out is None:
         out = np.zeros((len(prompts), num_frames, *frames.shape[2:]), np.uint8)
-      new = frames[:, chunk.new : chunk.new + chunk.count]
-      out[:, chunk.start + chunk.new : chunk.start + chunk.new + chunk.count] = new
+        if self.codec is not None:
+          latents = np.zeros((len(prompts), num_frames, *space.shape[2:]), np.float32)
+      keep = slice(chunk.new, chunk.new + chunk.count)
+      at = slice(chunk.start + chunk.new, chunk.start + chunk.new + chunk.count)
+      out[:, at] = frames[:, keep]
+      if latents is not None:
+        latents[:, at] = space[:, keep]
       if on_chunk is not None:
         on_chunk(i, chunk.start, frames)
+    self.last_latents = latents  # latent space: the whole video's (the CLI's .npz keeps them)
     return out
 
   def memory_estimate(self, rows: int, length: int) -> int:
