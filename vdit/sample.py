@@ -250,8 +250,9 @@ def _generate(
   extra = dict(direction=f.direction) if f.mode == "extend" else {}
   extra = dict(strength=f.strength) if f.mode == "edit" else extra
   extra = dict(frames=inputs["frames"]) if f.mode == "retake" else extra
-  if f.mode == "long":
-    extra = {k: f[k].value for k in LONG_FLAGS if f[k].value is not None}
+  if f.mode == "long":  # the window and context used (defaults filled in) go in the metadata
+    window, context = sampler.long_window(f.window, f.context)
+    extra = dict(window=window, context=context, context_noise=f.context_noise or 0.0)
   options |= dict(image=inputs["image"]) if f.mode == "loop" else extra
   videos = getattr(sampler, method)(prompts, *[inputs[name] for name in required], **options)
   return videos, {k: v for k, v in options.items() if k not in ("image", "labels", "frames")}

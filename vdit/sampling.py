@@ -313,6 +313,13 @@ class Sampler:
     key = np.repeat(key, self.pt, axis=-4)  # [(N,) pt, H, W, C]
     return self._given(prompts, num_frames + self.pt, h, w, [key], [key], options)[:, :num_frames]
 
+  def long_window(self, window: int | None = None, context: int | None = None) -> tuple[int, int]:
+    """`long`'s (window, context) with their defaults filled in: the longest training clip
+    (`input.max_frames`, whole patch-frames) and half of it (whole patch-frames)."""
+    pt = self.pt
+    window = window or max(pt, self.config.input.max_frames // pt * pt)
+    return window, context if context is not None else max(pt, window // 2 // pt * pt)
+
   def long(
     self,
     prompts,
@@ -338,8 +345,7 @@ class Sampler:
     given, receives each window's frames (uint8 [N, W, H, W, 3], its context included) and its
     first frame's index in the video. Bad requests → InputError before any compute."""
     pt = self.pt
-    window = window or max(pt, self.config.input.max_frames // pt * pt)
-    context = context if context is not None else max(pt, window // 2 // pt * pt)
+    window, context = self.long_window(window, context)
     chunks = sliding_window.plan(num_frames, window, context, pt)
     if not 0.0 <= context_noise < 1.0:
       raise InputError(f"context_noise={context_noise} must be in [0, 1) (0: a clean context)")

@@ -52,11 +52,6 @@ def _sampler(options: dict) -> sampling.Sampler:
   return sampling.Sampler(config=config, params=params, model=model)
 
 
-def _window(s: sampling.Sampler) -> tuple[int, int]:
-  window = max(s.pt, s.config.input.max_frames // s.pt * s.pt)
-  return window, max(s.pt, window // 2 // s.pt * s.pt)
-
-
 def compiled_bytes(s: sampling.Sampler, frames: int, steps: int, given: bool) -> int:
   """Arguments + outputs + temporaries of the compiled sampling loop of one window of `frames`
   frames at the config's sample size (lowered and compiled, not run)."""
@@ -84,7 +79,7 @@ def generate_once(options: dict) -> dict:
   """`long` of `frames` frames in this process: peak live device bytes over the windows, the
   sampling loop's compilations, peak host RSS."""
   s = _sampler(options)
-  window, context = _window(s)
+  window, context = s.long_window()
   live, rss = [], []
 
   def measure(*_):
@@ -132,7 +127,7 @@ def run(options: dict) -> dict:
   if options.get("only_generate"):
     return generate_once(options)
   s = _sampler(options)
-  window, context = _window(s)
+  window, context = s.long_window()
   steps = int(options.get("steps", 4))
   multiples = (1, 2) if options.get("quick") else tuple(options.get("multiples", MULTIPLES))
   rows = []
