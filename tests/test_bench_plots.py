@@ -2,7 +2,7 @@
 
 import pytest
 
-from vdit.tools.bench import autoencoder, compile_time, memory_mesh, sampling_speed
+from vdit.tools.bench import autoencoder, compile_time, long_memory, memory_mesh, sampling_speed
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -65,6 +65,16 @@ def _sampling_results() -> dict:
   }
 
 
+def _long_memory_results() -> dict:
+  rows = [
+    {"frames": 8 * k, "long_step_bytes": 5 * 2**20, "one_window_step_bytes": k * k * 2**20 + 4e6,
+     "host_peak_rss_bytes": 900 * 2**20, "host_rss_max_window_bytes": 850 * 2**20,
+     "live_device_bytes": 2**20}
+    for k in (1, 2, 4, 8)
+  ]  # fmt: skip
+  return {"window": 8, "context": 4, "rows": rows}
+
+
 @pytest.mark.parametrize(
   "name, draw",
   [
@@ -73,6 +83,7 @@ def _sampling_results() -> dict:
     ("compile_time_scan_only", lambda p: compile_time.write_png(
       p, {k: v for k, v in _compile_time_results().items() if k != "unrolled"})),
     ("memory_mesh", lambda p: memory_mesh.write_png(p, _memory_mesh_results())),
+    ("long_memory", lambda p: long_memory.write_png(p, _long_memory_results())),
     ("sampling", lambda p: sampling_speed.write_png(p, [_sampling_results()] * 2, ["a", "b"])),
   ],
 )  # fmt: skip

@@ -101,7 +101,7 @@ def test_condition_batch_marks_each_examples_own_frames():
     np.testing.assert_array_equal(out["patches"][0][~still], BATCH["patches"][0][~still])
     if still.any():
       assert not np.array_equal(out["patches"][0][still], BATCH["patches"][0][still])
-  later = {TASK[n] for n in ("keyframes", "retake", "inpaint", "outpaint")}
+  later = {TASK[n] for n in ("keyframes", "retake", "inpaint", "outpaint", "forcing")}
   assert seen == set(TASK.values()) - later  # weight 0 by default
 
 
@@ -123,12 +123,16 @@ def test_keyframes_weight_zero_leaves_the_draws_as_they_were():
   keys = ("patches", "cond_mask", "loss_mask")
   got = _digest(*[o[0][k] for o in outs for k in keys], *[o[1]["task"] for o in outs])
   assert got == "decf0d7c8556eed2"
+  assert all(conditioning.FRAME_UNIFORM not in o[0] for o in outs)  # the loss reads as before
 
 
-@pytest.mark.parametrize("later", [{}, dict(retake=0.0, inpaint=0.0, outpaint=0.0)])
+@pytest.mark.parametrize(
+  "later", [{}, dict(retake=0.0, inpaint=0.0, outpaint=0.0), dict(forcing=0.0)]
+)
 def test_later_tasks_at_weight_zero_leave_the_keyframes_draws_as_they_were(later):
-  """Digests of a run with keyframes on, recorded before retake/inpaint/outpaint existed
-  (commit a0796e5): with their weights 0 (named or left out) it draws exactly what it drew."""
+  """Digests of a run with keyframes on, recorded before retake/inpaint/outpaint (and forcing)
+  existed (commit a0796e5): with their weights 0 (named or left out) it draws exactly what it
+  drew."""
   probs = conditioning.task_probs(dict(conditioning.DEFAULT_PROBS, keyframes=0.1, **later))
   shapes = jnp.asarray([[[0, 0, 0], [1, 4, 4], [2, 1, 1], [3, 1, 1], [8, 1, 1]]] * 500)
   assert _digest(*conditioning.sample_tasks(jax.random.key(0), shapes, probs)) == "d7fcbaa59cc0b944"
@@ -242,6 +246,59 @@ def test_keyframes_task_gives_a_random_subset_of_each_examples_own_frames():
   assert len(subsets[3]) > 20 and len(subsets[5]) > 20  # many subsets of T' = 6 and 8
   assert {frozenset({0}), frozenset({1})} == subsets[1]  # T' = 2: one of two
   assert still_seen  # some examples' keyframes are stills (images as keyframes)
+
+
+def test_retake_draws_are_unchanged_by_the_forcing_task_at_weight_zero():
+  """A run with every earlier task on draws, with `forcing` named at 0, exactly what it draws
+  without it (the forcing task's randomness is its own `fold_in` stream, drawn only when on)."""
+  on = dict(conditioning.DEFAULT_PROBS, keyframes=0.1, retake=0.1, inpaint=0.1, outpaint=0.1)
+  outs = {}
+  for extra in ({}, dict(forcing=0.0)):
+    probs = conditioning.task_probs(dict(on, **extra))
+    draws = [conditioning.condition_batch(jax.random.key(i), BATCH, probs, PT) for i in range(8)]
+    keys = ("patches", "cond_mask", "loss_mask")
+    outs[len(extra)] = _digest(
+      *[o[0][k] for o in draws for k in keys], *[o[1]["task"] for o in draws]
+    )
+  assert outs[0] == outs[1]
+
+
+def test_forcing_task_gives_each_patch_frame_its_own_noise_level():
+  """Diffusion forcing: no token given, one uniform per patch-frame of an example (the same for
+  all its tokens), different across its patch-frames; the loss maps them through the time
+  sampling and the example's shift, and every other example keeps its one time."""
+  grids = [(1, 2, 2), (3, 2, 1), (6, 1, 2)]  # an image (falls back to `none`), T' = 3, 6
+  batch = packed_row(grids, 32)
+  seg, t_index = np.asarray(batch["segment_ids"][0]), np.asarray(batch["positions"][0, :, 0])
+  probs = conditioning.task_probs({"forcing": 1.0})
+  out, metrics = conditioning.condition_batch(jax.random.key(3), batch, probs, PT)
+  np.testing.assert_array_equal(
+    metrics["task"][0, :3], [TASK["none"], TASK["forcing"], TASK["forcing"]]
+  )
+  assert not np.asarray(out["cond_mask"]).any()
+  np.testing.assert_array_equal(out["loss_mask"], batch["loss_mask"])
+  u = np.asarray(out[conditioning.FRAME_UNIFORM][0])
+  assert np.all(u[seg <= 1] == -1.0)  # padding and the image: the example's own time
+  for k in (2, 3):
+    per_frame = [np.unique(u[(seg == k) & (t_index == t)]) for t in range(grids[k - 1][0])]
+    assert all(len(v) == 1 and 0 <= v[0] < 1 for v in per_frame)  # one level per patch-frame
+    assert len({float(v[0]) for v in per_frame}) == len(per_frame)  # and they differ
+  # The loss's times: the uniforms through the logit-normal and the shift, per token.
+  spec = objectives.Spec(time_sampling="logit_normal", shift_base_tokens=4, text_dropout=0.0)
+  seen = []
+
+  def model(x, t, b):
+    seen.append(np.asarray(t))
+    return x
+
+  objectives.loss(spec, model, out, jax.random.key(1))
+  t = seen[0][0]
+  shift = np.asarray(flow.resolution_shift(batch["shapes"], 4))[0]
+  for k in (2, 3):
+    mine = seg == k
+    want = flow.shift_time(flow.time_from_uniform(u[mine], "logit_normal"), shift[k - 1])
+    np.testing.assert_allclose(t[mine], want, rtol=1e-5)
+  assert len(np.unique(t[seg == 1])) == 1  # the image: one time
 
 
 @pytest.mark.parametrize("objective", ["rectified_flow", "gaussian"])

@@ -51,6 +51,7 @@ def test_tiny_config_is_valid():
     ("optimizer.b2", 1.0, r"optimizer.b2=1.0 must be in \[0, 1\)"),
     ("input.max_frames", 1, r"input.min_frames=4 must be in \[1, max_frames=1\]"),
     ("input.dataset_config", "huge", r"dataset='shapes' dataset_config='huge' is unknown"),
+    ("diffusion.cond_probs.forcing", 0.1, r"forcing=0.1 .* needs model.shared_conditioning=False"),
   ],
 )
 def test_validate_names_the_bad_value(key, value, message):

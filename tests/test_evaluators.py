@@ -156,6 +156,27 @@ class _BlackRegions:
     return out[None]
 
 
+def test_long_scores_are_right_on_real_clips_and_wrong_when_the_object_vanishes(validation):
+  """`long` scoring on known answers: 16-frame real clips read in windows of 4 adhere in every
+  window and keep one object throughout; with the object gone from the second half (its frames
+  painted one colour) persistence and identity fall."""
+  videos, captions = validation
+  vocab = shapes_scorer.Vocabulary.of_dataset("tiny")
+  data = [{"video": v, "caption": c} for v, c in zip(videos, captions)]
+  clips, caps = modes.clips(data, 8, (16, 32, 32), vocab)
+  got = [modes.long_scores(c, p, vocab, 4) for c, p in zip(clips, caps)]
+  for key in ("colour", "shape", "identity", "persistence"):
+    assert np.mean([g[key] for g in got]) >= 0.9, (key, got)
+  assert np.mean([g["all"] for g in got]) >= 0.75
+  gone = clips.copy()
+  gone[:, 8:] = np.median(clips[:, :1], axis=(2, 3), keepdims=True).astype(np.uint8)
+  lost = [modes.long_scores(c, p, vocab, 4) for c, p in zip(gone, caps)]
+  assert np.mean([g["persistence"] for g in lost]) <= 0.6
+  assert np.mean([g["all"] for g in lost]) <= 0.6
+  assert modes.longest_clip(configs.load("tiny"), "tiny") == 16  # the pipeline's cap (data: 24)
+  assert configs.load("tiny").evals.modes.modes == modes.MODES  # the config lists them all
+
+
 def test_modes_region_scores_are_right_on_the_real_clips_and_wrong_on_filled_or_black_ones(
   validation,
 ):

@@ -51,6 +51,11 @@ def check_diffusion(d: ml_collections.ConfigDict) -> None:
     conditioning.task_probs(dict(d.cond_probs))
   except ValueError as e:
     raise ConfigError(f"diffusion.cond_probs: {e}") from None
+  if d.cond_probs.get("forcing", 0) and d.objective != "rectified_flow":
+    raise ConfigError(
+      f"diffusion.cond_probs.forcing={d.cond_probs['forcing']} (diffusion forcing) needs "
+      f"diffusion.objective='rectified_flow', not {d.objective!r}"
+    )
   choice("diffusion.schedule", d.schedule, gaussian.SCHEDULES)
   choice("diffusion.prediction", d.prediction, gaussian.PREDICTIONS)
   choice("diffusion.flow_prediction", d.get("flow_prediction", "velocity"), flow.FLOW_PREDICTIONS)
@@ -150,6 +155,12 @@ def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, in
       f"input.text_tokens_per_row={inp.text_tokens_per_row}"
     )
   choice("model.name (task video_diffusion)", model.name, MODELS)
+  forcing = config.diffusion.cond_probs.get("forcing", 0)
+  if forcing and model.get("shared_conditioning", False):
+    raise ConfigError(
+      f"diffusion.cond_probs.forcing={forcing} (a noise level per patch-frame) needs "
+      "model.shared_conditioning=False: a shared-conditioning model holds one time per example"
+    )
   check_model_common(model, shape)
   if model.text_width % model.text_heads:
     raise ConfigError(

@@ -9,14 +9,16 @@ r"""Generating videos from a trained checkpoint: the command line of `vdit.sampl
   python -m vdit.sample --workdir=runs/shapes --mode=retake --video=clip.mp4 --frames=4:8 \
       --prompt=... --out=x.gif
   python -m vdit.sample --workdir=runs/sora --mesh=sequence:8 --prompt=... --out=x.mp4
+  python -m vdit.sample --workdir=runs/shapes --mode=long --num_frames=32 [--window=8 --context=4]
+      --prompt=... --out=x.gif
 
 Modes: t2v, t2i, i2v, extend, interpolate, keyframes, edit (SDEdit), loop, retake, inpaint,
-outpaint — docs/sampling.md shows each. Any size works (one that is not a patch multiple is
-cropped from a canvas of whole patches); impossible requests fail with one line naming the bad
-flag before any compute (`InputError`). In latent space (`config.autoencoder`)
-sizes are in latent units and the videos are decoded to pixels (`vdit.sampling`); `.npz`
-outputs keep the latents too. `--mesh=sequence:8` samples one video on 8 devices, its tokens
-split over them (`vdit.sampling_mesh`).
+outpaint, long (any length, window by window) — docs/sampling.md shows each. Any size works (one
+that is not a patch multiple is cropped from a canvas of whole patches); impossible requests fail
+with one line naming the bad flag before any compute (`InputError`). In latent space
+(`config.autoencoder`) sizes are in latent units and the videos are decoded to pixels
+(`vdit.sampling`); `.npz` outputs keep the latents too. `--mesh=sequence:8` samples one video on 8
+devices, its tokens split over them (`vdit.sampling_mesh`).
 """
 
 import math
@@ -42,7 +44,9 @@ MODES = {  # --mode: (Sampler method, required inputs, optional inputs)
   "retake": ("retake", ("video",), ()),
   "inpaint": ("inpaint", ("video", "mask"), ()),
   "outpaint": ("outpaint", ("video",), ()),
+  "long": ("long", (), ()),
 }
+LONG_FLAGS = ("window", "context", "context_noise")  # --mode=long only
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +74,15 @@ def _define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_enum("direction", "forward", ("forward", "backward"), "extend: which way.", **fv)
   flags.DEFINE_float("strength", 0.6, "edit: noise level to start from, (0, 1]; 1: no input.", **fv)
   flags.DEFINE_integer("num_frames", None, "Frames (default: the config's; see the modes).", **fv)
+  flags.DEFINE_integer(
+    "window", None, "long: frames per window (default: the longest training clip).", **fv
+  )
+  flags.DEFINE_integer(
+    "context", None, "long: frames of each window given to the next (default: half).", **fv
+  )
+  flags.DEFINE_float(
+    "context_noise", None, "long: noise level of the context frames, [0, 1) (default 0).", **fv
+  )
   flags.DEFINE_integer("height", None, "Height in pixels (outpaint: the canvas's).", **fv)
   flags.DEFINE_integer("width", None, "Width in pixels (outpaint: the canvas's).", **fv)
   flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's).", **fv)
@@ -146,6 +159,16 @@ def _request(f) -> tuple[list[str], dict]:
   inputs["frames"], inputs["mask"] = _region(f, inputs["video"])
   if f.mode == "outpaint" and f.height is None and f.width is None:
     raise InputError("--mode=outpaint needs --width and/or --height (the larger canvas)")
+  if f.mode == "long" and f.num_frames is None:
+    raise InputError("--mode=long needs --num_frames=N (the frames of the whole video)")
+  for name in LONG_FLAGS:
+    if f[name].value is not None and f.mode != "long":
+      raise InputError(f"--{name} is not used by --mode={f.mode}")
+  for name in ("window", "context"):
+    if f[name].value is not None and f[name].value < 1:
+      raise InputError(f"--{name}={f[name].value} must be ≥ 1 (leave it out for the default)")
+  if f.context_noise is not None and not 0.0 <= f.context_noise < 1.0:
+    raise InputError(f"--context_noise={f.context_noise} must be in [0, 1) (0: a clean context)")
   if f.mode == "t2i" and f.num_frames is not None:
     raise InputError("--num_frames is not used by --mode=t2i (an image is one frame)")
   return prompts, inputs
@@ -227,6 +250,9 @@ def _generate(
   extra = dict(direction=f.direction) if f.mode == "extend" else {}
   extra = dict(strength=f.strength) if f.mode == "edit" else extra
   extra = dict(frames=inputs["frames"]) if f.mode == "retake" else extra
+  if f.mode == "long":  # the window and context used (defaults filled in) go in the metadata
+    window, context = sampler.long_window(f.window, f.context)
+    extra = dict(window=window, context=context, context_noise=f.context_noise or 0.0)
   options |= dict(image=inputs["image"]) if f.mode == "loop" else extra
   videos = getattr(sampler, method)(prompts, *[inputs[name] for name in required], **options)
   return videos, {k: v for k, v in options.items() if k not in ("image", "labels", "frames")}
@@ -256,7 +282,7 @@ def main(argv):
     meta = dict(mode=f.mode, prompt=prompt, workdir=f.workdir, step=f.step)
     meta.update(used)
     meta.update(zip(("num_frames", "height", "width"), video.shape[:3]))
-    names = ("image", "video", "video2", "label", "frames", "mask", "mesh")
+    names = ("image", "video", "video2", "label", "frames", "mask", "mesh", *LONG_FLAGS)
     meta.update({k: f[k].value for k in names if f[k].value})
     meta.update({"keyframes": ",".join(f.keyframes)} if f.keyframes else {})
     latent = sampler.last_latents is not None and path.endswith(".npz")

@@ -2,12 +2,13 @@ r"""The sampler library: a trained VideoDiT generates videos in every mode of on
 
 `load(workdir)` → `Sampler` (the EMA params of a checkpoint), with `generate` (text-to-video) and
 one method per mode: t2v, t2i, i2v, extend, interpolate, keyframes, edit (SDEdit), loop, retake,
-inpaint, outpaint — docs/sampling.md shows each; `python -m vdit.sample` is its CLI. Any size
-works: the model sees packed spacetime patches with their positions, not a fixed grid, and a
-size that is not a multiple of the patch size is generated on the smallest canvas of whole
-patches that holds it and cropped to it (`Sampler.canvas`). Given frames are trained conditioning
-(`vdit.diffusion.conditioning`) and come out unchanged; inputs of another size are cropped and
-resized with a warning (`vdit.diffusion.given_frames`); impossible requests raise `InputError`.
+inpaint, outpaint, long (any length, window by window) — docs/sampling.md shows each; `python -m
+vdit.sample` is its CLI. Any size works: the model sees packed spacetime patches with their
+positions, not a fixed grid, and a size that is not a multiple of the patch size is generated on the
+smallest canvas of whole patches that holds it and cropped to it (`Sampler.canvas`). Given frames
+are trained conditioning (`vdit.diffusion.conditioning`) and come out unchanged; inputs of another
+size are cropped and resized with a warning (`vdit.diffusion.given_frames`); impossible requests
+raise `InputError`.
 
 Latent space: with `config.autoencoder` (the workdir of a trained VAE) the model denoises
 normalised latents and the sampler decodes them to pixels (`vdit.latent_codec.Codec`); sizes
@@ -41,7 +42,7 @@ from vdit import (
 )
 from vdit.axes import BATCH, HEADS, LENGTH
 from vdit.data import caption_table, patchify, tokenizer
-from vdit.diffusion import given_frames, objectives
+from vdit.diffusion import given_frames, objectives, sliding_window
 from vdit.diffusion.given_frames import InputError, fit_size, patch_frames
 from vdit.tasks import restore
 
@@ -312,6 +313,89 @@ class Sampler:
     key = np.repeat(key, self.pt, axis=-4)  # [(N,) pt, H, W, C]
     return self._given(prompts, num_frames + self.pt, h, w, [key], [key], options)[:, :num_frames]
 
+  def long_window(self, window: int | None = None, context: int | None = None) -> tuple[int, int]:
+    """`long`'s (window, context) with their defaults filled in: the longest training clip
+    (`input.max_frames`, whole patch-frames) and half of it (whole patch-frames)."""
+    pt = self.pt
+    window = window or max(pt, self.config.input.max_frames // pt * pt)
+    return window, context if context is not None else max(pt, window // 2 // pt * pt)
+
+  def long(
+    self,
+    prompts,
+    *,
+    num_frames: int,
+    window: int | None = None,
+    context: int | None = None,
+    context_noise: float = 0.0,
+    on_chunk=None,
+    **options,
+  ) -> np.ndarray:
+    """A video of any length `num_frames`, generated window by window (`sliding_window`): the
+    first `window` frames from the text, then each next window given the last `context` frames
+    of what exists (clean, or noised to the time `context_noise` ∈ [0, 1), which needs a model
+    trained with the `forcing` task's per-frame noise levels) and generating the rest. Only one
+    window is on the device at a time, and every window has one shape (one compilation): the
+    device memory does not grow with `num_frames`; the frames are decoded and appended on the
+    host window by window. `window` defaults to the longest training clip
+    (`input.max_frames`, whole patch-frames), `context` to half the window; in latent space all
+    three are latent frames (a per-frame autoencoder is needed: a window's latents are decoded
+    on their own). The first window is `generate(num_frames=window)` with the same seed, the
+    others draw their noise from (seed, window index). `on_chunk(index, start, frames)`, if
+    given, receives each window's frames (uint8 [N, W, H, W, 3], its context included) and its
+    first frame's index in the video. Bad requests → InputError before any compute."""
+    pt = self.pt
+    window, context = self.long_window(window, context)
+    chunks = sliding_window.plan(num_frames, window, context, pt)
+    if not 0.0 <= context_noise < 1.0:
+      raise InputError(f"context_noise={context_noise} must be in [0, 1) (0: a clean context)")
+    if context_noise and self.spec.objective != "rectified_flow":
+      raise InputError(f"context_noise={context_noise} needs a rectified-flow model")
+    if context_noise and self.config.model.get("shared_conditioning", False):
+      raise InputError(
+        f"context_noise={context_noise}: this model has shared_conditioning (one time per "
+        "video), so its context frames cannot carry their own noise level; use context_noise=0"
+      )
+    if self.codec is not None and self.codec.compression[0] != 1:
+      raise InputError(
+        f"long videos need a per-frame autoencoder (time compression 1); this one compresses "
+        f"time {self.codec.compression[0]}×, so a window's latents do not decode on their own"
+      )
+    h, w, options = self._size(options)
+    seed = int(options.pop("seed", 0))
+    out = latents = tail = None  # the video (uint8), its latents, the context: on the host
+    for i, chunk in enumerate(chunks):
+      given = None
+      if tail is not None:  # the last `context` frames, in the model's space, on the canvas
+        t = self.canvas(window, h, w)[0]
+        video = np.zeros((len(prompts), t, *tail.shape[2:]), np.float32)
+        video[:, :context] = tail
+        given = given_frames.Given(video, np.arange(t // pt) < context // pt)
+      chunk_seed = seed if i == 0 else int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+      frames = self._run(
+        prompts,
+        (window, h, w),
+        given=given,
+        seed=chunk_seed % 2**31,
+        cond_time=float(context_noise) if i else 0.0,
+        **options,
+      )
+      space = self.last_latents if self.codec is not None else media.from_uint8(frames)
+      tail = self._canvas_pad(space[:, window - context :], h, w)
+      if out is None:
+        out = np.zeros((len(prompts), num_frames, *frames.shape[2:]), np.uint8)
+        if self.codec is not None:
+          latents = np.zeros((len(prompts), num_frames, *space.shape[2:]), np.float32)
+      keep = slice(chunk.new, chunk.new + chunk.count)
+      at = slice(chunk.start + chunk.new, chunk.start + chunk.new + chunk.count)
+      out[:, at] = frames[:, keep]
+      if latents is not None:
+        latents[:, at] = space[:, keep]
+      if on_chunk is not None:
+        on_chunk(i, chunk.start, frames)
+    self.last_latents = latents  # latent space: the whole video's (the CLI's .npz keeps them)
+    return out
+
   def memory_estimate(self, rows: int, length: int) -> int:
     """Bytes a sampling step of `rows` rows of `length` tokens needs at its peak, roughly: the
     attention logits and probabilities of one block ([rows, heads, L, L] float32 each with
@@ -375,8 +459,14 @@ class Sampler:
         )
         pixels = pixels[-usable:] if keep == "last" else pixels[:usable]
       video = self.codec.encode(pixels[None])[0]
+    return self._canvas_pad(video, h, w)
+
+  def _canvas_pad(self, video: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Frames [..., h, w, C] in the model's space padded at the bottom and right, repeating the
+    edge, to the canvas of whole patches (`canvas`)."""
     _, hc, wc = self.canvas(1, h, w)
-    return np.pad(video, ((0, 0), (0, hc - h), (0, wc - w), (0, 0)), mode="edge")
+    pad = [(0, 0)] * (video.ndim - 3) + [(0, hc - h), (0, wc - w), (0, 0)]
+    return np.pad(video, pad, mode="edge")
 
   def _size(self, options: dict, like=None) -> tuple[int, int, dict]:
     """(height, width, the other options): the requested size, else that of `like` (the given
@@ -469,10 +559,12 @@ class Sampler:
     sampler: str | None = None,
     guidance_interval: tuple[float, float] | None = None,
     labels: Sequence[int] | None = None,
+    cond_time: float = 0.0,
   ) -> np.ndarray:
     """Denoises one row per prompt (plus its null row for guidance) on the canvas of `size`
     (T, H, W) and crops it to `size`: its first T frames, or the canvas frames `frames`
-    → uint8 videos."""
+    → uint8 videos. `cond_time` > 0: the given tokens are noised to that time with the
+    video's own noise and held there (a noisy context, `long`)."""
     prompts, sampler = list(prompts), sampler or self.spec.default_sampler
     grid, (t, h, w) = self.grid(*size), size
     interval = tuple(float(x) for x in (guidance_interval or self.spec.guidance_interval))
@@ -494,6 +586,9 @@ class Sampler:
     x_cond, cond_mask = np.zeros((n, length, patch_dim), np.float32), np.zeros((n, length), bool)
     if given is not None:
       x_cond[:], cond_mask[:] = given.tokens(grid, self.patch_size)
+    if cond_time:
+      noisy = (1 - cond_time) * x_cond + cond_time * np.asarray(noise)
+      x_cond = np.where(cond_mask[..., None], noisy, x_cond).astype(np.float32)
     x_init = x_cond * 0 + (0 if init is None else patchify.patchify(init, self.patch_size)[0])
     x0 = sampling_mesh.sample_rows(
       *(self.model, self.params, self.mesh, self.rules),
@@ -504,6 +599,7 @@ class Sampler:
       steps=steps,
       sampler=sampler,
       strength=float(strength),
+      cond_time=float(cond_time),
     )
     x0 = sharding.to_host(x0)[:, :length]  # the videos may span hosts; padding cut off
     videos = patchify.unpatchify(x0, grid, self.patch_size, self.channels)

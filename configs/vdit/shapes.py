@@ -162,8 +162,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     input_perturbation=0.0,
     text_dropout=0.1,  # classifier-free guidance: rate of null captions (and labels) in training
     # Conditioning tasks drawn per example in training (relative weights; the later ones —
-    # keyframes, retake, inpaint, outpaint — at 0 draw nothing, so the others' draws are as
-    # before they existed: docs/sampling.md).
+    # keyframes, retake, inpaint, outpaint, forcing (diffusion forcing: a noise level per
+    # patch-frame; needs model.shared_conditioning=False) — at 0 draw nothing, so the others'
+    # draws are as before they existed: docs/sampling.md).
     cond_probs=dict(
       none=0.5,
       image_to_video=0.2,
@@ -174,6 +175,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       retake=0.0,
       inpaint=0.0,
       outpaint=0.0,
+      forcing=0.0,
     ),
     schedule="linear",  # gaussian: "linear" | "cosine"
     num_timesteps=1000,  # gaussian: N
@@ -238,8 +240,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       sizes=((8, 32, 32), (8, 32, 48), (8, 48, 24)) if tiny else (),
       **generated,
     ),
-    # Every frame-conditioning mode on real validation clips (docs/sampling.md, "Measured").
-    modes=dict(type="modes", num_videos=24 if tiny else 48, size=square, **generated),
+    # Every frame-conditioning mode on real validation clips (docs/sampling.md, "Measured"); the
+    # opt-in "long" (a video 4× the longest training clip, window by window) is not among them:
+    # `--config.evals.modes.modes="('long',)"` (docs/sampling.md, "Any length").
+    modes=dict(
+      type="modes",
+      num_videos=24 if tiny else 48,
+      size=square,
+      modes=("i2v", "extend_fwd", "extend_bwd", "interpolate", "loop", "edit")
+      + ("retake", "inpaint", "outpaint"),
+      **generated,
+    ),
     prompts=dict(type="prompts"),  # `sample.prompts` → workdir/samples/<step>/, at the end
   )
   if arg.small:
@@ -363,6 +374,7 @@ def latent_space(
       retake=0.0,
       inpaint=0.0,
       outpaint=0.0,
+      forcing=0.0,
     )
     if small:
       # Guidance 6 while t ≥ 0.3 (the CLI's and the evals' default): all three 25.7% → 41.7% at

@@ -22,13 +22,21 @@ clean (t = 0, see `flow.loss` / `gaussian.loss`) and carry no loss:
                    given (`box`): regenerating a region across time
   outpaint         the complement: the box given, the band around it (any widths, one side or
                    more) generated — a video on a larger canvas
+  forcing          diffusion forcing (Chen et al. 2024, "Diffusion Forcing"; SkyReels-V2): no
+                   token given, each patch-frame at its own noise level, independent uniforms
+                   u ~ U(0, 1) per patch-frame (`frame_uniforms`) that the loss maps through
+                   the run's time sampling and shift (`flow.loss`, key `frame_uniform`): the
+                   model learns to denoise frames next to cleaner or noisier ones, which is what
+                   a long video sampled chunk by chunk with lightly noised context frames asks
+                   (`Sampler.long`). Rectified flow only, and a model with per-token time
+                   conditioning (not `model.shared_conditioning`, whose one time per example
+                   cannot hold it; `config_checks`)
 
-Every task leaves at least one token to generate: a task that cannot (T' = 1 images for the
-frame tasks, T' = 2 for interpolation, a 1-token frame H'·W' = 1 for inpaint/outpaint) falls
-back to `none`; images can be inpainted and outpainted. Pure, jit-able functions of the packed
-batch (DESIGN.md, "The packed batch"): per example [B, K], gathered with segment ids, places
-read from `positions` (the (t, h, w) patch index, kept through token dropping) and `shapes`
-(T', H', W').
+Every task leaves at least one token to generate: a task that cannot (T' = 1 images for the frame
+tasks and forcing, T' = 2 for interpolation, a 1-token frame H'·W' = 1 for inpaint/outpaint) falls
+back to `none`; images can be inpainted and outpainted. Pure, jit-able functions of the packed batch
+(DESIGN.md, "The packed batch"): per example [B, K], gathered with segment ids, places read from
+`positions` (the (t, h, w) patch index, kept through token dropping) and `shapes` (T', H', W').
 
 The tasks from `keyframes` on were added later. The categorical draw runs over the tasks up to
 the last one with a weight > 0 (at least the first five; a static decision on the Python
@@ -46,14 +54,17 @@ from vdit.segments import per_token
 
 TASKS = (
   *("none", "image_to_video", "extend_forward", "extend_backward", "interpolate"),
-  *("keyframes", "retake", "inpaint", "outpaint"),  # added later: see the module docstring
+  *("keyframes", "retake", "inpaint", "outpaint", "forcing"),  # added later: module docstring
 )
-KEYFRAMES, RETAKE, INPAINT, OUTPAINT = (TASKS.index(n) for n in TASKS[-4:])
+KEYFRAMES, RETAKE, INPAINT, OUTPAINT, FORCING = (TASKS.index(n) for n in TASKS[-5:])
 # Half plain generation (the capability every other one builds on), half conditioned tasks.
 DEFAULT_PROBS = dict(
   none=0.5, image_to_video=0.2, extend_forward=0.1, extend_backward=0.1, interpolate=0.1
 )
 KEYFRAME_STILLS = 0.5  # the rate of keyframes examples whose given patch-frames are stills
+# The batch key of the `forcing` task: [B, L] float, each token's patch-frame uniform in [0, 1)
+# (mapped to a time by the loss), −1 where the example's own time applies.
+FRAME_UNIFORM = "frame_uniform"
 
 
 def task_probs(probs: Mapping[str, float]) -> tuple[float, ...]:
@@ -106,6 +117,7 @@ def sample_tasks(
   last = jnp.select([name("extend_backward"), name("interpolate")], [k, b], 0)
   valid = first + last < frames  # at least one patch-frame left to generate
   valid &= ((task != KEYFRAMES) & (task != RETAKE)) | (frames >= 2)  # and one given
+  valid &= (task != FORCING) | (frames >= 2)  # two patch-frames to give two noise levels
   cells = shapes[..., 1] * shapes[..., 2]  # H'·W'
   valid &= ((task != INPAINT) & (task != OUTPAINT)) | (cells >= 2)
   task = jnp.where(valid, task, TASKS.index("none"))
@@ -134,6 +146,20 @@ def box(rng: jax.Array, shapes: jax.Array) -> tuple[jax.Array, ...]:
   return top, top + height, left, left + width
 
 
+def patch_frame_uniforms(rng: jax.Array, segment_ids: jax.Array, t_index: jax.Array) -> jax.Array:
+  """One u ~ U(0, 1) per (row, example, patch-frame), gathered to its tokens [B, L]: drawn from
+  `fold_in` of (row, segment id, patch-time index), so all tokens of a patch-frame agree and no
+  table of patch-frames is needed. segment_ids, t_index: [B, L]."""
+  b, length = segment_ids.shape
+
+  def frame_u(row, seg, t):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, row), seg), t)
+    return jax.random.uniform(key)
+
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, length))
+  return jax.vmap(jax.vmap(frame_u))(rows, segment_ids, t_index)
+
+
 def keyframes_mask(
   rng: jax.Array, segment_ids: jax.Array, t_index: jax.Array, num_examples: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -147,16 +173,10 @@ def keyframes_mask(
   segment_ids, t_index: [B, L]; num_examples: K.
   """
   rate_rng, frame_rng, still_rng = jax.random.split(rng, 3)
-  b, length = segment_ids.shape
+  b = segment_ids.shape[0]
   rate = jax.random.uniform(rate_rng, (b, num_examples))
   stills = jax.random.bernoulli(still_rng, KEYFRAME_STILLS, (b, num_examples))
-
-  def frame_u(row, seg, t):  # one uniform per (row, example, patch-frame)
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(frame_rng, row), seg), t)
-    return jax.random.uniform(key)
-
-  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, length))
-  u = jax.vmap(jax.vmap(frame_u))(rows, segment_ids, t_index)  # [B, L]
+  u = patch_frame_uniforms(frame_rng, segment_ids, t_index)  # [B, L]
 
   def extremes(seg, u):  # per-example min and max of u over its tokens, gathered to them
     lo = jax.ops.segment_min(u, seg, num_segments=num_examples + 1)
@@ -185,7 +205,8 @@ def condition_batch(
   """Turns examples into conditioned tasks: sets `cond_mask`, `loss_mask`, image-to-video stills.
 
   The new cond_mask is OR-ed with the batch's (a pipeline may already mark given tokens);
-  loss_mask becomes loss_mask & ~cond_mask. Returns (batch, metrics) with metrics `task`
+  loss_mask becomes loss_mask & ~cond_mask. With the `forcing` task's weight > 0 the batch also
+  gets `FRAME_UNIFORM` (see there). Returns (batch, metrics) with metrics `task`
   [B, K] and `cond_tokens` (the number of conditioning tokens).
   """
   seg, shapes = batch["segment_ids"], batch["shapes"]  # [B, L], [B, K, 3]
@@ -223,4 +244,7 @@ def condition_batch(
     cond_mask=cond,
     loss_mask=batch["loss_mask"] & ~cond,
   )
+  if probs[FORCING] > 0:  # the key exists only then: the loss of other runs is untouched
+    u = patch_frame_uniforms(jax.random.fold_in(rng, FORCING), seg, t_index)
+    out[FRAME_UNIFORM] = jnp.where((token_task == FORCING) & (seg > 0) & ~cond, u, -1.0)
   return out, dict(task=task, cond_tokens=jnp.sum(cond.astype(jnp.float32)))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vdit.diffusion import guidance, token_losses
+from vdit.diffusion.conditioning import FRAME_UNIFORM
 from vdit.segments import per_token, place_ids
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
@@ -35,6 +36,19 @@ def sample_time(
     return jax.random.uniform(rng, shape)
   if kind == "logit_normal":
     return jax.nn.sigmoid(mean + std * jax.random.normal(rng, shape))
+  raise ValueError(f"time sampling kind={kind!r} is unknown; expected one of {TIME_SAMPLINGS}")
+
+
+def time_from_uniform(
+  u: jax.Array, kind: str = "uniform", mean: float = 0.0, std: float = 1.0
+) -> jax.Array:
+  """`sample_time`'s distribution as a function of uniforms u ∈ (0, 1) (its inverse CDF): u, or
+  σ(mean + std·Φ⁻¹(u)) for logit-normal. The per-patch-frame times of diffusion forcing."""
+  if kind == "uniform":
+    return u
+  if kind == "logit_normal":
+    u = jnp.clip(u, 1e-6, 1 - 1e-6)
+    return jax.nn.sigmoid(mean + std * jax.scipy.special.ndtri(u))
   raise ValueError(f"time sampling kind={kind!r} is unknown; expected one of {TIME_SAMPLINGS}")
 
 
@@ -118,7 +132,9 @@ def loss(
 
   One time per example ([B, K]); with `shift_base_tokens` it is shifted by each example's own
   size, `resolution_shift(shapes)`, so two videos of different sizes packed in one row get
-  different noise levels. Independent noise per token; `cond_mask` tokens stay clean
+  different noise levels. Diffusion forcing (`conditioning`, key `FRAME_UNIFORM` in the batch):
+  its tokens take their patch-frame's time instead, the same distribution and shift.
+  Independent noise per token; `cond_mask` tokens stay clean
   (x_t = x0, t = 0); with `noise_correlation` the noise is `mixed_noise` (positions from the
   batch). With probability `text_dropout` an example's caption becomes [NULL] and
   its label −1 (null), for classifier-free guidance. The loss is the squared error averaged
@@ -146,7 +162,15 @@ def loss(
   t_ex = sample_time(t_rng, (b, k), time_sampling, logit_mean, logit_std)  # [B, K]
   if shift_base_tokens:
     t_ex = shift_time(t_ex, resolution_shift(batch["shapes"], shift_base_tokens))
-  t_tok = jnp.where(cond, 0.0, per_token(t_ex, seg))  # [B, L]
+  t_tok = per_token(t_ex, seg)  # [B, L]
+  if FRAME_UNIFORM in batch:  # diffusion forcing: a time per patch-frame (`conditioning`)
+    u = batch[FRAME_UNIFORM]
+    t_frame = time_from_uniform(jnp.maximum(u, 0.0), time_sampling, logit_mean, logit_std)
+    if shift_base_tokens:
+      shift = resolution_shift(batch["shapes"], shift_base_tokens)
+      t_frame = shift_time(t_frame, per_token(shift, seg))
+    t_tok = jnp.where(u >= 0, t_frame, t_tok)
+  t_tok = jnp.where(cond, 0.0, t_tok)
   noise = mixed_noise(noise_rng, x0.shape, seg, batch["positions"], noise_correlation, x0.dtype)
   x_t = jnp.where(cond[..., None], x0, interpolate(x0, noise, t_tok))
   if t_min is None:
@@ -210,6 +234,7 @@ def sample(
   correct_at_zero: bool = True,
   self_condition: bool = False,
   t_min: float = 0.0,
+  cond_time: float = 0.0,
 ) -> jax.Array:
   """Integrates dx/dt = v(x, t) from t = shift_time(strength) down to t = 0 (data).
 
@@ -230,7 +255,9 @@ def sample(
   token's own noise from being carried, unchanged, to t = 0, as the deterministic ODE does).
   Tokens in
   `cond_mask` [B, L] are held at `x_cond` [B, L, P] with t = 0 (image-to-video, extension,
-  interpolation). With `self_condition`, `velocity_fn(x, t, x0_prev)` also receives the
+  interpolation), or at time `cond_time` > 0 with `x_cond` their noised values (a noisy
+  context: the lightly noised given frames of diffusion forcing, `Sampler.long`). With
+  `self_condition`, `velocity_fn(x, t, x0_prev)` also receives the
   previous call's estimate x̂0 = `x0_estimate(x, v, t, t_min)` (zeros at the first call).
   Returns x0 [B, L, P].
   """
@@ -248,7 +275,7 @@ def sample(
   def clamp(x, t):
     if cond_mask is None:
       return x, t
-    return jnp.where(cond_mask[..., None], x_cond, x), jnp.where(cond_mask, 0.0, t)
+    return jnp.where(cond_mask[..., None], x_cond, x), jnp.where(cond_mask, cond_time, t)
 
   def velocity(x, t, prev):
     # -> (v, the x̂0 the next call is conditioned on)

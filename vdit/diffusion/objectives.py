@@ -199,6 +199,7 @@ def sample(
   x_init: jax.Array | None = None,
   strength: float = 1.0,
   rng: jax.Array | None = None,
+  cond_time: float = 0.0,
 ) -> jax.Array:
   """Generates x0 [B, L, P] from noise [B, L, P] with the objective's sampler.
 
@@ -207,10 +208,14 @@ def sample(
   [B, L, 3], the stochastic sampler's fresh noise is correlated along time as the training noise
   (`spec.noise_correlation`), else independent. SDEdit: `x_init`
   [B, L, P] is noised to `strength` ∈ (0, 1] and denoised from there (strength 1 ignores it).
+  `cond_time` > 0 (rectified flow only): the `cond_mask` tokens are held at `x_cond` as noisy
+  tokens of that time (`flow.sample`), not clean ones.
   """
   sampler = spec.check_sampler(sampler or spec.default_sampler)
   if not 0.0 < strength <= 1.0:
     raise ValueError(f"strength={strength} must be in (0, 1]")
+  if cond_time and spec.objective != "rectified_flow":
+    raise ValueError(f"cond_time={cond_time} (a noisy context) needs rectified flow")
   if spec.objective == "rectified_flow":
     shift = token_shift(spec, shapes, segment_ids)
     x = noise if x_init is None or strength == 1.0 else flow.noised(x_init, noise, strength, shift)
@@ -229,6 +234,7 @@ def sample(
       correct_at_zero=not spec.predicts_x0,
       self_condition=spec.self_condition > 0,
       t_min=SAMPLING_T_MIN if spec.predicts_x0 else 0.0,
+      cond_time=cond_time,
     )
   schedule = spec.gaussian_schedule
   x = noise
@@ -307,7 +313,9 @@ def guided_model(
   return model_fn
 
 
-@functools.partial(jax.jit, static_argnames=("model", "spec", "steps", "sampler", "strength"))
+@functools.partial(
+  jax.jit, static_argnames=("model", "spec", "steps", "sampler", "strength", "cond_time")
+)
 def sample_rows(
   model,
   params: Any,
@@ -324,12 +332,14 @@ def sample_rows(
   steps: int,
   sampler: str,
   strength: float,
+  cond_time: float = 0.0,
 ) -> jax.Array:
   """The whole guided sampling loop of a packed-row model as one jitted function.
 
   The captions are encoded once (`encode_rows`), then each step calls the denoiser through
   `guided_model`. `rows` [2N, ...] are the N conditional rows then their N null rows; noise,
-  x_cond, x_init [N, L, P]; cond_mask [N, L]. Guidance `scale` applies for t in `interval`.
+  x_cond, x_init [N, L, P]; cond_mask [N, L]. Guidance `scale` applies for t in `interval`;
+  `cond_time` > 0: the given tokens are noisy ones of that time (`sample`).
   """
   text = encode_rows(model, params, rows)
   n = noise.shape[0]
@@ -347,4 +357,5 @@ def sample_rows(
     x_init=x_init,
     strength=strength,
     rng=rng,
+    cond_time=cond_time,
   )

@@ -16,9 +16,13 @@ sampler (`vdit.sampling.Sampler`) with its own caption:
   inpaint      a centred box of half the height and width regenerated in every frame.
   outpaint     the clip's centre strip of half its width given, on a canvas of the full width:
                the border generated.
-The regions of the last three are whole patches (`region`; a margin of a quarter of the
-patches, rounded, on either side), in the output's pixels: a latent run's patches of latent
-cells cover fs × fs pixels each, and its `size` is in latent units.
+  long         (opt-in: `modes=(..., "long")`, it samples videos `long_length`× longer) a video
+               `long_length` (4) times the longest training clip from the caption alone,
+               window by window (`Sampler.long`: windows of that clip's length, half of each
+               given to the next).
+The regions of retake, inpaint and outpaint are whole patches (`region`; a margin of a quarter
+of the patches, rounded, on either side), in the output's pixels: a latent run's patches of
+latent cells cover fs × fs pixels each, and its `size` is in latent units.
 
 Scores, `{mode}_{score}`, means over the clips:
   colour, shape, direction, all, temporal   `shapes_scorer` against the prompt (for `edit` the
@@ -39,6 +43,12 @@ Scores, `{mode}_{score}`, means over the clips:
                consecutive frames (≈ 1: seamless; ≫ 1: a jump);
   track        edit: mean distance (px) between the object's centroid in the output and in the
                clip.
+  long_colour, long_shape, long_direction, long_all  `shapes_scorer` on every slice of the long
+               video one window long (non-overlapping), averaged over the windows and the videos
+               (the issue's "adherence per window"); long_identity, the share of windows whose
+               object has the first window's colour and shape; long_persistence, long_smoothness,
+               long_temporal over the whole video (one object throughout, constant motion);
+               long_video_all, `all` read off the whole video.
 `real_*` are the scorer's results on the chosen clips (the ceiling). The outputs of each mode
 are written as one grid GIF, `workdir/samples/<step>/modes_<mode>.gif` (the clips: `modes_real`).
 """
@@ -48,6 +58,7 @@ import os
 import numpy as np
 
 from vdit.data import transforms
+from vdit.datasets import shapes
 from vdit.diffusion import given_frames
 from vdit.evaluators import Context, NotApplicable, predict_fn, shapes_scorer, validation
 from vdit.evaluators.adherence import write_grid
@@ -56,6 +67,7 @@ MODES = (
   *("i2v", "extend_fwd", "extend_bwd", "interpolate", "loop", "edit"),
   *("retake", "inpaint", "outpaint"),
 )
+LONG = "long"  # not in MODES (not run by default): videos several training clips long
 REGIONS = {"retake": (0,), "inpaint": (1, 2), "outpaint": (2,)}  # the axes each halves
 SCORES = ("colour", "shape", "direction", "all", "temporal")
 
@@ -224,6 +236,28 @@ def score(mode: str, video, clip, caption: str, vocab, patch) -> dict[str, float
   return out
 
 
+def longest_clip(config, variant: str) -> int:
+  """The longest clip (the model's frames) the run trained on: the pipeline's `max_frames`, or
+  the `shapes` variant's longest video if shorter (a per-frame latent run: the same count)."""
+  lengths = [c.max_frames for c in shapes.Shapes.BUILDER_CONFIGS if c.name == variant]
+  return min([int(config.input.max_frames), *lengths])
+
+
+def long_scores(video: np.ndarray, caption: str, vocab, window: int) -> dict[str, float]:
+  """The `long` scores (module doc) of a long uint8 video [T, H, W, 3] for its caption: the
+  scorer on each non-overlapping `window`-frame slice (a shorter last one is left out), and on
+  the whole video."""
+  slices = [video[i : i + window] for i in range(0, len(video) - window + 1, window)]
+  per = [shapes_scorer.score(v, caption, vocab) for v in slices]
+  whole = shapes_scorer.score(video, caption, vocab)
+  mean = lambda values: float(np.mean(values))
+  first = (per[0]["pred_colour"], per[0]["pred_shape"])
+  out = {k: mean([p[f"{k}_ok"] for p in per]) for k in SCORES[:4]}
+  out["identity"] = mean([(p["pred_colour"], p["pred_shape"]) == first for p in per])
+  out |= {k: whole[k] for k in ("persistence", "smoothness", "temporal")}
+  return out | {"video_all": whole["all_ok"]}
+
+
 def generate(sampler, mode: str, clip: np.ndarray, caption: str, vocab, **options) -> np.ndarray:
   """One output [T, H, W, 3] of `mode` for a real clip [T, H, W, 3] (pixels) and its caption;
   `options`: height and width (the model's units), strength (edit) and the sampling options."""
@@ -266,14 +300,21 @@ def evaluate(
   strength: float = 0.6,
   seed: int = 0,
   dataset_config: str | None = None,
+  long_length: int = 4,
+  long_window: int | None = None,
+  long_context: int | None = None,
+  long_context_noise: float = 0.0,
 ) -> dict:
   """`size` = (num_frames, height, width) in the model's units (default: the config's `sample`
   size); `dataset_config` (default: the run's) picks the `shapes` variant whose validation clips
-  and words are used; `guidance` defaults to the config's `sample.guidance`."""
+  and words are used; `guidance` defaults to the config's `sample.guidance`. `long`: videos of
+  `long_length` × the longest training clip (`longest_clip`) at `size`'s height and width, in
+  windows of `long_window` frames (default: that clip's, whole patch-frames) with
+  `long_context` frames of context (default: half) at noise level `long_context_noise`."""
   config, fns, params, workdir, step = ctx
-  unknown = set(modes) - set(MODES)
+  unknown = set(modes) - {*MODES, LONG}
   if unknown:
-    raise ValueError(f"modes={sorted(unknown)} are unknown; expected some of {MODES}")
+    raise ValueError(f"modes={sorted(unknown)} are unknown; expected some of {(*MODES, LONG)}")
   sampler = predict_fn(fns, "sampler")(params)
   s = config.sample
   t, h, w = (int(x) for x in (size or (s.num_frames, s.height, s.width)))
@@ -303,14 +344,26 @@ def evaluate(
   out = {f"real_{k}": v for k, v in ceiling.items()}
   grid_dir = os.path.join(workdir, "samples", str(step))
   write_grid(os.path.join(grid_dir, "modes_real.gif"), list(real))
+  longest = longest_clip(config, variant)
+  window = long_window or max(sampler.pt, longest // sampler.pt * sampler.pt)
+  long_options = dict(num_frames=long_length * longest, window=window, context=long_context)
+  long_options["context_noise"] = long_context_noise
   for mode in modes:
     videos, scores = [], []
     for i, (clip, caption) in enumerate(zip(real, captions)):
+      if mode == LONG:
+        opts = {k: v for k, v in options.items() if k != "strength"} | long_options
+        video = sampler.long([caption], seed=seed + i, **opts)[0]
+        videos.append(video)
+        scores.append(long_scores(video, caption, vocab, sampler.pixel_size(window, h, w)[0]))
+        continue
       video = generate(sampler, mode, clip, caption, vocab, seed=seed + i, **options)
       videos.append(video)
       scores.append(score(mode, video, clip, caption, vocab, patch))
     write_grid(os.path.join(grid_dir, f"modes_{mode}.gif"), videos)
     out.update({f"{mode}_{k}": v for k, v in _mean(scores).items()})
+  if LONG in modes:
+    out |= {"long_num_frames": long_length * longest, "long_window": window}
   return out | {"count": len(real)}
 
 

@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, str] = {
   "sampling": "vdit.tools.bench.sampling_speed:run",  # seconds per video vs steps and vs size
   "sampling_text": "vdit.tools.bench.sampling_speed:text_once",  # prompts encoded once vs per step
   "memory_mesh": "vdit.tools.bench.memory_mesh:run",  # compiled step memory per device vs mesh
+  "long_memory": "vdit.tools.bench.long_memory:run",  # long videos: memory flat in the length
 }
 
 
