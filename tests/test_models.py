@@ -267,6 +267,36 @@ def test_local_options_keep_packing_exact():
   assert_packed_equals_alone(model, perturb(params, 2), ex)
 
 
+def test_center_input_sees_patches_relative_to_their_examples_mean():
+  """`center_input`: a constant added per channel to one example's patches reaches the blocks
+  only through the mean's own embedding (zero it and the output does not move), packing stays
+  exact, and the mean is per example and per channel."""
+  channels = 3  # P = 2·2·2·3 = 24 in TINY: 8 pixels of 3 channels
+  model = VideoDiT(**TINY, center_input=True, channels=channels, patch_context=(3, 3, 3))
+  ex = examples()
+  batch = packed_rows([ex])
+  mean = layers.example_mean(batch["x"], batch["segment_ids"], channels)
+  n = int(np.prod(ex[0][0]))
+  expected = ex[0][3].reshape(n, -1, channels).mean(axis=(0, 1))
+  np.testing.assert_allclose(mean[0, :n], np.broadcast_to(expected, (n, channels)), atol=1e-6)
+  assert not np.asarray(mean[0, 52:]).any()  # padding
+  params = jax.jit(lambda r: nn.unbox(model.init(r, *list(batch.values()))))(jax.random.key(0))
+  params = perturb(params, 3)
+  assert_packed_equals_alone(model, params, ex)
+  shift = np.tile(np.asarray([0.7, -0.4, 0.2], np.float32), P // channels)
+  moved = [(s, c, lab, x + shift, t) if i == 0 else (s, c, lab, x, t) for i, (s, c, lab, x, t)
+           in enumerate(ex)]  # fmt: skip
+  out, out_moved = (np.asarray(apply(model, params, packed_rows([e]))) for e in (ex, moved))
+  assert np.abs(out_moved[0, :n] - out[0, :n]).max() > 1e-3  # the mean is read
+  np.testing.assert_allclose(out_moved[0, n:], out[0, n:], atol=1e-5)  # other examples: not
+  no_mean = jax.tree_util.tree_map(lambda x: x, params)
+  no_mean["params"]["mean_embed"]["kernel"] = jnp.zeros_like(
+    params["params"]["mean_embed"]["kernel"]
+  )
+  a, b = (np.asarray(apply(model, no_mean, packed_rows([e]))) for e in (ex, moved))
+  np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_place_ids_group_each_place_along_time():
   """`segments.place_ids`: tokens share an id iff they are one example's at one (h, w), in any
   patch-frame; padding is 0."""

@@ -120,6 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (kt, kh, kw): embed each token from its neighbours' patches too (a convolutional patch
     # embedding; tiny: docs/recipe.md rows H, H2, I).
     patch_context=(3, 3, 3) if tiny else (),
+    center_input=False,  # centre each example on its mean input per channel (docs/recipe.md)
     mlp_context=(),  # (kt, kh, kw): a depthwise convolution before every block's MLP
     output_context=(),  # (kt, kh, kw): the output projection reads the neighbours too
     # Time/caption conditioning and adaLN computed per example, not per token (same result).

@@ -45,7 +45,7 @@ def build(config: ml_collections.ConfigDict):
 
 
 # VideoDiT fields the rest of the config decides (sizes of the data, the objective).
-DERIVED = ("patch_dim", "out_dim", "vocab_size", "self_condition")
+DERIVED = ("patch_dim", "out_dim", "vocab_size", "self_condition", "channels")
 
 
 def build_video_dit(config: ml_collections.ConfigDict) -> VideoDiT:
@@ -73,6 +73,7 @@ def build_video_dit(config: ml_collections.ConfigDict) -> VideoDiT:
     out_dim=spec.output_dim(patch_dim(config)),
     vocab_size=config.input.vocab_size,
     self_condition=spec.self_condition > 0,
+    channels=channels(config),
     **kwargs,
   )
 

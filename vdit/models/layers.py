@@ -78,6 +78,20 @@ def gather_neighbours(x: jax.Array, neighbours: tuple[jax.Array, jax.Array]) -> 
   return out * valid[..., None].astype(x.dtype)
 
 
+def example_mean(patches: jax.Array, segment_ids: jax.Array, channels: int) -> jax.Array:
+  """[B, L, P] patches (P = pixels·`channels`, channels last) → [B, L, C]: the mean value per
+  channel over all the pixels of each token's example; 0 for padding."""
+  b, length, p = patches.shape
+  per_token = patches.reshape(b, length, p // channels, channels).mean(axis=2)  # [B, L, C]
+
+  def row(x, seg):
+    total = jax.ops.segment_sum(x, seg, num_segments=length + 1)
+    count = jax.ops.segment_sum(jnp.ones_like(seg, x.dtype), seg, num_segments=length + 1)
+    return (total / jnp.maximum(count, 1.0)[:, None])[seg]
+
+  return jax.vmap(row)(per_token, segment_ids) * (segment_ids > 0)[..., None].astype(patches.dtype)
+
+
 class GridDepthwiseConv(nn.Module):
   """A depthwise convolution over each example's (t, h, w) grid of packed tokens: [B, L, D] →
   [B, L, D], one weight per neighbour and channel, zero-initialised (a residual branch starts

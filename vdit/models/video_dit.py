@@ -211,6 +211,11 @@ class VideoDiT(layers.Runtime):
   # neighbourhood on its example's grid (a convolutional patch embedding, "early convolutions",
   # Xiao et al. 2021), not its own patch alone; () = its own patch.
   patch_context: tuple[int, ...] = ()
+  # Each example's mean noisy input per channel is subtracted from its patches before the
+  # embedding and enters as its own embedding (Dense C → D): the object's tokens look alike on
+  # every background (the captioner's `center_input`, docs/models.md). `channels` = C.
+  center_input: bool = False
+  channels: int = 3
   # (kt, kh, kw): every block's MLP input also gets a depthwise convolution over the token's
   # grid neighbourhood (Mix-FFN, Xie et al. 2021); () = none.
   mlp_context: tuple[int, ...] = ()
@@ -328,6 +333,10 @@ class VideoDiT(layers.Runtime):
     def neighbours(kernel):
       return layers.grid_neighbours(positions, segment_ids, kernel) if kernel else None
 
+    mean = None
+    if self.center_input:  # [B, L, C] per example, and the patches centred on it
+      mean = layers.example_mean(x[..., : self.patch_dim], segment_ids, self.channels)
+      x = x - jnp.tile(mean, (1, 1, x.shape[-1] // self.channels))
     if self.patch_bottleneck:  # per patch, before the neighbours are gathered (N× cheaper)
       x = layers.dense(self.patch_bottleneck, (PATCH, None), name="patch_bottleneck", **kw)(x)
     if self.patch_context:
@@ -337,6 +346,8 @@ class VideoDiT(layers.Runtime):
       h = layers.dense(self.width, (None, PATCH, EMBED), axis=(-2, -1), name="patch_conv", **kw)(x)
     else:
       h = layers.dense(self.width, (PATCH, EMBED), name="patch_embed", **kw)(x)
+    if mean is not None:
+      h = h + layers.dense(self.width, (None, EMBED), name="mean_embed", **kw)(mean)
     code_positions = positions
     if self.position_code == "fractional":
       code_positions = posemb.fractional(positions, segments.extents(segment_ids, positions))
