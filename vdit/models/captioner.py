@@ -100,7 +100,7 @@ class Captioner(layers.Runtime):
       self.encoder = vit.Encoder(self.depth, name="encoder", **fields)
     else:
       self.prompt_encoder = TextEncoder(
-        self.vocab_size, self.width, self.depth, self.num_heads, self.mlp_ratio, **fields
+        vocab_size=self.vocab_size, width=self.width, depth=self.depth, **fields
       )
     self.token_embedding = nn.Embed(
       self.vocab_size,
