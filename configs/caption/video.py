@@ -54,6 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     decoder_depth=decoder_depth,
     num_heads=heads,
     mlp_ratio=4.0,
+    patch_context=(),  # (kt, kh, kw): a convolutional patch embedding; () = none
+    center_input=False,  # subtract each example's mean colour from its patches
     **config_lib.RUNTIME,
   )
   c.evals = dict(captions=dict(type="captions", beams=4, examples=0))

@@ -89,6 +89,14 @@ class Captioner(layers.Runtime):
   num_heads: int
   mlp_ratio: float = 4.0
   source: str = "video"  # see SOURCES
+  channels: int = 3  # C of the patches (P = pt·ph·pw·C), for `center_input`
+  # (kt, kh, kw), e.g. (3, 3, 3): each token is embedded from the patches of its neighbourhood
+  # on its example's grid (a convolutional patch embedding, as VideoDiT's `patch_context`);
+  # () = its own patch.
+  patch_context: tuple[int, ...] = ()
+  # Subtract from every patch its example's mean colour (per channel, over all its pixels): on
+  # `shapes` the background, so the object is what is left whatever the colour pair.
+  center_input: bool = False
 
   def setup(self):
     if self.source not in SOURCES:
@@ -96,7 +104,8 @@ class Captioner(layers.Runtime):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     fields = vit.options(self, vit.ENCODER_FIELDS)
     if self.source == "video":
-      self.patch_embedding = layers.dense(self.width, (PATCH, EMBED), name="embedding", **kw)
+      axes, axis = ((None, PATCH, EMBED), (-2, -1)) if self.patch_context else ((PATCH, EMBED), -1)
+      self.patch_embedding = layers.dense(self.width, axes, axis=axis, name="embedding", **kw)
       self.encoder = vit.Encoder(self.depth, name="encoder", **fields)
     else:
       self.prompt_encoder = TextEncoder(
@@ -123,6 +132,11 @@ class Captioner(layers.Runtime):
     positions [B, L, 3], segment_ids [B, L]) or the prompt (tokens, segment ids [B, M])."""
     if self.source == "prompt":
       return self.prompt_encoder(prompt_tokens, prompt_segment_ids), prompt_segment_ids
+    if self.center_input:
+      patches = patches - example_mean_colour(patches, segment_ids, self.channels)
+    if self.patch_context:  # [B, L, N, P]: the neighbourhood's patches (zeros off the grid)
+      near = layers.grid_neighbours(positions, segment_ids, self.patch_context)
+      patches = layers.gather_neighbours(patches, near)
     x = self.patch_embedding(patches)  # [B, L, D]
     x = x + posemb.sincos_3d(positions, self.width).astype(x.dtype)
     x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
@@ -151,6 +165,21 @@ class Captioner(layers.Runtime):
       patches, positions, segment_ids, prompt_tokens, prompt_segment_ids
     )
     return self.decode(context, context_ids, tokens, token_segment_ids)
+
+
+def example_mean_colour(patches: jax.Array, segment_ids: jax.Array, channels: int) -> jax.Array:
+  """[B, L, P] patches -> [B, L, P]: each token's example's mean value per channel (over all
+  the example's pixels), tiled over the patch; 0 for padding."""
+  b, length, p = patches.shape
+  per_pixel = patches.reshape(b, length, p // channels, channels).mean(axis=2)  # [B, L, C]
+
+  def row(x, seg):
+    total = jax.ops.segment_sum(x, seg, num_segments=length + 1)
+    count = jax.ops.segment_sum(jnp.ones_like(seg, jnp.float32), seg, num_segments=length + 1)
+    return (total / jnp.maximum(count, 1.0)[:, None])[seg]
+
+  mean = jax.vmap(row)(per_pixel, segment_ids) * (segment_ids > 0)[..., None]
+  return jnp.tile(mean, (1, 1, p // channels))
 
 
 def caption_targets(tokens: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -67,8 +67,12 @@ class Captioning(base.Task):
     for key in ("dtype", "param_dtype"):
       if key in fields:
         fields[key] = jnp.dtype(fields[key])
+    fields["patch_context"] = tuple(fields.get("patch_context", ()))
     return captioner.Captioner(
-      vocab_size=config.input.vocab_size, source=config.caption.source, **fields
+      vocab_size=config.input.vocab_size,
+      source=config.caption.source,
+      channels=models.channels(config),
+      **fields,
     )
 
   def dummy_inputs(self, config: ml_collections.ConfigDict) -> tuple:
