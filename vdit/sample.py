@@ -266,7 +266,8 @@ def main(argv):
     given = prompts
     if f.expand_prompt:
       prompts = _expand(f, prompts)
-      print("\n".join(f"expanded {p!r} -> {e!r}" for p, e in zip(given, prompts)), flush=True)
+      for p, e in zip(given, prompts):  # stdout lists the written files only
+        print(f"expanded {p!r} -> {e!r}", file=sys.stderr, flush=True)
     sampler = sampling.load(f.workdir, f.step, mesh=f.mesh)
     videos, used = _generate(sampler, f, prompts, inputs)
   except (InputError, checkpointing.NoCheckpointError, FileNotFoundError) as e:
