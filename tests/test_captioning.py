@@ -1,6 +1,8 @@
 """Captioning and prompt expansion: the decoder's masks, the searches, training to exact captions,
 attribute dropping, the evaluator's parsing and the errors for a wrong run."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import optax
 import pytest
 
 from tests import configs
-from vdit import checkpointing, config_checks, tasks
+from vdit import checkpointing, config_checks, tasks, train
 from vdit.data import caption_attributes, tokenizer
 from vdit.evaluators import captions as captions_eval
 from vdit.models import caption_search, captioner
@@ -243,3 +245,46 @@ def test_wrong_runs_fail_with_a_message(data_dir, tmp_path):
   config = _config(data_dir, **{"input.vocab_size": 900})
   with pytest.raises(config_checks.ConfigError, match="input.vocab_size=900"):
     tasks.get(config).check_config(config, dict(data=8, fsdp=1, sequence=1, tensor=1))
+
+
+def test_sample_refuses_a_missing_expander_before_any_compute(tmp_path):
+  out = configs.run_module(
+    "vdit.sample",
+    f"--workdir={tmp_path}/video",
+    f"--expand_prompt={tmp_path}/nope",
+    "--prompt=red circle",
+    f"--out={tmp_path}/x.gif",
+    timeout=300,
+  )
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  errors = [x for x in out.stderr.splitlines() if x.startswith("error:")]
+  assert len(errors) == 1 and f"--expand_prompt='{tmp_path}/nope' holds no run" in errors[0]
+
+
+@pytest.mark.slow
+def test_expand_prompt_through_main_and_sample(data_dir, tmp_path):
+  """A tiny expander trained through `vdit.main`, then `vdit.sample --expand_prompt`: the output's
+  metadata holds the expanded prompt the video model got and the user's prompt."""
+  expander = str(tmp_path / "expander")
+  c = _config(data_dir, "prompt", total_steps=2, log_every_steps=1, **{"input.rows_per_batch": 8})
+  c.checkpoint_every_steps = 2
+  train.train_and_evaluate(c, expander)
+  video = str(tmp_path / "video")
+  train.train_and_evaluate(configs.small(data_dir, total_steps=1), video)
+  npz = str(tmp_path / "x.npz")
+  out = configs.run_module(
+    "vdit.sample",
+    f"--workdir={video}",
+    f"--expand_prompt={expander}",
+    "--prompt=red circle",
+    "--steps=1",
+    f"--out={npz}",
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  with np.load(npz) as f:
+    meta = json.loads(str(f["metadata"]))
+  assert meta["user_prompt"] == "red circle" and meta["expand_prompt"] == expander
+  assert f"expanded 'red circle' -> {meta['prompt']!r}" in out.stderr
+  expand = captioning.Expander(expander).expand
+  assert meta["prompt"] == expand(["red circle"], seed=0)[0]  # --seed=0: the same expansion
+  assert len(set(expand(["red circle"] * 8, seed=0))) > 1  # sampled: expansions differ
