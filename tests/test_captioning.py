@@ -11,11 +11,15 @@ import optax
 import pytest
 
 from tests import configs
-from vdit import checkpointing, config_checks, tasks, train
+from vdit import checkpointing, config_checks, media, tasks, train
 from vdit.data import caption_attributes, tokenizer
+from vdit.datasets import shapes
 from vdit.evaluators import captions as captions_eval
 from vdit.models import caption_search, captioner
 from vdit.tasks import captioning
+from vdit.tools import recaption
+
+SHAPES_TEST = shapes.Shapes.BUILDER_CONFIGS[2]  # the `test` variant
 
 
 def _config(data_dir, source="video", **overrides):
@@ -288,3 +292,39 @@ def test_expand_prompt_through_main_and_sample(data_dir, tmp_path):
   expand = captioning.Expander(expander).expand
   assert meta["prompt"] == expand(["red circle"], seed=0)[0]  # --seed=0: the same expansion
   assert len(set(expand(["red circle"] * 8, seed=0))) > 1  # sampled: expansions differ
+
+
+def test_recaption_never_overwrites_captions(tmp_path):
+  assert recaption.output_path(str(tmp_path)) == str(tmp_path / "captions.jsonl")
+  (tmp_path / "captions.jsonl").write_text("")
+  assert recaption.output_path(str(tmp_path)) == str(tmp_path / recaption.RECAPTIONED)
+  (tmp_path / recaption.RECAPTIONED).write_text("")
+  with pytest.raises(ValueError, match="exists; move it away"):
+    recaption.output_path(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_recaption_a_folder_writes_the_captioners_captions(data_dir, tmp_path):
+  """A folder of shapes clips with captions of its own: `vdit.tools.recaption` writes one line
+  per clip (in the folder's order, split kept) beside them, leaves the original file as it was,
+  and refuses to overwrite its own output."""
+  run = str(tmp_path / "captioner")
+  config = _config(data_dir, total_steps=1, **{"input.rows_per_batch": 8})
+  train.train_and_evaluate(config, run)
+  clips = tmp_path / "clips"
+  clips.mkdir()
+  for i in range(2):
+    media.write_video(str(clips / f"c{i}.gif"), shapes.generate(SHAPES_TEST, "train", i)["video"])
+  (clips / "captions.jsonl").write_text('{"file": "c0.gif", "caption": "mine"}\n')
+  out = configs.run_module(
+    "vdit.tools.recaption", f"--captioner={run}", f"--dataset_config={clips}", "--beams=1"
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == [str(clips / recaption.RECAPTIONED)]
+  lines = [json.loads(x) for x in (clips / recaption.RECAPTIONED).read_text().splitlines()]
+  assert [x["file"] for x in lines] == ["c0.gif", "c1.gif"] and all(x["recaptioned"] for x in lines)
+  assert (clips / "captions.jsonl").read_text() == '{"file": "c0.gif", "caption": "mine"}\n'
+  again = configs.run_module(
+    "vdit.tools.recaption", f"--captioner={run}", f"--dataset_config={clips}"
+  )
+  assert again.returncode != 0 and "exists; move it away" in again.stderr
