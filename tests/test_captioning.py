@@ -116,6 +116,16 @@ def test_a_beam_of_one_is_greedy(data_dir):
   assert not np.array_equal(np.asarray(three)[valid], np.asarray(one)[valid])  # it searched
   assert (np.asarray(one)[..., 0][valid] == tokenizer.BOS_ID).all()
   assert (np.asarray(one)[~valid][:, 1:] == captioner.END_ID).all()  # empty slots: nothing
+  # A given prefix is kept as it is and the caption continues from it.
+  n = config.input.max_caption_tokens
+  forced = np.zeros(valid.shape + (n,), np.int32)
+  forced[..., :3] = (tokenizer.BOS_ID, 7, 9)
+  lengths = np.full(valid.shape, 3, np.int32)
+  fn = lambda p, b, x: task.generate(  # noqa: E731
+    model, p, b, jax.random.key(0), config, beams=1, temperature=0.0, prefix=x
+  )
+  given = np.asarray(jax.jit(fn)(params, batch, (forced, lengths))["captions"])
+  assert (given[valid][:, :3] == (tokenizer.BOS_ID, 7, 9)).all()
 
 
 def _beam(model, params, batch, config, beams):

@@ -11,6 +11,10 @@ Captioner (`caption.source="video"`), per decoding (`greedy_*`, `beam_*`):
                 no speed word = the normal speed, and saying none is then right)
   phrase        the decoded caption parses to the true first object (`shapes` only)
   exact         the decoded words equal the true ones (hashed words are left out of both)
+  (`<x>_background` counts the captions that name the background unprompted: the dataset names
+  it in a random quarter of its captions, which no video shows, so a greedy decoder rarely does.)
+asked_background: the background asked for, over the true captions that name it: each caption
+  is given up to "... on a" (`background_prefix`) and decoded greedily from there.
 
 Prompt expansion (`caption.source="prompt"`; the prompts are the true captions with attributes
 dropped, as in training, with the eval's fixed seed), sampled at `temperature`:
@@ -26,7 +30,7 @@ import collections
 import jax
 import numpy as np
 
-from vdit.data import caption_attributes
+from vdit.data import caption_attributes, tokenizer
 from vdit.evaluators import Context, NotApplicable, predict_fn, shapes_scorer
 from vdit.tasks import captioning
 
@@ -46,10 +50,18 @@ def evaluate(ctx: Context, beams: int = 4, temperature: float = 1.0, examples: i
   if beams <= 1:
     decodings.pop("beam", None)
   pairs = collections.defaultdict(list)  # decoding -> [(truth, decoded, prompt)]
+  asked = []  # (truth, decoded given "... on a")
   for i, batch in enumerate(batches()):
     rng = jax.random.PRNGKey(i)
     truths = captioning.packed_texts(batch["text_tokens"], batch["text_segment_ids"], slots, vocab)
     valid = np.asarray(batch["shapes"])[..., 0] > 0  # [B, K]
+    if source == "video":  # the background, asked for: each caption continued from "... on a"
+      prefix, named = background_prefix(batch, slots, config.input.max_caption_tokens, vocab)
+      out = captions_fn(params, batch, rng, beams=1, prefix=prefix)
+      decoded = np.asarray(out["captions"])
+      for b, k in zip(*np.nonzero(named)):
+        text = captioning.caption_texts(decoded[b, k], vocab)[0]
+        asked.append((truths[b][k], text))
     for name, width in decodings.items():
       out = captions_fn(
         params, batch, rng, beams=width, temperature=temperature * (source == "prompt")
@@ -69,6 +81,12 @@ def evaluate(ctx: Context, beams: int = 4, temperature: float = 1.0, examples: i
     else:
       results |= {f"{name}_{k}": v for k, v in caption_scores(items, shapes_data).items()}
     results["examples"] = len(items)
+  if asked:
+    results["asked_background"] = sum(
+      caption_attributes.parse(t)["background"] == caption_attributes.parse(d)["background"]
+      for t, d in asked
+    ) / len(asked)
+    results["asked_examples"] = len(asked)
   if jax.process_index() == 0:
     shown = {k: round(v, 3) for k, v in results.items() if not k.startswith("filled_")}
     print(f"captions at step {step}: {shown} -> {workdir}/eval/{step}.json", flush=True)
@@ -76,6 +94,25 @@ def evaluate(ctx: Context, beams: int = 4, temperature: float = 1.0, examples: i
       given = f"prompt {prompt!r} -> " if source == "prompt" else ""
       print(f"  true {truth!r}; {given}decoded {text!r}", flush=True)
   return results
+
+
+def background_prefix(batch, slots: int, length: int, vocab: int):
+  """((tokens [B, K, N], lengths [B, K]), named [B, K]): each true caption that names its
+  background cut after "on a" (BOS first), the others after BOS; named: which do."""
+  on = tokenizer.Tokenizer(vocab).word_id("on")
+  tokens, seg = np.asarray(batch["text_tokens"]), np.asarray(batch["text_segment_ids"])
+  b = tokens.shape[0]
+  prefix = np.full((b, slots, length), tokenizer.PAD_ID, np.int32)
+  prefix[..., 0] = tokenizer.BOS_ID
+  lengths = np.ones((b, slots), np.int32)
+  for row in range(b):
+    for k in range(slots):
+      caption = tokens[row][seg[row] == k + 1]
+      at = np.nonzero(caption == on)[0]
+      if at.size and at[0] + 2 <= length and caption[0] == tokenizer.BOS_ID:
+        n = at[0] + 2  # through "on a"
+        prefix[row, k, :n], lengths[row, k] = caption[:n], n
+  return (prefix, lengths), lengths > 1
 
 
 def caption_scores(items, shapes_data: bool) -> dict[str, float]:

@@ -43,9 +43,12 @@ def greedy(
   *,
   temperature: float = 0.0,
   rng: jax.Array | None = None,
+  prefix: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
   """Captions [B, K, N] (BOS first, END after the end): the most likely next token at every
-  step (`temperature` 0), or one drawn from softmax(logits / temperature) with `rng`."""
+  step (`temperature` 0), or one drawn from softmax(logits / temperature) with `rng`. A
+  `prefix` (tokens [B, K, N] starting with BOS, lengths [B, K]) is given, not decoded: each
+  caption continues its own (e.g. "… on a" to make the captioner name the background)."""
   b, k = valid.shape
   if temperature > 0 and rng is None:
     raise ValueError(f"temperature={temperature} > 0 samples and needs an rng")
@@ -59,6 +62,8 @@ def greedy(
     else:
       nxt = jnp.argmax(logits, axis=-1)
     nxt = jnp.where(done, END_ID, nxt).astype(jnp.int32)
+    if prefix is not None:
+      nxt = jnp.where(i + 1 < prefix[1], jnp.take(prefix[0], i + 1, axis=2), nxt)
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, nxt, i + 1, axis=2)
     return tokens, done | (nxt == END_ID)
 

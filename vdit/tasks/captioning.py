@@ -108,9 +108,12 @@ class Captioning(base.Task):
     correct = jnp.sum(weights & (jnp.argmax(logits, -1) == targets)) / count
     return loss, {"token_accuracy": correct, "caption_tokens": jnp.sum(weights)}
 
-  def generate(self, model, params, batch, rng, config, *, beams: int, temperature: float):
+  def generate(
+    self, model, params, batch, rng, config, *, beams: int, temperature: float, prefix=None
+  ):
     """Decoded captions [B, K, N] of every example slot (`caption_search`), and the prompts
-    they were conditioned on ([B, M] tokens and segment ids; the captions for a video)."""
+    they were conditioned on ([B, M] tokens and segment ids; the captions for a video). A
+    `prefix` ((tokens [B, K, N], lengths [B, K]); greedy only) is each caption's given start."""
     prompt, prompt_ids = self.context(batch, rng, config)
     variables = {"params": params}
     context, context_ids = model.apply(
@@ -136,14 +139,19 @@ class Captioning(base.Task):
       tokens = caption_search.beam_search(logits_fn, valid, length, beams)
     else:
       tokens = caption_search.greedy(
-        logits_fn, valid, length, temperature=temperature, rng=jax.random.fold_in(rng, 1)
+        logits_fn,
+        valid,
+        length,
+        temperature=temperature,
+        rng=jax.random.fold_in(rng, 1),
+        prefix=prefix,
       )
     return {"captions": tokens, "prompts": prompt, "prompt_segment_ids": prompt_ids}
 
   def predict_fns(self, config, model, mesh, rules) -> base.PredictFns:
-    """`captions(params, batch, rng, beams=1, temperature=0.0)` → {captions [B, K, N], prompts
-    [B, M], prompt_segment_ids [B, M]}, global (the `captions` evaluator); one jitted program
-    per (beams, temperature)."""
+    """`captions(params, batch, rng, beams=1, temperature=0.0, prefix=None)` → {captions
+    [B, K, N], prompts [B, M], prompt_segment_ids [B, M]}, global (the `captions` evaluator);
+    one jitted program per (beams, temperature, with a prefix or not)."""
     keys = self.batch_keys(config)
 
     @functools.cache
@@ -151,10 +159,12 @@ class Captioning(base.Task):
       fn = functools.partial(
         self.generate, model, config=config, beams=beams, temperature=temperature
       )
-      return base.on_global_batch(lambda p, b, r: fn(p, b, r), keys, mesh, rules)
+      return base.on_global_batch(
+        lambda p, b, r, *x: fn(p, b, r, prefix=x or None), keys, mesh, rules
+      )
 
-    def captions(params, batch, rng, beams: int = 1, temperature: float = 0.0):
-      return program(int(beams), float(temperature))(params, batch, rng)
+    def captions(params, batch, rng, beams: int = 1, temperature: float = 0.0, prefix=None):
+      return program(int(beams), float(temperature))(params, batch, rng, *(prefix or ()))
 
     return super().predict_fns(config, model, mesh, rules) | {"captions": captions}
 
