@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   width, depth, decoder_depth, heads = SIZES[tiny]
   c = config_lib.trainer_config(
     tiny=tiny,
-    total_steps=1500 if tiny else 100_000,
+    total_steps=2500 if tiny else 100_000,
     lr=1e-3 if tiny else 3e-4,
     warmup_steps=100 if tiny else 5_000,
     weight_decay=1e-4,
@@ -54,8 +54,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     decoder_depth=decoder_depth,
     num_heads=heads,
     mlp_ratio=4.0,
-    patch_context=(),  # (kt, kh, kw): a convolutional patch embedding; () = none
-    center_input=False,  # subtract each example's mean colour from its patches
+    # Both lift `shapes` direction from chance to 99.5% and shape from chance to 58.5% at 1,000
+    # tiny steps (docs/models.md, "Captioning and prompt expansion", the table).
+    patch_context=(3, 3, 3),  # (kt, kh, kw): a convolutional patch embedding; () = none
+    center_input=True,  # subtract each example's mean colour from its patches
     **config_lib.RUNTIME,
   )
   c.evals = dict(captions=dict(type="captions", beams=4, examples=0))
