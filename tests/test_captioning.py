@@ -256,6 +256,9 @@ def test_wrong_runs_fail_with_a_message(data_dir, tmp_path):
     captioning.load_run_config(str(tmp_path / "old"), "video", "--captioner")
   with pytest.raises(config_checks.ConfigError, match="tokenizer"):
     tasks.get(config).check_config(config, dict(data=8, fsdp=1, sequence=1, tensor=1))
+  config = _config(data_dir, **{"model.patch_context": (3, 2, 3)})
+  with pytest.raises(config_checks.ConfigError, match="three odd sizes"):
+    tasks.get(config).check_config(config, dict(data=8, fsdp=1, sequence=1, tensor=1))
   config = _config(data_dir, **{"input.vocab_size": 900})
   with pytest.raises(config_checks.ConfigError, match="input.vocab_size=900"):
     tasks.get(config).check_config(config, dict(data=8, fsdp=1, sequence=1, tensor=1))

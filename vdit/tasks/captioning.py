@@ -43,12 +43,23 @@ def default_caption_config() -> dict:
 class Captioning(base.Task):
   def check_config(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
     config_checks.check_input(config)
+    if "caption" not in config:
+      raise config_checks.ConfigError(
+        f"task=captioning needs a `caption` section ({sorted(default_caption_config())})"
+      )
     m, c = config.model, config.caption
     config_checks.choice("model.name (task captioning)", m.name, ("captioner",))
     config_checks.check_model_common(m, mesh_shape)
     for key in ("width", "depth", "decoder_depth", "num_heads"):
       config_checks.positive(f"model.{key}", m[key])
     config_checks.choice("caption.source", c.source, captioner.SOURCES)
+    context = tuple(m.get("patch_context", ()))
+    if context and (
+      len(context) != 3 or any(not isinstance(k, int) or k < 1 or k % 2 == 0 for k in context)
+    ):
+      raise config_checks.ConfigError(
+        f"model.patch_context={context} must be () or three odd sizes >= 1 (kt, kh, kw)"
+      )
     if not 0.0 <= c.attribute_drop < 1.0:
       raise config_checks.ConfigError(
         f"caption.attribute_drop={c.attribute_drop} must be in [0, 1)"
