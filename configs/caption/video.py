@@ -8,7 +8,8 @@ packed into rows (`vdit.data.pipeline`), encoded by a ViT over spacetime patches
 kept inside each example (NaViT / ViViT Model 1) and captioned by a decoder that cross-attends
 to its own example's tokens (`vdit.models.captioner`). The `captions` evaluator decodes the
 validation split (greedy and beam) and scores each caption's attributes by parsing it
-(docs/models.md, "Captioning and prompt expansion").
+(docs/models.md, "Captioning and prompt expansion"). `:tiny` on `shapes` (2,500 steps, ≈ 49 min
+on 2 shared CPU cores): colour 100%, shape 87.5%, direction 99.5%, background asked 97.9%.
 """
 
 import ml_collections
