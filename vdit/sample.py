@@ -31,6 +31,7 @@ from absl import app, flags
 from vdit import checkpointing, media, sampling
 from vdit.diffusion import given_frames
 from vdit.diffusion.given_frames import InputError
+from vdit.tasks import captioning
 
 MODES = {  # --mode: (Sampler method, required inputs, optional inputs)
   "t2v": ("generate", (), ()),
@@ -102,6 +103,13 @@ def _define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("display_scale", 1, "Nearest-neighbour upscaling of GIF/MP4 output.", **fv)
   flags.DEFINE_float("fps", 8.0, "Frames per second of GIF/MP4 output.", **fv)
   flags.DEFINE_string("out", None, "Output file: .gif, .mp4 or .npz.", **fv)
+  flags.DEFINE_string(
+    "expand_prompt",
+    None,
+    "A prompt-expansion run (configs/caption/expand.py): each prompt is expanded into a full "
+    "caption first, unspecified attributes sampled (--seed); the metadata keeps both.",
+    **fv,
+  )
 
 
 def _request(f) -> tuple[list[str], dict]:
@@ -258,6 +266,15 @@ def _generate(
   return videos, {k: v for k, v in options.items() if k not in ("image", "labels", "frames")}
 
 
+def _expand(f, prompts: list[str]) -> list[str]:
+  """The prompts expanded by the `--expand_prompt` run (a wrong run → InputError)."""
+  try:
+    expander = captioning.Expander(f.expand_prompt)
+  except ValueError as e:
+    raise InputError(str(e)) from None
+  return expander.expand(prompts, seed=f.seed)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing with a one-line error (no usage dump)."""
   try:
@@ -272,6 +289,11 @@ def main(argv):
   f = flags.FLAGS
   try:
     prompts, inputs = _request(f)
+    given = prompts
+    if f.expand_prompt:
+      prompts = _expand(f, prompts)
+      for p, e in zip(given, prompts):  # stdout lists the written files only
+        print(f"expanded {p!r} -> {e!r}", file=sys.stderr, flush=True)
     sampler = sampling.load(f.workdir, f.step, mesh=f.mesh)
     videos, used = _generate(sampler, f, prompts, inputs)
   except (InputError, checkpointing.NoCheckpointError, FileNotFoundError) as e:
@@ -280,6 +302,8 @@ def main(argv):
   paths = [f.out] if len(prompts) == 1 else [f"{root}_{i:03d}{ext}" for i in range(len(prompts))]
   for i, (prompt, video, path) in enumerate(zip(prompts, videos, paths)):
     meta = dict(mode=f.mode, prompt=prompt, workdir=f.workdir, step=f.step)
+    if f.expand_prompt:  # `prompt` is what the model was given, `user_prompt` what was asked
+      meta.update(user_prompt=given[i], expand_prompt=f.expand_prompt)
     meta.update(used)
     meta.update(zip(("num_frames", "height", "width"), video.shape[:3]))
     names = ("image", "video", "video2", "label", "frames", "mask", "mesh", *LONG_FLAGS)

@@ -109,3 +109,22 @@ class Tokenizer:
         continue
       out.append(_SPECIALS[i] if i < len(_SPECIALS) else inverse.get(i, f"<hash:{i}>"))
     return " ".join(out)
+
+
+def fingerprint(vocab_size: int) -> str:
+  """Identifies the ids this tokenizer gives at `vocab_size` ("words<crc32>-v<size>"): a run that
+  turns ids back into words (a captioner) records it and refuses to load under another."""
+  return f"words{zlib.crc32(' '.join(_SPECIALS + tuple(_WORDS)).encode()):08x}-v{vocab_size}"
+
+
+def decode_words(ids, vocab_size: int) -> str:
+  """The caption ids spell: built-in words only (hashed ones have no inverse and are left
+  out), up to the first PAD; BOS and NULL are not words."""
+  inverse = {i: w for w, i in _WORD_IDS.items()}
+  out = []
+  for i in np.asarray(ids).reshape(-1).tolist():
+    if i == PAD_ID:
+      break
+    if i in inverse and i < vocab_size:
+      out.append(inverse[i])
+  return " ".join(out)

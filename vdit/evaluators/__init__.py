@@ -10,6 +10,7 @@
   reconstruction  PSNR, SSIM and latent statistics on the validation split (autoencoder)
   class_samples   a PNG grid of generated images, one row per class (image_diffusion)
   modes           every conditioning mode (frames; retake, inpaint, outpaint) on real `shapes` clips
+  captions        decoded validation captions scored per attribute; prompt expansion (captioning)
 
 An evaluator that does not apply to the run (e.g. `adherence` on a dataset other than `shapes`)
 raises `NotApplicable` and is skipped with a warning; one that fails is logged with its traceback
@@ -75,6 +76,7 @@ BUILTINS: dict[str, str] = {
   "reconstruction": "vdit.evaluators.reconstruction:evaluate",
   "class_samples": "vdit.evaluators.class_samples:evaluate",
   "modes": "vdit.evaluators.modes:evaluate",
+  "captions": "vdit.evaluators.captions:evaluate",
 }
 EVALUATORS: dict[str, Evaluator] = {}  # added by `register` (extensions, tests)
 RESERVED = ("type", "every_steps")  # keys of an eval entry that are not evaluator options

@@ -9,6 +9,8 @@ optimizer, EMA, checkpoints, preemption, logging, evaluation — is shared.
   image_diffusion   DiT class-conditional on fixed-size frames (Peebles & Xie)
   classification    ViT / ViViT on fixed-size clips, NaViT on packed native-size images
   autoencoder       the causal video VAE (latent space) on fixed-size clips
+  captioning        a caption decoder over packed native-size videos, or over prompts
+                    (prompt expansion)
 """
 
 import importlib
@@ -24,6 +26,7 @@ TASKS: dict[str, tuple[str, str] | type[Task]] = {
   "image_diffusion": ("vdit.tasks.image_diffusion", "ImageDiffusion"),
   "classification": ("vdit.tasks.classification", "Classification"),
   "autoencoder": ("vdit.tasks.autoencoding", "AutoencoderTask"),
+  "captioning": ("vdit.tasks.captioning", "Captioning"),
 }
 
 
