@@ -133,7 +133,8 @@ class Captioner(layers.Runtime):
     if self.source == "prompt":
       return self.prompt_encoder(prompt_tokens, prompt_segment_ids), prompt_segment_ids
     if self.center_input:
-      patches = patches - example_mean_colour(patches, segment_ids, self.channels)
+      mean = layers.example_mean(patches, segment_ids, self.channels)  # [B, L, C]
+      patches = patches - jnp.tile(mean, (1, 1, patches.shape[-1] // self.channels))
     if self.patch_context:  # [B, L, N, P]: the neighbourhood's patches (zeros off the grid)
       near = layers.grid_neighbours(positions, segment_ids, self.patch_context)
       patches = layers.gather_neighbours(patches, near)
@@ -165,21 +166,6 @@ class Captioner(layers.Runtime):
       patches, positions, segment_ids, prompt_tokens, prompt_segment_ids
     )
     return self.decode(context, context_ids, tokens, token_segment_ids)
-
-
-def example_mean_colour(patches: jax.Array, segment_ids: jax.Array, channels: int) -> jax.Array:
-  """[B, L, P] patches -> [B, L, P]: each token's example's mean value per channel (over all
-  the example's pixels), tiled over the patch; 0 for padding."""
-  b, length, p = patches.shape
-  per_pixel = patches.reshape(b, length, p // channels, channels).mean(axis=2)  # [B, L, C]
-
-  def row(x, seg):
-    total = jax.ops.segment_sum(x, seg, num_segments=length + 1)
-    count = jax.ops.segment_sum(jnp.ones_like(seg, jnp.float32), seg, num_segments=length + 1)
-    return (total / jnp.maximum(count, 1.0)[:, None])[seg]
-
-  mean = jax.vmap(row)(per_pixel, segment_ids) * (segment_ids > 0)[..., None]
-  return jnp.tile(mean, (1, 1, p // channels))
 
 
 def caption_targets(tokens: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
