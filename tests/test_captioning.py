@@ -11,13 +11,13 @@ import optax
 import pytest
 
 from tests import configs
-from vdit import checkpointing, config_checks, media, tasks, train
+from vdit import checkpointing, config_checks, media, sampling, tasks, train
 from vdit.data import caption_attributes, tokenizer
 from vdit.datasets import shapes
 from vdit.evaluators import captions as captions_eval
 from vdit.models import caption_search, captioner
 from vdit.tasks import captioning
-from vdit.tools import recaption
+from vdit.tools import expansion_adherence, recaption
 
 SHAPES_TEST = shapes.Shapes.BUILDER_CONFIGS[2]  # the `test` variant
 
@@ -305,6 +305,14 @@ def test_expand_prompt_through_main_and_sample(data_dir, tmp_path):
   expand = captioning.Expander(expander).expand
   assert meta["prompt"] == expand(["red circle"], seed=0)[0]  # --seed=0: the same expansion
   assert len(set(expand(["red circle"] * 8, seed=0))) > 1  # sampled: expansions differ
+  # The with/without-expansion measurement on these runs: every short prompt of the tiny
+  # vocabulary (12 "{colour} {shape}", 12 "a {shape} moving {direction}"), scored on what it names.
+  out = expansion_adherence.measure(sampling.load(video), expand, 1, steps=1, size=(2, 8, 8))
+  for condition in ("short", "expanded"):
+    got = out[condition]
+    assert (got["colour_count"], got["shape_count"], got["direction_count"]) == (12, 24, 12)
+    assert all(0 <= got[k] <= 1 for k in ("colour", "shape", "direction", "all_named"))
+  assert out["examples"][0][0] == "red circle" and 0 <= out["unparsed_expansions"] <= 24
 
 
 def test_recaption_never_overwrites_captions(tmp_path):
