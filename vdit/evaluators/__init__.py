@@ -177,7 +177,9 @@ def missing(config: ml_collections.ConfigDict, workdir: str, step: int, total_st
   Process 0 reads the file (it is the one that writes it) and every process follows its answer:
   evals are collective, and a host that read the file before process 0 had written an eval's
   results would run that eval alone and wait forever for the others."""
-  names = due(config, step, total_steps)
+  names = due(config, step, total_steps)  # the config's: the same on every host
+  if not names:
+    return []
   if jax.process_index() == 0:
     path = epath.Path(workdir) / "eval" / f"{step}.json"
     written = json.loads(path.read_text()) if path.exists() else {}
