@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     small=False,
     latent="",
     latents="",
-    vae="tiny,frames",
+    vae="auto",  # configs/vae/video.py's variant: auto = "tiny,frames" (tiny/small) or "frames"
     captions="",
     caption_dim=0,
   )
@@ -305,6 +305,8 @@ def latent_space(
   `vae_workdir` has them (`config_checks`: `latent_compression`, `input.channels`)."""
   if not (vae_workdir and latents_dir):
     raise ValueError("latent space needs both latent=<VAE workdir> and latents=<latents dir>")
+  if vae_arg == "auto":  # the demo's per-frame autoencoder, at the model's scale
+    vae_arg = "tiny,frames" if tiny else "frames"
   vae = config_lib.load_sibling(__file__, os.path.join("..", "vae", "video.py"), vae_arg).model
   ft, fs = int(vae.time_compression), 2 ** (len(vae.channels) - 1)
 
