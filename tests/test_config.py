@@ -197,3 +197,22 @@ def test_video_dit_is_built_from_its_own_fields():
       bad.model[key] = 3
     with pytest.raises(ValueError, match=f"model keys \\['{key}'\\] are not settable fields"):
       models.build(bad)
+
+
+def test_every_module_imports_in_one_process_and_defines_no_flag():
+  """Entry points (`vdit.main`, `vdit.evaluate`, `vdit.sample`, the tools) define their flags
+  only when run as a program: every vdit module can be imported into one process (a test, a
+  notebook, a user's script) without a duplicate flag, and importing defines none."""
+  import importlib  # noqa: PLC0415
+  import pkgutil  # noqa: PLC0415
+
+  from absl import flags  # noqa: PLC0415
+
+  import vdit  # noqa: PLC0415
+
+  names = [m.name for m in pkgutil.walk_packages(vdit.__path__, "vdit.")]
+  assert {"vdit.main", "vdit.evaluate", "vdit.sample", "vdit.tools.recaption"} <= set(names)
+  for name in names:
+    importlib.import_module(name)
+  defined = {m for m in flags.FLAGS.flags_by_module_dict() if m.startswith("vdit")}
+  assert not defined, f"modules that define flags on import: {sorted(defined)}"

@@ -23,12 +23,6 @@ from ml_collections import config_flags
 from vdit import checkpointing, config_lib, evaluators, sharding, tasks
 from vdit.tasks import restore
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file with `evals` (fallback).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir with checkpoints.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-_EVALS = flags.DEFINE_list("evals", None, "Names in config.evals to run (default: all).")
-flags.mark_flags_as_required(["workdir"])
-
 
 def evaluate(
   workdir: str,
@@ -62,17 +56,29 @@ def evaluate(
   return step, results
 
 
+def _define_flags() -> None:
+  """The CLI's flags: defined only when run as a program, so importing this module next to
+  another entry point (one process, e.g. the tests) defines no flag twice."""
+  config_flags.DEFINE_config_file("config", None, "Config file with `evals` (fallback).")
+  flags.DEFINE_string("workdir", None, "Training workdir with checkpoints.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.DEFINE_list("evals", None, "Names in config.evals to run (default: all).")
+  flags.mark_flags_as_required(["workdir"])
+
+
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments: {argv[1:]}")
+  FLAGS = flags.FLAGS
   try:
-    step, results = evaluate(_WORKDIR.value, _CONFIG.value, _STEP.value, _EVALS.value)
+    step, results = evaluate(FLAGS.workdir, FLAGS.config, FLAGS.step, FLAGS.evals)
   except (checkpointing.NoCheckpointError, ValueError) as e:
     sys.exit(f"error: {e}")
   if jax.process_index() == 0:
     print(json.dumps({"step": step, **results}, indent=2, sort_keys=True, default=str), flush=True)
-    print(f"wrote {_WORKDIR.value}/eval/{step}.json", flush=True)
+    print(f"wrote {FLAGS.workdir}/eval/{step}.json", flush=True)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main, flags_parser=config_lib.flags_parser)

@@ -23,12 +23,6 @@ from vdit import sampling
 from vdit.evaluators import shapes_scorer
 from vdit.tasks import captioning
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A text-to-video run (the video model).")
-_EXPAND = flags.DEFINE_string("expand_prompt", None, "A prompt-expansion run.")
-_REPEATS = flags.DEFINE_integer("repeats", 6, "Seeds per short prompt.")
-_STEPS = flags.DEFINE_integer("steps", 16, "Sampling steps.")
-_OUT = flags.DEFINE_string("out", None, "Write the results here as JSON too.")
-
 
 def short_prompts(vocab: shapes_scorer.Vocabulary) -> list[tuple[str, dict[str, str]]]:
   """(prompt, the attributes it names) for every distinct short prompt of the vocabulary."""
@@ -83,18 +77,30 @@ def measure(sampler, expand, repeats: int = 6, steps: int = 16, size=None) -> di
   return results
 
 
+def _define_flags() -> None:
+  """The CLI's flags: defined only when run as a program, so importing this module next to
+  another entry point (one process, e.g. the tests) defines no flag twice."""
+  flags.DEFINE_string("workdir", None, "A text-to-video run (the video model).")
+  flags.DEFINE_string("expand_prompt", None, "A prompt-expansion run.")
+  flags.DEFINE_integer("repeats", 6, "Seeds per short prompt.")
+  flags.DEFINE_integer("steps", 16, "Sampling steps.")
+  flags.DEFINE_string("out", None, "Write the results here as JSON too.")
+  flags.mark_flags_as_required(["workdir", "expand_prompt"])
+
+
 def main(argv):
   del argv
-  sampler = sampling.load(_WORKDIR.value)
-  expander = captioning.Expander(_EXPAND.value)
-  results = measure(sampler, expander.expand, _REPEATS.value, _STEPS.value)
+  FLAGS = flags.FLAGS
+  sampler = sampling.load(FLAGS.workdir)
+  expander = captioning.Expander(FLAGS.expand_prompt)
+  results = measure(sampler, expander.expand, FLAGS.repeats, FLAGS.steps)
   text = json.dumps(results, indent=1)
   print(text)
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
       f.write(text + "\n")
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir", "expand_prompt"])
+  _define_flags()
   app.run(main)

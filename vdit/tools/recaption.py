@@ -27,11 +27,6 @@ from vdit.data import packing, pipeline, transforms
 from vdit.datasets import folder
 from vdit.tasks import captioning, restore
 
-_CAPTIONER = flags.DEFINE_string("captioner", None, "A captioning run (configs/caption/video.py).")
-_DATASET = flags.DEFINE_string("dataset", "folder", "Only `folder`: a folder of your videos.")
-_DATASET_CONFIG = flags.DEFINE_string("dataset_config", None, "The folder's path.")
-_BEAMS = flags.DEFINE_integer("beams", 4, "Beam width; 1 = greedy.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of the captioner (default: latest).")
 RECAPTIONED = "captions.recaptioned.jsonl"
 
 
@@ -87,20 +82,32 @@ def recaption(captioner: str, path: str, beams: int = 4, step: int | None = None
   return out
 
 
+def _define_flags() -> None:
+  """The CLI's flags: defined only when run as a program, so importing this module next to
+  another entry point (one process, e.g. the tests) defines no flag twice."""
+  flags.DEFINE_string("captioner", None, "A captioning run (configs/caption/video.py).")
+  flags.DEFINE_string("dataset", "folder", "Only `folder`: a folder of your videos.")
+  flags.DEFINE_string("dataset_config", None, "The folder's path.")
+  flags.DEFINE_integer("beams", 4, "Beam width; 1 = greedy.")
+  flags.DEFINE_integer("step", None, "Checkpoint step of the captioner (default: latest).")
+
+
 def main(argv):
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments: {argv[1:]}")
-  if _DATASET.value != "folder":
-    sys.exit(f"error: --dataset={_DATASET.value!r}: only `folder` datasets are re-captioned")
-  for flag in (_CAPTIONER, _DATASET_CONFIG):
-    if not flag.value:
-      sys.exit(f"error: --{flag.name} is required")
+  FLAGS = flags.FLAGS
+  if FLAGS.dataset != "folder":
+    sys.exit(f"error: --dataset={FLAGS.dataset!r}: only `folder` datasets are re-captioned")
+  for name in ("captioner", "dataset_config"):
+    if not FLAGS[name].value:
+      sys.exit(f"error: --{name} is required")
   try:
-    out = recaption(_CAPTIONER.value, _DATASET_CONFIG.value, _BEAMS.value, _STEP.value)
+    out = recaption(FLAGS.captioner, FLAGS.dataset_config, FLAGS.beams, FLAGS.step)
   except (ValueError, checkpointing.NoCheckpointError) as e:
     sys.exit(f"error: {e}")
   print(out, flush=True)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
