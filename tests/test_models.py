@@ -594,3 +594,49 @@ def test_self_conditioning_reads_the_previous_estimate():
   plain_params = jax.jit(lambda r: nn.unbox(plain.init(r, *batch.values())))(jax.random.key(0))
   with pytest.raises(ValueError, match="self_condition=False"):
     plain.apply(plain_params, *inputs, x0_prev=zeros)
+
+
+def test_repa_projects_one_blocks_output_and_leaves_the_model_as_it_was(tiny):
+  """REPA's projector (`repa_depth`, `repa_dim`) reads block `repa_depth`'s output only: the
+  model's output is the model without it, the sown features are [B, L, repa_dim], their
+  gradient reaches the blocks up to `repa_depth` and not the later ones, and the scanned and
+  unrolled stacks sow the same features."""
+  model, _ = tiny
+  batch = packed_rows([examples()])
+  repa = VideoDiT(**TINY, repa_depth=1, repa_dim=5)
+  params = perturb(nn.unbox(repa.init(jax.random.key(0), *batch.values())), 4)
+  extra = {"repa_fc1", "repa_fc2", "repa_fc3"}
+  assert set(params["params"]) - set(nn.unbox(tiny[1])["params"]) == extra
+  base = {"params": {k: v for k, v in params["params"].items() if k not in extra}}
+  out = apply(repa, params, batch)
+  np.testing.assert_array_equal(out, apply(model, base, batch))
+
+  def features(m, p):
+    out, state = m.apply(p, *batch.values(), mutable=["intermediates"])
+    return out, state["intermediates"]["repa"][0]
+
+  out_sown, feats = features(repa, params)
+  np.testing.assert_array_equal(out_sown, out)
+  assert feats.shape == (1, L, 5) and float(jnp.std(feats)) > 1e-3
+  grads = jax.grad(lambda p: jnp.sum(jnp.square(features(repa, p)[1])))(params)["params"]
+
+  def largest(tree, blocks):  # the largest |gradient| of the stacked blocks `blocks`
+    return max(float(jnp.abs(g[blocks]).max()) for g in jax.tree.leaves(tree))
+
+  assert largest(grads["blocks"], slice(0, 1)) > 0
+  assert largest(grads["blocks"], slice(1, None)) == 0  # block 2 comes after the projection
+  assert largest(grads["final"], slice(None)) == 0
+  unrolled = VideoDiT(**TINY, repa_depth=1, repa_dim=5, scan_layers=False)
+  _, feats_unrolled = features(unrolled, layers.unstack_layers(params, "blocks", TINY["depth"]))
+  np.testing.assert_allclose(feats_unrolled, feats, rtol=1e-5, atol=1e-6)
+
+
+def test_repa_alignment_loss_is_minus_the_cosine_on_the_masked_tokens():
+  from vdit.tasks.video_diffusion import alignment_loss  # noqa: PLC0415
+
+  y = jnp.asarray([[[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]]])
+  same = alignment_loss(3 * y, y, jnp.asarray([[True, True, True]]))
+  opposite = alignment_loss(-y, y, jnp.asarray([[True, True, True]]))
+  np.testing.assert_allclose([same, opposite], [-1.0, 1.0], rtol=1e-6)
+  half = jnp.asarray([[[1.0, 0.0], [2.0, 0.0], [-5.0, 1.0]]])  # cos 1, 0, and a masked token
+  np.testing.assert_allclose(alignment_loss(half, y, jnp.asarray([[True, True, False]])), -0.5)

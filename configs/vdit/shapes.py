@@ -126,6 +126,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Time/caption conditioning and adaLN computed per example, not per token (same result).
     shared_conditioning=True,
     patch_bottleneck=0,  # > 0: low-rank patch embedding P → this → width (JiT)
+    # REPA (Yu et al. 2024; with diffusion.repa_encoder): the output of block `repa_depth`
+    # (1-based) is projected to the encoder's width `repa_dim`; 0 = off.
+    repa_depth=0,
+    repa_dim=0,
     num_classes=0,
     attention_backend="xla",
     # tiny: the 4 blocks unrolled. On CPU a scanned stack stacks each block's activations for
@@ -162,6 +166,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # target stays the unperturbed one, against the sampler's exposure bias; 0 = off.
     input_perturbation=0.0,
     text_dropout=0.1,  # classifier-free guidance: rate of null captions (and labels) in training
+    # REPA: a captioning run (configs/caption/video.py, on this run's tokens) whose frozen
+    # encoder's features of the clean video the hidden states of model.repa_depth are pulled
+    # towards, with weight `repa_weight` (minus their cosine similarity); "" = off.
+    repa_encoder="",
+    repa_weight=0.5,
     # Conditioning tasks drawn per example in training (relative weights; the later ones —
     # keyframes, retake, inpaint, outpaint, forcing (diffusion forcing: a noise level per
     # patch-frame; needs model.shared_conditioning=False) — at 0 draw nothing, so the others'

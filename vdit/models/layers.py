@@ -496,9 +496,10 @@ def stack_blocks(
 ) -> Callable[..., nn.Module]:
   """Returns a constructor of `depth` blocks: a scanned stack (params [LAYERS, ...]) or a list.
 
-  `block_cls.__call__(carry, *broadcast_args)` must return `(carry, None)`. With `scan`, the
-  result is one module (call it with name=...), params get a leading `depth` axis named
-  LAYERS; otherwise it builds `depth` modules named `{name}_{i}` applied in order. Both take
+  `block_cls.__call__(carry, *broadcast_args)` must return `(carry, y)`; the stack returns
+  `(carry, ys)`, every block's `y` stacked on a leading [depth] axis (None if y is). With
+  `scan`, the result is one module (call it with name=...), params get a leading `depth` axis
+  named LAYERS; otherwise it builds `depth` modules named `{name}_{i}` applied in order. Both take
   the same params after `unstack_layers` / `stack_layers`.
   """
   if remat_policy not in REMAT_NAMES:
@@ -526,9 +527,11 @@ def stack_blocks(
     blocks = [block(name=f"{name}_{i}", **kwargs) for i in range(depth)]
 
     def apply(x, *args):
+      ys = []
       for b in blocks:
-        x, _ = b(x, *args)
-      return x, None
+        x, y = b(x, *args)
+        ys.append(y)
+      return x, None if ys[0] is None else jax.tree.map(lambda *y: jnp.stack(y), *ys)
 
     return apply
 

@@ -86,6 +86,7 @@ class DiTBlock(nn.Module):
   rope_max_period: float = 10_000.0
   locality: float = 0.0
   attention_backend: str = "xla"
+  return_hidden: bool = False  # also return the block's output (the stack stacks them)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -135,7 +136,8 @@ class DiTBlock(nn.Module):
     if neighbours is not None:  # Mix-FFN (Xie et al. 2021): a depthwise conv before the MLP
       h = h + layers.GridDepthwiseConv(name="mlp_conv", **kw)(h, neighbours)
     x = x + gate2 * layers.Mlp(self.mlp_ratio, name="mlp", **kw)(h)
-    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED)), None
+    x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
+    return x, x if self.return_hidden else None
 
 
 class FinalLayer(nn.Module):
@@ -244,6 +246,12 @@ class VideoDiT(layers.Runtime):
   # "fractional": h and w as fractions of the example's grid (NaViT), so that "the left edge"
   # or "the middle" has one code on every canvas size.
   position_code: str = "absolute"
+  # Representation alignment (REPA, Yu et al. 2024): > 0, the output of block `repa_depth`
+  # (1-based) goes through a 3-layer SiLU MLP to `repa_dim` features, sown as
+  # ("intermediates", "repa"); the training loss pulls them towards a frozen encoder's features
+  # of the clean video (`vdit.tasks.video_diffusion`). Sampling never reads them.
+  repa_depth: int = 0
+  repa_dim: int = 0
 
   @classmethod
   def from_variant(cls, variant: str, **kwargs) -> "VideoDiT":
@@ -391,7 +399,7 @@ class VideoDiT(layers.Runtime):
       c = (nn.with_logical_constraint(c, (BATCH, None, EMBED)), index)
 
     stack = self.block_stack(DiTBlock, self.depth, num_broadcast_args=7)
-    h, _ = stack(
+    h, hidden = stack(
       "blocks",
       num_heads=self.num_heads,
       mlp_ratio=self.mlp_ratio,
@@ -400,6 +408,7 @@ class VideoDiT(layers.Runtime):
       rope_max_period=self.rope_max_period,
       locality=self.locality,
       attention_backend=self.attention_backend,
+      return_hidden=bool(self.repa_depth),
       **kw,
     )(
       h,
@@ -411,6 +420,8 @@ class VideoDiT(layers.Runtime):
       neighbours(self.mlp_context),
       segments.place_ids(segment_ids, positions) if self.temporal_attention else None,
     )
+    if self.repa_depth:  # [B, L, repa_dim]; unused (and compiled away) when not collected
+      self.sow("intermediates", "repa", self.repa_projector(hidden[self.repa_depth - 1]))
     out = FinalLayer(self.out_dim or self.patch_dim, name="final", **kw)(
       h, c, neighbours(self.output_context)
     )
@@ -419,6 +430,18 @@ class VideoDiT(layers.Runtime):
     if valid is not None:  # a row outside the shared-conditioning contract: loud, not wrong
       out = jnp.where(valid[:, None, None], out, jnp.nan)
     return nn.with_logical_constraint(out, (BATCH, LENGTH, PATCH))
+
+  def repa_projector(self, h):
+    """REPA's projector h_φ: [B, L, D] → [B, L, repa_dim], three Dense layers with SiLU."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if not 1 <= self.repa_depth <= self.depth or self.repa_dim < 1:
+      raise ValueError(
+        f"repa_depth={self.repa_depth}, repa_dim={self.repa_dim}: expected a block in "
+        f"[1, depth={self.depth}] and a feature width >= 1"
+      )
+    h = nn.silu(layers.dense(2 * self.width, (EMBED, MLP), name="repa_fc1", **kw)(h))
+    h = nn.silu(layers.dense(2 * self.width, (None, MLP), name="repa_fc2", **kw)(h))
+    return layers.dense(self.repa_dim, (MLP, None), name="repa_fc3", **kw)(h)
 
   def skip(self, x, t):
     """Σ_k a_k(t)·x W_k: [B, L, out]; x: [B, L, P] noisy patches, t: [B, L] their times."""

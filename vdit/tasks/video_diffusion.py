@@ -7,18 +7,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vdit import batch_spec, config_checks, latent_codec, sampling
+from vdit import batch_spec, config_checks, latent_codec, models, sampling, tasks
 from vdit.diffusion import conditioning, objectives
-from vdit.tasks import base
+from vdit.tasks import base, captioning, restore
 
 
-def packed_apply(model, params):
-  """VideoDiT as the diffusion losses call it: `(x_t, t per token, packed batch) -> output`."""
+def packed_apply(model, params, sown: dict | None = None):
+  """VideoDiT as the diffusion losses call it: `(x_t, t per token, packed batch) -> output`.
+
+  With a dict `sown`, the model's ("intermediates", …) of the last call are put into it (the
+  REPA projection of the pass the loss trains: with self-conditioning the estimate pass runs
+  first)."""
 
   def apply_fn(x_t, t_tok, batch, x0_prev=None):
     prev = {} if x0_prev is None else {"x0_prev": x0_prev}  # self-conditioned models only
-    return model.apply(
-      {"params": params},
+    args = (
       x_t,
       t_tok,
       batch["positions"],
@@ -27,10 +30,81 @@ def packed_apply(model, params):
       batch["text_segment_ids"],
       batch["labels"],
       batch.get("text_embeddings"),  # precomputed caption embeddings, if the run uses them
-      **prev,
     )
+    if sown is None:
+      return model.apply({"params": params}, *args, **prev)
+    out, state = model.apply({"params": params}, *args, **prev, mutable=["intermediates"])
+    sown.update(state["intermediates"])
+    return out
 
   return apply_fn
+
+
+@functools.cache
+def repa_encoder(workdir: str):
+  """`features(patches, positions, segment_ids) -> [B, L, E]` of the frozen encoder of the
+  captioning run in `workdir` (REPA's target network), and E. Its EMA params are loaded once
+  (replicated) and enter the train step as constants."""
+  config = captioning.load_run_config(workdir, "video", "diffusion.repa_encoder")
+  task = tasks.get(config)
+  model = task.build_model(config)
+  _, _, params = restore.ema_params(workdir, None, config)
+
+  def features(patches, positions, segment_ids):
+    context, _ = model.apply(
+      {"params": params}, patches, positions, segment_ids, None, None, method=model.encode
+    )
+    return jax.lax.stop_gradient(context.astype(jnp.float32))
+
+  return features, int(config.model.width), config
+
+
+def alignment_loss(projected, target, mask) -> jax.Array:
+  """REPA's loss (Yu et al. 2024, Eq. 8): minus the cosine similarity of each token's projected
+  hidden state [B, L, E] and the encoder's feature of its clean patch [B, L, E], averaged over
+  the `mask` tokens [B, L]."""
+  p = projected.astype(jnp.float32)
+  p = p / jnp.maximum(jnp.linalg.norm(p, axis=-1, keepdims=True), 1e-6)
+  y = target / jnp.maximum(jnp.linalg.norm(target, axis=-1, keepdims=True), 1e-6)
+  sim = jnp.sum(p * y, axis=-1)
+  return -jnp.sum(sim * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def check_repa(config: ml_collections.ConfigDict) -> None:
+  """`diffusion.repa_encoder` (a captioning run on the same patches) with `model.repa_depth`
+  and `model.repa_dim` = its width, or none of them; checked before any compute."""
+  encoder = config.diffusion.get("repa_encoder", "")
+  depth, dim = config.model.get("repa_depth", 0), config.model.get("repa_dim", 0)
+  if not encoder:
+    if depth or dim:
+      raise config_checks.ConfigError(
+        f"model.repa_depth={depth}, model.repa_dim={dim} need diffusion.repa_encoder (a "
+        "captioning run whose encoder gives the targets)"
+      )
+    return
+  try:
+    enc = captioning.load_run_config(encoder, "video", "diffusion.repa_encoder")
+  except (ValueError, FileNotFoundError) as e:
+    raise config_checks.ConfigError(str(e)) from None
+  for key, mine, theirs in (
+    ("patch_size", tuple(config.input.patch_size), tuple(enc.input.patch_size)),
+    ("channels", models.channels(config), models.channels(enc)),
+  ):
+    if mine != theirs:
+      raise config_checks.ConfigError(
+        f"diffusion.repa_encoder={encoder!r} reads input.{key}={theirs}; this run has {mine}: "
+        "the encoder must read the same tokens"
+      )
+  if not 1 <= depth <= config.model.depth or dim != enc.model.width:
+    raise config_checks.ConfigError(
+      f"model.repa_depth={depth}, model.repa_dim={dim}: expected a block in [1, "
+      f"model.depth={config.model.depth}] and the encoder's width {enc.model.width}"
+    )
+  if not config.diffusion.get("repa_weight", 0) > 0:
+    raise config_checks.ConfigError(
+      f"diffusion.repa_weight={config.diffusion.get('repa_weight')} must be > 0 with an encoder"
+    )
+  repa_encoder(encoder)  # restored here, outside the jitted train step that reads the cache
 
 
 class VideoDiffusion(base.Task):
@@ -38,6 +112,7 @@ class VideoDiffusion(base.Task):
 
   def check_config(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
     config_checks.check_video_diffusion(config, mesh_shape)
+    check_repa(config)
 
   def batch_keys(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
     extra = ("text_embeddings",) if config.input.get("text_embeddings") else ()
@@ -52,8 +127,17 @@ class VideoDiffusion(base.Task):
       cond_rng, batch, spec.cond_probs, config.input.patch_size[0]
     )
 
-    loss, aux = objectives.loss(spec, packed_apply(model, params), batch, loss_rng)
-    return loss, {"tokens": aux["num_tokens"], "cond_tokens": cond_metrics["cond_tokens"]}
+    encoder = config.diffusion.get("repa_encoder", "")
+    sown = {} if encoder else None
+    loss, aux = objectives.loss(spec, packed_apply(model, params, sown), batch, loss_rng)
+    metrics = {"tokens": aux["num_tokens"], "cond_tokens": cond_metrics["cond_tokens"]}
+    if encoder:  # REPA: every real token's block output towards the encoder's clean feature
+      features, _, _ = repa_encoder(encoder)
+      target = features(batch["patches"], batch["positions"], batch["segment_ids"])
+      align = alignment_loss(sown["repa"][0], target, batch["segment_ids"] > 0)
+      loss = loss + config.diffusion.repa_weight * align
+      metrics["repa_similarity"] = -align
+    return loss, metrics
 
   def predict_fns(self, config, model, mesh, rules) -> base.PredictFns:
     """Besides the base `batches`:
