@@ -632,7 +632,7 @@ def test_repa_projects_one_blocks_output_and_leaves_the_model_as_it_was(tiny):
 
 
 def test_repa_alignment_loss_is_minus_the_cosine_on_the_masked_tokens():
-  from vdit.tasks.video_diffusion import alignment_loss  # noqa: PLC0415
+  from vdit.tasks.representation import alignment_loss  # noqa: PLC0415
 
   y = jnp.asarray([[[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]]])
   same = alignment_loss(3 * y, y, jnp.asarray([[True, True, True]]))

@@ -46,10 +46,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     num_res_blocks=1 if tiny else 2,
     temporal_kernel=3,
     norm=True,
+    # VA-VAE alignment (with loss.align_encoder): a linear map of each block of align_frames
+    # latent frames × 1 cell to the encoder's width align_dim; 0 = off.
+    align_dim=0,
+    align_frames=2,
   )
   c.loss = dict(
     recon="l1",
     kl_weight=1e-4 if tiny else 1e-6,  # β; the KL is a mean per latent element
+    # A captioning run (configs/caption/video.py) whose frozen encoder's features of the clip
+    # the latents are aligned to (Yao et al. 2025: cosine and distance-matrix margins), with
+    # this weight; "" = off. Its patches must be one latent block (align_frames·ft, fs, fs).
+    align_encoder="",
+    align_weight=0.1,
   )
   # Evaluators (vdit/evaluators, docs/evaluation.md): at the end, PSNR/SSIM over the validation
   # split and the latent statistics (workdir/latent_stats.json) that latent configs read.

@@ -152,6 +152,12 @@ class VideoAutoencoder(nn.Module):
   # codes its own frame; the demo's, which learns ~10 dB faster: docs/recipe.md, rows L).
   temporal_kernel: int = 3
   norm: bool = True  # per-position LayerNorms before the convolutions (off: the per-frame demo's)
+  # > 0: a linear map of the posterior mean, each (align_frames, 1, 1) block of latent cells
+  # to `align_dim` features, sown as ("intermediates", "align") by `__call__`: the training
+  # loss aligns them to a frozen encoder's features of the clip (VA-VAE, Yao et al. 2025;
+  # `vdit.tasks.autoencoding`). Coding never reads them.
+  align_dim: int = 0
+  align_frames: int = 2
 
   @property
   def spatial_compression(self) -> int:
@@ -189,6 +195,8 @@ class VideoAutoencoder(nn.Module):
     self.dec_up = [CausalConv3d(c, k) for c in ch[:-1]]
     self.dec_norm = norm()
     self.dec_out = CausalConv3d(3, k, axes=(None, None, None, EMBED, None))
+    if self.align_dim:
+      self.align_proj = layers.dense(self.align_dim, (None, None))
 
   def encode(self, video: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Posterior (mean, logvar) [B, T', H', W', Z] of video [B, T, H, W, 3] (or images
@@ -227,6 +235,12 @@ class VideoAutoencoder(nn.Module):
     """(reconstruction, mean, logvar); the latent is a posterior sample if `rng` is given, else
     the mean."""
     mean, logvar = self.encode(video)
+    if self.align_dim:  # [B, T'/a, H', W', align_dim]
+      b, t, h, w, z = mean.shape
+      a = self.align_frames
+      blocks = mean[:, : t // a * a].reshape(b, t // a, a, h, w, z)
+      blocks = blocks.transpose(0, 1, 3, 4, 2, 5).reshape(b, t // a, h, w, a * z)
+      self.sow("intermediates", "align", self.align_proj(blocks))
     z = mean if rng is None else sample_posterior(rng, mean, logvar)
     return self.decode(z), mean, logvar
 

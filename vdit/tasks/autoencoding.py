@@ -21,8 +21,9 @@ import numpy as np
 from etils import epath
 
 from vdit import config_checks
+from vdit.data import patchify
 from vdit.models import autoencoder as ae
-from vdit.tasks import base
+from vdit.tasks import base, representation
 
 SHOWN = 4  # validation clips the `reconstruction` evaluator draws above their reconstructions
 
@@ -118,6 +119,24 @@ class AutoencoderTask(base.DenseTask):
     config_checks.choice("loss.recon", loss.recon, RECON_LOSSES)
     if not loss.kl_weight >= 0:
       raise config_checks.ConfigError(f"loss.kl_weight={loss.kl_weight} must be >= 0")
+    encoder = loss.get("align_encoder", "")
+    if bool(encoder) != bool(m.get("align_dim", 0)):
+      raise config_checks.ConfigError(
+        f"loss.align_encoder={encoder!r} and model.align_dim={m.get('align_dim', 0)}: give both "
+        "(the encoder's width) or neither"
+      )
+    if encoder:
+      try:
+        _, width, enc = representation.encoder(encoder, "loss.align_encoder")  # loaded now
+      except (ValueError, FileNotFoundError) as e:
+        raise config_checks.ConfigError(str(e)) from None
+      want = (m.get("align_frames", 2) * int(m.time_compression), 2 ** (len(channels) - 1))
+      if tuple(enc.input.patch_size) != (want[0], want[1], want[1]) or width != m.align_dim:
+        raise config_checks.ConfigError(
+          f"loss.align_encoder={encoder!r} reads {tuple(enc.input.patch_size)} patches of "
+          f"width {width}; expected ({want[0]}, {want[1]}, {want[1]}) (one latent block) and "
+          f"model.align_dim={m.align_dim}"
+        )
 
   def dummy_inputs(self, config):
     t, h, w = (int(s) for s in config.input.size)
@@ -125,7 +144,13 @@ class AutoencoderTask(base.DenseTask):
 
   def loss(self, model, params, batch, rng, config):
     video, valid = batch["video"], batch["valid"].astype(jnp.float32)  # [B, T, H, W, 3], [B]
-    recon, mean, logvar = model.apply({"params": params}, video, rng)
+    encoder = config.loss.get("align_encoder", "")
+    if encoder:
+      (recon, mean, logvar), sown = model.apply(
+        {"params": params}, video, rng, mutable=["intermediates"]
+      )
+    else:
+      recon, mean, logvar = model.apply({"params": params}, video, rng)
     err = recon - video
     err = jnp.abs(err) if config.loss.recon == "l1" else jnp.square(err)
     axes = tuple(range(1, video.ndim))
@@ -133,7 +158,15 @@ class AutoencoderTask(base.DenseTask):
     kl = jnp.mean(ae.kl_divergence(mean, logvar), axis=axes)  # [B]
     count = jnp.maximum(jnp.sum(valid), 1.0)
     rec, kl = jnp.sum(rec * valid) / count, jnp.sum(kl * valid) / count
-    return rec + config.loss.kl_weight * kl, {"recon": rec, "kl": kl}
+    loss, metrics = rec + config.loss.kl_weight * kl, {"recon": rec, "kl": kl}
+    if encoder:  # VA-VAE: the latent blocks' projection towards the encoder's features
+      projected = sown["intermediates"]["align"][0]  # [B, T'', H', W', E]
+      target = encoder_features(encoder, video, projected.shape[1:4])
+      align = representation.structure_loss(
+        projected.reshape(projected.shape[0], -1, projected.shape[-1]), target
+      )
+      loss, metrics["align"] = loss + config.loss.align_weight * align, align
+    return loss, metrics
 
   def predict_fns(self, config, model, mesh, rules) -> base.PredictFns:
     """`reconstruct(params, batch)` → per clip of the global batch (the `reconstruction`
@@ -173,6 +206,20 @@ class AutoencoderTask(base.DenseTask):
     return super().predict_fns(config, model, mesh, rules) | {
       "reconstruct": base.on_global_batch(reconstruct, keys, mesh, rules)
     }
+
+
+def encoder_features(workdir: str, video: jax.Array, grid) -> jax.Array:
+  """[B, N, E] features of the frozen encoder of the captioning run in `workdir` for clips
+  [B, T, H, W, 3], each one packed row of its (pt, ph, pw) patches; their grid must be `grid`."""
+  features, _, config = representation.encoder(workdir, "loss.align_encoder")
+  patches, positions, got = patchify.patchify(
+    video[:, : video.shape[1] // 2 * 2], config.input.patch_size
+  )
+  if tuple(got) != tuple(grid):
+    raise ValueError(f"the encoder's token grid {got} is not the latent blocks' {tuple(grid)}")
+  b, n = patches.shape[:2]
+  positions = jnp.broadcast_to(jnp.asarray(positions), (b, n, 3))
+  return features(patches, positions, jnp.ones((b, n), jnp.int32))
 
 
 def load_stats(workdir: str) -> ae.LatentStats:

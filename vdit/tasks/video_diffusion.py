@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vdit import batch_spec, config_checks, latent_codec, models, sampling, tasks
+from vdit import batch_spec, config_checks, latent_codec, models, sampling
 from vdit.diffusion import conditioning, objectives
-from vdit.tasks import base, captioning, restore
+from vdit.tasks import base, captioning, representation
 
 
 def packed_apply(model, params, sown: dict | None = None):
@@ -38,36 +38,6 @@ def packed_apply(model, params, sown: dict | None = None):
     return out
 
   return apply_fn
-
-
-@functools.cache
-def repa_encoder(workdir: str):
-  """`features(patches, positions, segment_ids) -> [B, L, E]` of the frozen encoder of the
-  captioning run in `workdir` (REPA's target network), and E. Its EMA params are loaded once
-  (replicated) and enter the train step as constants."""
-  config = captioning.load_run_config(workdir, "video", "diffusion.repa_encoder")
-  task = tasks.get(config)
-  model = task.build_model(config)
-  _, _, params = restore.ema_params(workdir, None, config)
-
-  def features(patches, positions, segment_ids):
-    context, _ = model.apply(
-      {"params": params}, patches, positions, segment_ids, None, None, method=model.encode
-    )
-    return jax.lax.stop_gradient(context.astype(jnp.float32))
-
-  return features, int(config.model.width), config
-
-
-def alignment_loss(projected, target, mask) -> jax.Array:
-  """REPA's loss (Yu et al. 2024, Eq. 8): minus the cosine similarity of each token's projected
-  hidden state [B, L, E] and the encoder's feature of its clean patch [B, L, E], averaged over
-  the `mask` tokens [B, L]."""
-  p = projected.astype(jnp.float32)
-  p = p / jnp.maximum(jnp.linalg.norm(p, axis=-1, keepdims=True), 1e-6)
-  y = target / jnp.maximum(jnp.linalg.norm(target, axis=-1, keepdims=True), 1e-6)
-  sim = jnp.sum(p * y, axis=-1)
-  return -jnp.sum(sim * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def check_repa(config: ml_collections.ConfigDict) -> None:
@@ -104,7 +74,7 @@ def check_repa(config: ml_collections.ConfigDict) -> None:
     raise config_checks.ConfigError(
       f"diffusion.repa_weight={config.diffusion.get('repa_weight')} must be > 0 with an encoder"
     )
-  repa_encoder(encoder)  # restored here, outside the jitted train step that reads the cache
+  representation.encoder(encoder)  # restored now, outside the jitted step that reads it
 
 
 class VideoDiffusion(base.Task):
@@ -132,9 +102,9 @@ class VideoDiffusion(base.Task):
     loss, aux = objectives.loss(spec, packed_apply(model, params, sown), batch, loss_rng)
     metrics = {"tokens": aux["num_tokens"], "cond_tokens": cond_metrics["cond_tokens"]}
     if encoder:  # REPA: every real token's block output towards the encoder's clean feature
-      features, _, _ = repa_encoder(encoder)
+      features, _, _ = representation.encoder(encoder)
       target = features(batch["patches"], batch["positions"], batch["segment_ids"])
-      align = alignment_loss(sown["repa"][0], target, batch["segment_ids"] > 0)
+      align = representation.alignment_loss(sown["repa"][0], target, batch["segment_ids"] > 0)
       loss = loss + config.diffusion.repa_weight * align
       metrics["repa_similarity"] = -align
     return loss, metrics
