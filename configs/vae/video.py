@@ -59,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # this weight; "" = off. Its patches must be one latent block (align_frames·ft, fs, fs).
     align_encoder="",
     align_weight=0.1,
+    align_margins=(0.5, 0.25),  # (m1, m2): cosine and distance-matrix margins (VA-VAE's)
   )
   # Evaluators (vdit/evaluators, docs/evaluation.md): at the end, PSNR/SSIM over the validation
   # split and the latent statistics (workdir/latent_stats.json) that latent configs read.

@@ -163,7 +163,9 @@ class AutoencoderTask(base.DenseTask):
       projected = sown["intermediates"]["align"][0]  # [B, T'', H', W', E]
       target = encoder_features(encoder, video, projected.shape[1:4])
       align = representation.structure_loss(
-        projected.reshape(projected.shape[0], -1, projected.shape[-1]), target
+        projected.reshape(projected.shape[0], -1, projected.shape[-1]),
+        target,
+        tuple(config.loss.get("align_margins", (0.5, 0.25))),
       )
       loss, metrics["align"] = loss + config.loss.align_weight * align, align
     return loss, metrics
