@@ -4,6 +4,7 @@ attribute dropping, the evaluator's parsing and the errors for a wrong run."""
 import json
 
 import flax.linen as nn
+import imageio.v3 as iio
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -349,3 +350,44 @@ def test_recaption_a_folder_writes_the_captioners_captions(data_dir, tmp_path):
     "vdit.tools.recaption", f"--captioner={run}", f"--dataset_config={clips}"
   )
   assert again.returncode != 0 and "exists; move it away" in again.stderr
+
+
+@pytest.mark.slow
+def test_recaptioned_folder_trains_video_dit_on_the_captioners_captions(data_dir, tmp_path):
+  """Issue 16: a folder of shapes clips without any caption, re-captioned by a (1-step)
+  captioner, becomes trainable: VideoDiT's training batches carry the captioner's captions
+  (not the empty caption the folder had) and VideoDiT trains on it."""
+  run = str(tmp_path / "captioner")
+  train.train_and_evaluate(_config(data_dir, total_steps=1, **{"input.rows_per_batch": 8}), run)
+  clips = tmp_path / "clips"
+  for i in range(6):  # each clip a folder of PNG frames (lossless), no captions.jsonl
+    frames = shapes.generate(SHAPES_TEST, "train", i)["video"]
+    (clips / f"c{i}").mkdir(parents=True)
+    for t, frame in enumerate(frames):
+      iio.imwrite(clips / f"c{i}" / f"{t:02d}.png", frame)
+  c = configs.small(data_dir, total_steps=2, **{"input.dataset": "folder"})
+  c.input.update(dataset_config=str(clips), read_threads=0, prefetch_batches=0)
+  tok = tokenizer.Tokenizer(c.input.vocab_size)
+
+  def trained_on():  # the captions of one training batch, as the tokenizer left them
+    batch = next(train.make_data_iterator(c))
+    rows = captioning.packed_texts(
+      batch["text_tokens"], batch["text_segment_ids"], c.input.max_examples_per_row, tok.vocab_size
+    )
+    return {text for row in rows for text in row}
+
+  assert trained_on() == {""}  # before: every clip has the empty caption (the null condition)
+  out = recaption.recaption(run, str(clips), beams=1)
+  assert out == str(clips / "captions.jsonl")
+  lines = [json.loads(x) for x in (clips / "captions.jsonl").read_text().splitlines()]
+  assert sorted(x["file"] for x in lines) == [f"c{i}" for i in range(6)]
+  written = {
+    tokenizer.decode_words(tok.encode(x["caption"], c.input.max_caption_tokens), tok.vocab_size)
+    for x in lines
+    if x["split"] == "train"
+  }
+  assert "" not in written
+  seen = trained_on() - {""}  # "": an empty slot of a row
+  assert seen and seen <= written  # the batches carry the re-captioned captions, only those
+  state = train.train_and_evaluate(c, str(tmp_path / "video"))
+  assert int(state.step) == 2

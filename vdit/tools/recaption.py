@@ -17,10 +17,11 @@ had one).
 import json
 import os
 import sys
+import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from vdit import checkpointing, sharding
 from vdit.data import packing, pipeline, transforms
@@ -65,7 +66,8 @@ def recaption(captioner: str, path: str, beams: int = 4, step: int | None = None
     )
 
   rows = []
-  for entry in entries:
+  start = last = time.perf_counter()
+  for n, entry in enumerate(entries, 1):
     video = folder.decode(os.path.join(path, entry.file))
     element = transforms.apply(chain, {"video": video, "caption": b""})
     example = transforms.materialize(element, inp.patch_size)
@@ -77,6 +79,13 @@ def recaption(captioner: str, path: str, beams: int = 4, step: int | None = None
     caption = captioning.caption_texts(tokens, inp.vocab_size)[0]
     line = {"file": entry.file, "caption": caption, "split": entry.split, "recaptioned": True}
     rows.append(line | ({"label": entry.label} if entry.label >= 0 else {}))
+    if (now := time.perf_counter()) - last >= 10.0 or n == len(entries):  # progress
+      last, rate = now, n / max(now - start, 1e-9)
+      eta = (len(entries) - n) / rate
+      logging.info(
+        "recaption: %d/%d files, %.2f files/s, ETA %dm%02ds",
+        n, len(entries), rate, eta // 60, eta % 60,
+      )  # fmt: skip
   with open(out, "x", encoding="utf-8") as f:  # "x": never overwrite
     f.writelines(json.dumps(r) + "\n" for r in rows)
   return out
