@@ -604,21 +604,23 @@ def test_repa_projects_one_blocks_output_and_leaves_the_model_as_it_was(tiny):
   model, _ = tiny
   batch = packed_rows([examples()])
   repa = VideoDiT(**TINY, repa_depth=1, repa_dim=5)
-  params = perturb(nn.unbox(repa.init(jax.random.key(0), *batch.values())), 4)
+  init = jax.jit(lambda r: nn.unbox(repa.init(r, *batch.values())))
+  params = perturb(init(jax.random.key(0)), 4)
   extra = {"repa_fc1", "repa_fc2", "repa_fc3"}
   assert set(params["params"]) - set(nn.unbox(tiny[1])["params"]) == extra
   base = {"params": {k: v for k, v in params["params"].items() if k not in extra}}
-  out = apply(repa, params, batch)
-  np.testing.assert_array_equal(out, apply(model, base, batch))
+  out = jax.jit(lambda p: apply(repa, p, batch))(params)
+  np.testing.assert_array_equal(out, jax.jit(lambda p: apply(model, p, batch))(base))
 
   def features(m, p):
     out, state = m.apply(p, *batch.values(), mutable=["intermediates"])
     return out, state["intermediates"]["repa"][0]
 
-  out_sown, feats = features(repa, params)
+  out_sown, feats = jax.jit(lambda p: features(repa, p))(params)
   np.testing.assert_array_equal(out_sown, out)
   assert feats.shape == (1, L, 5) and float(jnp.std(feats)) > 1e-3
-  grads = jax.grad(lambda p: jnp.sum(jnp.square(features(repa, p)[1])))(params)["params"]
+  sown_norm = lambda p: jnp.sum(jnp.square(features(repa, p)[1]))  # noqa: E731
+  grads = jax.jit(jax.grad(sown_norm))(params)["params"]
 
   def largest(tree, blocks):  # the largest |gradient| of the stacked blocks `blocks`
     return max(float(jnp.abs(g[blocks]).max()) for g in jax.tree.leaves(tree))
@@ -627,7 +629,8 @@ def test_repa_projects_one_blocks_output_and_leaves_the_model_as_it_was(tiny):
   assert largest(grads["blocks"], slice(1, None)) == 0  # block 2 comes after the projection
   assert largest(grads["final"], slice(None)) == 0
   unrolled = VideoDiT(**TINY, repa_depth=1, repa_dim=5, scan_layers=False)
-  _, feats_unrolled = features(unrolled, layers.unstack_layers(params, "blocks", TINY["depth"]))
+  unstacked = layers.unstack_layers(params, "blocks", TINY["depth"])
+  _, feats_unrolled = jax.jit(lambda p: features(unrolled, p))(unstacked)
   np.testing.assert_allclose(feats_unrolled, feats, rtol=1e-5, atol=1e-6)
 
 

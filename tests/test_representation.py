@@ -36,13 +36,14 @@ def _loss_and_grads(config, params=None, seed=0):
   batch = {k: jnp.asarray(v) for k, v in next(task.make_iterator(config)).items()}
   model = task.build_model(config)
   if params is None:
-    params = nn.unbox(model.init(jax.random.key(seed), *task.dummy_inputs(config)))["params"]
+    init = jax.jit(lambda r: nn.unbox(model.init(r, *task.dummy_inputs(config)))["params"])
+    params = init(jax.random.key(seed))
     params = configs.off_zero_init(params)
 
   def loss_fn(p):
     return task.loss(model, p, batch, jax.random.key(1), config)
 
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
   return loss, metrics, grads, params
 
 
