@@ -214,8 +214,9 @@ def encoder_features(workdir: str, video: jax.Array, grid) -> jax.Array:
   """[B, N, E] features of the frozen encoder of the captioning run in `workdir` for clips
   [B, T, H, W, 3], each one packed row of its (pt, ph, pw) patches; their grid must be `grid`."""
   features, _, config = representation.encoder(workdir, "loss.align_encoder")
+  pt = int(config.input.patch_size[0])  # whole patches in time (the latent blocks' frames)
   patches, positions, got = patchify.patchify(
-    video[:, : video.shape[1] // 2 * 2], config.input.patch_size
+    video[:, : video.shape[1] // pt * pt], config.input.patch_size
   )
   if tuple(got) != tuple(grid):
     raise ValueError(f"the encoder's token grid {got} is not the latent blocks' {tuple(grid)}")
