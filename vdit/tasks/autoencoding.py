@@ -126,10 +126,7 @@ class AutoencoderTask(base.DenseTask):
         "(the encoder's width) or neither"
       )
     if encoder:
-      try:
-        _, width, enc = representation.encoder(encoder, "loss.align_encoder")  # loaded now
-      except (ValueError, FileNotFoundError) as e:
-        raise config_checks.ConfigError(str(e)) from None
+      _, width, enc = representation.checked_encoder(encoder, "loss.align_encoder")
       want = (m.get("align_frames", 2) * int(m.time_compression), 2 ** (len(channels) - 1))
       if tuple(enc.input.patch_size) != (want[0], want[1], want[1]) or width != m.align_dim:
         raise config_checks.ConfigError(

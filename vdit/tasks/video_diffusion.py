@@ -9,7 +9,7 @@ import ml_collections
 
 from vdit import batch_spec, config_checks, latent_codec, models, sampling
 from vdit.diffusion import conditioning, objectives
-from vdit.tasks import base, captioning, representation
+from vdit.tasks import base, representation
 
 
 def packed_apply(model, params, sown: dict | None = None):
@@ -52,10 +52,7 @@ def check_repa(config: ml_collections.ConfigDict) -> None:
         "captioning run whose encoder gives the targets)"
       )
     return
-  try:
-    enc = captioning.load_run_config(encoder, "video", "diffusion.repa_encoder")
-  except (ValueError, FileNotFoundError) as e:
-    raise config_checks.ConfigError(str(e)) from None
+  _, width, enc = representation.checked_encoder(encoder, "diffusion.repa_encoder")
   for key, mine, theirs in (
     ("patch_size", tuple(config.input.patch_size), tuple(enc.input.patch_size)),
     ("channels", models.channels(config), models.channels(enc)),
@@ -65,16 +62,15 @@ def check_repa(config: ml_collections.ConfigDict) -> None:
         f"diffusion.repa_encoder={encoder!r} reads input.{key}={theirs}; this run has {mine}: "
         "the encoder must read the same tokens"
       )
-  if not 1 <= depth <= config.model.depth or dim != enc.model.width:
+  if not 1 <= depth <= config.model.depth or dim != width:
     raise config_checks.ConfigError(
       f"model.repa_depth={depth}, model.repa_dim={dim}: expected a block in [1, "
-      f"model.depth={config.model.depth}] and the encoder's width {enc.model.width}"
+      f"model.depth={config.model.depth}] and the encoder's width {width}"
     )
   if not config.diffusion.get("repa_weight", 0) > 0:
     raise config_checks.ConfigError(
       f"diffusion.repa_weight={config.diffusion.get('repa_weight')} must be > 0 with an encoder"
     )
-  representation.encoder(encoder)  # restored now, outside the jitted step that reads it
 
 
 class VideoDiffusion(base.Task):
@@ -102,7 +98,7 @@ class VideoDiffusion(base.Task):
     loss, aux = objectives.loss(spec, packed_apply(model, params, sown), batch, loss_rng)
     metrics = {"tokens": aux["num_tokens"], "cond_tokens": cond_metrics["cond_tokens"]}
     if encoder:  # REPA: every real token's block output towards the encoder's clean feature
-      features, _, _ = representation.encoder(encoder)
+      features, _, _ = representation.encoder(encoder, "diffusion.repa_encoder")
       target = features(batch["patches"], batch["positions"], batch["segment_ids"])
       align = representation.alignment_loss(sown["repa"][0], target, batch["segment_ids"] > 0)
       loss = loss + config.diffusion.repa_weight * align
