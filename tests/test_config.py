@@ -39,6 +39,8 @@ def test_tiny_config_is_valid():
     ("diffusion.time_sampling", "beta", "time_sampling='beta' is not supported"),
     ("diffusion.self_condition", 1.5, r"self_condition=1.5 must be a rate in \[0, 1\]"),
     ("diffusion.input_perturbation", -0.1, r"input_perturbation=-0.1 must be >= 0"),
+    ("diffusion.input_blur", -1.0, r"input_blur=-1.0 must be >= 0 \(cells\)"),
+    ("diffusion.input_blur_rate", 1.5, r"input_blur_rate=1.5 a rate in \[0, 1\]"),
     ("model.patch_context", (3, 2, 3), r"patch_context=\(3, 2, 3\) must be \(\) or three odd"),
     ("model.output_context", (3, 3), r"output_context=\(3, 3\) must be \(\) or three odd"),
     ("model.locality", -1.0, r"model.locality=-1.0 must be ≥ 0"),

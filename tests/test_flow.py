@@ -115,6 +115,35 @@ def test_input_perturbation_moves_the_input_and_keeps_the_target():
   assert float(flow.loss(naive, batch, rng, text_dropout=0.0, input_perturbation=0.5)[0]) > 0.1
 
 
+def test_degraded_input_is_noised_where_t_is_high_and_the_target_restores_x0():
+  """`flow.DEGRADED_INPUT`: x_t is built from the degraded input at t ≥ DEGRADED_T_MIN and from
+  x0 below; the target is the velocity whose x̂0 = x_t − t·v is the true x0 there, and the plain
+  one below (a model exact without degradation stays exact on the low-t tokens only)."""
+  batch = make_batch()
+  x0, seg, cond = batch["patches"], np.asarray(batch["segment_ids"]), np.asarray(batch["cond_mask"])
+  degraded = x0 + 1.0
+  fn, seen = recording(lambda x, t, b: 0 * x)
+  fn_d, seen_d = recording(lambda x, t, b: 0 * x)
+  rng = jax.random.key(5)
+  flow.loss(fn, batch, rng, text_dropout=0.0)
+  flow.loss(fn_d, dict(batch, **{flow.DEGRADED_INPUT: degraded}), rng, text_dropout=0.0)
+  t = np.asarray(seen["t"])
+  np.testing.assert_array_equal(seen_d["t"], t)
+  moved = np.asarray(seen_d["x_t"] - seen["x_t"])
+  high = (t >= flow.DEGRADED_T_MIN) & (seg > 0) & ~cond
+  low = (t < flow.DEGRADED_T_MIN) & (seg > 0)
+  assert high.any() and (low & ~cond).any()
+  one_minus_t = np.broadcast_to((1 - t)[..., None], moved.shape)
+  np.testing.assert_allclose(moved[high], one_minus_t[high], rtol=1e-5)
+  np.testing.assert_array_equal(moved[low], 0.0)  # and the given (cond) tokens stay x0
+  restoring = lambda x, t, b: (x - x0) / jnp.maximum(t, 1e-6)[..., None]  # x̂0 = x0 exactly
+  batch_d = dict(batch, **{flow.DEGRADED_INPUT: degraded})
+  assert float(flow.loss(restoring, batch_d, rng, text_dropout=0.0)[0]) < 1e-8
+  # A model exact on sharp inputs (v = ε − x0 from its own noise) is wrong where t is high.
+  eps_x0 = (seen["x_t"] - x0) / jnp.maximum(seen["t"], 1e-6)[..., None]
+  assert float(flow.loss(lambda x, t, b: eps_x0, batch_d, rng, text_dropout=0.0)[0]) > 0.05
+
+
 def test_mixed_noise_shares_a_fraction_of_each_place_along_time():
   """`mixed_noise`: every element N(0, 1); two tokens of one example at the same (h, w) in
   different patch-frames correlate by `correlation`, tokens elsewhere (another place, another

@@ -12,7 +12,8 @@ import pytest
 from tests import configs
 from vdit import config_checks, datasets, sharding, tasks, train
 from vdit.data import dense
-from vdit.tasks import image_diffusion
+from vdit.data.patchify import patchify, unpatchify
+from vdit.tasks import image_diffusion, video_diffusion
 
 ZOO = {
   "vit": "configs/vit/digits.py",
@@ -186,3 +187,35 @@ def test_bad_zoo_configs_fail_clearly(name, overrides, message, data_dir):
   config = _config(name, data_dir, **overrides)
   with pytest.raises(config_checks.ConfigError, match=re.escape(message)):
     train.validate(config)
+
+
+def test_blur_patches_is_a_gaussian_blur_of_each_example_alone():
+  """`video_diffusion.blur_patches` on a row packing two videos: inside each video's canvas (2
+  cells from its edge) it is scipy's separable Gaussian of the frames, with each example's own
+  σ; the other example never leaks in; σ = 0 gives the patches back."""
+  from scipy import ndimage
+
+  rng = np.random.default_rng(0)
+  size = (1, 2, 2)
+  videos = [rng.normal(size=(2, 8, 12, 3)), rng.normal(size=(2, 6, 6, 3))]
+  sigmas = [0.8, 1.3]
+  cut = [patchify(v.astype(np.float32), size) for v in videos]
+  row = np.concatenate([p for p, _, _ in cut])[None]
+  pos = np.concatenate([q for _, q, _ in cut])[None]
+  seg = np.concatenate([np.full(len(p), i + 1) for i, (p, _, _) in enumerate(cut)])[None]
+  sigma = np.concatenate([np.full(len(p), s) for (p, _, _), s in zip(cut, sigmas, strict=True)])
+  out = np.asarray(video_diffusion.blur_patches(row, pos, seg, size, jnp.asarray(sigma[None])))[0]
+  start = 0
+  for video, (p, _, grid), s in zip(videos, cut, sigmas, strict=True):
+    taps = np.exp(-(np.arange(-2, 3) ** 2) / (2 * s**2))
+    want = ndimage.correlate1d(video, taps / taps.sum(), axis=1)
+    want = ndimage.correlate1d(want, taps / taps.sum(), axis=2)
+    got = unpatchify(out[start : start + len(p)], grid, size, 3)
+    np.testing.assert_allclose(got[:, 2:-2, 2:-2], want[:, 2:-2, 2:-2], atol=1e-5)
+    start += len(p)
+  other = row.copy()
+  other[0, : len(cut[0][0])] += 10.0  # the first video changes: the second's blur must not
+  moved = np.asarray(video_diffusion.blur_patches(other, pos, seg, size, jnp.asarray(sigma[None])))
+  np.testing.assert_array_equal(moved[0, len(cut[0][0]) :], out[len(cut[0][0]) :])
+  same = video_diffusion.blur_patches(row, pos, seg, size, jnp.zeros(seg.shape))
+  np.testing.assert_array_equal(np.asarray(same), row)

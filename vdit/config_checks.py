@@ -83,7 +83,12 @@ def check_diffusion(d: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"diffusion.noise_correlation={correlation} must be in [0, 1)")
   if not d.get("input_perturbation", 0.0) >= 0.0:
     raise ConfigError(f"diffusion.input_perturbation={d.input_perturbation} must be >= 0")
-  for name in ("self_condition", "noise_correlation", "input_perturbation"):
+  if not d.get("input_blur", 0.0) >= 0.0 or not 0.0 <= d.get("input_blur_rate", 0.5) <= 1.0:
+    raise ConfigError(
+      f"diffusion.input_blur={d.get('input_blur')} must be >= 0 (cells) and "
+      f"diffusion.input_blur_rate={d.get('input_blur_rate')} a rate in [0, 1]"
+    )
+  for name in ("self_condition", "noise_correlation", "input_perturbation", "input_blur"):
     if d.get(name, 0.0) and d.objective != "rectified_flow":
       raise ConfigError(
         f"diffusion.{name}={d[name]} needs diffusion.objective='rectified_flow', "

@@ -165,6 +165,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # γ of input perturbation (Ning et al. 2023): the model reads x_t built from noise + γ·ξ, the
     # target stays the unperturbed one, against the sampler's exposure bias; 0 = off.
     input_perturbation=0.0,
+    # Blurred inputs (docs/recipe.md, rows BL): with probability `input_blur_rate` an example's
+    # clean input is blurred in space by σ ~ U(0, input_blur) cells before it is noised, the
+    # target staying the sharp x0, so the words must restore what the blur took (as they must
+    # from the sampler's own blurred mid-path objects); 0 = off.
+    input_blur=0.0,
+    input_blur_rate=0.5,
     text_dropout=0.1,  # classifier-free guidance: rate of null captions (and labels) in training
     # REPA: a captioning run (configs/caption/video.py, on this run's tokens) whose frozen
     # encoder's features of the clean video the hidden states of model.repa_depth are pulled

@@ -22,6 +22,11 @@ from vdit.segments import per_token, place_ids
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 SAMPLERS = ("euler", "heun", "stochastic")
+# Batch key of an optional degraded clean input that x_t is built from (`loss`), at t ≥
+# DEGRADED_T_MIN only: below it the sampler's own inputs already hold the object's outline, and
+# the 1/t² weight of restoring it would swamp the loss.
+DEGRADED_INPUT = "degraded_patches"
+DEGRADED_T_MIN = 0.3
 
 
 def sample_time(
@@ -150,6 +155,12 @@ def loss(
   draw of the same kind) while the target stays that of the unperturbed x_t, so it learns not
   to trust its input more than the sampler's own (imperfect) inputs deserve.
 
+  A degraded clean input (batch key `DEGRADED_INPUT`, [B, L, P], e.g.
+  `video_diffusion.blur_patches`): x_t is built from it instead of x0 where t ≥ `DEGRADED_T_MIN`,
+  while the target stays the velocity whose x̂0 is the true x0, so the model learns to restore
+  from the words what the degradation removed (the sampler's own mid-path inputs are such
+  blurred objects; docs/recipe.md, rows BL).
+
   Returns (loss, metrics) with metrics `per_example_loss` [B, K] (0 for empty examples),
   `t` [B, K], `dropped` [B, K] and `num_tokens`.
   """
@@ -172,11 +183,18 @@ def loss(
     t_tok = jnp.where(u >= 0, t_frame, t_tok)
   t_tok = jnp.where(cond, 0.0, t_tok)
   noise = mixed_noise(noise_rng, x0.shape, seg, batch["positions"], noise_correlation, x0.dtype)
-  x_t = jnp.where(cond[..., None], x0, interpolate(x0, noise, t_tok))
+  degraded = batch.get(DEGRADED_INPUT)
+  x_in = x0
+  if degraded is not None:  # only where t ≥ DEGRADED_T_MIN (the target's weight stays bounded)
+    x_in = jnp.where((t_tok >= DEGRADED_T_MIN)[..., None], degraded.astype(jnp.float32), x0)
+  x_t = jnp.where(cond[..., None], x0, interpolate(x_in, noise, t_tok))
   if t_min is None:
     target = noise - x0
   else:
     target = (x_t - x0) / jnp.maximum(t_tok, t_min)[..., None]
+  if degraded is not None:  # the velocity whose x̂0 is the true x0 (not the degraded one)
+    restore = (x_t - x0) / jnp.maximum(t_tok, DEGRADED_T_MIN)[..., None]
+    target = jnp.where((t_tok >= DEGRADED_T_MIN)[..., None], restore, target)
   if input_perturbation:  # its own stream (fold_in): the other draws keep their numbers
     extra = mixed_noise(
       jax.random.fold_in(rng, 4), x0.shape, seg, batch["positions"], noise_correlation, x0.dtype

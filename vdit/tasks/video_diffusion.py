@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from vdit import batch_spec, config_checks, latent_codec, models, sampling
-from vdit.diffusion import conditioning, objectives
+from vdit.diffusion import conditioning, flow, objectives
+from vdit.models import layers
+from vdit.segments import per_token
 from vdit.tasks import base, representation
 
 
@@ -38,6 +40,50 @@ def packed_apply(model, params, sown: dict | None = None):
     return out
 
   return apply_fn
+
+
+def blur_patches(patches, positions, segment_ids, patch_size, sigma):
+  """[B, L, P] patches → the same with every frame of each example blurred in space by a Gaussian
+  of std `sigma` [B, L] (in cells, per token), reaching at most one patch into each neighbour
+  (so σ ≲ patch / 2 is a Gaussian, larger ones are cut there). Off an example's grid a
+  neighbour is the token itself (about an edge replicate). The degraded input of
+  `diffusion.input_blur` (`flow.loss`, `DEGRADED_INPUT`)."""
+  pt, ph, pw = (int(p) for p in patch_size)
+  b, length, p = patches.shape
+  c = p // (pt * ph * pw)
+  index, valid = layers.grid_neighbours(positions, segment_ids, (1, 3, 3))
+  x = jax.vmap(lambda row, i: row[i])(patches, index)  # [B, L, 9, P]
+  x = jnp.where(valid[..., None], x, patches[:, :, None, :])
+  x = x.reshape(b, length, 3, 3, pt, ph, pw, c).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+  x = x.reshape(b, length, pt, 3 * ph, 3 * pw, c)  # each token amid its 3×3 neighbours' cells
+
+  def taps(radius):  # [B, L, 2r + 1] normalised Gaussian weights of offsets −r … r
+    d = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+    w = jnp.exp(-jnp.square(d) / (2 * jnp.square(jnp.maximum(sigma, 1e-3)))[..., None])
+    return w / jnp.sum(w, axis=-1, keepdims=True)
+
+  kh, kw = taps(ph), taps(pw)
+  x = jnp.stack(  # along h: output cell i reads cells ph + i − ph … ph + i + ph
+    [jnp.einsum("bltkwc,blk->bltwc", x[:, :, :, i : i + 2 * ph + 1], kh) for i in range(ph)], 3
+  )  # [B, L, pt, ph, 3pw, C]
+  x = jnp.stack(
+    [jnp.einsum("blthkc,blk->blthc", x[:, :, :, :, j : j + 2 * pw + 1], kw) for j in range(pw)], 4
+  )  # [B, L, pt, ph, pw, C]
+  return x.reshape(b, length, p).astype(patches.dtype)
+
+
+def degrade_input(rng, batch, patch_size, max_sigma: float, rate: float) -> dict:
+  """`diffusion.input_blur`: with probability `rate` per example its clean input is blurred in
+  space by σ ~ U(0, max_sigma) cells (`blur_patches`); the batch gains `flow.DEGRADED_INPUT`."""
+  b, k = batch["shapes"].shape[:2]
+  pick, draw = jax.random.split(rng)
+  sigma = jax.random.uniform(draw, (b, k), maxval=max_sigma)
+  sigma = jnp.where(jax.random.uniform(pick, (b, k)) < rate, sigma, 0.0)
+  sigma = per_token(sigma, batch["segment_ids"])
+  seg, positions = batch["segment_ids"], batch["positions"]
+  blurred = blur_patches(batch["patches"], positions, seg, patch_size, sigma)
+  degraded = jnp.where((sigma > 0)[..., None], blurred, batch["patches"])
+  return dict(batch, **{flow.DEGRADED_INPUT: degraded})
 
 
 def check_repa(config: ml_collections.ConfigDict) -> None:
@@ -93,6 +139,14 @@ class VideoDiffusion(base.Task):
       cond_rng, batch, spec.cond_probs, config.input.patch_size[0]
     )
 
+    if config.diffusion.get("input_blur", 0.0):  # its own stream: other draws keep their numbers
+      batch = degrade_input(
+        jax.random.fold_in(rng, 7),
+        batch,
+        config.input.patch_size,
+        config.diffusion.input_blur,
+        config.diffusion.get("input_blur_rate", 0.5),
+      )
     encoder = config.diffusion.get("repa_encoder", "")
     sown = {} if encoder else None
     loss, aux = objectives.loss(spec, packed_apply(model, params, sown), batch, loss_rng)
