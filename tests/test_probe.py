@@ -107,3 +107,7 @@ def test_probe_cli_on_a_trained_checkpoint(data_dir, tmp_path):
   for row in result["shape_source"]:
     # The first 4 prompts are all circles: no other shape to name, so word and clip agree.
     assert 0 <= row["word"] <= 1 and row["word"] == row["clip"], row
+  assert [r["t"] for r in result["blurred_shape_source"]] == [0.3, 0.5, 0.7]
+  for row in result["blurred_shape_source"]:
+    assert 0 <= row["word"] <= 1 and row["word"] == row["clip"], row
+  assert f"blurred by σ = {probe.BLUR}" in out.stdout

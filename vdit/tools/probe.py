@@ -2,8 +2,8 @@ r"""Probes of a trained `shapes` text-to-video model: where its generation fails
 
   python -m vdit.tools.probe --workdir=runs/shapes [--step=N] [--num_prompts=N]
 
-Seven measurements, each on the model's own x̂0 or samples (docs/recipe.md, "Where the failure
-is"), on the 48 `a {colour} {shape} moving {direction}` combinations of the tiny variant:
+Seven measurements (eight rows), each on the model's own x̂0 or samples (docs/recipe.md,
+"Where the failure is"), on the 48 `a {colour} {shape} moving {direction}` combinations of the tiny variant:
 
 - **fidelity**: real 8×32×32 clips noised to t, the PSNR of the (unguided) x̂0 over the whole
   frame and over the object's pixels, beside the PSNR of the noisy input itself (x_t / (1 − t)).
@@ -27,7 +27,8 @@ is"), on the 48 `a {colour} {shape} moving {direction}` combinations of the tiny
   loses them at 0.3 rounds the object off on its way down (docs/recipe.md, rows P).
 - **shape source**: real clips noised to t, x̂0 with the clip's caption but another shape word:
   the shape read in x̂0 as the word's and as the clip's. Which one decides the shape (docs/
-  recipe.md, row F3: the clip's, even at t = 0.8).
+  recipe.md, row F3: the clip's, even at t = 0.8). Again from clips blurred in space first, so
+  that only the word can give the outline (row BL: the demo model cannot).
 - **words**: from one noise, how far x̂0 moves (mean |Δ| in [-1, 1]) when only the colour,
   the shape or the direction word of the prompt changes. A word whose change moves nothing is
   not read (docs/recipe.md: a text encoder that had erased every word but the colour).
@@ -50,12 +51,14 @@ from vdit.data import patchify
 from vdit.datasets import shapes
 from vdit.diffusion import objectives
 from vdit.evaluators import shapes_scorer
+from vdit.tasks import video_diffusion
 
 SIZE = (8, 32, 32)  # (frames, height, width) of the probe clips
 OBJECT_DISTANCE = 40.0  # RGB distance from the background colour above which a pixel is object
 DIRECTION_VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 ATTRIBUTES = ("colour", "shape", "direction")  # the words of a prompt, in `combinations` order
 EDIT_STRENGTHS = (0.1, 0.3, 0.6)  # SDEdit strengths of the `edit` probe
+BLUR = 1.5  # σ (model units) of the blurred `shape source` row's clips
 
 
 def combinations(vocab: shapes_scorer.Vocabulary) -> list[tuple[str, str, str]]:
@@ -248,14 +251,26 @@ def direction_effect(probe: Probe, combos, times: Sequence[float], seed: int = 0
   return results
 
 
-def shape_source(probe: Probe, combos, times: Sequence[float], seed: int = 0) -> list[dict]:
+def shape_source(
+  probe: Probe, combos, times: Sequence[float], seed: int = 0, blur: float = 0.0
+) -> list[dict]:
   """Per t: real clips noised to t, x̂0 with each clip's caption whose shape word is replaced by
   the next shape; the `adherence` scorer's shape accuracy of x̂0 against the word (`word`) and
   against the clip (`clip`). A model that draws the named shape scores high on `word`; one that
-  copies the shape it sees, on `clip`."""
+  copies the shape it sees, on `clip`. With `blur` > 0 the clean clips are first blurred in
+  space by that σ (the model's units: latent cells; `video_diffusion.blur_patches`), so the
+  outline is mostly the word's to give (docs/recipe.md, row BL)."""
   word_prompts = [prompt(*c) for c in swap_word(combos, "shape")]
   clip_prompts = [prompt(*c) for c in combos]
   x0 = probe.patches(real_clips(combos, probe.clip_size))
+  if blur:
+    n, length = x0.shape[:2]
+    positions = np.broadcast_to(patchify.grid_positions(probe.grid), (n, length, 3))
+    sigma = jnp.full((n, length), blur, jnp.float32)
+    x0 = video_diffusion.blur_patches(
+      jnp.asarray(x0), positions, jnp.ones((n, length), jnp.int32), probe.patch_size, sigma
+    )
+    x0 = np.asarray(x0)
   noise = probe.noise(len(x0), seed)
   rows = probe.rows(word_prompts)
   results = []
@@ -363,6 +378,7 @@ def run(
     direction=direction_effect(probe, combos, (0.95, 0.8, 0.6)),
     words=word_effect(probe, combos, (0.95, 0.6, 0.3)),
     shape_source=shape_source(probe, combos, (0.5, 0.7, 0.8, 0.9)),
+    blurred_shape_source=shape_source(probe, combos, (0.3, 0.5, 0.7), blur=BLUR),
     i2v=i2v_direction(sampler, combos),
     extend=extend_forward(sampler, combos),
     edit=edit_strengths(sampler, combos),
@@ -391,6 +407,9 @@ def report(result: dict) -> str:
     "shape source: x̂0 of real clips with another shape word; shape read = the word's / the clip's"
   )
   for r in result["shape_source"]:
+    lines.append(f"  t={r['t']:.2f}  word {r['word']:.2f} / clip {r['clip']:.2f}")
+  lines.append(f"the same from clips blurred by σ = {BLUR} (the outline is the word's to draw)")
+  for r in result["blurred_shape_source"]:
     lines.append(f"  t={r['t']:.2f}  word {r['word']:.2f} / clip {r['clip']:.2f}")
   i2v = result["i2v"]
   lines.append("i2v from a centred object: " + ", ".join(f"{k} {v:.2f}" for k, v in i2v.items()))
