@@ -3,7 +3,8 @@ r"""Probes of a trained `shapes` text-to-video model: where its generation fails
   python -m vdit.tools.probe --workdir=runs/shapes [--step=N] [--num_prompts=N]
 
 Seven measurements (eight rows), each on the model's own x̂0 or samples (docs/recipe.md,
-"Where the failure is"), on the 48 `a {colour} {shape} moving {direction}` combinations of the tiny variant:
+"Where the failure is"), on the 48 `a {colour} {shape} moving {direction}` combinations of
+the tiny variant:
 
 - **fidelity**: real 8×32×32 clips noised to t, the PSNR of the (unguided) x̂0 over the whole
   frame and over the object's pixels, beside the PSNR of the noisy input itself (x_t / (1 − t)).
