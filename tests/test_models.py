@@ -643,3 +643,67 @@ def test_repa_alignment_loss_is_minus_the_cosine_on_the_masked_tokens():
   np.testing.assert_allclose([same, opposite], [-1.0, 1.0], rtol=1e-6)
   half = jnp.asarray([[[1.0, 0.0], [2.0, 0.0], [-5.0, 1.0]]])  # cos 1, 0, and a masked token
   np.testing.assert_allclose(alignment_loss(half, y, jnp.asarray([[True, True, False]])), -0.5)
+
+
+def test_cell_head_is_a_3x3_convolution_over_each_frames_cells():
+  """`CellHead` (one block) on a packed row: per example, the features of every cell, normalised,
+  modulated, SiLU, convolved 3×3 over the zero-padded cell grid of each frame (across token
+  borders, never into another example), added back and projected: the same numbers as a numpy
+  convolution of the unpatchified grid."""
+  from vdit.data import patchify
+  from vdit.models.video_dit import CellHead
+
+  size, f, d = (1, 2, 2), 4, 8
+  ex = examples()
+  batch = packed_rows([ex])
+  x = jax.random.normal(jax.random.key(1), (1, L, d))
+  c = jax.random.normal(jax.random.key(2), (1, L, d))
+  near = layers.grid_neighbours(batch["positions"], batch["segment_ids"], (1, 3, 3))
+  head = CellHead(size, channels=3, features=f, depth=1)
+  params = perturb(nn.unbox(head.init(jax.random.key(0), x, c, near)), 3, scale=0.5)["params"]
+  out = np.asarray(head.apply({"params": params}, x, c, near))
+  silu = lambda z: z / (1 + np.exp(-z))  # noqa: E731
+  x, c = np.asarray(x[0], np.float64), np.asarray(c[0], np.float64)
+  cells = x @ params["to_cells"]["kernel"] + params["to_cells"]["bias"]  # [L, 4·F]
+  film = silu(c) @ params["film_0"]["kernel"] + params["film_0"]["bias"]
+  shift, scale = film[:, :f], film[:, f:]
+  cells = cells.reshape(L, 4, f)
+  mu, var = cells.mean(-1, keepdims=True), cells.var(-1, keepdims=True)
+  y = silu((cells - mu) / np.sqrt(var + 1e-6) * (1 + scale[:, None]) + shift[:, None])
+  kernel = np.asarray(params["conv_0"]["kernel"]).reshape(3, 3, f, f)
+  n = 0
+  for shape, *_ in ex:
+    tokens = int(np.prod(shape))
+    grid = patchify.unpatchify(y[n : n + tokens].reshape(tokens, -1), shape, size, f)
+    padded = np.pad(grid, [(0, 0), (1, 1), (1, 1), (0, 0)])
+    conv = sum(
+      padded[:, i : i + grid.shape[1], j : j + grid.shape[2]] @ kernel[i, j]
+      for i in range(3)
+      for j in range(3)
+    )
+    conv = conv + np.asarray(params["conv_0"]["bias"])
+    new = cells[n : n + tokens] + patchify.patchify(conv, size)[0].reshape(tokens, 4, f)
+    want = new @ np.asarray(params["out"]["kernel"]) + np.asarray(params["out"]["bias"])
+    np.testing.assert_allclose(out[0, n : n + tokens], want.reshape(tokens, -1), atol=2e-4)
+    n += tokens
+
+
+def test_cell_head_starts_as_nothing_and_keeps_packing_exact():
+  """VideoDiT with `cell_head`: at init the same output as without (its projection is zero),
+  a packed row still equals each example alone, and a bad patch size is a clear error."""
+  ex = examples()
+  inputs = list(packed_rows([ex]).values())
+  plain = VideoDiT(**TINY)
+  model = VideoDiT(**TINY, cell_head=2, cell_head_width=8, patch_size=(1, 2, 2), channels=3)
+  params = jax.jit(lambda r: nn.unbox(model.init(r, *inputs)))(jax.random.key(0))
+  base = jax.jit(lambda r: nn.unbox(plain.init(r, *inputs)))(jax.random.key(0))
+  final = perturb({"final": base["params"]["final"]}, 4)["final"]  # an output that is not 0
+  with_head = {"params": {**params["params"], "final": final}}
+  without = {"params": {**base["params"], "final": final}}
+  batch = packed_rows([ex])
+  np.testing.assert_allclose(apply(model, with_head, batch), apply(plain, without, batch))
+  assert params["params"]["cell_head"]["conv_1"]["kernel"].shape == (9, 8, 8)
+  assert_packed_equals_alone(model, perturb(params, 5), ex)
+  bad = VideoDiT(**TINY, cell_head=1, patch_size=(2, 2, 2), channels=3)
+  with pytest.raises(ValueError, match=r"cell_head=1 needs patch_size"):
+    bad.init(jax.random.key(0), *inputs)

@@ -130,6 +130,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (1-based) is projected to the encoder's width `repa_dim`; 0 = off.
     repa_depth=0,
     repa_dim=0,
+    # > 0: a convolutional head of this many 3×3 blocks over the cells of each frame, added to
+    # the final projection (`video_dit.CellHead`; docs/recipe.md, row CH); 0 = off.
+    cell_head=0,
+    cell_head_width=32,
     num_classes=0,
     attention_backend="xla",
     # tiny: the 4 blocks unrolled. On CPU a scanned stack stacks each block's activations for

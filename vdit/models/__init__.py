@@ -45,7 +45,7 @@ def build(config: ml_collections.ConfigDict):
 
 
 # VideoDiT fields the rest of the config decides (sizes of the data, the objective).
-DERIVED = ("patch_dim", "out_dim", "vocab_size", "self_condition", "channels")
+DERIVED = ("patch_dim", "out_dim", "vocab_size", "self_condition", "channels", "patch_size")
 
 
 def build_video_dit(config: ml_collections.ConfigDict) -> VideoDiT:
@@ -74,6 +74,7 @@ def build_video_dit(config: ml_collections.ConfigDict) -> VideoDiT:
     vocab_size=config.input.vocab_size,
     self_condition=spec.self_condition > 0,
     channels=channels(config),
+    patch_size=tuple(int(p) for p in config.input.patch_size),
     **kwargs,
   )
 

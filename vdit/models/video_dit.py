@@ -14,6 +14,7 @@ The text encoder's blocks (`params["text"]["blocks"]`) follow the same rule.
 (`EncodedText`) and calls only `denoise` at each step; the parameters are the same either way.
 """
 
+import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -148,9 +149,10 @@ class FinalLayer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, c, neighbours=None):
+  def __call__(self, x, c, neighbours=None, head=None, cell_neighbours=None):
     # x, c: [B, L, D] -> [B, L, P]; neighbours: `grid_neighbours` of `output_context` or None
-    # (then each token's output also reads its neighbours' features: a convolutional unpatchify).
+    # (then each token's output also reads its neighbours' features: a convolutional unpatchify);
+    # head: a `CellHead` added to the projection, reading the (1, 3, 3) `cell_neighbours`.
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     shift, scale = jnp.split(
       modulation(layers.AdaLNModulation(2, name="adaln", **kw), c), 2, axis=-1
@@ -162,7 +164,66 @@ class FinalLayer(nn.Module):
       out = out + layers.dense(
         self.patch_dim, (None, EMBED, PATCH), axis=(-2, -1), zero_init=True, name="conv", **kw
       )(window)
+    if head is not None:
+      out = out + head(x, c, cell_neighbours)
     return out
+
+
+def cell_canvas(x: jax.Array, neighbours, patch_size) -> jax.Array:
+  """Per-cell features x [B, L, pt, ph, pw, F] → [B, L, pt, 3ph, 3pw, F]: each token's cells
+  amid its (1, 3, 3) `grid_neighbours`' cells (zeros off its example's grid)."""
+  pt, ph, pw = patch_size
+  b, length, f = x.shape[0], x.shape[1], x.shape[-1]
+  window = layers.gather_neighbours(x.reshape(b, length, -1), neighbours)  # [B, L, 9, n·F]
+  window = window.reshape(b, length, 3, 3, pt, ph, pw, f).transpose(0, 1, 4, 2, 5, 3, 6, 7)
+  return window.reshape(b, length, pt, 3 * ph, 3 * pw, f)
+
+
+class CellHead(nn.Module):
+  """A convolutional head at the latent cells' (or pixels') resolution, added to the final
+  projection: the final features → `features` per cell of the token's patch, `depth` residual
+  blocks of a 3×3 convolution over the cells of each frame (across token borders, inside the
+  example), modulated by the conditioning (time, pooled caption), then a zero-initialised
+  projection to the cell's channels. A token's outline is drawn by filters that are the same
+  at every place (translation-equivariant below the patch size), instead of by a per-token
+  linear map that must learn every sub-patch offset of an object apart (docs/recipe.md, row CH).
+  """
+
+  patch_size: tuple[int, int, int]
+  channels: int  # C per cell of the output
+  features: int = 32
+  depth: int = 2
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, c, neighbours):
+    # x: [B, L, D] final (normalised, modulated) features; c: the conditioning (`modulation`);
+    # neighbours: `grid_neighbours` of (1, 3, 3) → [B, L, pt·ph·pw·C]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    pt, ph, pw = self.patch_size
+    b, length, f = x.shape[0], x.shape[1], self.features
+    cells = layers.dense(pt * ph * pw * f, (EMBED, None), name="to_cells", **kw)(x)
+    cells = cells.reshape(b, length, pt, ph, pw, f)
+    for i in range(self.depth):
+      film = layers.dense(2 * f, (EMBED, None), zero_init=True, name=f"film_{i}", **kw)
+      shift, scale = jnp.split(modulation(lambda z, film=film: film(nn.silu(z)), c), 2, axis=-1)
+      y = layers.layer_norm(affine=False, name=f"norm_{i}", **kw)(cells)
+      y = y * (1 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
+      canvas = cell_canvas(nn.silu(y), neighbours, self.patch_size)
+      taps = jnp.stack(  # [B, L, pt, ph, pw, 9, F]: the 3×3 window of every cell
+        [
+          canvas[:, :, :, ph + dy : 2 * ph + dy, pw + dx : 2 * pw + dx]
+          for dy in (-1, 0, 1)
+          for dx in (-1, 0, 1)
+        ],
+        axis=-2,
+      )
+      cells = cells + layers.dense(f, (None, None, None), axis=(-2, -1), name=f"conv_{i}", **kw)(
+        taps
+      )
+    out = layers.dense(self.channels, (None, PATCH), zero_init=True, name="out", **kw)(cells)
+    return out.reshape(b, length, -1)
 
 
 class VideoDiT(layers.Runtime):
@@ -252,6 +313,12 @@ class VideoDiT(layers.Runtime):
   # of the clean video (`vdit.tasks.video_diffusion`). Sampling never reads them.
   repa_depth: int = 0
   repa_dim: int = 0
+  # > 0: a `CellHead` of this many 3×3-convolution blocks over the cells of each frame (width
+  # `cell_head_width`) is added to the final projection; `patch_size` (pt, ph, pw) then gives
+  # the cells of a token (P = pt·ph·pw·channels).
+  cell_head: int = 0
+  cell_head_width: int = 32
+  patch_size: tuple[int, ...] = ()
 
   @classmethod
   def from_variant(cls, variant: str, **kwargs) -> "VideoDiT":
@@ -422,8 +489,25 @@ class VideoDiT(layers.Runtime):
     )
     if self.repa_depth:  # [B, L, repa_dim]; unused (and compiled away) when not collected
       self.sow("intermediates", "repa", self.repa_projector(hidden[self.repa_depth - 1]))
+    head = None
+    if self.cell_head:
+      cells = math.prod(self.patch_size) if len(self.patch_size) == 3 else 0
+      if cells * self.channels != self.patch_dim or self.out_dim not in (0, self.patch_dim):
+        raise ValueError(
+          f"cell_head={self.cell_head} needs patch_size (pt, ph, pw) with pt·ph·pw·channels = "
+          f"patch_dim={self.patch_dim} (got {self.patch_size}, channels={self.channels}) and "
+          f"an output of P channels (out_dim={self.out_dim})"
+        )
+      head = CellHead(
+        tuple(self.patch_size),
+        self.channels,
+        self.cell_head_width,
+        self.cell_head,
+        name="cell_head",
+        **kw,
+      )
     out = FinalLayer(self.out_dim or self.patch_dim, name="final", **kw)(
-      h, c, neighbours(self.output_context)
+      h, c, neighbours(self.output_context), head, neighbours((1, 3, 3)) if head else None
     )
     if self.patch_skip:
       out = out + self.skip(noisy, t)
