@@ -169,16 +169,6 @@ class FinalLayer(nn.Module):
     return out
 
 
-def cell_canvas(x: jax.Array, neighbours, patch_size) -> jax.Array:
-  """Per-cell features x [B, L, pt, ph, pw, F] → [B, L, pt, 3ph, 3pw, F]: each token's cells
-  amid its (1, 3, 3) `grid_neighbours`' cells (zeros off its example's grid)."""
-  pt, ph, pw = patch_size
-  b, length, f = x.shape[0], x.shape[1], x.shape[-1]
-  window = layers.gather_neighbours(x.reshape(b, length, -1), neighbours)  # [B, L, 9, n·F]
-  window = window.reshape(b, length, 3, 3, pt, ph, pw, f).transpose(0, 1, 4, 2, 5, 3, 6, 7)
-  return window.reshape(b, length, pt, 3 * ph, 3 * pw, f)
-
-
 class CellHead(nn.Module):
   """A convolutional head at the latent cells' (or pixels') resolution, added to the final
   projection: the final features → `features` per cell of the token's patch, `depth` residual
@@ -210,18 +200,9 @@ class CellHead(nn.Module):
       shift, scale = jnp.split(modulation(lambda z, film=film: film(nn.silu(z)), c), 2, axis=-1)
       y = layers.layer_norm(affine=False, name=f"norm_{i}", **kw)(cells)
       y = y * (1 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
-      canvas = cell_canvas(nn.silu(y), neighbours, self.patch_size)
-      taps = jnp.stack(  # [B, L, pt, ph, pw, 9, F]: the 3×3 window of every cell
-        [
-          canvas[:, :, :, ph + dy : 2 * ph + dy, pw + dx : 2 * pw + dx]
-          for dy in (-1, 0, 1)
-          for dx in (-1, 0, 1)
-        ],
-        axis=-2,
-      )
-      cells = cells + layers.dense(f, (None, None, None), axis=(-2, -1), name=f"conv_{i}", **kw)(
-        taps
-      )
+      taps = layers.cell_windows(nn.silu(y), neighbours)  # [B, L, pt, ph, pw, 9, F]
+      conv = layers.dense(f, (None, None, None), axis=(-2, -1), name=f"conv_{i}", **kw)
+      cells = cells + conv(taps)
     out = layers.dense(self.channels, (None, PATCH), zero_init=True, name="out", **kw)(cells)
     return out.reshape(b, length, -1)
 
