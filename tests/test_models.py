@@ -707,39 +707,3 @@ def test_cell_head_starts_as_nothing_and_keeps_packing_exact():
   bad = VideoDiT(**TINY, cell_head=1, patch_size=(2, 2, 2), channels=3)
   with pytest.raises(ValueError, match=r"cell_head=1 needs patch_size"):
     bad.init(jax.random.key(0), *inputs)
-
-
-def test_cell_stem_is_a_3x3_convolution_over_each_frames_pixels():
-  """`layers.CellStem` (one block) on a packed row: per example, every pixel embedded, then
-  normalised, SiLU and convolved 3×3 over the zero-padded pixels of each frame (across token
-  borders, never into another example) and added back: a numpy convolution of the
-  unpatchified frames gives the same numbers."""
-  from vdit.data import patchify
-
-  size, f = (1, 2, 2), 4
-  ex = examples()
-  batch = packed_rows([ex])
-  near = layers.grid_neighbours(batch["positions"], batch["segment_ids"], (1, 3, 3))
-  stem = layers.CellStem(size, features=f, depth=1)
-  params = perturb(nn.unbox(stem.init(jax.random.key(0), batch["x"], near)), 6, 0.5)["params"]
-  out = np.asarray(stem.apply({"params": params}, batch["x"], near))
-  silu = lambda z: z / (1 + np.exp(-z))  # noqa: E731
-  x = np.asarray(batch["x"][0], np.float64).reshape(L, 4, 3)
-  cells = x @ params["embed"]["kernel"] + params["embed"]["bias"]  # [L, 4, F]
-  mu, var = cells.mean(-1, keepdims=True), cells.var(-1, keepdims=True)
-  norm = (cells - mu) / np.sqrt(var + 1e-6) * params["norm_0"]["scale"] + params["norm_0"]["bias"]
-  kernel = np.asarray(params["conv_0"]["kernel"]).reshape(3, 3, f, f)
-  n = 0
-  for shape, *_ in ex:
-    tokens = int(np.prod(shape))
-    grid = patchify.unpatchify(silu(norm[n : n + tokens]).reshape(tokens, -1), shape, size, f)
-    padded = np.pad(grid, [(0, 0), (1, 1), (1, 1), (0, 0)])
-    conv = sum(
-      padded[:, i : i + grid.shape[1], j : j + grid.shape[2]] @ kernel[i, j]
-      for i in range(3)
-      for j in range(3)
-    )
-    conv = patchify.patchify(conv + np.asarray(params["conv_0"]["bias"]), size)[0]
-    want = cells[n : n + tokens].reshape(tokens, -1) + conv
-    np.testing.assert_allclose(out[0, n : n + tokens], want, atol=2e-4)
-    n += tokens

@@ -59,10 +59,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # tiny steps (docs/models.md, "Captioning and prompt expansion", the table).
     patch_context=(3, 3, 3),  # (kt, kh, kw): a convolutional patch embedding; () = none
     center_input=True,  # subtract each example's mean colour from its patches
-    # > 0: a convolutional stem of this many 3×3 blocks over each frame's pixels before the
-    # patch embedding (`layers.CellStem`; docs/models.md); 0 = none.
-    cell_stem=0,
-    cell_stem_width=16,
     **config_lib.RUNTIME,
   )
   c.evals = dict(captions=dict(type="captions", beams=4, examples=0))

@@ -97,12 +97,6 @@ class Captioner(layers.Runtime):
   # Subtract from every patch its example's mean colour (per channel, over all its pixels): on
   # `shapes` the background, so the object is what is left whatever the colour pair.
   center_input: bool = False
-  # > 0: a `layers.CellStem` of this many 3×3-convolution blocks (width `cell_stem_width`) over
-  # the pixels (cells) of each frame reads the patches before the embedding; `patch_size`
-  # (pt, ph, pw) gives the cells of a token. 0 = none.
-  cell_stem: int = 0
-  cell_stem_width: int = 16
-  patch_size: tuple[int, ...] = ()
 
   def setup(self):
     if self.source not in SOURCES:
@@ -110,12 +104,6 @@ class Captioner(layers.Runtime):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     fields = vit.options(self, vit.ENCODER_FIELDS)
     if self.source == "video":
-      if self.cell_stem:
-        if len(self.patch_size) != 3:
-          raise ValueError(f"cell_stem={self.cell_stem} needs patch_size (pt, ph, pw)")
-        self.stem = layers.CellStem(
-          tuple(self.patch_size), self.cell_stem_width, self.cell_stem, name="stem", **kw
-        )
       axes, axis = ((None, PATCH, EMBED), (-2, -1)) if self.patch_context else ((PATCH, EMBED), -1)
       self.patch_embedding = layers.dense(self.width, axes, axis=axis, name="embedding", **kw)
       self.encoder = vit.Encoder(self.depth, name="encoder", **fields)
@@ -147,8 +135,6 @@ class Captioner(layers.Runtime):
     if self.center_input:
       mean = layers.example_mean(patches, segment_ids, self.channels)  # [B, L, C]
       patches = patches - jnp.tile(mean, (1, 1, patches.shape[-1] // self.channels))
-    if self.cell_stem:  # [B, L, pt·ph·pw·F]: convolved cells, across token borders
-      patches = self.stem(patches, layers.grid_neighbours(positions, segment_ids, (1, 3, 3)))
     if self.patch_context:  # [B, L, N, P]: the neighbourhood's patches (zeros off the grid)
       near = layers.grid_neighbours(positions, segment_ids, self.patch_context)
       patches = layers.gather_neighbours(patches, near)

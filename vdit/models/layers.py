@@ -82,7 +82,8 @@ def cell_windows(x: jax.Array, neighbours: tuple[jax.Array, jax.Array]) -> jax.A
   """Per-cell features x [B, L, pt, ph, pw, F] (the cells of each token's patch) → the 3×3
   window of every cell in its frame, [B, L, pt, ph, pw, 9, F] in (dh, dw) raster order, across
   token borders through the tokens' (1, 3, 3) `grid_neighbours` and zero off the example's grid:
-  a contraction of the last two axes is a zero-padded 3×3 convolution over each frame's cells."""
+  a contraction of the last two axes is a zero-padded 3×3 convolution over each frame's cells
+  (`video_dit.CellHead`)."""
   b, length, pt, ph, pw, f = x.shape
   window = gather_neighbours(x.reshape(b, length, -1), neighbours)  # [B, L, 9, pt·ph·pw·F]
   window = window.reshape(b, length, 3, 3, pt, ph, pw, f).transpose(0, 1, 4, 2, 5, 3, 6, 7)
@@ -93,34 +94,6 @@ def cell_windows(x: jax.Array, neighbours: tuple[jax.Array, jax.Array]) -> jax.A
     for dw in (-1, 0, 1)
   ]
   return jnp.stack(taps, axis=-2)
-
-
-class CellStem(nn.Module):
-  """A convolutional stem below the patch size for packed rows: patches [B, L, P] (P =
-  pt·ph·pw·C, `patchify` order) → [B, L, pt·ph·pw·F]: every cell (pixel or latent cell) mapped
-  to F features, then `depth` pre-norm residual blocks of SiLU and a 3×3 convolution over the
-  cells of each frame (`cell_windows`: across token borders, never out of an example). The
-  caller's patch embedding reads its output: "early convolutions" (Xiao et al. 2021), so that a
-  small object's outline is read by the same filters wherever it sits against the patch grid."""
-
-  patch_size: tuple[int, int, int]
-  features: int = 16
-  depth: int = 2
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, patches: jax.Array, neighbours: tuple[jax.Array, jax.Array]) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    pt, ph, pw = self.patch_size
-    b, length, p = patches.shape
-    cells = patches.reshape(b, length, pt, ph, pw, p // (pt * ph * pw))
-    cells = dense(self.features, (None, None), name="embed", **kw)(cells)
-    for i in range(self.depth):
-      y = nn.silu(layer_norm(name=f"norm_{i}", **kw)(cells))
-      conv = dense(self.features, (None, None, None), axis=(-2, -1), name=f"conv_{i}", **kw)
-      cells = cells + conv(cell_windows(y, neighbours))
-    return cells.reshape(b, length, -1)
 
 
 def example_mean(patches: jax.Array, segment_ids: jax.Array, channels: int) -> jax.Array:

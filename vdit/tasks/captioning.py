@@ -83,7 +83,6 @@ class Captioning(base.Task):
       vocab_size=config.input.vocab_size,
       source=config.caption.source,
       channels=models.channels(config),
-      patch_size=tuple(int(p) for p in config.input.patch_size),
       **fields,
     )
 
