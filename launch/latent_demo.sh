@@ -12,13 +12,26 @@
 # Each step is skipped when its output is complete (a finished run / a latents meta.json), so
 # an interrupted demo resumes where it stopped. Extra arguments go to step 3 (config overrides);
 # $AUTOENCODER_ARGS and $LATENTS_ARGS to steps 1 and 2 (tests/test_latent_path.py shrinks all three).
+#
+# Aligned latents (docs/recipe.md, rows VA and SMVA): ALIGN_STEPS=N first trains the video
+# captioner (configs/caption/video.py:tiny, N steps, $CAPTIONER_ARGS) → RUNS/captioner and aligns
+# the autoencoder's latents to its features. VARIANT=small trains VideoDiT's `:small` (about an
+# hour) instead of the demo's `:tiny`. `:small` on latents aligned to a 4,000-step captioner:
+#   ALIGN_STEPS=4000 VARIANT=small bash launch/latent_demo.sh runs/aligned_small
 set -euo pipefail
 RUNS="${1:-runs/shapes}"
 shift || true
 PY="${PYTHON:-python}"
+VARIANT="${VARIANT:-tiny}"
+ALIGN=()
+if [[ "${ALIGN_STEPS:-0}" -gt 0 ]]; then
+  "$PY" -m vdit.main --config=configs/caption/video.py:tiny --workdir="$RUNS/captioner" \
+    --config.total_steps="$ALIGN_STEPS" ${CAPTIONER_ARGS:-}
+  ALIGN=(--config.loss.align_encoder="$RUNS/captioner" --config.model.align_dim=96)
+fi
 
 "$PY" -m vdit.main --config=configs/vae/video.py:tiny,frames --workdir="$RUNS/autoencoder" \
-  ${AUTOENCODER_ARGS:-}
+  ${ALIGN[@]+"${ALIGN[@]}"} ${AUTOENCODER_ARGS:-}
 
 if [[ ! -f "$RUNS/latents/validation/meta.json" ]]; then
   # Videos are shrunk (in pixels) to a longer side of 48 before encoding: the demo's sizes.
@@ -28,5 +41,5 @@ if [[ ! -f "$RUNS/latents/validation/meta.json" ]]; then
 fi
 
 "$PY" -m vdit.main --workdir="$RUNS" \
-  --config="configs/vdit/shapes.py:tiny,latent=$RUNS/autoencoder,latents=$RUNS/latents" "$@"
+  --config="configs/vdit/shapes.py:$VARIANT,latent=$RUNS/autoencoder,latents=$RUNS/latents" "$@"
 echo "samples: $RUNS/samples/  evaluations: $RUNS/eval/"

@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 
 from tests import configs
-from vdit import config_checks, datasets, latent_codec, media, models, sampling, train
+from vdit import (
+  checkpointing,
+  config_checks,
+  datasets,
+  latent_codec,
+  media,
+  models,
+  sampling,
+  train,
+)
 from vdit.data import pipeline
 from vdit.evaluators import shapes_scorer, validation
 from vdit.tools import encode_latents, probe
@@ -213,3 +222,36 @@ def test_latent_demo_script_runs_end_to_end(data_dir, tmp_path, monkeypatch):
   assert sampler.config.input.dataset_config == os.path.join(runs, "latents")
   videos = sampler.generate(["a blue square"], num_frames=2, height=4, width=4, steps=1)
   assert videos.shape == (1, 2, 16, 16, 3)
+
+
+@pytest.mark.slow
+def test_latent_demo_script_aligned_small(data_dir, tmp_path):
+  """`ALIGN_STEPS=N VARIANT=small bash launch/latent_demo.sh RUNS` (the README's aligned `:small`),
+  each step shrunk: a captioner first, the autoencoder aligned to it, then `:small` VideoDiT."""
+  runs = str(tmp_path / "aligned")
+  env = {
+    **os.environ,
+    "VDIT_DATA_DIR": data_dir,
+    "PYTHON": sys.executable,
+    "ALIGN_STEPS": "2",
+    "VARIANT": "small",
+    "CAPTIONER_ARGS": "--config.evals={} --config.log_every_steps=1 "
+    "--config.input.rows_per_batch=8",
+    "AUTOENCODER_ARGS": "--config.total_steps=2 --config.log_every_steps=1 "
+    "--config.model.channels=(8,8,8) --config.input.size=(2,16,16)",
+    "LATENTS_ARGS": "--max_examples=8",
+  }
+  shrink = [f for f in configs.TINY_CLI_FLAGS if not f.startswith(("--config=", "--config.evals"))]
+  dit = [*shrink, "--config.input.rows_per_batch=8", "--config.total_steps=2", "--config.evals={}"]
+  out = subprocess.run(
+    ["bash", "launch/latent_demo.sh", runs, *dit],
+    capture_output=True, text=True, cwd=configs.REPO, env=env, timeout=1200,
+  )  # fmt: skip
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert checkpointing.latest_step(os.path.join(runs, "captioner")) == 2
+  autoencoder = json.load(open(os.path.join(runs, "autoencoder", "config.json")))
+  assert autoencoder["loss"]["align_encoder"] == os.path.join(runs, "captioner")
+  assert autoencoder["model"]["align_dim"] == 96
+  dit_config = json.load(open(os.path.join(runs, "config.json")))
+  assert dit_config["sample"]["guidance"] == 6.0  # `:small`'s, not the demo's 3
+  assert checkpointing.latest_step(runs) == 2
