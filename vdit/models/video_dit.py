@@ -305,7 +305,8 @@ class VideoDiT(layers.Runtime):
   def from_variant(cls, variant: str, **kwargs) -> "VideoDiT":
     """VideoDiT.from_variant("S/2", patch_dim=..., text_width=..., ...): DiT sizes by name.
 
-    The variant's patch size is for the data pipeline (it sets P); it is not a field here.
+    The variant's (spatial) patch size is for the data pipeline (it sets P); the `patch_size`
+    field, (pt, ph, pw) for the cell head only, is given with the other kwargs when needed.
     """
     sizes = decode_variant(variant)
     sizes.pop("patch_size")
