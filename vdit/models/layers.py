@@ -78,16 +78,34 @@ def gather_neighbours(x: jax.Array, neighbours: tuple[jax.Array, jax.Array]) -> 
   return out * valid[..., None].astype(x.dtype)
 
 
-def cell_windows(x: jax.Array, neighbours: tuple[jax.Array, jax.Array]) -> jax.Array:
-  """Per-cell features x [B, L, pt, ph, pw, F] (the cells of each token's patch) → the 3×3
-  window of every cell in its frame, [B, L, pt, ph, pw, 9, F] in (dh, dw) raster order, across
-  token borders through the tokens' (1, 3, 3) `grid_neighbours` and zero off the example's grid:
-  a contraction of the last two axes is a zero-padded 3×3 convolution over each frame's cells
-  (`video_dit.CellHead`)."""
+def cell_canvas(
+  x: jax.Array, neighbours: tuple[jax.Array, jax.Array], off_grid: str = "zeros"
+) -> jax.Array:
+  """Per-cell features x [B, L, pt, ph, pw, F] (the cells of each token's patch) → each token's
+  cells amid its (1, 3, 3) `grid_neighbours`' cells, [B, L, pt, 3ph, 3pw, F]. A neighbour off
+  the example's grid is zeros (`off_grid="zeros"`: a zero-padded convolution) or the token's
+  own cells (`"self"`: about an edge replicate)."""
   b, length, pt, ph, pw, f = x.shape
-  window = gather_neighbours(x.reshape(b, length, -1), neighbours)  # [B, L, 9, pt·ph·pw·F]
+  flat = x.reshape(b, length, -1)
+  index, valid = neighbours
+  window = jax.vmap(lambda row, i: row[i])(flat, index)  # [B, L, 9, pt·ph·pw·F]
+  if off_grid == "self":
+    window = jnp.where(valid[..., None], window, flat[:, :, None, :])
+  elif off_grid == "zeros":
+    window = window * valid[..., None].astype(x.dtype)
+  else:
+    raise ValueError(f"off_grid={off_grid!r}: expected 'zeros' or 'self'")
   window = window.reshape(b, length, 3, 3, pt, ph, pw, f).transpose(0, 1, 4, 2, 5, 3, 6, 7)
-  canvas = window.reshape(b, length, pt, 3 * ph, 3 * pw, f)  # each token amid its neighbours
+  return window.reshape(b, length, pt, 3 * ph, 3 * pw, f)
+
+
+def cell_windows(x: jax.Array, neighbours: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """Per-cell features x [B, L, pt, ph, pw, F] → the 3×3 window of every cell in its frame,
+  [B, L, pt, ph, pw, 9, F] in (dh, dw) raster order, across token borders (`cell_canvas`,
+  zeros off the example's grid): a contraction of the last two axes is a zero-padded 3×3
+  convolution over each frame's cells (`video_dit.CellHead`)."""
+  ph, pw = x.shape[3], x.shape[4]
+  canvas = cell_canvas(x, neighbours)
   taps = [
     canvas[:, :, :, ph + dh : 2 * ph + dh, pw + dw : 2 * pw + dw]
     for dh in (-1, 0, 1)

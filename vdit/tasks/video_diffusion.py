@@ -51,11 +51,9 @@ def blur_patches(patches, positions, segment_ids, patch_size, sigma):
   pt, ph, pw = (int(p) for p in patch_size)
   b, length, p = patches.shape
   c = p // (pt * ph * pw)
-  index, valid = layers.grid_neighbours(positions, segment_ids, (1, 3, 3))
-  x = jax.vmap(lambda row, i: row[i])(patches, index)  # [B, L, 9, P]
-  x = jnp.where(valid[..., None], x, patches[:, :, None, :])
-  x = x.reshape(b, length, 3, 3, pt, ph, pw, c).transpose(0, 1, 4, 2, 5, 3, 6, 7)
-  x = x.reshape(b, length, pt, 3 * ph, 3 * pw, c)  # each token amid its 3×3 neighbours' cells
+  near = layers.grid_neighbours(positions, segment_ids, (1, 3, 3))
+  cells = patches.reshape(b, length, pt, ph, pw, c)
+  x = layers.cell_canvas(cells, near, off_grid="self")  # each token amid its neighbours' cells
 
   def taps(radius):  # [B, L, 2r + 1] normalised Gaussian weights of offsets −r … r
     d = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
