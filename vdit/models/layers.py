@@ -85,16 +85,13 @@ def cell_canvas(
   cells amid its (1, 3, 3) `grid_neighbours`' cells, [B, L, pt, 3ph, 3pw, F]. A neighbour off
   the example's grid is zeros (`off_grid="zeros"`: a zero-padded convolution) or the token's
   own cells (`"self"`: about an edge replicate)."""
+  if off_grid not in ("zeros", "self"):
+    raise ValueError(f"off_grid={off_grid!r}: expected 'zeros' or 'self'")
   b, length, pt, ph, pw, f = x.shape
   flat = x.reshape(b, length, -1)
-  index, valid = neighbours
-  window = jax.vmap(lambda row, i: row[i])(flat, index)  # [B, L, 9, pt·ph·pw·F]
+  window = gather_neighbours(flat, neighbours)  # [B, L, 9, pt·ph·pw·F], zeros off the grid
   if off_grid == "self":
-    window = jnp.where(valid[..., None], window, flat[:, :, None, :])
-  elif off_grid == "zeros":
-    window = window * valid[..., None].astype(x.dtype)
-  else:
-    raise ValueError(f"off_grid={off_grid!r}: expected 'zeros' or 'self'")
+    window = jnp.where(neighbours[1][..., None], window, flat[:, :, None, :])
   window = window.reshape(b, length, 3, 3, pt, ph, pw, f).transpose(0, 1, 4, 2, 5, 3, 6, 7)
   return window.reshape(b, length, pt, 3 * ph, 3 * pw, f)
 
