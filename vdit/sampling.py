@@ -575,10 +575,13 @@ class Sampler:
     if labels is not None and len(labels) != len(prompts):
       raise InputError(f"{len(labels)} labels for {len(prompts)} prompts; expected one each")
     n, max_tokens = len(prompts), self.config.input.max_caption_tokens
-    self.check_memory(2 * n, int(np.prod(grid)))  # prompt and null rows
+    guided = float(guidance) != 1.0  # guidance 1 is the conditional call alone: no null rows
+    self.check_memory(2 * n if guided else n, int(np.prod(grid)))  # prompt (and null) rows
     cond = prompt_rows(prompts, grid, self.tokenizer, max_tokens, labels)
-    null = prompt_rows([""] * n, grid, self.tokenizer, max_tokens)
-    rows = {k: np.concatenate([cond[k], null[k]]) for k in cond}
+    rows = cond
+    if guided:
+      null = prompt_rows([""] * n, grid, self.tokenizer, max_tokens)
+      rows = {k: np.concatenate([cond[k], null[k]]) for k in cond}
     length, patch_dim = int(np.prod(grid)), int(np.prod(self.patch_size)) * self.channels
     rng, noise_rng = jax.random.split(jax.random.PRNGKey(seed))
     noise_fn = objectives.noise_fn(self.spec, cond["segment_ids"], cond["positions"])

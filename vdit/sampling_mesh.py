@@ -1,11 +1,12 @@
 """Sampling on a device mesh: one video's tokens over `sequence`, its heads over `tensor`.
 
-The sampler's rows ([2N, L, ...]: N conditional rows, then their N null rows) are placed with the
-training layout, by the run's logical rules (`config.sharding_rules`): rows over `data` × `fsdp`,
-the tokens of a row over `sequence`, and the params as in training (`embed` over `fsdp`, heads
-and MLP units over `tensor`). The loop (`objectives.sample_rows`) then runs under
-`sharding.activate`, so the model's logical constraints split every activation as in a train
-step and XLA inserts the same gathers (docs/scale.md, "What each axis communicates"). One video
+The sampler's rows ([2N, L, ...]: N conditional rows, then their N null rows; N rows at
+guidance 1) are placed with the training layout, by the run's logical rules
+(`config.sharding_rules`): rows over `data` × `fsdp`, the tokens of a row over `sequence`, and
+the params as in training (`embed` over `fsdp`, heads and MLP units over `tensor`). The loop
+(`objectives.sample_rows`) then runs under `sharding.activate`, so the model's logical
+constraints split every activation as in a train step and XLA inserts the same gathers
+(docs/scale.md, "What each axis communicates"). One video
 too long for one device's memory is thus sampled on many.
 
 A row is padded to a multiple of its `sequence` shards with padding tokens (segment id 0 and

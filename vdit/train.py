@@ -27,6 +27,7 @@ from vdit import (
   train_state,
   workdir_guard,
 )
+from vdit.tasks import restore
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +170,17 @@ def _format_eta(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # train_and_evaluate
 # ---------------------------------------------------------------------------------------------
+def initial_params(config: ml_collections.ConfigDict, mesh) -> Any:
+  """The EMA params of the run `config.init_from` (the same model), sharded over `mesh`, that
+  a new run starts from (a distilled student from its teacher); None: fresh params."""
+  source = config.get("init_from", "")
+  if not source:
+    return None
+  _, step, params = restore.ema_params(source, None, None, mesh)
+  logging.info("starting from the EMA params of step %d of %s", step, source)
+  return params
+
+
 def validate(
   config: ml_collections.ConfigDict,
   *,
@@ -238,7 +250,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> trai
     if is_main:
       print(f"resumed from checkpoint at step {step}", flush=True)
   else:
-    state = builder.create()
+    state = builder.create(initial_params(config, mesh))
   if is_main:  # after the restore: a refused resume leaves the workdir as it was
     checkpointing.write_config(workdir, config)
   start_step = int(state.step)

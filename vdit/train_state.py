@@ -144,10 +144,24 @@ class StateBuilder:
   rules: Any  # logical -> mesh axis rules
   init: Callable[[], TrainState] = dataclasses.field(repr=False)  # the boxed initial state
 
-  def create(self) -> TrainState:
-    """The initial state (params of `config.seed`), made directly in its sharded layout."""
+  def create(self, params: Any = None) -> TrainState:
+    """The initial state (params of `config.seed`, or the given `params` of this model: a
+    run's `init_from`), made directly in its sharded layout. Given params start the EMA too,
+    and a fresh optimizer state."""
     with sharding.activate(self.mesh, self.rules):
-      return jax.jit(lambda: nn.meta.unbox(self.init()), out_shardings=self.shardings)()
+      if params is None:
+        return jax.jit(lambda: nn.meta.unbox(self.init()), out_shardings=self.shardings)()
+      want = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), self.abstract.params)
+      got = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), params)
+      if want != got:
+        raise ValueError("the given params are not this model's (other names or shapes)")
+
+      def start(p):
+        return dataclasses.replace(
+          nn.meta.unbox(self.init()), params=p, ema_params=p, opt_state=self.tx.init(p)
+        )
+
+      return jax.jit(start, out_shardings=self.shardings)(params)
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, rules, task: ModelSource) -> StateBuilder:

@@ -40,6 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     vae="auto",  # configs/vae/video.py's variant: auto = "tiny,frames" (tiny/small) or "frames"
     captions="",
     caption_dim=0,
+    distill="",  # a trained run of this config: progressive distillation from it
+    distill_steps=0,  # the student's steps (half its teacher's)
   )
   if arg.tiny and arg.small:
     raise ValueError("choose one of tiny and small, not both")
@@ -53,6 +55,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 200 if tiny else 2_000
   c.max_checkpoints = 3
   c.max_nonfinite_in_a_row = 20  # abort after this many skipped (non-finite) updates in a row
+  c.init_from = ""  # a run of the same model whose EMA params start this one ("" = fresh)
+  # Progressive distillation (`distillation` below, docs/sampling.md "Few steps"): a student of
+  # `steps` Euler steps learns two guided steps of `teacher` (a run of the same model) in one.
+  c.distill = dict(teacher="", steps=0)
   # Workdir of a trained autoencoder (configs/vae/video.py): the model works in its latent space
   # and samples are decoded with it. None = pixel space.
   c.autoencoder = ml_collections.config_dict.placeholder(str)
@@ -279,7 +285,37 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     latent_space(c, arg.latent, arg.latents, arg.vae, tiny, arg.small)
   if arg.captions or arg.caption_dim:
     precomputed_captions(c, arg.captions, arg.caption_dim)
+  if arg.distill or arg.distill_steps:
+    distillation(c, arg.distill, arg.distill_steps)
   return c
+
+
+def distillation(c: ml_collections.ConfigDict, teacher: str, steps: int):
+  """One round of progressive distillation (Salimans & Ho 2022): a student of `steps` Euler
+  steps, started from the EMA params of `teacher` (a run of this same config), learns where two
+  of the teacher's guided Euler steps land (`vdit.diffusion.distillation`), and samples without
+  guidance (one model call a step). The next round's teacher is this run
+  (launch/distill.sh: 16 → 8 → 4 → 2 → 1)."""
+  if not (teacher and steps >= 1):
+    raise ValueError(
+      f"distill={teacher!r},distill_steps={steps}: a distillation needs the teacher's workdir "
+      "and the student's steps (>= 1)"
+    )
+  c.distill = dict(teacher=config_lib.absolute_path(teacher), steps=steps)
+  c.init_from = c.distill.teacher
+  # Short rounds from a trained model: a fresh Adam at a tenth of the recipe's peak (the
+  # teacher's own last learning rate), the EMA as in training.
+  c.total_steps = 2_000
+  c.optimizer.lr = c.optimizer.lr / 10
+  c.optimizer.warmup_steps = 100
+  c.checkpoint_every_steps = 1_000
+  c.diffusion.sampler = "euler"  # the path the student learnt; guidance is inside it
+  c.sample.guidance = 1.0
+  c.sample.steps = steps
+  for ev in c.evals.values():
+    if "steps" in ev:
+      ev.steps = steps
+    ev.every_steps = c.total_steps
 
 
 def small_budget(c: ml_collections.ConfigDict):

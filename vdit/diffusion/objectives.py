@@ -299,13 +299,18 @@ def guided_model(
   """The guided model function `model_fn(x, t, x0_prev=None)` of N videos x [N, L, P] over
   `rows` [2N, ...], the N conditional rows then their N null rows (caption [NULL], label −1):
   one `apply_rows` on both halves, then `guidance.cfg` with `scale` for t in `interval`.
-  `text`: the rows' captions from `encode_rows`; None encodes them at every call."""
+  `rows` of N rows (no null rows: guidance 1, e.g. a distilled student) is the plain
+  conditional call, one model call a step. `text`: the rows' captions from `encode_rows`;
+  None encodes them at every call."""
 
   def model_fn(x, t, x0_prev=None):
+    n, p = x.shape[0], x.shape[-1]
+    prev = {} if x0_prev is None else {"x0_prev": x0_prev}
+    if rows["segment_ids"].shape[0] == n:
+      return apply_rows(model, params, x, t, rows, text, **prev)
     # The conditional and null rows see the same noisy video (and, for a self-conditioned
     # model, the same previous guided estimate x0_prev).
-    n, p = x.shape[0], x.shape[-1]
-    prev = {} if x0_prev is None else {"x0_prev": jnp.concatenate([x0_prev, x0_prev])}
+    prev = {k: jnp.concatenate([v, v]) for k, v in prev.items()}
     xx, tt = jnp.concatenate([x, x]), jnp.concatenate([t, t])
     out = apply_rows(model, params, xx, tt, rows, text, **prev)
     return guidance.cfg(out[:n], out[n:], scale, t, interval, channels=p)

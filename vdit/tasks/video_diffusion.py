@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vdit import batch_spec, config_checks, latent_codec, models, sampling
-from vdit.diffusion import conditioning, flow, objectives
+from vdit import batch_spec, config_checks, latent_codec, models, sampling, tasks
+from vdit.diffusion import conditioning, distillation, flow, guidance, objectives
 from vdit.models import layers
 from vdit.segments import per_token
-from vdit.tasks import base, representation
+from vdit.tasks import base, representation, restore
 
 
 def packed_apply(model, params, sown: dict | None = None):
@@ -117,12 +117,95 @@ def check_repa(config: ml_collections.ConfigDict) -> None:
     )
 
 
+@functools.cache
+def teacher(workdir: str):
+  """(config, model, EMA params) of the run a distillation learns from, restored once
+  (replicated); the params enter the train step as constants, as an alignment encoder's."""
+  config, _, params = restore.ema_params(workdir)
+  return config, models.build(config), params
+
+
+def check_distill(config: ml_collections.ConfigDict) -> None:
+  """`distill.teacher` (a VideoDiT run of the same model and objective) and `distill.steps`,
+  with `init_from` the teacher; checked before any compute (the teacher is restored here)."""
+  d = config.get("distill") or {}
+  workdir = d.get("teacher", "")
+  if not workdir:
+    return
+  if not (isinstance(d.get("steps"), int) and d.steps >= 1):
+    raise config_checks.ConfigError(
+      f"distill.steps={d.get('steps')!r} must be an int >= 1: the student's number of steps"
+    )
+  try:
+    tconfig, _, _ = teacher(workdir)
+  except (ValueError, FileNotFoundError) as e:
+    raise config_checks.ConfigError(f"distill.teacher={workdir!r}: {e}") from None
+  if tasks.name_of(tconfig) != "video_diffusion":
+    raise config_checks.ConfigError(
+      f"distill.teacher={workdir!r} is a task={tasks.name_of(tconfig)!r} run; expected a "
+      "video_diffusion run"
+    )
+  mine, theirs = config.model.to_dict(), tconfig.model.to_dict()
+  # Keys a later version added (absent from an older teacher's config) are its defaults.
+  differ = sorted(k for k in set(mine) & set(theirs) if mine[k] != theirs[k])
+  if differ:
+    raise config_checks.ConfigError(
+      f"distill.teacher={workdir!r} has another model (model.{', model.'.join(differ)} "
+      "differ): the student starts from the teacher's params"
+    )
+  for key in ("objective", "flow_prediction", "shift_base_tokens", "noise_correlation"):
+    if config.diffusion.get(key) != tconfig.diffusion.get(key):
+      raise config_checks.ConfigError(
+        f"diffusion.{key}={config.diffusion.get(key)!r}; the teacher {workdir!r} has "
+        f"{tconfig.diffusion.get(key)!r}: a student samples on its teacher's path"
+      )
+  if config.diffusion.objective != "rectified_flow":
+    raise config_checks.ConfigError(
+      f"distill.teacher needs diffusion.objective='rectified_flow', not "
+      f"{config.diffusion.objective!r}"
+    )
+  if config.get("init_from", "") != workdir:
+    raise config_checks.ConfigError(
+      f"init_from={config.get('init_from', '')!r}: a distilled student starts from its teacher "
+      f"(init_from={workdir!r})"
+    )
+
+
+def distill_loss(model, params, batch, rng, config) -> tuple[jax.Array, dict]:
+  """Progressive distillation (`vdit.diffusion.distillation`): the student's step against two
+  guided Euler steps of `distill.teacher`, with the teacher's own guidance scale and interval
+  (`sample.guidance`, `diffusion.guidance_interval`); 1 (a distilled teacher) is one call."""
+  tconfig, tmodel, tparams = teacher(config.distill.teacher)
+  spec, tspec = (objectives.Spec.from_config(c.diffusion) for c in (config, tconfig))
+  scale = float(tconfig.sample.guidance)
+  interval = tuple(tconfig.diffusion.get("guidance_interval", (0.0, 1.0)))
+  null_batch, _ = guidance.drop_conditions(rng, batch, 1.0)  # every caption [NULL]
+
+  def guided(x, t):
+    out = packed_apply(tmodel, tparams)(x, t, batch)
+    if scale == 1.0:
+      return out
+    out_null = packed_apply(tmodel, tparams)(x, t, null_batch)
+    return guidance.cfg(out, out_null, scale, t, interval, channels=x.shape[-1])
+
+  return distillation.loss(
+    objectives.flow_model(spec, lambda x, t: packed_apply(model, params)(x, t, batch)),
+    objectives.flow_model(tspec, guided, sampling=True),
+    batch,
+    jax.random.fold_in(rng, 1),
+    steps=int(config.distill.steps),
+    shift=objectives.token_shift(spec, batch["shapes"], batch["segment_ids"]),
+    noise_correlation=spec.noise_correlation,
+  )
+
+
 class VideoDiffusion(base.Task):
   """Diffusion loss (`config.diffusion`) on packed rows, some examples frame-conditioned."""
 
   def check_config(self, config: ml_collections.ConfigDict, mesh_shape: dict[str, int]) -> None:
     config_checks.check_video_diffusion(config, mesh_shape)
     check_repa(config)
+    check_distill(config)
 
   def batch_keys(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
     extra = ("text_embeddings",) if config.input.get("text_embeddings") else ()
@@ -145,6 +228,9 @@ class VideoDiffusion(base.Task):
         config.diffusion.input_blur,
         config.diffusion.get("input_blur_rate", 0.5),
       )
+    if (config.get("distill") or {}).get("teacher"):
+      loss, aux = distill_loss(model, params, batch, loss_rng, config)
+      return loss, {"tokens": aux["num_tokens"], "cond_tokens": cond_metrics["cond_tokens"]}
     encoder = config.diffusion.get("repa_encoder", "")
     sown = {} if encoder else None
     loss, aux = objectives.loss(spec, packed_apply(model, params, sown), batch, loss_rng)

@@ -1,0 +1,143 @@
+"""Progressive distillation (`vdit.diffusion.distillation`, `distill` in configs/vdit/shapes.py):
+the target is two guided Euler steps of the teacher on the sampler's own grid, the student
+starts from the teacher's params and learns that target, and bad runs fail before compute."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests import configs
+from vdit import config_checks, sampling, sharding, tasks, train, train_state
+from vdit.data import tokenizer
+from vdit.diffusion import distillation, flow, objectives
+
+
+def test_grid_times_are_the_times_the_euler_sampler_visits():
+  """Each example's (t_k, t_mid, t_k+1) is one step of `flow.sample`'s N-step grid under its own
+  resolution shift (per token), and the midpoint is the 2N-step teacher's."""
+  steps, shift = 4, jnp.array([[1.0, 1.0, 3.0, 3.0, 3.0]])
+  seg = jnp.array([[1, 1, 2, 2, 2]])
+  seen = set()
+  for seed in range(40):
+    k, t, t_mid, t_next = distillation.grid_times(jax.random.key(seed), shift, seg, 2, steps)
+    for tok in range(5):
+      i = int(k[0, seg[0, tok] - 1])
+      seen.add(i)
+      s = float(shift[0, tok])
+      for got, u in ((t, i / steps), (t_mid, (i + 0.5) / steps), (t_next, (i + 1) / steps)):
+        np.testing.assert_allclose(got[0, tok], flow.shift_time(1.0 - u, s), rtol=1e-6)
+  assert seen == set(range(steps))  # every step of the grid is trained
+
+
+def test_teacher_target_lands_where_two_euler_steps_land():
+  """Against a hand-computed two-step Euler of an analytic velocity field; given tokens are held
+  clean at t = 0 while the teacher runs."""
+  x_t = jax.random.normal(jax.random.key(0), (1, 3, 2))
+  x0 = jax.random.normal(jax.random.key(1), (1, 3, 2))
+  t, t_mid, t_next = (jnp.full((1, 3), v) for v in (0.9, 0.6, 0.2))
+  cond = jnp.array([[False, True, False]])
+  calls = []
+
+  def teacher(x, tt):
+    calls.append((np.asarray(x), np.asarray(tt)))
+    return -x * (1.0 + tt[..., None]) + 0.5
+
+  v = distillation.teacher_target(teacher, x_t, t, t_mid, t_next, cond, x0)
+  x, t_, tm, tn = np.asarray(x_t[0, 0]), 0.9, 0.6, 0.2
+  x_mid = x + (tm - t_) * (-x * (1 + t_) + 0.5)
+  x_end = x_mid + (tn - tm) * (-x_mid * (1 + tm) + 0.5)
+  np.testing.assert_allclose(v[0, 0], (x - x_end) / (t_ - tn), rtol=1e-5)
+  for x_seen, t_seen in calls:  # the given token: clean, at t = 0, in both teacher calls
+    np.testing.assert_allclose(x_seen[0, 1], x0[0, 1])
+    assert t_seen[0, 1] == 0.0
+  assert len(calls) == 2
+
+
+@pytest.fixture(scope="module")
+def teacher_run(data_dir, tmp_path_factory):
+  run = str(tmp_path_factory.mktemp("teacher"))
+  train.train_and_evaluate(configs.small(data_dir, total_steps=6), run)
+  return run
+
+
+def _student(data_dir, teacher, steps=2, **overrides):
+  c = configs.small(data_dir, **overrides)
+  c.distill = dict(teacher=teacher, steps=steps)
+  c.init_from = teacher
+  c.optimizer.lr = 1e-3
+  return c
+
+
+def test_student_starts_as_its_teacher_and_learns_the_two_step_target(data_dir, teacher_run):
+  config = _student(data_dir, teacher_run, total_steps=60)
+  train.validate(config)
+  task = tasks.get(config)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  builder = train_state.build(config, mesh, rules, task)
+  teacher_params = train.initial_params(config, mesh)
+  state = builder.create(teacher_params)
+  same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state.params, teacher_params)
+  assert all(jax.tree.leaves(same)) and int(state.step) == 0
+  step_fn = train.jit_train_step(config, builder.model, builder.tx, mesh, rules, builder.shardings)
+  losses = []
+  with sharding.activate(mesh, rules):
+    batch = train.to_global(next(task.make_iterator(config)), config, mesh, rules)
+    for _ in range(60):
+      state, metrics = step_fn(state, batch)
+      losses.append(float(metrics["loss"]))
+  # The teacher's guided two-step landing differs from its own one conditional step (the
+  # first loss); the student learns it on this batch.
+  assert losses[0] > 0 and np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5]), losses
+
+
+def test_bad_distillation_configs_fail_before_compute(data_dir, teacher_run):
+  train.validate(_student(data_dir, teacher_run))
+  for overrides, message in (
+    ({"model.width": 48}, r"another model \(model.width"),
+    ({"distill.steps": 0}, r"distill.steps=0 must be an int >= 1"),
+    ({"init_from": ""}, r"init_from='': a distilled student starts from its teacher"),
+    ({"diffusion.shift_base_tokens": 7}, r"diffusion.shift_base_tokens=7; the teacher"),
+    ({"distill.teacher": "/nonexistent/run"}, r"distill.teacher='/nonexistent/run'"),
+  ):
+    bad = configs.override(_student(data_dir, teacher_run), **overrides)
+    if "distill.teacher" in overrides:
+      bad.init_from = overrides["distill.teacher"]
+    with pytest.raises(config_checks.ConfigError, match=message):
+      train.validate(bad)
+
+
+def test_guidance_one_samples_without_null_rows_and_the_same_videos():
+  """A student samples at guidance 1: the conditional rows alone (one model call a step), the
+  same videos as the guided path's conditional + null rows at scale 1, up to rounding."""
+  c, model, params = configs.untrained_narrow()
+  spec = objectives.Spec.from_config(c.diffusion)
+  grid, tok = (2, 4, 4), tokenizer.Tokenizer(c.input.vocab_size)
+  cond = sampling.prompt_rows(["a red circle moving left", "a blue square"], grid, tok, 16)
+  null = sampling.prompt_rows(["", ""], grid, tok, 16)
+  both = {k: np.concatenate([cond[k], null[k]]) for k in cond}
+  length, dim = int(np.prod(grid)), 2 * 4 * 4 * 3
+  noise = jax.random.normal(jax.random.key(0), (2, length, dim))
+  zeros, mask = jnp.zeros_like(noise), jnp.zeros((2, length), bool)
+  outs = [
+    objectives.sample_rows(
+      model,
+      params,
+      rows,
+      noise,
+      zeros,
+      mask,
+      zeros,
+      jax.random.key(1),
+      1.0,
+      (0.0, 1.0),
+      spec=spec,
+      steps=3,
+      sampler="euler",
+      strength=1.0,
+    )  # fmt: skip
+    for rows in (cond, both)
+  ]
+  np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+  assert float(jnp.abs(outs[0] - noise).max()) > 0.01  # the model moved the noise
