@@ -7,7 +7,8 @@
 #     bash launch/distill.sh RUNS RUNS/distilled [config overrides...]
 #
 # CONFIG is the teacher's own config (the student is the same model); rounds go to
-# OUT/steps8, OUT/steps4, ... ($STEPS, default "8 4 2 1": from a 16-step teacher). Each round
+# OUT/steps8, OUT/steps4, ... ($STEPS, default "8 4 2 1": from a 16-step teacher; with
+# SUBSTEPS=4 each student step learns 4 teacher steps: STEPS="4 1" goes 16 → 4 → 1). Each round
 # ends with the config's evals at its own number of steps, without guidance. A finished round
 # is skipped (its run is complete), so an interrupted distillation resumes where it stopped.
 set -euo pipefail
@@ -18,7 +19,7 @@ PY="${PYTHON:-python}"
 : "${CONFIG:?set CONFIG to the config the teacher was trained with (see above)}"
 for n in ${STEPS:-8 4 2 1}; do
   "$PY" -m vdit.main --workdir="$OUT/steps$n" \
-    --config="$CONFIG,distill=$TEACHER,distill_steps=$n" "$@"
+    --config="$CONFIG,distill=$TEACHER,distill_steps=$n,distill_substeps=${SUBSTEPS:-2}" "$@"
   TEACHER="$OUT/steps$n"
 done
 echo "distilled samplers: $OUT/steps*/ (eval/, samples/)"

@@ -14,28 +14,30 @@ from vdit.diffusion import distillation, flow, objectives
 
 
 def test_grid_times_are_the_times_the_euler_sampler_visits():
-  """Each example's (t_k, t_mid, t_k+1) is one step of `flow.sample`'s N-step grid under its own
-  resolution shift (per token), and the midpoint is the 2N-step teacher's."""
+  """Each example's times are one step of `flow.sample`'s N-step grid under its own resolution
+  shift (per token), through the S·N-step teacher's grid in between."""
   steps, shift = 4, jnp.array([[1.0, 1.0, 3.0, 3.0, 3.0]])
   seg = jnp.array([[1, 1, 2, 2, 2]])
-  seen = set()
-  for seed in range(40):
-    k, t, t_mid, t_next = distillation.grid_times(jax.random.key(seed), shift, seg, 2, steps)
-    for tok in range(5):
-      i = int(k[0, seg[0, tok] - 1])
-      seen.add(i)
-      s = float(shift[0, tok])
-      for got, u in ((t, i / steps), (t_mid, (i + 0.5) / steps), (t_next, (i + 1) / steps)):
-        np.testing.assert_allclose(got[0, tok], flow.shift_time(1.0 - u, s), rtol=1e-6)
-  assert seen == set(range(steps))  # every step of the grid is trained
+  for substeps in (2, 3):
+    seen = set()
+    for seed in range(40):
+      k, times = distillation.grid_times(jax.random.key(seed), shift, seg, 2, steps, substeps)
+      assert times.shape == (substeps + 1, 1, 5)
+      for tok in range(5):
+        i = int(k[0, seg[0, tok] - 1])
+        seen.add(i)
+        want = [flow.shift_time(1.0 - (i + j / substeps) / steps, float(shift[0, tok]))
+                for j in range(substeps + 1)]  # fmt: skip
+        np.testing.assert_allclose(times[:, 0, tok], want, rtol=1e-6)
+    assert seen == set(range(steps))  # every step of the grid is trained
 
 
-def test_teacher_target_lands_where_two_euler_steps_land():
+def test_teacher_target_lands_where_the_teachers_euler_steps_land():
   """Against a hand-computed two-step Euler of an analytic velocity field; given tokens are held
   clean at t = 0 while the teacher runs."""
   x_t = jax.random.normal(jax.random.key(0), (1, 3, 2))
   x0 = jax.random.normal(jax.random.key(1), (1, 3, 2))
-  t, t_mid, t_next = (jnp.full((1, 3), v) for v in (0.9, 0.6, 0.2))
+  times = jnp.stack([jnp.full((1, 3), v) for v in (0.9, 0.6, 0.2)])
   cond = jnp.array([[False, True, False]])
   calls = []
 
@@ -43,7 +45,7 @@ def test_teacher_target_lands_where_two_euler_steps_land():
     calls.append((np.asarray(x), np.asarray(tt)))
     return -x * (1.0 + tt[..., None]) + 0.5
 
-  v = distillation.teacher_target(teacher, x_t, t, t_mid, t_next, cond, x0)
+  v = distillation.teacher_target(teacher, x_t, times, cond, x0)
   x, t_, tm, tn = np.asarray(x_t[0, 0]), 0.9, 0.6, 0.2
   x_mid = x + (tm - t_) * (-x * (1 + t_) + 0.5)
   x_end = x_mid + (tn - tm) * (-x_mid * (1 + tm) + 0.5)
@@ -63,7 +65,7 @@ def teacher_run(data_dir, tmp_path_factory):
 
 def _student(data_dir, teacher, steps=2, **overrides):
   c = configs.small(data_dir, **overrides)
-  c.distill = dict(teacher=teacher, steps=steps)
+  c.distill = dict(teacher=teacher, steps=steps, substeps=2)
   c.init_from = teacher
   c.optimizer.lr = 1e-3
   return c
@@ -76,7 +78,7 @@ def test_student_starts_as_its_teacher_and_learns_the_two_step_target(data_dir, 
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config.sharding_rules)
   builder = train_state.build(config, mesh, rules, task)
-  teacher_params = train.initial_params(config, mesh)
+  teacher_params = train.initial_params(config, builder)
   state = builder.create(teacher_params)
   same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state.params, teacher_params)
   assert all(jax.tree.leaves(same)) and int(state.step) == 0
@@ -97,9 +99,14 @@ def test_bad_distillation_configs_fail_before_compute(data_dir, teacher_run):
   for overrides, message in (
     ({"model.width": 48}, r"another model \(model.width"),
     ({"distill.steps": 0}, r"distill.steps=0 must be an int >= 1"),
+    ({"distill.substeps": 0}, r"distill.substeps=0 must be an int >= 1"),
     ({"init_from": ""}, r"init_from='': a distilled student starts from its teacher"),
     ({"diffusion.shift_base_tokens": 7}, r"diffusion.shift_base_tokens=7; the teacher"),
-    ({"distill.teacher": "/nonexistent/run"}, r"distill.teacher='/nonexistent/run'"),
+    (
+      {"diffusion.cond_probs.forcing": 0.1, "model.shared_conditioning": False},
+      r"cond_probs.forcing=0.1: diffusion forcing",
+    ),
+    ({"distill.teacher": "/nonexistent/run"}, r"init_from='/nonexistent/run' holds no checkpoint"),
   ):
     bad = configs.override(_student(data_dir, teacher_run), **overrides)
     if "distill.teacher" in overrides:

@@ -269,7 +269,8 @@ def test_latent_demo_script_aligned_small(data_dir, tmp_path):
   for n in (2, 1):
     student = os.path.join(runs, "distilled", f"steps{n}")
     config = json.load(open(os.path.join(student, "config.json")))
-    assert config["distill"] == {"teacher": teacher, "steps": n} and config["init_from"] == teacher
+    assert config["distill"] == {"teacher": teacher, "steps": n, "substeps": 2}
+    assert config["init_from"] == teacher
     assert config["sample"]["guidance"] == 1.0 and config["diffusion"]["sampler"] == "euler"
     assert checkpointing.latest_step(student) == 2
     teacher = student

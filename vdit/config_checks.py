@@ -284,6 +284,16 @@ def check_steps(config: ml_collections.ConfigDict) -> None:
     positive(name, config[name])
 
 
+def check_init_from(config: ml_collections.ConfigDict) -> None:
+  """`init_from`: a run with a checkpoint (its params are matched to this model when loaded)."""
+  source = config.get("init_from", "")
+  if source and checkpointing.latest_step(source) is None:
+    raise ConfigError(
+      f"init_from={source!r} holds no checkpoint; expected the workdir of a trained run of "
+      "this model"
+    )
+
+
 def check_optimizer(opt: ml_collections.ConfigDict) -> None:
   """The `optimizer` section (`vdit.train_state.make_optimizer`)."""
   if not (math.isfinite(opt.lr) and opt.lr > 0):

@@ -170,13 +170,21 @@ def _format_eta(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # train_and_evaluate
 # ---------------------------------------------------------------------------------------------
-def initial_params(config: ml_collections.ConfigDict, mesh) -> Any:
-  """The EMA params of the run `config.init_from` (the same model), sharded over `mesh`, that
-  a new run starts from (a distilled student from its teacher); None: fresh params."""
+def initial_params(config: ml_collections.ConfigDict, builder: train_state.StateBuilder) -> Any:
+  """The EMA params of the run `config.init_from`, sharded over the builder's mesh, that a new
+  run starts from (a distilled student from its teacher); None: fresh params. Params of
+  another model (other names or shapes) are a `ConfigError` naming the run."""
   source = config.get("init_from", "")
   if not source:
     return None
-  _, step, params = restore.ema_params(source, None, None, mesh)
+  _, step, params = restore.ema_params(source, None, None, builder.mesh)
+  want = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), builder.abstract.params)
+  got = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), params)
+  if want != got:
+    raise config_checks.ConfigError(
+      f"init_from={source!r}: its params are not this model's (other names or shapes); expected "
+      "a run of the same model config"
+    )
   logging.info("starting from the EMA params of step %d of %s", step, source)
   return params
 
@@ -195,6 +203,7 @@ def validate(
   tool passes a TPU topology's).
   """
   config_checks.check_steps(config)
+  config_checks.check_init_from(config)
   try:
     task = tasks.get(config)
   except ValueError as e:
@@ -250,7 +259,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> trai
     if is_main:
       print(f"resumed from checkpoint at step {step}", flush=True)
   else:
-    state = builder.create(initial_params(config, mesh))
+    state = builder.create(initial_params(config, builder))
   if is_main:  # after the restore: a refused resume leaves the workdir as it was
     checkpointing.write_config(workdir, config)
   start_step = int(state.step)

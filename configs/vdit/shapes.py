@@ -41,7 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     captions="",
     caption_dim=0,
     distill="",  # a trained run of this config: progressive distillation from it
-    distill_steps=0,  # the student's steps (half its teacher's)
+    distill_steps=0,  # the student's steps
+    distill_substeps=2,  # the teacher's steps per student step (2: progressive distillation)
   )
   if arg.tiny and arg.small:
     raise ValueError("choose one of tiny and small, not both")
@@ -58,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.init_from = ""  # a run of the same model whose EMA params start this one ("" = fresh)
   # Progressive distillation (`distillation` below, docs/sampling.md "Few steps"): a student of
   # `steps` Euler steps learns two guided steps of `teacher` (a run of the same model) in one.
-  c.distill = dict(teacher="", steps=0)
+  c.distill = dict(teacher="", steps=0, substeps=2)
   # Workdir of a trained autoencoder (configs/vae/video.py): the model works in its latent space
   # and samples are decoded with it. None = pixel space.
   c.autoencoder = ml_collections.config_dict.placeholder(str)
@@ -286,22 +287,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg.captions or arg.caption_dim:
     precomputed_captions(c, arg.captions, arg.caption_dim)
   if arg.distill or arg.distill_steps:
-    distillation(c, arg.distill, arg.distill_steps)
+    distillation(c, arg.distill, arg.distill_steps, arg.distill_substeps)
   return c
 
 
-def distillation(c: ml_collections.ConfigDict, teacher: str, steps: int):
+def distillation(c: ml_collections.ConfigDict, teacher: str, steps: int, substeps: int = 2):
   """One round of progressive distillation (Salimans & Ho 2022): a student of `steps` Euler
-  steps, started from the EMA params of `teacher` (a run of this same config), learns where two
-  of the teacher's guided Euler steps land (`vdit.diffusion.distillation`), and samples without
-  guidance (one model call a step). The next round's teacher is this run
+  steps, started from the EMA params of `teacher` (a run of this same config), learns where
+  `substeps` (2) of the teacher's guided Euler steps land (`vdit.diffusion.distillation`), and
+  samples without guidance (one model call a step). The next round's teacher is this run
   (launch/distill.sh: 16 → 8 → 4 → 2 → 1)."""
   if not (teacher and steps >= 1):
     raise ValueError(
       f"distill={teacher!r},distill_steps={steps}: a distillation needs the teacher's workdir "
       "and the student's steps (>= 1)"
     )
-  c.distill = dict(teacher=config_lib.absolute_path(teacher), steps=steps)
+  c.distill = dict(teacher=config_lib.absolute_path(teacher), steps=steps, substeps=substeps)
   c.init_from = c.distill.teacher
   # Short rounds from a trained model: a fresh Adam at a tenth of the recipe's peak (the
   # teacher's own last learning rate), the EMA as in training.

@@ -132,9 +132,15 @@ def check_distill(config: ml_collections.ConfigDict) -> None:
   workdir = d.get("teacher", "")
   if not workdir:
     return
-  if not (isinstance(d.get("steps"), int) and d.steps >= 1):
+  for key, what in (("steps", "the student's number of steps"), ("substeps", "the teacher's "
+                    "steps per student step")):  # fmt: skip
+    if not (isinstance(d.get(key), int) and d[key] >= 1):
+      raise config_checks.ConfigError(f"distill.{key}={d.get(key)!r} must be an int >= 1: {what}")
+  forcing = config.diffusion.get("cond_probs", {}).get("forcing", 0.0)
+  if forcing:
     raise config_checks.ConfigError(
-      f"distill.steps={d.get('steps')!r} must be an int >= 1: the student's number of steps"
+      f"diffusion.cond_probs.forcing={forcing}: diffusion forcing's per-frame times are not "
+      "distilled (a student takes one time per example); set it to 0"
     )
   try:
     tconfig, _, _ = teacher(workdir)
@@ -172,9 +178,10 @@ def check_distill(config: ml_collections.ConfigDict) -> None:
 
 
 def distill_loss(model, params, batch, rng, config) -> tuple[jax.Array, dict]:
-  """Progressive distillation (`vdit.diffusion.distillation`): the student's step against two
-  guided Euler steps of `distill.teacher`, with the teacher's own guidance scale and interval
-  (`sample.guidance`, `diffusion.guidance_interval`); 1 (a distilled teacher) is one call."""
+  """Progressive distillation (`vdit.diffusion.distillation`): the student's step against
+  `distill.substeps` guided Euler steps of `distill.teacher`, with the teacher's own guidance
+  scale and interval (`sample.guidance`, `diffusion.guidance_interval`); at 1 (a distilled
+  teacher) one call a step."""
   tconfig, tmodel, tparams = teacher(config.distill.teacher)
   spec, tspec = (objectives.Spec.from_config(c.diffusion) for c in (config, tconfig))
   scale = float(tconfig.sample.guidance)
@@ -194,6 +201,7 @@ def distill_loss(model, params, batch, rng, config) -> tuple[jax.Array, dict]:
     batch,
     jax.random.fold_in(rng, 1),
     steps=int(config.distill.steps),
+    substeps=int(config.distill.substeps),
     shift=objectives.token_shift(spec, batch["shapes"], batch["segment_ids"]),
     noise_correlation=spec.noise_correlation,
   )
