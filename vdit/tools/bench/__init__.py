@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, str] = {
   "train_step": "vdit.tools.bench.train_step:run",  # tiny step tokens/s, FLOP/s vs matmul peak
   "sampling": "vdit.tools.bench.sampling_speed:run",  # seconds per video vs steps and vs size
   "sampling_text": "vdit.tools.bench.sampling_speed:text_once",  # prompts encoded once vs per step
+  "sampling_guidance": "vdit.tools.bench.sampling_speed:guidance_one",  # guidance 3 vs 1
   "memory_mesh": "vdit.tools.bench.memory_mesh:run",  # compiled step memory per device vs mesh
   "long_memory": "vdit.tools.bench.long_memory:run",  # long videos: memory flat in the length
 }

@@ -18,6 +18,12 @@ there.
 step (the loop before issue 17), timed in alternation on the same inputs, for the tiny config
 with `text_depths` encoder blocks; both as one jitted loop and as a Python loop of jitted steps
 (`time_text_once`). The ratios are what to read on a shared machine.
+
+  python -m vdit.tools.bench sampling_guidance --json [--quick]
+
+`sampling_guidance`: `Sampler.generate` of one video at guidance 3 (the prompt and its null
+row every step) and at guidance 1 (the prompt row alone: how a distilled student samples,
+docs/sampling.md "Few steps"), timed in alternation; the ratio is the speed-up.
 """
 
 import functools
@@ -209,4 +215,33 @@ def text_once(options: dict) -> dict:
     sampler = random_sampler(config)
     for size in sizes:
       out["runs"].append({"text_depth": depth, **time_text_once(sampler, size, steps, repeats)})
+  return out
+
+
+def guidance_one(options: dict) -> dict:
+  """Seconds per video at guidance 3 and 1, paired (`_paired_times`), and their ratio."""
+  quick = bool(options.get("quick", False))
+  repeats = int(options.get("repeats", 2 if quick else 5))
+  sampler = random_sampler(loader.configs(options)["tiny"])
+  sizes = ((8, 32, 48),) if quick else ((8, 32, 48), (16, 64, 64))
+  out = {"model": "configs/vdit/shapes.py:tiny, random params", "points": []}
+  for size in sizes:
+    frames, height, width = size
+
+    def call(guidance, size=size):
+      return lambda: sampler.generate(
+        ["a red circle moving right"], num_frames=size[0], height=size[1], width=size[2],
+        steps=16, guidance=guidance,
+      )  # fmt: skip
+
+    times = _paired_times({"guided": call(3.0), "unguided": call(1.0)}, repeats)
+    best = {name: min(t) for name, t in times.items()}
+    out["points"].append({
+      "size": list(size),
+      "tokens": frames * height * width // math.prod(sampler.patch_size),
+      "steps": 16,
+      "guided_s": round(best["guided"], 4),
+      "unguided_s": round(best["unguided"], 4),
+      "speedup": round(best["guided"] / best["unguided"], 2),
+    })  # fmt: skip
   return out
