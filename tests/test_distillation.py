@@ -2,6 +2,7 @@
 the target is two guided Euler steps of the teacher on the sampler's own grid, the student
 starts from the teacher's params and learns that target, and bad runs fail before compute."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 from tests import configs
 from vdit import config_checks, sampling, sharding, tasks, train, train_state
 from vdit.data import tokenizer
-from vdit.diffusion import distillation, flow, objectives
+from vdit.diffusion import distillation, flow, guidance, objectives
+from vdit.tasks import video_diffusion
 
 
 def test_grid_times_are_the_times_the_euler_sampler_visits():
@@ -92,6 +94,48 @@ def test_student_starts_as_its_teacher_and_learns_the_two_step_target(data_dir, 
   # The teacher's guided two-step landing differs from its own one conditional step (the
   # first loss); the student learns it on this batch.
   assert losses[0] > 0 and np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5]), losses
+
+
+def test_the_teacher_is_guided_as_the_sampler_guides(data_dir, teacher_run, monkeypatch):
+  """`distill_loss`'s target is two Euler steps of u + s·(c − u) inside the guidance interval,
+  c and u the teacher on the batch's captions and on [NULL] ones: against the loss with that
+  teacher written out by hand, for a teacher (random, off the adaLN-Zero init) whose
+  captions matter."""
+  config = _student(data_dir, teacher_run)
+  task = tasks.get(config)
+  model = task.build_model(config)
+  init = jax.jit(lambda r: nn.unbox(model.init(r, *task.dummy_inputs(config)))["params"])
+  tparams, sparams = configs.off_zero_init(init(jax.random.key(0))), init(jax.random.key(1))
+  tconfig = configs.override(configs.small(data_dir), **{"sample.guidance": 3.0})
+  tconfig.diffusion.guidance_interval = (0.3, 1.0)
+  monkeypatch.setattr(video_diffusion, "teacher", lambda _: (tconfig, model, tparams))
+  batch = {k: jnp.asarray(v) for k, v in next(task.make_iterator(config)).items()}
+  rng = jax.random.key(3)
+  loss, _ = jax.jit(lambda p: video_diffusion.distill_loss(model, p, batch, rng, config))(sparams)
+
+  spec = objectives.Spec.from_config(config.diffusion)
+  null, _ = guidance.drop_conditions(rng, batch, 1.0)
+
+  def by_hand(x, t):
+    c = video_diffusion.packed_apply(model, tparams)(x, t, batch)
+    u = video_diffusion.packed_apply(model, tparams)(x, t, null)
+    s = jnp.where((t >= 0.3) & (t <= 1.0), 3.0, 1.0)[..., None]
+    return u + s * (c - u)
+
+  def reference(p):
+    student = lambda x, t: video_diffusion.packed_apply(model, p)(x, t, batch)  # noqa: E731
+    return distillation.loss(  # the outputs are x̂0 here (pixel `:tiny`): as velocities
+      objectives.flow_model(spec, student), objectives.flow_model(spec, by_hand, sampling=True),
+      batch,
+      jax.random.fold_in(rng, 1), steps=2, substeps=2, noise_correlation=spec.noise_correlation,
+      shift=objectives.token_shift(spec, batch["shapes"], batch["segment_ids"]),
+    )[0]  # fmt: skip
+
+  np.testing.assert_allclose(loss, jax.jit(reference)(sparams), rtol=2e-4)
+  unguided = configs.override(tconfig, **{"sample.guidance": 1.0})
+  monkeypatch.setattr(video_diffusion, "teacher", lambda _: (unguided, model, tparams))
+  plain, _ = jax.jit(lambda p: video_diffusion.distill_loss(model, p, batch, rng, config))(sparams)
+  assert abs(float(plain) - float(loss)) > 1e-3 * float(loss)  # the guidance matters here
 
 
 def test_bad_distillation_configs_fail_before_compute(data_dir, teacher_run):

@@ -117,6 +117,14 @@ def check_repa(config: ml_collections.ConfigDict) -> None:
     )
 
 
+# What a guided call reads of a packed batch: the keys of `sampling.prompt_rows`' rows
+# (`objectives.apply_rows`, `encode_rows`; text embeddings when the run has them).
+ROW_KEYS = (
+  *("positions", "segment_ids", "shapes", "labels"),
+  *("text_tokens", "text_segment_ids", "text_embeddings"),
+)
+
+
 @functools.cache
 def teacher(workdir: str):
   """(config, model, EMA params) of the run a distillation learns from, restored once
@@ -186,15 +194,14 @@ def distill_loss(model, params, batch, rng, config) -> tuple[jax.Array, dict]:
   spec, tspec = (objectives.Spec.from_config(c.diffusion) for c in (config, tconfig))
   scale = float(tconfig.sample.guidance)
   interval = tuple(tconfig.diffusion.get("guidance_interval", (0.0, 1.0)))
-  null_batch, _ = guidance.drop_conditions(rng, batch, 1.0)  # every caption [NULL]
-
-  def guided(x, t):
-    out = packed_apply(tmodel, tparams)(x, t, batch)
-    if scale == 1.0:
-      return out
-    out_null = packed_apply(tmodel, tparams)(x, t, null_batch)
-    return guidance.cfg(out, out_null, scale, t, interval, channels=x.shape[-1])
-
+  # The sampler's guided call on the batch's rows: its captions encoded once for all the
+  # teacher's steps, and with their null rows (every caption [NULL]) unless guidance is 1.
+  rows = {k: v for k, v in batch.items() if k in ROW_KEYS}
+  if scale != 1.0:
+    null, _ = guidance.drop_conditions(rng, rows, 1.0)
+    rows = {k: jnp.concatenate([rows[k], null[k]]) for k in rows}
+  text = objectives.encode_rows(tmodel, tparams, rows)
+  guided = objectives.guided_model(tmodel, tparams, rows, scale, interval, text)
   return distillation.loss(
     objectives.flow_model(spec, lambda x, t: packed_apply(model, params)(x, t, batch)),
     objectives.flow_model(tspec, guided, sampling=True),
