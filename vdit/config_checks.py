@@ -10,7 +10,7 @@ import os
 import jax
 import ml_collections
 
-from vdit import checkpointing, datasets, sharding, train_state
+from vdit import checkpointing, datasets, models, sharding, train_state
 from vdit.data import caption_table, pipeline
 from vdit.data import dense as dense_lib
 from vdit.datasets import latents
@@ -35,33 +35,39 @@ def positive(name: str, value) -> None:
     raise ConfigError(f"{name}={value!r} must be a positive integer")
 
 
-def check_diffusion(d: ml_collections.ConfigDict) -> None:
-  """The `config.diffusion` keys (see `vdit.diffusion.objectives.Spec`)."""
+def diffusion_spec(d: ml_collections.ConfigDict) -> objectives.Spec:
+  """`config.diffusion` as its typed spec; a bad key or type is a ConfigError."""
+  try:
+    return objectives.Spec.from_config(d)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def check_diffusion(section: ml_collections.ConfigDict) -> None:
+  """The `config.diffusion` keys (`vdit.diffusion.objectives.Spec`: keys, types, defaults)."""
+  d = diffusion_spec(section)
   choice("diffusion.objective", d.objective, objectives.OBJECTIVES)
   choice("diffusion.time_sampling", d.time_sampling, flow.TIME_SAMPLINGS)
   if not 0.0 <= d.text_dropout < 1.0:
     raise ConfigError(f"diffusion.text_dropout={d.text_dropout} must be in [0, 1)")
   if d.logit_std <= 0:
     raise ConfigError(f"diffusion.logit_std={d.logit_std} must be > 0")
-  if not isinstance(d.shift_base_tokens, int) or d.shift_base_tokens < 0:
+  if d.shift_base_tokens < 0:
     raise ConfigError(
       f"diffusion.shift_base_tokens={d.shift_base_tokens!r} must be an integer >= 0 (0 = off)"
     )
-  try:
-    conditioning.task_probs(dict(d.cond_probs))
-  except ValueError as e:
-    raise ConfigError(f"diffusion.cond_probs: {e}") from None
-  if d.cond_probs.get("forcing", 0) and d.objective != "rectified_flow":
+  forcing = dict(zip(conditioning.TASKS, d.cond_probs))["forcing"]
+  if forcing and d.objective != "rectified_flow":
     raise ConfigError(
-      f"diffusion.cond_probs.forcing={d.cond_probs['forcing']} (diffusion forcing) needs "
+      f"diffusion.cond_probs.forcing={forcing} (diffusion forcing) needs "
       f"diffusion.objective='rectified_flow', not {d.objective!r}"
     )
   choice("diffusion.schedule", d.schedule, gaussian.SCHEDULES)
   choice("diffusion.prediction", d.prediction, gaussian.PREDICTIONS)
-  choice("diffusion.flow_prediction", d.get("flow_prediction", "velocity"), flow.FLOW_PREDICTIONS)
-  if not 0.0 < d.get("flow_t_min", 0.05) < 1.0:
+  choice("diffusion.flow_prediction", d.flow_prediction, flow.FLOW_PREDICTIONS)
+  if not 0.0 < d.flow_t_min < 1.0:
     raise ConfigError(f"diffusion.flow_t_min={d.flow_t_min} must be in (0, 1)")
-  if not isinstance(d.num_timesteps, int) or d.num_timesteps < 2:
+  if d.num_timesteps < 2:
     raise ConfigError(f"diffusion.num_timesteps={d.num_timesteps!r} must be an integer >= 2")
   if d.learn_sigma and d.objective != "gaussian":
     raise ConfigError(
@@ -73,33 +79,32 @@ def check_diffusion(d: ml_collections.ConfigDict) -> None:
     )
   if not 0.0 <= d.ddim_eta <= 1.0:
     raise ConfigError(f"diffusion.ddim_eta={d.ddim_eta} must be in [0, 1]")
-  if not 0.0 <= d.get("flow_eta", 1.0) <= 1.0:
+  if not 0.0 <= d.flow_eta <= 1.0:
     raise ConfigError(f"diffusion.flow_eta={d.flow_eta} must be in [0, 1]")
-  self_condition = d.get("self_condition", 0.0)
-  if not 0.0 <= self_condition <= 1.0:
-    raise ConfigError(f"diffusion.self_condition={self_condition} must be a rate in [0, 1]")
-  correlation = d.get("noise_correlation", 0.0)
-  if not 0.0 <= correlation < 1.0:
-    raise ConfigError(f"diffusion.noise_correlation={correlation} must be in [0, 1)")
-  if not d.get("input_perturbation", 0.0) >= 0.0:
+  if not 0.0 <= d.self_condition <= 1.0:
+    raise ConfigError(f"diffusion.self_condition={d.self_condition} must be a rate in [0, 1]")
+  if not 0.0 <= d.noise_correlation < 1.0:
+    raise ConfigError(f"diffusion.noise_correlation={d.noise_correlation} must be in [0, 1)")
+  if not d.input_perturbation >= 0.0:
     raise ConfigError(f"diffusion.input_perturbation={d.input_perturbation} must be >= 0")
-  if not d.get("input_blur", 0.0) >= 0.0 or not 0.0 <= d.get("input_blur_rate", 0.5) <= 1.0:
+  if not d.input_blur >= 0.0 or not 0.0 <= d.input_blur_rate <= 1.0:
     raise ConfigError(
-      f"diffusion.input_blur={d.get('input_blur')} must be >= 0 (cells) and "
-      f"diffusion.input_blur_rate={d.get('input_blur_rate')} a rate in [0, 1]"
+      f"diffusion.input_blur={d.input_blur} must be >= 0 (cells) and "
+      f"diffusion.input_blur_rate={d.input_blur_rate} a rate in [0, 1]"
     )
   for name in ("self_condition", "noise_correlation", "input_perturbation", "input_blur"):
-    if d.get(name, 0.0) and d.objective != "rectified_flow":
+    if getattr(d, name) and d.objective != "rectified_flow":
       raise ConfigError(
-        f"diffusion.{name}={d[name]} needs diffusion.objective='rectified_flow', "
+        f"diffusion.{name}={getattr(d, name)} needs diffusion.objective='rectified_flow', "
         f"not {d.objective!r}"
       )
-  if not d.get("flow_sigma_data", 0.5) > 0.0:
+  if not d.flow_sigma_data > 0.0:
     raise ConfigError(f"diffusion.flow_sigma_data={d.flow_sigma_data} must be > 0")
-  lo_hi = tuple(d.guidance_interval)
-  if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0:
+  lo, hi = d.guidance_interval
+  if not 0.0 <= lo <= hi <= 1.0:
     raise ConfigError(
-      f"diffusion.guidance_interval={lo_hi!r} must be (lo, hi) with 0 <= lo <= hi <= 1"
+      f"diffusion.guidance_interval={d.guidance_interval!r} must be (lo, hi) with "
+      "0 <= lo <= hi <= 1"
     )
 
 
@@ -160,57 +165,61 @@ def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, in
       f"input.text_tokens_per_row={inp.text_tokens_per_row}"
     )
   choice("model.name (task video_diffusion)", model.name, MODELS)
-  forcing = config.diffusion.cond_probs.get("forcing", 0)
-  if forcing and model.get("shared_conditioning", False):
+  check_diffusion(config.diffusion)
+  try:  # the module's fields: the config's values, its defaults for absent keys
+    dit = models.build_video_dit(config)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"model: {e}") from None
+  forcing = dict(zip(conditioning.TASKS, diffusion_spec(config.diffusion).cond_probs))["forcing"]
+  if forcing and dit.shared_conditioning:
     raise ConfigError(
-      f"diffusion.cond_probs.forcing={forcing} (a noise level per patch-frame) needs "
-      "model.shared_conditioning=False: a shared-conditioning model holds one time per example"
+      f"diffusion.cond_probs.forcing={config.diffusion.cond_probs.forcing} (a noise level per "
+      "patch-frame) needs model.shared_conditioning=False: a shared-conditioning model holds "
+      "one time per example"
     )
   check_model_common(model, shape)
-  if model.text_width % model.text_heads:
+  if dit.text_width % dit.text_heads:
     raise ConfigError(
-      f"model.text_width={model.text_width} is not divisible by model.text_heads={model.text_heads}"
+      f"model.text_width={dit.text_width} is not divisible by model.text_heads={dit.text_heads}"
     )
-  if model.text_heads % shape["tensor"]:
+  if dit.text_heads % shape["tensor"]:
     raise ConfigError(
-      f"model.text_heads={model.text_heads} is not divisible by tensor={shape['tensor']}"
+      f"model.text_heads={dit.text_heads} is not divisible by tensor={shape['tensor']}"
     )
   for key in ("patch_context", "mlp_context", "output_context"):
-    context = tuple(model.get(key, ()))
+    context = tuple(getattr(dit, key))
     if context and (len(context) != 3 or any(int(k) != k or k < 1 or k % 2 == 0 for k in context)):
       raise ConfigError(
         f"model.{key}={context} must be () or three odd sizes (kt, kh, kw), e.g. (3, 3, 3)"
       )
-  locality = model.get("locality", 0.0)
-  if not locality >= 0:  # also NaN
-    raise ConfigError(f"model.locality={locality} must be ≥ 0 (0 = no locality bias)")
-  if locality and model.attention_backend != "xla":
+  if not dit.locality >= 0:  # also NaN
+    raise ConfigError(f"model.locality={dit.locality} must be ≥ 0 (0 = no locality bias)")
+  if dit.locality and dit.attention_backend != "xla":
     raise ConfigError(
-      f"model.locality={locality} needs model.attention_backend='xla', not "
-      f"{model.attention_backend!r} (the bias is added to dense attention logits)"
+      f"model.locality={dit.locality} needs model.attention_backend='xla', not "
+      f"{dit.attention_backend!r} (the bias is added to dense attention logits)"
     )
-  choice("model.position_code", model.get("position_code", "absolute"), posemb.POSITION_CODES)
-  skip = model.get("patch_skip", 0)
-  if int(skip) != skip or skip < 0:
+  choice("model.position_code", dit.position_code, posemb.POSITION_CODES)
+  if int(dit.patch_skip) != dit.patch_skip or dit.patch_skip < 0:
     raise ConfigError(
-      f"model.patch_skip={skip} must be an integer ≥ 0: the number of time bumps (0 = off)"
+      f"model.patch_skip={dit.patch_skip} must be an integer ≥ 0: the number of time bumps "
+      "(0 = off)"
     )
-  check_diffusion(config.diffusion)
   if inp.tokens_per_row % shape["sequence"]:
     raise ConfigError(
       f"input.tokens_per_row={inp.tokens_per_row} is not divisible by sequence={shape['sequence']}"
     )
   _check_latent_space(config)
-  _check_text_embeddings(config)
+  _check_text_embeddings(config, dit.text_embed_dim)
   s = config.sample
   for dim in ("num_frames", "height", "width"):  # any size (cropped from whole patches)
     if not (isinstance(s[dim], int) and s[dim] >= 1):
       raise ConfigError(f"sample.{dim}={s[dim]!r} must be an integer ≥ 1")
 
 
-def _check_text_embeddings(config: ml_collections.ConfigDict) -> None:
-  """input.text_embeddings (a caption-embedding table) and model.text_embed_dim agree."""
-  table, dim = config.input.get("text_embeddings"), config.model.get("text_embed_dim", 0)
+def _check_text_embeddings(config: ml_collections.ConfigDict, dim: int) -> None:
+  """input.text_embeddings (a caption-embedding table) and model.text_embed_dim (`dim`) agree."""
+  table = config.input.get("text_embeddings")
   if not table:
     if dim:
       raise ConfigError(
@@ -294,29 +303,31 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def check_optimizer(opt: ml_collections.ConfigDict) -> None:
-  """The `optimizer` section (`vdit.train_state.make_optimizer`)."""
+def check_optimizer(section: ml_collections.ConfigDict) -> None:
+  """The `optimizer` section (`vdit.train_state.Optimizer`: keys, types, defaults)."""
+  try:
+    opt = train_state.optimizer_spec(section)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if not (math.isfinite(opt.lr) and opt.lr > 0):
     raise ConfigError(f"optimizer.lr={opt.lr} must be a finite number > 0")
-  name = opt.get("name", "adamw")
-  if name not in train_state.OPTIMIZERS:
-    raise ConfigError(f"optimizer.name={name!r} is not one of {train_state.OPTIMIZERS}")
-  if name == "muon" and opt.get("weight_decay", 0.0):
+  choice("optimizer.name", opt.name, train_state.OPTIMIZERS)
+  if opt.name == "muon" and opt.weight_decay:
     # optax's muon decays every parameter of its AdamW part: biases and norms too.
     raise ConfigError(f"optimizer.name='muon' takes no weight_decay (got {opt.weight_decay})")
   for key in ("b1", "b2"):
-    if key in opt and not 0.0 <= opt[key] < 1.0:
-      raise ConfigError(f"optimizer.{key}={opt[key]} must be in [0, 1)")
-  if "grad_clip" in opt and not (math.isfinite(opt.grad_clip) and opt.grad_clip > 0):
+    if not 0.0 <= getattr(opt, key) < 1.0:
+      raise ConfigError(f"optimizer.{key}={getattr(opt, key)} must be in [0, 1)")
+  if not (math.isfinite(opt.grad_clip) and opt.grad_clip > 0):
     raise ConfigError(f"optimizer.grad_clip={opt.grad_clip} must be a finite number > 0")
-  for key in ("weight_decay", "warmup_steps"):
-    if key in opt and not (math.isfinite(opt[key]) and opt[key] >= 0):
-      raise ConfigError(f"optimizer.{key}={opt[key]} must be a finite number >= 0")
-  if "final_lr_fraction" in opt and not 0.0 <= opt.final_lr_fraction <= 1.0:
+  for key in ("weight_decay", "warmup_steps", "schedule_steps"):
+    if not (math.isfinite(getattr(opt, key)) and getattr(opt, key) >= 0):
+      raise ConfigError(f"optimizer.{key}={getattr(opt, key)} must be a finite number >= 0")
+  if not 0.0 <= opt.final_lr_fraction <= 1.0:
     raise ConfigError(f"optimizer.final_lr_fraction={opt.final_lr_fraction} must be in [0, 1]")
   if not 0.0 <= opt.ema_decay < 1.0:
     raise ConfigError(f"optimizer.ema_decay={opt.ema_decay} must be in [0, 1)")
-  positive("optimizer.grad_accum_steps", opt.get("grad_accum_steps", 1))
+  positive("optimizer.grad_accum_steps", opt.grad_accum_steps)
 
 
 def check_mesh(

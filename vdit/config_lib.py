@@ -10,7 +10,7 @@ from typing import Any
 
 import ml_collections
 
-from vdit import sharding
+from vdit import section_spec, sharding, train_state
 
 
 def _coerce(value: str, default: Any) -> Any:
@@ -150,18 +150,13 @@ def trainer_config(
   c.checkpoint_every_steps = max(1, total_steps // 2) if tiny else 2_000
   c.max_checkpoints = 3
   c.max_nonfinite_in_a_row = 20  # abort after this many skipped (non-finite) updates in a row
-  c.optimizer = dict(
-    name="adamw",  # or "muon" (2-D kernels; vdit.train_state.make_optimizer)
+  c.optimizer = section_spec.defaults(
+    train_state.Optimizer,
     lr=lr,
     warmup_steps=warmup_steps,
-    final_lr_fraction=0.1,
-    grad_clip=1.0,
-    b1=0.9,
     b2=0.99 if tiny else 0.999,
     weight_decay=weight_decay,
     ema_decay=ema_decay if ema_decay is not None else (0.99 if tiny else 0.9999),
-    schedule_steps=0,  # length of the warmup+cosine schedule; 0 → total_steps
-    grad_accum_steps=1,  # microbatches per update (optax.MultiSteps)
   )
   c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
   c.sharding_rules = sharding.DEFAULT_RULES

@@ -236,7 +236,7 @@ def _generate(
 ) -> tuple[np.ndarray, dict]:
   """The mode's videos and the options used (defaults resolved)."""
   s = sampler.config.sample
-  if f.label is not None and not sampler.config.model.get("num_classes", 0):
+  if f.label is not None and not sampler.model.num_classes:
     raise InputError(f"--label={f.label} but this model is not class-conditional (num_classes=0)")
   try:
     interval = f.guidance_interval and tuple(float(x) for x in f.guidance_interval)

@@ -351,7 +351,7 @@ class Sampler:
       raise InputError(f"context_noise={context_noise} must be in [0, 1) (0: a clean context)")
     if context_noise and self.spec.objective != "rectified_flow":
       raise InputError(f"context_noise={context_noise} needs a rectified-flow model")
-    if context_noise and self.config.model.get("shared_conditioning", False):
+    if context_noise and self.model.shared_conditioning:
       raise InputError(
         f"context_noise={context_noise}: this model has shared_conditioning (one time per "
         "video), so its context frames cannot carry their own noise level; use context_noise=0"
@@ -403,11 +403,11 @@ class Sampler:
     sampler's per-token arrays (noise, given frames, state, velocities, neighbour windows).
     On a mesh, per device: rows over `data` × `fsdp`, tokens over `sequence`, the logits'
     heads over `tensor`."""
-    m = self.config.model
+    m = self.model
     b, s, t = (sampling_mesh.shards(self.mesh, self.rules, a) for a in (BATCH, LENGTH, HEADS))
     rows, local = -(-rows // b), -(-length // s)
     patch_dim = int(np.prod(self.patch_size)) * self.channels
-    window = int(np.prod(m.get("patch_context", ()) or (1,)))
+    window = int(np.prod(m.patch_context or (1,)))
     per_token = 4 * (m.width * (6 + 2 * m.mlp_ratio) + patch_dim * (8 + window))
     attention = 8 * -(-m.num_heads // t) * local * s if m.attention_backend == "xla" else 0
     return rows * local * (per_token + attention)

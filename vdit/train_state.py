@@ -1,7 +1,7 @@
 """The train state, the optimizer, and creating the state sharded from `eval_shape`."""
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import flax
@@ -12,7 +12,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from vdit import sharding
+from vdit import section_spec, sharding
 
 
 @flax.struct.dataclass
@@ -25,13 +25,38 @@ class TrainState:
   skipped: jax.Array  # int32: updates skipped because loss/grads were not finite
 
 
-def accumulation_steps(opt: ml_collections.ConfigDict) -> int:
+OPTIMIZERS = ("adamw", "muon")
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """The `optimizer` section: its keys, types and defaults (`vdit.section_spec`)."""
+
+  name: str = "adamw"  # or "muon" (2-D kernels; `make_optimizer`)
+  lr: float = 1e-3  # peak learning rate
+  warmup_steps: int = 0
+  final_lr_fraction: float = 0.1  # the cosine decays to lr × this
+  grad_clip: float = 1.0  # global-norm clipping
+  b1: float = 0.9
+  b2: float = 0.999
+  weight_decay: float = 0.0  # AdamW's, on kernels only (≥ 2-D params)
+  ema_decay: float = 0.9999  # EMA of the params (the params evaluated and sampled)
+  schedule_steps: int = 0  # length of the warmup+cosine schedule; 0 → total_steps
+  grad_accum_steps: int = 1  # microbatches per update (optax.MultiSteps)
+
+
+def optimizer_spec(opt: Mapping[str, Any]) -> Optimizer:
+  """The `optimizer` section as its typed spec (defaults for absent keys)."""
+  return section_spec.read(Optimizer, opt, "optimizer")
+
+
+def accumulation_steps(opt: Mapping[str, Any]) -> int:
   """Microbatches per optimizer update (`optimizer.grad_accum_steps`, default 1)."""
-  return int(opt.get("grad_accum_steps", 1) or 1)
+  return max(optimizer_spec(opt).grad_accum_steps, 1)
 
 
-def _base_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  total_steps = opt.get("schedule_steps") or total_steps
+def _base_schedule(opt: Optimizer, total_steps: int) -> optax.Schedule:
+  total_steps = opt.schedule_steps or total_steps
   warmup = min(opt.warmup_steps, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0,
@@ -42,7 +67,7 @@ def _base_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Sc
   )
 
 
-def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(opt: Mapping[str, Any], total_steps: int) -> optax.Schedule:
   """Linear warmup to `opt.lr`, then cosine decay to `opt.lr * opt.final_lr_fraction`.
 
   A function of the train step (one microbatch). The decay spans `opt.schedule_steps` if set,
@@ -51,18 +76,13 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
   rate is held for each window of k steps at its value at the window's first step: all of
   `total_steps`, `warmup_steps` and `schedule_steps` count train steps, not updates.
   """
-  base, k = _base_schedule(opt, total_steps), accumulation_steps(opt)
+  base, k = _base_schedule(optimizer_spec(opt), total_steps), accumulation_steps(opt)
   if k == 1:
     return base
   return lambda step: base((step // k) * k)
 
 
-OPTIMIZERS = ("adamw", "muon")
-
-
-def make_optimizer(
-  opt: ml_collections.ConfigDict, total_steps: int
-) -> optax.GradientTransformation:
+def make_optimizer(opt: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
   """AdamW (or Muon) with global-norm clipping; no weight decay on biases, norms and embeddings'
   scales.
 
@@ -77,14 +97,15 @@ def make_optimizer(
   applies the optimizer to the mean (clipping the mean, not the parts); the other steps return
   zero updates. The global batch of one update is then k × `input.rows_per_batch` rows.
   """
-  base, k = _base_schedule(opt, total_steps), accumulation_steps(opt)
+  opt = optimizer_spec(opt)
+  base, k = _base_schedule(opt, total_steps), max(opt.grad_accum_steps, 1)
   # The inner count is the number of applied updates u; update u uses train step u·k.
   lr = base if k == 1 else (lambda u: base(u * k))
 
   def decay_mask(params):
     return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
 
-  name = opt.get("name", "adamw")
+  name = opt.name
   if name == "adamw":
     inner = optax.adamw(
       learning_rate=lr, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay, mask=decay_mask

@@ -23,7 +23,6 @@ import os
 import ml_collections
 
 from vdit import config_lib
-from vdit.sharding import DEFAULT_RULES
 
 # (width D, depth, heads) per variant; the patch size is part of `input.patch_size`.
 VARIANTS = {"tiny": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}
@@ -49,13 +48,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   tiny = arg.tiny or arg.small  # small: the tiny model for a ~1-hour budget (docs/recipe.md)
   config_lib.check_choice("variant", arg.variant, set(VARIANTS) - {"tiny"})
   width, depth, heads = VARIANTS["tiny" if tiny else arg.variant]
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.total_steps = 400 if tiny else 400_000  # tiny: minutes on 2 CPU cores
-  c.log_every_steps = 25 if tiny else 100
-  c.checkpoint_every_steps = 200 if tiny else 2_000
-  c.max_checkpoints = 3
-  c.max_nonfinite_in_a_row = 20  # abort after this many skipped (non-finite) updates in a row
+  # Run length, logging, checkpoints, optimizer (tiny: docs/recipe.md rows D, H2, I), mesh.
+  c = config_lib.trainer_config(
+    tiny=tiny,
+    total_steps=400 if tiny else 400_000,  # tiny: minutes on 2 CPU cores
+    lr=2e-3 if tiny else 1e-4,
+    warmup_steps=50 if tiny else 5_000,
+  )
   c.init_from = ""  # a run of the same model whose EMA params start this one ("" = fresh)
   # Progressive distillation (`distillation` below, docs/sampling.md "Few steps"): a student of
   # `steps` Euler steps learns two guided steps of `teacher` (a run of the same model) in one.
@@ -212,23 +211,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ddim_eta=0.0,  # DDIM: 0 deterministic, 1 DDPM-like
     guidance_interval=(0.0, 1.0),  # apply guidance only for noise levels lo <= t <= hi
   )
-
-  c.optimizer = dict(
-    name="adamw",  # or "muon" (2-D kernels; vdit.train_state.make_optimizer)
-    lr=2e-3 if tiny else 1e-4,  # tiny: docs/recipe.md rows D, H2, I
-    warmup_steps=50 if tiny else 5_000,
-    final_lr_fraction=0.1,
-    grad_clip=1.0,
-    b1=0.9,
-    b2=0.99 if tiny else 0.999,
-    weight_decay=0.0,
-    ema_decay=0.99 if tiny else 0.9999,
-    schedule_steps=0,  # length of the warmup+cosine schedule; 0 → total_steps
-    grad_accum_steps=1,  # microbatches per update (optax.MultiSteps); global batch = k × rows
-  )
-
-  c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
-  c.sharding_rules = DEFAULT_RULES
 
   c.sample = dict(
     prompts=(

@@ -99,7 +99,12 @@ def resolve_input_config(input_config) -> ml_collections.ConfigDict:
   if unknown:
     raise ValueError(f"unknown input config keys {unknown}; expected a subset of {sorted(c)}")
   for key, value in given.items():
-    c[key] = tuple(value) if isinstance(value, list) else value
+    try:
+      c[key] = tuple(value) if isinstance(value, list) else value
+    except TypeError:
+      raise ValueError(
+        f"input.{key}={value!r} must be of type {c.get_type(key).__name__}"
+      ) from None
   # Absent (None) range ends follow the other end: an older config keeps its fixed behaviour.
   for free, fixed in (
     ("min_tokens_per_example", "max_tokens_per_example"),

@@ -21,13 +21,30 @@ sampler holds them, so every frame-conditioning mode is distilled with the same 
 Pure functions of arrays; the models come in as velocity functions.
 """
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from vdit import section_spec
 from vdit.diffusion import flow, token_losses
 from vdit.segments import per_token
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The `distill` section of a run: its keys, types and defaults (`vdit.section_spec`)."""
+
+  teacher: str = ""  # the workdir of the run distilled from; "" = no distillation
+  steps: int = 0  # the student's Euler steps
+  substeps: int = 2  # the teacher's steps per student step (2: progressive distillation)
+
+
+def settings(section: Mapping[str, Any] | None) -> Settings:
+  """The `distill` section (absent in runs from before it: no distillation)."""
+  return section_spec.read(Settings, section, "distill")
 
 
 def grid_times(

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from vdit import section_spec
 from vdit.diffusion import conditioning, flow, gaussian, gaussian_samplers, guidance
 from vdit.segments import per_token
 
@@ -47,6 +48,15 @@ class Spec:
   # rectified flow: γ of input perturbation (`flow.loss`): the model reads x_t built from
   # noise + γ·ξ, the target stays that of the unperturbed x_t; 0 = off.
   input_perturbation: float = 0.0
+  # rectified flow: blurred inputs (`vdit.tasks.video_diffusion`): with probability
+  # `input_blur_rate` an example's clean input is blurred by σ ~ U(0, input_blur) cells before it
+  # is noised, the target staying the sharp x0; 0 = off.
+  input_blur: float = 0.0
+  input_blur_rate: float = 0.5
+  # REPA: a captioning run whose frozen encoder's features the hidden states of
+  # `model.repa_depth` are pulled towards, with weight `repa_weight`; "" = off.
+  repa_encoder: str = ""
+  repa_weight: float = 0.5
   cond_probs: tuple[float, ...] = conditioning.task_probs(conditioning.DEFAULT_PROBS)
   schedule: str = "linear"  # gaussian: "linear" | "cosine"
   num_timesteps: int = 1000  # gaussian: N
@@ -58,14 +68,15 @@ class Spec:
 
   @classmethod
   def from_config(cls, diffusion: Mapping[str, Any]) -> "Spec":
-    d = dict(diffusion)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in d.items() if k in fields}
-    if "cond_probs" in kw:
-      kw["cond_probs"] = conditioning.task_probs(dict(kw["cond_probs"]))
-    if "guidance_interval" in kw:
-      kw["guidance_interval"] = tuple(float(x) for x in kw["guidance_interval"])
-    return cls(**kw)
+    """The section with defaults for absent keys; an unknown key or a value of the wrong type
+    is a ValueError naming it (`vdit.section_spec`)."""
+    d = dict(diffusion.to_dict() if hasattr(diffusion, "to_dict") else diffusion)
+    if isinstance(d.get("cond_probs"), Mapping):  # {task: weight} in configs
+      try:
+        d["cond_probs"] = conditioning.task_probs(dict(d["cond_probs"]))
+      except ValueError as e:
+        raise ValueError(f"diffusion.cond_probs: {e}") from None
+    return section_spec.read(cls, d, "diffusion")
 
   @property
   def default_sampler(self) -> str:

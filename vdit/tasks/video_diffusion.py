@@ -87,8 +87,9 @@ def degrade_input(rng, batch, patch_size, max_sigma: float, rate: float) -> dict
 def check_repa(config: ml_collections.ConfigDict) -> None:
   """`diffusion.repa_encoder` (a captioning run on the same patches) with `model.repa_depth`
   and `model.repa_dim` = its width, or none of them; checked before any compute."""
-  encoder = config.diffusion.get("repa_encoder", "")
-  depth, dim = config.model.get("repa_depth", 0), config.model.get("repa_dim", 0)
+  spec = config_checks.diffusion_spec(config.diffusion)
+  encoder, dit = spec.repa_encoder, models.build_video_dit(config)
+  depth, dim = dit.repa_depth, dit.repa_dim
   if not encoder:
     if depth or dim:
       raise config_checks.ConfigError(
@@ -111,9 +112,9 @@ def check_repa(config: ml_collections.ConfigDict) -> None:
       f"model.repa_depth={depth}, model.repa_dim={dim}: expected a block in [1, "
       f"model.depth={config.model.depth}] and the encoder's width {width}"
     )
-  if not config.diffusion.get("repa_weight", 0) > 0:
+  if not spec.repa_weight > 0:
     raise config_checks.ConfigError(
-      f"diffusion.repa_weight={config.diffusion.get('repa_weight')} must be > 0 with an encoder"
+      f"diffusion.repa_weight={spec.repa_weight} must be > 0 with an encoder"
     )
 
 
@@ -136,19 +137,26 @@ def teacher(workdir: str):
 def check_distill(config: ml_collections.ConfigDict) -> None:
   """`distill.teacher` (a VideoDiT run of the same model and objective) and `distill.steps`,
   with `init_from` the teacher; checked before any compute (the teacher is restored here)."""
-  d = config.get("distill") or {}
-  workdir = d.get("teacher", "")
+  try:
+    d = distillation.settings(config.get("distill"))
+  except ValueError as e:
+    raise config_checks.ConfigError(str(e)) from None
+  workdir = d.teacher
   if not workdir:
     return
   for key, what in (("steps", "the student's number of steps"), ("substeps", "the teacher's "
                     "steps per student step")):  # fmt: skip
-    if not (isinstance(d.get(key), int) and d[key] >= 1):
-      raise config_checks.ConfigError(f"distill.{key}={d.get(key)!r} must be an int >= 1: {what}")
-  forcing = config.diffusion.get("cond_probs", {}).get("forcing", 0.0)
+    if getattr(d, key) < 1:
+      raise config_checks.ConfigError(
+        f"distill.{key}={getattr(d, key)!r} must be an int >= 1: {what}"
+      )
+  spec = config_checks.diffusion_spec(config.diffusion)
+  forcing = dict(zip(conditioning.TASKS, spec.cond_probs))["forcing"]
   if forcing:
     raise config_checks.ConfigError(
-      f"diffusion.cond_probs.forcing={forcing}: diffusion forcing's per-frame times are not "
-      "distilled (a student takes one time per example); set it to 0"
+      f"diffusion.cond_probs.forcing={config.diffusion.cond_probs.forcing}: diffusion "
+      "forcing's per-frame times are not distilled (a student takes one time per example); "
+      "set it to 0"
     )
   try:
     tconfig, _, _ = teacher(workdir)
@@ -167,16 +175,16 @@ def check_distill(config: ml_collections.ConfigDict) -> None:
       f"distill.teacher={workdir!r} has another model (model.{', model.'.join(differ)} "
       "differ): the student starts from the teacher's params"
     )
+  tspec = objectives.Spec.from_config(tconfig.diffusion)
   for key in ("objective", "flow_prediction", "shift_base_tokens", "noise_correlation"):
-    if config.diffusion.get(key) != tconfig.diffusion.get(key):
+    if getattr(spec, key) != getattr(tspec, key):
       raise config_checks.ConfigError(
-        f"diffusion.{key}={config.diffusion.get(key)!r}; the teacher {workdir!r} has "
-        f"{tconfig.diffusion.get(key)!r}: a student samples on its teacher's path"
+        f"diffusion.{key}={getattr(spec, key)!r}; the teacher {workdir!r} has "
+        f"{getattr(tspec, key)!r}: a student samples on its teacher's path"
       )
-  if config.diffusion.objective != "rectified_flow":
+  if spec.objective != "rectified_flow":
     raise config_checks.ConfigError(
-      f"distill.teacher needs diffusion.objective='rectified_flow', not "
-      f"{config.diffusion.objective!r}"
+      f"distill.teacher needs diffusion.objective='rectified_flow', not {spec.objective!r}"
     )
   if config.get("init_from", "") != workdir:
     raise config_checks.ConfigError(
@@ -190,10 +198,11 @@ def distill_loss(model, params, batch, rng, config) -> tuple[jax.Array, dict]:
   `distill.substeps` guided Euler steps of `distill.teacher`, with the teacher's own guidance
   scale and interval (`sample.guidance`, `diffusion.guidance_interval`); at 1 (a distilled
   teacher) one call a step."""
-  tconfig, tmodel, tparams = teacher(config.distill.teacher)
+  settings = distillation.settings(config.distill)
+  tconfig, tmodel, tparams = teacher(settings.teacher)
   spec, tspec = (objectives.Spec.from_config(c.diffusion) for c in (config, tconfig))
   scale = float(tconfig.sample.guidance)
-  interval = tuple(tconfig.diffusion.get("guidance_interval", (0.0, 1.0)))
+  interval = tspec.guidance_interval
   # The sampler's guided call on the batch's rows: its captions encoded once for all the
   # teacher's steps, and with their null rows (every caption [NULL]) unless guidance is 1.
   rows = {k: v for k, v in batch.items() if k in ROW_KEYS}
@@ -207,8 +216,8 @@ def distill_loss(model, params, batch, rng, config) -> tuple[jax.Array, dict]:
     objectives.flow_model(tspec, guided, sampling=True),
     batch,
     jax.random.fold_in(rng, 1),
-    steps=int(config.distill.steps),
-    substeps=int(config.distill.substeps),
+    steps=settings.steps,
+    substeps=settings.substeps,
     shift=objectives.token_shift(spec, batch["shapes"], batch["segment_ids"]),
     noise_correlation=spec.noise_correlation,
   )
@@ -235,18 +244,18 @@ class VideoDiffusion(base.Task):
       cond_rng, batch, spec.cond_probs, config.input.patch_size[0]
     )
 
-    if config.diffusion.get("input_blur", 0.0):  # its own stream: other draws keep their numbers
+    if spec.input_blur:  # its own stream: other draws keep their numbers
       batch = degrade_input(
         jax.random.fold_in(rng, 7),
         batch,
         config.input.patch_size,
-        config.diffusion.input_blur,
-        config.diffusion.get("input_blur_rate", 0.5),
+        spec.input_blur,
+        spec.input_blur_rate,
       )
-    if (config.get("distill") or {}).get("teacher"):
+    if distillation.settings(config.get("distill")).teacher:
       loss, aux = distill_loss(model, params, batch, loss_rng, config)
       return loss, {"tokens": aux["num_tokens"], "cond_tokens": cond_metrics["cond_tokens"]}
-    encoder = config.diffusion.get("repa_encoder", "")
+    encoder = spec.repa_encoder
     sown = {} if encoder else None
     loss, aux = objectives.loss(spec, packed_apply(model, params, sown), batch, loss_rng)
     metrics = {"tokens": aux["num_tokens"], "cond_tokens": cond_metrics["cond_tokens"]}
@@ -254,7 +263,7 @@ class VideoDiffusion(base.Task):
       features, _, _ = representation.encoder(encoder, "diffusion.repa_encoder")
       target = features(batch["patches"], batch["positions"], batch["segment_ids"])
       align = representation.alignment_loss(sown["repa"][0], target, batch["segment_ids"] > 0)
-      loss = loss + config.diffusion.repa_weight * align
+      loss = loss + spec.repa_weight * align
       metrics["repa_similarity"] = -align
     return loss, metrics
 
