@@ -5,6 +5,7 @@ checkpoint collectively with the other; the reference is one process with 8 devi
 on the same global rows (host 0's rows, then host 1's: the order of the global batch).
 """
 
+import json
 import os
 import re
 import signal
@@ -91,7 +92,9 @@ def test_two_processes_match_one(data_dir, tmp_path):
   config = _config(data_dir)
   config.sample.prompts, config.sample.steps = ("a red circle moving right",), 2
   config.sample.num_frames, config.sample.height, config.sample.width = 2, 8, 8
-  config.evals = {"prompts": dict(type="prompts")}
+  # `loss` runs the task's sharded predict functions (validation batches made global, replicated
+  # results) collectively on both processes; `prompts` samples and writes on process 0.
+  config.evals = {"prompts": dict(type="prompts"), "loss": dict(type="loss", num_batches=1)}
   workdir, log_dir = str(tmp_path / "run"), str(tmp_path / "logs")
   run = _launch(configs.config_file(tmp_path, config), workdir, log_dir)
   assert run.finish(timeout=1200) == 0, run.stderr + _logs(log_dir)
@@ -117,7 +120,9 @@ def test_two_processes_match_one(data_dir, tmp_path):
     f for f in os.listdir(os.path.join(workdir, "checkpoints", "3", "data")) if "of" in f
   )
   assert data == ["process_0-of-2.json", "process_1-of-2.json"]
-  assert os.listdir(os.path.join(workdir, "samples", "3"))  # the final eval ran
+  assert os.listdir(os.path.join(workdir, "samples", "3"))  # the final evals ran
+  with open(os.path.join(workdir, "eval", "3.json")) as f:
+    assert np.isfinite(json.load(f)["loss"]["loss"])
 
 
 @pytest.mark.slow
