@@ -61,6 +61,7 @@ def test_tiny_config_is_valid():
     ("diffusion.flow_predction", "x0", r"diffusion has no key\(s\) \['flow_predction'\]"),
     ("optimizer.lr_warmup", 10, r"optimizer has no key\(s\) \['lr_warmup'\]"),
     ("distill.stepz", 4, r"distill has no key\(s\) \['stepz'\]"),
+    ("sample.mesh", "sequence:3", r"sample.mesh='sequence:3': .*needs 3 devices, but 8 are"),
     ("model.cell_heads", 2, r"model keys \['cell_heads'\] are not settable fields of VideoDiT"),
   ],
 )

@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from tests import configs
-from vdit import sampling, sampling_mesh, sharding
+from vdit import sampling, sampling_mesh, sharding, tasks
 from vdit.diffusion import objectives
 from vdit.diffusion.given_frames import InputError
 
@@ -85,6 +86,22 @@ def test_tokens_are_split_over_sequence_and_the_video_equals_one_device(untraine
   video_one = one.generate(PROMPTS, steps=2, **SIZE)
   video_many = many.generate(PROMPTS, steps=2, **SIZE)
   assert video_many.shape == (2, 6, 12, 20, 3)
+  assert np.abs(video_many.astype(int) - video_one).max() <= 1
+
+
+def test_a_runs_sample_mesh_is_where_its_evaluators_sample(untrained):
+  """`sample.mesh` in a run's config: the task's `sampler` predict function (what the
+  evaluators sample with) samples on it, and the videos are the one-device ones."""
+  config, model, params = untrained
+  config = ml_collections.ConfigDict(config.to_dict())
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config.sharding_rules)
+  task = tasks.get(config)
+  plain = task.predict_fns(config, model, mesh, rules)["sampler"](params)
+  config.sample.mesh = "sequence:8"
+  on_mesh = task.predict_fns(config, model, mesh, rules)["sampler"](params)
+  assert plain.mesh is None and dict(on_mesh.mesh.shape)["sequence"] == 8
+  video_one = plain.generate(PROMPTS, steps=2, **SIZE)
+  video_many = on_mesh.generate(PROMPTS, steps=2, **SIZE)
   assert np.abs(video_many.astype(int) - video_one).max() <= 1
 
 

@@ -97,7 +97,8 @@ def _define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     "mesh",
     None,
     "Devices to sample on, e.g. sequence:8 (one video's tokens split over 8 devices) or "
-    "sequence:4,tensor:2; sizes multiply to the device count, one may be -1 (default: none).",
+    "sequence:4,tensor:2; sizes multiply to the device count, one may be -1 (default: the "
+    "run's sample.mesh; '' = none).",
     **fv,
   )
   flags.DEFINE_integer("display_scale", 1, "Nearest-neighbour upscaling of GIF/MP4 output.", **fv)
@@ -306,8 +307,10 @@ def main(argv):
       meta.update(user_prompt=given[i], expand_prompt=f.expand_prompt)
     meta.update(used)
     meta.update(zip(("num_frames", "height", "width"), video.shape[:3]))
-    names = ("image", "video", "video2", "label", "frames", "mask", "mesh", *LONG_FLAGS)
+    names = ("image", "video", "video2", "label", "frames", "mask", *LONG_FLAGS)
     meta.update({k: f[k].value for k in names if f[k].value})
+    mesh = sampling.configured_mesh(sampler.config) if f.mesh is None else f.mesh
+    meta.update({"mesh": mesh} if mesh else {})  # the flag's, else the run's `sample.mesh`
     meta.update({"keyframes": ",".join(f.keyframes)} if f.keyframes else {})
     latent = sampler.last_latents is not None and path.endswith(".npz")
     extra = {"latents": sampler.last_latents[i]} if latent else None  # latent space: keep them

@@ -631,11 +631,20 @@ def _available_bytes() -> int | None:
 # ---------------------------------------------------------------------------------------------
 # Loading from a workdir.
 # ---------------------------------------------------------------------------------------------
+def configured_mesh(config: ml_collections.ConfigDict) -> str:
+  """`sample.mesh` of a run: the mesh its sampling uses unless a caller names one, e.g.
+  "sequence:8" ("" = none: the params' own placement; runs from before the key have none)."""
+  return config.sample.get("mesh", "")
+
+
 def load(workdir: str, step: int | None = None, mesh: Any = None) -> Sampler:
   """The EMA params of the latest (or given) checkpoint in `workdir`: replicated locally, or
-  restored sharded on `mesh` (`Sampler.mesh`) and sampled there."""
-  mesh = sampling_mesh.make(mesh)
+  restored sharded on `mesh` (`Sampler.mesh`; None: the run's `sample.mesh`, "": none) and
+  sampled there."""
+  given, mesh = mesh is not None, sampling_mesh.make(mesh)  # a bad request fails first
   config = checkpointing.read_config(workdir)
+  if not given:
+    mesh = sampling_mesh.make(configured_mesh(config))
   if tasks.name_of(config) != "video_diffusion":
     raise InputError(
       f"{workdir!r} holds a task={tasks.name_of(config)!r} run; vdit.sample generates from "

@@ -226,6 +226,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     guidance=3.0,
     seed=0,
     display_scale=4,  # nearest-neighbour upscaling of GIF/MP4 for viewing
+    # Devices the samples (vdit.sample, the evals) are drawn on, e.g. "sequence:8": one video's
+    # tokens over 8 devices (docs/sampling.md, "One video on many devices"); "" = none.
+    mesh="",
   )
 
   # Evaluators (vdit/evaluators, docs/evaluation.md): run every `every_steps` and at the end;

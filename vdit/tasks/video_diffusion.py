@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vdit import batch_spec, config_checks, latent_codec, models, sampling, tasks
+from vdit import batch_spec, config_checks, latent_codec, models, sampling, sampling_mesh, tasks
 from vdit.diffusion import conditioning, distillation, flow, guidance, objectives
+from vdit.diffusion.given_frames import InputError
 from vdit.models import layers
 from vdit.segments import per_token
 from vdit.tasks import base, representation, restore
@@ -230,6 +231,12 @@ class VideoDiffusion(base.Task):
     config_checks.check_video_diffusion(config, mesh_shape)
     check_repa(config)
     check_distill(config)
+    try:
+      sampling_mesh.make(sampling.configured_mesh(config))
+    except InputError as e:
+      raise config_checks.ConfigError(
+        f"sample.mesh={sampling.configured_mesh(config)!r}: {e}"
+      ) from None
 
   def batch_keys(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
     extra = ("text_embeddings",) if config.input.get("text_embeddings") else ()
@@ -294,8 +301,9 @@ class VideoDiffusion(base.Task):
     def codec():
       return latent_codec.load(config.autoencoder) if config.get("autoencoder") else None
 
-    def sampler(params) -> sampling.Sampler:
-      return sampling.Sampler(config=config, params=params, model=model, codec=codec())
+    def sampler(params) -> sampling.Sampler:  # on `sample.mesh` if the run names one
+      mesh = sampling.configured_mesh(config) or None
+      return sampling.Sampler(config=config, params=params, model=model, codec=codec(), mesh=mesh)
 
     keys = self.batch_keys(config)
     return super().predict_fns(config, model, mesh, rules) | {
