@@ -96,7 +96,7 @@ def test_modes_scores_are_right_on_the_real_clips_and_wrong_on_still_or_unedited
   data = [{"video": v, "caption": c} for v, c in zip(videos, captions)]  # a data source
   clips, caps = modes.clips(data, 12, (8, 32, 32), vocab)
   assert clips.shape == (12, 8, 32, 32, 3) and len(caps) == 12
-  for mode in ("i2v", "extend_fwd", "extend_bwd", "interpolate", "retake"):
+  for mode in ("i2v", "extend_fwd", "extend_bwd", "interpolate", "retake", "keyframes"):
     got = [modes.score(mode, c, c, p, vocab, PATCH) for c, p in zip(clips, caps)]
     assert all(g["given_psnr"] == g["new_psnr"] == 99.0 for g in got), mode
     assert np.mean([g["all"] for g in got]) >= 0.9, mode
@@ -106,11 +106,13 @@ def test_modes_scores_are_right_on_the_real_clips_and_wrong_on_still_or_unedited
     held = [modes.score(mode, s, c, p, vocab, PATCH) for s, c, p in zip(still, clips, caps)]
     assert all(h["given_psnr"] == 99.0 and h["new_psnr"] < 99.0 for h in held), mode
     assert np.mean([g["new_direction"] for g in got]) >= 0.9, mode
-    if mode not in ("interpolate", "retake"):  # (held from both ends, the middle jumps)
+    if mode not in ("interpolate", "retake", "keyframes"):  # (held from two ends: a jump)
       assert np.mean([h["new_direction"] for h in held]) <= 0.5, mode  # a still: no direction
   assert modes.frames("i2v", 8, 2)[1].tolist() == [False] * 2 + [True] * 6
   assert modes.frames("interpolate", 8, 2)[0].tolist() == [True] * 2 + [False] * 4 + [True] * 2
   assert modes.frames("retake", 8, 2)[1].tolist() == [False] * 2 + [True] * 4 + [False] * 2
+  given, new = modes.frames("keyframes", 8, 2)  # images at 0 and 5; stills of 2 frames each
+  assert np.flatnonzero(given).tolist() == [0, 5] and np.flatnonzero(new).tolist() == [2, 3, 6, 7]
   # Edit: the unedited clip keeps its colour (wrong) and its track (0 px).
   edits = [modes.score("edit", c, c, p, vocab, PATCH) for c, p in zip(clips, caps)]
   assert all(e["colour"] == 0.0 for e in edits)
@@ -665,7 +667,9 @@ def test_generative_evaluators_in_process(video_workdir, vit_workdir):
   assert out["fd"]["per_size"] == [4]
   # Pixel space: every mode's given frames come back exactly; a GIF per mode.
   assert out["modes"]["count"] == 2, out["modes"]
-  for mode in ("i2v", "extend_fwd", "extend_bwd", "interpolate", "loop", *modes.REGIONS):
+  for mode in ("i2v", "extend_fwd", "extend_bwd", "interpolate", "loop", "keyframes"):
+    assert out["modes"][f"{mode}_given_psnr"] == 99.0, (mode, out["modes"])
+  for mode in modes.REGIONS:
     assert out["modes"][f"{mode}_given_psnr"] == 99.0, (mode, out["modes"])
   for mode in (*modes.MODES, "real"):
     assert os.path.exists(os.path.join(video_workdir, "samples", str(step), f"modes_{mode}.gif"))

@@ -260,7 +260,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_videos=24 if tiny else 48,
       size=square,
       modes=("i2v", "extend_fwd", "extend_bwd", "interpolate", "loop", "edit")
-      + ("retake", "inpaint", "outpaint"),
+      + ("retake", "inpaint", "outpaint", "keyframes"),
       **generated,
     ),
     prompts=dict(type="prompts"),  # `sample.prompts` → workdir/samples/<step>/, at the end

@@ -9,6 +9,9 @@ sampler (`vdit.sampling.Sampler`) with its own caption:
   extend_fwd   the clip's first half given, the second half generated.
   extend_bwd   the clip's second half given, the first half generated.
   interpolate  the clip's first and last quarter given, the middle generated.
+  keyframes    two of the clip's frames given as images, frame 0 and the last frame of the
+               patch-frame past the middle (`keyframe`; 5 of 8 frames): each fills its
+               patch-frame as a still, the video is generated through and beyond them.
   loop         a loop from the clip's first frame: the last frame leads back to the first.
   edit         SDEdit at `strength` with the caption's colour word changed to the next colour of
                the vocabulary: the object takes the new colour and keeps its shape and motion.
@@ -65,7 +68,7 @@ from vdit.evaluators.adherence import write_grid
 
 MODES = (
   *("i2v", "extend_fwd", "extend_bwd", "interpolate", "loop", "edit"),
-  *("retake", "inpaint", "outpaint"),
+  *("retake", "inpaint", "outpaint", "keyframes"),
 )
 LONG = "long"  # not in MODES (not run by default): videos several training clips long
 REGIONS = {"retake": (0,), "inpaint": (1, 2), "outpaint": (2,)}  # the axes each halves
@@ -106,11 +109,15 @@ def frames(mode: str, t: int, pt: int) -> tuple[np.ndarray, np.ndarray] | None:
   retake (None for the others); given spans are whole patch-frames of `pt` frames. In i2v the
   image fills the first patch-frame as a still: only its frame 0 is the clip's, and the rest is
   generated."""
+  index = np.arange(t)
   if mode == "retake":
     given = kept(region(mode, (t, 1, 1), (pt, 1, 1)), (pt, 1, 1))[:, 0, 0]
     return given, ~given
+  if mode == "keyframes":  # each image fills its patch-frame as a still: those are not generated
+    key = keyframe(t, pt)
+    stills = (index < pt) | (index // pt == key // pt)
+    return (index == 0) | (index == key), ~stills
   half, quarter = max(pt, t // 2 // pt * pt), max(pt, t // 4 // pt * pt)
-  index = np.arange(t)
   given = {
     "i2v": index < 1,
     "extend_fwd": index < half,
@@ -120,6 +127,12 @@ def frames(mode: str, t: int, pt: int) -> tuple[np.ndarray, np.ndarray] | None:
   if given is None:
     return None
   return given, ~given & ~((mode == "i2v") & (index < pt))
+
+
+def keyframe(t: int, pt: int) -> int:
+  """The second keyframe's index in a T-frame video: the last frame of the patch-frame past the
+  middle (frame 5 of 8 with pt = 2), so that frames are generated between and after it."""
+  return t // pt // 2 * pt + pt - 1
 
 
 def region(mode: str, shape: tuple[int, int, int], patch: tuple[int, int, int]) -> np.ndarray:
@@ -272,6 +285,9 @@ def generate(sampler, mode: str, clip: np.ndarray, caption: str, vocab, **option
   elif mode == "interpolate":
     q = int(np.argmin(masks[0]))  # the first generated frame = the length of each given end
     out = sampler.interpolate([caption], clip[:q], clip[t - q :], num_frames=t, **options)
+  elif mode == "keyframes":
+    key = keyframe(t, patch[0])
+    out = sampler.keyframes([caption], [(clip[0], 0), (clip[key], key)], num_frames=t, **options)
   elif mode == "loop":
     out = sampler.loop([caption], image=clip[0], num_frames=t, **options)
   elif mode == "edit":
