@@ -5,9 +5,13 @@ import json
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from tests import configs
+from vdit import sampling, sampling_mesh, sharding
+from vdit.diffusion import objectives
 from vdit.tools import aot, roofline
 
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -155,3 +159,38 @@ def test_one_video_sampler_step_splits_its_tokens_over_sequence(tmp_path):
   ratio = sampler["flops_per_device"] / sampler["model_flops_per_device"]
   assert 1.0 <= ratio < 1.5, ratio
   assert sampler["collectives_gib_per_device"]["all-gather"] > 0  # the keys and values
+
+
+def test_the_sampler_step_planned_is_the_samplers_step():
+  """The step `lower_sampler_step` compiles (here for 8 CPU devices, no libtpu needed) is the
+  sampler's: from noise at t = 1, one step of it gives what a 1-step Euler run of the sampler
+  gives on the same mesh, with the captions encoded once, guidance and the x0 prediction."""
+  config, model, params = configs.untrained_narrow()
+  config.sample.guidance = 3.0
+  mesh = sampling_mesh.make("sequence:4,tensor:2")
+  rules = sharding.rules_from_config(config.sharding_rules)
+  lowered, n, length, padded = aot.lower_sampler_step(config, mesh, (4, 16, 16))
+  assert (n, length, padded) == (1, 32, 32)  # one video, (2, 4, 4) patches: 2 × 4 × 4 tokens
+  sampler = sampling.Sampler(config=config, params=params, model=model, mesh=mesh)
+  grid, m = sampler.grid(4, 16, 16), config.input.max_caption_tokens
+  cond = sampling.prompt_rows(["a red circle moving right"], grid, sampler.tokenizer, m)
+  null = sampling.prompt_rows([""], grid, sampler.tokenizer, m)
+  rows = {k: np.concatenate([cond[k], null[k]]) for k in cond}
+  noise = np.random.default_rng(0).normal(size=(1, length, 96)).astype(np.float32)
+  zeros = np.zeros_like(noise)
+  ref = sampling_mesh.sample_rows(
+    *(model, sampler.params, mesh, rules, rows, noise, zeros, zeros[..., 0] > 0, zeros),
+    *(jax.random.key(0), 3.0, sampler.spec.guidance_interval),
+    spec=sampler.spec,
+    steps=1,
+    sampler="euler",
+    strength=1.0,
+  )
+  keys = ("positions", "segment_ids", "text_tokens", "text_segment_ids", "labels")
+  planned = {k: rows[k] for k in keys}
+  with sharding.activate(mesh, rules):
+    text = objectives.encode_rows(model, sampler.params, planned)
+  ones = np.ones((1, length), np.float32)
+  out = lowered.compile()(sampler.params, noise, ones, np.float32(1.0), planned, text)
+  assert float(np.max(np.abs(np.asarray(out) - noise))) > 0.1  # the step moved x
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5)

@@ -66,6 +66,7 @@ from vdit import (  # noqa: E402
   train,
   train_state,
 )
+from vdit.diffusion import objectives  # noqa: E402
 from vdit.models import flops  # noqa: E402
 from vdit.tools import roofline  # noqa: E402
 from vdit.tools.roofline import CHIPS, COLLECTIVES, Chip, GiB  # noqa: E402
@@ -141,7 +142,10 @@ def sampler_tokens(
 def lower_sampler_step(
   config: ml_collections.ConfigDict, mesh, size: tuple[int, int, int] | None = None
 ):
-  """One Euler step of guided sampling: v = v_null + s·(v_cond − v_null), x ← x − Δt·v.
+  """One Euler step of guided sampling, as the sampler takes it: the guided model call of
+  `objectives.guided_model` on the conditional and null rows (one call on both halves, the
+  captions encoded once before the loop and read by every step), the run's prediction turned
+  into a velocity, x ← x − Δt·v.
 
   Videos of `size` (default: the config's `sample` size), one per row shard of `mesh`
   (data × fsdp), each as a conditional and a null row; placed as `vdit.sampling_mesh` places
@@ -150,7 +154,7 @@ def lower_sampler_step(
   """
   rules = sharding.rules_from_config(config.sharding_rules)
   builder = train_state.build(config, mesh, rules, tasks.get(config))
-  s = config.sample
+  spec = objectives.Spec.from_config(config.diffusion)
   length = sampler_tokens(config, size)
   n, m = sampling_mesh.shards(mesh, rules, axes.BATCH), config.input.max_caption_tokens
   padded = sampling_mesh.padded_length(length, mesh, rules)
@@ -164,22 +168,26 @@ def lower_sampler_step(
   row_shardings = sharding.batch_shardings(mesh, rules, rows)
   x_sharding = sharding.logical_sharding(mesh, rules, sharding.BATCH_AXES["patches"])
   t_sharding = sharding.logical_sharding(mesh, rules, sharding.BATCH_AXES["segment_ids"])
-  guidance = float(s.guidance)
-
-  def step(params, x, t, dt, rows):
-    # x: [N, L, P]; t: [N, L] noise level of every token; rows: the 2N conditional+null rows.
-    v = builder.model.apply(
-      {"params": params},
-      jnp.concatenate([x, x]),
-      jnp.concatenate([t, t]),
-      rows["positions"],
-      rows["segment_ids"],
-      rows["text_tokens"],
-      rows["text_segment_ids"],
-      rows["labels"],
+  abstract_rows = {
+    k: jax.ShapeDtypeStruct(shape, dtype, sharding=row_shardings[k])
+    for k, (shape, dtype) in rows.items()
+  }
+  # The captions as the loop reads them (encoded once per sampling run), replicated: [2N, M, D].
+  with sharding.activate(mesh, rules):
+    text = jax.eval_shape(
+      lambda p, r: objectives.encode_rows(builder.model, p, r),
+      builder.abstract.ema_params,
+      abstract_rows,
     )
-    v_cond, v_null = v[:n], v[n:]
-    return x - dt * (v_null + guidance * (v_cond - v_null)).astype(x.dtype)
+  text_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), text)
+
+  def step(params, x, t, dt, rows, text):
+    # x: [N, L, P]; t: [N, L] noise level of every token; rows: the 2N conditional+null rows.
+    guided = objectives.guided_model(
+      builder.model, params, rows, float(config.sample.guidance), spec.guidance_interval, text
+    )
+    v = objectives.flow_model(spec, guided, sampling=True)(x, t)
+    return x - dt * v.astype(x.dtype)
 
   fn = jax.jit(
     step,
@@ -189,6 +197,7 @@ def lower_sampler_step(
       t_sharding,
       sharding.replicated(mesh),
       row_shardings,
+      text_shardings,
     ),
     out_shardings=x_sharding,
   )
@@ -197,10 +206,10 @@ def lower_sampler_step(
     jax.ShapeDtypeStruct((n, padded, models.patch_dim(config)), jnp.float32, sharding=x_sharding),
     jax.ShapeDtypeStruct((n, padded), jnp.float32, sharding=t_sharding),
     jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh)),
-    {
-      k: jax.ShapeDtypeStruct(shape, dtype, sharding=row_shardings[k])
-      for k, (shape, dtype) in rows.items()
-    },
+    abstract_rows,
+    jax.tree.map(
+      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), text, text_shardings
+    ),
   )
   with sharding.activate(mesh, rules):
     return fn.lower(*args), n, length, padded
