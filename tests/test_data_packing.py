@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from tests import configs
-from vdit import models
-from vdit.data import packing, pipeline
+from vdit import batch_spec, models
+from vdit.data import packing, pipeline, tokenizer
 from vdit.data import transforms as transforms_lib
 from vdit.datasets import moving_digits, photo_pans, shapes
 from vdit.tools.bench import packing as bench_packing
@@ -387,3 +387,17 @@ def test_demo_config_packs_rows_nearly_full(data_dir):
   efficiency = np.mean([b["loss_mask"].mean() for b in batches])
   print(f"demo packing efficiency {efficiency:.4f}")
   assert efficiency >= 0.95
+
+
+def test_a_padding_row_is_the_batch_specs_padding():
+  """`empty_row` (what a row holds where no example is) is `batch_spec`'s padding of every key:
+  segment 0, labels −1, PAD text ids, zero patches, with the spec's dtypes and shapes."""
+  row = packing.empty_row(length=6, text_length=4, slots=2, patch_dim=5, embed_dim=3)
+  assert set(row) == {*batch_spec.PACKED_KEYS, "text_embeddings"} - {"cond_mask", "loss_mask"}
+  for key, value in row.items():
+    field = batch_spec.FIELDS[key]
+    sizes = dict(B=1, L=6, M=4, K=2, P=5, D=3)
+    assert value.shape == batch_spec.shape(key, sizes)[1:] and value.dtype == field.dtype, key
+    assert np.all(value == field.pad), key
+  assert np.all(row["labels"] == -1) and np.all(row["text_tokens"] == tokenizer.PAD_ID)
+  assert "text_embeddings" not in packing.empty_row(6, 4, 2, 5)

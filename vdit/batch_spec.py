@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 
 from vdit.axes import BATCH, LENGTH, TEXT_LENGTH
+from vdit.data import tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +29,7 @@ PACKED: dict[str, Field] = {
   "positions": Field(("B", "L", 3), np.int32, (BATCH, LENGTH, None)),
   "segment_ids": Field(("B", "L"), np.int32, (BATCH, LENGTH)),
   "shapes": Field(("B", "K", 3), np.int32, (BATCH, None, None)),
-  "text_tokens": Field(("B", "M"), np.int32, (BATCH, TEXT_LENGTH)),
+  "text_tokens": Field(("B", "M"), np.int32, (BATCH, TEXT_LENGTH), pad=tokenizer.PAD_ID),
   "text_segment_ids": Field(("B", "M"), np.int32, (BATCH, TEXT_LENGTH)),
   "labels": Field(("B", "K"), np.int32, (BATCH, None), pad=-1),
   "cond_mask": Field(("B", "L"), np.bool_, (BATCH, LENGTH)),
@@ -53,6 +54,16 @@ FIELDS: dict[str, Field] = {**PACKED, **DENSE, "text_embeddings": TEXT_EMBEDDING
 def shape(key: str, sizes: dict[str, int]) -> tuple[int, ...]:
   """The concrete shape of `key`, its letters looked up in `sizes` (e.g. {"B": 8, "L": 1024})."""
   return tuple(d if isinstance(d, int) else sizes[d] for d in FIELDS[key].shape)
+
+
+def padding(keys, sizes: dict[str, int], rows: int | None = None) -> dict[str, np.ndarray]:
+  """Arrays of `keys` that are all padding (each field's `pad`), their letters looked up in
+  `sizes`; `rows=None`: one row (the "B" dimension dropped), as the packer fills it."""
+  out = {}
+  for key in keys:
+    dims = shape(key, {**sizes, "B": rows or 1})
+    out[key] = np.full(dims[1:] if rows is None else dims, FIELDS[key].pad, FIELDS[key].dtype)
+  return out
 
 
 def padding_like(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

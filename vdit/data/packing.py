@@ -29,24 +29,19 @@ import grain
 import numpy as np
 import threadpoolctl
 
-from vdit.data import tokenizer
+from vdit import batch_spec
 from vdit.data import transforms as transforms_lib
 
 
 def empty_row(
   length: int, text_length: int, slots: int, patch_dim: int, embed_dim: int = 0
 ) -> dict:
-  """A row of padding: segment 0 everywhere, labels -1 (and zero caption embeddings if E > 0)."""
-  extra = {"text_embeddings": np.zeros((text_length, embed_dim), np.float32)} if embed_dim else {}
-  return extra | {
-    "patches": np.zeros((length, patch_dim), np.float32),
-    "positions": np.zeros((length, 3), np.int32),
-    "segment_ids": np.zeros((length,), np.int32),
-    "shapes": np.zeros((slots, 3), np.int32),
-    "text_tokens": np.full((text_length,), tokenizer.PAD_ID, np.int32),
-    "text_segment_ids": np.zeros((text_length,), np.int32),
-    "labels": np.full((slots,), -1, np.int32),
-  }
+  """A row of padding (`batch_spec`): segment 0 everywhere, labels -1, text PAD (and zero
+  caption embeddings if E > 0)."""
+  keys = ("text_embeddings",) if embed_dim else ()
+  keys += ("patches", "positions", "segment_ids", "shapes", "text_tokens", "text_segment_ids")
+  sizes = dict(L=length, M=text_length, K=slots, P=patch_dim, D=embed_dim)
+  return batch_spec.padding((*keys, "labels"), sizes)
 
 
 def assemble_row(examples: Sequence[dict], length: int, text_length: int, slots: int) -> dict:
