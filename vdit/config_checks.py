@@ -169,7 +169,7 @@ def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, in
   try:  # the module's fields: the config's values, its defaults for absent keys
     dit = models.build_video_dit(config)
   except (ValueError, TypeError) as e:
-    raise ConfigError(f"model: {e}") from None
+    raise ConfigError(str(e)) from None
   forcing = dict(zip(conditioning.TASKS, diffusion_spec(config.diffusion).cond_probs))["forcing"]
   if forcing and dit.shared_conditioning:
     raise ConfigError(
