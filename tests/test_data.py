@@ -339,6 +339,20 @@ def test_sample_clip_draws_stride_and_duration():
   assert clip.random_map({"video": short}, rng)["video"].shape[0] == 4
 
 
+def test_whole_clip_spreads_the_frames_over_the_video_in_training_and_evaluation():
+  """`input.whole_clip`: up to max_frames frames (whole patch-frames) from the first frame to
+  the last, the same in training and evaluation: a clip shows how far its object travels."""
+  video = np.arange(24, dtype=np.uint8)[:, None, None, None] * np.ones((1, 8, 8, 3), np.uint8)
+  c = pipeline.resolve_input_config(dict(patch_size=(2, 4, 4), max_frames=8, whole_clip=True))
+  rng = np.random.default_rng(0)
+  for train in (True, False):
+    (sample,) = [t for t in transforms_lib.example_transforms(c, train=train) if hasattr(t, "clip")]
+    for t, frames in ((24, [0, 3, 7, 10, 13, 16, 20, 23]), (8, list(range(8))), (5, [0, 1, 3, 4])):
+      got = sample.random_map({"video": video[:t]}, rng)["video"][:, 0, 0, 0].astype(int)
+      assert got.tolist() == frames, (train, t)
+  assert not pipeline.default_input_config().whole_clip  # a window of the video by default
+
+
 def test_resize_to_token_budget_keeps_aspect_and_mean():
   for grid, budget in [((8, 16, 16), 512), ((8, 16, 8), 512), ((4, 4, 16), 100), ((7, 9, 5), 400)]:
     t, h, w = transforms_lib.fit_grid(grid, budget)

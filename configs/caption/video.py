@@ -39,6 +39,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     dataset_config="tiny" if tiny else "default",
     patch_size=(2, 4, 4) if tiny else (2, 8, 8),
     max_frames=8 if tiny else 32,
+    # True: the 8 frames spread over the whole clip (how far the object travels, its speed, is
+    # then in them); False: a window of 8 consecutive frames (docs/models.md, "speed").
+    whole_clip=False,
     tokens_per_row=512 if tiny else 4096,
     rows_per_batch=4 if tiny else 256,
     max_examples_per_row=8,

@@ -68,6 +68,9 @@ def default_input_config() -> ml_collections.ConfigDict:
       min_frames=config_dict.placeholder(int),  # duration in [min, max_frames]; None = max
       frame_stride=1,
       max_frame_stride=config_dict.placeholder(int),  # stride in [frame_stride, this]; None = same
+      # Each clip is up to max_frames frames spread evenly over the whole video (video
+      # captioners' sampling: a clip's speed over its duration is visible), not a window of it.
+      whole_clip=False,
       max_tokens_per_example=512,  # larger examples are resized down (keeping aspect)
       min_tokens_per_example=config_dict.placeholder(int),  # budget in [min, max]; None = max
       token_drop=(0.0, 0.0),  # (min, max) fraction of tokens dropped per example in training

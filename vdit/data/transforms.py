@@ -47,7 +47,11 @@ class SampleClip(grain.transforms.RandomMap):
 
   In training the stride is uniform in [frame_stride, max_frame_stride] and the duration uniform
   in [min_frames, max_frames] (multiples of pt, capped by what the video offers at that stride),
-  the start uniform; in evaluation it is the first clip at `frame_stride` of `max_frames`. A video
+  the start uniform; in evaluation it is the first clip at `frame_stride` of `max_frames`.
+  `whole_clip`: instead, in training and evaluation alike, up to `max_frames` frames (a multiple
+  of pt) spread evenly from the video's first frame to its last, as video captioners sample
+  frames: what happens over the whole clip (how far the object travels: its speed, which
+  `shapes` defines over the clip's duration) is in the clip. A video
   shorter than pt frames (e.g. an image) repeats its last frame up to pt. A video smaller than
   one patch in height or width is skipped (None, counted by the packer like an unreadable file)
   with a warning naming its size.
@@ -61,7 +65,9 @@ class SampleClip(grain.transforms.RandomMap):
     random_start: bool = True,
     min_frames: int | None = None,
     max_frame_stride: int | None = None,
+    whole_clip: bool = False,
   ):
+    self.whole_clip = whole_clip
     self.patch_size = tuple(int(p) for p in patch_size)
     self.max_frames = max_frames
     self.min_frames = max_frames if min_frames is None else min_frames
@@ -85,12 +91,15 @@ class SampleClip(grain.transforms.RandomMap):
     stride = stride or self.frame_stride
     length = length or clip_window(t, self.max_frames, stride, pt)
     frames = np.minimum(start + stride * np.arange(length), t - 1)
+    if self.whole_clip:  # evenly from the first frame to the last
+      length = max(pt, min(t, self.max_frames) // pt * pt)
+      frames = np.round(np.linspace(0, t - 1, length)).astype(int)
     top, left = (h % ph) // 2, (w % pw) // 2
     video = video[frames, top : top + h - h % ph, left : left + w - w % pw]
     return {**element, "video": video}
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    if not self.random_start:
+    if not self.random_start or self.whole_clip:
       return self.clip(element, 0)
     t, pt = element["video"].shape[0], self.patch_size[0]
     stride = int(rng.integers(self.frame_stride, self.max_frame_stride + 1))
@@ -295,6 +304,7 @@ def example_transforms(input_config, *, train: bool) -> list:
       random_start=train,
       min_frames=c.min_frames if train else c.max_frames,
       max_frame_stride=c.max_frame_stride if train else c.frame_stride,
+      whole_clip=c.whole_clip,
     ),
     ToFloat(),
     ResizeToTokenBudget(
