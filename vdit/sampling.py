@@ -123,6 +123,16 @@ class Sampler:
       self.tokenizer = tokenizer.Tokenizer(inp.vocab_size)
     self.spec = objectives.Spec.from_config(self.config.diffusion)
 
+  def check_per_frame(self, what: str, why: str) -> None:
+    """InputError unless every frame has a latent frame of its own (pixel space, or an
+    autoencoder that does not compress time): `what` needs it because `why`."""
+    ft = 1 if self.codec is None else self.codec.compression[0]
+    if ft != 1:
+      raise InputError(
+        f"{what} need a per-frame autoencoder (time compression 1); this one compresses time "
+        f"{ft}×, so {why}"
+      )
+
   def canvas(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
     """The smallest size of whole patches holding (num_frames, height, width): what is
     generated before the crop to the requested size."""
@@ -203,11 +213,7 @@ class Sampler:
     """
     if not keyframes:
       raise InputError("keyframes: none given; expected a list of (frames, index)")
-    if self.codec is not None and self.codec.compression[0] != 1:
-      raise InputError(
-        f"keyframes need a per-frame autoencoder (time compression 1); this one compresses "
-        f"time {self.codec.compression[0]}×, so a frame index has no latent frame of its own"
-      )
+    self.check_per_frame("keyframes", "a frame index has no latent frame of its own")
     h, w, options = self._size(options, like=keyframes[0][0])
     fitted = []  # (clip [F, ...] of whole patch-frames, index, still, name)
     for i, (frames, index) in enumerate(keyframes):
@@ -356,11 +362,7 @@ class Sampler:
         f"context_noise={context_noise}: this model has shared_conditioning (one time per "
         "video), so its context frames cannot carry their own noise level; use context_noise=0"
       )
-    if self.codec is not None and self.codec.compression[0] != 1:
-      raise InputError(
-        f"long videos need a per-frame autoencoder (time compression 1); this one compresses "
-        f"time {self.codec.compression[0]}×, so a window's latents do not decode on their own"
-      )
+    self.check_per_frame("long videos", "a window's latents do not decode on their own")
     h, w, options = self._size(options)
     seed = int(options.pop("seed", 0))
     out = latents = tail = None  # the video (uint8), its latents, the context: on the host

@@ -339,11 +339,10 @@ def evaluate(
       f"size={(t, h, w)}: interpolation needs ≥ 3 patch-frames of {sampler.pt}, ≥ {3 * sampler.pt} "
       "frames"
     )
-  if sampler.codec is not None and sampler.codec.compression[0] != 1:
-    raise NotApplicable(
-      f"the autoencoder compresses time ×{sampler.codec.compression[0]}; given frames are "
-      "compared frame by frame, which needs a per-frame autoencoder"
-    )
+  try:
+    sampler.check_per_frame("the modes", "given frames cannot be compared frame by frame")
+  except given_frames.InputError as e:
+    raise NotApplicable(str(e)) from None
   pixels, patch = sampler.pixel_size(t, h, w), pixel_patch(sampler)
   for mode in [m for m in modes if m in REGIONS]:
     region(mode, pixels, patch)  # too small: ValueError before any sampling
