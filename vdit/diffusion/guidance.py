@@ -12,11 +12,11 @@ Per-example dropout is drawn [B, K] and gathered to tokens through segment ids (
 import jax
 import jax.numpy as jnp
 
+from vdit import batch_spec
+from vdit.data.tokenizer import NULL_ID, PAD_ID  # text ids (DESIGN.md): the tokenizer's
 from vdit.segments import per_token
 
-PAD_ID = 0  # text token ids (DESIGN.md): PAD=0, BOS=1, NULL=2, words >= 3
-NULL_ID = 2
-NULL_LABEL = -1  # class label of the null condition (labels [B, K])
+NULL_LABEL = batch_spec.PACKED["labels"].pad  # class label of the null condition (labels [B, K])
 
 
 def drop_text(
