@@ -23,6 +23,7 @@ import os
 import ml_collections
 
 from vdit import config_lib
+from vdit.data import pipeline
 
 # (width D, depth, heads) per variant; the patch size is part of `input.patch_size`.
 VARIANTS = {"tiny": (128, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16)}
@@ -66,35 +67,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # against the run in `autoencoder` before any compute.
   c.latent_compression = ml_collections.config_dict.placeholder(tuple)
 
-  c.input = dict(
+  # The input pipeline's defaults (`vdit.data.pipeline.default_input_config`: every key, its
+  # type and meaning), with what this recipe sets.
+  c.input = pipeline.default_input_config()
+  c.input.update(
     dataset="shapes",
     dataset_config="tiny" if tiny else "default",
-    mixture=(),  # ((dataset, dataset_config, weight), ...) to mix datasets; () = `dataset` only
-    data_dir=ml_collections.config_dict.placeholder(str),  # None → $VDIT_DATA_DIR or default
-    split="train",
     patch_size=(2, 4, 4),  # (pt, ph, pw) in pixels
     tokens_per_row=512 if tiny else 4096,  # L
     rows_per_batch=8 if tiny else 256,  # B, global (all hosts)
     max_examples_per_row=8 if tiny else 32,  # K
     text_tokens_per_row=96 if tiny else 512,  # M
     max_caption_tokens=16 if tiny else 64,
-    vocab_size=1024,
-    # A caption-embedding table (`python -m vdit.tools.embed_captions`): precomputed embeddings of a
-    # frozen text model instead of token ids; "" = the built-in tokenizer + trainable encoder.
-    text_embeddings="",
     max_frames=16 if tiny else 32,
     min_frames=4,  # clip duration uniform in [min_frames, max_frames]
-    frame_stride=1,
     max_frame_stride=1 if tiny else 2,  # stride uniform in [frame_stride, max_frame_stride]
     max_tokens_per_example=384 if tiny else 4096,
     min_tokens_per_example=48 if tiny else 256,  # NaViT resolution sampling: budget per example
-    token_drop=(0.0, 0.0),  # (min, max) fraction of tokens dropped per example (NaViT)
     num_packing_bins=16 if tiny else 64,  # open rows of the packer's pool (best fit, packing.py)
     shrink_to_fill=0.5,  # an example may lose ≤ half its tokens (keeping aspect) to fill a row
-    workers=0,  # >0: grain multiprocessing workers (mp_prefetch)
-    read_threads=2,  # threads running the per-example transforms
-    read_buffer=32,  # examples prefetched by those threads
-    prefetch_batches=2,  # batches prepared ahead in a background thread
   )
 
   c.model = dict(
