@@ -14,7 +14,7 @@ from vdit import checkpointing, datasets, models, sharding, train_state
 from vdit.data import caption_table, pipeline
 from vdit.data import dense as dense_lib
 from vdit.datasets import latents
-from vdit.diffusion import conditioning, flow, gaussian, objectives
+from vdit.diffusion import flow, gaussian, objectives
 from vdit.models import layers, posemb
 
 MODELS = ("video_dit",)
@@ -56,7 +56,7 @@ def check_diffusion(section: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f"diffusion.shift_base_tokens={d.shift_base_tokens!r} must be an integer >= 0 (0 = off)"
     )
-  forcing = dict(zip(conditioning.TASKS, d.cond_probs))["forcing"]
+  forcing = section.cond_probs.get("forcing", 0.0)  # as written (the spec's are normalised)
   if forcing and d.objective != "rectified_flow":
     raise ConfigError(
       f"diffusion.cond_probs.forcing={forcing} (diffusion forcing) needs "
@@ -170,10 +170,10 @@ def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, in
     dit = models.build_video_dit(config)
   except (ValueError, TypeError) as e:
     raise ConfigError(str(e)) from None
-  forcing = dict(zip(conditioning.TASKS, diffusion_spec(config.diffusion).cond_probs))["forcing"]
+  forcing = config.diffusion.cond_probs.get("forcing", 0.0)
   if forcing and dit.shared_conditioning:
     raise ConfigError(
-      f"diffusion.cond_probs.forcing={config.diffusion.cond_probs.forcing} (a noise level per "
+      f"diffusion.cond_probs.forcing={forcing} (a noise level per "
       "patch-frame) needs model.shared_conditioning=False: a shared-conditioning model holds "
       "one time per example"
     )

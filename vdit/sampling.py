@@ -636,7 +636,7 @@ def _available_bytes() -> int | None:
 def configured_mesh(config: ml_collections.ConfigDict) -> str:
   """`sample.mesh` of a run: the mesh its sampling uses unless a caller names one, e.g.
   "sequence:8" ("" = none: the params' own placement; runs from before the key have none)."""
-  return config.sample.get("mesh", "")
+  return config.get("sample", {}).get("mesh", "")
 
 
 def load(workdir: str, step: int | None = None, mesh: Any = None) -> Sampler:

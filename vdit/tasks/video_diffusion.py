@@ -152,10 +152,10 @@ def check_distill(config: ml_collections.ConfigDict) -> None:
         f"distill.{key}={getattr(d, key)!r} must be an int >= 1: {what}"
       )
   spec = config_checks.diffusion_spec(config.diffusion)
-  forcing = dict(zip(conditioning.TASKS, spec.cond_probs))["forcing"]
+  forcing = config.diffusion.cond_probs.get("forcing", 0.0)
   if forcing:
     raise config_checks.ConfigError(
-      f"diffusion.cond_probs.forcing={config.diffusion.cond_probs.forcing}: diffusion "
+      f"diffusion.cond_probs.forcing={forcing}: diffusion "
       "forcing's per-frame times are not distilled (a student takes one time per example); "
       "set it to 0"
     )
