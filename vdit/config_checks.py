@@ -56,7 +56,7 @@ def check_diffusion(section: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f"diffusion.shift_base_tokens={d.shift_base_tokens!r} must be an integer >= 0 (0 = off)"
     )
-  forcing = section.cond_probs.get("forcing", 0.0)  # as written (the spec's are normalised)
+  forcing = section.get("cond_probs", {}).get("forcing", 0.0)  # as written (the spec normalises)
   if forcing and d.objective != "rectified_flow":
     raise ConfigError(
       f"diffusion.cond_probs.forcing={forcing} (diffusion forcing) needs "
@@ -170,7 +170,7 @@ def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, in
     dit = models.build_video_dit(config)
   except (ValueError, TypeError) as e:
     raise ConfigError(str(e)) from None
-  forcing = config.diffusion.cond_probs.get("forcing", 0.0)
+  forcing = config.diffusion.get("cond_probs", {}).get("forcing", 0.0)
   if forcing and dit.shared_conditioning:
     raise ConfigError(
       f"diffusion.cond_probs.forcing={forcing} (a noise level per "

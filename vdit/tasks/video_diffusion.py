@@ -152,7 +152,7 @@ def check_distill(config: ml_collections.ConfigDict) -> None:
         f"distill.{key}={getattr(d, key)!r} must be an int >= 1: {what}"
       )
   spec = config_checks.diffusion_spec(config.diffusion)
-  forcing = config.diffusion.cond_probs.get("forcing", 0.0)
+  forcing = config.diffusion.get("cond_probs", {}).get("forcing", 0.0)
   if forcing:
     raise config_checks.ConfigError(
       f"diffusion.cond_probs.forcing={forcing}: diffusion "
