@@ -44,6 +44,11 @@ class Optimizer:
   schedule_steps: int = 0  # length of the warmup+cosine schedule; 0 → total_steps
   grad_accum_steps: int = 1  # microbatches per update (optax.MultiSteps)
 
+  @property
+  def accumulation(self) -> int:
+    """Microbatches per optimizer update (at least 1)."""
+    return max(self.grad_accum_steps, 1)
+
 
 def optimizer_spec(opt: Mapping[str, Any]) -> Optimizer:
   """The `optimizer` section as its typed spec (defaults for absent keys)."""
@@ -52,7 +57,7 @@ def optimizer_spec(opt: Mapping[str, Any]) -> Optimizer:
 
 def accumulation_steps(opt: Mapping[str, Any]) -> int:
   """Microbatches per optimizer update (`optimizer.grad_accum_steps`, default 1)."""
-  return max(optimizer_spec(opt).grad_accum_steps, 1)
+  return optimizer_spec(opt).accumulation
 
 
 def _base_schedule(opt: Optimizer, total_steps: int) -> optax.Schedule:
@@ -76,7 +81,8 @@ def learning_rate_schedule(opt: Mapping[str, Any], total_steps: int) -> optax.Sc
   rate is held for each window of k steps at its value at the window's first step: all of
   `total_steps`, `warmup_steps` and `schedule_steps` count train steps, not updates.
   """
-  base, k = _base_schedule(optimizer_spec(opt), total_steps), accumulation_steps(opt)
+  opt = optimizer_spec(opt)
+  base, k = _base_schedule(opt, total_steps), opt.accumulation
   if k == 1:
     return base
   return lambda step: base((step // k) * k)
@@ -98,7 +104,7 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int) -> optax.GradientTr
   zero updates. The global batch of one update is then k × `input.rows_per_batch` rows.
   """
   opt = optimizer_spec(opt)
-  base, k = _base_schedule(opt, total_steps), max(opt.grad_accum_steps, 1)
+  base, k = _base_schedule(opt, total_steps), opt.accumulation
   # The inner count is the number of applied updates u; update u uses train step u·k.
   lr = base if k == 1 else (lambda u: base(u * k))
 

@@ -231,12 +231,11 @@ class VideoDiffusion(base.Task):
     config_checks.check_video_diffusion(config, mesh_shape)
     check_repa(config)
     check_distill(config)
+    mesh = sampling.configured_mesh(config)
     try:
-      sampling_mesh.make(sampling.configured_mesh(config))
+      sampling_mesh.make(mesh)
     except InputError as e:
-      raise config_checks.ConfigError(
-        f"sample.mesh={sampling.configured_mesh(config)!r}: {e}"
-      ) from None
+      raise config_checks.ConfigError(f"sample.mesh={mesh!r}: {e}") from None
 
   def batch_keys(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
     extra = ("text_embeddings",) if config.input.get("text_embeddings") else ()
