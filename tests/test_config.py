@@ -10,7 +10,16 @@ import pytest
 
 from tests.configs import REPO
 from tests.configs import load as load_config
-from vdit import config_checks, config_lib, models, section_spec, sharding, train, train_state
+from vdit import (
+  config_checks,
+  config_lib,
+  models,
+  sampling,
+  section_spec,
+  sharding,
+  train,
+  train_state,
+)
 from vdit.data import pipeline
 from vdit.diffusion import distillation, objectives
 
@@ -63,6 +72,14 @@ def test_tiny_config_is_valid():
     ("distill.stepz", 4, r"distill has no key\(s\) \['stepz'\]"),
     ("sample.mesh", "sequence:3", r"sample.mesh='sequence:3': .*needs 3 devices, but 8 are"),
     ("model.cell_heads", 2, r"model keys \['cell_heads'\] are not settable fields of VideoDiT"),
+    ("sample.num_frame", 8, r"sample has no key\(s\) \['num_frame'\]"),
+    ("sample.steps", 0, r"sample.steps=0 must be an integer ≥ 1"),
+    # An eval's options are its evaluator's keywords: a misspelt one fails before training.
+    (
+      "evals.adherence.num_promts",
+      4,
+      r"evals.adherence \(type='adherence'\): unknown option\(s\) \['num_promts'\]",
+    ),
   ],
 )
 def test_validate_names_the_bad_value(key, value, message):
@@ -115,8 +132,10 @@ def test_a_config_from_before_a_key_existed_reads_with_its_defaults():
   for key in ("name", "schedule_steps", "grad_accum_steps", "final_lr_fraction"):
     del old["optimizer"][key]
   del old["distill"], old["model"]["cell_head"], old["model"]["position_code"]
+  del old["sample"]["mesh"]
   old = ml_collections.ConfigDict(old)
   train.validate(old)
+  assert sampling.settings(old) == sampling.settings(config)
   assert (
     objectives.Spec.from_config(old.diffusion),
     train_state.optimizer_spec(old.optimizer),

@@ -211,10 +211,6 @@ def check_video_diffusion(config: ml_collections.ConfigDict, shape: dict[str, in
     )
   _check_latent_space(config)
   _check_text_embeddings(config, dit.text_embed_dim)
-  s = config.sample
-  for dim in ("num_frames", "height", "width"):  # any size (cropped from whole patches)
-    if not (isinstance(s[dim], int) and s[dim] >= 1):
-      raise ConfigError(f"sample.{dim}={s[dim]!r} must be an integer ≥ 1")
 
 
 def _check_text_embeddings(config: ml_collections.ConfigDict, dim: int) -> None:

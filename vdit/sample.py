@@ -236,7 +236,7 @@ def _generate(
   sampler: sampling.Sampler, f, prompts: list[str], inputs: dict
 ) -> tuple[np.ndarray, dict]:
   """The mode's videos and the options used (defaults resolved)."""
-  s = sampler.config.sample
+  s = sampler.settings
   if f.label is not None and not sampler.model.num_classes:
     raise InputError(f"--label={f.label} but this model is not class-conditional (num_classes=0)")
   try:

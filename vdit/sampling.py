@@ -37,14 +37,43 @@ from vdit import (
   media,
   models,
   sampling_mesh,
+  section_spec,
   sharding,
   tasks,
 )
 from vdit.axes import BATCH, HEADS, LENGTH
-from vdit.data import caption_table, patchify, tokenizer
+from vdit.data import caption_table, packing, patchify, tokenizer
 from vdit.diffusion import given_frames, objectives, sliding_window
 from vdit.diffusion.given_frames import InputError, fit_size, patch_frames
 from vdit.tasks import restore
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """`config.sample` of a video run: what `vdit.sample`, the sampling evals and `Sampler` use
+  unless told otherwise (sizes in model units: latent ones in latent space)."""
+
+  prompts: tuple[str, ...] = ()  # the `prompts` / `samples` evals' and the CLI's default prompts
+  num_frames: int = 8
+  height: int = 32
+  width: int = 32
+  steps: int = 32
+  guidance: float = 3.0
+  seed: int = 0
+  display_scale: int = 1  # nearest-neighbour upscaling of written GIF/MP4 for viewing
+  # The mesh samples are drawn on ("sequence:8": one video's tokens over 8 devices; "" = none:
+  # the params' own placement); `sampling_mesh.make` reads it.
+  mesh: str = ""
+
+
+def settings(config: ml_collections.ConfigDict) -> Settings:
+  """The run's `sample` section (absent keys: the defaults, as in runs from before a key);
+  ValueError naming an unknown key, a value of the wrong type or a size below 1."""
+  s = section_spec.read(Settings, config.get("sample"), "sample")
+  for dim in ("num_frames", "height", "width", "steps", "display_scale"):
+    if getattr(s, dim) < 1:  # any size ≥ 1 (cropped from whole patches)
+      raise ValueError(f"sample.{dim}={getattr(s, dim)} must be an integer ≥ 1")
+  return s
 
 
 def prompt_rows(
@@ -54,29 +83,28 @@ def prompt_rows(
   max_tokens: int,
   labels=None,
 ) -> dict[str, np.ndarray]:
-  """One row per prompt holding one video of `grid` patches; captions tokenized (or embedded,
-  with a caption-embedding table) and padded; `labels` (one per prompt) or −1 (null)."""
-  n, length = len(prompts), int(np.prod(grid))
-  text = np.zeros((n, max_tokens), np.int32)
-  text_seg = np.zeros((n, max_tokens), np.int32)
+  """One packed row per prompt holding one video of `grid` patches (the packer's rows, without
+  `patches`: the sampler draws them); captions tokenized (or embedded, with a caption-embedding
+  table) and padded; `labels` (one per prompt) or −1 (null)."""
+  length = int(np.prod(grid))
   embedded = isinstance(tok, caption_table.CaptionEmbeddings)
-  extra = {"text_embeddings": np.zeros((n, max_tokens, tok.dim), np.float32)} if embedded else {}
+  rows = []
   for i, prompt in enumerate(prompts):
+    example = {
+      "patches": np.zeros((length, 0), np.float32),
+      "positions": patchify.grid_positions(grid),
+      "shapes": np.asarray([grid], np.int32),
+      "labels": np.asarray([-1 if labels is None else labels[i]], np.int32),
+    }
     if embedded:
-      ids, emb = tok(prompt)
-      extra["text_embeddings"][i, : len(ids)] = emb
+      ids, example["text_embeddings"] = tok(prompt)
     else:
       ids = tok.encode(prompt, max_tokens)
-    text[i, : len(ids)] = ids
-    text_seg[i, : len(ids)] = 1
-  return extra | {
-    "positions": np.broadcast_to(patchify.grid_positions(grid), (n, length, 3)).copy(),
-    "segment_ids": np.ones((n, length), np.int32),
-    "shapes": np.broadcast_to(np.asarray(grid, np.int32), (n, 1, 3)).copy(),
-    "text_tokens": text,
-    "text_segment_ids": text_seg,
-    "labels": np.asarray([-1] * n if labels is None else labels, np.int32).reshape(n, 1),
-  }
+    example["text_tokens"] = np.asarray(ids, np.int32)
+    row = packing.assemble_row([example], length, max_tokens, slots=1)
+    del row["patches"]
+    rows.append(row)
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,6 +129,7 @@ class Sampler:
   mesh: Any = None
 
   def __post_init__(self):
+    self.settings = settings(self.config)
     self.model = self.model or models.build(self.config)
     self.mesh = sampling_mesh.make(self.mesh)
     self.rules = sharding.rules_from_config(self.config.sharding_rules)
@@ -176,7 +205,7 @@ class Sampler:
     if frames.ndim == 4 and frames.shape[0] > 1:
       logging.warning("image: %d frames given, using the first", frames.shape[0])
     still = self._frames(frames[:1] if frames.ndim == 4 else frames, h, w, "image", "first")
-    num_frames = num_frames or self.config.sample.num_frames
+    num_frames = num_frames or self.settings.num_frames
     return self._given(prompts, num_frames, h, w, [still], [], options)
 
   def extend(self, prompts, video, *, direction="forward", num_frames=None, **options):
@@ -187,7 +216,7 @@ class Sampler:
     h, w, options = self._size(options, like=video)
     keep = "last" if direction == "forward" else "first"
     clip = self._frames(video, h, w, "video", keep)
-    num_frames = num_frames or len(clip) + self.config.sample.num_frames
+    num_frames = num_frames or len(clip) + self.settings.num_frames
     head, tail = ([clip], []) if direction == "forward" else ([], [clip])
     return self._given(prompts, num_frames, h, w, head, tail, options)
 
@@ -197,7 +226,7 @@ class Sampler:
     h, w, options = self._size(options, like=video)
     a = self._frames(video, h, w, "video", "last")
     b = self._frames(video2, h, w, "video2", "first")
-    num_frames = num_frames or len(a) + len(b) + self.config.sample.num_frames
+    num_frames = num_frames or len(a) + len(b) + self.settings.num_frames
     return self._given(prompts, num_frames, h, w, [a], [b], options)
 
   def keyframes(self, prompts, keyframes, *, num_frames=None, **options) -> np.ndarray:
@@ -224,7 +253,7 @@ class Sampler:
       still = frames.ndim == 3 or len(frames) == 1
       fitted.append((self._frames(frames, h, w, name, "first"), int(index), still, name))
     ends = [i - i % self.pt + self.pt if still else i + len(c) for c, i, still, _ in fitted]
-    num_frames = num_frames or max(*ends, self.config.sample.num_frames)
+    num_frames = num_frames or max(*ends, self.settings.num_frames)
     t = self.canvas(num_frames, h, w)[0]
     clips = [
       (clip, given_frames.keyframe_start(i, len(clip), still, num_frames, self.pt, name), name)
@@ -309,7 +338,7 @@ class Sampler:
     text-to-image sample of each prompt — is generated; its first num_frames are returned.
     """
     h, w, options = self._size(options, like=image)
-    num_frames = num_frames or self.config.sample.num_frames
+    num_frames = num_frames or self.settings.num_frames
     if image is None:
       images = self.text_to_image(prompts, height=h, width=w, **options)  # uint8 [N, 1, H, W, 3]
       key = np.stack([self._frames(im, h, w, "image", "first")[:1] for im in images])
@@ -474,7 +503,7 @@ class Sampler:
     """(height, width, the other options): the requested size, else that of `like` (the given
     image or video, [..., H, W, 3]; in latent units in latent space), else the config's
     sample size."""
-    s = self.config.sample
+    s = self.settings
     options = dict(options)
     h, w = options.pop("height", None), options.pop("width", None)
     if like is not None:
@@ -636,7 +665,7 @@ def _available_bytes() -> int | None:
 def configured_mesh(config: ml_collections.ConfigDict) -> str:
   """`sample.mesh` of a run: the mesh its sampling uses unless a caller names one, e.g.
   "sequence:8" ("" = none: the params' own placement; runs from before the key have none)."""
-  return config.get("sample", {}).get("mesh", "")
+  return settings(config).mesh
 
 
 def load(workdir: str, step: int | None = None, mesh: Any = None) -> Sampler:

@@ -35,6 +35,7 @@ evaluator and its options.
 """
 
 import importlib
+import inspect
 import json
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -143,12 +144,32 @@ def evals_of(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
   return out
 
 
+def check_options(name: str, entry: dict[str, Any]) -> None:
+  """The options of eval `name` are keywords its evaluator takes (its signature is the spec of
+  its section: a misspelt option fails here, before training, not at the first eval)."""
+  fn = get(entry["type"])
+  options = {k: v for k, v in entry.items() if k not in RESERVED}
+  params = list(inspect.signature(fn).parameters.values())[1:]  # after ctx
+  if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+    return
+  takes = [p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+  unknown = sorted(set(options) - set(takes))
+  missing = [
+    p.name for p in params if p.default is inspect.Parameter.empty and p.name not in options
+  ]
+  if unknown or missing:
+    what = f"unknown option(s) {unknown}" if unknown else f"missing option(s) {missing}"
+    raise config_checks.ConfigError(
+      f"evals.{name} (type={entry['type']!r}): {what}; its options are {takes}"
+    )
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """`config.evals`: known types, every_steps >= 0 (the evaluators check their own options);
-  raises `config_checks.ConfigError`."""
+  """`config.evals`: known types, options the evaluator takes, every_steps >= 0 (the
+  evaluators check their options' values); raises `config_checks.ConfigError`."""
   try:
     for name, entry in evals_of(config).items():
-      get(entry["type"])
+      check_options(name, entry)
       every = entry.get("every_steps", 0)
       if not isinstance(every, int) or every < 0:
         raise config_checks.ConfigError(

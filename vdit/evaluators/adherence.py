@@ -53,7 +53,7 @@ def evaluate(
   prompts = prompts_for(vocab, num_prompts, seed)
   sampler = predict_fn(fns, "sampler")(params)
   if guidance is None:
-    guidance = config.sample.guidance
+    guidance = sampler.settings.guidance
   all_videos, out = [], {}
   for t, h, w in [tuple(int(x) for x in s) for s in (sizes or (size,))]:
     videos = []

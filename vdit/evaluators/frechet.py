@@ -138,7 +138,7 @@ def evaluate(
   features_of = EXTRACTORS[extractor](**extractor_options)
   sampler = predict_fn(fns, "sampler")(params)
   if guidance is None:
-    guidance = config.sample.guidance
+    guidance = sampler.settings.guidance
   sizes = [tuple(int(x) for x in s) for s in (sizes or (size,))]  # the model's units
   pixels = [sampler.pixel_size(*s) for s in sizes]
   videos, captions, picked = real_videos(

@@ -332,7 +332,7 @@ def evaluate(
   if unknown:
     raise ValueError(f"modes={sorted(unknown)} are unknown; expected some of {(*MODES, LONG)}")
   sampler = predict_fn(fns, "sampler")(params)
-  s = config.sample
+  s = sampler.settings
   t, h, w = (int(x) for x in (size or (s.num_frames, s.height, s.width)))
   if t < 3 * sampler.pt:
     raise ValueError(
@@ -354,7 +354,7 @@ def evaluate(
   vocab = shapes_scorer.Vocabulary.of_dataset(variant)
   real, captions = clips(data, num_videos, pixels, vocab)
   options = dict(height=h, width=w, steps=steps, strength=strength)
-  options["guidance"] = config.sample.guidance if guidance is None else guidance
+  options["guidance"] = s.guidance if guidance is None else guidance
   ceiling = _mean([score("t2v", c, c, p, vocab, patch) for c, p in zip(real, captions)])
   out = {f"real_{k}": v for k, v in ceiling.items()}
   grid_dir = os.path.join(workdir, "samples", str(step))

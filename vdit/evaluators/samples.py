@@ -38,7 +38,7 @@ def evaluate(
   fns, params, workdir, step = ctx.fns, ctx.params, ctx.workdir, ctx.step
   sampler = predict_fn(fns, "sampler")(params)
   if guidance is None:
-    guidance = ctx.config.sample.guidance
+    guidance = sampler.settings.guidance
   out_dir = os.path.join(workdir, "eval_samples", str(step))
   files, images, videos = [], {}, {}
   for num_frames, height, width in sizes:
@@ -74,11 +74,13 @@ def prompts(ctx: Context) -> dict:
   """Writes the config's sample prompts as GIF and MP4 into workdir/samples/<step>/ (and, in
   latent space, their latents as NPZ); prints the paths."""
   config, fns, params, workdir, step = ctx
-  s = config.sample
-  if not s.get("prompts"):
-    raise NotApplicable("config.sample.prompts is empty")
-  options = {k: s[k] for k in ("num_frames", "height", "width", "steps", "guidance", "seed")}
   sampler = predict_fn(fns, "sampler")(params)
+  s = sampler.settings
+  if not s.prompts:
+    raise NotApplicable("config.sample.prompts is empty")
+  options = {
+    k: getattr(s, k) for k in ("num_frames", "height", "width", "steps", "guidance", "seed")
+  }
   videos = sampler.generate(list(s.prompts), **options)
   if jax.process_index() != 0:
     return {"num_videos": len(videos)}

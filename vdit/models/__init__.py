@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vdit import batch_spec
 from vdit.diffusion import objectives
 from vdit.models.video_dit import VideoDiT
 
@@ -117,18 +118,24 @@ def build_zoo(m: ml_collections.ConfigDict):
 
 
 def dummy_inputs(config: ml_collections.ConfigDict, rows: int = 1) -> tuple:
-  """Inputs of the packed-batch shapes for `init` / `eval_shape` (values are irrelevant)."""
+  """Inputs of the packed-batch shapes (`batch_spec`: padding rows) for `init` / `eval_shape`,
+  in the order of VideoDiT's call: x, t, positions, segment_ids, text_tokens, text_segment_ids,
+  labels (and text_embeddings with precomputed captions)."""
   inp = config.input
-  length, m, k = inp.tokens_per_row, inp.text_tokens_per_row, inp.max_examples_per_row
   embed_dim = config.model.get("text_embed_dim", 0)
-  embeddings = (jnp.zeros((rows, m, embed_dim), jnp.float32),) if embed_dim else ()
-  return (
-    jnp.zeros((rows, length, patch_dim(config)), jnp.float32),  # x
-    jnp.zeros((rows, length), jnp.float32),  # t
-    jnp.zeros((rows, length, 3), jnp.int32),  # positions
-    jnp.ones((rows, length), jnp.int32),  # segment_ids
-    jnp.ones((rows, m), jnp.int32),  # text_tokens
-    jnp.ones((rows, m), jnp.int32),  # text_segment_ids
-    jnp.full((rows, k), -1, jnp.int32),  # labels
-    *embeddings,  # text_embeddings (precomputed captions only)
+  keys = ("patches", "positions", "segment_ids", "text_tokens", "text_segment_ids", "labels")
+  keys += ("text_embeddings",) if embed_dim else ()
+  sizes = dict(
+    B=rows,
+    L=inp.tokens_per_row,
+    M=inp.text_tokens_per_row,
+    K=inp.max_examples_per_row,
+    P=patch_dim(config),
+    D=embed_dim,
   )
+  # jnp, not batch_spec.padding's numpy: under `jax.eval_shape` (aot) nothing is allocated.
+  pad = lambda k: jnp.full(
+    batch_spec.shape(k, sizes), batch_spec.FIELDS[k].pad, batch_spec.FIELDS[k].dtype
+  )
+  x, *rest = (pad(k) for k in keys)
+  return (x, jnp.zeros((rows, inp.tokens_per_row), jnp.float32), *rest)

@@ -202,7 +202,7 @@ def distill_loss(model, params, batch, rng, config) -> tuple[jax.Array, dict]:
   settings = distillation.settings(config.distill)
   tconfig, tmodel, tparams = teacher(settings.teacher)
   spec, tspec = (objectives.Spec.from_config(c.diffusion) for c in (config, tconfig))
-  scale = float(tconfig.sample.guidance)
+  scale = sampling.settings(tconfig).guidance
   interval = tspec.guidance_interval
   # The sampler's guided call on the batch's rows: its captions encoded once for all the
   # teacher's steps, and with their null rows (every caption [NULL]) unless guidance is 1.
@@ -231,7 +231,10 @@ class VideoDiffusion(base.Task):
     config_checks.check_video_diffusion(config, mesh_shape)
     check_repa(config)
     check_distill(config)
-    mesh = sampling.configured_mesh(config)
+    try:
+      mesh = sampling.settings(config).mesh
+    except ValueError as e:
+      raise config_checks.ConfigError(str(e)) from None
     try:
       sampling_mesh.make(mesh)
     except InputError as e:

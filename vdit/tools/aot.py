@@ -60,6 +60,7 @@ from vdit import (  # noqa: E402
   batch_spec,
   config_lib,
   models,
+  sampling,
   sampling_mesh,
   sharding,
   tasks,
@@ -134,7 +135,7 @@ def sampler_tokens(
 ) -> int:
   """Tokens of one video of `size` (frames, height, width; default: the config's `sample` size)
   on the canvas of whole patches the sampler generates it on (`Sampler.canvas`)."""
-  s = config.sample
+  s = sampling.settings(config)
   size = size or (s.num_frames, s.height, s.width)
   return math.prod(-(-int(n) // p) for n, p in zip(size, config.input.patch_size))
 
@@ -184,7 +185,7 @@ def lower_sampler_step(
   def step(params, x, t, dt, rows, text):
     # x: [N, L, P]; t: [N, L] noise level of every token; rows: the 2N conditional+null rows.
     guided = objectives.guided_model(
-      builder.model, params, rows, float(config.sample.guidance), spec.guidance_interval, text
+      builder.model, params, rows, sampling.settings(config).guidance, spec.guidance_interval, text
     )
     v = objectives.flow_model(spec, guided, sampling=True)(x, t)
     return x - dt * v.astype(x.dtype)
@@ -368,7 +369,7 @@ def report(
   if sampler:
     smesh = sampling_mesh.make(sampler_mesh, devices) or mesh
     lower = functools.partial(lower_sampler_step, size=sampler_video)
-    s = config.sample
+    s = sampling.settings(config)
     video = sampler_video or (s.num_frames, s.height, s.width)
     _log(f"  sampler step: {'x'.join(map(str, video))} videos, mesh {dict(smesh.shape)}")
     sampler_report, (n, length, padded) = _compile(

@@ -51,7 +51,7 @@ def measure(sampler, expand, repeats: int = 6, steps: int = 16, size=None) -> di
   config = sampler.config
   adherence = config.get("evals", {}).get("adherence", {})
   vocab = shapes_scorer.Vocabulary.of_dataset(adherence.get("dataset_config", "tiny"))
-  s = config.sample
+  s = sampler.settings
   t, h, w = size or adherence.get("size") or (s.num_frames, s.height, s.width)
   pairs = [pair for pair in short_prompts(vocab) for _ in range(repeats)]
   prompts, named = [p for p, _ in pairs], [n for _, n in pairs]

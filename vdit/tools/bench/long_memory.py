@@ -55,7 +55,7 @@ def _sampler(options: dict) -> sampling.Sampler:
 def compiled_bytes(s: sampling.Sampler, frames: int, steps: int, given: bool) -> int:
   """Arguments + outputs + temporaries of the compiled sampling loop of one window of `frames`
   frames at the config's sample size (lowered and compiled, not run)."""
-  grid = s.grid(frames, s.config.sample.height, s.config.sample.width)
+  grid = s.grid(frames, s.settings.height, s.settings.width)
   length, patch_dim = int(np.prod(grid)), int(np.prod(s.patch_size)) * s.channels
   max_tokens = s.config.input.max_caption_tokens
   cond = sampling.prompt_rows(PROMPT, grid, s.tokenizer, max_tokens)
@@ -140,7 +140,7 @@ def run(options: dict) -> dict:
     rows.append(row)
   out = {
     "model": options.get("workdir") or "configs/vdit/shapes.py:tiny (random params)",
-    "size": [s.config.sample.height, s.config.sample.width],
+    "size": [s.settings.height, s.settings.width],
     "window": window,
     "context": context,
     "steps": steps,
