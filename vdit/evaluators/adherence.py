@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from vdit import media
+from vdit import media, sampling
 from vdit.evaluators import Context, NotApplicable, predict_fn, shapes_scorer
 
 
@@ -53,7 +53,7 @@ def evaluate(
   prompts = prompts_for(vocab, num_prompts, seed)
   sampler = predict_fn(fns, "sampler")(params)
   if guidance is None:
-    guidance = sampler.settings.guidance
+    guidance = sampling.settings(config).guidance
   all_videos, out = [], {}
   for t, h, w in [tuple(int(x) for x in s) for s in (sizes or (size,))]:
     videos = []

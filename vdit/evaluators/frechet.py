@@ -29,6 +29,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy import linalg
 
+from vdit import sampling
 from vdit.evaluators import Context, classifier, predict_fn
 from vdit.evaluators.extractors import i3d, inception
 from vdit.evaluators.validation import real_videos
@@ -138,7 +139,7 @@ def evaluate(
   features_of = EXTRACTORS[extractor](**extractor_options)
   sampler = predict_fn(fns, "sampler")(params)
   if guidance is None:
-    guidance = sampler.settings.guidance
+    guidance = sampling.settings(config).guidance
   sizes = [tuple(int(x) for x in s) for s in (sizes or (size,))]  # the model's units
   pixels = [sampler.pixel_size(*s) for s in sizes]
   videos, captions, picked = real_videos(

@@ -60,6 +60,7 @@ import os
 
 import numpy as np
 
+from vdit import sampling
 from vdit.data import transforms
 from vdit.datasets import shapes
 from vdit.diffusion import given_frames
@@ -332,7 +333,7 @@ def evaluate(
   if unknown:
     raise ValueError(f"modes={sorted(unknown)} are unknown; expected some of {(*MODES, LONG)}")
   sampler = predict_fn(fns, "sampler")(params)
-  s = sampler.settings
+  s = sampling.settings(config)
   t, h, w = (int(x) for x in (size or (s.num_frames, s.height, s.width)))
   if t < 3 * sampler.pt:
     raise ValueError(

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from vdit import media
+from vdit import media, sampling
 from vdit.evaluators import Context, NotApplicable, predict_fn
 
 DEFAULT_PROMPTS = ("a red circle moving right", "a blue square moving left")
@@ -38,7 +38,7 @@ def evaluate(
   fns, params, workdir, step = ctx.fns, ctx.params, ctx.workdir, ctx.step
   sampler = predict_fn(fns, "sampler")(params)
   if guidance is None:
-    guidance = sampler.settings.guidance
+    guidance = sampling.settings(ctx.config).guidance
   out_dir = os.path.join(workdir, "eval_samples", str(step))
   files, images, videos = [], {}, {}
   for num_frames, height, width in sizes:
@@ -75,7 +75,7 @@ def prompts(ctx: Context) -> dict:
   latent space, their latents as NPZ); prints the paths."""
   config, fns, params, workdir, step = ctx
   sampler = predict_fn(fns, "sampler")(params)
-  s = sampler.settings
+  s = sampling.settings(config)
   if not s.prompts:
     raise NotApplicable("config.sample.prompts is empty")
   options = {
