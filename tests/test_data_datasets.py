@@ -1,5 +1,6 @@
 """The bundled TFDS builders (moving_digits, photo_pans) and the folder source for users' data."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ import threadpoolctl
 from tests import configs
 from vdit import datasets
 from vdit.data import pipeline, transforms
-from vdit.datasets import folder, moving_digits, photo_pans
+from vdit.datasets import folder, moving_digits, photo_pans, shapes
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -259,3 +260,22 @@ def test_folder_tfds_conversion_and_pipeline(media_dir, data_dir):
     assert batch["loss_mask"].sum() > 0 and (batch["shapes"][..., 0] > 0).sum() >= 2
   with pytest.raises(ValueError, match="needs dataset_config=<path of the folder>"):
     datasets.data_source("folder", "train", data_dir=data_dir)
+
+
+@pytest.mark.parametrize(
+  "builder", [shapes.Shapes, moving_digits.MovingDigits], ids=lambda b: b.__name__
+)
+def test_tiny_20k_is_tiny_with_more_train_clips(builder):
+  """`tiny_20k` differs from `tiny` only in its train size, so its validation split is tiny's
+  (models trained on either are scored on the same clips) and tiny's train clips are its first."""
+  by_name = {c.name: c for c in builder.BUILDER_CONFIGS}
+  tiny, big = by_name["tiny"], by_name["tiny_20k"]
+  fields = [f.name for f in dataclasses.fields(tiny) if f.name not in ("name", "description")]
+  assert big.train_size == 10 * tiny.train_size
+  assert {f: getattr(big, f) for f in fields if f != "train_size"} == {
+    f: getattr(tiny, f) for f in fields if f != "train_size"
+  }
+  for split, index in (("validation", 0), ("validation", 199), ("train", 1999)):
+    assert _digest(builder.generate(big, split, index)) == _digest(
+      builder.generate(tiny, split, index)
+    )

@@ -176,8 +176,8 @@ class MovingDigits(building.ProceduralBuilder):
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
     MovingDigitsConfig(name="tiny", description="24-72 px, 4-20 frames, 2000/200 examples"),
-    # tiny's distribution with ten times the train clips (the same scans; its validation split
-    # is tiny's, example for example).
+    # tiny's distribution with ten times the train clips (the same scans: tiny's 2,000 clips are
+    # among them); its validation split is tiny's, clip for clip.
     MovingDigitsConfig(
       name="tiny_20k", description="tiny with 20000 train clips", train_size=20_000
     ),

@@ -221,8 +221,9 @@ class Shapes(building.ProceduralBuilder):
   }
   BUILDER_CONFIGS = [
     ShapesConfig(name="tiny", description="16-80 px, aspect 1:3-3:1, 4-24 frames, 2000/200"),
-    # tiny's distribution with ten times the train clips; example i of a split is tiny's example
-    # i, so its validation split *is* tiny's (models trained on either are scored alike).
+    # tiny's distribution with ten times the train clips: tiny's 2,000 are among them, and its
+    # validation split *is* tiny's (the same seed draws the same examples), so models trained on
+    # either are scored on the same clips.
     ShapesConfig(name="tiny_20k", description="tiny with 20000 train clips", train_size=20_000),
     ShapesConfig(
       name="default",
