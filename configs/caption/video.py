@@ -64,5 +64,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     center_input=True,  # subtract each example's mean colour from its patches
     **config_lib.RUNTIME,
   )
-  c.evals = dict(captions=dict(type="captions", beams=4, examples=0))
+  # Every 1,000 steps (and at the end): shape is learnt late, so its curve is what to read.
+  c.evals = dict(
+    captions=dict(type="captions", every_steps=1000 if tiny else 20_000, beams=4, examples=0)
+  )
   return c
