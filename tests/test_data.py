@@ -286,6 +286,23 @@ def test_speed_words_are_honoured():
   assert moved["quickly"] > 1.8 * moved["slowly"] > 0, moved
 
 
+def test_the_speed_word_says_what_the_video_shows():
+  """The caption's speed word is the range the motion falls in (else the nearest), not the speed
+  drawn: a 1 px/frame floor makes a long clip on a small canvas move faster than drawn."""
+  assert [
+    shapes.speed_word(f) for f in (0.3, 0.45, 0.5, 0.55, 0.6, 0.85, 0.87, 0.88, 1.0, 1.6)
+  ] == ["slowly", "slowly", "slowly", "", "", "", "", "quickly", "quickly", "quickly"]
+  # 24 frames across a 24-px side: at 1 px/frame the object crosses more than its free span.
+  obj = (shapes.ObjectSpec("red", "circle", "right"),)
+  spec = shapes.ExampleSpec(obj, "black", num_frames=24, height=48, width=24, speed="slowly")
+  ex = shapes.make_example(np.random.default_rng(0), spec)
+  assert ex["caption"] == "a red circle moving right quickly"
+  mask = _object_mask(ex["video"], "black")
+  xs = np.arange(24)[None, :]
+  first, last = ((m * xs).sum() / m.sum() for m in (mask[0], mask[-1]))
+  assert last - first > 0.45 * 24  # it moved as far as the side allows, not "slowly"
+
+
 def test_object_size_is_a_fraction_of_the_short_side():
   """`object_size` sets the half-size r as a fraction of the canvas's short side: a circle's
   area is π r² (up to its anti-aliased edge), on any canvas."""

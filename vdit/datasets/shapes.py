@@ -156,6 +156,14 @@ def signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.
   raise ValueError(f"shape={shape!r} is not one of {SHAPES}")
 
 
+def speed_word(fraction: float) -> str:
+  """The speed word (a key of SPEEDS) of a motion covering `fraction` of its free span over the
+  clip: the range it falls in, else the nearest (the MIN_SPEED floor makes a long clip on a small
+  canvas move faster than its drawn speed: the caption says what the video shows)."""
+  bounds = {word: (lo, hi) for word, (lo, hi) in SPEEDS.items()}
+  return min(bounds, key=lambda w: max(bounds[w][0] - fraction, fraction - bounds[w][1], 0.0))
+
+
 def _trajectory(rng, extent: int, r: float, step: int, num_frames: int, speed: str) -> np.ndarray:
   """Centre coordinate per frame along one axis: static (step 0) or moving by `step` sign."""
   span = extent - 2 * r  # centre positions that keep the object fully in frame
@@ -182,16 +190,22 @@ def make_example(rng: np.random.Generator, spec: ExampleSpec) -> dict:
   gain = 0.0 if rng.random() < 0.3 else rng.uniform(0.05, 0.25)
   bg = np.asarray(BACKGROUNDS[spec.background], np.float32) * (1 + gain * ramp)[..., None]
   video = np.broadcast_to(bg, (t, h, w, 3)).copy()  # [T, H, W, 3] float
-  for obj in spec.objects:
+  travelled = []  # the first object's fraction of its free span covered, per moving axis
+  for k, obj in enumerate(spec.objects):
     r = max(3.0, rng.uniform(*spec.object_size) * min(h, w))  # px, half-size
     step_x, step_y = DIRECTIONS[obj.direction]
     cx = _trajectory(rng, w, r, step_x, t, spec.speed)[:, None, None]  # [T, 1, 1]
     cy = _trajectory(rng, h, r, step_y, t, spec.speed)[:, None, None]
+    for step, path, extent in ((step_x, cx, w), (step_y, cy, h)):
+      if k == 0 and step:
+        travelled.append(abs(float(path[-1, 0, 0] - path[0, 0, 0])) / (extent - 2 * r))
     sd = signed_distance(obj.shape, xs - cx, ys - cy, r)  # [T, H, W]
     alpha = np.clip(0.5 - sd, 0.0, 1.0)[..., None]  # 1-px anti-aliased edge
     colour = np.asarray(COLOURS[obj.colour], np.float32) + rng.uniform(-12, 12, size=3)
     video = video * (1 - alpha) + colour * alpha
   first = spec.objects[0]
+  if travelled:  # the caption names the speed the video shows
+    spec = dataclasses.replace(spec, speed=speed_word(max(travelled)))
   return {
     "video": np.clip(np.round(video), 0, 255).astype(np.uint8),
     "caption": caption(spec),
@@ -213,11 +227,13 @@ def generate(config: ShapesConfig, split: str, index: int) -> dict:
 class Shapes(building.ProceduralBuilder):
   """Captioned videos of coloured shapes moving over backgrounds (procedural, no downloads)."""
 
-  VERSION = tfds.core.Version("1.2.0")
+  VERSION = tfds.core.Version("1.3.0")
   RELEASE_NOTES = {
     "1.0.0": "Initial release.",
     "1.1.0": "Wider sizes (to 3:1, 4-24 frames in tiny), speeds and lead-ins in captions.",
     "1.2.0": "Larger objects: half-size 0.2-0.3 of the short side (was 0.12-0.2).",
+    "1.3.0": "Speed words describe the motion shown (the 1 px/frame floor made a quarter of "
+    "tiny's clips move faster than their word said); videos unchanged.",
   }
   BUILDER_CONFIGS = [
     ShapesConfig(name="tiny", description="16-80 px, aspect 1:3-3:1, 4-24 frames, 2000/200"),
