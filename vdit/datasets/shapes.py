@@ -232,7 +232,7 @@ class Shapes(building.ProceduralBuilder):
     "1.0.0": "Initial release.",
     "1.1.0": "Wider sizes (to 3:1, 4-24 frames in tiny), speeds and lead-ins in captions.",
     "1.2.0": "Larger objects: half-size 0.2-0.3 of the short side (was 0.12-0.2).",
-    "1.3.0": "Speed words describe the motion shown (the 1 px/frame floor made a quarter of "
+    "1.3.0": "Speed words describe the motion shown (the 1 px/frame floor made a fifth of "
     "tiny's clips move faster than their word said); videos unchanged.",
   }
   BUILDER_CONFIGS = [
