@@ -107,6 +107,12 @@ def test_workdirs_that_cannot_be_sampled(tmp_path):
   (tmp_path / "vit" / "config.json").write_text(json.dumps({"task": "classification"}))
   with pytest.raises(sampling.InputError, match=r"task='classification' run; vdit.sample"):
     sampling.load(str(tmp_path / "vit"))
+  # A class-conditional DiT run: its own `sample` section, the task named first.
+  (tmp_path / "dit").mkdir()
+  config = {"task": "image_diffusion", "sample": {"per_class": 8, "steps": 50}}
+  (tmp_path / "dit" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(sampling.InputError, match=r"task='image_diffusion' run; vdit.sample"):
+    sampling.load(str(tmp_path / "dit"))
 
 
 def test_sampling_memory_is_estimated_before_allocating(monkeypatch):

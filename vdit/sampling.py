@@ -674,13 +674,13 @@ def load(workdir: str, step: int | None = None, mesh: Any = None) -> Sampler:
   sampled there."""
   given, mesh = mesh is not None, sampling_mesh.make(mesh)  # a bad request fails first
   config = checkpointing.read_config(workdir)
-  if not given:
-    mesh = sampling_mesh.make(configured_mesh(config))
-  if tasks.name_of(config) != "video_diffusion":
+  if tasks.name_of(config) != "video_diffusion":  # before its `sample` section is read
     raise InputError(
       f"{workdir!r} holds a task={tasks.name_of(config)!r} run; vdit.sample generates from "
       "video_diffusion runs (configs/vdit/*.py)"
     )
+  if not given:
+    mesh = sampling_mesh.make(configured_mesh(config))
   config, step, params = restore.ema_params(workdir, step, config, mesh)
   logging.info("loaded step %d from %s", step, workdir)
   model = tasks.get(config).build_model(config)

@@ -160,8 +160,7 @@ def speed_word(fraction: float) -> str:
   """The speed word (a key of SPEEDS) of a motion covering `fraction` of its free span over the
   clip: the range it falls in, else the nearest (the MIN_SPEED floor makes a long clip on a small
   canvas move faster than its drawn speed: the caption says what the video shows)."""
-  bounds = {word: (lo, hi) for word, (lo, hi) in SPEEDS.items()}
-  return min(bounds, key=lambda w: max(bounds[w][0] - fraction, fraction - bounds[w][1], 0.0))
+  return min(SPEEDS, key=lambda w: max(SPEEDS[w][0] - fraction, fraction - SPEEDS[w][1], 0.0))
 
 
 def _trajectory(rng, extent: int, r: float, step: int, num_frames: int, speed: str) -> np.ndarray:
