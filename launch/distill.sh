@@ -8,7 +8,9 @@
 #
 # CONFIG is the teacher's own config (the student is the same model); rounds go to
 # OUT/steps8, OUT/steps4, ... ($STEPS, default "8 4 2 1": from a 16-step teacher; with
-# SUBSTEPS=4 each student step learns 4 teacher steps: STEPS="4 1" goes 16 → 4 → 1). Each round
+# SUBSTEPS=4 each student step learns 4 teacher steps: STEPS="4 1" goes 16 → 4 → 1; with
+# SUBSTEPS=1 STEPS=32 one round learns the guided velocity on the 32-step grid: guidance
+# distillation, sampled at 1, 2, 4, … 32 steps with one model call a step). Each round
 # ends with the config's evals at its own number of steps, without guidance. A finished round
 # is skipped (its run is complete), so an interrupted distillation resumes where it stopped.
 set -euo pipefail

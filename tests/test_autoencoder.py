@@ -273,6 +273,7 @@ def test_config_errors(overrides, message):
     train.validate(c, num_devices=8, num_processes=1)
 
 
+@pytest.mark.slow
 def test_tiny_config_trains_through_main(data_dir, tmp_path):
   """`python -m vdit.main` on the tiny config (shrunk): trains, evaluates PSNR/SSIM over the
   validation split and stores the latent statistics next to the checkpoint."""

@@ -71,12 +71,25 @@ def _logits(model, params, batch, tokens=None):
   )
 
 
-def test_an_example_never_sees_another_nor_a_caption_its_future(data_dir):
+@pytest.mark.parametrize("position_code", ["absolute", "fractional"])
+def test_an_example_never_sees_another_nor_a_caption_its_future(data_dir, position_code):
   """Changing example 2's video or caption leaves example 1's logits as they are; changing a
-  caption's later token leaves its earlier logits as they are (causal), not the later ones."""
+  caption's later token leaves its earlier logits as they are (causal), not the later ones.
+  The fractional position code (each example's own grid) changes the logits and keeps this."""
   # With the convolutional patch embedding and the per-example centring: neither crosses.
-  config = _config(data_dir, **{"model.patch_context": (3, 3, 3), "model.center_input": True})
+  config = _config(
+    data_dir,
+    **{
+      "model.patch_context": (3, 3, 3),
+      "model.center_input": True,
+      "model.position_code": position_code,
+    },
+  )
   _, model, params, batch = _batch_and_params(config)
+  if position_code != "absolute":
+    absolute = model.clone(position_code="absolute")
+    moved = _logits(model, params, batch) - _logits(absolute, params, batch)
+    assert float(jnp.max(jnp.abs(moved))) > 1e-2
   seg, text_seg = batch["segment_ids"][0], batch["text_segment_ids"][0]
   assert int(jnp.max(seg)) >= 2, "the test needs two examples in row 0"
   logits = jax.jit(lambda p, b, t: _logits(model, p, b, t))
@@ -262,6 +275,9 @@ def test_wrong_runs_fail_with_a_message(data_dir, tmp_path):
     tasks.get(config).check_config(config, dict(data=8, fsdp=1, sequence=1, tensor=1))
   config = _config(data_dir, **{"input.vocab_size": 900})
   with pytest.raises(config_checks.ConfigError, match="input.vocab_size=900"):
+    tasks.get(config).check_config(config, dict(data=8, fsdp=1, sequence=1, tensor=1))
+  config = _config(data_dir, **{"model.position_code": "polar"})
+  with pytest.raises(config_checks.ConfigError, match="model.position_code.*'polar'"):
     tasks.get(config).check_config(config, dict(data=8, fsdp=1, sequence=1, tensor=1))
 
 

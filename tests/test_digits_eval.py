@@ -221,6 +221,7 @@ def test_digit_accuracy_on_known_videos(crops_workdir):
   assert 0.0 <= res["frame_accuracy"] <= 1.0 and res["num_videos"] == 10
 
 
+@pytest.mark.slow
 def test_digits_scores_a_class_conditional_dit(data_dir, tmp_path):
   """`digits` on a class-conditional image model (`configs/dit/digits.py`, task `generate`):
   `videos_per_digit` images of each class, scored as 1-frame videos exactly as `digit_accuracy`

@@ -58,6 +58,28 @@ def test_teacher_target_lands_where_the_teachers_euler_steps_land():
   assert len(calls) == 2
 
 
+def test_one_substep_is_guidance_distillation():
+  """With `substeps=1` the target is the (guided) teacher's own velocity at x_t and t_k, given
+  tokens held clean at t = 0: the student learns the guided field at every time of its grid
+  (Meng et al. 2023, stage one), and can be sampled at any divisor of its steps."""
+  x_t = jax.random.normal(jax.random.key(0), (1, 3, 2))
+  x0 = jax.random.normal(jax.random.key(1), (1, 3, 2))
+  t = jnp.array([[0.9, 0.7, 0.4]])
+  cond = jnp.array([[False, True, False]])
+  times = jnp.stack([t, t - 0.25])
+
+  def teacher(x, tt):
+    return -x * (1.0 + tt[..., None]) + 0.5
+
+  v = distillation.teacher_target(teacher, x_t, times, cond, x0)
+  free = ~np.asarray(cond[0])
+  want = teacher(x_t, t)
+  np.testing.assert_allclose(np.asarray(v)[0, free], np.asarray(want)[0, free], rtol=1e-5)
+  k, grid = distillation.grid_times(jax.random.key(2), 1.0, jnp.ones((1, 4), int), 1, 32, 1)
+  assert grid.shape == (2, 1, 4)  # t_k and t_k+1 of the 32-step grid: 1 teacher step
+  np.testing.assert_allclose(grid[0] - grid[1], 1 / 32, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def teacher_run(data_dir, tmp_path_factory):
   run = str(tmp_path_factory.mktemp("teacher"))
@@ -73,6 +95,7 @@ def _student(data_dir, teacher, steps=2, **overrides):
   return c
 
 
+@pytest.mark.slow
 def test_student_starts_as_its_teacher_and_learns_the_two_step_target(data_dir, teacher_run):
   config = _student(data_dir, teacher_run, total_steps=60)
   train.validate(config)

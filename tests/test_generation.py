@@ -135,6 +135,7 @@ def _assert_regenerates(config, params, seeds):
       assert _psnr(video, _VIDEOS[name]) >= 25.0, (name, seed, _psnr(video, _VIDEOS[name]))
 
 
+@pytest.mark.slow
 def test_self_conditioned_model_regenerates_the_video():
   """The same fit with self-conditioning (half the steps read the model's own x̂0; the sampler
   feeds it at every step): each caption still gives its video back from noise."""

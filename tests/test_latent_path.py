@@ -26,6 +26,7 @@ from vdit.evaluators import shapes_scorer, validation
 from vdit.tools import encode_latents, probe
 
 
+@pytest.mark.slow
 def test_video_dit_trains_and_samples_in_latent_space(data_dir, tmp_path):
   # 1. The autoencoder: the tiny config, shrunk (1·4 steps, 8 validation examples).
   vae_dir = str(tmp_path / "vae")

@@ -335,6 +335,7 @@ def test_fractional_position_code_reads_the_canvas_and_keeps_packing_exact():
   assert np.abs(np.asarray(apply(model, perturb(params, 3), batch) - absolute)).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_temporal_attention_keeps_packing_exact_and_reads_along_time():
   """With the temporal attention a packed row still equals each example alone; the sublayer
   alone (its block's other paths switched off) mixes a token only with its own place's tokens

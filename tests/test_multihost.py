@@ -83,6 +83,7 @@ def _single_process(config, steps):
   return losses, jax.device_get(state), initial
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(data_dir, tmp_path):
   """2 processes × 4 devices = 1 process × 8 devices: same losses, same checkpointed state;
   only process 0 writes TensorBoard events; each process saved its own data position. The final
@@ -149,6 +150,7 @@ def test_sigterm_on_one_host_stops_all_at_the_same_step(data_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Resuming on another number of processes.
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_processes_resume_on_one(data_dir, tmp_path):
   """2 processes train 2 steps and checkpoint; the run resumes on 1 process (8 devices) to step
   4. Its data position is re-derived from both processes' (`packing.remap_state`, which

@@ -53,6 +53,7 @@ def test_committed_notebook_has_no_outputs(name):
       assert cell.outputs == [] and cell.execution_count is None, f"{name} cell {i} has output"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs(name, data_dir, monkeypatch):
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))

@@ -203,6 +203,7 @@ def test_grad_accumulation_applies_the_mean_every_k_steps():
   assert got[3] > got[0]  # (still warming up: the windows differ)
 
 
+@pytest.mark.slow
 def test_sora_tiny_on_a_4d_mesh(data_dir):
   """configs/vdit/sora.py:tiny as configured (bf16 compute, fp32 params, full remat, 2-step
   accumulation) on (fsdp 2, sequence 2, tensor 2): step 1 only accumulates, step 2 applies

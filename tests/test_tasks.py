@@ -35,6 +35,7 @@ def _config(name, data_dir, **overrides):
   return configs.override(c, **overrides)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_trains_resumes_and_evaluates(name, data_dir, tmp_path, monkeypatch):
   """Each tiny zoo config trains through `train_and_evaluate`, resumes, and evaluates: top-1

@@ -61,6 +61,7 @@ def test_text_encoder_projects_embeddings_and_nulls_them():
     enc.apply(params, tokens, seg)
 
 
+@pytest.mark.slow
 def test_embedding_run_trains_samples_and_is_checked(data_dir, tmp_path):
   # 1. A token run whose trained text encoder becomes the frozen "run:" embedder.
   teacher = str(tmp_path / "teacher")

@@ -104,16 +104,16 @@ def test_entry_points_train_resume_sample(data_dir, tmp_path):
   frames = media.read_video(gif)
   assert frames.shape == (4, 24, 40, 3)
 
-  # NPZ output, at a size of whole patches and (generated on whole patches, then cropped) not.
+  # NPZ output at a size that is not whole patches (generated on whole patches, then cropped;
+  # the GIF above was whole patches).
   npz = str(tmp_path / "x.npz")
-  for t, h, w in ((2, 16, 16), (3, 30, 17)):
-    size = (f"--num_frames={t}", f"--height={h}", f"--width={w}")
-    prompt = "--prompt=a blue square moving left"
-    out = configs.run_module(
-      "vdit.sample", f"--workdir={workdir}", prompt, *size, "--steps=1", f"--out={npz}"
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert media.read_video(npz).shape == (t, h, w, 3)
+  size = ("--num_frames=3", "--height=30", "--width=17")
+  prompt = "--prompt=a blue square moving left"
+  out = configs.run_module(
+    "vdit.sample", f"--workdir={workdir}", prompt, *size, "--steps=1", f"--out={npz}"
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert media.read_video(npz).shape == (3, 30, 17, 3)
 
 
 def test_sample_without_checkpoint_is_a_clear_error(tmp_path):

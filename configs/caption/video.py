@@ -62,6 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # tiny steps (docs/models.md, "Captioning and prompt expansion", the table).
     patch_context=(3, 3, 3),  # (kt, kh, kw): a convolutional patch embedding; () = none
     center_input=True,  # subtract each example's mean colour from its patches
+    position_code="absolute",  # or "fractional": h, w as fractions of the canvas (speed)
     **config_lib.RUNTIME,
   )
   # Every 1,000 steps (and at the end): shape is learnt late, so its curve is what to read.

@@ -272,7 +272,9 @@ def distillation(c: ml_collections.ConfigDict, teacher: str, steps: int, substep
   steps, started from the EMA params of `teacher` (a run of this same config), learns where
   `substeps` (2) of the teacher's guided Euler steps land (`vdit.diffusion.distillation`), and
   samples without guidance (one model call a step). The next round's teacher is this run
-  (launch/distill.sh: 16 → 8 → 4 → 2 → 1)."""
+  (launch/distill.sh: 16 → 8 → 4 → 2 → 1). `substeps=1` is guidance distillation (Meng et al.
+  2023, stage one): the student learns the guided teacher's velocity at every time of its
+  `steps`-step grid and samples at any divisor of `steps` (STEPS=32 SUBSTEPS=1)."""
   if not (teacher and steps >= 1):
     raise ValueError(
       f"distill={teacher!r},distill_steps={steps}: a distillation needs the teacher's workdir "

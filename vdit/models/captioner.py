@@ -97,6 +97,10 @@ class Captioner(layers.Runtime):
   # Subtract from every patch its example's mean colour (per channel, over all its pixels): on
   # `shapes` the background, so the object is what is left whatever the colour pair.
   center_input: bool = False
+  # What the encoder's 3-D sin-cos code reads (`posemb.POSITION_CODES`): "absolute" patches from
+  # the example's corner, or "fractional" h and w as fractions of its grid (NaViT), in which an
+  # object's travel across the canvas (`shapes`' speed words) is a difference of codes.
+  position_code: str = "absolute"
 
   def setup(self):
     if self.source not in SOURCES:
@@ -139,7 +143,8 @@ class Captioner(layers.Runtime):
       near = layers.grid_neighbours(positions, segment_ids, self.patch_context)
       patches = layers.gather_neighbours(patches, near)
     x = self.patch_embedding(patches)  # [B, L, D]
-    x = x + posemb.sincos_3d(positions, self.width).astype(x.dtype)
+    code = posemb.coded_positions(self.position_code, positions, segment_ids)
+    x = x + posemb.sincos_3d(code, self.width).astype(x.dtype)
     x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED))
     return self.encoder(x, segment_ids), segment_ids
 

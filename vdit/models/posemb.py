@@ -9,6 +9,8 @@ without a table (NaViT, Sec. 3.1). Learned encodings live with their models: the
 import jax
 import jax.numpy as jnp
 
+from vdit import segments
+
 
 def sincos_1d(positions: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
   """Transformer sin-cos encoding of (float) positions [...] -> [..., dim] (Vaswani, Sec. 3.5).
@@ -22,8 +24,19 @@ def sincos_1d(positions: jax.Array, dim: int, max_period: float = 10_000.0) -> j
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
-# What VideoDiT's additive sin-cos code reads (`VideoDiT.position_code`).
+# What an additive sin-cos code reads (`VideoDiT.position_code`, `Captioner.position_code`).
 POSITION_CODES = ("absolute", "fractional")
+
+
+def coded_positions(kind: str, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  """The (t, h, w) a sin-cos code of kind `kind` (one of POSITION_CODES) reads for packed
+  positions [B, L, 3]: as given ("absolute", patches from the example's corner) or with h and w
+  as fractions of each token's own example grid ("fractional")."""
+  if kind == "fractional":
+    return fractional(positions, segments.extents(segment_ids, positions))
+  if kind != "absolute":
+    raise ValueError(f"position_code={kind!r}: expected one of {POSITION_CODES}")
+  return positions
 
 
 def fractional(positions: jax.Array, extents: jax.Array, scale: float = 16.0) -> jax.Array:

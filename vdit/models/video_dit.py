@@ -405,13 +405,7 @@ class VideoDiT(layers.Runtime):
       h = layers.dense(self.width, (PATCH, EMBED), name="patch_embed", **kw)(x)
     if mean is not None:
       h = h + layers.dense(self.width, (None, EMBED), name="mean_embed", **kw)(mean)
-    code_positions = positions
-    if self.position_code == "fractional":
-      code_positions = posemb.fractional(positions, segments.extents(segment_ids, positions))
-    elif self.position_code not in posemb.POSITION_CODES:
-      raise ValueError(
-        f"position_code={self.position_code!r}: expected one of {posemb.POSITION_CODES}"
-      )
+    code_positions = posemb.coded_positions(self.position_code, positions, segment_ids)
     h = h + layers.sincos_3d(code_positions, self.width).astype(h.dtype)
     h = nn.with_logical_constraint(h, (BATCH, LENGTH, EMBED))
 

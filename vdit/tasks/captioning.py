@@ -25,7 +25,7 @@ import optax
 
 from vdit import checkpointing, config_checks, models, sharding
 from vdit.data import caption_attributes, tokenizer
-from vdit.models import caption_search, captioner
+from vdit.models import caption_search, captioner, posemb
 from vdit.tasks import base, restore
 
 MODEL_FIELDS = ("width", "depth", "decoder_depth", "num_heads", "mlp_ratio")
@@ -60,6 +60,9 @@ class Captioning(base.Task):
       raise config_checks.ConfigError(
         f"model.patch_context={context} must be () or three odd sizes >= 1 (kt, kh, kw)"
       )
+    config_checks.choice(
+      "model.position_code", m.get("position_code", "absolute"), posemb.POSITION_CODES
+    )
     if not 0.0 <= c.attribute_drop < 1.0:
       raise config_checks.ConfigError(
         f"caption.attribute_drop={c.attribute_drop} must be in [0, 1)"
