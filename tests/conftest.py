@@ -29,8 +29,8 @@ def pytest_collection_modifyitems(config, items):
   """Modules with a `slow` test run first, each module's tests kept together and in order (its
   module fixtures are built once per worker): under `-n 2` the long tests start early and the
   short ones fill the end, rather than one long test running alone after the rest."""
-  slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-  items.sort(key=lambda item: item.module.__name__ not in slow)  # stable: order kept otherwise
+  slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: order kept
 
 
 def pytest_sessionfinish(session):
