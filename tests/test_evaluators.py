@@ -17,6 +17,7 @@ from vdit.evaluators import adherence, classifier, frechet, modes, samples, shap
 from vdit.evaluators import validation as validation_lib
 from vdit.tasks import base as tasks_base
 from vdit.tasks import restore
+from vdit.tools import steps_table
 
 MESH_2X2X2 = dict(data=2, fsdp=2, sequence=1, tensor=2)
 PATCH = (2, 4, 4)  # the shapes configs' patch (pt, ph, pw), in pixels
@@ -624,6 +625,23 @@ def video_workdir(data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("video"))
   train.train_and_evaluate(configs.small(data_dir, total_steps=2), workdir)
   return workdir
+
+
+def test_steps_table_runs_adherence_per_steps_and_sampler(video_workdir):
+  """`vdit.tools.steps_table`: one adherence eval per (sampler, steps) on the checkpoint, with the
+  sampler switched in the run's config. One step of `stochastic` is one Euler step (its first
+  step adds no noise at t = 0), so those cells are equal; results land in eval/<step>.json."""
+  options = dict(num_prompts=2, size=(4, 16, 16))
+  step, out = steps_table.table(video_workdir, (1, 2), ("euler", "stochastic"), options=options)
+  assert out["euler"][1] == out["stochastic"][1]
+  assert all(out[s][n]["count"] == 2 for s in out for n in (1, 2))
+  with open(os.path.join(video_workdir, "eval", f"{step}.json")) as f:
+    saved = json.load(f)
+  assert {"adherence_euler_1", "adherence_stochastic_2"} <= set(saved)
+  table = steps_table.markdown(out)
+  assert table.splitlines()[0] == "| steps | `euler` | `stochastic` |" and "| 2 | " in table
+  with pytest.raises(ValueError, match=r"samplers \['ddim'\] are not samplers"):
+    steps_table.table(video_workdir, (1,), ("ddim",), options=options)
 
 
 @pytest.mark.slow

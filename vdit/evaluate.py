@@ -29,9 +29,11 @@ def evaluate(
   fallback: ml_collections.ConfigDict | None = None,
   step: int | None = None,
   names=None,
+  config: ml_collections.ConfigDict | None = None,
 ) -> tuple[int, dict]:
-  """(step, {name: results}) of the evals of `workdir`'s checkpoint."""
-  config = checkpointing.read_config(workdir)
+  """(step, {name: results}) of the evals of `workdir`'s checkpoint; `config`: the run's own
+  config changed by the caller (e.g. another sampler, `vdit.tools.steps_table`), else read."""
+  config = checkpointing.read_config(workdir) if config is None else config
   extra = evaluators.evals_of(fallback) if fallback is not None else {}
   if not evaluators.evals_of(config) and not extra:
     raise ValueError(
