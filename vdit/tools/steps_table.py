@@ -85,9 +85,9 @@ def main(argv):
     sys.exit(f"error: unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS
   try:
+    if not all(n.isdigit() and int(n) >= 1 for n in FLAGS.steps):
+      raise ValueError(f"--steps={','.join(FLAGS.steps)}: expected integers >= 1, e.g. 1,2,4")
     steps = [int(n) for n in FLAGS.steps]
-    if any(n < 1 for n in steps):
-      raise ValueError(f"--steps={FLAGS.steps}: every number of steps must be >= 1")
     step, results = table(FLAGS.workdir, steps, FLAGS.samplers, FLAGS.step)
   except (checkpointing.NoCheckpointError, ValueError) as e:
     sys.exit(f"error: {e}")
