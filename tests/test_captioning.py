@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from tests import configs
-from vdit import checkpointing, config_checks, media, sampling, tasks, train
+from vdit import checkpointing, config_checks, media, sampling, sharding, tasks, train, train_state
 from vdit.data import caption_attributes, tokenizer
 from vdit.datasets import shapes
 from vdit.evaluators import captions as captions_eval
@@ -279,6 +279,28 @@ def test_wrong_runs_fail_with_a_message(data_dir, tmp_path):
   config = _config(data_dir, **{"model.position_code": "polar"})
   with pytest.raises(config_checks.ConfigError, match="model.position_code.*'polar'"):
     tasks.get(config).check_config(config, dict(data=8, fsdp=1, sequence=1, tensor=1))
+
+
+def test_a_captioner_starts_from_a_finished_runs_params(data_dir, tmp_path):
+  """`init_from` (every training config): a new run of the same model starts from another run's
+  EMA params at step 0, on its own schedule; another model's run is refused by name."""
+  assert configs.load("tiny", "configs/caption/video.py").init_from == ""
+  first, rows = str(tmp_path / "first"), {"input.rows_per_batch": 8}  # 8 devices
+  finished = train.train_and_evaluate(_config(data_dir, total_steps=2, **rows), first)
+  config = _config(data_dir, total_steps=4, init_from=first, **rows)
+  train.validate(config)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config.sharding_rules)
+  builder = train_state.build(config, mesh, rules, tasks.get(config))
+  state = builder.create(train.initial_params(config, builder))
+  same = jax.tree.map(jnp.array_equal, state.params, finished.ema_params)
+  assert all(jax.tree.leaves(same)) and int(state.step) == 0
+  fresh = builder.create()  # without init_from: the config's own initialisation
+  assert not all(jax.tree.leaves(jax.tree.map(jnp.array_equal, fresh.params, state.params)))
+  wider = _config(data_dir, init_from=first, **rows, **{"model.width": 48})
+  builder = train_state.build(wider, mesh, rules, tasks.get(wider))
+  with pytest.raises(config_checks.ConfigError, match="init_from=.*not this model's"):
+    train.initial_params(wider, builder)
 
 
 def test_sample_refuses_a_missing_expander_before_any_compute(tmp_path):

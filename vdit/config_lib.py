@@ -150,6 +150,9 @@ def trainer_config(
   c.checkpoint_every_steps = max(1, total_steps // 2) if tiny else 2_000
   c.max_checkpoints = 3
   c.max_nonfinite_in_a_row = 20  # abort after this many skipped (non-finite) updates in a row
+  # A run of the same model whose EMA params start this one (fine-tuning, continuing a finished
+  # run on a new schedule, a distilled student from its teacher); "" = fresh params.
+  c.init_from = ""
   c.optimizer = section_spec.defaults(
     train_state.Optimizer,
     lr=lr,

@@ -56,7 +56,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     lr=2e-3 if tiny else 1e-4,
     warmup_steps=50 if tiny else 5_000,
   )
-  c.init_from = ""  # a run of the same model whose EMA params start this one ("" = fresh)
   # Progressive distillation (`distillation` below, docs/sampling.md "Few steps"): a student of
   # `steps` Euler steps learns two guided steps of `teacher` (a run of the same model) in one.
   c.distill = dict(teacher="", steps=0, substeps=2)
