@@ -171,6 +171,14 @@ def test_long_scores_are_right_on_real_clips_and_wrong_when_the_object_vanishes(
   for key in ("colour", "shape", "identity", "persistence"):
     assert np.mean([g[key] for g in got]) >= 0.9, (key, got)
   assert np.mean([g["all"] for g in got]) >= 0.75
+  for g in got:  # one direction score per window of 4, averaging to the per-window direction
+    assert sorted(k for k in g if "_w" in k) == [f"direction_w{i}" for i in range(4)]
+    assert np.mean([g[f"direction_w{i}"] for i in range(4)]) == g["direction"]
+  # The second half played backwards: the object turns back in windows 2 and 3 only.
+  back = np.concatenate([clips[:, :8], clips[:, 8:][:, ::-1]], axis=1)
+  turned = [modes.long_scores(c, p, vocab, 4) for c, p in zip(back, caps)]
+  assert np.mean([g["direction_w0"] for g in turned]) >= 0.75
+  assert np.mean([g["direction_w3"] for g in turned]) <= 0.25
   gone = clips.copy()
   gone[:, 8:] = np.median(clips[:, :1], axis=(2, 3), keepdims=True).astype(np.uint8)
   lost = [modes.long_scores(c, p, vocab, 4) for c, p in zip(gone, caps)]

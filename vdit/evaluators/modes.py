@@ -51,7 +51,8 @@ Scores, `{mode}_{score}`, means over the clips:
                (the issue's "adherence per window"); long_identity, the share of windows whose
                object has the first window's colour and shape; long_persistence, long_smoothness,
                long_temporal over the whole video (one object throughout, constant motion);
-               long_video_all, `all` read off the whole video.
+               long_video_all, `all` read off the whole video; long_direction_w0, _w1, ...
+               the direction per window (which windows keep moving as asked).
 `real_*` are the scorer's results on the chosen clips (the ceiling). The outputs of each mode
 are written as one grid GIF, `workdir/samples/<step>/modes_<mode>.gif` (the clips: `modes_real`).
 """
@@ -267,6 +268,8 @@ def long_scores(video: np.ndarray, caption: str, vocab, window: int) -> dict[str
   mean = lambda values: float(np.mean(values))
   first = (per[0]["pred_colour"], per[0]["pred_shape"])
   out = {k: mean([p[f"{k}_ok"] for p in per]) for k in SCORES[:4]}
+  # Per window: does the motion go on as asked after the first clip's length?
+  out |= {f"direction_w{i}": p["direction_ok"] for i, p in enumerate(per)}
   out["identity"] = mean([(p["pred_colour"], p["pred_shape"]) == first for p in per])
   out |= {k: whole[k] for k in ("persistence", "smoothness", "temporal")}
   return out | {"video_all": whole["all_ok"]}
